@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# The main job: `muonkit bench` (muon vs adamw on the charlm task); extra arguments pass through.
+source "$(dirname "$0")/setup.sh"
+exec muonkit bench "$@"

@@ -1,0 +1,23 @@
+"""muonkit: the Muon optimizer toolkit for PyTorch."""
+
+from .layout import Layout
+from .optimizer import Muon
+from .orthogonalize import ORTHOGONALIZERS, orthogonalize
+from .partition import Decision, explain, param_groups, route
+from .scaling import SCALES, update_scale
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Decision",
+    "Layout",
+    "Muon",
+    "ORTHOGONALIZERS",
+    "SCALES",
+    "__version__",
+    "explain",
+    "orthogonalize",
+    "param_groups",
+    "route",
+    "update_scale",
+]

@@ -9,6 +9,8 @@ Nothing here imports muonkit: these functions are written from docs/API.md and
   polynomial iteration; used to predict what a Newton-Schulz schedule does to each singular value.
 - `scalar_image`: the band a coefficient schedule maps an interval of normalized singular values to.
 - `update_scale`: the four scale rules.
+- `matrices_of` / `from_matrices`: the matrix views of a parameter ('matrix', 'conv', 'stacked'
+  or explicit axes), as copies.
 - `ReferenceMuon`: the Muon update, one matrix at a time, float64, in the EMA form of REFERENCE.md
   section 1 (written with explicit arithmetic, not lerp).
 """
@@ -128,19 +130,41 @@ def update_scale(scale: str, rows: int, cols: int, rms: float = 0.2) -> float:
     raise KeyError(scale)
 
 
-def matrices_of(t: torch.Tensor, kind: str) -> list[torch.Tensor]:
-    """The list of matrix views Muon works on: 'matrix' (2D), 'conv' (out x in*prod(kernel)),
-    'stacked' (one matrix per leading index)."""
+def _axes_of(kind, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(batch, rows, cols) tensor axes of a kind: 'matrix' (2D), 'conv' (out x in*prod(kernel)),
+    'stacked' (one matrix per leading index), or an explicit (rows, cols, batch) tuple of axes."""
     if kind == "matrix":
-        assert t.ndim == 2
-        return [t]
+        assert ndim == 2
+        return (), (0,), (1,)
     if kind == "conv":
-        assert t.ndim >= 3
-        return [t.reshape(t.shape[0], -1)]
+        assert ndim >= 3
+        return (), (0,), tuple(range(1, ndim))
     if kind == "stacked":
-        assert t.ndim == 3
-        return [t[i] for i in range(t.shape[0])]
-    raise KeyError(kind)
+        assert ndim == 3
+        return (0,), (1,), (2,)
+    rows, cols, batch = kind
+    assert sorted(rows + cols + batch) == list(range(ndim))
+    return tuple(batch), tuple(rows), tuple(cols)
+
+
+def matrices_of(t: torch.Tensor, kind) -> list[torch.Tensor]:
+    """The matrices Muon works on, as copies (rows = prod of row axes, cols = prod of col axes)."""
+    batch, rows, cols = _axes_of(kind, t.ndim)
+    p = t.permute(*batch, *rows, *cols)
+    nb = math.prod(t.shape[a] for a in batch)
+    nr = math.prod(t.shape[a] for a in rows)
+    nc = math.prod(t.shape[a] for a in cols)
+    m = p.reshape(nb, nr, nc)
+    return [m[i].clone() for i in range(nb)]
+
+
+def from_matrices(mats: Sequence[torch.Tensor], kind, shape: torch.Size) -> torch.Tensor:
+    """Inverse of matrices_of."""
+    batch, rows, cols = _axes_of(kind, len(shape))
+    perm = (*batch, *rows, *cols)
+    p = torch.stack(list(mats)).reshape([shape[a] for a in perm])
+    inverse = [perm.index(a) for a in range(len(shape))]
+    return p.permute(*inverse).contiguous()
 
 
 def default_kind(t: torch.Tensor) -> str:
@@ -167,7 +191,7 @@ class ReferenceMuon:
         weight_decay: float,
         scale: str,
         rms: float = 0.2,
-        kinds: Sequence[str] | None = None,
+        kinds: Sequence | None = None,
         orthogonalizer: Callable[[torch.Tensor], torch.Tensor] = polar_factor,
     ):
         self.params = [p.detach().to(torch.float64).clone() for p in params]
@@ -184,17 +208,24 @@ class ReferenceMuon:
             G = G.detach().to(torch.float64)
             M.copy_(beta * M + (1 - beta) * G)
             U = (1 - beta) * G + beta * M if self.nesterov else M.clone()
-            W_views = matrices_of(W, kind)
-            U_views = matrices_of(U, kind)
             new_views = []
-            for Wm, Um in zip(W_views, U_views):
+            for Wm, Um in zip(matrices_of(W, kind), matrices_of(U, kind)):
                 rows, cols = Wm.shape
                 O = self.orthogonalizer(Um)
                 new_views.append(
                     Wm * (1 - lr * self.weight_decay)
                     - lr * update_scale(self.scale, rows, cols, self.rms) * O
                 )
-            if kind == "stacked":
-                W.copy_(torch.stack(new_views))
-            else:
-                W.copy_(new_views[0].reshape(W.shape))
+            W.copy_(from_matrices(new_views, kind, W.shape))
+
+
+def state_is_pristine(state: dict) -> bool:
+    """True if an optimizer state entry was never advanced: absent/empty, or only pre-created
+    zeros (step 0, zero buffers). REFERENCE.md section 5 recommends pre-creating state for every
+    parameter (for distributed checkpoints), so "no state" is read as "no state advanced"."""
+    for value in state.values():
+        if torch.is_tensor(value) and torch.count_nonzero(value) != 0:
+            return False
+        if not torch.is_tensor(value) and value != 0:
+            return False
+    return True

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -147,6 +148,8 @@ class Muon(torch.optim.Optimizer):
         names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
         for name, p in zip(names, group["params"]):
             _check_param(p, name, group, where)
+            if group["use_muon"] and _is_dtensor(p):
+                self._check_dtensor(p, name, where)
         given = set(group)
         super().add_param_group(group)
         added = self.param_groups[-1]
@@ -155,6 +158,14 @@ class Muon(torch.optim.Optimizer):
             del added[key]
         for p in added["params"]:
             self._init_state(p, added)
+
+    def _check_dtensor(self, p: Tensor, name: str, where: str) -> None:
+        if self._distributed is None:
+            raise ValueError(
+                f"{where}: parameter '{name}' is a DTensor (e.g. sharded by FSDP2's fully_shard); "
+                "pass process_group=<the group it is sharded over> to Muon"
+            )
+        self._distributed.check_param(p, f"{where}: parameter '{name}'")
 
     def _fill_defaults(self, group: dict[str, Any]) -> None:
         d = self.defaults
@@ -230,16 +241,21 @@ class Muon(torch.optim.Optimizer):
                     )
 
     def _muon_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        layouts = [resolve(group["layout"], p.ndim) for p in params]
         orthogonalize_many = None
         if self._distributed is not None:
             orthogonalize_many = self._distributed.bind(
-                method=group["orthogonalizer"], steps=group["ns_steps"], dtype=group["ns_dtype"]
+                method=group["orthogonalizer"],
+                steps=group["ns_steps"],
+                dtype=group["ns_dtype"],
+                params=params,
+                layouts=layouts,
             )
         functional.muon(
-            params,
-            [p.grad for p in params],
-            [self.state[p]["momentum_buffer"] for p in params],
-            [resolve(group["layout"], p.ndim) for p in params],
+            _local(params),
+            _local([p.grad for p in params]),
+            _local([self.state[p]["momentum_buffer"] for p in params]),
+            layouts,
             lr=group["lr"],
             momentum=group["momentum"],
             nesterov=group["nesterov"],
@@ -250,15 +266,16 @@ class Muon(torch.optim.Optimizer):
             ns_steps=group["ns_steps"],
             ns_dtype=group["ns_dtype"],
             orthogonalize_many=orthogonalize_many,
+            shapes=[p.shape for p in params],
         )
 
     def _adamw_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         beta1, beta2 = group["betas"]
         functional.adamw(
-            params,
-            [p.grad for p in params],
-            [self.state[p]["exp_avg"] for p in params],
-            [self.state[p]["exp_avg_sq"] for p in params],
+            _local(params),
+            _local([p.grad for p in params]),
+            _local([self.state[p]["exp_avg"] for p in params]),
+            _local([self.state[p]["exp_avg_sq"] for p in params]),
             [self.state[p]["step"] for p in params],
             lr=group["lr"],
             beta1=beta1,
@@ -269,6 +286,18 @@ class Muon(torch.optim.Optimizer):
 
 
 # -------------------------------------------------------------------------- validation helpers
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    # Looked up, not imported: with process_group=None nothing touches torch.distributed, and no
+    # tensor can be a DTensor before torch.distributed.tensor has been imported.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def _local(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Each DTensor's local slice (a view: updating it updates the DTensor); other tensors as they are."""
+    return [t.to_local() if _is_dtensor(t) else t for t in tensors]
 
 
 def _split_names(group: dict[str, Any]) -> None:

@@ -63,6 +63,18 @@ _EPS = 1e-7
 # Gram Newton-Schulz rebuilds X and its Gram matrix after this many steps (then every 3) so that
 # round-off in the accumulated polynomial Q does not grow with the large early coefficients.
 _GRAM_RESTARTS = frozenset({2, 5, 8, 11, 14, 17})
+# The default schedule runs as Gram Newton-Schulz on matrices at least this wide (n >= 2 m) and
+# this large: there it was 1.3-1.6x faster in fp32 and agrees with the standard iteration to fp32
+# round-off (benchmarks/RESULTS.md). Smaller matrices are overhead-bound and the m^3 terms eat
+# the gain below n = 2 m.
+GRAM_MIN_ASPECT = 2.0
+GRAM_MIN_SIDE = 64
+# Below this many rows (of the wide orientation) products run one matrix at a time, each matrix
+# starting on a 64-byte boundary: for m <= 11 MKL on this CPU rounds a batched GEMM differently
+# from a single one, and a GEMM's result depends on its output's alignment, while the stacked
+# and per-matrix paths must agree bit for bit (tests/test_speed_contracts.py).
+_LOOP_BELOW = 16
+_ALIGN_BYTES = 64
 
 
 def coefficient_schedule(name: str, steps: int) -> list[Coefficients]:
@@ -80,23 +92,149 @@ def working_dtype(tensor: Tensor, dtype: torch.dtype | None) -> torch.dtype:
     return torch.bfloat16 if tensor.device.type == "cuda" else torch.float32
 
 
-def _as_wide_batch(G: Tensor, dtype: torch.dtype) -> tuple[Tensor, bool]:
-    """(batch, m, n) copy of G in `dtype` with m <= n, and whether it was transposed."""
-    transposed = G.size(-2) > G.size(-1)
-    X = G.mT if transposed else G
-    X = X.reshape(-1, X.size(-2), X.size(-1)).to(dtype=dtype, copy=True)
-    return X, transposed
+def uses_gram(rows: int, cols: int) -> bool:
+    """Whether the default "polar_express" runs as Gram Newton-Schulz on a rows x cols matrix."""
+    m, n = min(rows, cols), max(rows, cols)
+    return m >= GRAM_MIN_SIDE and n >= GRAM_MIN_ASPECT * m
 
 
-def _restore(X: Tensor, G: Tensor, transposed: bool) -> Tensor:
-    if transposed:
-        X = X.mT
-    return X.reshape(G.shape).to(G.dtype)
+def empty_work(
+    batch: int, rows: int, cols: int, *, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> Tensor:
+    """An uninitialized (batch, rows, cols) buffer for `orthogonalize_`.
+
+    It is contiguous in the wide orientation (the transpose of a contiguous tensor when
+    rows > cols), so the kernels read it without a transposing copy.
+    """
+    if rows > cols:
+        return _stack(batch, cols, rows, dtype=dtype, device=device).mT
+    return _stack(batch, rows, cols, dtype=dtype, device=device)
+
+
+def _stack(batch: int, m: int, n: int, *, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """An uninitialized (batch, m, n) stack of row-major matrices; below _LOOP_BELOW rows each
+    matrix starts on a 64-byte boundary."""
+    if m >= _LOOP_BELOW:
+        return torch.empty((batch, m, n), dtype=dtype, device=device)
+    align = max(1, _ALIGN_BYTES // dtype.itemsize)
+    step = -(-m * n // align) * align
+    return torch.empty(batch * step, dtype=dtype, device=device).as_strided((batch, m, n), (step, n, 1))
+
+
+def _like(X: Tensor, m: int, n: int) -> Tensor:
+    return _stack(X.size(0), m, n, dtype=X.dtype, device=X.device)
 
 
 def _normalize_(X: Tensor, safety: float) -> None:
     norm = torch.linalg.matrix_norm(X, keepdim=True)
     X.div_(norm.mul_(safety).add_(_EPS))
+
+
+def _looped_bmm(a: Tensor, b: Tensor, *, out: Tensor) -> Tensor:
+    for i in range(a.size(0)):
+        torch.mm(a[i], b[i], out=out[i])
+    return out
+
+
+def _looped_baddbmm(c: Tensor, a: Tensor, b: Tensor, *, beta: float = 1.0, alpha: float = 1.0, out: Tensor) -> Tensor:
+    for i in range(a.size(0)):
+        torch.addmm(c[i], a[i], b[i], beta=beta, alpha=alpha, out=out[i])
+    return out
+
+
+def _products(m: int) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+    """(bmm, baddbmm) for a wide batch with m rows: torch's batched kernels, or loops."""
+    return (_looped_bmm, _looped_baddbmm) if m < _LOOP_BELOW else (torch.bmm, torch.baddbmm)
+
+
+def _carve(buffer: Tensor, count: int, m: int) -> list[Tensor]:
+    """`count` (batch, m, m) scratch views laid end to end in a contiguous (batch, m, n) buffer."""
+    if count == 0:
+        return []
+    flat = buffer.view(-1)
+    size = buffer.size(0) * m * m
+    return [flat[i * size : (i + 1) * size].view(-1, m, m) for i in range(count)]
+
+
+def _newton_schulz_(X: Tensor, schedule: Sequence[Coefficients]) -> Tensor:
+    """Quintic Newton-Schulz on a normalized, contiguous, wide (batch, m, n) X; overwrites X.
+
+    bmm/baddbmm into reused buffers, so a step allocates nothing: X, the next X (which also holds
+    A = X X^T until B = b A + c A^2 has been formed) and B; 2 + m/n matrix sizes.
+    """
+    m, n = X.size(-2), X.size(-1)
+    bmm, baddbmm = _products(m)
+    B = _like(X, m, m)
+    Y = _like(X, m, n)
+    own_A = _like(X, m, m) if m < _LOOP_BELOW else None
+    for a, b, c in schedule:
+        (A,) = _carve(Y, 1, m) if own_A is None else (own_A,)
+        bmm(X, X.mT, out=A)
+        baddbmm(A, A, A, beta=b, alpha=c, out=B)
+        baddbmm(X, B, X, beta=a, out=Y)
+        X, Y = Y, X
+    return X
+
+
+def _gram_newton_schulz_(X: Tensor, schedule: Sequence[Coefficients]) -> Tensor:
+    """Gram Newton-Schulz on a normalized, contiguous, wide (batch, m, n) X; overwrites X.
+
+    Buffers: X, a spare m x n for Q X, Q, and the scratch R, P and T, carved from the spare
+    while it is free (as many as fit; the rest allocated once): 2 + m/n matrix sizes for n >= 3m,
+    3 for n = 2m.
+    """
+    m, n = X.size(-2), X.size(-1)
+    bmm, baddbmm = _products(m)
+    Y = _like(X, m, n)
+    Q = _like(X, m, m)
+    carved = 0 if m < _LOOP_BELOW else min(3, n // m)
+    extra = [_like(X, m, m) for _ in range(3 - carved)]
+    R, P, T = _carve(Y, carved, m) + extra
+    bmm(X, X.mT, out=R)
+    q_is_identity = True
+    for step, (a, b, c) in enumerate(schedule):
+        if step in _GRAM_RESTARTS and not q_is_identity:
+            bmm(Q, X, out=Y)
+            X, Y = Y, X
+            R, P, T = _carve(Y, carved, m) + extra
+            bmm(X, X.mT, out=R)
+            q_is_identity = True
+        baddbmm(R, R, R, beta=b, alpha=c, out=P)
+        P.diagonal(dim1=-2, dim2=-1).add_(a)
+        if step + 1 < len(schedule) and step + 1 not in _GRAM_RESTARTS:
+            bmm(P, R, out=T)
+            bmm(T, P, out=R)
+        if q_is_identity:
+            Q.copy_(P)
+            q_is_identity = False
+        else:
+            bmm(P, Q, out=T)
+            Q.copy_(T)
+    if not q_is_identity:
+        bmm(Q, X, out=Y)
+        X = Y
+    return X
+
+
+Kernel = Callable[[Tensor, Sequence[Coefficients]], Tensor]
+
+
+def _iterate_(X: Tensor, kernel: Kernel, schedule: Sequence[Coefficients], safety: float) -> Tensor:
+    """Normalize X (a buffer from `empty_work`) in place and run `kernel` on its wide view."""
+    transposed = X.size(-2) > X.size(-1)
+    W = X.mT if transposed else X
+    expected = _like(W[:0], *W.shape[-2:]).stride() if W.size(0) > 1 else None
+    if W.stride(-1) != 1 or W.stride(-2) != W.size(-1) or (expected is not None and W.stride() != expected):
+        W = _like(W, *W.shape[-2:]).copy_(W)
+    _normalize_(W, safety)
+    W = kernel(W, schedule)
+    return W.mT if transposed else W
+
+
+def _run(G: Tensor, kernel: Kernel, schedule: Sequence[Coefficients], safety: float, dtype: torch.dtype | None) -> Tensor:
+    X = empty_work(G[..., 0, 0].numel(), G.size(-2), G.size(-1), dtype=working_dtype(G, dtype), device=G.device)
+    X.copy_(G.reshape(X.shape))
+    return _iterate_(X, kernel, schedule, safety).reshape(G.shape).to(G.dtype)
 
 
 def newton_schulz(
@@ -108,21 +246,9 @@ def newton_schulz(
 ) -> Tensor:
     """Quintic Newton-Schulz with one (a, b, c) per step, on the wide orientation of G.
 
-    Per step: A = X X^T, B = b A + c A A, X <- a X + B X. Three buffers are reused across
-    steps (A, B and the next X), so a step allocates nothing.
+    Per step: A = X X^T, B = b A + c A A, X <- a X + B X: 4 m^2 n + 2 m^3 flops for m <= n.
     """
-    X, transposed = _as_wide_batch(G, working_dtype(G, dtype))
-    _normalize_(X, safety)
-    m = X.size(-2)
-    A = X.new_empty(X.size(0), m, m)
-    B = torch.empty_like(A)
-    Y = torch.empty_like(X)
-    for a, b, c in schedule:
-        torch.bmm(X, X.mT, out=A)
-        torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)
-        torch.baddbmm(X, B, X, beta=a, out=Y)
-        X, Y = Y, X
-    return _restore(X, G, transposed)
+    return _run(G, _newton_schulz_, schedule, safety, dtype)
 
 
 def gram_newton_schulz(
@@ -136,36 +262,53 @@ def gram_newton_schulz(
 
     With X_k = Q_k X and R_k = X_k X_k^T (all polynomials in X X^T, so they commute):
     P_k = a I + b R_k + c R_k^2, Q_{k+1} = P_k Q_k, R_{k+1} = P_k R_k P_k. The wide X is touched
-    only to form R and to apply Q, at the start, at each restart and at the end.
+    only to form R and to apply Q, at the start, at each restart and at the end: 5 steps cost
+    8 m^2 n + 28 m^3 flops instead of 20 m^2 n + 10 m^3.
     """
-    X, transposed = _as_wide_batch(G, working_dtype(G, dtype))
-    _normalize_(X, safety)
-    R = torch.bmm(X, X.mT)
-    Q: Tensor | None = None
-    for step, (a, b, c) in enumerate(schedule):
-        if step in _GRAM_RESTARTS and Q is not None:
-            X = torch.bmm(Q, X)
-            R = torch.bmm(X, X.mT)
-            Q = None
-        P = torch.baddbmm(R, R, R, beta=b, alpha=c)
-        P.diagonal(dim1=-2, dim2=-1).add_(a)
-        Q = P if Q is None else torch.bmm(P, Q)
-        last_of_round = step + 1 == len(schedule) or step + 1 in _GRAM_RESTARTS
-        if not last_of_round:
-            R = torch.bmm(torch.bmm(P, R), P)
-    if Q is not None:
-        X = torch.bmm(Q, X)
-    return _restore(X, G, transposed)
+    return _run(G, _gram_newton_schulz_, schedule, safety, dtype)
+
+
+def orthogonalize_(X: Tensor, method: Method = "polar_express", steps: int | None = None) -> Tensor:
+    """Orthogonalize each matrix of X, a (batch, rows, cols) buffer from `empty_work`; overwrites X.
+
+    The in-place core of `orthogonalize`, for callers that own a work buffer in the working
+    dtype: functional.muon writes momentum updates of same-shaped matrices straight into one.
+    Every operation acts on each matrix of the batch on its own, so a matrix gives the same bits
+    alone or in a stack. Methods: the Newton-Schulz schedules and "gram".
+
+    Returns:
+        (batch, rows, cols) in X's dtype: a view of X or of a new buffer.
+    """
+    n_steps = DEFAULT_STEPS if steps is None else steps
+    if method == "gram" or (method == "polar_express" and uses_gram(X.size(-2), X.size(-1))):
+        kernel, name = _gram_newton_schulz_, "polar_express"
+    elif method in SCHEDULES:
+        kernel, name = _newton_schulz_, method
+    else:
+        raise ValueError(f"orthogonalize_ runs {', '.join(SCHEDULES)} or 'gram', not {method!r}")
+    if X.numel() == 0:
+        return X
+    return _iterate_(X, kernel, coefficient_schedule(name, n_steps), SAFETY[name])
 
 
 def svd_polar(G: Tensor, *, dtype: torch.dtype | None = torch.float64) -> Tensor:
-    """Exact polar factor U V^T by SVD (float64 by default); zero singular values map to zero."""
+    """Exact polar factor U V^T by SVD (float64 by default); zero singular values map to zero.
+
+    torch has no SVD in 16-bit floats: for those the SVD runs in float32 and the factor is rounded
+    to the requested dtype.
+    """
     work = dtype if dtype is not None else working_dtype(G, None)
+    rounding = work if work.itemsize < 4 else None
+    if rounding is not None:
+        work = torch.float32
     X = G.reshape(-1, G.size(-2), G.size(-1)).to(work)
     U, S, Vh = torch.linalg.svd(X, full_matrices=False)
     cutoff = S[..., :1] * (max(G.shape[-2:]) * torch.finfo(work).eps)
     keep = (S > cutoff).to(work)
-    return ((U * keep.unsqueeze(-2)) @ Vh).reshape(G.shape).to(G.dtype)
+    O = (U * keep.unsqueeze(-2)) @ Vh
+    if rounding is not None:
+        O = O.to(rounding)
+    return O.reshape(G.shape).to(G.dtype)
 
 
 def orthogonalize(
@@ -200,7 +343,8 @@ def orthogonalize(
     if n_steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     if callable(method):
-        out = method(G, n_steps)
+        # A clone, so that a user's in-place kernel cannot corrupt the momentum buffer it was given.
+        out = method(G.clone(), n_steps)
         if out.shape != G.shape:
             raise ValueError(
                 f"orthogonalizer {method!r} returned shape {tuple(out.shape)} for input {tuple(G.shape)}"
@@ -210,17 +354,10 @@ def orthogonalize(
         return G.clone()
     if method == "svd":
         return svd_polar(G, dtype=dtype if dtype is not None else torch.float64)
-    if method == "gram":
-        return gram_newton_schulz(
-            G,
-            coefficient_schedule("polar_express", n_steps),
-            safety=SAFETY["polar_express"],
-            dtype=dtype,
-        )
-    if method in SCHEDULES:
-        return newton_schulz(
-            G, coefficient_schedule(method, n_steps), safety=SAFETY[method], dtype=dtype
-        )
+    if method in SCHEDULES or method == "gram":
+        X = empty_work(G[..., 0, 0].numel(), G.size(-2), G.size(-1), dtype=working_dtype(G, dtype), device=G.device)
+        X.copy_(G.reshape(X.shape))
+        return orthogonalize_(X, method, n_steps).reshape(G.shape).to(G.dtype)
     raise ValueError(
         f"unknown orthogonalizer {method!r}; choose one of {', '.join(ORTHOGONALIZERS)} or pass a callable"
     )

@@ -25,6 +25,13 @@ _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _WEIGHT_LAYERS = (nn.Linear, *_CONVS, *_CONV_TRANSPOSES)
+_NORMS = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.LocalResponseNorm,
+)
 
 
 @dataclass(frozen=True)
@@ -169,7 +176,8 @@ def _decide(
     if p.ndim == 0:
         return "adamw", "scalar (0D)"
     if p.ndim == 1:
-        return "adamw", f"vector (1D) of {kind}: bias, norm gain or scale"
+        role = "norm gain or shift" if isinstance(module, _NORMS) else "bias or scale vector"
+        return "adamw", f"1D {role} of {kind}"
     if isinstance(module, _EMBEDDINGS):
         return "adamw", f"embedding ({kind}): a lookup table, not a dense linear map"
     if tied_to is not None:

@@ -1,0 +1,100 @@
+"""Shared helpers of the benchmark scripts: thread setup, interleaved timing, tables, errors.
+
+Timing on a shared machine is noisy, so every script times its candidates round-robin in one
+process (warm-up first, then `repeats` rounds, each candidate once per round) and reports the
+median; ratios between candidates timed this way are far steadier than absolute times.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    median: float  # seconds
+    low: float
+    high: float
+    runs: int
+
+
+def setup(threads: int = 2) -> str:
+    """Fix the thread count and return one line describing how the numbers were measured."""
+    torch.set_num_threads(threads)
+    return environment()
+
+
+def environment() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"load average {load}"
+    )
+
+
+def time_interleaved(
+    candidates: Mapping[str, Callable[[], object]], *, repeats: int = 5, warmup: int = 1
+) -> dict[str, Timing]:
+    """Median wall time of each candidate, timed round-robin so all see the same machine load."""
+    for _ in range(warmup):
+        for fn in candidates.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {
+        name: Timing(statistics.median(ts), min(ts), max(ts), len(ts)) for name, ts in times.items()
+    }
+
+
+def gemm(size: int = 1024, dtype: torch.dtype = torch.float32) -> tuple[Callable[[], object], float]:
+    """A square matrix product to time beside the candidates, and its flop count: the peak."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    out = torch.empty(size, size, dtype=dtype)
+    return (lambda: torch.mm(a, b, out=out)), 2.0 * size**3
+
+
+def polar_factor(G: torch.Tensor) -> torch.Tensor:
+    """Exact U V^T of each matrix (float64 SVD)."""
+    U, _, Vh = torch.linalg.svd(G.detach().double(), full_matrices=False)
+    return U @ Vh
+
+
+def polar_error(O: torch.Tensor, G: torch.Tensor) -> float:
+    """max over matrices of ||O - U V^T||_F / ||U V^T||_F for the exact polar factor of G."""
+    exact = polar_factor(G)
+    err = torch.linalg.matrix_norm(O.double() - exact) / torch.linalg.matrix_norm(exact)
+    return float(err.max())
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table (the format benchmarks/RESULTS.md keeps)."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        if value == 0 or 1e-2 <= abs(value) < 1e5:
+            return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+        return f"{value:.1e}"
+    return str(value)

@@ -1,0 +1,5 @@
+"""`python -m muonkit` runs the command line."""
+
+from muonkit.cli import main
+
+raise SystemExit(main())

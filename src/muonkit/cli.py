@@ -1,0 +1,243 @@
+"""The `muonkit` command: argument parsing and printing only; the work lives in muonkit.tasks.
+
+    muonkit bench [TASK] [--optimizers muon,adamw,...] [--steps N | --epochs N] [--seeds K]
+                  [--lr OPT=VALUE ...] [--lr-sweep] [--data-dir DIR] [--text FILE]
+                  [--device cpu|cuda] [--out DIR] [--threads N] [--quiet]
+    muonkit explain TASK [--data-dir DIR] [--text FILE]
+    muonkit ns [--size ROWSxCOLS] [--seed S] [--repeats N] [--out DIR]
+
+Bad input prints one line naming the problem and the fix to stderr and returns 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+import muonkit
+from muonkit.tasks import TASKS, DataOptions, Task, TaskError, get_task
+from muonkit.tasks.optimizers import OPTIMIZERS
+
+DATA_DIR_TASKS = ("fashion-mnist", "cifar10")
+
+
+class UsageError(Exception):
+    """A command-line mistake; main() prints it as one line and returns 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message}; see `{self.prog} --help`")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _default_out(name: str) -> Path:
+    return Path("muonkit-runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="muonkit", description="Muon optimizer toolkit: benchmarks and diagnostics.")
+    parser.add_argument("--version", action="version", version=f"muonkit {muonkit.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="{bench,explain,ns}")
+
+    bench = commands.add_parser(
+        "bench", help="train a task with several optimizers and compare them",
+        description="Train TASK with each optimizer and seed; print a table and write results.json and "
+                    "curves.png to --out. Without arguments: charlm on the standard library's source, "
+                    "muon vs adamw.")
+    bench.add_argument("task", nargs="?", default="charlm", help=f"one of: {', '.join(TASKS)} (default charlm)")
+    bench.add_argument("--optimizers", help=f"comma-separated, from: {', '.join(OPTIMIZERS)} "
+                                            "(default: the task's own list)")
+    budget = bench.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=_positive_int, help="training steps per run (default: the task's)")
+    budget.add_argument("--epochs", type=_positive_int, help="training epochs per run")
+    bench.add_argument("--seeds", type=_positive_int, default=1, help="runs per optimizer, seeds 0..K-1 (default 1)")
+    bench.add_argument("--lr", nargs="+", action="extend", default=[], metavar="OPT=VALUE",
+                       help="override an optimizer's learning rate, e.g. --lr muon=0.02 adamw=1e-3")
+    bench.add_argument("--lr-sweep", action="store_true",
+                       help="rerun the learning-rate sweep that chose the task's default lrs (budget: the "
+                            "task's sweep steps unless --steps/--epochs)")
+    bench.add_argument("--data-dir", type=Path, help="data directory (fashion-mnist: IDX files; cifar10: "
+                                                     "cifar-10-batches-py)")
+    bench.add_argument("--text", type=Path, help="charlm: a UTF-8 text file (default: the standard library's source)")
+    bench.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    bench.add_argument("--out", type=Path, help="output directory (default ./muonkit-runs/<task>-<time>)")
+    bench.add_argument("--threads", type=_positive_int,
+                       help="torch CPU threads (default: the cores the load average leaves idle, at least 1)")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    bench.set_defaults(func=_bench)
+
+    explain = commands.add_parser("explain", help="print which parameters of a task's model go to Muon or AdamW")
+    explain.add_argument("task", help=f"one of: {', '.join(TASKS)}")
+    explain.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
+    explain.add_argument("--text", type=Path, help="charlm: the corpus that sets the vocabulary size")
+    explain.set_defaults(func=_explain)
+
+    ns = commands.add_parser("ns", help="compare the orthogonalizers with the exact SVD polar factor")
+    ns.add_argument("--size", default="256x1024", help="ROWSxCOLS of the test matrices (default 256x1024)")
+    ns.add_argument("--seed", type=int, default=0)
+    ns.add_argument("--repeats", type=_positive_int, default=5, help="timing repeats; the median is shown")
+    ns.add_argument("--out", type=Path, help="output directory (default ./muonkit-runs/ns-<time>)")
+    ns.set_defaults(func=_ns)
+    return parser
+
+
+def _parse_optimizers(text: str | None, default: Sequence[str]) -> tuple[str, ...]:
+    if text is None:
+        return tuple(default)
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in OPTIMIZERS]
+    if unknown or not names:
+        raise UsageError(f"unknown optimizer {', '.join(map(repr, unknown)) or repr(text)}; "
+                         f"--optimizers takes a comma-separated list from: {', '.join(OPTIMIZERS)}")
+    if "torch-muon" in names and not hasattr(torch.optim, "Muon"):
+        raise UsageError(f"torch-muon needs torch.optim.Muon (torch >= 2.9; this is {torch.__version__}); "
+                         "upgrade torch or leave torch-muon out of --optimizers")
+    return names
+
+
+def _parse_lrs(items: Sequence[str], defaults: dict[str, float]) -> dict[str, float]:
+    lrs = dict(defaults)
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in OPTIMIZERS:
+            raise UsageError(f"bad --lr {item!r}; write OPT=VALUE with OPT one of {', '.join(OPTIMIZERS)}, "
+                             "e.g. --lr muon=0.02")
+        try:
+            lr = float(value)
+        except ValueError:
+            lr = math.nan
+        if not (math.isfinite(lr) and lr > 0):
+            raise UsageError(f"bad --lr {item!r}: the learning rate must be a positive number, e.g. {name}=0.01")
+        lrs[name] = lr
+    return lrs
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but CUDA is not available here; use --device cpu")
+    return torch.device(name)
+
+
+def _data_options(args: argparse.Namespace, task_name: str) -> DataOptions:
+    if args.text is not None and task_name != "charlm":
+        raise UsageError(f"--text is for charlm only, not {task_name}; drop it")
+    if args.data_dir is not None and task_name not in DATA_DIR_TASKS:
+        raise UsageError(f"--data-dir is for {' and '.join(DATA_DIR_TASKS)} only, not {task_name}; drop it")
+    return DataOptions(data_dir=args.data_dir, text=args.text)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from muonkit.tasks.bench import auto_threads
+
+    task = get_task(args.task)
+    optimizers = _parse_optimizers(args.optimizers, task.default_optimizers)
+    lrs = _parse_lrs(args.lr, task.lrs)
+    device = _device(args.device)
+    options = _data_options(args, task.name)
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or auto_threads())
+    try:
+        return _run_bench(args, task, optimizers, lrs, device, options)
+    finally:
+        # main() may run inside a larger process (tests, scripts): leave its thread count as found.
+        torch.set_num_threads(previous_threads)
+
+
+def _run_bench(args: argparse.Namespace, task: Task, optimizers: tuple[str, ...], lrs: dict[str, float],
+               device: torch.device, options: DataOptions) -> int:
+    from muonkit.tasks.bench import BenchConfig, run_bench, run_sweep
+    from muonkit.tasks.report import prepare_out_dir
+
+    out = args.out or _default_out(task.name + ("-sweep" if args.lr_sweep else ""))
+    started = time.perf_counter()
+    data = task.load(options, device)
+    prepare_out_dir(out)
+    if args.steps:
+        steps = args.steps
+    elif args.epochs:
+        steps = args.epochs * task.steps_per_epoch(data)
+    else:
+        steps = task.sweep_steps if args.lr_sweep else task.default_steps
+    config = BenchConfig(task, optimizers, lrs, args.seeds, steps, device, out, progress=not args.quiet)
+    what = "lr sweep" if args.lr_sweep else "bench"
+    _log(f"muonkit {what} {task.name}: {', '.join(optimizers)}; {args.seeds} seed(s) x {steps} steps on {device}; "
+         f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.lr_sweep:
+        table, _ = run_sweep(config, data, _log)
+        written = [out / "sweep.json"]
+    else:
+        table, _ = run_bench(config, data, _log)
+        written = [out / "results.json", out / "curves.png"]
+    print(table)
+    print(f"total {time.perf_counter() - started:.1f} s; wrote {', '.join(map(str, written))}")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    task = get_task(args.task)
+    model = task.explain_model(_data_options(args, task.name))
+    muonkit.explain(model, file=sys.stdout, **task.routing)
+    return 0
+
+
+def _ns(args: argparse.Namespace) -> int:
+    from muonkit.tasks.bench import environment
+    from muonkit.tasks.nscompare import compare, format_table, plot_spectra
+    from muonkit.tasks.report import prepare_out_dir, write_json_atomic
+
+    rows, sep, cols = args.size.lower().partition("x")
+    if not (sep and rows.isdigit() and cols.isdigit() and int(rows) >= 2 and int(cols) >= 2):
+        raise UsageError(f"bad --size {args.size!r}; write ROWSxCOLS with both at least 2, e.g. 256x1024")
+    out = args.out or _default_out("ns")
+    prepare_out_dir(out)
+    results = compare(int(rows), int(cols), seed=args.seed, repeats=args.repeats)
+    results["environment"] = environment(torch.device("cpu"))
+    plot_spectra(results, out / "ns_spectra.png")
+    write_json_atomic(out / "ns.json", results)
+    print(format_table(results))
+    print(f"wrote {out / 'ns.json'}, {out / 'ns_spectra.png'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (2 for bad input, with a one-line message)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            raise UsageError("missing command; use one of bench, explain, ns (see `muonkit --help`)")
+        return args.func(args)
+    except (UsageError, TaskError) as e:
+        print(f"muonkit: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) went away; silence the flush at exit as well.
+        sys.stdout = open(os.devnull, "w")
+        return 1
+    except KeyboardInterrupt:
+        print("muonkit: interrupted; results.json was not written", file=sys.stderr)
+        return 130

@@ -1,0 +1,80 @@
+"""The optimizers `muonkit bench` compares, built the same way for every task.
+
+- muon: muonkit.Muon with its defaults on muonkit.param_groups(model); its AdamW groups share the lr
+  (the "moonlight" scale makes the Muon lr an AdamW lr).
+- muon-kj: muonkit.Muon with Keller Jordan's coefficients and scale; AdamW groups at the task's
+  AdamW lr.
+- adamw, sgd (momentum 0.9, Nesterov): torch.optim on every parameter.
+- torch-muon: torch.optim.Muon on the matrices muonkit.route sends to Muon and torch.optim.AdamW on
+  the rest (at the task's AdamW lr), as torch's documentation pairs them. torch.optim.Muon accepts
+  only 2D parameters, so conv filters go to AdamW and a note says so.
+
+Every optimizer gets the task's weight decay, so the comparison varies one thing: the update rule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+import muonkit
+
+OPTIMIZERS = ("muon", "muon-kj", "adamw", "sgd", "torch-muon")
+
+
+def build_optimizers(name: str, model: nn.Module, lr: float, *, adamw_lr: float, weight_decay: float,
+                     routing: dict[str, Any]) -> tuple[list[torch.optim.Optimizer], list[str]]:
+    """The optimizers for one run, and notes about routing the user should see."""
+    if name == "muon":
+        groups = muonkit.param_groups(model, **routing)
+        return [muonkit.Muon(groups, lr=lr, weight_decay=weight_decay)], []
+    if name == "muon-kj":
+        groups = muonkit.param_groups(model, **routing)
+        return [muonkit.Muon(groups, lr=lr, weight_decay=weight_decay, orthogonalizer="keller_jordan",
+                             scale="keller_jordan", adamw_lr=adamw_lr)], []
+    if name == "adamw":
+        return [torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)], []
+    if name == "sgd":
+        return [torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
+                                weight_decay=weight_decay)], []
+    if name == "torch-muon":
+        return _torch_muon(model, lr, adamw_lr=adamw_lr, weight_decay=weight_decay, routing=routing)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def _torch_muon(model: nn.Module, lr: float, *, adamw_lr: float, weight_decay: float,
+                routing: dict[str, Any]) -> tuple[list[torch.optim.Optimizer], list[str]]:
+    params = dict(model.named_parameters())
+    matrices, rest, not_2d = [], [], []
+    for d in muonkit.route(model, **routing):
+        if d.optimizer == "frozen":
+            continue
+        if d.optimizer == "muon" and len(d.shape) == 2:
+            matrices.append(params[d.name])
+        else:
+            rest.append(params[d.name])
+            if d.optimizer == "muon":
+                not_2d.append(d.name)
+    notes = []
+    if not_2d:
+        notes.append(f"torch-muon: torch.optim.Muon accepts only 2D parameters; {len(not_2d)} Muon-routed "
+                     f"tensors ({not_2d[0]}, ...) with {len(params[not_2d[0]].shape)}D shapes go to AdamW instead")
+    optimizers: list[torch.optim.Optimizer] = []
+    if matrices:
+        optimizers.append(torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay))
+    else:
+        notes.append("torch-muon: no 2D matrices to give torch.optim.Muon; it is plain AdamW on this model")
+    if rest:
+        optimizers.append(torch.optim.AdamW(rest, lr=adamw_lr, weight_decay=weight_decay))
+    return optimizers, notes
+
+
+def state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
+    """Bytes held in optimizer state tensors (momentum and second-moment buffers)."""
+    total = 0
+    for opt in optimizers:
+        for state in opt.state.values():
+            total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+    return total

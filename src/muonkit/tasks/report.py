@@ -1,0 +1,154 @@
+"""Summaries of finished runs: the per-optimizer table, results.json (written atomically) and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+import numpy as np  # noqa: E402
+
+from muonkit.tasks.base import Task, TaskError  # noqa: E402
+from muonkit.tasks.training import RunResult  # noqa: E402
+
+
+def prepare_out_dir(path: Path) -> None:
+    """Create `path` (and parents) or raise TaskError saying why it cannot be used as --out."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TaskError(f"cannot create output directory {path}: {e.strerror or e}; "
+                        "pass --out with a writable directory") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise TaskError(f"output directory {path} is not writable; pass --out with a writable directory")
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write to a temporary file in the same directory, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1, allow_nan=True)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def target_hit(task: Task, run: RunResult) -> tuple[int, float] | None:
+    """(steps, train seconds) of the first evaluation that reached the task's target."""
+    for step, seconds, value in run.evals:
+        if task.reached(value):
+            return step, seconds
+    return None
+
+
+def summarize(task: Task, runs: list[RunResult]) -> dict[str, Any]:
+    """Per-run numbers the table and results.json share."""
+    finals = [r.evals[-1][2] if r.evals else math.nan for r in runs]
+    pick = max if task.higher_is_better else min
+    bests = [pick((v for _, _, v in r.evals if math.isfinite(v)), default=math.nan) for r in runs]
+    hits = [target_hit(task, r) for r in runs]
+    return {
+        "lr": runs[0].lr,
+        "seeds": [r.seed for r in runs],
+        "final": finals,
+        "best": bests,
+        "steps_to_target": [h[0] if h else None for h in hits],
+        "seconds_to_target": [h[1] if h else None for h in hits],
+        "diverged": [r.diverged for r in runs],
+        "fwd_bwd_ms": statistics.median(s for r in runs for s in r.fwd_bwd_s) * 1e3,
+        "opt_step_ms": statistics.median(s for r in runs for s in r.opt_s) * 1e3,
+        "peak_memory_mb": max((r.peak_memory_mb for r in runs if r.peak_memory_mb is not None), default=None),
+        "optimizer_state_mb": runs[0].optimizer_state_mb,
+    }
+
+
+def _mean_spread(values: list[float], digits: int) -> str:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return "diverged" if values else "-"
+    mean = statistics.fmean(finite)
+    text = f"{mean:.{digits}f}"
+    if len(finite) > 1:
+        text += f" ± {statistics.stdev(finite):.{digits}f}"
+    if len(finite) < len(values):
+        text += f" ({len(values) - len(finite)} diverged)"
+    return text
+
+
+def _to_target(values: list[Any], fmt: str) -> str:
+    reached = [v for v in values if v is not None]
+    if not reached:
+        return "not reached"
+    text = format(statistics.median(reached), fmt)
+    return text if len(reached) == len(values) else f"{text} ({len(reached)}/{len(values)})"
+
+
+def format_table(task: Task, summaries: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table: one row per optimizer; mean ± std over seeds, medians for the timings."""
+    digits = 4
+    target = f"{task.target:g}"
+    header = ["optimizer", "lr", f"final {task.metric}", f"best {task.metric}", f"steps to {target}",
+              f"seconds to {target}", "fwd+bwd ms/step", "opt ms/step", "peak MB", "opt state MB"]
+    rows = []
+    for name, s in summaries.items():
+        peak = "-" if s["peak_memory_mb"] is None else f"{s['peak_memory_mb']:.0f}"
+        rows.append([name, f"{s['lr']:g}", _mean_spread(s["final"], digits), _mean_spread(s["best"], digits),
+                     _to_target(s["steps_to_target"], "g"), _to_target(s["seconds_to_target"], ".1f"),
+                     f"{s['fwd_bwd_ms']:.1f}", f"{s['opt_step_ms']:.1f}", peak, f"{s['optimizer_state_mb']:.2f}"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot(task: Task, runs_by_optimizer: dict[str, list[RunResult]], path: Path) -> None:
+    """Validation metric vs step and vs train seconds: mean over seeds, band from min to max."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, runs in runs_by_optimizer.items():
+        curves = [_curve(r) for r in runs if r.evals]
+        if not curves:
+            continue
+        grid = max((c[0] for c in curves), key=len)
+        seconds = np.mean([_extend(c[0], c[1], grid, per_step=True) for c in curves], axis=0)
+        values = np.array([_extend(c[0], c[2], grid, per_step=False) for c in curves])
+        for ax, x in zip(axes, (grid, seconds)):
+            (line,) = ax.plot(x, values.mean(0), label=f"{name} (lr {runs[0].lr:g})")
+            if len(curves) > 1:
+                ax.fill_between(x, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+    for ax, xlabel in zip(axes, ("step", "train seconds")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(task.metric)
+        ax.axhline(task.target, color="gray", lw=0.8, ls="--")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    seeds = max((len(r) for r in runs_by_optimizer.values()), default=0)
+    fig.suptitle(f"{task.name}: mean over {seeds} seed(s), band = min..max; dashed = target {task.target:g}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _curve(run: RunResult) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    steps, seconds, values = (np.array(column, dtype=float) for column in zip(*run.evals))
+    return steps, seconds, values
+
+
+def _extend(steps: np.ndarray, ys: np.ndarray, grid: np.ndarray, *, per_step: bool) -> np.ndarray:
+    """`ys` on the longer step grid of another seed: a run that stopped early (target reached or
+    diverged) keeps its last value; its clock goes on at its own mean seconds per step."""
+    out = np.interp(grid, steps, ys)
+    beyond = grid > steps[-1]
+    if per_step:
+        out[beyond] = ys[-1] + (grid[beyond] - steps[-1]) * ys[-1] / steps[-1]
+    else:
+        out[beyond] = ys[-1]
+    return out

@@ -1,0 +1,110 @@
+"""One training run (task, optimizer, lr, seed): the step loop, timing, evaluation, progress bar."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from muonkit.tasks.base import Task
+from muonkit.tasks.optimizers import build_optimizers, state_bytes
+
+
+@dataclass
+class RunResult:
+    """Everything one run measured. Lists with one entry per step are `loss`, `data_s`, `fwd_bwd_s`,
+    `opt_s`; `evals` holds (step, train seconds so far, metric) after every `eval_every` steps."""
+
+    task: str
+    optimizer: str
+    lr: float
+    seed: int
+    steps: int
+    notes: list[str]
+    loss: list[float] = field(default_factory=list)
+    data_s: list[float] = field(default_factory=list)
+    fwd_bwd_s: list[float] = field(default_factory=list)
+    opt_s: list[float] = field(default_factory=list)
+    evals: list[tuple[int, float, float]] = field(default_factory=list)
+    diverged: bool = False
+    stopped_at_target: bool = False
+    peak_memory_mb: float | None = None
+    optimizer_state_mb: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_run(task: Task, data: Any, optimizer: str, lr: float, seed: int, steps: int, device: torch.device,
+              *, adamw_lr: float, progress: bool = True, stop_at_target: bool | None = None) -> RunResult:
+    """Train a fresh model for `steps` steps; a non-finite loss ends the run as diverged."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = task.model(data).to(device)
+    optimizers, notes = build_optimizers(optimizer, model, lr, adamw_lr=adamw_lr, weight_decay=task.weight_decay,
+                                         routing=task.routing)
+    schedules = [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: task.lr_multiplier(s, steps)) for opt in optimizers]
+    stop = task.stop_at_target if stop_at_target is None else stop_at_target
+    result = RunResult(task.name, optimizer, lr, seed, steps, notes)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train_seconds = 0.0
+    shown: dict[str, str] = {}
+    bar = tqdm(total=steps, desc=f"{task.name} {optimizer} lr={lr:g} seed={seed}", file=sys.stderr,
+               disable=not progress, leave=False, dynamic_ncols=True)
+    with bar:
+        for step in range(steps):
+            model.train()
+            t0 = time.perf_counter()
+            inputs, targets = task.batch(data, step, generator)
+            _sync(device)
+            t1 = time.perf_counter()
+            loss = task.loss(model, inputs, targets)
+            loss.backward()
+            _sync(device)
+            t2 = time.perf_counter()
+            for opt in optimizers:
+                opt.step()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            for schedule in schedules:
+                schedule.step()
+            _sync(device)
+            t3 = time.perf_counter()
+            value = float(loss.detach())
+            result.loss.append(value)
+            result.data_s.append(t1 - t0)
+            result.fwd_bwd_s.append(t2 - t1)
+            result.opt_s.append(t3 - t2)
+            train_seconds += t3 - t0
+            bar.update(1)
+            if not math.isfinite(value):
+                result.diverged = True
+                result.evals.append((step + 1, train_seconds, math.nan))
+                break
+            if (step + 1) % task.eval_every == 0 or step + 1 == steps:
+                model.eval()
+                with torch.inference_mode():
+                    metric = task.evaluate(model, data)
+                result.evals.append((step + 1, train_seconds, metric))
+                shown[task.metric] = f"{metric:.4f}"
+                if stop and task.reached(metric):
+                    result.stopped_at_target = True
+                    break
+            if step % 10 == 0 or step + 1 == steps:
+                shown["loss"] = f"{value:.4f}"
+                bar.set_postfix(shown)
+    result.optimizer_state_mb = state_bytes(optimizers) / 2**20
+    if device.type == "cuda":
+        result.peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    return result

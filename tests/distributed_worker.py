@@ -1,0 +1,262 @@
+"""What the multi-process tests run: a small mixed model, fixed gradients, and the jobs each spawned
+rank executes (gloo on CPU). Imported by tests/test_distributed.py in the pytest process (for the
+single-process oracle) and by every spawned rank.
+
+Every job returns plain tensors (full, gathered parameters and optimizer state) that the pytest
+process compares with a single-process run on the same gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import muonkit
+from muonkit.distributed import load_checkpoint, save_checkpoint
+
+STEPS = 3
+LR = 0.05
+BATCH = 8
+
+
+class Net(nn.Module):
+    """Every case the issue names, in one model small enough to spawn cheaply.
+
+    AdamW (by role): the input stem, every bias, the 1-row output head (an empty slice on rank 1).
+    Muon: a conv filter (6 x 27), a Linear with 33 rows (17 + 16 on 2 ranks), a stacked 3D
+    parameter (5 experts of 4 x 33), a 2-row Linear (empty slices on 4 ranks), and three matrices
+    whose sides are multiples of 8 (two of the same shape, owned one by one).
+    """
+
+    def __init__(self, fc_rows: int = 33) -> None:
+        super().__init__()
+        self.stem = nn.Linear(6, 6)
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.fc = nn.Linear(96, fc_rows)
+        self.experts = nn.Parameter(torch.randn(5, 4, fc_rows) / math.sqrt(fc_rows))
+        self.narrow = nn.Linear(20, 2)
+        self.up = nn.Linear(96, 32)
+        self.sq1 = nn.Linear(32, 32)
+        self.sq2 = nn.Linear(32, 32)
+        self.head = nn.Linear(34, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv(self.stem(x))).flatten(1)
+        e = torch.einsum("bi,eoi->beo", F.relu(self.fc(h)), self.experts).flatten(1)
+        s = self.sq2(F.relu(self.sq1(F.relu(self.up(h)))))
+        return self.head(torch.cat([self.narrow(e), s], dim=1))
+
+
+def make_model(fc_rows: int = 33) -> Net:
+    torch.manual_seed(0)
+    return Net(fc_rows)
+
+
+def make_optimizer(model: nn.Module, process_group: Any = None) -> muonkit.Muon:
+    return muonkit.Muon(muonkit.param_groups(model), lr=LR, weight_decay=0.1, adamw_lr=0.01, process_group=process_group)
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(BATCH, 3, 6, 6, generator=g), torch.randn(BATCH, 1, generator=g)
+
+
+def fixed_grads(model: nn.Module, step: int) -> dict[str, torch.Tensor]:
+    """Full gradients for `step`, the same in every process and independent of the parameters."""
+    out = {}
+    for index, (name, p) in enumerate(model.named_parameters()):
+        g = torch.Generator().manual_seed(1000 * step + index)
+        out[name] = torch.randn(p.shape, generator=g)
+    return out
+
+
+def set_grads(model: nn.Module, grads: dict[str, torch.Tensor]) -> None:
+    """p.grad = the full gradient, or this rank's Shard(0) slice of it for a DTensor parameter."""
+    from torch.distributed.tensor import DTensor
+
+    for name, p in model.named_parameters():
+        g = grads[name]
+        if isinstance(p, DTensor):
+            rows = muonkit.distributed.shard_sizes(g.shape[0], p.device_mesh.size())
+            rank = p.device_mesh.get_local_rank()
+            local = g[sum(rows[:rank]) : sum(rows[: rank + 1])].contiguous()
+            g = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=g.shape, stride=g.stride())
+        p.grad = g
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+def snapshot(model: nn.Module, opt: muonkit.Muon) -> dict[str, torch.Tensor]:
+    """Full parameters and optimizer state, by name (collective for DTensors: call on every rank)."""
+    out = {}
+    for name, p in model.named_parameters():
+        out[name] = full(p)
+        for key, value in opt.state[p].items():
+            out[f"{name}.{key}"] = full(value)
+    return out
+
+
+def train_fixed(model: nn.Module, opt: muonkit.Muon, steps: range) -> None:
+    for step in steps:
+        set_grads(model, fixed_grads(model, step))
+        opt.step()
+
+
+def train_data(model: nn.Module, opt: muonkit.Muon, steps: int, rank: int, world: int) -> None:
+    x, y = batch()
+    x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+    for _ in range(steps):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def shard(model: nn.Module, mesh: Any = None, **kwargs: Any) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model.children():
+        if any(True for _ in module.parameters()):
+            fully_shard(module, mesh=mesh, **kwargs)
+    fully_shard(model, mesh=mesh, **kwargs)
+    return model
+
+
+def reference(fixed: bool, steps: int = STEPS) -> dict[str, torch.Tensor]:
+    """The single-process run every job is compared with (no torch.distributed)."""
+    model = make_model()
+    opt = make_optimizer(model)
+    if fixed:
+        train_fixed(model, opt, range(steps))
+    else:
+        train_data(model, opt, steps, 0, 1)
+    return snapshot(model, opt)
+
+
+# ------------------------------------------------------------------------------------ jobs
+
+
+def job_replicated(rank: int, world: int, tmp: Path) -> Any:
+    model = make_model()
+    opt = make_optimizer(model, dist.group.WORLD)
+    train_fixed(model, opt, range(STEPS))
+    return snapshot(model, opt)
+
+
+def job_fsdp(rank: int, world: int, tmp: Path) -> Any:
+    model = shard(make_model())
+    opt = make_optimizer(model, dist.group.WORLD)
+    train_fixed(model, opt, range(STEPS))
+    return snapshot(model, opt)
+
+
+def job_ddp_data(rank: int, world: int, tmp: Path) -> Any:
+    model = make_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = make_optimizer(model, dist.group.WORLD)
+    train_data(ddp, opt, STEPS, rank, world)
+    return snapshot(model, opt)
+
+
+def job_fsdp_data(rank: int, world: int, tmp: Path) -> Any:
+    model = shard(make_model())
+    opt = make_optimizer(model, dist.group.WORLD)
+    train_data(model, opt, STEPS, rank, world)
+    return snapshot(model, opt)
+
+
+def job_param_groups(rank: int, world: int, tmp: Path) -> Any:
+    def summary(model: nn.Module) -> list:
+        return [(g["param_names"], g["use_muon"], g.get("layout")) for g in muonkit.param_groups(model)]
+
+    return summary(make_model()) == summary(shard(make_model()))
+
+
+def job_errors(rank: int, world: int, tmp: Path) -> Any:
+    """The messages of the errors for unsupported shardings."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+
+    messages = {}
+    # FSDP2 allows other dims only for even splits; None keeps its default Shard(0).
+    dim1 = shard(make_model(), shard_placement_fn=lambda p: Shard(1) if p.ndim == 2 and p.shape[1] % world == 0 else None)
+    mesh_2d = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
+    hsdp = shard(make_model(), mesh=mesh_2d)
+    for key, model in (("dim1", dim1), ("mesh2d", hsdp)):
+        try:
+            make_optimizer(model, dist.group.WORLD)
+            messages[key] = None
+        except ValueError as err:
+            messages[key] = str(err)
+    return messages
+
+
+def job_checkpoint_save(rank: int, world: int, tmp: Path) -> Any:
+    """Train the first steps sharded on `world` ranks and save with torch.distributed.checkpoint."""
+    model = shard(make_model())
+    opt = make_optimizer(model, dist.group.WORLD)
+    train_fixed(model, opt, range(STEPS))
+    save_checkpoint(tmp / f"checkpoint_{world}", model, opt)
+    return True
+
+
+def _resume(source: int) -> Callable[[int, int, Path], Any]:
+    def job(rank: int, world: int, tmp: Path) -> Any:
+        model = shard(make_model())
+        opt = make_optimizer(model, dist.group.WORLD)
+        load_checkpoint(tmp / f"checkpoint_{source}", model, opt)
+        train_fixed(model, opt, range(STEPS, 2 * STEPS))
+        return snapshot(model, opt)
+
+    return job
+
+
+JOBS: dict[str, Callable[[int, int, Path], Any]] = {
+    "replicated": job_replicated,
+    "fsdp": job_fsdp,
+    "ddp_data": job_ddp_data,
+    "fsdp_data": job_fsdp_data,
+    "param_groups": job_param_groups,
+    "errors": job_errors,
+    "checkpoint_save": job_checkpoint_save,
+    "resume_from_1": _resume(1),
+    "resume_from_2": _resume(2),
+}
+
+
+def run(rank: int, world: int, tmp: str, jobs: list[str]) -> None:
+    """Entry point of a spawned rank: run `jobs` in order, save {job: result or error} to
+    tmp/result_{world}_{rank}.pt. Checkpoints are shared through `tmp` by all world sizes."""
+    torch.set_num_threads(1)
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    path = Path(tmp)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{path / f'rendezvous_{world}'}", rank=rank, world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    results: dict[str, Any] = {}
+    try:
+        for name in jobs:
+            start = time.perf_counter()
+            try:
+                results[name] = JOBS[name](rank, world, path)
+            except Exception:
+                results[name] = RuntimeError(traceback.format_exc())
+            results[f"{name}.seconds"] = time.perf_counter() - start
+            dist.barrier()
+    finally:
+        torch.save(results, path / f"result_{world}_{rank}.pt")
+        dist.destroy_process_group()

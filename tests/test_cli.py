@@ -1,0 +1,257 @@
+"""The `muonkit` command line, called in-process through main(argv) on tiny data the tests create.
+
+Every task runs end to end for 2 steps; every kind of bad input gives exit code 2, one line on
+stderr naming the problem, no traceback, and no results.json.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import pickle
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from muonkit.cli import main
+from muonkit.tasks.optimizers import OPTIMIZERS
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    if gz:
+        with gzip.open(path.with_name(path.name + ".gz"), "wb") as f:
+            f.write(raw)
+    else:
+        path.write_bytes(raw)
+
+
+@pytest.fixture
+def fashion_dir(tmp_path: Path) -> Path:
+    """64 training and 16 test images of 28x28, labels 0..9; one file gzipped, the rest plain."""
+    rng = np.random.default_rng(0)
+    d = tmp_path / "fmnist"
+    d.mkdir()
+    write_idx(d / "train-images-idx3-ubyte", rng.integers(0, 256, (64, 28, 28)), gz=True)
+    write_idx(d / "train-labels-idx1-ubyte", np.arange(64) % 10)
+    write_idx(d / "t10k-images-idx3-ubyte", rng.integers(0, 256, (16, 28, 28)))
+    write_idx(d / "t10k-labels-idx1-ubyte", np.arange(16) % 10)
+    return d
+
+
+@pytest.fixture
+def cifar_dir(tmp_path: Path) -> Path:
+    """The python-pickle layout with 8 images per training batch and 8 test images."""
+    rng = np.random.default_rng(0)
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8), b"labels": list(range(8))}
+        with open(d / name, "wb") as f:
+            pickle.dump(batch, f)
+    return d
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 80, encoding="utf-8")
+    return path
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def check_outputs(out_dir: Path, optimizers: list[str], steps: int) -> dict:
+    assert (out_dir / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    results = json.loads((out_dir / "results.json").read_text())
+    assert [r["optimizer"] for r in results["runs"]] == optimizers
+    for r in results["runs"]:
+        assert len(r["loss"]) == len(r["fwd_bwd_s"]) == len(r["opt_s"]) == steps
+        assert r["evals"][-1][0] == steps
+    assert set(results["summary"]) == set(optimizers)
+    assert not list(out_dir.glob(".*tmp*")), "temporary files left behind"
+    return results
+
+
+@pytest.mark.parametrize("task, extra", [
+    ("charlm", ["--optimizers", "muon,adamw"]),
+    ("fashion-mnist", ["--optimizers", "muon,adamw,torch-muon"]),
+    ("cifar10", ["--optimizers", "muon,adamw"]),
+    ("modular", ["--optimizers", "muon,adamw"]),
+    ("regression", ["--optimizers", "muon,sgd"]),
+])
+def test_every_task_end_to_end(task, extra, tmp_path, capsys, fashion_dir, cifar_dir, text_file):
+    data = {"charlm": ["--text", str(text_file)], "fashion-mnist": ["--data-dir", str(fashion_dir)],
+            "cifar10": ["--data-dir", str(cifar_dir)]}.get(task, [])
+    out_dir = tmp_path / "out"
+    code, out, err = run(["bench", task, "--steps", "2", "--quiet", "--out", str(out_dir), *data, *extra], capsys)
+    assert code == 0, err
+    optimizers = extra[1].split(",")
+    check_outputs(out_dir, optimizers, steps=2)
+    assert "| optimizer | lr |" in out
+    if task == "fashion-mnist":
+        assert "torch.optim.Muon accepts only 2D" in err
+
+
+def test_all_optimizers_and_seeds(tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    code, out, err = run(["bench", "regression", "--steps", "3", "--seeds", "2", "--quiet", "--out", str(out_dir),
+                          "--optimizers", ",".join(OPTIMIZERS), "--lr", "muon=0.05", "sgd=0.02"], capsys)
+    assert code == 0, err
+    results = check_outputs(out_dir, [n for n in OPTIMIZERS for _ in range(2)], steps=3)
+    assert results["summary"]["muon"]["lr"] == 0.05 and results["summary"]["sgd"]["lr"] == 0.02
+    assert [r["seed"] for r in results["runs"]][:2] == [0, 1]
+
+
+def test_runs_are_reproducible(tmp_path, capsys):
+    losses = []
+    for name in ("a", "b"):
+        assert run(["bench", "regression", "--steps", "5", "--quiet", "--out", str(tmp_path / name)], capsys)[0] == 0
+        losses.append([r["loss"] for r in json.loads((tmp_path / name / "results.json").read_text())["runs"]])
+    assert losses[0] == losses[1]
+
+
+def test_epochs_and_lr_sweep(tmp_path, capsys):
+    code, out, err = run(["bench", "regression", "--epochs", "2", "--quiet", "--out", str(tmp_path / "e")], capsys)
+    assert code == 0, err
+    check_outputs(tmp_path / "e", ["muon", "sgd"], steps=2)  # full batch: one step per epoch
+    code, out, err = run(["bench", "regression", "--lr-sweep", "--steps", "2", "--optimizers", "sgd", "--quiet",
+                          "--out", str(tmp_path / "s")], capsys)
+    assert code == 0, err
+    sweep = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert set(sweep["results"]["sgd"]) == {"0.003", "0.01", "0.03"} and "sgd" in sweep["best"]
+    assert "best lr" in out
+
+
+def routing_table(text: str) -> dict[str, str]:
+    """{parameter name: "Muon" | "AdamW"} from the rows of muonkit.explain's table."""
+    rows = (re.match(r"(\S+)\s+\[[\d, ]*\]\s+(Muon|AdamW)\s", line) for line in text.splitlines())
+    return {m[1]: m[2] for m in rows if m}
+
+
+def test_explain_cifar10_is_the_notebook_table(capsys):
+    code, out, err = run(["explain", "cifar10"], capsys)
+    assert code == 0, err
+    from muonkit.tasks.vision import Net
+    model = Net(10, width=96)
+    expected = {n: ("Muon" if p.ndim == 4 and n != "0.weight" else "AdamW") for n, p in model.named_parameters()}
+    assert routing_table(out) == expected
+
+
+def test_explain_charlm_routes_embeddings_and_head_to_adamw(capsys, text_file):
+    code, out, err = run(["explain", "charlm", "--text", str(text_file)], capsys)
+    assert code == 0, err
+    rows = routing_table(out)
+    assert rows["token.weight"] == rows["head.weight"] == rows["blocks.0.attn_norm.weight"] == "AdamW"
+    assert rows["blocks.0.qkv.weight"] == rows["blocks.3.fc_proj.weight"] == "Muon"
+
+
+def test_ns(tmp_path, capsys):
+    code, out, err = run(["ns", "--size", "16x40", "--repeats", "1", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    results = json.loads((tmp_path / "ns.json").read_text())
+    svd = results["matrices"]["random"]["methods"]["svd"]
+    assert svd["rel_error"] < 1e-5 and abs(svd["sv_min"] - 1) < 1e-5
+    assert (tmp_path / "ns_spectra.png").read_bytes()[:8] == PNG_MAGIC
+    assert "polar_express" in out and "gradient-like" in out
+
+
+def _corrupt_magic(d: Path) -> None:
+    (d / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x0d\x01" + b"\x00" * 20)
+
+
+def _truncate(d: Path) -> None:
+    raw = (d / "t10k-images-idx3-ubyte").read_bytes()
+    (d / "t10k-images-idx3-ubyte").write_bytes(raw[:-100])
+
+
+def _mismatch(d: Path) -> None:
+    write_idx(d / "t10k-labels-idx1-ubyte", np.arange(15) % 10)
+
+
+def _remove(d: Path) -> None:
+    (d / "t10k-images-idx3-ubyte").unlink()
+
+
+@pytest.mark.parametrize("damage, words", [
+    (_corrupt_magic, "bad magic number"),
+    (_truncate, "truncated or malformed"),
+    (_mismatch, "do not match"),
+    (_remove, "has no t10k-images-idx3-ubyte"),
+])
+def test_malformed_fashion_dir(damage, words, fashion_dir, tmp_path, capsys):
+    damage(fashion_dir)
+    out_dir = tmp_path / "out"
+    code, out, err = run(["bench", "fashion-mnist", "--data-dir", str(fashion_dir), "--steps", "2", "--quiet",
+                          "--out", str(out_dir)], capsys)
+    assert_usage_error(code, err, words)
+    assert not out_dir.exists()
+
+
+def assert_usage_error(code: int, err: str, words: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("muonkit: error: ") and words in lines[0], err
+    assert "Traceback" not in err
+
+
+def bad_inputs(tmp: Path, cifar_dir: Path, text_file: Path) -> list[tuple[list[str], str]]:
+    empty = tmp / "empty.txt"
+    empty.write_text("")
+    short = tmp / "short.txt"
+    short.write_text("print('hi')\n" * 20)
+    latin1 = tmp / "latin1.txt"
+    latin1.write_bytes("café ".encode("latin-1") * 1000)
+    (cifar_dir / "data_batch_3").write_bytes(b"not a pickle")
+    a_file = tmp / "a_file"
+    a_file.write_text("x")
+    return [
+        (["bench", "nosuchtask"], "unknown task 'nosuchtask'"),
+        (["bench", "charlm", "--optimizers", "muon,lion"], "unknown optimizer 'lion'"),
+        (["bench", "fashion-mnist", "--data-dir", str(tmp / "missing")], "does not exist"),
+        (["bench", "cifar10", "--data-dir", str(tmp / "missing")], "does not exist"),
+        (["bench", "cifar10", "--data-dir", str(cifar_dir)], "is not a CIFAR-10 python pickle"),
+        (["bench", "charlm", "--text", str(empty)], "has 0 characters"),
+        (["bench", "charlm", "--text", str(short)], "pass --text with a longer file"),
+        (["bench", "charlm", "--text", str(tmp / "nope.txt")], "does not exist"),
+        (["bench", "charlm", "--text", str(latin1)], "is not UTF-8"),
+        (["bench", "charlm", "--text", str(text_file), "--out", str(a_file / "sub")], "cannot create output directory"),
+        (["bench", "charlm", "--lr", "muon"], "bad --lr 'muon'"),
+        (["bench", "charlm", "--lr", "lion=0.1"], "bad --lr 'lion=0.1'"),
+        (["bench", "charlm", "--lr", "muon=-1"], "must be a positive number"),
+        (["bench", "charlm", "--lr", "adamw=fast"], "must be a positive number"),
+        (["bench", "charlm", "--steps", "0"], "expected a positive integer"),
+        (["bench", "charlm", "--steps", "2", "--epochs", "1"], "not allowed with argument"),
+        (["bench", "modular", "--text", str(text_file)], "--text is for charlm only"),
+        (["bench", "regression", "--data-dir", str(tmp)], "--data-dir is for"),
+        (["explain", "nosuchtask"], "unknown task"),
+        (["ns", "--size", "12"], "bad --size '12'"),
+        (["frobnicate"], "invalid choice"),
+        ([], "missing command"),
+    ]
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, cifar_dir, text_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for argv, words in bad_inputs(tmp_path, cifar_dir, text_file):
+        code, out, err = run(argv, capsys)
+        assert_usage_error(code, err, words)
+    assert not list(tmp_path.rglob("results.json")) and not (tmp_path / "muonkit-runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is missing")
+def test_cuda_requested_without_cuda(capsys):
+    code, out, err = run(["bench", "regression", "--device", "cuda"], capsys)
+    assert_usage_error(code, err, "CUDA is not available")

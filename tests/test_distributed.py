@@ -1,0 +1,280 @@
+"""Contracts of muonkit.distributed: owner assignment (pure), and multi-process runs (gloo, 2 and 4
+processes) equal to a single-process run.
+
+Oracles and tolerances:
+- Same gradients on every process (`fixed_grads`): replicated (DDP-style) and FSDP2-sharded runs
+  equal the single-process run BIT FOR BIT, parameters and optimizer state, after 3 steps and
+  after a checkpoint resumed on another number of ranks. The owner of a matrix runs the same
+  kernels on the same data in the same batch position, and elementwise updates do not depend
+  on how a tensor is sliced.
+- Real data split across ranks (DDP / FSDP2 forward and backward): the averaged gradient differs
+  from the single-process full-batch gradient by float32 summation order, so parameters agree to
+  atol 1e-5 (a few float32 ulps of the gradient, amplified by 3 orthogonalized steps).
+
+The spawned runs (tests/distributed_worker.py) happen once per module: one 2-process and one
+4-process job list, each ~15-30 s on 2 shared cores.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import distributed_worker as worker
+import muonkit
+from muonkit.distributed import (
+    DistributedOrthogonalizer,
+    assign_owners,
+    load_checkpoint,
+    newton_schulz_flops,
+    save_checkpoint,
+    shard_sizes,
+)
+from muonkit.functional import batched_orthogonalize
+
+SPAWN_TIMEOUT = 300.0
+DATA_ATOL = 1e-5
+
+JOBS = {
+    2: ["replicated", "fsdp", "ddp_data", "fsdp_data", "param_groups", "errors", "checkpoint_save", "resume_from_1"],
+    4: ["replicated", "fsdp", "ddp_data", "fsdp_data", "resume_from_2"],
+}
+
+
+# ------------------------------------------------------------------------- assign_owners (pure)
+
+
+def test_assign_owners_example_and_determinism():
+    assert assign_owners([4.0, 3.0, 3.0, 2.0], 2) == [0, 1, 1, 0]
+    costs = [random.Random(s).random() for s in range(50)]
+    assert assign_owners(costs, 4) == assign_owners(list(costs), 4)
+
+
+def test_assign_owners_edge_cases():
+    assert assign_owners([], 3) == []
+    assert assign_owners([5.0, 1.0, 2.0], 1) == [0, 0, 0]
+    # More ranks than items: one item each, largest first onto the lowest rank.
+    assert assign_owners([1.0, 3.0], 4) == [1, 0]
+    # Equal costs go round-robin in item order.
+    assert assign_owners([1.0] * 5, 2) == [0, 1, 0, 1, 0]
+    assert assign_owners([0.0, 0.0], 2) == [0, 1]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="world_size"):
+            assign_owners([1.0], bad)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"costs\[1\]"):
+            assign_owners([1.0, bad], 2)
+
+
+def _max_load(costs, owners, world):
+    return max(sum(c for c, o in zip(costs, owners) if o == r) for r in range(world))
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+@pytest.mark.parametrize("seed", range(5))
+def test_assign_owners_balance(world, seed):
+    """List scheduling: the busiest rank carries at most the average load plus the largest item."""
+    rng = random.Random(seed)
+    costs = [rng.choice([1, 4, 16]) * rng.random() for _ in range(rng.randint(1, 40))]
+    owners = assign_owners(costs, world)
+    assert all(0 <= o < world for o in owners)
+    assert _max_load(costs, owners, world) <= sum(costs) / world + max(costs) + 1e-9
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("seed", range(10))
+def test_assign_owners_within_four_thirds_of_optimum(world, seed):
+    """Largest-first greedy is within 4/3 of the best assignment (Graham 1969), checked by brute force."""
+    rng = random.Random(seed)
+    costs = [rng.random() for _ in range(rng.randint(1, 7))]
+    best = min(_max_load(costs, owners, world) for owners in itertools.product(range(world), repeat=len(costs)))
+    assert _max_load(costs, assign_owners(costs, world), world) <= 4 / 3 * best + 1e-12
+
+
+def test_assign_owners_transformer_block_splits_work():
+    """GPT-2-small block shapes: 2 ranks each get about half the Newton-Schulz FLOPs."""
+    shapes = [(768, 768)] * 4 + [(3072, 768), (768, 3072)]
+    costs = [newton_schulz_flops(1, r, c) for r, c in shapes]
+    owners = assign_owners(costs, 2)
+    loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(2)]
+    assert max(loads) / sum(costs) <= 0.6
+
+
+def test_newton_schulz_flops():
+    assert newton_schulz_flops(1, 768, 3072) * 5 == pytest.approx(40.8e9, rel=0.01)  # REFERENCE.md section 3
+    assert newton_schulz_flops(3, 10, 20) == newton_schulz_flops(3, 20, 10) == 3 * (4 * 100 * 20 + 2 * 1000)
+
+
+def test_shard_sizes_follow_torch_chunk():
+    assert shard_sizes(33, 2) == [17, 16]
+    assert shard_sizes(3, 4) == [1, 1, 1, 0]
+    assert shard_sizes(1, 2) == [1, 0]
+    assert shard_sizes(0, 3) == [0, 0, 0]
+    for n in range(0, 20):
+        for w in range(1, 6):
+            chunks = [len(c) for c in torch.arange(n).chunk(w)] if n else []
+            assert shard_sizes(n, w) == chunks + [0] * (w - len(chunks))
+
+
+def test_batch_position_does_not_change_results_when_sides_are_multiples_of_8():
+    """Why such matrices can be owned one by one: results do not depend on their batch position.
+    (For small shapes with other sides they can, by buffer alignment; those are owned together.)"""
+    torch.manual_seed(0)
+    for rows, cols in [(8, 16), (16, 24), (32, 96), (64, 64)]:
+        mats = [torch.randn(1, rows, cols) for _ in range(5)]
+        together = batched_orthogonalize(mats, method="polar_express", steps=5, dtype=None)
+        alone = [batched_orthogonalize([m], method="polar_express", steps=5, dtype=None)[0] for m in mats]
+        assert all(torch.equal(a, b) for a, b in zip(together, alone)), (rows, cols)
+
+
+# ------------------------------------------------------------------------------------- errors
+
+
+def test_process_group_without_init_process_group():
+    assert not dist.is_initialized()
+    model = worker.make_model()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        muonkit.Muon(muonkit.param_groups(model), process_group=object())
+
+
+def test_no_torch_distributed_call_without_process_group(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch.distributed was called with process_group=None")
+
+    # One unpatched run first: torch imports some modules lazily, and they probe dist at import.
+    warm = worker.make_model()
+    worker.train_data(warm, worker.make_optimizer(warm), 1, 0, 1)
+    for name in dir(dist):
+        if not name.startswith("_") and callable(getattr(dist, name)) and not isinstance(getattr(dist, name), type):
+            monkeypatch.setattr(dist, name, forbidden)
+    model = worker.make_model()
+    opt = worker.make_optimizer(model)
+    worker.train_data(model, opt, 2, 0, 1)
+    opt.load_state_dict(opt.state_dict())
+
+
+# ---------------------------------------------------------------------------- multi-process
+
+
+def _spawn(world: int, jobs: list[str], tmp: Path) -> list[dict]:
+    context = mp.start_processes(worker.run, args=(world, str(tmp), jobs), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT
+    try:
+        while not context.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{world} processes did not finish {jobs} in {SPAWN_TIMEOUT} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    return [torch.load(tmp / f"result_{world}_{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{world: [results of rank 0, rank 1, ...]}; the 1-process checkpoint comes from this process."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    model = worker.make_model()
+    opt = worker.make_optimizer(model)
+    worker.train_fixed(model, opt, range(worker.STEPS))
+    save_checkpoint(tmp / "checkpoint_1", model, opt)
+    results = {world: _spawn(world, JOBS[world], tmp) for world in (2, 4)}
+    results["tmp"] = tmp
+    return results
+
+
+def _result(runs, world: int, job: str) -> list:
+    per_rank = [r[job] for r in runs[world]]
+    for value in per_rank:
+        if isinstance(value, Exception):
+            pytest.fail(f"{job} on {world} processes raised:\n{value}")
+    return per_rank
+
+
+def _assert_equal(got: dict, want: dict, atol: float = 0.0) -> None:
+    assert got.keys() == want.keys()
+    for key in want:
+        if atol == 0.0:
+            assert torch.equal(got[key], want[key]), f"{key}: max diff {(got[key] - want[key]).abs().max():.3g}"
+        else:
+            torch.testing.assert_close(got[key], want[key], atol=atol, rtol=0, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.fixture(scope="module")
+def reference_fixed():
+    return worker.reference(fixed=True)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("job", ["replicated", "fsdp"])
+def test_same_gradients_equal_single_process_bit_for_bit(runs, reference_fixed, world, job):
+    for rank_result in _result(runs, world, job):
+        _assert_equal(rank_result, reference_fixed)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("job", ["ddp_data", "fsdp_data"])
+def test_data_parallel_training_matches_single_process(runs, world, job):
+    reference = worker.reference(fixed=False)
+    per_rank = _result(runs, world, job)
+    for rank_result in per_rank:
+        _assert_equal(rank_result, reference, atol=DATA_ATOL)
+        # Every rank ends with the same parameters, bit for bit.
+        _assert_equal(rank_result, per_rank[0])
+    moved = max((reference[k] - worker.make_model().state_dict()[k]).abs().max() for k in worker.make_model().state_dict())
+    assert moved > 100 * DATA_ATOL
+
+
+def test_param_groups_on_fsdp_model(runs):
+    assert _result(runs, 2, "param_groups") == [True, True]
+
+
+def test_unsupported_sharding_errors(runs):
+    messages = _result(runs, 2, "errors")[0]
+    assert messages["dim1"] is not None and "Shard(dim=1)" in messages["dim1"] and "Shard(0)" in messages["dim1"]
+    assert messages["mesh2d"] is not None and "2D device mesh" in messages["mesh2d"] and "1D" in messages["mesh2d"]
+
+
+@pytest.fixture(scope="module")
+def reference_resumed():
+    return worker.reference(fixed=True, steps=2 * worker.STEPS)
+
+
+@pytest.mark.parametrize(("source", "world"), [(1, 2), (2, 4)])
+def test_checkpoint_resumes_on_other_world_size(runs, reference_resumed, source, world):
+    _result(runs, 2, "checkpoint_save")
+    for rank_result in _result(runs, world, f"resume_from_{source}"):
+        _assert_equal(rank_result, reference_resumed)
+
+
+def test_checkpoint_from_two_ranks_resumes_on_one_process(runs, reference_resumed):
+    _result(runs, 2, "checkpoint_save")
+    model = worker.make_model()
+    opt = worker.make_optimizer(model)
+    load_checkpoint(runs["tmp"] / "checkpoint_2", model, opt)
+    worker.train_fixed(model, opt, range(worker.STEPS, 2 * worker.STEPS))
+    _assert_equal(worker.snapshot(model, opt), reference_resumed)
+
+
+def test_checkpoint_from_a_different_model(runs):
+    _result(runs, 2, "checkpoint_save")
+    model = worker.make_model(fc_rows=34)
+    opt = worker.make_optimizer(model)
+    with pytest.raises(ValueError, match=r"different model.*fc\.weight: checkpoint \(33, 96\), model \(34, 96\)"):
+        load_checkpoint(runs["tmp"] / "checkpoint_2", model, opt)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(runs["tmp"] / "nowhere", model, opt)
+
+
+def test_spawned_jobs_are_quick(runs):
+    """Keeps the multi-process tests small: every job's own time (excluding the spawn) under 20 s."""
+    for world in (2, 4):
+        for name in JOBS[world]:
+            assert max(r[f"{name}.seconds"] for r in runs[world]) < 20.0, (world, name)

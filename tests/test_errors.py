@@ -1,0 +1,284 @@
+"""Validation at construction (messages name the problem), sparse gradients at step(), and the
+gradient-handling contract: zero gradients give no NaN, p.grad is never modified, params without
+a gradient are skipped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import muonkit
+from reference import state_is_pristine
+
+
+def message(excinfo) -> str:
+    return str(excinfo.value)
+
+
+def test_vector_in_muon_group_points_to_param_groups():
+    w = torch.randn(4, 5)
+    bias = torch.randn(5)
+    with pytest.raises(ValueError) as e:
+        muonkit.Muon([("fc.weight", w), ("fc.bias", bias)])
+    assert "muonkit.param_groups" in message(e)
+    assert "fc.bias" in message(e)  # names the offending parameter
+
+
+def test_vector_in_muon_group_dict_points_to_param_groups():
+    with pytest.raises(ValueError) as e:
+        muonkit.Muon([{"params": [torch.randn(4, 5), torch.randn(7)]}])
+    assert "muonkit.param_groups" in message(e)
+    assert "7" in message(e)  # the offending shape (7,)
+
+
+def test_scalar_in_muon_group_rejected():
+    with pytest.raises(ValueError) as e:
+        muonkit.Muon([torch.randn(4, 5), torch.tensor(1.0)])
+    assert "muonkit.param_groups" in message(e)
+
+
+def test_vectors_fine_in_adamw_group():
+    muonkit.Muon([{"params": [torch.randn(4, 5)]},
+                  {"params": [torch.randn(7), torch.tensor(1.0)], "use_muon": False}])
+
+
+@pytest.mark.parametrize("lr", [-0.1, -1e-8])
+def test_negative_lr(lr):
+    with pytest.raises(ValueError) as e:
+        muonkit.Muon([torch.randn(4, 5)], lr=lr)
+    assert "lr" in message(e) and repr(lr) in message(e)
+
+
+def test_negative_lr_in_group():
+    with pytest.raises(ValueError) as e:
+        muonkit.Muon([{"params": [torch.randn(4, 5)], "lr": -0.5}])
+    assert "lr" in message(e) and "-0.5" in message(e)
+
+
+@pytest.mark.parametrize("momentum", [1.0, -0.1, 1.5])
+def test_momentum_outside_unit_interval(momentum):
+    with pytest.raises(ValueError) as e:
+        muonkit.Muon([torch.randn(4, 5)], momentum=momentum)
+    assert "momentum" in message(e) and repr(momentum) in message(e)
+
+
+def test_momentum_outside_unit_interval_in_group():
+    with pytest.raises(ValueError) as e:
+        muonkit.Muon([{"params": [torch.randn(4, 5)], "momentum": 1.0}])
+    assert "momentum" in message(e) and "1.0" in message(e)
+
+
+def test_momentum_zero_is_allowed():
+    muonkit.Muon([torch.randn(4, 5)], momentum=0.0)
+
+
+def test_unknown_scale():
+    with pytest.raises(ValueError) as e:
+        muonkit.Muon([torch.randn(4, 5)], scale="spectral_bogus")
+    assert "scale" in message(e) and "spectral_bogus" in message(e)
+
+
+def test_unknown_scale_in_group():
+    with pytest.raises(ValueError) as e:
+        muonkit.Muon([{"params": [torch.randn(4, 5)], "scale": "bogus_scale"}])
+    assert "scale" in message(e) and "bogus_scale" in message(e)
+
+
+def test_unknown_orthogonalizer():
+    with pytest.raises(ValueError) as e:
+        muonkit.Muon([torch.randn(4, 5)], orthogonalizer="newton_bogus")
+    assert "orthogonalizer" in message(e) and "newton_bogus" in message(e)
+
+
+def test_unknown_orthogonalizer_in_functional_api():
+    with pytest.raises(ValueError) as e:
+        muonkit.orthogonalize(torch.randn(4, 5), "newton_bogus")
+    assert "newton_bogus" in message(e)
+
+
+def test_complex_parameter():
+    with pytest.raises((ValueError, TypeError)) as e:
+        muonkit.Muon([torch.randn(4, 5, dtype=torch.complex64)])
+    assert "complex" in message(e).lower()
+
+
+def test_complex_parameter_in_adamw_group():
+    """The orthogonalizer is undefined on complex input; AdamW groups are torch's AdamW, which
+    supports complex tensors, so only Muon groups must refuse them (either outcome of the AdamW
+    case is accepted, but no silent corruption: if accepted, a step runs)."""
+    p = torch.randn(5, dtype=torch.complex64)
+    try:
+        opt = muonkit.Muon([{"params": [p], "use_muon": False}])
+    except (ValueError, TypeError) as e:
+        assert "complex" in str(e).lower()
+        return
+    p.grad = torch.randn(5, dtype=torch.complex64)
+    opt.step()
+    assert torch.isfinite(torch.view_as_real(p)).all()
+
+
+# ---- sparse gradients -----------------------------------------------------------------------
+
+def _snapshot(opt, params):
+    return [p.clone() for p in params], {
+        id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
+        for p in params if p in opt.state
+    }
+
+
+def _assert_unchanged(opt, params, snapshot):
+    values, states = snapshot
+    for p, v in zip(params, values):
+        assert torch.equal(p, v)
+    for p in params:
+        now = opt.state[p] if p in opt.state else {}
+        before = states.get(id(p), {})
+        assert set(now) == set(before)
+        for k in now:
+            assert torch.equal(torch.as_tensor(now[k]), torch.as_tensor(before[k])), k
+
+
+def test_sparse_gradient_raises_and_changes_nothing_in_muon_group():
+    dense = torch.randn(4, 6)
+    sparse = torch.randn(5, 6)
+    opt = muonkit.Muon([dense, sparse], lr=0.02, weight_decay=0.1)
+    dense.grad, sparse.grad = torch.randn(4, 6), torch.randn(5, 6)
+    opt.step()  # state exists now
+    snapshot = _snapshot(opt, [dense, sparse])
+    dense.grad = torch.randn(4, 6)
+    sparse.grad = torch.randn(5, 6).to_sparse()
+    with pytest.raises((RuntimeError, ValueError, TypeError)) as e:
+        opt.step()
+    assert "sparse" in message(e).lower()
+    _assert_unchanged(opt, [dense, sparse], snapshot)
+
+
+def test_sparse_gradient_on_first_step_creates_no_state():
+    dense = torch.randn(4, 6)
+    sparse = torch.randn(5, 6)
+    opt = muonkit.Muon([dense, sparse], lr=0.02, weight_decay=0.1)
+    dense.grad = torch.randn(4, 6)
+    sparse.grad = torch.randn(5, 6).to_sparse()
+    before = dense.clone(), sparse.clone()
+    with pytest.raises((RuntimeError, ValueError, TypeError)):
+        opt.step()
+    assert torch.equal(dense, before[0]) and torch.equal(sparse, before[1])
+    assert all(state_is_pristine(opt.state[p]) for p in (dense, sparse) if p in opt.state)
+
+
+def test_sparse_gradient_in_adamw_group_changes_no_group():
+    """The whole step is refused before any group is updated: a Muon group listed before the
+    AdamW group with the sparse gradient is not stepped either."""
+    w = torch.randn(4, 6)
+    b = torch.randn(6)
+    opt = muonkit.Muon([{"params": [w]}, {"params": [b], "use_muon": False}], lr=0.02,
+                       weight_decay=0.1)
+    w.grad, b.grad = torch.randn(4, 6), torch.randn(6)
+    opt.step()
+    snapshot = _snapshot(opt, [w, b])
+    w.grad = torch.randn(4, 6)
+    b.grad = torch.randn(6).to_sparse()
+    with pytest.raises((RuntimeError, ValueError, TypeError)) as e:
+        opt.step()
+    assert "sparse" in message(e).lower()
+    _assert_unchanged(opt, [w, b], snapshot)
+
+
+# ---- gradient handling ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("orthogonalizer", list(muonkit.ORTHOGONALIZERS))
+@pytest.mark.parametrize("ns_dtype", [None, torch.bfloat16, torch.float64], ids=str)
+def test_zero_gradients_give_no_nan(orthogonalizer, ns_dtype):
+    params = [torch.randn(4, 6), torch.randn(6, 2, 3, 3), torch.randn(2, 5, 3)]
+    bias = torch.randn(6)
+    before = [p.clone() for p in params] + [bias.clone()]
+    opt = muonkit.Muon([{"params": params}, {"params": [bias], "use_muon": False}], lr=0.02,
+                       weight_decay=0.0, orthogonalizer=orthogonalizer, ns_dtype=ns_dtype)
+    for _ in range(3):
+        for p in params + [bias]:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    for p, b in zip(params + [bias], before):
+        assert torch.isfinite(p).all()
+        assert torch.equal(p, b)  # zero update and no decay: nothing moves
+    for p in params:
+        assert torch.isfinite(opt.state[p]["momentum_buffer"]).all()
+
+
+def test_svd_with_bfloat16_ns_dtype():
+    """torch has no bf16 SVD. Either muonkit computes the svd orthogonalizer in a dtype that has
+    one, or it refuses the combination at construction with a ValueError naming it; failing
+    inside step() with torch's NotImplementedError is neither."""
+    w = torch.randn(4, 6)
+    try:
+        opt = muonkit.Muon([w], orthogonalizer="svd", ns_dtype=torch.bfloat16)
+    except ValueError as e:
+        assert "svd" in str(e) and "bfloat16" in str(e)
+        return
+    w.grad = torch.randn(4, 6)
+    opt.step()
+    assert torch.isfinite(w).all()
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("orthogonalizer", list(muonkit.ORTHOGONALIZERS))
+def test_grad_is_never_modified(orthogonalizer, nesterov):
+    params = [torch.randn(4, 6), torch.randn(6, 2, 3, 3), torch.randn(2, 5, 3)]
+    bias = torch.randn(6)
+    opt = muonkit.Muon([{"params": params}, {"params": [bias], "use_muon": False}], lr=0.02,
+                       weight_decay=0.1, nesterov=nesterov, orthogonalizer=orthogonalizer)
+    for _ in range(2):
+        grads = [torch.randn_like(p) for p in params + [bias]]
+        for p, g in zip(params + [bias], grads):
+            p.grad = g.clone()
+        opt.step()
+        for p, g in zip(params + [bias], grads):
+            assert torch.equal(p.grad, g)
+
+
+def test_grad_is_never_modified_bf16_params_plain_momentum():
+    """REFERENCE.md: torch's Muon normalizes a bf16 buffer in place when nesterov=False; the
+    same hazard applies to the gradient and the buffer here."""
+    p = torch.randn(4, 6).bfloat16()
+    opt = muonkit.Muon([p], lr=0.02, nesterov=False, momentum=0.0, ns_dtype=torch.bfloat16,
+                       orthogonalizer="keller_jordan")
+    g = torch.randn(4, 6).bfloat16()
+    p.grad = g.clone()
+    opt.step()
+    assert torch.equal(p.grad, g)
+    # momentum 0: the buffer is the gradient itself, unnormalized
+    assert torch.equal(opt.state[p]["momentum_buffer"], g)
+
+
+def test_params_without_grad_are_skipped():
+    """No decay (weight_decay > 0 would shrink them) and no state advanced. (REFERENCE.md suggests
+    pre-creating state for distributed checkpoints, so zero-initialized state is accepted.)"""
+    used_w, idle_w = torch.randn(4, 6), torch.randn(5, 6)
+    used_b, idle_b = torch.randn(6), torch.randn(3)
+    idle_before = idle_w.clone(), idle_b.clone()
+    opt = muonkit.Muon([{"params": [used_w, idle_w]},
+                        {"params": [used_b, idle_b], "use_muon": False}],
+                       lr=0.05, weight_decay=0.5)
+    for _ in range(3):
+        used_w.grad = torch.randn(4, 6)
+        used_b.grad = torch.randn(6)
+        opt.step()
+    assert torch.equal(idle_w, idle_before[0]) and torch.equal(idle_b, idle_before[1])
+    assert idle_w.grad is None and idle_b.grad is None
+    assert state_is_pristine(opt.state[idle_w] if idle_w in opt.state else {})
+    assert state_is_pristine(opt.state[idle_b] if idle_b in opt.state else {})
+    assert not state_is_pristine(opt.state[used_w])
+
+
+def test_closure_is_called_and_its_loss_returned():
+    w = torch.randn(4, 6, requires_grad=True)
+    opt = muonkit.Muon([w], lr=0.02)
+
+    def closure():
+        opt.zero_grad()
+        loss = (w**2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert torch.is_tensor(loss) and loss.item() > 0

@@ -1,0 +1,374 @@
+"""muonkit.orthogonalize against float64 oracles (tests/reference.py).
+
+Contract (docs/API.md): batched over leading dims, same shape and dtype out as in, never modifies
+its input, zero in -> zero out, steps=None means 5. Each Newton-Schulz schedule must map the
+normalized singular values sigma/||X||_F of its band to the image REFERENCE.md section 3 gives;
+"svd" is the exact polar factor; "gram" is algebraically the same iteration as polar_express.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import muonkit
+from reference import (
+    ns_spectral,
+    polar_factor,
+    scalar_image,
+    spectral_response,
+)
+
+NS_METHODS = ["keller_jordan", "polar_express", "you"]
+ALL_METHODS = ["polar_express", "keller_jordan", "you", "gram", "svd"]
+
+# Band of each schedule: (lowest normalized input sigma/||X||_F the band is stated for,
+# the image of [lo, 1] stated in REFERENCE.md section 3).
+BAND_INPUT_LO = {"keller_jordan": 1e-3, "polar_express": 1e-3, "you": 1e-2, "gram": 1e-3}
+STATED_BANDS = {
+    "keller_jordan": (0.47, 1.21),
+    "polar_express": (0.85, 1.14),
+    "you": (0.978, 1.032),
+}
+
+# fp32 round-off (eps 6e-8, matrices <= 16 wide, so ~1e-6 per step) amplified through 5 steps by
+# at most the product of the leading coefficients (~1.2e3 for polar_express): <= 2e-3.
+FP32_SLACK = 2e-3
+# Reading the stated bands off REFERENCE.md to 2-3 digits.
+STATED_SLACK = 5e-3
+
+SHAPES = [(1, 8), (8, 1), (6, 6), (4, 16), (16, 4), (3, 2, 5, 9)]
+CONDITIONING = ["random", "lowrank_noise", "decay_1e-6"]
+
+
+def make_matrix(shape, conditioning, seed=0, dtype=torch.float32):
+    """A test matrix (batched over leading dims) built in float64, then cast."""
+    g = torch.Generator().manual_seed(seed)
+    *batch, m, n = shape
+    k = min(m, n)
+    if conditioning == "random":
+        X = torch.randn(*batch, m, n, generator=g, dtype=torch.float64)
+    elif conditioning == "lowrank_noise":
+        r = max(1, k // 3)
+        A = torch.randn(*batch, m, r, generator=g, dtype=torch.float64)
+        B = torch.randn(*batch, r, n, generator=g, dtype=torch.float64)
+        X = A @ B + 1e-3 * torch.randn(*batch, m, n, generator=g, dtype=torch.float64)
+    elif conditioning == "decay_1e-6":
+        U = torch.linalg.qr(torch.randn(*batch, m, k, generator=g, dtype=torch.float64))[0]
+        V = torch.linalg.qr(torch.randn(*batch, n, k, generator=g, dtype=torch.float64))[0]
+        S = torch.from_numpy(np.geomspace(1.0, 1e-6, k)).expand(*batch, k)
+        X = (U * S.unsqueeze(-2)) @ V.mT
+    else:
+        raise KeyError(conditioning)
+    return X.to(dtype)
+
+
+def global_sup(method):
+    """Largest output a schedule gives for any normalized input in (0, 1].
+
+    For "you" this is 1.145, above the 1.032 edge of its [1e-2, 1] band: inputs below 1e-2 can
+    overshoot, so "nothing exceeds the upper edge" is checked against this supremum.
+    """
+    return scalar_image(method, 1e-9)[1]
+
+
+def test_band_oracle_matches_reference_md():
+    """The bands computed from the coefficients agree with the numbers REFERENCE.md states."""
+    for method, (lo, hi) in STATED_BANDS.items():
+        got_lo, got_hi = scalar_image(method, BAND_INPUT_LO[method])
+        assert abs(got_lo - lo) < 0.01 and abs(got_hi - hi) < 0.01, (method, got_lo, got_hi)
+
+
+def check_band(G, O, method, slack):
+    """Directions with sigma/||X||_F >= the band's lower input edge land in the band; no output
+    singular value exceeds the schedule's supremum (or the band's top if every input is in band)."""
+    lo_in = BAND_INPUT_LO[method]
+    lo_out, hi_out = scalar_image(method, lo_in)
+    x, d = spectral_response(G, O)
+    in_band = x >= lo_in
+    assert in_band.any()
+    d_in = d[in_band]
+    assert d_in.min().item() >= lo_out - slack, (method, d_in.min().item(), lo_out)
+    assert d_in.max().item() <= hi_out + slack, (method, d_in.max().item(), hi_out)
+    top = hi_out if bool(in_band.all()) else global_sup(method)
+    sv = torch.linalg.svdvals(O.to(torch.float64))
+    assert sv.max().item() <= top + slack, (method, sv.max().item(), top)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("conditioning", CONDITIONING)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("method", NS_METHODS + ["gram"])
+def test_singular_values_in_band(method, shape, conditioning, dtype):
+    G = make_matrix(shape, conditioning, seed=1, dtype=dtype)
+    O = muonkit.orthogonalize(G, method)
+    assert O.shape == G.shape and O.dtype == G.dtype
+    assert torch.isfinite(O).all()
+    band_method = "polar_express" if method == "gram" else method
+    check_band(G, O, band_method, FP32_SLACK)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("method", NS_METHODS + ["gram"])
+def test_bfloat16_input_with_fp32_compute(method, shape):
+    """bf16 in -> bf16 out. Computing in fp32, the only extra error is rounding the output to bf16:
+    relative 2^-9 per entry, so ||E||_2 <= ||E||_F <= 2^-9 * 1.21 * sqrt(min(m, n))."""
+    G = make_matrix(shape, "random", seed=2, dtype=torch.bfloat16)
+    O = muonkit.orthogonalize(G, method, dtype=torch.float32)
+    assert O.dtype == torch.bfloat16 and O.shape == G.shape
+    slack = 2.0**-9 * 1.21 * math.sqrt(min(shape[-2:])) + FP32_SLACK
+    band_method = "polar_express" if method == "gram" else method
+    check_band(G, O, band_method, slack)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_bfloat16_input_default_dtype(method):
+    """dtype=None leaves the compute dtype to the implementation (it may iterate in bf16, whose
+    8-bit mantissa leaves errors of a few percent after 5 steps): check dtype, shape, finiteness
+    and a band widened by 0.1."""
+    G = make_matrix((6, 10), "random", seed=3, dtype=torch.bfloat16)
+    O = muonkit.orthogonalize(G, method)
+    assert O.dtype == torch.bfloat16 and O.shape == G.shape
+    assert torch.isfinite(O).all()
+    if method == "svd":
+        assert (O.double() - polar_factor(G)).abs().max().item() < 0.05  # bf16 output rounding
+    else:
+        check_band(G, O, "polar_express" if method == "gram" else method, 0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (7, 7), (2, 3, 4, 8)], ids=str)
+@pytest.mark.parametrize("method", NS_METHODS)
+def test_matches_exact_polynomial_image(method, shape, dtype):
+    """Tighter than the band: the output equals U p(S/(s ||X||_F)) V^T, the schedule's composed
+    polynomial applied exactly to the singular values (float64 SVD oracle). Tolerance: fp32 as
+    in FP32_SLACK; with float64 compute, 1e-6 leaves room for a normalization eps up to 1e-6
+    relative to ||X||_F (|x p'(x)| <= ~3 on the schedules, ||X||_F ~ 6 here)."""
+    G = make_matrix(shape, "random", seed=4, dtype=dtype)
+    O = muonkit.orthogonalize(G, method, dtype=dtype)
+    expected = ns_spectral(G, method)
+    tol = FP32_SLACK if dtype == torch.float32 else 1e-6
+    err = (O.to(torch.float64) - expected).abs().max().item()
+    assert err <= tol, (method, err)
+
+
+def polar_tolerance(G, eps):
+    """First-order bound on the polar factor's round-off: ||dO|| <~ 2 ||dG|| / (s_k + s_{k-1})
+    for the two smallest singular values; ||dG|| ~ 100 eps ||G|| covers the SVD's backward error
+    for the sizes used here."""
+    S = torch.linalg.svdvals(G.to(torch.float64))
+    smin = S[..., -1]
+    if S.shape[-1] > 1:
+        smin = (S[..., -1] + S[..., -2]) / 2
+    return (100 * eps * S[..., 0] / smin).max().item()
+
+
+@pytest.mark.parametrize(
+    "conditioning,dtype",
+    [
+        ("random", torch.float32),
+        ("lowrank_noise", torch.float32),
+        ("random", torch.float64),
+        ("lowrank_noise", torch.float64),
+        ("decay_1e-6", torch.float64),
+    ],
+    ids=["random-fp32", "lowrank-fp32", "random-fp64", "lowrank-fp64", "decay-fp64"],
+)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_svd_is_exact_polar_factor(shape, conditioning, dtype):
+    G = make_matrix(shape, conditioning, seed=5, dtype=dtype)
+    O = muonkit.orthogonalize(G, "svd")
+    assert O.dtype == dtype and O.shape == G.shape
+    tol = max(polar_tolerance(G, torch.finfo(dtype).eps), 4 * torch.finfo(dtype).eps)
+    err = (O.to(torch.float64) - polar_factor(G)).abs().max().item()
+    assert err <= tol, (err, tol)
+
+
+def test_svd_of_rank_deficient_matrix_is_partial_isometry():
+    """Exact zeros of a rank-2 float64 product map to zero (the polar factor of a rank-deficient
+    matrix is U_r V_r^T), not to unit singular values picked from round-off."""
+    g = torch.Generator().manual_seed(6)
+    G = torch.randn(6, 2, generator=g, dtype=torch.float64) @ torch.randn(
+        2, 9, generator=g, dtype=torch.float64
+    )
+    O = muonkit.orthogonalize(G, "svd")
+    sv = torch.linalg.svdvals(O)
+    assert torch.allclose(sv[:2], torch.ones(2, dtype=torch.float64), atol=1e-10)
+    assert sv[2:].max().item() < 1e-6  # round-off singular values of G are ~1e-15 ||G||
+    assert (O - polar_factor(G)).abs().max().item() < 1e-8
+
+
+def test_gram_equals_polar_express_in_float64():
+    """Gram NS is algebraically the same iteration: in float64 the two agree to round-off
+    (1e-9: ~1e-13 per step amplified like FP32_SLACK)."""
+    for shape in [(4, 16), (16, 4), (6, 6), (2, 3, 5, 12)]:
+        G = make_matrix(shape, "random", seed=7, dtype=torch.float64)
+        a = muonkit.orthogonalize(G, "gram", dtype=torch.float64)
+        b = muonkit.orthogonalize(G, "polar_express", dtype=torch.float64)
+        assert (a - b).abs().max().item() < 1e-9, shape
+
+
+@pytest.mark.parametrize("conditioning", ["random", "lowrank_noise"])
+@pytest.mark.parametrize("shape", [(4, 16), (16, 4), (6, 6), (8, 24), (2, 3, 5, 12)], ids=str)
+def test_gram_equals_polar_express_in_float32(shape, conditioning):
+    """In fp32 they differ only by round-off: REFERENCE.md measured ~1e-5; both are within
+    FP32_SLACK of the exact image, so 2 * FP32_SLACK bounds the difference."""
+    G = make_matrix(shape, conditioning, seed=8)
+    a = muonkit.orthogonalize(G, "gram")
+    b = muonkit.orthogonalize(G, "polar_express")
+    assert (a - b).abs().max().item() <= 2 * FP32_SLACK
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.parametrize("shape", [(5, 7), (7, 5), (1, 4), (3, 4, 6)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_zero_input_gives_zero_output(method, shape, dtype):
+    G = torch.zeros(shape, dtype=dtype)
+    O = muonkit.orthogonalize(G, method)
+    assert O.shape == G.shape and O.dtype == dtype
+    assert not torch.isnan(O).any()
+    assert torch.count_nonzero(O) == 0
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_zero_matrix_inside_a_batch(method):
+    """Each batch element is normalized on its own: a zero member stays zero and does not
+    disturb its neighbours."""
+    G = make_matrix((3, 5, 8), "random", seed=9)
+    G[1] = 0
+    O = muonkit.orthogonalize(G, method)
+    assert torch.isfinite(O).all()
+    assert torch.count_nonzero(O[1]) == 0
+    for i in (0, 2):
+        solo = muonkit.orthogonalize(G[i], method)
+        assert (O[i] - solo).abs().max().item() <= 1e-5  # fp32 batched-vs-single GEMM round-off
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_batched_equals_per_matrix_with_different_norms(method):
+    """Norms 1e-3 .. 1e3 in one batch: if the normalization were global the small ones would
+    fall out of the band. Tolerance: fp32 round-off of batched vs single GEMMs (1e-5)."""
+    G = make_matrix((4, 6, 9), "random", seed=10)
+    G = G * torch.tensor([1e-3, 1.0, 1e2, 1e3]).view(4, 1, 1)
+    O = muonkit.orthogonalize(G, method)
+    for i in range(4):
+        solo = muonkit.orthogonalize(G[i].clone(), method)
+        assert (O[i] - solo).abs().max().item() <= 1e-5, i
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_input_never_modified(method, dtype):
+    for G in [
+        make_matrix((6, 10), "random", seed=11, dtype=dtype),
+        make_matrix((10, 6), "random", seed=12, dtype=dtype),
+        make_matrix((2, 10, 6), "random", seed=13, dtype=dtype).mT,  # non-contiguous view
+    ]:
+        before = G.clone()
+        muonkit.orthogonalize(G, method)
+        assert torch.equal(G, before)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_default_steps_is_five(method):
+    G = make_matrix((6, 10), "random", seed=14)
+    assert torch.equal(muonkit.orthogonalize(G, method), muonkit.orthogonalize(G, method, 5))
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (8, 8), (2, 5, 9)], ids=str)
+def test_more_polar_express_steps_keep_converging(shape):
+    """Steps 6.. continue with (1.875, -1.25, 0.375), which converges cubically to 1: after 8
+    steps every direction above the 1e-3 edge is within fp32 round-off of 1, and closer to the
+    polar factor than after 5 steps."""
+    G = make_matrix(shape, "random", seed=15)
+    x, _ = spectral_response(G, G)
+    assert x.min().item() >= 1e-3  # all directions in band, so the polar factor is the target
+    P = polar_factor(G)
+    err = {}
+    for steps in (5, 8):
+        O = muonkit.orthogonalize(G, "polar_express", steps)
+        err[steps] = torch.linalg.matrix_norm(O.double() - P, ord=2).max().item()
+    assert err[8] < err[5]
+    assert err[8] <= FP32_SLACK
+    assert err[5] <= 0.16  # the band's distance from 1
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_transpose_equivariance(method):
+    """orth(X^T) = orth(X)^T (tall inputs are transposed inside); fp32 round-off 1e-5."""
+    G = make_matrix((2, 5, 11), "random", seed=16)
+    a = muonkit.orthogonalize(G.mT.contiguous(), method)
+    b = muonkit.orthogonalize(G, method).mT
+    assert (a - b).abs().max().item() <= 1e-5
+
+
+# ---- property tests ------------------------------------------------------------------------
+
+shapes = st.tuples(
+    st.sampled_from([(), (2,), (2, 3)]),
+    st.integers(1, 12),
+    st.integers(1, 12),
+).map(lambda t: (*t[0], t[1], t[2]))
+
+
+@given(
+    method=st.sampled_from(ALL_METHODS),
+    shape=shapes,
+    log_scale=st.floats(-2.0, 3.0),
+    seed=st.integers(0, 2**16),
+)
+def test_property_random_shapes_and_scales(method, shape, log_scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    G = torch.randn(shape, generator=g) * 10.0**log_scale
+    before = G.clone()
+    O = muonkit.orthogonalize(G, method)
+    assert torch.equal(G, before)
+    assert O.shape == G.shape and O.dtype == G.dtype
+    assert torch.isfinite(O).all()
+    sv = torch.linalg.svdvals(O.double())
+    if method == "svd":
+        assert sv.max().item() <= 1 + 1e-5  # a partial isometry, up to fp32 round-off
+        return
+    band_method = "polar_express" if method == "gram" else method
+    check_band(G, O, band_method, FP32_SLACK)
+
+
+@given(
+    method=st.sampled_from(ALL_METHODS),
+    shape=shapes,
+    log_scale=st.floats(-2.0, 3.0),
+    seed=st.integers(0, 2**16),
+)
+def test_property_scale_invariance(method, shape, log_scale, seed):
+    """orth(c X) = orth(X): the normalization divides out c. Tolerance 2e-3: the normalization's
+    eps (<= 1e-6) is relative <= 1e-4 at ||cX||_F >= 1e-2, times |x p'(x)| <= ~3, plus fp32
+    round-off (FP32_SLACK); for svd the polar factor is scale-free up to conditioning, so only
+    well-conditioned draws (sigma_min/sigma_max >= 1e-2) are compared there."""
+    g = torch.Generator().manual_seed(seed)
+    G = torch.randn(shape, generator=g)
+    if method == "svd":
+        S = torch.linalg.svdvals(G.double())
+        if (S[..., -1] / S[..., 0]).min().item() < 1e-2:
+            return
+    a = muonkit.orthogonalize(G * 10.0**log_scale, method)
+    b = muonkit.orthogonalize(G, method)
+    assert (a - b).abs().max().item() <= 2e-3
+
+
+def test_svd_with_bfloat16_compute_dtype():
+    """torch has no bf16 SVD: dtype=torch.bfloat16 with "svd" must either compute in a dtype that
+    has one (output within bf16 rounding, 0.05, of the polar factor) or raise a ValueError naming
+    the combination - not torch's NotImplementedError."""
+    G = make_matrix((6, 10), "random", seed=17)
+    try:
+        O = muonkit.orthogonalize(G, "svd", dtype=torch.bfloat16)
+    except ValueError as e:
+        assert "svd" in str(e) and "bfloat16" in str(e)
+        return
+    assert O.dtype == G.dtype
+    assert (O.double() - polar_factor(G)).abs().max().item() < 0.05

@@ -1,0 +1,229 @@
+"""The contracts behind muonkit's speed work (issue 4); none of these tests is timed.
+
+- Stacking is invisible: same-shaped matrices orthogonalized as one batch give the same BITS as
+  one at a time (every kernel operation acts on each matrix on its own, and this CPU's batched
+  GEMM is batch-invariant), for 1 and 2 threads; a Muon step over a stacked 3D parameter equals
+  the step over its matrices as separate parameters, bit for bit.
+- The default schedule switches to Gram Newton-Schulz on wide matrices only where it equals the
+  standard iteration to float32 round-off.
+- Memory: Muon keeps one buffer per matrix; a step holds at most three matrix-sized temporaries
+  (counted by a dispatch mode that follows every storage an op allocates until it is freed), and
+  a Newton-Schulz step allocates nothing.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import muonkit
+from muonkit import functional
+from muonkit.orthogonalize import SAFETY, coefficient_schedule, newton_schulz, orthogonalize, uses_gram
+
+IN_PLACE_METHODS = ["polar_express", "keller_jordan", "you", "gram"]
+# square, wide (Gram for the default), wide below the Gram threshold, tall, tiny, conv-like tall
+SHAPES = [(48, 48), (64, 256), (40, 72), (200, 64), (3, 5), (32, 9)]
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of storages allocated inside the mode and still alive; `peak` is the maximum.
+
+    A storage first seen as an op's input existed before and is not counted; one first seen as
+    an output is new, and is followed until Python's last reference to it goes.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.allocations = 0
+        self._known: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._known.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, torch.Tensor):
+                self._known.add(t.untyped_storage().data_ptr())
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in self._known or storage.nbytes() == 0:
+                continue
+            self._known.add(key)
+            self.allocations += 1
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, key, storage.nbytes())
+        return out
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("method", IN_PLACE_METHODS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_stacked_equals_one_at_a_time_bit_for_bit(method, shape, threads):
+    g = torch.Generator().manual_seed(1)
+    # different norms per matrix: each is normalized on its own
+    matrices = [torch.randn(1, *shape, generator=g) * 10.0 ** (i - 3) for i in range(7)]
+    matrices.append(torch.randn(3, *shape, generator=g))  # a stacked parameter among them
+    stacked = functional.batched_orthogonalize(matrices, method=method, steps=5, dtype=None)
+    for m, s in zip(matrices, stacked):
+        assert torch.equal(s, orthogonalize(m, method)), shape
+        for i in range(m.size(0)):
+            assert torch.equal(s[i], orthogonalize(m[i], method)), (shape, i)
+
+
+def _step_twice(params, **options):
+    opt = muonkit.Muon(params, lr=0.02, **options)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("orthogonalizer", ["polar_express", "gram", "keller_jordan"])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_stacked_parameter_equals_separate_matrices_bit_for_bit(orthogonalizer, nesterov, threads):
+    """64 x 256 experts (Gram route for the default) as one (4, 64, 256) parameter and as four."""
+    torch.manual_seed(3)
+    experts = torch.nn.Parameter(torch.randn(4, 64, 256) * 0.02)
+    separate = [torch.nn.Parameter(e.detach().clone()) for e in experts]
+    opt_a = muonkit.Muon([experts], lr=0.02, nesterov=nesterov, orthogonalizer=orthogonalizer)
+    opt_b = muonkit.Muon(separate, lr=0.02, nesterov=nesterov, orthogonalizer=orthogonalizer)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        experts.grad = torch.randn(experts.shape, generator=g)
+        for p, grad in zip(separate, experts.grad):
+            p.grad = grad.clone()
+        opt_a.step()
+        opt_b.step()
+    for i, p in enumerate(separate):
+        assert torch.equal(experts[i], p)
+        assert torch.equal(opt_a.state[experts]["momentum_buffer"][i], opt_b.state[p]["momentum_buffer"])
+
+
+def test_muon_step_equals_per_matrix_path_bit_for_bit(threads):
+    """The stacked step (U written straight into the stack) against the generic path fed one
+    matrix at a time, over a mix of shapes, layouts and a bf16 parameter."""
+    torch.manual_seed(5)
+    shapes = [(48, 48), (48, 48), (64, 256), (256, 64), (16, 8, 3, 3), (3, 32, 16), (32, 32)]
+    params = [torch.randn(s) * 0.05 for s in shapes]
+    params[-1] = params[-1].bfloat16()
+    other = [p.clone() for p in params]
+    layouts = [muonkit.layout.resolve(None, p.ndim) for p in params]
+    bufs_a = [torch.zeros_like(p) for p in params]
+    bufs_b = [torch.zeros_like(p) for p in params]
+    options = dict(lr=0.02, momentum=0.9, nesterov=True, weight_decay=0.1, scale="moonlight", rms=0.2,
+                   orthogonalizer="polar_express", ns_steps=5, ns_dtype=None)
+    for _ in range(2):
+        grads = [torch.randn_like(p) for p in params]
+        functional.muon(params, grads, bufs_a, layouts, **options)
+        functional.muon(other, [g.clone() for g in grads], bufs_b, layouts, **options,
+                        orthogonalize_many=lambda ms: [orthogonalize(m) for m in ms])
+    for a, b in zip(params, other):
+        assert torch.equal(a, b)
+    for a, b in zip(bufs_a, bufs_b):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("conditioning", ["random", "lowrank", "decay"])
+@pytest.mark.parametrize("shape", [(64, 128), (96, 384), (512, 128), (2, 64, 200)], ids=str)
+def test_default_gram_route_matches_standard_newton_schulz(shape, conditioning):
+    """Where the default runs as Gram NS it equals standard NS to float32 round-off: measured
+    <= 1e-5 (the same size as standard NS's own float32-vs-float64 error), bound 5e-5."""
+    assert uses_gram(shape[-2], shape[-1])
+    g = torch.Generator().manual_seed(6)
+    *batch, m, n = shape
+    if conditioning == "random":
+        G = torch.randn(shape, generator=g)
+    elif conditioning == "lowrank":
+        G = torch.randn(*batch, m, 8, generator=g) @ torch.randn(*batch, 8, n, generator=g)
+        G += 1e-3 * torch.randn(shape, generator=g)
+    else:
+        G = torch.randn(shape, generator=g, dtype=torch.float64)
+        U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+        S = torch.logspace(0, -6, min(m, n), dtype=torch.float64)
+        G = ((U * S.unsqueeze(-2)) @ Vh).float()
+    standard = newton_schulz(G, coefficient_schedule("polar_express", 5), safety=SAFETY["polar_express"])
+    assert (orthogonalize(G) - standard).abs().max().item() <= 5e-5
+
+
+def test_gram_threshold():
+    assert not uses_gram(64, 64) and not uses_gram(100, 150) and not uses_gram(32, 1024)
+    assert uses_gram(64, 128) and uses_gram(3072, 768) and uses_gram(768, 3072)
+
+
+def test_muon_state_is_one_buffer_per_matrix():
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    opt = muonkit.Muon(muonkit.param_groups(model), lr=0.01)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state[p]
+            if group["use_muon"]:
+                assert list(state) == ["momentum_buffer"]
+                assert state["momentum_buffer"].shape == p.shape
+                assert state["momentum_buffer"].dtype == p.dtype
+            else:
+                assert sorted(state) == ["exp_avg", "exp_avg_sq", "step"]
+                assert state["step"].numel() == 1
+
+
+def _peak_extra_bytes(param: torch.nn.Parameter, **options) -> tuple[int, int]:
+    opt = muonkit.Muon([param], lr=0.02, **options)
+    param.grad = torch.randn_like(param)
+    opt.step()  # state and any lazy setup exist before counting
+    with LiveBytes() as tracker:
+        opt.step()
+    return tracker.peak, param.numel() * param.element_size()
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(256, 256), (128, 512), (512, 128), (128, 256), (100, 150), (8, 64, 256), (32, 16, 3, 3)],
+    ids=str,
+)
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_step_holds_at_most_three_matrix_sized_temporaries(shape, nesterov):
+    """Three matrix sizes, plus a little for per-matrix norms and scalars."""
+    peak, size = _peak_extra_bytes(torch.nn.Parameter(torch.randn(shape)), nesterov=nesterov)
+    assert peak <= 3 * size + 4096, peak / size
+
+
+@pytest.mark.parametrize("method", ["keller_jordan", "gram"])
+def test_newton_schulz_steps_allocate_nothing(method):
+    """The work buffers are allocated once: 2 or 12 steps make the same allocations."""
+    G = torch.randn(64, 192)
+    counts = []
+    for steps in (2, 12):
+        with LiveBytes() as tracker:
+            orthogonalize(G, method, steps)
+        counts.append(tracker.allocations)
+    assert counts[0] == counts[1]
+
+
+def test_live_bytes_tracker_sees_frees():
+    with LiveBytes() as tracker:
+        a = torch.empty(1000)
+        b = a + 1
+        del a, b
+        c = torch.empty(10)
+    assert tracker.peak == 8000 and tracker.live == 40
+    del c

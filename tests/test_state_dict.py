@@ -1,0 +1,169 @@
+"""Checkpoints: a saved and reloaded run continues bit-for-bit (torch.equal).
+
+10 steps, state_dict through torch.save/torch.load on a BytesIO, a fresh model and a fresh
+optimizer, 10 more steps == 20 uninterrupted steps, with Muon and AdamW groups together.
+Everything is deterministic on CPU with one thread (conftest.py), so the tolerance is zero.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+import muonkit
+
+
+class Small(nn.Module):
+    """Every kind of parameter: 2D, stacked 3D, conv 4D (Muon) and vectors/scalars (AdamW)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3, padding=1)  # weight (6, 2, 3, 3)
+        self.mix = nn.Parameter(torch.randn(3, 6, 6) / 6**0.5)  # stacked
+        self.fc = nn.Linear(6, 12)
+        self.norm = nn.LayerNorm(12)
+        self.head = nn.Linear(12, 5)
+        self.gate = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x):
+        h = self.conv(x).mean(dim=(2, 3))  # (batch, 6)
+        h = h + self.gate * sum(torch.tanh(h @ m) for m in self.mix)
+        return self.head(self.norm(torch.relu(self.fc(h))))
+
+
+MUON_NAMES = ["conv.weight", "mix", "fc.weight"]
+
+
+def build(seed, orthogonalizer, ns_dtype):
+    torch.manual_seed(seed)
+    model = Small()
+    named = dict(model.named_parameters())
+    groups = [
+        {"params": [named[n] for n in MUON_NAMES]},
+        {"params": [p for n, p in named.items() if n not in MUON_NAMES], "use_muon": False,
+         "lr": 3e-3},
+    ]
+    opt = muonkit.Muon(groups, lr=0.02, momentum=0.9, weight_decay=0.05, scale="moonlight",
+                       orthogonalizer=orthogonalizer, ns_dtype=ns_dtype)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + 0.1 * t))
+    return model, opt, sched
+
+
+def train(model, opt, sched, steps):
+    for t in steps:
+        g = torch.Generator().manual_seed(1000 + t)
+        x = torch.randn(8, 2, 5, 5, generator=g)
+        y = torch.randint(0, 5, (8,), generator=g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+
+
+def assert_same_run(model_a, opt_a, model_b, opt_b):
+    for (na, a), (nb, b) in zip(model_a.named_parameters(), model_b.named_parameters()):
+        assert na == nb
+        assert torch.equal(a, b), na
+    params_a = list(model_a.parameters())
+    params_b = list(model_b.parameters())
+    for a, b in zip(params_a, params_b):
+        sa, sb = opt_a.state[a], opt_b.state[b]
+        assert set(sa) == set(sb)
+        for key in sa:
+            assert torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sb[key])), key
+    for ga, gb in zip(opt_a.param_groups, opt_b.param_groups):
+        assert ga["lr"] == gb["lr"]
+
+
+@pytest.mark.parametrize(
+    "orthogonalizer,ns_dtype",
+    [("polar_express", None), ("keller_jordan", torch.bfloat16), ("gram", None)],
+    ids=["polar_express", "keller_jordan-bf16", "gram"],
+)
+def test_round_trip_continues_bit_for_bit(orthogonalizer, ns_dtype):
+    model_a, opt_a, sched_a = build(0, orthogonalizer, ns_dtype)
+    train(model_a, opt_a, sched_a, range(20))
+
+    model_b, opt_b, sched_b = build(0, orthogonalizer, ns_dtype)
+    train(model_b, opt_b, sched_b, range(10))
+    buffer = io.BytesIO()
+    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict(),
+                "sched": sched_b.state_dict()}, buffer)
+    del model_b, opt_b, sched_b
+
+    buffer.seek(0)
+    # torch.load's default is weights_only=True: the optimizer state must be plain data.
+    checkpoint = torch.load(buffer)
+    model_c, opt_c, sched_c = build(1, orthogonalizer, ns_dtype)  # different init: all overwritten
+    model_c.load_state_dict(checkpoint["model"])
+    opt_c.load_state_dict(checkpoint["opt"])
+    sched_c.load_state_dict(checkpoint["sched"])
+    train(model_c, opt_c, sched_c, range(10, 20))
+
+    assert_same_run(model_a, opt_a, model_c, opt_c)
+
+
+def test_state_keys_are_torch_compatible():
+    model, opt, sched = build(0, "polar_express", None)
+    train(model, opt, sched, range(2))
+    named = dict(model.named_parameters())
+    for n, p in named.items():
+        state = opt.state[p]
+        if n in MUON_NAMES:
+            assert set(state) == {"momentum_buffer"}, n
+            assert state["momentum_buffer"].shape == p.shape
+        else:
+            assert set(state) == {"step", "exp_avg", "exp_avg_sq"}, n
+            assert torch.is_tensor(state["step"]) and state["step"].dtype == torch.float32
+            assert state["step"].ndim == 0 and state["step"].item() == 2.0
+
+
+def test_round_trip_with_param_groups_helper():
+    """Groups from muonkit.param_groups (with param_names and layout keys) round-trip too."""
+
+    def make(seed):
+        torch.manual_seed(seed)
+        model = Small()
+        opt = muonkit.Muon(muonkit.param_groups(model), lr=0.02, weight_decay=0.05)
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
+
+    model_a, opt_a, sched_a = make(0)
+    train(model_a, opt_a, sched_a, range(6))
+    model_b, opt_b, sched_b = make(0)
+    train(model_b, opt_b, sched_b, range(3))
+    buffer = io.BytesIO()
+    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)
+    model_c, opt_c, sched_c = make(1)
+    model_c.load_state_dict(checkpoint["model"])
+    opt_c.load_state_dict(checkpoint["opt"])
+    train(model_c, opt_c, sched_c, range(3, 6))
+    assert_same_run(model_a, opt_a, model_c, opt_c)
+
+
+def test_older_state_dict_without_new_group_keys_loads():
+    """STYLE.md item 6: a state dict from before keys were added (here: a Muon group holding only
+    torch.optim.Muon-like keys) loads, the missing keys are filled from the optimizer's
+    defaults, and the run continues exactly as one that never lost them."""
+    model_a, opt_a, sched_a = build(0, "polar_express", None)
+    train(model_a, opt_a, sched_a, range(6))
+
+    model_b, opt_b, sched_b = build(0, "polar_express", None)
+    train(model_b, opt_b, sched_b, range(3))
+    old = opt_b.state_dict()
+    kept = {"params", "lr", "momentum", "nesterov", "weight_decay", "use_muon", "initial_lr"}
+    muon_group = old["param_groups"][0]
+    for key in list(muon_group):
+        if key not in kept:
+            del muon_group[key]
+    model_c, opt_c, sched_c = build(1, "polar_express", None)
+    model_c.load_state_dict(model_b.state_dict())
+    opt_c.load_state_dict(old)
+    sched_c.load_state_dict(sched_b.state_dict())
+    train(model_c, opt_c, sched_c, range(3, 6))
+    assert_same_run(model_a, opt_a, model_c, opt_c)

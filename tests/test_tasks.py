@@ -1,0 +1,221 @@
+"""muonkit.tasks pieces: file readers, torch augmentations, models, optimizer builders, the training
+loop and the report helpers. Oracles are written out in each test."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import muonkit
+from muonkit.tasks import TASKS, DataOptions, TaskError, get_task
+from muonkit.tasks.charlm import GPT
+from muonkit.tasks.cifar10 import CIFAR10
+from muonkit.tasks.data import (Shuffler, color_jitter, random_crop, random_erasing, random_flip, read_idx,
+                                stdlib_corpus)
+from muonkit.tasks.optimizers import OPTIMIZERS, build_optimizers, state_bytes
+from muonkit.tasks.report import summarize, target_hit, write_json_atomic
+from muonkit.tasks.training import RunResult, train_run
+from muonkit.tasks.vision import Net
+
+CPU = torch.device("cpu")
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_round_trip(tmp_path, gz):
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    raw = bytes([0, 0, 8, 3]) + struct.pack(">III", 2, 3, 4) + array.tobytes()
+    path = tmp_path / ("x.gz" if gz else "x")
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    np.testing.assert_array_equal(read_idx(path), array)
+
+
+def test_read_idx_rejects_wrong_type_and_length(tmp_path):
+    path = tmp_path / "x"
+    path.write_bytes(bytes([0, 0, 0x0D, 1]) + struct.pack(">I", 4) + b"\0" * 16)  # float32 IDX
+    with pytest.raises(TaskError, match="bad magic"):
+        read_idx(path)
+    path.write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 5) + b"\0" * 4)
+    with pytest.raises(TaskError, match="truncated"):
+        read_idx(path)
+
+
+def test_flip_and_crop():
+    x = torch.arange(2 * 1 * 5 * 5, dtype=torch.float32).reshape(2, 1, 5, 5)
+    flipped = random_flip(x, gen())
+    for i in range(2):
+        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(-1))
+    assert torch.equal(random_crop(x, padding=0, generator=gen()), x)
+    cropped = random_crop(x, padding=2, generator=gen(1))
+    assert cropped.shape == x.shape
+    # Every crop is a window of the reflect-padded image.
+    padded = torch.nn.functional.pad(x, (2,) * 4, mode="reflect")
+    for i in range(2):
+        windows = padded[i, 0].unfold(0, 5, 1).unfold(1, 5, 1).reshape(-1, 5, 5)
+        assert any(torch.equal(w, cropped[i, 0]) for w in windows)
+
+
+def test_erasing_zeros_one_rectangle_within_scale():
+    x = torch.ones(64, 3, 32, 32)
+    erased = random_erasing(x, gen())
+    zero = erased[:, 0] == 0
+    assert torch.equal(zero, (erased == 0).all(1))  # same rectangle in every channel
+    fractions = zero.float().mean((1, 2))
+    assert (fractions <= 0.36).all()  # 0.33 plus rounding h and w to whole pixels
+    assert (fractions > 0).float().mean() > 0.8
+    for mask in zero[fractions > 0]:
+        rows, cols = mask.any(1).nonzero(), mask.any(0).nonzero()
+        assert mask.sum() == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+
+
+def test_color_jitter_stays_in_range_and_keeps_gray_gray():
+    x = torch.rand(16, 3, 8, 8)
+    out = color_jitter(x, gen())
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    gray = torch.rand(4, 1, 8, 8).expand(4, 3, 8, 8)
+    out = color_jitter(gray, gen())
+    torch.testing.assert_close(out[:, 0], out[:, 1])
+
+
+def test_shuffler_visits_every_example_once_per_epoch():
+    s = Shuffler(10, 3)
+    g = gen()
+    seen = torch.cat([s.indices(step, g) for step in range(s.per_epoch)])
+    assert s.per_epoch == 3 and len(set(seen.tolist())) == 9
+
+
+def test_net_is_the_notebooks():
+    assert sum(p.numel() for p in Net(10, width=96).parameters()) == 77_037
+    model = Net(10, width=96, in_channels=1)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_cifar10_schedule_is_torch_one_cycle():
+    total = 50
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=total, cycle_momentum=False)
+    for step in range(total):
+        assert CIFAR10().lr_multiplier(step, total) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
+        opt.step()
+        schedule.step()
+
+
+def test_stdlib_corpus_is_bounded_and_deterministic():
+    text = stdlib_corpus(50_000)
+    assert len(text) == 50_000 and text == stdlib_corpus(50_000)
+
+
+def test_gpt_is_causal():
+    torch.manual_seed(0)
+    model = GPT(vocab=11, context=8, width=16, depth=2, heads=2).eval()
+    ids = torch.randint(0, 11, (1, 8))
+    changed = ids.clone()
+    changed[0, 5] = (ids[0, 5] + 1) % 11
+    torch.testing.assert_close(model(ids)[0, :5], model(changed)[0, :5])
+    assert not torch.allclose(model(ids)[0, 5:], model(changed)[0, 5:])
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_build_optimizers_route_like_param_groups(name):
+    model = GPT(vocab=11, context=8, width=16, depth=1, heads=2)
+    optimizers, notes = build_optimizers(name, model, 0.01, adamw_lr=0.001, weight_decay=0.1, routing={})
+    covered = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+    assert sorted(map(id, covered)) == sorted(id(p) for p in model.parameters())
+    assert notes == []
+    if name == "torch-muon":
+        muon_ids = {id(p) for g in muonkit.param_groups(model) if g["use_muon"] for p in g["params"]}
+        assert isinstance(optimizers[0], torch.optim.Muon)
+        assert {id(p) for p in optimizers[0].param_groups[0]["params"]} == muon_ids
+        assert optimizers[1].param_groups[0]["lr"] == 0.001
+    if name == "muon-kj":
+        assert [g["lr"] for g in optimizers[0].param_groups if not g["use_muon"]] == [0.001]
+
+
+def test_torch_muon_sends_conv_filters_to_adamw_with_a_note():
+    optimizers, notes = build_optimizers("torch-muon", Net(10, width=8), 0.01, adamw_lr=0.001, weight_decay=0.0,
+                                         routing={})
+    assert [type(o) for o in optimizers] == [torch.optim.AdamW]
+    assert "only 2D" in notes[0] and "plain AdamW" in notes[1]
+
+
+def test_training_is_reproducible_and_records_every_step():
+    task = get_task("regression")
+    data = task.load(DataOptions(), CPU)
+    runs = [train_run(task, data, "muon", 0.03, seed=3, steps=6, device=CPU, adamw_lr=0.03, progress=False)
+            for _ in range(2)]
+    assert runs[0].loss == runs[1].loss and len(runs[0].loss) == len(runs[0].opt_s) == 6
+    assert [e[0] for e in runs[0].evals] == [5, 6]
+    assert runs[0].optimizer_state_mb > 0
+
+
+def test_divergence_ends_the_run():
+    task = get_task("regression")
+    data = task.load(DataOptions(), CPU)
+    run = train_run(task, data, "sgd", 1e6, seed=0, steps=50, device=CPU, adamw_lr=0.01, progress=False)
+    assert run.diverged and len(run.loss) < 50 and math.isnan(run.evals[-1][2])
+
+
+def test_modular_stops_at_target(monkeypatch):
+    task = get_task("modular")
+    monkeypatch.setattr(type(task), "target", 0.0)
+    data = task.load(DataOptions(), CPU)
+    run = train_run(task, data, "adamw", 1e-3, seed=0, steps=100, device=CPU, adamw_lr=1e-3, progress=False)
+    assert run.stopped_at_target and len(run.loss) == task.eval_every
+
+
+def test_modular_split_is_half_of_all_pairs_and_fixed():
+    a = get_task("modular").load(DataOptions(), CPU)
+    b = get_task("modular").load(DataOptions(), CPU)
+    assert len(a.train_inputs) + len(a.val_inputs) == 97 ** 2 and torch.equal(a.train_inputs, b.train_inputs)
+    assert torch.equal(a.val_labels, (a.val_inputs[:, 0] + a.val_inputs[:, 1]) % 97)
+
+
+def test_summary_and_target_hit():
+    task = get_task("regression")
+    runs = [RunResult("regression", "sgd", 0.01, seed, 3, [], loss=[1.0] * 3, data_s=[0.0] * 3,
+                      fwd_bwd_s=[0.001] * 3, opt_s=[0.002] * 3, evals=evals)
+            for seed, evals in enumerate([[(1, 0.1, 0.5), (2, 0.2, 0.01), (3, 0.3, 0.015)],
+                                          [(1, 0.1, 0.5), (2, 0.2, 0.3), (3, 0.3, 0.25)]])]
+    assert target_hit(task, runs[0]) == (2, 0.2) and target_hit(task, runs[1]) is None
+    s = summarize(task, runs)
+    assert s["final"] == [0.015, 0.25] and s["best"] == [0.01, 0.25]
+    assert s["steps_to_target"] == [2, None] and s["opt_step_ms"] == pytest.approx(2.0)
+
+
+def test_write_json_atomic(tmp_path):
+    write_json_atomic(tmp_path / "r.json", {"a": [1, math.nan]})
+    assert json.loads((tmp_path / "r.json").read_text())["a"][0] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    with pytest.raises(TypeError):
+        write_json_atomic(tmp_path / "bad.json", {"a": object()})
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_every_task_has_lrs_and_grids_for_every_optimizer():
+    for task in TASKS.values():
+        assert set(task.lrs) == set(OPTIMIZERS) == set(task.sweep_grid)
+        assert set(task.default_optimizers) <= set(OPTIMIZERS)
+
+
+def test_state_bytes_counts_muon_one_buffer_adamw_two():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=False), torch.nn.Linear(8, 8, bias=False),
+                                torch.nn.Linear(8, 2, bias=False))
+    model(torch.randn(3, 4)).sum().backward()
+    muon, _ = build_optimizers("muon", model, 0.01, adamw_lr=0.01, weight_decay=0.0, routing={})
+    adamw, _ = build_optimizers("adamw", model, 0.01, adamw_lr=0.01, weight_decay=0.0, routing={})
+    for opt in muon + adamw:
+        opt.step()
+    # Muon: one 8x8 momentum buffer; AdamW on stem 4x8 and head 8x2: two moments plus a step scalar.
+    assert state_bytes(muon) == 4 * (64 + 2 * (32 + 16) + 2)
+    assert state_bytes(adamw) == 4 * (2 * (32 + 64 + 16) + 3)

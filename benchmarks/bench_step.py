@@ -108,7 +108,7 @@ def muonkit_step(case: Case, **options) -> Callable[[], None]:
     groups = [{"params": case.muon, "use_muon": True}]
     if case.adamw:
         groups.append({"params": case.adamw, "use_muon": False})
-    opt = muonkit.Muon(groups, lr=LR, weight_decay=WD, **options)
+    opt = muonkit.Muon(groups, **{"lr": LR, "weight_decay": WD, **options})
     return opt.step
 
 

@@ -106,9 +106,12 @@ def test_every_task_end_to_end(task, extra, tmp_path, capsys, fashion_dir, cifar
 
 def test_all_optimizers_and_seeds(tmp_path, capsys):
     out_dir = tmp_path / "out"
+    threads = torch.get_num_threads()
     code, out, err = run(["bench", "regression", "--steps", "3", "--seeds", "2", "--quiet", "--out", str(out_dir),
-                          "--optimizers", ",".join(OPTIMIZERS), "--lr", "muon=0.05", "sgd=0.02"], capsys)
+                          "--optimizers", ",".join(OPTIMIZERS), "--lr", "muon=0.05", "sgd=0.02",
+                          "--threads", str(threads + 1)], capsys)
     assert code == 0, err
+    assert f"{threads + 1} threads" in err and torch.get_num_threads() == threads
     results = check_outputs(out_dir, [n for n in OPTIMIZERS for _ in range(2)], steps=3)
     assert results["summary"]["muon"]["lr"] == 0.05 and results["summary"]["sgd"]["lr"] == 0.02
     assert [r["seed"] for r in results["runs"]][:2] == [0, 1]
@@ -132,6 +135,10 @@ def test_epochs_and_lr_sweep(tmp_path, capsys):
     sweep = json.loads((tmp_path / "s" / "sweep.json").read_text())
     assert set(sweep["results"]["sgd"]) == {"0.003", "0.01", "0.03"} and "sgd" in sweep["best"]
     assert "best lr" in out
+    code, out, err = run(["bench", "regression", "--lr-sweep", "--steps", "2", "--optimizers", "sgd", "--quiet",
+                          "--lr", "sgd=0.5", "sgd=0.7", "--out", str(tmp_path / "s2")], capsys)
+    assert code == 0, err
+    assert set(json.loads((tmp_path / "s2" / "sweep.json").read_text())["results"]["sgd"]) == {"0.5", "0.7"}
 
 
 def routing_table(text: str) -> dict[str, str]:

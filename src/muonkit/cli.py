@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--epochs", type=_positive_int, help="training epochs per run")
     bench.add_argument("--seeds", type=_positive_int, default=1, help="runs per optimizer, seeds 0..K-1 (default 1)")
     bench.add_argument("--lr", nargs="+", action="extend", default=[], metavar="OPT=VALUE",
-                       help="override an optimizer's learning rate, e.g. --lr muon=0.02 adamw=1e-3")
+                       help="override an optimizer's learning rate, e.g. --lr muon=0.02 adamw=1e-3; with "
+                            "--lr-sweep, the lrs to try instead of the task's grid (repeat OPT for several)")
     bench.add_argument("--lr-sweep", action="store_true",
                        help="rerun the learning-rate sweep that chose the task's default lrs (budget: the "
                             "task's sweep steps unless --steps/--epochs)")
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.set_defaults(func=_explain)
 
     ns = commands.add_parser("ns", help="compare the orthogonalizers with the exact SVD polar factor")
-    ns.add_argument("--size", default="256x1024", help="ROWSxCOLS of the test matrices (default 256x1024)")
+    ns.add_argument("--size", default="128x512", help="ROWSxCOLS of the test matrices (default 128x512)")
     ns.add_argument("--seed", type=int, default=0)
     ns.add_argument("--repeats", type=_positive_int, default=5, help="timing repeats; the median is shown")
     ns.add_argument("--out", type=Path, help="output directory (default ./muonkit-runs/ns-<time>)")
@@ -116,8 +117,8 @@ def _parse_optimizers(text: str | None, default: Sequence[str]) -> tuple[str, ..
     return names
 
 
-def _parse_lrs(items: Sequence[str], defaults: dict[str, float]) -> dict[str, float]:
-    lrs = dict(defaults)
+def _parse_lrs(items: Sequence[str]) -> list[tuple[str, float]]:
+    pairs = []
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or name not in OPTIMIZERS:
@@ -129,8 +130,8 @@ def _parse_lrs(items: Sequence[str], defaults: dict[str, float]) -> dict[str, fl
             lr = math.nan
         if not (math.isfinite(lr) and lr > 0):
             raise UsageError(f"bad --lr {item!r}: the learning rate must be a positive number, e.g. {name}=0.01")
-        lrs[name] = lr
-    return lrs
+        pairs.append((name, lr))
+    return pairs
 
 
 def _device(name: str | None) -> torch.device:
@@ -154,21 +155,25 @@ def _bench(args: argparse.Namespace) -> int:
 
     task = get_task(args.task)
     optimizers = _parse_optimizers(args.optimizers, task.default_optimizers)
-    lrs = _parse_lrs(args.lr, task.lrs)
+    pairs = _parse_lrs(args.lr)
+    # A run uses the last lr given for an optimizer; a sweep tries every lr given for it instead of
+    # the task's grid.
+    lrs = {**task.lrs, **dict(pairs)}
+    grid = {**task.sweep_grid, **{n: tuple(lr for m, lr in pairs if m == n) for n, _ in pairs}}
     device = _device(args.device)
     options = _data_options(args, task.name)
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or auto_threads())
     try:
-        return _run_bench(args, task, optimizers, lrs, device, options)
+        return _run_bench(args, task, optimizers, lrs, grid, device, options)
     finally:
         # main() may run inside a larger process (tests, scripts): leave its thread count as found.
         torch.set_num_threads(previous_threads)
 
 
 def _run_bench(args: argparse.Namespace, task: Task, optimizers: tuple[str, ...], lrs: dict[str, float],
-               device: torch.device, options: DataOptions) -> int:
+               grid: dict[str, tuple[float, ...]], device: torch.device, options: DataOptions) -> int:
     from muonkit.tasks.bench import BenchConfig, run_bench, run_sweep
     from muonkit.tasks.report import prepare_out_dir
 
@@ -182,7 +187,7 @@ def _run_bench(args: argparse.Namespace, task: Task, optimizers: tuple[str, ...]
         steps = args.epochs * task.steps_per_epoch(data)
     else:
         steps = task.sweep_steps if args.lr_sweep else task.default_steps
-    config = BenchConfig(task, optimizers, lrs, args.seeds, steps, device, out, progress=not args.quiet)
+    config = BenchConfig(task, optimizers, lrs, grid, args.seeds, steps, device, out, progress=not args.quiet)
     what = "lr sweep" if args.lr_sweep else "bench"
     _log(f"muonkit {what} {task.name}: {', '.join(optimizers)}; {args.seeds} seed(s) x {steps} steps on {device}; "
          f"torch {torch.__version__}, {torch.get_num_threads()} threads")

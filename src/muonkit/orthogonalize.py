@@ -75,6 +75,10 @@ GRAM_MIN_SIDE = 64
 # and per-matrix paths must agree bit for bit (tests/test_speed_contracts.py).
 _LOOP_BELOW = 16
 _ALIGN_BYTES = 64
+# From this many rows on, products known to be symmetric (X X^T, and products of polynomials in
+# it) compute their upper block rows and mirror them: 3/4 of the flops, and the GEMMs are still
+# large enough to run near peak.
+SYMMETRIC_MIN_SIDE = 256
 
 
 def coefficient_schedule(name: str, steps: int) -> list[Coefficients]:
@@ -111,14 +115,25 @@ def empty_work(
     return _stack(batch, rows, cols, dtype=dtype, device=device)
 
 
-def _stack(batch: int, m: int, n: int, *, dtype: torch.dtype, device: torch.device | str) -> Tensor:
-    """An uninitialized (batch, m, n) stack of row-major matrices; below _LOOP_BELOW rows each
-    matrix starts on a 64-byte boundary."""
+def _matrix_step(m: int, n: int, dtype: torch.dtype) -> int:
+    """Elements from one matrix of a stack to the next: m n, rounded up to 64 bytes below
+    _LOOP_BELOW rows so that every matrix starts on a 64-byte boundary."""
     if m >= _LOOP_BELOW:
-        return torch.empty((batch, m, n), dtype=dtype, device=device)
+        return m * n
     align = max(1, _ALIGN_BYTES // dtype.itemsize)
-    step = -(-m * n // align) * align
+    return -(-m * n // align) * align
+
+
+def _stack(batch: int, m: int, n: int, *, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """An uninitialized (batch, m, n) stack of row-major matrices laid out by `_matrix_step`."""
+    step = _matrix_step(m, n, dtype)
     return torch.empty(batch * step, dtype=dtype, device=device).as_strided((batch, m, n), (step, n, 1))
+
+
+def _work_copy(G: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """G as a fresh (batch, rows, cols) work buffer in the working dtype."""
+    X = empty_work(G[..., 0, 0].numel(), G.size(-2), G.size(-1), dtype=working_dtype(G, dtype), device=G.device)
+    return X.copy_(G.reshape(X.shape))
 
 
 def _like(X: Tensor, m: int, n: int) -> Tensor:
@@ -142,9 +157,36 @@ def _looped_baddbmm(c: Tensor, a: Tensor, b: Tensor, *, beta: float = 1.0, alpha
     return out
 
 
-def _products(m: int) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
-    """(bmm, baddbmm) for a wide batch with m rows: torch's batched kernels, or loops."""
-    return (_looped_bmm, _looped_baddbmm) if m < _LOOP_BELOW else (torch.bmm, torch.baddbmm)
+def _symmetric_bmm(a: Tensor, b: Tensor, *, out: Tensor) -> Tensor:
+    """out = a @ b for a product known to be symmetric, one matrix at a time: the upper half of
+    the rows, the lower right block, and the lower left block mirrored from the upper right."""
+    h = out.size(-1) // 2
+    for i in range(out.size(0)):
+        x, y, o = a[i], b[i], out[i]
+        torch.mm(x[:h], y, out=o[:h])
+        torch.mm(x[h:], y[:, h:], out=o[h:, h:])
+        o[h:, :h].copy_(o[:h, h:].mT)
+    return out
+
+
+def _symmetric_baddbmm(c: Tensor, a: Tensor, b: Tensor, *, beta: float = 1.0, alpha: float = 1.0, out: Tensor) -> Tensor:
+    """out = beta c + alpha a @ b for a symmetric c and a product known to be symmetric."""
+    h = out.size(-1) // 2
+    for i in range(out.size(0)):
+        x, y, o, z = a[i], b[i], out[i], c[i]
+        torch.addmm(z[:h], x[:h], y, beta=beta, alpha=alpha, out=o[:h])
+        torch.addmm(z[h:, h:], x[h:], y[:, h:], beta=beta, alpha=alpha, out=o[h:, h:])
+        o[h:, :h].copy_(o[:h, h:].mT)
+    return out
+
+
+def _products(m: int) -> tuple[Callable[..., Tensor], Callable[..., Tensor], Callable[..., Tensor], Callable[..., Tensor]]:
+    """(bmm, baddbmm, symmetric bmm, symmetric baddbmm) for a wide batch with m rows."""
+    if m < _LOOP_BELOW:
+        return _looped_bmm, _looped_baddbmm, _looped_bmm, _looped_baddbmm
+    if m >= SYMMETRIC_MIN_SIDE:
+        return torch.bmm, torch.baddbmm, _symmetric_bmm, _symmetric_baddbmm
+    return torch.bmm, torch.baddbmm, torch.bmm, torch.baddbmm
 
 
 def _carve(buffer: Tensor, count: int, m: int) -> list[Tensor]:
@@ -163,14 +205,14 @@ def _newton_schulz_(X: Tensor, schedule: Sequence[Coefficients]) -> Tensor:
     A = X X^T until B = b A + c A^2 has been formed) and B; 2 + m/n matrix sizes.
     """
     m, n = X.size(-2), X.size(-1)
-    bmm, baddbmm = _products(m)
+    bmm, baddbmm, sym_bmm, sym_baddbmm = _products(m)
     B = _like(X, m, m)
     Y = _like(X, m, n)
     own_A = _like(X, m, m) if m < _LOOP_BELOW else None
     for a, b, c in schedule:
         (A,) = _carve(Y, 1, m) if own_A is None else (own_A,)
-        bmm(X, X.mT, out=A)
-        baddbmm(A, A, A, beta=b, alpha=c, out=B)
+        sym_bmm(X, X.mT, out=A)
+        sym_baddbmm(A, A, A, beta=b, alpha=c, out=B)
         baddbmm(X, B, X, beta=a, out=Y)
         X, Y = Y, X
     return X
@@ -184,31 +226,31 @@ def _gram_newton_schulz_(X: Tensor, schedule: Sequence[Coefficients]) -> Tensor:
     3 for n = 2m.
     """
     m, n = X.size(-2), X.size(-1)
-    bmm, baddbmm = _products(m)
+    bmm, _, sym_bmm, sym_baddbmm = _products(m)
     Y = _like(X, m, n)
     Q = _like(X, m, m)
     carved = 0 if m < _LOOP_BELOW else min(3, n // m)
     extra = [_like(X, m, m) for _ in range(3 - carved)]
     R, P, T = _carve(Y, carved, m) + extra
-    bmm(X, X.mT, out=R)
+    sym_bmm(X, X.mT, out=R)
     q_is_identity = True
     for step, (a, b, c) in enumerate(schedule):
         if step in _GRAM_RESTARTS and not q_is_identity:
             bmm(Q, X, out=Y)
             X, Y = Y, X
             R, P, T = _carve(Y, carved, m) + extra
-            bmm(X, X.mT, out=R)
+            sym_bmm(X, X.mT, out=R)
             q_is_identity = True
-        baddbmm(R, R, R, beta=b, alpha=c, out=P)
+        sym_baddbmm(R, R, R, beta=b, alpha=c, out=P)
         P.diagonal(dim1=-2, dim2=-1).add_(a)
         if step + 1 < len(schedule) and step + 1 not in _GRAM_RESTARTS:
-            bmm(P, R, out=T)
-            bmm(T, P, out=R)
+            sym_bmm(P, R, out=T)
+            sym_bmm(T, P, out=R)
         if q_is_identity:
             Q.copy_(P)
             q_is_identity = False
         else:
-            bmm(P, Q, out=T)
+            sym_bmm(P, Q, out=T)
             Q.copy_(T)
     if not q_is_identity:
         bmm(Q, X, out=Y)
@@ -223,18 +265,16 @@ def _iterate_(X: Tensor, kernel: Kernel, schedule: Sequence[Coefficients], safet
     """Normalize X (a buffer from `empty_work`) in place and run `kernel` on its wide view."""
     transposed = X.size(-2) > X.size(-1)
     W = X.mT if transposed else X
-    expected = _like(W[:0], *W.shape[-2:]).stride() if W.size(0) > 1 else None
-    if W.stride(-1) != 1 or W.stride(-2) != W.size(-1) or (expected is not None and W.stride() != expected):
-        W = _like(W, *W.shape[-2:]).copy_(W)
+    m, n = W.shape[-2:]
+    if W.stride() != (_matrix_step(m, n, W.dtype), n, 1) or W.data_ptr() % _ALIGN_BYTES:
+        W = _like(W, m, n).copy_(W)
     _normalize_(W, safety)
     W = kernel(W, schedule)
     return W.mT if transposed else W
 
 
 def _run(G: Tensor, kernel: Kernel, schedule: Sequence[Coefficients], safety: float, dtype: torch.dtype | None) -> Tensor:
-    X = empty_work(G[..., 0, 0].numel(), G.size(-2), G.size(-1), dtype=working_dtype(G, dtype), device=G.device)
-    X.copy_(G.reshape(X.shape))
-    return _iterate_(X, kernel, schedule, safety).reshape(G.shape).to(G.dtype)
+    return _iterate_(_work_copy(G, dtype), kernel, schedule, safety).reshape(G.shape).to(G.dtype)
 
 
 def newton_schulz(
@@ -355,9 +395,7 @@ def orthogonalize(
     if method == "svd":
         return svd_polar(G, dtype=dtype if dtype is not None else torch.float64)
     if method in SCHEDULES or method == "gram":
-        X = empty_work(G[..., 0, 0].numel(), G.size(-2), G.size(-1), dtype=working_dtype(G, dtype), device=G.device)
-        X.copy_(G.reshape(X.shape))
-        return orthogonalize_(X, method, n_steps).reshape(G.shape).to(G.dtype)
+        return orthogonalize_(_work_copy(G, dtype), method, n_steps).reshape(G.shape).to(G.dtype)
     raise ValueError(
         f"unknown orthogonalizer {method!r}; choose one of {', '.join(ORTHOGONALIZERS)} or pass a callable"
     )

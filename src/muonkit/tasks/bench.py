@@ -27,6 +27,8 @@ class BenchConfig:
     task: Task
     optimizers: tuple[str, ...]
     lrs: dict[str, float]
+    grid: dict[str, tuple[float, ...]]
+    """The lrs an lr sweep tries for each optimizer."""
     seeds: int
     steps: int
     device: torch.device
@@ -124,7 +126,7 @@ def run_sweep(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
     scores: dict[str, dict[str, list[float]]] = {}
     for name in config.optimizers:
         scores[name] = {}
-        for lr in task.sweep_grid[name]:
+        for lr in config.grid[name]:
             values = []
             for seed in range(config.seeds):
                 run = train_run(task, data, name, lr, seed, config.steps, config.device,

@@ -1,7 +1,7 @@
 """Optimizer memory: state bytes per parameter byte, and the peak extra memory of one step.
 
 Run:
-    /work/venv/bin/python benchmarks/bench_memory.py [--threads 2] [--skip-torch-muon]
+    /work/venv/bin/python benchmarks/bench_memory.py [--threads 2] [--skip-torch-muon] [--write-results]
 
 Prints two Markdown tables. State: bytes of optimizer state per byte of parameters for one
 GPT-2-small block (six matrices on Muon, eight vectors on AdamW) after a step. Peak: the largest
@@ -21,7 +21,7 @@ import sys
 import torch
 from torch import nn
 
-from common import LiveBytes, setup, table
+from common import LiveBytes, setup, table, write_results
 
 import muonkit
 
@@ -55,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-torch-muon", action="store_true")
+    parser.add_argument("--write-results", action="store_true", help="also write the tables into benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
-    print(setup(args.threads))
+    out = [f"Machine: {setup(args.threads)}"]
+    print(out[0])
     torch.manual_seed(0)
     matrices = [(768, 768)] * 4 + [(3072, 768), (768, 3072)]
     vectors = [(768,)] * 4 + [(2304,), (768,), (3072,), (768,)]
@@ -79,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "torch.optim.Muon":
             params = [nn.Parameter(torch.randn(64, 256) * 0.02)]  # state layout only; bf16 NS is slow
         rows.append([name, state_ratio(make, params)])
-    print("\nOptimizer state, bytes per parameter byte (one GPT-2-small block)")
-    print(table(["optimizer", "state bytes / param bytes"], rows))
+    out.append("\nOptimizer state, bytes per parameter byte (one GPT-2-small block)\n"
+               + table(["optimizer", "state bytes / param bytes"], rows))
+    print(out[-1])
 
     shapes = [(768, 3072), (3072, 768), (1024, 4096), (64, 256, 1024)]
     peak_makers = {
@@ -97,8 +100,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue  # 2D only; and a 1024x4096 bf16 step takes minutes here
             peak, size = peak_extra(make, shape)
             rows.append([str(shape), name, f"{peak / 2**20:.1f} MiB", peak / size])
-    print("\nPeak extra memory of one step (beyond params, grads and state)")
-    print(table(["shape", "optimizer", "peak extra", "x param size"], rows))
+    out.append("\nPeak extra memory of one step (beyond params, grads and state)\n"
+               + table(["shape", "optimizer", "peak extra", "x param size"], rows))
+    print(out[-1])
+    if args.write_results:
+        command = "python benchmarks/bench_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_results("SPEED-MEMORY", f"### Memory (`{command.strip()}`)\n\n" + "\n".join(out))
     return 0
 
 

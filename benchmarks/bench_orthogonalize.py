@@ -2,6 +2,7 @@
 
 Run:
     /work/venv/bin/python benchmarks/bench_orthogonalize.py [--repeats 5] [--threads 2] [--sizes 256x256,512x512]
+        [--write-results]
 
 Prints one Markdown table per size: method, median ms, nominal GFLOP/s (5 steps of
 4 m^2 n + 2 m^3 for m <= n, whatever the method really computes), percent of the fp32 GEMM peak
@@ -14,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import torch
 
-from common import gemm, polar_error, setup, table, time_interleaved
+from common import environment, gemm, polar_error, setup, table, time_interleaved, write_results
 
 from muonkit.orthogonalize import SAFETY, coefficient_schedule, gram_newton_schulz, newton_schulz, orthogonalize
 
@@ -52,8 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sizes", default=",".join(f"{m}x{n}" for m, n in SIZES))
+    parser.add_argument("--write-results", action="store_true", help="also write the tables into benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
-    print(setup(args.threads))
+    out = [f"Machine at start: {setup(args.threads)}; {time.strftime('%Y-%m-%d %H:%M')}"]
+    print(out[0])
     torch.manual_seed(0)
     peak_fn, peak_flops = gemm(1024)
     for spec in args.sizes.split(","):
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         base = timings["newton_schulz (standard)"].median
         rows = []
         for name, t in timings.items():
-            out = fns[name]()
+            result = fns[name]()
             gflops = nominal_flops(m, n) / t.median / 1e9
             rows.append([
                 name,
@@ -74,12 +78,19 @@ def main(argv: list[str] | None = None) -> int:
                 gflops,
                 f"{100 * gflops * 1e9 / peak:.0f}%",
                 base / t.median,
-                polar_error(out, G),
-                float((out.float() - standard).abs().max()),
+                polar_error(result, G),
+                float((result.float() - standard).abs().max()),
             ])
-        print(f"\n{m}x{n}: fp32 GEMM peak {peak / 1e9:.0f} GFLOP/s (median of {args.repeats}), "
-              f"nominal {nominal_flops(m, n) / 1e9:.2f} GFLOP per call")
-        print(table(["method", "ms", "GFLOP/s", "of peak", "x standard NS", "polar err", "max |diff| vs NS"], rows))
+        text = (f"\n{m}x{n}: fp32 GEMM peak {peak / 1e9:.0f} GFLOP/s (median of {args.repeats}), "
+                f"nominal {nominal_flops(m, n) / 1e9:.2f} GFLOP per call\n"
+                + table(["method", "ms", "GFLOP/s", "of peak", "x standard NS", "polar err", "max |diff| vs NS"], rows))
+        print(text, flush=True)
+        out.append(text)
+    out.append(f"\nMachine at end: {environment()}")
+    print(out[-1])
+    if args.write_results:
+        command = "python benchmarks/bench_orthogonalize.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_results("SPEED-ORTHOGONALIZE", f"### Orthogonalizers (`{command.strip()}`)\n\n" + "\n".join(out))
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Run:
     /work/venv/bin/python benchmarks/bench_step.py [--cases a,b,c,d,e,f] [--repeats 5] [--threads 2]
-        [--torch-muon-repeats 1] [--full-torch-muon]
+        [--torch-muon-repeats 1] [--full-torch-muon] [--write-results]
 
 Cases: (a) 4 GPT-2-small blocks (768 wide: q, k, v, o 768x768, fc 3072x768, proj 768x3072 per
 block, plus their biases and LayerNorms on AdamW); (b) 12 such layers 512 wide; (c) the seed
@@ -11,7 +11,7 @@ of 256x1024 as one stacked parameter; (e) 200 matrices of 64x64; (f) the charlm 
 (muonkit.tasks.charlm: width 128, depth 4, batch 16 x 128 characters): the optimizer's share of
 a training step (forward + backward + step), muonkit Muon against AdamW.
 
-Prints one Markdown table per case: median step time over --repeats rounds after one warm-up
+Prints (and with --write-results writes into benchmarks/RESULTS.md) one Markdown table per case: median step time over --repeats rounds after one warm-up
 round, all methods timed round-robin in this process; the ratio to muonkit; and the polar-factor
 error of each method's Muon update (one step with momentum 0 and no weight decay, so the update is
 the orthogonalized gradient; the update is rescaled by its least-squares factor, so a method's
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from common import Timing, polar_factor, setup, table, time_interleaved
+from common import Timing, environment, polar_factor, setup, table, time_interleaved, write_results
 
 import muonkit
 from muonkit import functional
@@ -276,15 +277,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--torch-muon-repeats", type=int, default=1)
     parser.add_argument("--full-torch-muon", action="store_true")
+    parser.add_argument("--write-results", action="store_true", help="also write the tables into benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
-    print(setup(args.threads))
-    print(f"median of {args.repeats} after 1 warm-up round; ratios from the same rounds")
+    out = [f"Machine at start: {setup(args.threads)}; {time.strftime('%Y-%m-%d %H:%M')}",
+           f"Median of {args.repeats} after 1 warm-up round, all methods round-robin; ratios from the same rounds."]
+    print("\n".join(out))
     for key in args.cases.split(","):
-        if key == "f":
-            print(charlm_share(args.repeats), flush=True)
-        else:
-            print(run_case(key, args.repeats, args.torch_muon_repeats, args.full_torch_muon), flush=True)
-    print("\n" + setup(args.threads))
+        text = charlm_share(args.repeats) if key == "f" else run_case(key, args.repeats, args.torch_muon_repeats, args.full_torch_muon)
+        print(text, flush=True)
+        out.append(text)
+    out.append(f"\nMachine at end: {environment()}")
+    print(out[-1])
+    if args.write_results:
+        command = "python benchmarks/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        key = "SPEED-STEP" + ("" if args.cases == parser.get_default("cases") else "-" + args.cases.replace(",", ""))
+        key += "" if args.threads == 2 else f"-{args.threads}THREADS"
+        write_results(key, f"### Optimizer step (`{command.strip()}`)\n\n" + "\n".join(out))
     return 0
 
 

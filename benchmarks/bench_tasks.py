@@ -158,6 +158,10 @@ def report() -> str:
                       "medians for times. Command: `muonkit bench "
                       + " ".join(STAGES[task_name][1]) + "`", "", result["table"], ""]
             lines += [comparison(result), ""]
+            if "torch-muon" in result["summary"]:
+                lines += ["torch-muon's optimizer step is torch.optim.Muon's, which runs Newton-Schulz in "
+                          "bfloat16; bf16 matmuls are slower than fp32 on this CPU (no AMX), which its "
+                          "`opt ms/step` and `seconds to` columns carry.", ""]
             if task_name == "fashion-mnist":
                 lines += ["torch-muon is not run separately: torch.optim.Muon accepts only 2D parameters and "
                           "every Muon-routed tensor of this network is a conv filter, so torch-muon is AdamW on "

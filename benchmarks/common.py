@@ -138,3 +138,25 @@ class LiveBytes(TorchDispatchMode):
             self.peak = max(self.peak, self.live)
             weakref.finalize(storage, self._free, key, storage.nbytes())
         return out
+
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+
+
+def write_results(key: str, text: str, path: str = RESULTS) -> None:
+    """Put `text` between the <!-- key:BEGIN --> and <!-- key:END --> markers of RESULTS.md,
+    appending the block if the markers are missing; the rest of the file is left alone."""
+    begin, end = f"<!-- {key}:BEGIN -->", f"<!-- {key}:END -->"
+    try:
+        with open(path) as f:
+            content = f.read()
+    except FileNotFoundError:
+        content = ""
+    block = f"{begin}\n{text.strip()}\n{end}"
+    if begin in content and end in content:
+        head, rest = content.split(begin, 1)
+        content = head + block + rest.split(end, 1)[1]
+    else:
+        content = content.rstrip() + ("\n\n" if content.strip() else "") + block + "\n"
+    with open(path, "w") as f:
+        f.write(content)

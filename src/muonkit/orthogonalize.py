@@ -75,10 +75,6 @@ GRAM_MIN_SIDE = 64
 # and per-matrix paths must agree bit for bit (tests/test_speed_contracts.py).
 _LOOP_BELOW = 16
 _ALIGN_BYTES = 64
-# From this many rows on, products known to be symmetric (X X^T, and products of polynomials in
-# it) compute their upper block rows and mirror them: 3/4 of the flops, and the GEMMs are still
-# large enough to run near peak.
-SYMMETRIC_MIN_SIDE = 256
 
 
 def coefficient_schedule(name: str, steps: int) -> list[Coefficients]:
@@ -157,36 +153,9 @@ def _looped_baddbmm(c: Tensor, a: Tensor, b: Tensor, *, beta: float = 1.0, alpha
     return out
 
 
-def _symmetric_bmm(a: Tensor, b: Tensor, *, out: Tensor) -> Tensor:
-    """out = a @ b for a product known to be symmetric, one matrix at a time: the upper half of
-    the rows, the lower right block, and the lower left block mirrored from the upper right."""
-    h = out.size(-1) // 2
-    for i in range(out.size(0)):
-        x, y, o = a[i], b[i], out[i]
-        torch.mm(x[:h], y, out=o[:h])
-        torch.mm(x[h:], y[:, h:], out=o[h:, h:])
-        o[h:, :h].copy_(o[:h, h:].mT)
-    return out
-
-
-def _symmetric_baddbmm(c: Tensor, a: Tensor, b: Tensor, *, beta: float = 1.0, alpha: float = 1.0, out: Tensor) -> Tensor:
-    """out = beta c + alpha a @ b for a symmetric c and a product known to be symmetric."""
-    h = out.size(-1) // 2
-    for i in range(out.size(0)):
-        x, y, o, z = a[i], b[i], out[i], c[i]
-        torch.addmm(z[:h], x[:h], y, beta=beta, alpha=alpha, out=o[:h])
-        torch.addmm(z[h:, h:], x[h:], y[:, h:], beta=beta, alpha=alpha, out=o[h:, h:])
-        o[h:, :h].copy_(o[:h, h:].mT)
-    return out
-
-
-def _products(m: int) -> tuple[Callable[..., Tensor], Callable[..., Tensor], Callable[..., Tensor], Callable[..., Tensor]]:
-    """(bmm, baddbmm, symmetric bmm, symmetric baddbmm) for a wide batch with m rows."""
-    if m < _LOOP_BELOW:
-        return _looped_bmm, _looped_baddbmm, _looped_bmm, _looped_baddbmm
-    if m >= SYMMETRIC_MIN_SIDE:
-        return torch.bmm, torch.baddbmm, _symmetric_bmm, _symmetric_baddbmm
-    return torch.bmm, torch.baddbmm, torch.bmm, torch.baddbmm
+def _products(m: int) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+    """(bmm, baddbmm) for a wide batch with m rows: torch's batched kernels, or loops."""
+    return (_looped_bmm, _looped_baddbmm) if m < _LOOP_BELOW else (torch.bmm, torch.baddbmm)
 
 
 def _carve(buffer: Tensor, count: int, m: int) -> list[Tensor]:
@@ -205,14 +174,14 @@ def _newton_schulz_(X: Tensor, schedule: Sequence[Coefficients]) -> Tensor:
     A = X X^T until B = b A + c A^2 has been formed) and B; 2 + m/n matrix sizes.
     """
     m, n = X.size(-2), X.size(-1)
-    bmm, baddbmm, sym_bmm, sym_baddbmm = _products(m)
+    bmm, baddbmm = _products(m)
     B = _like(X, m, m)
     Y = _like(X, m, n)
     own_A = _like(X, m, m) if m < _LOOP_BELOW else None
     for a, b, c in schedule:
         (A,) = _carve(Y, 1, m) if own_A is None else (own_A,)
-        sym_bmm(X, X.mT, out=A)
-        sym_baddbmm(A, A, A, beta=b, alpha=c, out=B)
+        bmm(X, X.mT, out=A)
+        baddbmm(A, A, A, beta=b, alpha=c, out=B)
         baddbmm(X, B, X, beta=a, out=Y)
         X, Y = Y, X
     return X
@@ -226,31 +195,31 @@ def _gram_newton_schulz_(X: Tensor, schedule: Sequence[Coefficients]) -> Tensor:
     3 for n = 2m.
     """
     m, n = X.size(-2), X.size(-1)
-    bmm, _, sym_bmm, sym_baddbmm = _products(m)
+    bmm, baddbmm = _products(m)
     Y = _like(X, m, n)
     Q = _like(X, m, m)
     carved = 0 if m < _LOOP_BELOW else min(3, n // m)
     extra = [_like(X, m, m) for _ in range(3 - carved)]
     R, P, T = _carve(Y, carved, m) + extra
-    sym_bmm(X, X.mT, out=R)
+    bmm(X, X.mT, out=R)
     q_is_identity = True
     for step, (a, b, c) in enumerate(schedule):
         if step in _GRAM_RESTARTS and not q_is_identity:
             bmm(Q, X, out=Y)
             X, Y = Y, X
             R, P, T = _carve(Y, carved, m) + extra
-            sym_bmm(X, X.mT, out=R)
+            bmm(X, X.mT, out=R)
             q_is_identity = True
-        sym_baddbmm(R, R, R, beta=b, alpha=c, out=P)
+        baddbmm(R, R, R, beta=b, alpha=c, out=P)
         P.diagonal(dim1=-2, dim2=-1).add_(a)
         if step + 1 < len(schedule) and step + 1 not in _GRAM_RESTARTS:
-            sym_bmm(P, R, out=T)
-            sym_bmm(T, P, out=R)
+            bmm(P, R, out=T)
+            bmm(T, P, out=R)
         if q_is_identity:
             Q.copy_(P)
             q_is_identity = False
         else:
-            sym_bmm(P, Q, out=T)
+            bmm(P, Q, out=T)
             Q.copy_(T)
     if not q_is_identity:
         bmm(Q, X, out=Y)

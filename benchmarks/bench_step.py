@@ -18,9 +18,13 @@ the orthogonalized gradient; the update is rescaled by its least-squares factor,
 lr scale does not count, only how far its singular values are from 1), max over the matrices.
 
 torch.optim.Muon orthogonalizes in bfloat16, which is ~100x slower than float32 on CPUs without
-AVX-512 BF16. Where one of its steps would take minutes (cases a, b, d) it is timed on one matrix
-of each distinct shape and the times multiplied by the counts (its step is a loop over matrices,
-so this is exact up to noise), with --torch-muon-repeats rounds; --full-torch-muon times it whole.
+AVX-512 BF16 and ~2.3x faster on CPUs with it; the script measures which at start. Where bf16 is
+more than 4x slower than fp32, its steps would take minutes in cases a, b, d: there it is timed on
+one matrix of each distinct shape and the times multiplied by the counts (its step is a loop over
+matrices, so this is exact up to noise), with --torch-muon-repeats rounds; --full-torch-muon times
+it whole anyway. muonkit's default orthogonalizes in float32 on CPU; the row "muonkit Muon,
+ns_dtype=bfloat16" (run only where bf16 is not slow) is the like-for-like comparison with
+torch.optim.Muon's precision.
 It takes 2D matrices only: in (c) the seed notebook's own Muon (the same bf16 algorithm) stands
 in, and in (d) it gets the 64 experts as separate matrices.
 """
@@ -38,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from common import Timing, environment, polar_factor, setup, table, time_interleaved, write_results
+from common import Timing, bf16_slowdown, environment, polar_factor, setup, table, time_interleaved, write_results
 
 import muonkit
 from muonkit import functional
@@ -194,7 +198,7 @@ def representatives(case: Case) -> tuple[list[nn.Parameter], Counter]:
     return _params(list(counts)), counts
 
 
-def run_case(key: str, repeats: int, torch_repeats: int, full_torch: bool) -> str:
+def run_case(key: str, repeats: int, torch_repeats: int, full_torch: bool, with_bf16: bool) -> str:
     case = make_case(key)
     params = case.muon + case.adamw
     set_grads(params)
@@ -203,6 +207,8 @@ def run_case(key: str, repeats: int, torch_repeats: int, full_torch: bool) -> st
         "muonkit, one matrix at a time": per_matrix_step(case),
         "AdamW alone (torch)": adamw_step(case),
     }
+    if with_bf16:
+        fns["muonkit Muon, ns_dtype=bfloat16"] = muonkit_step(case, ns_dtype=torch.bfloat16)
     torch_label = "torch.optim.Muon (bf16) + AdamW" if key != "c" else "seed notebook Muon (bf16) + AdamW"
     full = case.torch_muon_full or full_torch
     if full:
@@ -224,6 +230,9 @@ def run_case(key: str, repeats: int, torch_repeats: int, full_torch: bool) -> st
         "muonkit Muon (defaults)": update_error(lambda **o: muonkit_step(case, **o), case.muon),
         "muonkit, one matrix at a time": update_error(lambda **o: per_matrix_step(case, **o), case.muon),
     }
+    if with_bf16:
+        errors["muonkit Muon, ns_dtype=bfloat16"] = update_error(
+            lambda **o: muonkit_step(case, ns_dtype=torch.bfloat16, **o), case.muon)
     if full:
         errors[torch_label] = update_error(lambda **o: torch_muon_step(case, **o), case.muon)
     else:
@@ -276,14 +285,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--torch-muon-repeats", type=int, default=1)
-    parser.add_argument("--full-torch-muon", action="store_true")
+    parser.add_argument("--full-torch-muon", action="store_true",
+                        help="time torch.optim.Muon on every matrix even where bf16 is slow (default: only where it is not)")
     parser.add_argument("--write-results", action="store_true", help="also write the tables into benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
-    out = [f"Machine at start: {setup(args.threads)}; {time.strftime('%Y-%m-%d %H:%M')}",
-           f"Median of {args.repeats} after 1 warm-up round, all methods round-robin; ratios from the same rounds."]
+    out = [f"Machine at start: {setup(args.threads)}; {time.strftime('%Y-%m-%d %H:%M')}"]
+    slowdown = bf16_slowdown()
+    full_torch = args.full_torch_muon or slowdown < 4.0
+    out += [f"bfloat16 / float32 time of a 512x512 matrix product here: {slowdown:.2f}",
+            f"Median of {args.repeats} after 1 warm-up round, all methods round-robin; ratios from the same rounds."]
     print("\n".join(out))
     for key in args.cases.split(","):
-        text = charlm_share(args.repeats) if key == "f" else run_case(key, args.repeats, args.torch_muon_repeats, args.full_torch_muon)
+        text = charlm_share(args.repeats) if key == "f" else run_case(key, args.repeats, args.torch_muon_repeats, full_torch, with_bf16=slowdown < 4.0)
         print(text, flush=True)
         out.append(text)
     out.append(f"\nMachine at end: {environment()}")

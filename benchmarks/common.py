@@ -73,6 +73,14 @@ def gemm(size: int = 1024, dtype: torch.dtype = torch.float32) -> tuple[Callable
     return (lambda: torch.mm(a, b, out=out)), 2.0 * size**3
 
 
+def bf16_slowdown(size: int = 512, repeats: int = 5) -> float:
+    """Median time of a bfloat16 square matrix product over the float32 one on this machine:
+    ~0.4 on CPUs with AVX-512 BF16, 50-100 on AVX2-only ones."""
+    fns = {str(dtype): gemm(size, dtype)[0] for dtype in (torch.float32, torch.bfloat16)}
+    t = time_interleaved(fns, repeats=repeats)
+    return t[str(torch.bfloat16)].median / t[str(torch.float32)].median
+
+
 def polar_factor(G: torch.Tensor) -> torch.Tensor:
     """Exact U V^T of each matrix (float64 SVD)."""
     U, _, Vh = torch.linalg.svd(G.detach().double(), full_matrices=False)

@@ -4,12 +4,15 @@
     torchrun --standalone --nproc_per_node=2 examples/train_distributed.py --mode fsdp --steps 100 \
         --checkpoint /tmp/charlm_ckpt
     torchrun --standalone --nproc_per_node=4 examples/train_distributed.py --mode fsdp --steps 200 \
-        --resume /tmp/charlm_ckpt     # continue on 4 processes (the lr schedule restarts)
+        --resume /tmp/charlm_ckpt     # steps 101-200 on 4 processes, the lr schedule continuing
 
 CPU with the gloo backend (CUDA with nccl when available). Every rank draws its own batches; DDP
 averages the gradients, FSDP2 reduce-scatters them. Muon splits the Newton-Schulz work across the
 ranks (`process_group=`); AdamW groups (embeddings, head, norms) update locally. Rank 0 prints the
 training loss every --log-every steps and the validation loss at the end.
+
+--steps is the length of the whole run: a resumed run starts at the step the checkpoint was taken
+and continues the lr schedule from there (its state is saved beside the DCP files).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -25,6 +29,9 @@ from torch import nn
 import muonkit
 from muonkit.distributed import load_checkpoint, save_checkpoint
 from muonkit.tasks import DataOptions, get_task
+
+
+TRAIN_STATE = "train_state.pt"  # the step and the lr schedule, beside the DCP files
 
 
 def wrap(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
@@ -69,13 +76,17 @@ def main(argv: list[str] | None = None) -> int:
             groups, lr=lr, weight_decay=task.weight_decay, adamw_lr=task.lrs["adamw"], process_group=dist.group.WORLD
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: task.lr_multiplier(s, args.steps))
+        first_step = 0
         if args.resume:
             load_checkpoint(args.resume, model, opt)
+            progress = torch.load(Path(args.resume) / TRAIN_STATE)
+            schedule.load_state_dict(progress["schedule"])
+            first_step = progress["step"]
         generator = torch.Generator().manual_seed(args.seed * 1000 + rank)
         if rank == 0:
             print(f"charlm, {args.mode}, {world} processes, {sum(p.numel() for p in model.parameters())} parameters")
         start = time.perf_counter()
-        for step in range(args.steps):
+        for step in range(first_step, args.steps):
             inputs, targets = task.batch(data, step, generator)
             loss = task.loss(wrapped, inputs, targets)
             loss.backward()
@@ -95,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint:
             save_checkpoint(args.checkpoint, model, opt)
             if rank == 0:
+                torch.save({"step": args.steps, "schedule": schedule.state_dict()}, Path(args.checkpoint) / TRAIN_STATE)
                 print(f"saved {args.checkpoint}")
     finally:
         dist.destroy_process_group()

@@ -13,7 +13,7 @@ Spawns --world CPU processes (gloo, one thread each) holding the Muon matrices o
   is the speed-up target (<= 0.6 on 2 ranks).
 - Muon step, replicated / FSDP2: median wall time of optimizer.step() with process_group (NS work
   plus the exchange), for plain tensors and for fully_shard-ed Linear layers.
-- Bytes sent per rank per step (DistributedOrthogonalizer.bytes_sent: all_gather counted as a ring,
+- Bytes sent per rank per step (Muon.bytes_sent: all_gather counted as a ring,
   all_to_all as the slices sent to other ranks), next to a ring all-reduce of the same matrices'
   float32 gradients, 2 (W-1)/W * 4 N bytes.
 """
@@ -77,9 +77,9 @@ def step_stats(model: nn.Module, repeats: int) -> tuple[float, int]:
     opt = muonkit.Muon(model.parameters(), lr=0.01, process_group=dist.group.WORLD)
     set_grads(model, 0)
     seconds = median_seconds(opt.step, repeats)
-    before = opt._distributed.bytes_sent
+    before = opt.bytes_sent
     opt.step()
-    return seconds, opt._distributed.bytes_sent - before
+    return seconds, opt.bytes_sent - before
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -> None:

@@ -156,6 +156,24 @@ def job_replicated(rank: int, world: int, tmp: Path) -> Any:
     return snapshot(model, opt)
 
 
+def job_bytes(rank: int, world: int, tmp: Path) -> Any:
+    """Muon.bytes_sent per step, replicated and FSDP2, and the Muon parameters' float32 bytes."""
+    out = {}
+    for kind in ("replicated", "fsdp"):
+        model = make_model() if kind == "replicated" else shard(make_model())
+        opt = make_optimizer(model, dist.group.WORLD)
+        per_step = []
+        for step in range(2):
+            before = opt.bytes_sent
+            train_fixed(model, opt, range(step, step + 1))
+            per_step.append(opt.bytes_sent - before)
+        out[kind] = per_step
+    groups = muonkit.param_groups(make_model())
+    out["muon_bytes"] = sum(4 * p.numel() for g in groups if g["use_muon"] for p in g["params"])
+    out["no_group"] = make_optimizer(make_model()).bytes_sent
+    return out
+
+
 def job_fsdp(rank: int, world: int, tmp: Path) -> Any:
     model = shard(make_model())
     opt = make_optimizer(model, dist.group.WORLD)
@@ -227,6 +245,7 @@ def _resume(source: int) -> Callable[[int, int, Path], Any]:
 JOBS: dict[str, Callable[[int, int, Path], Any]] = {
     "replicated": job_replicated,
     "fsdp": job_fsdp,
+    "bytes": job_bytes,
     "ddp_data": job_ddp_data,
     "fsdp_data": job_fsdp_data,
     "param_groups": job_param_groups,

@@ -46,7 +46,7 @@ SPAWN_TIMEOUT = 300.0
 DATA_ATOL = 1e-5
 
 JOBS = {
-    2: ["replicated", "fsdp", "ddp_data", "fsdp_data", "param_groups", "errors", "checkpoint_save", "resume_from_1"],
+    2: ["replicated", "fsdp", "bytes", "ddp_data", "fsdp_data", "param_groups", "errors", "checkpoint_save", "resume_from_1"],
     4: ["replicated", "fsdp", "ddp_data", "fsdp_data", "resume_from_2"],
 }
 
@@ -233,6 +233,24 @@ def test_data_parallel_training_matches_single_process(runs, world, job):
         _assert_equal(rank_result, per_rank[0])
     moved = max((reference[k] - worker.make_model().state_dict()[k]).abs().max() for k in worker.make_model().state_dict())
     assert moved > 100 * DATA_ATOL
+
+
+def test_bytes_sent_per_step_is_about_half_an_all_reduce(runs):
+    """Replicated: each rank all-gathers its own updates ((W-1)/W of the Muon bytes when owners are
+    balanced). FSDP2: each rank sends its slices to their owners and the results back, (W-1)/W of
+    its 1/W share, twice. A ring all-reduce of the same gradients sends 2 (W-1)/W of them."""
+    per_rank = _result(runs, 2, "bytes")
+    for result in per_rank:
+        total = result["muon_bytes"]
+        assert result["no_group"] == 0
+        for kind in ("replicated", "fsdp"):
+            first, second = result[kind]
+            assert first == second > 0, (kind, result[kind])
+        assert total / 2 <= result["replicated"][0] <= 0.75 * total, result
+    # FSDP2: the two ranks together send each shard to its owner and each result back: about the
+    # Muon bytes in all (uneven 33-row shards make it inexact).
+    fsdp_total = sum(r["fsdp"][0] for r in per_rank)
+    assert 0.8 * per_rank[0]["muon_bytes"] <= fsdp_total <= 1.2 * per_rank[0]["muon_bytes"], fsdp_total
 
 
 def test_param_groups_on_fsdp_model(runs):

@@ -127,6 +127,12 @@ class Muon(torch.optim.Optimizer):
             self._distributed = DistributedOrthogonalizer(process_group)
         super().__init__(params, defaults)
 
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes this rank has sent exchanging Muon updates since construction (0 without a
+        process_group); an all-gather counts as a ring, (world - 1) times this rank's part."""
+        return 0 if self._distributed is None else self._distributed.bytes_sent
+
     # ---------------------------------------------------------------- groups and validation
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -21,9 +21,10 @@ import sys
 import torch
 from torch import nn
 
-from common import LiveBytes, setup, table, write_results
+from common import setup, table, write_results
 
 import muonkit
+from muonkit.diagnostics import LiveBytes
 
 LR = 0.02
 

@@ -11,13 +11,10 @@ import os
 import platform
 import statistics
 import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 
 @dataclass(frozen=True)
@@ -109,43 +106,6 @@ def _fmt(value: object) -> str:
             return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
         return f"{value:.1e}"
     return str(value)
-
-
-class LiveBytes(TorchDispatchMode):
-    """Bytes of tensor storages allocated inside the mode and still alive; `peak` is the maximum.
-
-    A storage first seen as an op's input existed before and is not counted; one first seen as an
-    output is new and is followed until its last reference goes. (tests/test_speed_contracts.py
-    keeps its own copy: tests do not import the benchmarks.)
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._known: set[int] = set()
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self._known.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        for t in tree_flatten((args, kwargs))[0]:
-            if isinstance(t, torch.Tensor):
-                self._known.add(t.untyped_storage().data_ptr())
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if key in self._known or storage.nbytes() == 0:
-                continue
-            self._known.add(key)
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._free, key, storage.nbytes())
-        return out
 
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")

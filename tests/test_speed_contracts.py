@@ -13,59 +13,18 @@
 
 from __future__ import annotations
 
-import weakref
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import muonkit
 from muonkit import functional
+from muonkit.diagnostics import LiveBytes
 from muonkit.orthogonalize import SAFETY, coefficient_schedule, newton_schulz, orthogonalize, uses_gram
 
 IN_PLACE_METHODS = ["polar_express", "keller_jordan", "you", "gram"]
 # square, wide (Gram for the default), wide below the Gram threshold, tall, tiny, conv-like tall,
-# and large enough for the half-computed symmetric products (standard and Gram)
+# and larger ones (standard and Gram)
 SHAPES = [(48, 48), (64, 256), (40, 72), (200, 64), (3, 5), (32, 9), (256, 300), (600, 256)]
-
-
-class LiveBytes(TorchDispatchMode):
-    """Bytes of storages allocated inside the mode and still alive; `peak` is the maximum.
-
-    A storage first seen as an op's input existed before and is not counted; one first seen as
-    an output is new, and is followed until Python's last reference to it goes.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self.allocations = 0
-        self._known: set[int] = set()
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self._known.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        for t in tree_flatten((args, kwargs))[0]:
-            if isinstance(t, torch.Tensor):
-                self._known.add(t.untyped_storage().data_ptr())
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if key in self._known or storage.nbytes() == 0:
-                continue
-            self._known.add(key)
-            self.allocations += 1
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._free, key, storage.nbytes())
-        return out
 
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
@@ -229,3 +188,15 @@ def test_live_bytes_tracker_sees_frees():
         c = torch.empty(10)
     assert tracker.peak == 8000 and tracker.live == 40
     del c
+
+
+def test_live_bytes_counts_new_storages_until_freed():
+    existing = torch.zeros(1000)
+    with LiveBytes() as tracker:
+        doubled = existing * 2  # new: 4000 bytes
+        temporary = doubled + 1  # new: 4000 more, then freed
+        del temporary
+        existing.add_(1)  # in place: nothing new
+    assert tracker.peak == 8000 and tracker.live == 4000 and tracker.allocations == 2
+    del doubled
+    assert tracker.live == 0

@@ -99,7 +99,7 @@ def test_every_task_end_to_end(task, extra, tmp_path, capsys, fashion_dir, cifar
     assert code == 0, err
     optimizers = extra[1].split(",")
     check_outputs(out_dir, optimizers, steps=2)
-    assert "| optimizer | lr |" in out
+    assert "| optimizer | lr |" in out and "`peak MB` is" in out  # the table and what its memory column means
     if task == "fashion-mnist":
         assert "torch.optim.Muon accepts only 2D" in err
 
@@ -133,8 +133,10 @@ def test_epochs_and_lr_sweep(tmp_path, capsys):
                           "--out", str(tmp_path / "s")], capsys)
     assert code == 0, err
     sweep = json.loads((tmp_path / "s" / "sweep.json").read_text())
-    assert set(sweep["results"]["sgd"]) == {"0.003", "0.01", "0.03"} and "sgd" in sweep["best"]
-    assert "best lr" in out
+    assert set(sweep["results"]["sgd"]) == {"0.003", "0.01", "0.03", "0.1"} and "sgd" in sweep["best"]
+    # regression's sweep is scored by steps to target, with the final metric kept to break ties
+    assert sweep["score"] == "steps to target" and set(sweep["final_metric"]["sgd"]) == set(sweep["results"]["sgd"])
+    assert "best lr" in out and "not reached (final val_mse" in out
     code, out, err = run(["bench", "regression", "--lr-sweep", "--steps", "2", "--optimizers", "sgd", "--quiet",
                           "--lr", "sgd=0.5", "sgd=0.7", "--out", str(tmp_path / "s2")], capsys)
     assert code == 0, err
@@ -168,6 +170,7 @@ def test_ns(tmp_path, capsys):
     code, out, err = run(["ns", "--size", "16x40", "--repeats", "1", "--out", str(tmp_path)], capsys)
     assert code == 0, err
     results = json.loads((tmp_path / "ns.json").read_text())
+    assert results["environment"]["cpu"] and results["finished"]
     svd = results["matrices"]["random"]["methods"]["svd"]
     assert svd["rel_error"] < 1e-5 and abs(svd["sv_min"] - 1) < 1e-5
     assert (tmp_path / "ns_spectra.png").read_bytes()[:8] == PNG_MAGIC

@@ -19,8 +19,9 @@ from muonkit.tasks.cifar10 import CIFAR10
 from muonkit.tasks.data import (Shuffler, color_jitter, random_crop, random_erasing, random_flip, read_idx,
                                 stdlib_corpus)
 from muonkit.tasks.optimizers import OPTIMIZERS, build_optimizers, state_bytes
-from muonkit.tasks.report import summarize, target_hit, write_json_atomic
-from muonkit.tasks.training import RunResult, train_run
+from muonkit.tasks.bench import best_lr
+from muonkit.tasks.report import memory_note, summarize, target_hit, write_json_atomic
+from muonkit.tasks.training import PEAK_CPU_RSS, PEAK_CUDA, RunResult, peak_rss_since, start_peak_rss, train_run
 from muonkit.tasks.vision import Net
 
 CPU = torch.device("cpu")
@@ -239,3 +240,54 @@ def test_torch_muon_on_the_conv_net_is_exactly_adamw():
                 opt.zero_grad()
             losses[name].append(loss.item())
     assert losses["adamw"] == losses["torch-muon"]
+
+
+def test_peak_rss_grows_with_a_big_tensor_and_resets():
+    start = start_peak_rss()
+    if start is None:
+        pytest.skip("the peak RSS cannot be reset here (/proc/self/clear_refs is missing or not writable)")
+    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, every page written
+    del x
+    assert peak_rss_since(start) >= 60 * 2**20
+    # A new start forgets that peak: a 1 MiB tensor does not bring it back.
+    start = start_peak_rss()
+    y = torch.ones(2**20 // 4)
+    del y
+    assert 0 <= peak_rss_since(start) < 32 * 2**20
+
+
+def test_peak_rss_is_none_without_a_start():
+    assert peak_rss_since(None) is None
+
+
+def test_cpu_run_records_its_peak_memory():
+    task = get_task("regression")
+    run = train_run(task, task.load(DataOptions(), CPU), "muon", 0.03, seed=0, steps=3, device=CPU, adamw_lr=0.03,
+                    progress=False)
+    if start_peak_rss() is None:
+        assert run.peak_memory_mb is None and run.peak_memory_kind is None
+    else:
+        assert run.peak_memory_kind == PEAK_CPU_RSS and 0 <= run.peak_memory_mb < 1024
+
+
+def test_memory_note_says_what_peak_mb_measured():
+    assert "VmHWM" in memory_note({"muon": {"peak_memory_kind": PEAK_CPU_RSS}})
+    assert "max_memory_allocated" in memory_note({"muon": {"peak_memory_kind": PEAK_CUDA}})
+    assert "not measured" in memory_note({"muon": {"peak_memory_kind": None}})
+
+
+def test_best_lr():
+    nan = math.nan
+    # Final metric, lower is better; a diverged seed makes its lr the worst.
+    assert best_lr({"0.1": [2.0, 2.2], "0.3": [1.5, 1.7], "1": [1.0, nan]}, None, by_steps=False,
+                   higher_is_better=False) == "0.3"
+    assert best_lr({"0.1": [0.7], "0.3": [0.8]}, None, by_steps=False, higher_is_better=True) == "0.3"
+    # Steps to target: fewer is better, whatever the metric's direction.
+    assert best_lr({"0.1": [300.0], "0.3": [150.0]}, {"0.1": [0.99], "0.3": [0.99]}, by_steps=True,
+                   higher_is_better=True) == "0.3"
+    # Ties (e.g. budget + 1: never reached) go to the better final metric, not to the first lr.
+    ties = {"0.1": [1001.0], "0.3": [1001.0], "1": [1001.0]}
+    assert best_lr(ties, {"0.1": [0.4], "0.3": [0.6], "1": [0.5]}, by_steps=True, higher_is_better=True) == "0.3"
+    assert best_lr(ties, {"0.1": [0.4], "0.3": [0.6], "1": [0.5]}, by_steps=True, higher_is_better=False) == "0.1"
+    assert best_lr({"0.1": [nan], "0.3": [1001.0]}, {"0.1": [nan], "0.3": [0.1]}, by_steps=True,
+                   higher_is_better=True) == "0.3"

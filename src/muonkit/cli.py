@@ -175,7 +175,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _run_bench(args: argparse.Namespace, task: Task, optimizers: tuple[str, ...], lrs: dict[str, float],
                grid: dict[str, tuple[float, ...]], device: torch.device, options: DataOptions) -> int:
     from muonkit.tasks.bench import BenchConfig, run_bench, run_sweep
-    from muonkit.tasks.report import prepare_out_dir
+    from muonkit.tasks.report import memory_note, prepare_out_dir
 
     out = args.out or _default_out(task.name + ("-sweep" if args.lr_sweep else ""))
     started = time.perf_counter()
@@ -195,7 +195,8 @@ def _run_bench(args: argparse.Namespace, task: Task, optimizers: tuple[str, ...]
         table, _ = run_sweep(config, data, _log)
         written = [out / "sweep.json"]
     else:
-        table, _ = run_bench(config, data, _log)
+        table, payload = run_bench(config, data, _log)
+        table += "\n\n" + memory_note(payload["summary"])
         written = [out / "results.json", out / "curves.png"]
     print(table)
     print(f"total {time.perf_counter() - started:.1f} s; wrote {', '.join(map(str, written))}")
@@ -219,8 +220,10 @@ def _ns(args: argparse.Namespace) -> int:
         raise UsageError(f"bad --size {args.size!r}; write ROWSxCOLS with both at least 2, e.g. 256x1024")
     out = args.out or _default_out("ns")
     prepare_out_dir(out)
+    env = environment(torch.device("cpu"))
     results = compare(int(rows), int(cols), seed=args.seed, repeats=args.repeats)
-    results["environment"] = environment(torch.device("cpu"))
+    results["environment"] = env
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     plot_spectra(results, out / "ns_spectra.png")
     write_json_atomic(out / "ns.json", results)
     print(format_table(results))

@@ -51,6 +51,9 @@ class Task:
     """Keyword arguments for muonkit.param_groups / muonkit.route (e.g. explicit muon=(...) names)."""
     stop_at_target: ClassVar[bool] = False
     """Stop a run once the target is reached (for tasks whose result is the step count)."""
+    sweep_by_steps: ClassVar[bool] = False
+    """Score an lr sweep by the steps to reach the target instead of the final metric (always so when
+    `stop_at_target`): for tasks where every workable lr ends at the same floor."""
 
     def load(self, options: DataOptions, device: torch.device) -> Any:
         """Read and check the data; raise TaskError naming the problem and the fix."""

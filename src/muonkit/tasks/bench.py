@@ -16,7 +16,7 @@ import torch
 
 import muonkit
 from muonkit.tasks.base import Task
-from muonkit.tasks.report import format_table, plot, summarize, write_json_atomic
+from muonkit.tasks.report import format_table, plot, summarize, target_hit, write_json_atomic
 from muonkit.tasks.training import RunResult, train_run
 
 Log = Callable[[str], None]
@@ -50,12 +50,32 @@ def auto_threads() -> int:
     return max(1, min(torch.get_num_threads(), cores - busy))
 
 
+# CPU features that decide which dtype Newton-Schulz runs fastest in (bf16 matmuls are ~2x faster
+# than fp32 with AVX-512 BF16 or AMX, and far slower without them).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_description() -> tuple[str, list[str]]:
+    """The CPU's model name and which of CPU_FLAGS it has (Linux /proc/cpuinfo; else platform's name)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), []
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                 platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return model, [f for f in CPU_FLAGS if f in flags]
+
+
 def environment(device: torch.device) -> dict[str, Any]:
+    cpu, flags = cpu_description()
     return {
         "muonkit": muonkit.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "cpu": cpu,
+        "cpu_flags": flags,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
@@ -78,6 +98,13 @@ def run_bench(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
     task = config.task
     runs: dict[str, list[RunResult]] = {}
     started = time.perf_counter()
+    env = environment(config.device)  # the machine as the runs found it (date and load at the start)
+    # A throwaway run of 2 steps and one evaluation first: the first run in a process pays one-time
+    # costs (library caches, code pages, allocator arenas: ~90 MB of resident memory on charlm,
+    # measured 2026-11-24) that every later run reuses, and would otherwise charge them to the first
+    # optimizer's time and peak memory.
+    train_run(task, data, config.optimizers[0], config.lrs[config.optimizers[0]], 0, min(2, config.steps),
+              config.device, adamw_lr=config.lrs["adamw"], progress=False, stop_at_target=False)
     for name in config.optimizers:
         runs[name] = []
         for seed in range(config.seeds):
@@ -102,7 +129,8 @@ def run_bench(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
         "seeds": config.seeds,
         "weight_decay": task.weight_decay,
         "wall_seconds": time.perf_counter() - started,
-        "environment": environment(config.device),
+        "environment": env,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "summary": summaries,
         "table": table,
         "runs": [run.to_json() for rs in runs.values() for run in rs],
@@ -111,49 +139,82 @@ def run_bench(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
     return table, payload
 
 
+def _mean(values: list[float]) -> float:
+    """Mean of a list, NaN if it is empty or any entry is not finite (a diverged run)."""
+    return sum(values) / len(values) if values and all(math.isfinite(x) for x in values) else math.nan
+
+
+def best_lr(scores: dict[str, list[float]], finals: dict[str, list[float]] | None, *, by_steps: bool,
+            higher_is_better: bool) -> str:
+    """The lr (a key of `scores`) with the best mean score over seeds; a diverged run makes its lr
+    the worst. Scored by steps to target (lower is better), lrs that tie (above all: several that
+    never reach the target within the budget) are told apart by their mean final metric."""
+
+    def key(lr: str) -> tuple[float, float]:
+        mean = _mean(scores[lr])
+        if by_steps:
+            primary = mean
+        else:
+            primary = -mean if higher_is_better else mean
+        final = _mean(finals.get(lr, [])) if finals else math.nan
+        secondary = -final if higher_is_better else final
+        return (primary if math.isfinite(primary) else math.inf, secondary if math.isfinite(secondary) else math.inf)
+
+    return min(scores, key=key)
+
+
 def run_sweep(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, Any]]:
     """Each optimizer at each lr of the task's grid (seeds 0..K-1), at the task's default lrs otherwise.
 
-    The score is the final metric, or for tasks that stop at their target (modular) the steps to
-    reach it (a run that never does scores as the budget + 1). A diverged run scores worst. Writes
-    sweep.json; returns a table and the payload.
+    The score is the final metric, or for tasks that stop at their target (modular) or ask for it
+    (regression) the steps to reach it (a run that never does scores as the budget + 1; ties go to
+    the better final metric). A diverged run scores worst. Writes sweep.json; returns a table and
+    the payload.
     """
     task = config.task
-    by_steps = task.stop_at_target
+    by_steps = task.stop_at_target or task.sweep_by_steps
     unit = "steps to target" if by_steps else task.metric
-    lower_is_better = by_steps or not task.higher_is_better
-    worst = math.inf if lower_is_better else -math.inf
+    env = environment(config.device)  # date and load at the start
     scores: dict[str, dict[str, list[float]]] = {}
+    finals: dict[str, dict[str, list[float]]] = {}
     for name in config.optimizers:
-        scores[name] = {}
+        scores[name], finals[name] = {}, {}
         for lr in config.grid[name]:
-            values = []
+            values, final_values = [], []
             for seed in range(config.seeds):
                 run = train_run(task, data, name, lr, seed, config.steps, config.device,
                                 adamw_lr=task.lrs["adamw"], progress=config.progress)
+                final = math.nan if run.diverged or not run.evals else run.evals[-1][2]
                 if run.diverged:
                     value = math.nan
                 elif by_steps:
-                    value = float(len(run.loss)) if run.stopped_at_target else float(config.steps + 1)
+                    hit = target_hit(task, run)
+                    value = float(hit[0]) if hit else float(config.steps + 1)
                 else:
-                    value = run.evals[-1][2]
+                    value = final
                 values.append(value)
+                final_values.append(final)
                 log(f"sweep {name} lr={lr:g} seed {seed}: {unit} {value:.4g}")
             scores[name][f"{lr:g}"] = values
+            finals[name][f"{lr:g}"] = final_values
     best: dict[str, float] = {}
     lines = [f"| optimizer | {unit} at each lr (mean over {config.seeds} seed(s), budget {config.steps} steps) "
              "| best lr |", "|---|---|---|"]
     for name, by_lr in scores.items():
-        means = {lr: (sum(v) / len(v) if all(math.isfinite(x) for x in v) else math.nan) for lr, v in by_lr.items()}
-        ranked = {lr: (m if math.isfinite(m) else worst) for lr, m in means.items()}
-        best[name] = float((min if lower_is_better else max)(ranked, key=ranked.__getitem__))
-        cells = ", ".join(f"{lr}: " + ("diverged" if not math.isfinite(m) else
-                                       "not reached" if by_steps and m > config.steps else f"{m:.4g}")
-                          for lr, m in means.items())
-        lines.append(f"| {name} | {cells} | {best[name]:g} |")
+        best[name] = float(best_lr(by_lr, finals[name], by_steps=by_steps, higher_is_better=task.higher_is_better))
+        cells = []
+        for lr, values in by_lr.items():
+            m = _mean(values)
+            if not math.isfinite(m):
+                cells.append(f"{lr}: diverged")
+            elif by_steps and m > config.steps:
+                cells.append(f"{lr}: not reached (final {task.metric} {_mean(finals[name][lr]):.3g})")
+            else:
+                cells.append(f"{lr}: {m:.4g}")
+        lines.append(f"| {name} | {', '.join(cells)} | {best[name]:g} |")
     table = "\n".join(lines)
     payload = {"task": task.name, "score": unit, "steps": config.steps, "seeds": config.seeds,
-               "adamw_lr_for_hybrids": task.lrs["adamw"], "results": scores, "best": best,
-               "table": table, "environment": environment(config.device)}
+               "adamw_lr_for_hybrids": task.lrs["adamw"], "results": scores, "final_metric": finals, "best": best,
+               "table": table, "environment": env, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_json_atomic(config.out / "sweep.json", payload)
     return table, payload

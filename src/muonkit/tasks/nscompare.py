@@ -77,19 +77,43 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# Line styles that keep coinciding curves visible: "gram" runs the "polar_express" polynomial (and
+# "polar_express" itself runs as Gram Newton-Schulz on wide matrices), so it is drawn dashed on top.
+_STYLES = {
+    "polar_express": dict(color="tab:blue", lw=3.0, alpha=0.6),
+    "keller_jordan": dict(color="tab:orange", lw=1.6),
+    "you": dict(color="tab:green", lw=1.6),
+    "gram": dict(color="tab:red", lw=1.4, ls=(0, (4, 3))),
+    "svd": dict(color="black", lw=1.0, ls=":"),
+}
+_LABELS = {"gram": "gram (Polar Express polynomial\non the Gram matrix)", "svd": "svd (exact: all 1)"}
+
+
 def plot_spectra(results: dict[str, Any], path: Path) -> None:
-    """Singular values of each method's output (sorted, descending); the exact answer is all ones."""
+    """Per matrix kind: the singular values of each method's output (sorted, descending; the exact
+    polar factor has all ones) above the input's singular values (log scale, over its Frobenius norm,
+    as Newton-Schulz sees them)."""
     kinds = list(results["matrices"])
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4.2), squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
-        for method, m in results["matrices"][kind]["methods"].items():
-            ax.plot(m["spectrum"], label=method)
-        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-        ax.set_title(f"{kind} {results['shape'][0]}x{results['shape'][1]}")
-        ax.set_xlabel("singular value index")
-        ax.set_ylabel("singular value of the output")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
+    rows, cols = results["shape"]
+    fig, axes = plt.subplots(2, len(kinds), figsize=(5.2 * len(kinds) + 2.6, 6.4), squeeze=False,
+                             gridspec_kw={"height_ratios": [2.2, 1]}, sharex="col")
+    for column, kind in enumerate(kinds):
+        entry = results["matrices"][kind]
+        top, bottom = axes[0][column], axes[1][column]
+        for method, m in entry["methods"].items():
+            top.plot(m["spectrum"], label=_LABELS.get(method, method), **_STYLES.get(method, {}))
+        top.set_title(f"{kind} input: output singular values")
+        top.grid(alpha=0.3)
+        bottom.semilogy(entry["input_spectrum"], color="gray", lw=1.6)
+        bottom.set_title("input singular values / Frobenius norm", fontsize=10)
+        bottom.set_xlabel("singular value index (descending)")
+        bottom.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("singular value of the output")
+    axes[1][0].set_ylabel("input")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", frameon=False)
+    fig.suptitle(f"Each orthogonalizer on {rows}x{cols} float32 matrices (seed {results['seed']}) vs the exact "
+                 "polar factor U V^T (float64 SVD)", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1 - 2.4 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen befor
 import numpy as np  # noqa: E402
 
 from muonkit.tasks.base import Task, TaskError  # noqa: E402
-from muonkit.tasks.training import RunResult  # noqa: E402
+from muonkit.tasks.training import PEAK_CPU_RSS, PEAK_CUDA, RunResult  # noqa: E402
 
 
 def prepare_out_dir(path: Path) -> None:
@@ -68,6 +68,7 @@ def summarize(task: Task, runs: list[RunResult]) -> dict[str, Any]:
         "fwd_bwd_ms": statistics.median(s for r in runs for s in r.fwd_bwd_s) * 1e3,
         "opt_step_ms": statistics.median(s for r in runs for s in r.opt_s) * 1e3,
         "peak_memory_mb": max((r.peak_memory_mb for r in runs if r.peak_memory_mb is not None), default=None),
+        "peak_memory_kind": next((r.peak_memory_kind for r in runs if r.peak_memory_kind), None),
         "optimizer_state_mb": runs[0].optimizer_state_mb,
     }
 
@@ -89,7 +90,9 @@ def _to_target(values: list[Any], fmt: str) -> str:
     reached = [v for v in values if v is not None]
     if not reached:
         return "not reached"
-    text = format(statistics.median(reached), fmt)
+    median = statistics.median(reached)
+    # Sub-second times (tiny tasks such as regression) keep two significant digits, not "0.0".
+    text = format(median, ".2g" if fmt.endswith("f") and 0 < abs(median) < 1 else fmt)
     return text if len(reached) == len(values) else f"{text} ({len(reached)}/{len(values)})"
 
 
@@ -110,9 +113,29 @@ def format_table(task: Task, summaries: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def memory_note(summaries: dict[str, dict[str, Any]]) -> str:
+    """One sentence saying what the table's `peak MB` column measured (and `opt state MB`)."""
+    kinds = {s.get("peak_memory_kind") for s in summaries.values()}
+    if PEAK_CPU_RSS in kinds:
+        peak = ("`peak MB` is the CPU process's peak resident memory during a run (VmHWM, reset through "
+                "/proc/self/clear_refs when the run starts) minus its resident memory at that start: what the "
+                "run added (model, gradients, optimizer state, activations, temporaries, evaluation), largest "
+                "over seeds, after a throwaway 2-step run has paid the process's one-time allocations. It "
+                "also moves with how the allocator reuses freed memory: on charlm, repeated runs of one "
+                "optimizer differed by up to ~15 MB (2026-11-24), so compare rows only beyond that")
+    elif PEAK_CUDA in kinds:
+        peak = ("`peak MB` is torch.cuda.max_memory_allocated during a run (everything on the device, data "
+                "included), largest over seeds")
+    else:
+        peak = ("`peak MB` was not measured (\"-\"): not on CUDA, and /proc/self/clear_refs could not reset the "
+                "peak resident memory here")
+    return peak + "; `opt state MB` is the optimizer state tensors."
+
+
 def plot(task: Task, runs_by_optimizer: dict[str, list[RunResult]], path: Path) -> None:
     """Validation metric vs step and vs train seconds: mean over seeds, band from min to max."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    shown: list[float] = []
     for name, runs in runs_by_optimizer.items():
         curves = [_curve(r) for r in runs if r.evals]
         if not curves:
@@ -120,11 +143,16 @@ def plot(task: Task, runs_by_optimizer: dict[str, list[RunResult]], path: Path) 
         grid = max((c[0] for c in curves), key=len)
         seconds = np.mean([_extend(c[0], c[1], grid, per_step=True) for c in curves], axis=0)
         values = np.array([_extend(c[0], c[2], grid, per_step=False) for c in curves])
+        shown += [float(v) for v in values.ravel() if np.isfinite(v)]
         for ax, x in zip(axes, (grid, seconds)):
             (line,) = ax.plot(x, values.mean(0), label=f"{name} (lr {runs[0].lr:g})")
             if len(curves) > 1:
                 ax.fill_between(x, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+    # A loss or error falling over decades (regression's MSE) is flat near zero on a linear axis.
+    log_scale = (not task.higher_is_better and shown and min(shown) > 0 and max(shown) > 10 * min(shown))
     for ax, xlabel in zip(axes, ("step", "train seconds")):
+        if log_scale:
+            ax.set_yscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(task.metric)
         ax.axhline(task.target, color="gray", lw=0.8, ls="--")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,10 +37,63 @@ class RunResult:
     diverged: bool = False
     stopped_at_target: bool = False
     peak_memory_mb: float | None = None
+    peak_memory_kind: str | None = None
+    """What `peak_memory_mb` measured: PEAK_CUDA, PEAK_CPU_RSS, or None when nothing could be measured."""
     optimizer_state_mb: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+PEAK_CUDA = "cuda max allocated"
+PEAK_CPU_RSS = "cpu peak rss above start"
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_bytes(field: str) -> int | None:
+    """A memory line of /proc/self/status (e.g. VmRSS, VmHWM) in bytes; None where there is none."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # the kernel writes kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _release_free_heap() -> None:
+    """Free unreachable objects and hand glibc's free heap pages back to the kernel, so that memory a
+    previous run freed but malloc kept does not hide this run's allocations from the RSS."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def start_peak_rss() -> int | None:
+    """Reset the process's peak resident set size (VmHWM) to its current RSS and return that RSS in
+    bytes; None where Linux's /proc/self/clear_refs cannot do it (another OS, no permission, a
+    kernel older than 4.0). Pair with `peak_rss_since`."""
+    _release_free_heap()
+    try:
+        _CLEAR_REFS.write_text("5")  # "5": reset the peak RSS only (Documentation/filesystems/proc.rst)
+    except OSError:
+        return None
+    rss, peak = _status_bytes("VmRSS"), _status_bytes("VmHWM")
+    # A kernel that accepted the write but did not reset leaves the old, higher peak in place.
+    if rss is None or peak is None or peak > rss + 4 * 2**20:
+        return None
+    return rss
+
+
+def peak_rss_since(start: int | None) -> int | None:
+    """Bytes by which the process's peak RSS since `start_peak_rss()` exceeded the RSS it returned."""
+    if start is None:
+        return None
+    peak = _status_bytes("VmHWM")
+    return None if peak is None else max(0, peak - start)
 
 
 def _sync(device: torch.device) -> None:
@@ -47,7 +103,12 @@ def _sync(device: torch.device) -> None:
 
 def train_run(task: Task, data: Any, optimizer: str, lr: float, seed: int, steps: int, device: torch.device,
               *, adamw_lr: float, progress: bool = True, stop_at_target: bool | None = None) -> RunResult:
-    """Train a fresh model for `steps` steps; a non-finite loss ends the run as diverged."""
+    """Train a fresh model for `steps` steps; a non-finite loss ends the run as diverged.
+
+    Peak memory: on CUDA, max_memory_allocated (everything on the device, data included); on CPU,
+    how far the process's resident memory rose above its level just before the model was built
+    (parameters, gradients, optimizer state, activations, temporaries, batches)."""
+    rss_start = start_peak_rss() if device.type == "cpu" else None
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = task.model(data).to(device)
@@ -107,4 +168,8 @@ def train_run(task: Task, data: Any, optimizer: str, lr: float, seed: int, steps
     result.optimizer_state_mb = state_bytes(optimizers) / 2**20
     if device.type == "cuda":
         result.peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
+        result.peak_memory_kind = PEAK_CUDA
+    elif (peak := peak_rss_since(rss_start)) is not None:
+        result.peak_memory_mb = peak / 2**20
+        result.peak_memory_kind = PEAK_CPU_RSS
     return result

@@ -219,6 +219,13 @@ def job_errors(rank: int, world: int, tmp: Path) -> Any:
             messages[key] = None
         except ValueError as err:
             messages[key] = str(err)
+    # A group without this rank: dist.new_group returns GroupMember.NON_GROUP_MEMBER on the others.
+    only_rank0 = dist.new_group([0])
+    try:
+        make_optimizer(make_model(), only_rank0)
+        messages["non_member"] = None
+    except ValueError as err:
+        messages["non_member"] = str(err)
     return messages
 
 

@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-# Coefficient schedules (a, b, c) and input normalization s, copied from REFERENCE.md section 3.
+# Coefficient schedules (a, b, c) and input normalization X / (s ||X||_F + eps), from REFERENCE.md
+# section 3 (eps 1e-6 for Polar Express; 1e-7, Keller Jordan's, for the others).
 KELLER_JORDAN = [(3.4445, -4.7750, 2.0315)] * 5
 POLAR_EXPRESS = [
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -41,15 +42,15 @@ YOU = [
     (2.8366, -3.0525, 1.2012),
 ]
 SCHEDULES = {
-    "keller_jordan": (KELLER_JORDAN, 1.0),
-    "polar_express": (POLAR_EXPRESS, 1.02),
-    "you": (YOU, 1.0),
+    "keller_jordan": (KELLER_JORDAN, 1.0, 1e-7),
+    "polar_express": (POLAR_EXPRESS, 1.02, 1e-6),
+    "you": (YOU, 1.0, 1e-7),
 }
 
 
 def schedule(method: str, steps: int = 5) -> list[tuple[float, float, float]]:
     """The (a, b, c) list a method applies for `steps` iterations (REFERENCE.md section 3)."""
-    coeffs, _ = SCHEDULES[method]
+    coeffs, _, _ = SCHEDULES[method]
     if method == "keller_jordan":
         return [coeffs[0]] * steps
     if method == "polar_express":
@@ -67,7 +68,7 @@ def scalar_poly(method: str, x: np.ndarray | torch.Tensor, steps: int = 5):
 
 def scalar_image(method: str, lo: float, hi: float = 1.0, steps: int = 5, n: int = 200_001):
     """(min, max) of the schedule over normalized inputs sigma/||X||_F in [lo, hi] (dense grid)."""
-    _, s = SCHEDULES[method]
+    _, s, _ = SCHEDULES[method]
     x = np.geomspace(lo, hi, n) / s
     y = scalar_poly(method, x, steps)
     return float(y.min()), float(y.max())
@@ -97,11 +98,11 @@ def apply_spectral(G: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor]) -
 
 
 def ns_spectral(G: torch.Tensor, method: str, steps: int = 5) -> torch.Tensor:
-    """What an exact-arithmetic Newton-Schulz schedule returns: U p(S / (s ||G||_F)) V^T."""
-    _, s = SCHEDULES[method]
+    """What an exact-arithmetic Newton-Schulz schedule returns: U p(S / (s ||G||_F + eps)) V^T."""
+    _, s, eps = SCHEDULES[method]
     fro = torch.linalg.matrix_norm(G.detach().to(torch.float64), ord="fro", keepdim=True)
     fro = fro.squeeze(-1)
-    return apply_spectral(G, lambda S: scalar_poly(method, S / (s * fro.clamp_min(1e-300)), steps))
+    return apply_spectral(G, lambda S: scalar_poly(method, S / (s * fro + eps), steps))
 
 
 def spectral_response(G: torch.Tensor, O: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

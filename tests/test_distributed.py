@@ -261,6 +261,9 @@ def test_unsupported_sharding_errors(runs):
     messages = _result(runs, 2, "errors")[0]
     assert messages["dim1"] is not None and "Shard(dim=1)" in messages["dim1"] and "Shard(0)" in messages["dim1"]
     assert messages["mesh2d"] is not None and "2D device mesh" in messages["mesh2d"] and "1D" in messages["mesh2d"]
+    member, outsider = _result(runs, 2, "errors")
+    assert member["non_member"] is None
+    assert outsider["non_member"] is not None and "not a member" in outsider["non_member"]
 
 
 @pytest.fixture(scope="module")

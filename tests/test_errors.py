@@ -4,6 +4,7 @@ a gradient are skipped."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -282,3 +283,75 @@ def test_closure_is_called_and_its_loss_returned():
 
     loss = opt.step(closure)
     assert torch.is_tensor(loss) and loss.item() > 0
+
+
+# ---- review findings (2026-11-30): options that would be ignored, edits between steps ---------
+
+@pytest.mark.parametrize("key", ["amsgrad", "maximize"])
+@pytest.mark.parametrize("use_muon", [False, True])
+def test_unsupported_torch_options_are_refused_not_ignored(key, use_muon):
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError) as e:
+        muonkit.Muon([{"params": [p], "use_muon": use_muon, key: True}])
+    assert key in message(e) and "not supported" in message(e)
+    muonkit.Muon([{"params": [p], "use_muon": use_muon, key: False}])  # False asks for nothing
+
+
+def test_option_edited_into_a_bad_value_fails_before_anything_changes():
+    """A typo written into param_groups after construction is caught by step() before any group
+    moves: the earlier group, the decay and the momentum of the bad group all stay as they were."""
+    v, w = torch.nn.Parameter(torch.randn(6, 8)), torch.nn.Parameter(torch.randn(6, 8))
+    opt = muonkit.Muon([{"params": [v]}, {"params": [w]}], lr=0.02, weight_decay=0.1)
+    v.grad, w.grad = torch.randn(6, 8), torch.randn(6, 8)
+    opt.step()
+    snapshot = _snapshot(opt, [v, w])
+    opt.param_groups[1]["scale"] = "moonlite"
+    with pytest.raises(ValueError) as e:
+        opt.step()
+    assert "group 1" in message(e) and "moonlite" in message(e)
+    _assert_unchanged(opt, [v, w], snapshot)
+    opt.param_groups[1]["amsgrad"] = True
+    opt.param_groups[1]["scale"] = "moonlight"
+    with pytest.raises(ValueError, match="amsgrad"):
+        opt.step()
+    _assert_unchanged(opt, [v, w], snapshot)
+
+
+def test_parameter_appended_to_a_group_gets_state_and_checks_like_torch_optim():
+    w = torch.nn.Parameter(torch.randn(6, 8))
+    opt = muonkit.Muon([w], lr=0.02)
+    q = torch.nn.Parameter(torch.randn(5, 7))
+    opt.param_groups[0]["params"].append(q)
+    w.grad, q.grad = torch.randn(6, 8), torch.randn(5, 7)
+    before = q.detach().clone()
+    opt.step()
+    assert set(opt.state[q]) == {"momentum_buffer"} and not torch.equal(q.detach(), before)
+    vector = torch.nn.Parameter(torch.randn(5))
+    opt.param_groups[0]["params"].append(vector)
+    vector.grad = torch.randn(5)
+    with pytest.raises(ValueError, match="param_groups"):
+        opt.step()
+
+
+@pytest.mark.parametrize("value", [np.float32(0.01), np.float64(0.01), np.int64(0), torch.tensor(0.01)], ids=repr)
+def test_numpy_and_tensor_numbers_are_numbers(value):
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = muonkit.Muon([p], lr=value, adamw_lr=value, ns_steps=np.int64(3))
+    p.grad = torch.randn(4, 4)
+    opt.step()
+    assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("bad", [np.float32("nan"), torch.tensor(-1.0), "0.01"], ids=repr)
+def test_bad_numbers_still_rejected(bad):
+    with pytest.raises(ValueError, match="lr"):
+        muonkit.Muon([torch.nn.Parameter(torch.randn(4, 4))], lr=bad)
+
+
+def test_orthogonalize_checks_its_arguments_even_for_empty_input():
+    with pytest.raises(ValueError, match="nonsense"):
+        muonkit.orthogonalize(torch.zeros(0, 4), "nonsense")
+    with pytest.raises(TypeError, match="2.5"):
+        muonkit.orthogonalize(torch.randn(3, 4), steps=2.5)
+    with pytest.raises(ValueError, match="-1"):
+        muonkit.orthogonalize(torch.zeros(0, 4), steps=-1)

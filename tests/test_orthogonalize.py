@@ -21,6 +21,7 @@ from reference import (
     ns_spectral,
     polar_factor,
     scalar_image,
+    schedule,
     spectral_response,
 )
 
@@ -145,14 +146,14 @@ def test_bfloat16_input_default_dtype(method):
 @pytest.mark.parametrize("shape", [(6, 10), (10, 6), (7, 7), (2, 3, 4, 8)], ids=str)
 @pytest.mark.parametrize("method", NS_METHODS)
 def test_matches_exact_polynomial_image(method, shape, dtype):
-    """Tighter than the band: the output equals U p(S/(s ||X||_F)) V^T, the schedule's composed
+    """Tighter than the band: the output equals U p(S/(s ||X||_F + eps)) V^T, the schedule's composed
     polynomial applied exactly to the singular values (float64 SVD oracle). Tolerance: fp32 as
-    in FP32_SLACK; with float64 compute, 1e-6 leaves room for a normalization eps up to 1e-6
-    relative to ||X||_F (|x p'(x)| <= ~3 on the schedules, ||X||_F ~ 6 here)."""
+    in FP32_SLACK; with float64 compute, 1e-10 (float64 round-off through five steps whose
+    coefficients reach ~22)."""
     G = make_matrix(shape, "random", seed=4, dtype=dtype)
     O = muonkit.orthogonalize(G, method, dtype=dtype)
     expected = ns_spectral(G, method)
-    tol = FP32_SLACK if dtype == torch.float32 else 1e-6
+    tol = FP32_SLACK if dtype == torch.float32 else 1e-10
     err = (O.to(torch.float64) - expected).abs().max().item()
     assert err <= tol, (method, err)
 
@@ -372,3 +373,18 @@ def test_svd_with_bfloat16_compute_dtype():
         return
     assert O.dtype == G.dtype
     assert (O.double() - polar_factor(G)).abs().max().item() < 0.05
+
+
+@pytest.mark.parametrize("method,eps", [("polar_express", 1e-6), ("keller_jordan", 1e-7), ("you", 1e-7)])
+def test_normalization_eps_is_the_schedules_own(method, eps):
+    """X / (||X||_F * s + eps) with REFERENCE.md section 3's eps per schedule (Polar Express 1e-6):
+    on a matrix whose norm is comparable to eps, the eps decides the output, so a float64
+    iteration written here with that eps is the oracle."""
+    safety = {"polar_express": 1.02, "keller_jordan": 1.0, "you": 1.0}[method]
+    G = make_matrix((16, 32), "random", seed=7, dtype=torch.float64) * 1e-6 / 16
+    X = G / (torch.linalg.matrix_norm(G) * safety + eps)
+    for a, b, c in schedule(method):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    O = muonkit.orthogonalize(G, method, dtype=torch.float64)
+    assert (O - X).abs().max().item() < 1e-12

@@ -19,7 +19,7 @@ import torch
 import muonkit
 from muonkit import functional
 from muonkit.diagnostics import LiveBytes
-from muonkit.orthogonalize import SAFETY, coefficient_schedule, newton_schulz, orthogonalize, uses_gram
+from muonkit.orthogonalize import EPS, SAFETY, coefficient_schedule, newton_schulz, orthogonalize, uses_gram
 
 IN_PLACE_METHODS = ["polar_express", "keller_jordan", "you", "gram"]
 # square, wide (Gram for the default), wide below the Gram threshold, tall, tiny, conv-like tall,
@@ -123,7 +123,8 @@ def test_default_gram_route_matches_standard_newton_schulz(shape, conditioning):
         U, _, Vh = torch.linalg.svd(G, full_matrices=False)
         S = torch.logspace(0, -6, min(m, n), dtype=torch.float64)
         G = ((U * S.unsqueeze(-2)) @ Vh).float()
-    standard = newton_schulz(G, coefficient_schedule("polar_express", 5), safety=SAFETY["polar_express"])
+    standard = newton_schulz(G, coefficient_schedule("polar_express", 5), safety=SAFETY["polar_express"],
+                             eps=EPS["polar_express"])
     assert (orthogonalize(G) - standard).abs().max().item() <= 5e-5
 
 

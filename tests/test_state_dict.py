@@ -167,3 +167,31 @@ def test_older_state_dict_without_new_group_keys_loads():
     sched_c.load_state_dict(sched_b.state_dict())
     train(model_c, opt_c, sched_c, range(3, 6))
     assert_same_run(model_a, opt_a, model_c, opt_c)
+
+
+def test_state_dict_with_a_declared_layout_loads_with_torch_load_defaults():
+    """A muonkit.Layout sits in its param group; torch.load's default weights_only unpickler must
+    accept it, and the loaded optimizer continues bit-for-bit."""
+    layout = muonkit.Layout(rows=(2,), cols=(1,), batch=(0,))
+    torch.manual_seed(0)
+    grads = [torch.randn(3, 8, 5) for _ in range(4)]
+
+    def run(resume_after=None):
+        W = nn.Parameter(torch.linspace(-1, 1, 120).reshape(3, 8, 5))
+        opt = muonkit.Muon([W], lr=0.02, layout=layout)
+        for i, g in enumerate(grads):
+            if i == resume_after:
+                buf = io.BytesIO()
+                torch.save(opt.state_dict(), buf)
+                buf.seek(0)
+                saved = torch.load(buf)  # weights_only=True is torch's default
+                assert saved["param_groups"][0]["layout"] == layout
+                W2 = nn.Parameter(W.detach().clone())
+                opt = muonkit.Muon([W2], lr=0.02, layout=layout)
+                opt.load_state_dict(saved)
+                W = W2
+            W.grad = g.clone()
+            opt.step()
+        return W.detach()
+
+    assert torch.equal(run(), run(resume_after=2))

@@ -131,6 +131,13 @@ class DistributedOrthogonalizer:
                 "torch.distributed.init_process_group(...) before creating the optimizer, or pass "
                 "process_group=None to train on one process"
             )
+        if process_group is dist.GroupMember.NON_GROUP_MEMBER:
+            # What dist.new_group(ranks) returns on a process not in `ranks`.
+            raise ValueError(
+                "this process is not a member of Muon's process_group (dist.new_group returned "
+                "GroupMember.NON_GROUP_MEMBER here); create the optimizer with process_group=None on "
+                "processes outside the group, or with a group that contains this rank"
+            )
         if not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(
                 f"process_group must be a torch.distributed.ProcessGroup (e.g. torch.distributed.group.WORLD "

@@ -44,6 +44,10 @@ class Layout:
             )
 
 
+# A Layout lives in its param group, so in the optimizer's state_dict; torch.load's default
+# weights_only unpickler loads only allow-listed classes.
+torch.serialization.add_safe_globals([Layout])
+
 LayoutSpec = Union[None, Literal["conv", "stacked"], Layout]
 LAYOUT_NAMES = ("conv", "stacked")
 

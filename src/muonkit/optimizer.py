@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -28,6 +30,9 @@ _MUON_KEYS = (
     "layout",
 )
 _ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
+# torch.optim.AdamW / SGD options that change the update and that muonkit does not implement: a
+# group asking for them is refused rather than silently stepped without them.
+_UNSUPPORTED = ("amsgrad", "maximize")
 
 
 class Muon(torch.optim.Optimizer):
@@ -146,10 +151,7 @@ class Muon(torch.optim.Optimizer):
         kind = "Muon" if group["use_muon"] else "AdamW"
         self._fill_defaults(group)
         where = f"{kind} group {index}"
-        if group["use_muon"]:
-            _check_muon_options(group, where)
-        else:
-            _check_adamw_options(group, where)
+        _check_options(group, where)
         _split_names(group)
         names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
         for name, p in zip(names, group["params"]):
@@ -229,12 +231,21 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _check_grads(self) -> None:
-        # Checked for all groups before anything changes, so an error leaves no partial step.
+        # Checked for all groups before anything changes, so an error leaves no partial step:
+        # options edited through param_groups since construction, parameters appended to a group's
+        # list (they get their checks and state here, as torch.optim creates state lazily), grads.
         for index, group in enumerate(self.param_groups):
-            names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
+            where = f"{'Muon' if group['use_muon'] else 'AdamW'} group {index}"
+            _check_options(group, where)
+            names = group.get("param_names") or []
+            names = names + [f"#{i}" for i in range(len(names), len(group["params"]))]
             for name, p in zip(names, group["params"]):
                 if p.grad is None:
                     continue
+                if p not in self.state or not self.state[p]:
+                    _check_param(p, name, group, where)
+                    if group["use_muon"] and _is_dtensor(p):
+                        self._check_dtensor(p, name, where)
                 if p.grad.is_sparse:
                     raise RuntimeError(
                         f"group {index}: parameter '{name}' has a sparse gradient; Muon and AdamW "
@@ -245,6 +256,10 @@ class Muon(torch.optim.Optimizer):
                         f"group {index}: parameter '{name}' has shape {tuple(p.shape)} but its "
                         f"gradient has shape {tuple(p.grad.shape)}"
                     )
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._init_state(p, group)
 
     def _muon_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         layouts = [resolve(group["layout"], p.ndim) for p in params]
@@ -324,9 +339,27 @@ def _split_names(group: dict[str, Any]) -> None:
 
 
 def _number(value: Any, name: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """A real hyperparameter as a float: Python and NumPy numbers, or a one-element tensor (as
+    torch.optim accepts for lr); never a bool."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{where}: {name} must be a finite number, got {value!r}")
     return float(value)
+
+
+def _check_options(group: dict[str, Any], where: str) -> None:
+    for key in _UNSUPPORTED:
+        if group.get(key):
+            raise ValueError(
+                f"{where}: {key}={group[key]!r} is not supported by muonkit.Muon (its AdamW groups are "
+                f"plain AdamW); remove {key!r} from the group, or train these parameters with "
+                f"torch.optim.AdamW({key}=True)"
+            )
+    if group["use_muon"]:
+        _check_muon_options(group, where)
+    else:
+        _check_adamw_options(group, where)
 
 
 def _check_lr_wd(options: dict[str, Any], where: str) -> None:
@@ -356,7 +389,11 @@ def _check_muon_options(options: dict[str, Any], where: str) -> None:
             f"{', '.join(ORTHOGONALIZERS)} or pass a callable (X, steps) -> tensor"
         )
     steps = options["ns_steps"]
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    try:
+        valid = not isinstance(steps, bool) and operator.index(steps) >= 0
+    except TypeError:
+        valid = False
+    if not valid:
         raise ValueError(f"{where}: ns_steps must be an int >= 0, got {steps!r}")
     ns_dtype = options["ns_dtype"]
     if ns_dtype is not None and not (isinstance(ns_dtype, torch.dtype) and ns_dtype.is_floating_point):

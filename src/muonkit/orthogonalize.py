@@ -17,6 +17,7 @@ References:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import Literal, Union
 
@@ -55,11 +56,13 @@ SCHEDULES: dict[str, tuple[Coefficients, ...]] = {
 # Divide by ||X||_F * safety: Polar Express was tuned for inputs with spectral norm <= 1/1.02,
 # which leaves room for bf16 round-off.
 SAFETY: dict[str, float] = {"keller_jordan": 1.0, "polar_express": 1.02, "you": 1.0}
+# ... + eps, so that a zero matrix stays zero: Keller Jordan's 1e-7, Polar Express's 1e-6 (its paper's
+# reference code; REFERENCE.md section 3).
+EPS: dict[str, float] = {"keller_jordan": 1e-7, "polar_express": 1e-6, "you": 1e-7}
 
 DEFAULT_STEPS = 5
 ORTHOGONALIZERS: tuple[str, ...] = ("polar_express", "keller_jordan", "you", "gram", "svd")
 
-_EPS = 1e-7
 # Gram Newton-Schulz rebuilds X and its Gram matrix after this many steps (then every 3) so that
 # round-off in the accumulated polynomial Q does not grow with the large early coefficients.
 _GRAM_RESTARTS = frozenset({2, 5, 8, 11, 14, 17})
@@ -136,9 +139,9 @@ def _like(X: Tensor, m: int, n: int) -> Tensor:
     return _stack(X.size(0), m, n, dtype=X.dtype, device=X.device)
 
 
-def _normalize_(X: Tensor, safety: float) -> None:
+def _normalize_(X: Tensor, safety: float, eps: float) -> None:
     norm = torch.linalg.matrix_norm(X, keepdim=True)
-    X.div_(norm.mul_(safety).add_(_EPS))
+    X.div_(norm.mul_(safety).add_(eps))
 
 
 def _looped_bmm(a: Tensor, b: Tensor, *, out: Tensor) -> Tensor:
@@ -230,20 +233,21 @@ def _gram_newton_schulz_(X: Tensor, schedule: Sequence[Coefficients]) -> Tensor:
 Kernel = Callable[[Tensor, Sequence[Coefficients]], Tensor]
 
 
-def _iterate_(X: Tensor, kernel: Kernel, schedule: Sequence[Coefficients], safety: float) -> Tensor:
+def _iterate_(X: Tensor, kernel: Kernel, schedule: Sequence[Coefficients], safety: float, eps: float) -> Tensor:
     """Normalize X (a buffer from `empty_work`) in place and run `kernel` on its wide view."""
     transposed = X.size(-2) > X.size(-1)
     W = X.mT if transposed else X
     m, n = W.shape[-2:]
     if W.stride() != (_matrix_step(m, n, W.dtype), n, 1) or W.data_ptr() % _ALIGN_BYTES:
         W = _like(W, m, n).copy_(W)
-    _normalize_(W, safety)
+    _normalize_(W, safety, eps)
     W = kernel(W, schedule)
     return W.mT if transposed else W
 
 
-def _run(G: Tensor, kernel: Kernel, schedule: Sequence[Coefficients], safety: float, dtype: torch.dtype | None) -> Tensor:
-    return _iterate_(_work_copy(G, dtype), kernel, schedule, safety).reshape(G.shape).to(G.dtype)
+def _run(G: Tensor, kernel: Kernel, schedule: Sequence[Coefficients], safety: float, eps: float,
+         dtype: torch.dtype | None) -> Tensor:
+    return _iterate_(_work_copy(G, dtype), kernel, schedule, safety, eps).reshape(G.shape).to(G.dtype)
 
 
 def newton_schulz(
@@ -251,13 +255,14 @@ def newton_schulz(
     schedule: Sequence[Coefficients],
     *,
     safety: float = 1.0,
+    eps: float = 1e-7,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Quintic Newton-Schulz with one (a, b, c) per step, on the wide orientation of G.
 
     Per step: A = X X^T, B = b A + c A A, X <- a X + B X: 4 m^2 n + 2 m^3 flops for m <= n.
     """
-    return _run(G, _newton_schulz_, schedule, safety, dtype)
+    return _run(G, _newton_schulz_, schedule, safety, eps, dtype)
 
 
 def gram_newton_schulz(
@@ -265,6 +270,7 @@ def gram_newton_schulz(
     schedule: Sequence[Coefficients],
     *,
     safety: float = 1.0,
+    eps: float = 1e-7,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Newton-Schulz on the small Gram matrix: the same polynomial, fewer m x n products.
@@ -274,7 +280,7 @@ def gram_newton_schulz(
     only to form R and to apply Q, at the start, at each restart and at the end: 5 steps cost
     8 m^2 n + 28 m^3 flops instead of 20 m^2 n + 10 m^3.
     """
-    return _run(G, _gram_newton_schulz_, schedule, safety, dtype)
+    return _run(G, _gram_newton_schulz_, schedule, safety, eps, dtype)
 
 
 def orthogonalize_(X: Tensor, method: Method = "polar_express", steps: int | None = None) -> Tensor:
@@ -297,7 +303,7 @@ def orthogonalize_(X: Tensor, method: Method = "polar_express", steps: int | Non
         raise ValueError(f"orthogonalize_ runs {', '.join(SCHEDULES)} or 'gram', not {method!r}")
     if X.numel() == 0:
         return X
-    return _iterate_(X, kernel, coefficient_schedule(name, n_steps), SAFETY[name])
+    return _iterate_(X, kernel, coefficient_schedule(name, n_steps), SAFETY[name], EPS[name])
 
 
 def svd_polar(G: Tensor, *, dtype: torch.dtype | None = torch.float64) -> Tensor:
@@ -348,9 +354,11 @@ def orthogonalize(
     """
     if G.ndim < 2:
         raise ValueError(f"orthogonalize needs a (..., rows, cols) tensor, got shape {tuple(G.shape)}")
-    n_steps = DEFAULT_STEPS if steps is None else steps
-    if n_steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+    n_steps = _check_steps(steps)
+    if not callable(method) and method not in ORTHOGONALIZERS:
+        raise ValueError(
+            f"unknown orthogonalizer {method!r}; choose one of {', '.join(ORTHOGONALIZERS)} or pass a callable"
+        )
     if callable(method):
         # A clone, so that a user's in-place kernel cannot corrupt the momentum buffer it was given.
         out = method(G.clone(), n_steps)
@@ -363,8 +371,17 @@ def orthogonalize(
         return G.clone()
     if method == "svd":
         return svd_polar(G, dtype=dtype if dtype is not None else torch.float64)
-    if method in SCHEDULES or method == "gram":
-        return orthogonalize_(_work_copy(G, dtype), method, n_steps).reshape(G.shape).to(G.dtype)
-    raise ValueError(
-        f"unknown orthogonalizer {method!r}; choose one of {', '.join(ORTHOGONALIZERS)} or pass a callable"
-    )
+    return orthogonalize_(_work_copy(G, dtype), method, n_steps).reshape(G.shape).to(G.dtype)
+
+
+def _check_steps(steps: object) -> int:
+    """`steps` as an int (None means DEFAULT_STEPS); a clear error for anything but a count >= 0."""
+    if steps is None:
+        return DEFAULT_STEPS
+    try:
+        count = operator.index(steps)
+    except TypeError:
+        raise TypeError(f"steps must be a whole number, got {steps!r}") from None
+    if count < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    return count

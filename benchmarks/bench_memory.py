@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import torch
 from torch import nn
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-torch-muon", action="store_true")
     parser.add_argument("--write-results", action="store_true", help="also write the tables into benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
-    out = [f"Machine: {setup(args.threads)}"]
+    out = [f"Machine: {setup(args.threads)}; {time.strftime('%Y-%m-%d %H:%M')}"]
     print(out[0])
     torch.manual_seed(0)
     matrices = [(768, 768)] * 4 + [(3072, 768), (768, 3072)]

@@ -18,7 +18,7 @@ from muonkit.tasks.charlm import GPT
 from muonkit.tasks.cifar10 import CIFAR10
 from muonkit.tasks.data import (Shuffler, color_jitter, random_crop, random_erasing, random_flip, read_idx,
                                 stdlib_corpus)
-from muonkit.tasks.optimizers import OPTIMIZERS, build_optimizers, state_bytes
+from muonkit.tasks.optimizers import OPTIMIZERS, SGDW, build_optimizers, state_bytes
 from muonkit.tasks.bench import best_lr
 from muonkit.tasks.report import memory_note, summarize, target_hit, write_json_atomic
 from muonkit.tasks.training import PEAK_CPU_RSS, PEAK_CUDA, RunResult, peak_rss_since, start_peak_rss, train_run
@@ -157,6 +157,35 @@ def test_training_is_reproducible_and_records_every_step():
     assert runs[0].loss == runs[1].loss and len(runs[0].loss) == len(runs[0].opt_s) == 6
     assert [e[0] for e in runs[0].evals] == [5, 6]
     assert runs[0].optimizer_state_mb > 0
+
+
+def test_sgdw_decays_like_adamw_then_takes_the_plain_sgd_step():
+    """Reference, written out: p <- p (1 - lr wd); b <- mu b + g; p <- p - lr (g + mu b) (Nesterov)."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5, 3))
+    with_no_grad = torch.nn.Parameter(torch.randn(4))
+    lr, wd, mu = 0.1, 0.5, 0.9
+    opt = SGDW([p, with_no_grad], lr=lr, momentum=mu, nesterov=True, weight_decay=wd)
+    expected, buf = p.detach().clone(), None
+    frozen = with_no_grad.detach().clone()
+    for _ in range(3):
+        g = torch.randn(5, 3)
+        p.grad = g.clone()
+        opt.step()
+        expected = expected * (1 - lr * wd)
+        buf = g.clone() if buf is None else mu * buf + g
+        expected = expected - lr * (g + mu * buf)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(with_no_grad.detach(), frozen), "a parameter without a gradient must not decay"
+    assert all(g["weight_decay"] == 0 for g in opt.param_groups), "no L2 term on top of the decoupled decay"
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    assert opt.param_groups[-1]["decoupled_weight_decay"] == wd
+
+
+def test_bench_sgd_uses_decoupled_weight_decay():
+    model = torch.nn.Linear(3, 2)
+    (opt,), _ = build_optimizers("sgd", model, 0.1, adamw_lr=0.1, weight_decay=1.0, routing={})
+    assert isinstance(opt, SGDW) and opt.param_groups[0]["decoupled_weight_decay"] == 1.0
 
 
 def test_divergence_ends_the_run():

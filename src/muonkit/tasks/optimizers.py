@@ -4,12 +4,15 @@
   (the "moonlight" scale makes the Muon lr an AdamW lr).
 - muon-kj: muonkit.Muon with Keller Jordan's coefficients and scale; AdamW groups at the task's
   AdamW lr.
-- adamw, sgd (momentum 0.9, Nesterov): torch.optim on every parameter.
+- adamw: torch.optim.AdamW on every parameter.
+- sgd: torch.optim.SGD (momentum 0.9, Nesterov) on every parameter, with the weight decay decoupled
+  as AdamW and Muon decouple it (`SGDW`).
 - torch-muon: torch.optim.Muon on the matrices muonkit.route sends to Muon and torch.optim.AdamW on
   the rest (at the task's AdamW lr), as torch's documentation pairs them. torch.optim.Muon accepts
   only 2D parameters, so conv filters go to AdamW and a note says so.
 
-Every optimizer gets the task's weight decay, so the comparison varies one thing: the update rule.
+Every optimizer gets the task's weight decay, applied the same way (p *= 1 - lr * weight_decay, before
+the update), so the comparison varies one thing: the update rule.
 """
 
 from __future__ import annotations
@@ -37,11 +40,44 @@ def build_optimizers(name: str, model: nn.Module, lr: float, *, adamw_lr: float,
     if name == "adamw":
         return [torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)], []
     if name == "sgd":
-        return [torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
-                                weight_decay=weight_decay)], []
+        return [SGDW(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)], []
     if name == "torch-muon":
         return _torch_muon(model, lr, adamw_lr=adamw_lr, weight_decay=weight_decay, routing=routing)
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+class SGDW(torch.optim.SGD):
+    """torch.optim.SGD with decoupled weight decay: each parameter with a gradient is multiplied by
+    1 - lr * weight_decay before the SGD update, as AdamW and Muon do.
+
+    torch.optim.SGD's own `weight_decay` adds weight_decay * p to the gradient (L2), which momentum
+    then amplifies ~1 / (1 - momentum) times; with the modular task's weight decay of 1 that
+    collapsed every run to chance accuracy, so SGD did not get the same regularization as the
+    others. The decay factor lives in each group as `decoupled_weight_decay`.
+    """
+
+    def __init__(self, params: Any, lr: float, *, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0) -> None:
+        if weight_decay < 0:
+            raise ValueError(f"SGDW: weight_decay must be >= 0, got {weight_decay}")
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0)
+        self.defaults["decoupled_weight_decay"] = weight_decay  # for groups added later
+        for group in self.param_groups:
+            group.setdefault("decoupled_weight_decay", weight_decay)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            decay = group["lr"] * group["decoupled_weight_decay"]
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            if decay and with_grad:
+                torch._foreach_mul_(with_grad, 1.0 - decay)
+        super().step()
+        return loss
 
 
 def _torch_muon(model: nn.Module, lr: float, *, adamw_lr: float, weight_decay: float,

@@ -234,6 +234,7 @@ class Muon(torch.optim.Optimizer):
         # Checked for all groups before anything changes, so an error leaves no partial step:
         # options edited through param_groups since construction, parameters appended to a group's
         # list (they get their checks and state here, as torch.optim creates state lazily), grads.
+        appended = []
         for index, group in enumerate(self.param_groups):
             where = f"{'Muon' if group['use_muon'] else 'AdamW'} group {index}"
             _check_options(group, where)
@@ -242,10 +243,11 @@ class Muon(torch.optim.Optimizer):
             for name, p in zip(names, group["params"]):
                 if p.grad is None:
                     continue
-                if p not in self.state or not self.state[p]:
+                if not self.state.get(p):
                     _check_param(p, name, group, where)
                     if group["use_muon"] and _is_dtensor(p):
                         self._check_dtensor(p, name, where)
+                    appended.append((p, group))
                 if p.grad.is_sparse:
                     raise RuntimeError(
                         f"group {index}: parameter '{name}' has a sparse gradient; Muon and AdamW "
@@ -256,10 +258,8 @@ class Muon(torch.optim.Optimizer):
                         f"group {index}: parameter '{name}' has shape {tuple(p.shape)} but its "
                         f"gradient has shape {tuple(p.grad.shape)}"
                     )
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._init_state(p, group)
+        for p, group in appended:
+            self._init_state(p, group)
 
     def _muon_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         layouts = [resolve(group["layout"], p.ndim) for p in params]

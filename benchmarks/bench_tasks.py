@@ -152,8 +152,10 @@ def never_reached(task_name: str, sweeps: list[tuple[str, dict]]) -> list[str]:
         if sweep["score"] != "steps to target":
             continue
         for name, by_lr in sweep["results"].items():
-            if all(v != v or v > sweep["steps"] for values in by_lr.values() for v in values):
-                finals = sorted({f"{v:.3g}" for vs in sweep.get("final_metric", {}).get(name, {}).values() for v in vs})
+            # null (newer records) or NaN (older ones): a diverged run.
+            if all(v is None or v != v or v > sweep["steps"] for values in by_lr.values() for v in values):
+                finals = sorted({f"{v:.3g}" for vs in sweep.get("final_metric", {}).get(name, {}).values()
+                                 for v in vs if v is not None})
                 note = (f"{name} reached the target at no lr of `{stage}` (final {get_task(task_name).metric} "
                         f"{', '.join(finals)}), so its default lr is only the tie-break's pick.")
                 lines += [note, ""]

@@ -194,11 +194,16 @@ def _remove(d: Path) -> None:
     (d / "t10k-images-idx3-ubyte").unlink()
 
 
+def _wrong_size(d: Path) -> None:
+    write_idx(d / "t10k-images-idx3-ubyte", np.zeros((16, 8, 8)))
+
+
 @pytest.mark.parametrize("damage, words", [
     (_corrupt_magic, "bad magic number"),
     (_truncate, "truncated or malformed"),
     (_mismatch, "do not match"),
     (_remove, "has no t10k-images-idx3-ubyte"),
+    (_wrong_size, "not 28x28"),
 ])
 def test_malformed_fashion_dir(damage, words, fashion_dir, tmp_path, capsys):
     damage(fashion_dir)
@@ -227,6 +232,8 @@ def bad_inputs(tmp: Path, cifar_dir: Path, text_file: Path) -> list[tuple[list[s
     (cifar_dir / "data_batch_3").write_bytes(b"not a pickle")
     a_file = tmp / "a_file"
     a_file.write_text("x")
+    a_dir = tmp / "a_dir"
+    a_dir.mkdir()
     return [
         (["bench", "nosuchtask"], "unknown task 'nosuchtask'"),
         (["bench", "charlm", "--optimizers", "muon,lion"], "unknown optimizer 'lion'"),
@@ -239,9 +246,13 @@ def bad_inputs(tmp: Path, cifar_dir: Path, text_file: Path) -> list[tuple[list[s
         (["bench", "charlm", "--text", str(latin1)], "is not UTF-8"),
         (["bench", "charlm", "--text", str(text_file), "--out", str(a_file / "sub")], "cannot create output directory"),
         (["bench", "charlm", "--lr", "muon"], "bad --lr 'muon'"),
+        (["bench", "--lr", "muon=0.02", "modular"], "put it before --lr"),
         (["bench", "charlm", "--lr", "lion=0.1"], "bad --lr 'lion=0.1'"),
         (["bench", "charlm", "--lr", "muon=-1"], "must be a positive number"),
         (["bench", "charlm", "--lr", "adamw=fast"], "must be a positive number"),
+        (["bench", "regression", "--optimizers", "muon,sgd", "--lr", "adamw=0.5"], "does not use"),
+        (["bench", "charlm", "--text", str(a_dir)], "is a directory"),
+        (["bench", "fashion-mnist", "--data-dir", str(a_file)], "is a file, not a directory"),
         (["bench", "charlm", "--steps", "0"], "expected a positive integer"),
         (["bench", "charlm", "--steps", "2", "--epochs", "1"], "not allowed with argument"),
         (["bench", "modular", "--text", str(text_file)], "--text is for charlm only"),
@@ -265,3 +276,67 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, cifar_dir, text_file,
 def test_cuda_requested_without_cuda(capsys):
     code, out, err = run(["bench", "regression", "--device", "cuda"], capsys)
     assert_usage_error(code, err, "CUDA is not available")
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda batch: batch[b"labels"].__setitem__(0, -1), "labels must be in 0..9"),
+    (lambda batch: (batch.__setitem__(b"data", batch[b"data"][:0]), batch.__setitem__(b"labels", [])),
+     "holds no images"),
+])
+def test_malformed_cifar_labels_and_empty_batches(damage, words, cifar_dir, tmp_path, capsys):
+    with open(cifar_dir / "test_batch", "rb") as f:
+        batch = pickle.load(f)
+    damage(batch)
+    with open(cifar_dir / "test_batch", "wb") as f:
+        pickle.dump(batch, f)
+    code, out, err = run(["bench", "cifar10", "--data-dir", str(cifar_dir), "--steps", "2", "--quiet",
+                          "--out", str(tmp_path / "out")], capsys)
+    assert_usage_error(code, err, words)
+
+
+def test_adamw_lr_is_accepted_for_the_hybrids(tmp_path, capsys):
+    code, out, err = run(["bench", "regression", "--optimizers", "muon-kj", "--lr", "adamw=0.05", "--steps", "2",
+                          "--quiet", "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+
+
+def test_diverged_runs_write_strict_json(tmp_path, capsys):
+    """NaN is not JSON: a diverged run's values are null, and any strict parser reads the file."""
+    out_dir = tmp_path / "o"
+    code, out, err = run(["bench", "regression", "--optimizers", "sgd", "--lr", "sgd=1e6", "--steps", "20",
+                          "--quiet", "--out", str(out_dir)], capsys)
+    assert code == 0, err
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    payload = json.loads((out_dir / "results.json").read_text(), parse_constant=refuse)
+    assert payload["summary"]["sgd"]["diverged"] == [True] and payload["summary"]["sgd"]["final"] == [None]
+    assert (out_dir / "results.json").stat().st_mode & 0o777 == (out_dir / "curves.png").stat().st_mode & 0o777
+
+
+def test_a_new_run_removes_the_previous_runs_outputs(tmp_path, capsys, monkeypatch):
+    """An interrupted run in a reused --out must not leave the earlier run's results looking like its own."""
+    import muonkit.tasks.bench as bench
+
+    out_dir = tmp_path / "o"
+    code, _, err = run(["bench", "regression", "--steps", "2", "--quiet", "--out", str(out_dir)], capsys)
+    assert code == 0 and (out_dir / "results.json").exists() and (out_dir / "curves.png").exists(), err
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run_bench", interrupted)
+    code, _, err = run(["bench", "regression", "--steps", "2", "--quiet", "--out", str(out_dir)], capsys)
+    assert code == 130 and "no results were written" in err
+    assert not (out_dir / "results.json").exists() and not (out_dir / "curves.png").exists()
+
+
+def test_an_unwritable_result_file_is_one_line_and_exit_2(tmp_path, capsys):
+    out_dir = tmp_path / "o"
+    (out_dir / "results.json").mkdir(parents=True)  # a directory where the file must go
+    code, out, err = run(["bench", "regression", "--steps", "2", "--quiet", "--out", str(out_dir)], capsys)
+    last = err.strip().splitlines()[-1]  # after the runs' progress lines
+    assert code == 2 and "Traceback" not in err, err
+    assert last.startswith("muonkit: error: cannot write") and str(out_dir / "results.json") in last, last
+    assert not [p.name for p in out_dir.iterdir() if p.name.startswith(".")], "temporary files left behind"

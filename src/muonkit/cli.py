@@ -122,8 +122,10 @@ def _parse_lrs(items: Sequence[str]) -> list[tuple[str, float]]:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or name not in OPTIMIZERS:
+            # --lr takes several values, so a TASK written after it lands here.
+            hint = f" (to run task {item!r}, put it before --lr)" if not sep and item in TASKS else ""
             raise UsageError(f"bad --lr {item!r}; write OPT=VALUE with OPT one of {', '.join(OPTIMIZERS)}, "
-                             "e.g. --lr muon=0.02")
+                             f"e.g. --lr muon=0.02{hint}")
         try:
             lr = float(value)
         except ValueError:
@@ -142,6 +144,19 @@ def _device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
+# Optimizers whose non-matrix parameters train with AdamW at the task's adamw lr, which --lr adamw=...
+# sets; `muon` keeps one lr for both kinds of group (the "moonlight" scale).
+_USES_ADAMW_LR = ("muon-kj", "torch-muon")
+
+
+def _check_lr_names(pairs: list[tuple[str, float]], optimizers: tuple[str, ...]) -> None:
+    for name, _ in pairs:
+        if name in optimizers or (name == "adamw" and any(o in optimizers for o in _USES_ADAMW_LR)):
+            continue
+        raise UsageError(f"--lr {name}=... is for an optimizer this run does not use "
+                         f"(--optimizers {','.join(optimizers)}); add {name} to --optimizers or drop it")
+
+
 def _data_options(args: argparse.Namespace, task_name: str) -> DataOptions:
     if args.text is not None and task_name != "charlm":
         raise UsageError(f"--text is for charlm only, not {task_name}; drop it")
@@ -156,6 +171,7 @@ def _bench(args: argparse.Namespace) -> int:
     task = get_task(args.task)
     optimizers = _parse_optimizers(args.optimizers, task.default_optimizers)
     pairs = _parse_lrs(args.lr)
+    _check_lr_names(pairs, optimizers)
     # A run uses the last lr given for an optimizer; a sweep tries every lr given for it instead of
     # the task's grid.
     lrs = {**task.lrs, **dict(pairs)}
@@ -247,5 +263,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
         return 1
     except KeyboardInterrupt:
-        print("muonkit: interrupted; results.json was not written", file=sys.stderr)
+        print("muonkit: interrupted; no results were written", file=sys.stderr)
         return 130
+    except OSError as e:
+        # Writing the results (disk full, a directory where a file should go): one line, no traceback.
+        target = e.filename2 or e.filename  # os.replace(tmp, path) names the destination second
+        where = f" {target}" if target else ""
+        print(f"muonkit: error: cannot write{where}: {e.strerror or e}; pass --out with a writable "
+              "directory that has free space", file=sys.stderr)
+        return 2

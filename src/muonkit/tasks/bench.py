@@ -88,8 +88,12 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def _save_plot(task: Task, runs: dict[str, list[RunResult]], path: Path) -> None:
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    plot(task, runs, tmp)
-    os.replace(tmp, path)
+    try:
+        plot(task, runs, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def run_bench(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, Any]]:
@@ -140,8 +144,9 @@ def run_bench(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
 
 
 def _mean(values: list[float]) -> float:
-    """Mean of a list, NaN if it is empty or any entry is not finite (a diverged run)."""
-    return sum(values) / len(values) if values and all(math.isfinite(x) for x in values) else math.nan
+    """Mean of a list, NaN if it is empty or any entry is not finite (a diverged run; null in JSON)."""
+    finite = values and all(x is not None and math.isfinite(x) for x in values)
+    return sum(values) / len(values) if finite else math.nan
 
 
 def best_lr(scores: dict[str, list[float]], finals: dict[str, list[float]] | None, *, by_steps: bool,

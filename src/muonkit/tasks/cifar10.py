@@ -37,7 +37,10 @@ class CIFAR10(FashionMNIST):
 
     def load(self, options: DataOptions, device: torch.device) -> ImageData:
         train_x, train_y, val_x, val_y = load_cifar_dir(options.data_dir or DEFAULT_DIR)
-        if int(max(train_y.max(), val_y.max())) >= 10:
+        if len(train_y) == 0 or len(val_y) == 0:
+            raise TaskError("CIFAR-10 train or test batch holds no images; pass --data-dir with the real "
+                            "cifar-10-batches-py")
+        if int(min(train_y.min(), val_y.min())) < 0 or int(max(train_y.max(), val_y.max())) >= 10:
             raise TaskError("CIFAR-10 labels must be in 0..9; pass --data-dir with the real cifar-10-batches-py")
         return ImageData(torch.from_numpy(train_x).to(device), torch.from_numpy(train_y).to(device),
                          (torch.from_numpy(val_x).float() / 255).to(device), torch.from_numpy(val_y).to(device),

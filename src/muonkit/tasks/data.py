@@ -48,6 +48,8 @@ def find_file(directory: Path, stem: str, hint: str) -> Path:
 
 
 def check_dir(directory: Path, hint: str) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise TaskError(f"data directory {directory} is a file, not a directory; {hint}")
     if not directory.is_dir():
         raise TaskError(f"data directory {directory} does not exist; {hint}")
 
@@ -100,6 +102,8 @@ def stdlib_corpus(max_chars: int) -> str:
 
 
 def read_text(path: Path, max_chars: int) -> str:
+    if path.is_dir():
+        raise TaskError(f"{path} is a directory; pass --text with a UTF-8 text file")
     if not path.is_file():
         raise TaskError(f"text file {path} does not exist; pass --text with an existing UTF-8 text file")
     try:

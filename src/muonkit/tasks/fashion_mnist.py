@@ -38,8 +38,10 @@ def load_idx_pair(directory: Path, prefix: str) -> tuple[torch.Tensor, torch.Ten
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise TaskError(f"{directory}: {prefix} images {images.shape} and labels {labels.shape} do not "
                         f"match; {_HINT}")
-    if len(images) == 0 or int(labels.max()) >= 10:
+    if len(images) == 0 or int(labels.max()) >= 10 or int(labels.min()) < 0:
         raise TaskError(f"{directory}: {prefix} set is empty or has labels outside 0..9; {_HINT}")
+    if images.shape[1:] != (28, 28):
+        raise TaskError(f"{directory}: {prefix} images are {images.shape[1]}x{images.shape[2]}, not 28x28; {_HINT}")
     return torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype("int64"))
 
 

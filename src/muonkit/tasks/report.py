@@ -20,8 +20,14 @@ from muonkit.tasks.base import Task, TaskError  # noqa: E402
 from muonkit.tasks.training import PEAK_CPU_RSS, PEAK_CUDA, RunResult  # noqa: E402
 
 
+# What a command writes into --out; a new run removes them first, so that a run that stops or fails
+# never leaves an earlier run's results beside it as if they were its own.
+OUTPUT_FILES = ("results.json", "curves.png", "sweep.json", "ns.json", "ns_spectra.png")
+
+
 def prepare_out_dir(path: Path) -> None:
-    """Create `path` (and parents) or raise TaskError saying why it cannot be used as --out."""
+    """Create `path` (and parents), or raise TaskError saying why it cannot be used as --out; remove
+    the outputs of an earlier run there (OUTPUT_FILES)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -29,18 +35,37 @@ def prepare_out_dir(path: Path) -> None:
                         "pass --out with a writable directory") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise TaskError(f"output directory {path} is not writable; pass --out with a writable directory")
+    for name in OUTPUT_FILES:
+        old = path / name
+        if old.is_file() or old.is_symlink():
+            old.unlink()
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write to a temporary file in the same directory, then rename: readers never see half a file."""
+    """Write strict JSON (NaN and infinities, e.g. of diverged runs, become null) to a temporary file
+    in the same directory, then rename: readers never see half a file."""
+    text = json.dumps(_finite_or_null(payload), indent=1, allow_nan=False)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1, allow_nan=True)
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the mode open() would
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def target_hit(task: Task, run: RunResult) -> tuple[int, float] | None:
@@ -143,11 +168,22 @@ def plot(task: Task, runs_by_optimizer: dict[str, list[RunResult]], path: Path) 
         grid = max((c[0] for c in curves), key=len)
         seconds = np.mean([_extend(c[0], c[1], grid, per_step=True) for c in curves], axis=0)
         values = np.array([_extend(c[0], c[2], grid, per_step=False) for c in curves])
+        values[~np.isfinite(values)] = np.nan
         shown += [float(v) for v in values.ravel() if np.isfinite(v)]
-        for ax, x in zip(axes, (grid, seconds)):
-            (line,) = ax.plot(x, values.mean(0), label=f"{name} (lr {runs[0].lr:g})")
+        diverged = sum(r.diverged for r in runs)
+        label = f"{name} (lr {runs[0].lr:g})" + (f", {diverged} of {len(runs)} diverged" if diverged else "")
+        # Mean and band over the seeds still finite at each step, so one diverged seed does not erase
+        # the others; a few points get markers, so that a single evaluation is still visible.
+        finite = np.isfinite(values).any(0)
+        x_step, x_sec, vals = grid[finite], seconds[finite], values[:, finite]
+        marker = "o" if len(x_step) <= 3 else None
+        for ax, x in zip(axes, (x_step, x_sec)):
+            if not len(x):
+                ax.plot([], [], label=label)  # diverged at every evaluation: still in the legend
+                continue
+            (line,) = ax.plot(x, np.nanmean(vals, 0), marker=marker, label=label)
             if len(curves) > 1:
-                ax.fill_between(x, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+                ax.fill_between(x, np.nanmin(vals, 0), np.nanmax(vals, 0), color=line.get_color(), alpha=0.2)
     # A loss or error falling over decades (regression's MSE) is flat near zero on a linear axis.
     log_scale = (not task.higher_is_better and shown and min(shown) > 0 and max(shown) > 10 * min(shown))
     for ax, xlabel in zip(axes, ("step", "train seconds")):

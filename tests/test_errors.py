@@ -355,3 +355,24 @@ def test_orthogonalize_checks_its_arguments_even_for_empty_input():
         muonkit.orthogonalize(torch.randn(3, 4), steps=2.5)
     with pytest.raises(ValueError, match="-1"):
         muonkit.orthogonalize(torch.zeros(0, 4), steps=-1)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_orthogonalizer_that_raises_leaves_its_group_unchanged(nesterov):
+    """A user's orthogonalizer returning the wrong shape: the error names it, and the group's momentum
+    and parameters are as before the step (the new momentum is only written after it returns)."""
+    w = torch.nn.Parameter(torch.randn(6, 8))
+    calls = []
+
+    def flaky(X, steps):
+        calls.append(1)
+        return muonkit.orthogonalize(X, "svd") if len(calls) == 1 else X[..., :-1]
+
+    opt = muonkit.Muon([w], lr=0.02, weight_decay=0.1, nesterov=nesterov, orthogonalizer=flaky)
+    w.grad = torch.randn(6, 8)
+    opt.step()
+    snapshot = _snapshot(opt, [w])
+    w.grad = torch.randn(6, 8)
+    with pytest.raises(ValueError, match="returned shape"):
+        opt.step()
+    _assert_unchanged(opt, [w], snapshot)

@@ -203,11 +203,17 @@ def muon(
             orthogonalizer=orthogonalizer, ns_steps=ns_steps, ns_dtype=ns_dtype,  # type: ignore[arg-type]
         )
         return
-    updates = momentum_update_(grads, momentum_buffers, momentum=momentum, nesterov=nesterov)
-    matrices = [to_matrices(u, layout) for u, layout in zip(updates, layouts)]
     if orthogonalize_many is None:
+        # A user's callable or the SVD can raise: the new momentum is kept aside until it returns, so
+        # that an error leaves this group's buffers and parameters as they were.
+        buffers = torch._foreach_lerp(list(momentum_buffers), list(grads), 1.0 - momentum)
+        updates = list(torch._foreach_lerp(list(grads), buffers, momentum)) if nesterov else buffers
+        matrices = [to_matrices(u, layout) for u, layout in zip(updates, layouts)]
         ortho = batched_orthogonalize(matrices, method=orthogonalizer, steps=ns_steps, dtype=ns_dtype)
+        torch._foreach_copy_(list(momentum_buffers), buffers)
     else:
+        updates = momentum_update_(grads, momentum_buffers, momentum=momentum, nesterov=nesterov)
+        matrices = [to_matrices(u, layout) for u, layout in zip(updates, layouts)]
         ortho = orthogonalize_many(matrices)
     if weight_decay != 0.0:
         torch._foreach_mul_(list(params), 1.0 - lr * weight_decay)

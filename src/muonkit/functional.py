@@ -51,6 +51,18 @@ def momentum_update_(
     return buffers
 
 
+def momentum_update(
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    *,
+    momentum: float,
+    nesterov: bool,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """`momentum_update_` out of place: (the new buffers, U); the given buffers are left as they are."""
+    new = list(torch._foreach_lerp(list(momentum_buffers), list(grads), 1.0 - momentum))
+    return new, (list(torch._foreach_lerp(list(grads), new, momentum)) if nesterov else new)
+
+
 def _stacks(keys: Sequence[tuple], sizes: Sequence[int], matrix_numel: Sequence[int]) -> list[list[int]]:
     """Indices grouped by key, each group cut into runs of at most STACK_NUMEL elements; a
     tensor whose matrices have more than STACK_MATRIX_NUMEL elements makes a run of its own."""
@@ -206,8 +218,7 @@ def muon(
     if orthogonalize_many is None:
         # A user's callable or the SVD can raise: the new momentum is kept aside until it returns, so
         # that an error leaves this group's buffers and parameters as they were.
-        buffers = torch._foreach_lerp(list(momentum_buffers), list(grads), 1.0 - momentum)
-        updates = list(torch._foreach_lerp(list(grads), buffers, momentum)) if nesterov else buffers
+        buffers, updates = momentum_update(grads, momentum_buffers, momentum=momentum, nesterov=nesterov)
         matrices = [to_matrices(u, layout) for u, layout in zip(updates, layouts)]
         ortho = batched_orthogonalize(matrices, method=orthogonalizer, steps=ns_steps, dtype=ns_dtype)
         torch._foreach_copy_(list(momentum_buffers), buffers)

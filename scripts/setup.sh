@@ -6,8 +6,13 @@ venv="${MUONKIT_VENV:-$root/.venv}"
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
-if ! "$venv/bin/python" -c "import torch, muonkit, pytest, hypothesis" >/dev/null 2>&1; then
+# The integrations extra (transformers, accelerate, lightning) is for tests/test_integrations.py;
+# muonkit itself imports none of them.
+# find_spec looks the packages up without importing them (importing transformers takes seconds).
+needed="torch muonkit pytest hypothesis build transformers accelerate lightning"
+if ! "$venv/bin/python" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" \
+        $needed >/dev/null 2>&1; then
     "$venv/bin/pip" install --quiet --disable-pip-version-check torch==2.13.0
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -e "$root[test]"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -e "$root[test,integrations]"
 fi
 export PATH="$venv/bin:$PATH"

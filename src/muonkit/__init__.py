@@ -1,5 +1,6 @@
 """muonkit: the Muon optimizer toolkit for PyTorch."""
 
+from .integrations import MuonFactory
 from .layout import Layout
 from .optimizer import Muon
 from .orthogonalize import ORTHOGONALIZERS, orthogonalize
@@ -12,6 +13,7 @@ __all__ = [
     "Decision",
     "Layout",
     "Muon",
+    "MuonFactory",
     "ORTHOGONALIZERS",
     "SCALES",
     "__version__",

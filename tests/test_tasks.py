@@ -19,8 +19,10 @@ from muonkit.tasks.cifar10 import CIFAR10
 from muonkit.tasks.data import (Shuffler, color_jitter, random_crop, random_erasing, random_flip, read_idx,
                                 stdlib_corpus)
 from muonkit.tasks.optimizers import OPTIMIZERS, SGDW, build_optimizers, state_bytes
+from muonkit.tasks.base import batchnorm_statistics_from
 from muonkit.tasks.bench import best_lr
-from muonkit.tasks.report import memory_note, summarize, target_hit, write_json_atomic
+from muonkit.tasks.fashion_mnist import BN_IMAGES, ImageData
+from muonkit.tasks.report import memory_note, plot, summarize, target_hit, write_json_atomic
 from muonkit.tasks.training import PEAK_CPU_RSS, PEAK_CUDA, RunResult, peak_rss_since, start_peak_rss, train_run
 from muonkit.tasks.vision import Net
 
@@ -139,7 +141,7 @@ def test_build_optimizers_route_like_param_groups(name):
         assert {id(p) for p in optimizers[0].param_groups[0]["params"]} == muon_ids
         assert optimizers[1].param_groups[0]["lr"] == 0.001
     if name == "muon-kj":
-        assert [g["lr"] for g in optimizers[0].param_groups if not g["use_muon"]] == [0.001]
+        assert {g["lr"] for g in optimizers[0].param_groups if not g["use_muon"]} == {0.001}
 
 
 def test_torch_muon_sends_conv_filters_to_adamw_with_a_note():
@@ -320,3 +322,70 @@ def test_best_lr():
     assert best_lr(ties, {"0.1": [0.4], "0.3": [0.6], "1": [0.5]}, by_steps=True, higher_is_better=False) == "0.1"
     assert best_lr({"0.1": [nan], "0.3": [1001.0]}, {"0.1": [nan], "0.3": [0.1]}, by_steps=True,
                    higher_is_better=True) == "0.3"
+
+
+def test_batchnorm_statistics_from_images():
+    """Inside the block a BatchNorm's running mean and (unbiased) variance are those of its input
+    over the images (float64 oracle, one batch); dropout stays off and no random number is drawn;
+    on exit the running averages, momentum and modes are as before."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5),
+                                torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.3))
+    model.eval()
+    images = torch.rand(16, 1, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    conv = model[0](images).double()
+    rng = torch.get_rng_state()
+    with batchnorm_statistics_from(model, images, batch_size=16):
+        bn = model[1]
+        torch.testing.assert_close(bn.running_mean.double(), conv.mean((0, 2, 3)), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(bn.running_var.double(), conv.var((0, 2, 3), unbiased=True), rtol=1e-5, atol=1e-7)
+        assert not any(m.training for m in model.modules())
+        first, second = model(images), model(images)
+        assert torch.equal(first, second)  # dropout off
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert model[5].momentum == 0.3 and not model.training
+
+
+def test_image_tasks_evaluate_with_statistics_of_the_current_weights():
+    """The running averages a model carries (here: garbage) do not change the accuracy, and the
+    evaluation leaves them as they were."""
+    task = get_task("fashion-mnist")
+    g = gen(0)
+    train = torch.randint(0, 256, (BN_IMAGES + 8, 1, 28, 28), dtype=torch.uint8, generator=g)
+    data = ImageData(train, torch.zeros(len(train), dtype=torch.long), torch.rand(40, 1, 28, 28, generator=g),
+                     torch.randint(0, 10, (40,), generator=g), Shuffler(len(train), 8))
+    torch.manual_seed(0)
+    model = Net(10, width=8, in_channels=1)
+    with torch.no_grad():
+        model[1].γ.fill_(1.0)  # let the residual branches, and their BatchNorms, matter
+    model.eval()
+    with torch.inference_mode():
+        clean = task.evaluate(model, data)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-3, 3)
+                m.running_var.uniform_(5, 10)
+        garbage = {k: v.clone() for k, v in model.state_dict().items()}
+        assert task.evaluate(model, data) == clean
+    assert all(torch.equal(v, garbage[k]) for k, v in model.state_dict().items())
+    assert "BatchNorm statistics recomputed" in task.evaluation
+
+
+@pytest.mark.parametrize("seeds, words, absent", [(1, "one seed", "band"), (3, "mean over 3 seeds, band = min..max", None)])
+def test_plot_title_names_a_band_only_when_there_is_one(seeds, words, absent, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    titles = []
+    original = matplotlib.figure.Figure.suptitle
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle",
+                        lambda fig, text, **kw: titles.append(text) or original(fig, text, **kw))
+    task = get_task("regression")
+    runs = [RunResult("regression", "muon", 0.1, seed, 4, [], evals=[(2, 0.1, 0.5), (4, 0.2, 0.3)])
+            for seed in range(seeds)]
+    plot(task, {"muon": runs}, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert len(titles) == 1 and words in titles[0]
+    assert absent is None or absent not in titles[0]

@@ -103,6 +103,8 @@ def run_bench(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
     runs: dict[str, list[RunResult]] = {}
     started = time.perf_counter()
     env = environment(config.device)  # the machine as the runs found it (date and load at the start)
+    if task.evaluation:
+        log(f"evaluation: {task.evaluation}")
     # A throwaway run of 2 steps and one evaluation first: the first run in a process pays one-time
     # costs (library caches, code pages, allocator arenas: ~90 MB of resident memory on charlm,
     # measured 2026-11-24) that every later run reuses, and would otherwise charge them to the first
@@ -132,6 +134,7 @@ def run_bench(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
         "steps": config.steps,
         "seeds": config.seeds,
         "weight_decay": task.weight_decay,
+        "evaluation": task.evaluation or None,
         "wall_seconds": time.perf_counter() - started,
         "environment": env,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -180,6 +183,8 @@ def run_sweep(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
     by_steps = task.stop_at_target or task.sweep_by_steps
     unit = "steps to target" if by_steps else task.metric
     env = environment(config.device)  # date and load at the start
+    if task.evaluation:
+        log(f"evaluation: {task.evaluation}")
     scores: dict[str, dict[str, list[float]]] = {}
     finals: dict[str, dict[str, list[float]]] = {}
     for name in config.optimizers:

@@ -158,7 +158,8 @@ def memory_note(summaries: dict[str, dict[str, Any]]) -> str:
 
 
 def plot(task: Task, runs_by_optimizer: dict[str, list[RunResult]], path: Path) -> None:
-    """Validation metric vs step and vs train seconds: mean over seeds, band from min to max."""
+    """Validation metric vs step and vs train seconds: mean over seeds, band from min to max (with
+    more than one seed)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     shown: list[float] = []
     for name, runs in runs_by_optimizer.items():
@@ -195,7 +196,8 @@ def plot(task: Task, runs_by_optimizer: dict[str, list[RunResult]], path: Path) 
         ax.grid(alpha=0.3)
     axes[0].legend()
     seeds = max((len(r) for r in runs_by_optimizer.values()), default=0)
-    fig.suptitle(f"{task.name}: mean over {seeds} seed(s), band = min..max; dashed = target {task.target:g}")
+    over = f"mean over {seeds} seeds, band = min..max" if seeds > 1 else "one seed"
+    fig.suptitle(f"{task.name}: {over}; dashed = target {task.target:g}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

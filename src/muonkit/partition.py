@@ -135,13 +135,6 @@ def _product_layout(p: nn.Parameter, operand: torch.Tensor, side: str) -> Layout
     return _transposed(p.ndim) if transposed and not as_stored else None
 
 
-def _conv_layout(transposed: bool, ndim: int) -> LayoutSpec:
-    if transposed:
-        # ConvTranspose stores (in, out // groups, *kernel): fan_out is axis 1.
-        return Layout(rows=(1,), cols=(0, *range(2, ndim)))
-    return "conv"
-
-
 @dataclass(frozen=True)
 class _Known:
     """The weight of a layer muonkit knows: what it is, its matrix view, and how that view reads."""
@@ -151,19 +144,45 @@ class _Known:
     reading: str = ""
 
 
+def _conv_layout(transposed: bool, ndim: int, groups: int) -> LayoutSpec:
+    """A conv filter with `groups` groups is that many independent matrices of
+    (out / groups) x (in / groups * kernel), one per block of the out axis (Conv) or of the in
+    axis (ConvTranspose, which stores (in, out / groups, *kernel): fan_out is axis 1)."""
+    blocks = ((0, groups),) if groups > 1 else ()
+    if transposed:
+        return Layout(rows=(1,), cols=(0, *range(2, ndim)), blocks=blocks)
+    return Layout.per_block(groups, ndim) if groups > 1 else "conv"
+
+
+def _conv_kind(module: nn.Module, transposed: bool) -> _Known:
+    groups = module.groups
+    name = "transposed-conv filter" if transposed else "conv filter"
+    stored = "; stored (in, out/groups, *kernel)" if transposed else ""
+    if groups == 1:
+        return _Known(name, _conv_layout(transposed, module.weight.ndim, 1), f" (out x in*kernel{stored})")
+    layout = _conv_layout(transposed, module.weight.ndim, groups)
+    if groups == module.in_channels:
+        return _Known(f"depthwise {name} (groups={groups})", layout,
+                      f" (one matrix per channel{stored}; read as one out x kernel matrix, as the seed notebook "
+                      "did, it would couple independent channels)")
+    return _Known(f"grouped {name} (groups={groups})", layout,
+                  f" (one (out/groups) x (in/groups*kernel) matrix per group{stored})")
+
+
 def _known_weight(module: nn.Module, local_name: str, p: nn.Parameter) -> _Known | None:
     if local_name == "weight" and isinstance(module, _EMBEDDINGS):
         return _Known("embedding", None)
     if local_name == "weight" and isinstance(module, nn.Linear):
         return _Known("Linear weight", "stacked")
     if local_name == "weight" and isinstance(module, _CONVS):
-        return _Known("conv filter", _conv_layout(False, p.ndim), " (out x in*kernel)")
+        return _conv_kind(module, transposed=False)
     if local_name == "weight" and isinstance(module, _CONV_TRANSPOSES):
-        return _Known("transposed-conv filter", _conv_layout(True, p.ndim),
-                      " (out x in*kernel; stored (in, out, *kernel))")
+        return _conv_kind(module, transposed=True)
     if local_name == "weight" and _is_hf_conv1d(module):
         return _Known("transformers Conv1D weight", Layout(rows=(1,), cols=(0,)),
                       " (out x in; stored (in, out), read with Layout(rows=(1,), cols=(0,)))")
+    if local_name == "in_proj_weight" and isinstance(module, nn.MultiheadAttention):
+        return _Known("MultiheadAttention in_proj_weight", Layout.per_block(3), " (q, k and v: 3 matrices)")
     if local_name in _ATTENTION_WEIGHTS and isinstance(module, nn.MultiheadAttention):
         return _Known(f"MultiheadAttention {local_name}", "stacked")
     return None
@@ -245,7 +264,7 @@ class _UseRecorder(TorchDispatchMode):
             p = self.free[pid]
             layout = None
             if side == "conv":
-                layout = _conv_layout(bool(args[6]), p.ndim)
+                layout = _conv_layout(bool(args[6]), p.ndim, int(args[8]))
             elif matrix:
                 layout = _product_layout(p, operand, side)
             uses = self.seen.uses.setdefault(pid, [])
@@ -488,14 +507,16 @@ class _Rule:
             return "adamw", f"input stem: the first {kind} {self.order_source}", None
         layout = self.default_layout
         batch, rows, cols = matrix_shape(p.shape, resolve(layout, p.ndim))
-        if min(rows, cols) < min_size:
-            return "adamw", f"matrix view {rows}x{cols} too small to orthogonalize (side < {min_size})", None
         view = f"{batch} matrices {rows}x{cols}" if batch > 1 else f"{rows}x{cols}"
+        if min(rows, cols) < min_size:
+            what = f"{self.known.what}: " if self.known is not None else ""
+            reading = self.known.reading if self.known is not None else ""
+            return "adamw", f"{what}matrix view {view}{reading} too small to orthogonalize (side < {min_size})", None
         if self.known is not None:
             return "muon", f"hidden {self.known.what} {view}{self.known.reading}", layout
         ops = sorted({f"aten.{u.op}" for u in self.uses or ()})
-        if layout == "conv":
-            reading = "a conv filter (out x in*kernel)"
+        if any(u.op == "convolution" for u in self.uses or ()):
+            reading = "a conv filter (out x in*kernel, per group)"
         elif isinstance(layout, Layout):
             reading = "stored (..., in, out)"
         else:

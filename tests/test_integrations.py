@@ -140,6 +140,15 @@ def test_hf_trainer_with_the_factory_resumes_bit_for_bit(tmp_path):
     assert any(not torch.equal(start[n], v) for n, v in full.state_dict().items())
 
 
+def test_hf_trainer_with_muon_as_a_class_fails_loudly(tmp_path):
+    """docs/API.md: (muonkit.Muon, kwargs) makes the Trainer pass its own groups of bare tensors,
+    biases included, without routing: Muon refuses the first 1D one instead of misusing it."""
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = Trainer(model=tiny_gpt2(), args=args, optimizer_cls_and_kwargs=(muonkit.Muon, {"lr": 3e-3}))
+    with pytest.raises(ValueError, match="Muon needs a matrix"):
+        trainer.create_optimizer()
+
+
 # ---- Lightning ------------------------------------------------------------------------------
 
 class Classifier(lightning.LightningModule):

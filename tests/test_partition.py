@@ -511,11 +511,13 @@ def test_example_inputs_as_keywords_and_a_bare_tensor_refused():
         muonkit.route(Keywords(), example_inputs=torch.randn(3, 8))
 
 
-def test_route_keeps_train_mode_and_grad():
+def test_route_keeps_each_modules_mode_and_no_grad():
     model = FreeParams()
     model.train()
+    model.q_proj.eval()
     muonkit.route(model, example_inputs=FREE_INPUTS)
-    assert model.training and all(p.grad is None for p in model.parameters())
+    assert model.training and model.experts.training and not model.q_proj.training
+    assert all(p.grad is None for p in model.parameters())
 
 
 # ---- a predicate that declares a layout -----------------------------------------------------

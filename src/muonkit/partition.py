@@ -192,15 +192,21 @@ def _known_weight(module: nn.Module, local_name: str, p: nn.Parameter) -> _Known
 
 @dataclass(frozen=True)
 class _Use:
+    """One ATen op that consumed a free parameter."""
+
     op: str
     matrix: bool
+    """The parameter was a factor of a matrix product or a convolution's filter."""
     layout: LayoutSpec = None
+    """The matrix view that use implies (None: the default)."""
     feeds: str | None = None
     """For a matrix product with a layer's weight as the other factor: that weight's name."""
 
 
 @dataclass
 class _Observation:
+    """What one forward pass showed."""
+
     order: list[Any] = field(default_factory=list)
     """Known layers (modules) and free parameters, in the order the forward pass first runs them."""
     uses: dict[int, list[_Use]] = field(default_factory=dict)
@@ -296,7 +302,7 @@ def _observe(
     params = {id(p): p for p in model.parameters()}
     for pid in (*free, *weights):
         recorder.watch(params[pid])
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         with torch.no_grad(), recorder:
@@ -305,7 +311,8 @@ def _observe(
             else:
                 model(*example_inputs)
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
         for h in handles:
             h.remove()
     return seen

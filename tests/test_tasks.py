@@ -144,6 +144,24 @@ def test_build_optimizers_route_like_param_groups(name):
         assert {g["lr"] for g in optimizers[0].param_groups if not g["use_muon"]} == {0.001}
 
 
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_bench_optimizer_decays_the_same_parameters(name):
+    """The parameters muonkit.param_groups does not decay (0D/1D, no_weight_decay() names) get
+    weight decay 0 from every optimizer the bench compares; all others get the task's."""
+    model = GPT(vocab=11, context=8, width=16, depth=1, heads=2)
+    model.no_weight_decay = lambda: {"position.weight"}
+    names = {id(p): n for n, p in model.named_parameters()}
+    zero = {d.name for d in muonkit.route(model) if d.no_decay}
+    assert "position.weight" in zero and "norm.weight" in zero
+    optimizers, _ = build_optimizers(name, model, 0.01, adamw_lr=0.001, weight_decay=0.1, routing={})
+    decay = {}
+    for opt in optimizers:
+        for g in opt.param_groups:
+            wd = g["decoupled_weight_decay"] if isinstance(opt, SGDW) else g["weight_decay"]
+            decay.update({names[id(p)]: wd for p in g["params"]})
+    assert decay == {n: 0.0 if n in zero else 0.1 for n in names.values()}
+
+
 def test_torch_muon_sends_conv_filters_to_adamw_with_a_note():
     optimizers, notes = build_optimizers("torch-muon", Net(10, width=8), 0.01, adamw_lr=0.001, weight_decay=0.0,
                                          routing={})

@@ -12,7 +12,8 @@
   only 2D parameters, so conv filters go to AdamW and a note says so.
 
 Every optimizer gets the task's weight decay, applied the same way (p *= 1 - lr * weight_decay, before
-the update), so the comparison varies one thing: the update rule.
+the update), on the same parameters: all but those muonkit.param_groups does not decay (0D/1D
+parameters and no_weight_decay() names, docs/API.md). The comparison varies one thing: the update rule.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ def build_optimizers(name: str, model: nn.Module, lr: float, *, adamw_lr: float,
         return [muonkit.Muon(groups, lr=lr, weight_decay=weight_decay, orthogonalizer="keller_jordan",
                              scale="keller_jordan", adamw_lr=adamw_lr)], []
     if name == "adamw":
-        return [torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)], []
+        return [torch.optim.AdamW(by_decay(model, routing), lr=lr, weight_decay=weight_decay)], []
     if name == "sgd":
-        return [SGDW(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)], []
+        groups = by_decay(model, routing, key="decoupled_weight_decay")
+        return [SGDW(groups, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)], []
     if name == "torch-muon":
         return _torch_muon(model, lr, adamw_lr=adamw_lr, weight_decay=weight_decay, routing=routing)
     raise ValueError(f"unknown optimizer {name!r}")
@@ -80,6 +82,21 @@ class SGDW(torch.optim.SGD):
         return loss
 
 
+def by_decay(model: nn.Module, routing: dict[str, Any], names: list[str] | None = None, *,
+             key: str = "weight_decay") -> list[dict[str, Any]]:
+    """The trainable parameters (or those `names`) in param groups split as muonkit.param_groups
+    splits them for weight decay: the ones it does not decay get `key`: 0.0, the others no key
+    (the optimizer's weight decay)."""
+    params = dict(model.named_parameters())
+    wanted = set(params) if names is None else set(names)
+    decayed: dict[str, Any] = {"params": []}
+    kept: dict[str, Any] = {"params": [], key: 0.0}
+    for d in muonkit.route(model, **routing):
+        if d.optimizer != "frozen" and d.name in wanted:
+            (decayed if d.no_decay is None else kept)["params"].append(params[d.name])
+    return [g for g in (decayed, kept) if g["params"]]
+
+
 def _torch_muon(model: nn.Module, lr: float, *, adamw_lr: float, weight_decay: float,
                 routing: dict[str, Any]) -> tuple[list[torch.optim.Optimizer], list[str]]:
     params = dict(model.named_parameters())
@@ -88,9 +105,9 @@ def _torch_muon(model: nn.Module, lr: float, *, adamw_lr: float, weight_decay: f
         if d.optimizer == "frozen":
             continue
         if d.optimizer == "muon" and len(d.shape) == 2:
-            matrices.append(params[d.name])
+            matrices.append(d.name)
         else:
-            rest.append(params[d.name])
+            rest.append(d.name)
             if d.optimizer == "muon":
                 not_2d.append(d.name)
     notes = []
@@ -99,11 +116,11 @@ def _torch_muon(model: nn.Module, lr: float, *, adamw_lr: float, weight_decay: f
                      f"tensors ({not_2d[0]}, ...) with {len(params[not_2d[0]].shape)}D shapes go to AdamW instead")
     optimizers: list[torch.optim.Optimizer] = []
     if matrices:
-        optimizers.append(torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay))
+        optimizers.append(torch.optim.Muon(by_decay(model, routing, matrices), lr=lr, weight_decay=weight_decay))
     else:
         notes.append("torch-muon: no 2D matrices to give torch.optim.Muon; it is plain AdamW on this model")
     if rest:
-        optimizers.append(torch.optim.AdamW(rest, lr=adamw_lr, weight_decay=weight_decay))
+        optimizers.append(torch.optim.AdamW(by_decay(model, routing, rest), lr=adamw_lr, weight_decay=weight_decay))
     return optimizers, notes
 
 

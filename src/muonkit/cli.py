@@ -23,7 +23,7 @@ import torch
 
 import muonkit
 from muonkit.tasks import TASKS, DataOptions, Task, TaskError, get_task
-from muonkit.tasks.optimizers import OPTIMIZERS
+from muonkit.tasks.optimizers import OPTIMIZERS, base_name, lr_for
 
 DATA_DIR_TASKS = ("fashion-mnist", "cifar10")
 
@@ -145,13 +145,13 @@ def _device(name: str | None) -> torch.device:
 
 
 # Optimizers whose non-matrix parameters train with AdamW at the task's adamw lr, which --lr adamw=...
-# sets; `muon` keeps one lr for both kinds of group (the "moonlight" scale).
+# sets; `muon` and its variants keep one lr for both kinds of group (the "moonlight" scale).
 _USES_ADAMW_LR = ("muon-kj", "torch-muon")
 
 
 def _check_lr_names(pairs: list[tuple[str, float]], optimizers: tuple[str, ...]) -> None:
     for name, _ in pairs:
-        if name in optimizers or (name == "adamw" and any(o in optimizers for o in _USES_ADAMW_LR)):
+        if name in optimizers or (name == "adamw" and any(base_name(o) in _USES_ADAMW_LR for o in optimizers)):
             continue
         raise UsageError(f"--lr {name}=... is for an optimizer this run does not use "
                          f"(--optimizers {','.join(optimizers)}); add {name} to --optimizers or drop it")
@@ -174,8 +174,9 @@ def _bench(args: argparse.Namespace) -> int:
     _check_lr_names(pairs, optimizers)
     # A run uses the last lr given for an optimizer; a sweep tries every lr given for it instead of
     # the task's grid.
-    lrs = {**task.lrs, **dict(pairs)}
-    grid = {**task.sweep_grid, **{n: tuple(lr for m, lr in pairs if m == n) for n, _ in pairs}}
+    lrs = {**{n: lr_for(n, task.lrs) for n in OPTIMIZERS}, **dict(pairs)}
+    grid = {**{n: lr_for(n, task.sweep_grid) for n in OPTIMIZERS},
+            **{n: tuple(lr for m, lr in pairs if m == n) for n, _ in pairs}}
     device = _device(args.device)
     options = _data_options(args, task.name)
 

@@ -88,8 +88,8 @@ class CharLM(Task):
     width = 128
     depth = 4
     default_optimizers = ("muon", "adamw")
-    lrs = {"muon": 1e-2, "muon-kj": 3e-2, "adamw": 1e-3, "sgd": 0.3, "torch-muon": 3e-2}
-    sweep_grid = {"muon": (3e-3, 1e-2, 3e-2), "muon-kj": (1e-2, 3e-2, 1e-1), "adamw": (3e-4, 1e-3, 3e-3, 1e-2),
+    lrs = {"muon": 1e-2, "normuon": 1e-2, "adamuon": 1e-2, "muon-kj": 3e-2, "adamw": 1e-3, "sgd": 0.3, "torch-muon": 3e-2}
+    sweep_grid = {"muon": (3e-3, 1e-2, 3e-2), "normuon": (3e-3, 1e-2, 3e-2), "adamuon": (3e-3, 1e-2, 3e-2), "muon-kj": (1e-2, 3e-2, 1e-1), "adamw": (3e-4, 1e-3, 3e-3, 1e-2),
                   "sgd": (1e-2, 3e-2, 1e-1, 0.3), "torch-muon": (1e-2, 3e-2, 1e-1)}
 
     def load(self, options: DataOptions, device: torch.device) -> TextData:

@@ -361,3 +361,22 @@ def test_best_lr():
     assert best_lr(ties, {"0.1": [0.4], "0.3": [0.6], "1": [0.5]}, by_steps=True, higher_is_better=False) == "0.1"
     assert best_lr({"0.1": [nan], "0.3": [1001.0]}, {"0.1": [nan], "0.3": [0.1]}, by_steps=True,
                    higher_is_better=True) == "0.3"
+
+
+def test_steps_to_adamw_final_and_ratio():
+    """Each optimizer's steps to reach AdamW's mean final metric, and the median as a multiple of
+    AdamW's own steps to it; a seed that never reaches it makes the ratio undefined."""
+    task = get_task("regression")  # lower is better
+
+    def run(name, seed, values):
+        return RunResult("regression", name, 0.1, seed, 4, [], evals=[(s + 1, 0.1 * s, v) for s, v in enumerate(values)])
+
+    runs = {"adamw": [run("adamw", 0, [0.5, 0.3, 0.2, 0.1]), run("adamw", 1, [0.5, 0.3, 0.2, 0.1])],
+            "muon": [run("muon", 0, [0.3, 0.1, 0.05, 0.01]), run("muon", 1, [0.2, 0.09, 0.05, 0.01])],
+            "sgd": [run("sgd", 0, [0.5, 0.4, 0.3, 0.2]), run("sgd", 1, [0.5, 0.4, 0.3, 0.05])]}
+    summaries = {name: {"final": [r.evals[-1][2] for r in rs]} for name, rs in runs.items()}
+    from muonkit.tasks.report import add_steps_to_reference
+    add_steps_to_reference(task, runs, summaries)
+    assert summaries["adamw"]["steps_to_reference"] == [4, 4] and summaries["adamw"]["reference_step_ratio"] == 1.0
+    assert summaries["muon"]["steps_to_reference"] == [2, 2] and summaries["muon"]["reference_step_ratio"] == 0.5
+    assert summaries["sgd"]["steps_to_reference"] == [None, 4] and summaries["sgd"]["reference_step_ratio"] is None

@@ -1,6 +1,6 @@
 """The `muonkit` command: argument parsing and printing only; the work lives in muonkit.tasks.
 
-    muonkit bench [TASK] [--optimizers muon,adamw,...] [--steps N | --epochs N] [--seeds K]
+    muonkit bench [TASK] [--optimizers muon,adamw,...] [--steps N | --epochs N] [--seeds K] [--eval-every N]
                   [--lr OPT=VALUE ...] [--lr-sweep] [--data-dir DIR] [--text FILE]
                   [--device cpu|cuda] [--out DIR] [--threads N] [--quiet]
     muonkit explain TASK [--data-dir DIR] [--text FILE]
@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--steps", type=_positive_int, help="training steps per run (default: the task's)")
     budget.add_argument("--epochs", type=_positive_int, help="training epochs per run")
     bench.add_argument("--seeds", type=_positive_int, default=1, help="runs per optimizer, seeds 0..K-1 (default 1)")
+    bench.add_argument("--eval-every", type=_positive_int, metavar="N",
+                       help="evaluate every N steps (default: the task's; finer steps-to-target counts cost evaluations)")
     bench.add_argument("--lr", nargs="+", action="extend", default=[], metavar="OPT=VALUE",
                        help="override an optimizer's learning rate, e.g. --lr muon=0.02 adamw=1e-3; with "
                             "--lr-sweep, the lrs to try instead of the task's grid (repeat OPT for several)")
@@ -204,7 +206,8 @@ def _run_bench(args: argparse.Namespace, task: Task, optimizers: tuple[str, ...]
         steps = args.epochs * task.steps_per_epoch(data)
     else:
         steps = task.sweep_steps if args.lr_sweep else task.default_steps
-    config = BenchConfig(task, optimizers, lrs, grid, args.seeds, steps, device, out, progress=not args.quiet)
+    config = BenchConfig(task, optimizers, lrs, grid, args.seeds, steps, device, out, progress=not args.quiet,
+                         eval_every=args.eval_every)
     what = "lr sweep" if args.lr_sweep else "bench"
     _log(f"muonkit {what} {task.name}: {', '.join(optimizers)}; {args.seeds} seed(s) x {steps} steps on {device}; "
          f"torch {torch.__version__}, {torch.get_num_threads()} threads")

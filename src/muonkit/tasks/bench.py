@@ -16,7 +16,7 @@ import torch
 
 import muonkit
 from muonkit.tasks.base import Task
-from muonkit.tasks.report import format_table, plot, summarize, target_hit, write_json_atomic
+from muonkit.tasks.report import add_steps_to_reference, format_table, plot, summarize, target_hit, write_json_atomic
 from muonkit.tasks.training import RunResult, train_run
 
 Log = Callable[[str], None]
@@ -34,6 +34,8 @@ class BenchConfig:
     device: torch.device
     out: Path
     progress: bool = True
+    eval_every: int | None = None
+    """Steps between evaluations; None means the task's own."""
 
 
 def auto_threads() -> int:
@@ -113,7 +115,7 @@ def run_bench(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
         runs[name] = []
         for seed in range(config.seeds):
             run = train_run(task, data, name, config.lrs[name], seed, config.steps, config.device,
-                            adamw_lr=config.lrs["adamw"], progress=config.progress)
+                            adamw_lr=config.lrs["adamw"], progress=config.progress, eval_every=config.eval_every)
             if seed == 0:
                 for note in run.notes:
                     log(f"note: {note}")
@@ -122,6 +124,7 @@ def run_bench(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
             log(f"{name} seed {seed}: {len(run.loss)} steps, {state}")
             runs[name].append(run)
     summaries = {name: summarize(task, rs) for name, rs in runs.items()}
+    add_steps_to_reference(task, runs, summaries)
     table = format_table(task, summaries)
     _save_plot(task, runs, config.out / "curves.png")
     payload = {
@@ -188,7 +191,7 @@ def run_sweep(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
             values, final_values = [], []
             for seed in range(config.seeds):
                 run = train_run(task, data, name, lr, seed, config.steps, config.device,
-                                adamw_lr=task.lrs["adamw"], progress=config.progress)
+                                adamw_lr=task.lrs["adamw"], progress=config.progress, eval_every=config.eval_every)
                 final = math.nan if run.diverged or not run.evals else run.evals[-1][2]
                 if run.diverged:
                     value = math.nan

@@ -76,6 +76,35 @@ def target_hit(task: Task, run: RunResult) -> tuple[int, float] | None:
     return None
 
 
+def steps_to_reach(task: Task, run: RunResult, value: float) -> int | None:
+    """Steps of the first evaluation of `run` at least as good as `value` (None if never)."""
+    for step, _, metric in run.evals:
+        if math.isfinite(metric) and (metric >= value if task.higher_is_better else metric <= value):
+            return step
+    return None
+
+
+def add_steps_to_reference(task: Task, runs: dict[str, list[RunResult]], summaries: dict[str, dict[str, Any]],
+                           reference: str = "adamw") -> None:
+    """When `reference` ran: each optimizer's steps to reach the reference's mean final metric
+    ("steps_to_reference", per seed) and their median as a multiple of the reference's own
+    ("reference_step_ratio"); a run that never reaches it counts as not reached."""
+    if reference not in runs:
+        return
+    finals = [v for v in summaries[reference]["final"] if v is not None and math.isfinite(v)]
+    if not finals:
+        return
+    value = statistics.fmean(finals)
+    own = [s for s in (steps_to_reach(task, r, value) for r in runs[reference]) if s is not None]
+    for name, rs in runs.items():
+        steps = [steps_to_reach(task, r, value) for r in rs]
+        reached = [s for s in steps if s is not None]
+        summaries[name]["reference"] = {"optimizer": reference, "value": value}
+        summaries[name]["steps_to_reference"] = steps
+        summaries[name]["reference_step_ratio"] = (
+            statistics.median(reached) / statistics.median(own) if reached and own and len(reached) == len(steps) else None)
+
+
 def summarize(task: Task, runs: list[RunResult]) -> dict[str, Any]:
     """Per-run numbers the table and results.json share."""
     finals = [r.evals[-1][2] if r.evals else math.nan for r in runs]
@@ -127,12 +156,19 @@ def format_table(task: Task, summaries: dict[str, dict[str, Any]]) -> str:
     target = f"{task.target:g}"
     header = ["optimizer", "lr", f"final {task.metric}", f"best {task.metric}", f"steps to {target}",
               f"seconds to {target}", "fwd+bwd ms/step", "opt ms/step", "peak MB", "opt state MB"]
+    with_reference = any("reference" in s for s in summaries.values())
+    if with_reference:
+        header[6:6] = ["steps to AdamW's final", "× AdamW's steps"]
     rows = []
     for name, s in summaries.items():
         peak = "-" if s["peak_memory_mb"] is None else f"{s['peak_memory_mb']:.0f}"
-        rows.append([name, f"{s['lr']:g}", _mean_spread(s["final"], digits), _mean_spread(s["best"], digits),
-                     _to_target(s["steps_to_target"], "g"), _to_target(s["seconds_to_target"], ".1f"),
-                     f"{s['fwd_bwd_ms']:.1f}", f"{s['opt_step_ms']:.1f}", peak, f"{s['optimizer_state_mb']:.2f}"])
+        row = [name, f"{s['lr']:g}", _mean_spread(s["final"], digits), _mean_spread(s["best"], digits),
+               _to_target(s["steps_to_target"], "g"), _to_target(s["seconds_to_target"], ".1f"),
+               f"{s['fwd_bwd_ms']:.1f}", f"{s['opt_step_ms']:.1f}", peak, f"{s['optimizer_state_mb']:.2f}"]
+        if with_reference:
+            ratio = s.get("reference_step_ratio")
+            row[6:6] = [_to_target(s.get("steps_to_reference", []), "g"), "-" if ratio is None else f"{ratio:.2f}"]
+        rows.append(row)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)

@@ -102,7 +102,8 @@ def _sync(device: torch.device) -> None:
 
 
 def train_run(task: Task, data: Any, optimizer: str, lr: float, seed: int, steps: int, device: torch.device,
-              *, adamw_lr: float, progress: bool = True, stop_at_target: bool | None = None) -> RunResult:
+              *, adamw_lr: float, progress: bool = True, stop_at_target: bool | None = None,
+              eval_every: int | None = None) -> RunResult:
     """Train a fresh model for `steps` steps; a non-finite loss ends the run as diverged.
 
     Peak memory: on CUDA, max_memory_allocated (everything on the device, data included); on CPU,
@@ -153,7 +154,7 @@ def train_run(task: Task, data: Any, optimizer: str, lr: float, seed: int, steps
                 result.diverged = True
                 result.evals.append((step + 1, train_seconds, math.nan))
                 break
-            if (step + 1) % task.eval_every == 0 or step + 1 == steps:
+            if (step + 1) % (eval_every or task.eval_every) == 0 or step + 1 == steps:
                 model.eval()
                 with torch.inference_mode():
                     metric = task.evaluate(model, data)

@@ -2,6 +2,7 @@
 
     muonkit bench [TASK] [--optimizers muon,adamw,...] [--steps N | --epochs N] [--seeds K]
                   [--lr OPT=VALUE ...] [--lr-sweep] [--data-dir DIR] [--text FILE]
+                  [--qk-clip TAU] [--tensorboard DIR]
                   [--device cpu|cuda] [--out DIR] [--threads N] [--quiet]
     muonkit explain TASK [--data-dir DIR] [--text FILE]
     muonkit ns [--size ROWSxCOLS] [--seed S] [--repeats N] [--out DIR]
@@ -47,6 +48,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _tau(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if math.isnan(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number (or inf), got {text!r}")
+    return value
+
+
 def _default_out(name: str) -> Path:
     return Path("muonkit-runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -81,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--data-dir", type=Path, help="data directory (fashion-mnist: IDX files; cifar10: "
                                                      "cifar-10-batches-py)")
     bench.add_argument("--text", type=Path, help="charlm: a UTF-8 text file (default: the standard library's source)")
+    bench.add_argument("--qk-clip", type=_tau, metavar="TAU",
+                       help="QK-Clip (Kimi K2) for tasks with attention (charlm, modular): after each step, "
+                            "shrink the query and key rows of every head whose largest attention logit exceeded "
+                            "TAU (Kimi K2 used 100); 'inf' only records the logits. The table gains a max-logit column")
     bench.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     bench.add_argument("--out", type=Path, help="output directory (default ./muonkit-runs/<task>-<time>)")
     bench.add_argument("--threads", type=_positive_int,
@@ -178,6 +193,9 @@ def _bench(args: argparse.Namespace) -> int:
     grid = {**task.sweep_grid, **{n: tuple(lr for m, lr in pairs if m == n) for n, _ in pairs}}
     device = _device(args.device)
     options = _data_options(args, task.name)
+    if args.qk_clip is not None and not task.supports_qk_clip:
+        supported = ", ".join(name for name, t in TASKS.items() if t.supports_qk_clip)
+        raise UsageError(f"--qk-clip needs a task with attention ({supported}), not {task.name}; drop it")
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or auto_threads())
@@ -203,7 +221,8 @@ def _run_bench(args: argparse.Namespace, task: Task, optimizers: tuple[str, ...]
         steps = args.epochs * task.steps_per_epoch(data)
     else:
         steps = task.sweep_steps if args.lr_sweep else task.default_steps
-    config = BenchConfig(task, optimizers, lrs, grid, args.seeds, steps, device, out, progress=not args.quiet)
+    config = BenchConfig(task, optimizers, lrs, grid, args.seeds, steps, device, out, progress=not args.quiet,
+                         qk_clip=args.qk_clip)
     what = "lr sweep" if args.lr_sweep else "bench"
     _log(f"muonkit {what} {task.name}: {', '.join(optimizers)}; {args.seeds} seed(s) x {steps} steps on {device}; "
          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -213,6 +232,9 @@ def _run_bench(args: argparse.Namespace, task: Task, optimizers: tuple[str, ...]
     else:
         table, payload = run_bench(config, data, _log)
         table += "\n\n" + memory_note(payload["summary"])
+        if args.qk_clip is not None:
+            table += (f" QK-Clip tau {args.qk_clip:g}: `max logit` is the largest pre-softmax attention logit of any "
+                      "head in a training forward pass (before that step's clip), largest over seeds.")
         written = [out / "results.json", out / "curves.png"]
     print(table)
     print(f"total {time.perf_counter() - started:.1f} s; wrote {', '.join(map(str, written))}")

@@ -95,6 +95,7 @@ def summarize(task: Task, runs: list[RunResult]) -> dict[str, Any]:
         "peak_memory_mb": max((r.peak_memory_mb for r in runs if r.peak_memory_mb is not None), default=None),
         "peak_memory_kind": next((r.peak_memory_kind for r in runs if r.peak_memory_kind), None),
         "optimizer_state_mb": runs[0].optimizer_state_mb,
+        "max_logit": max((max(r.max_logit) for r in runs if r.max_logit), default=None),
     }
 
 
@@ -127,12 +128,17 @@ def format_table(task: Task, summaries: dict[str, dict[str, Any]]) -> str:
     target = f"{task.target:g}"
     header = ["optimizer", "lr", f"final {task.metric}", f"best {task.metric}", f"steps to {target}",
               f"seconds to {target}", "fwd+bwd ms/step", "opt ms/step", "peak MB", "opt state MB"]
+    logits = any(s.get("max_logit") is not None for s in summaries.values())
+    if logits:
+        header.append("max logit")
     rows = []
     for name, s in summaries.items():
         peak = "-" if s["peak_memory_mb"] is None else f"{s['peak_memory_mb']:.0f}"
         rows.append([name, f"{s['lr']:g}", _mean_spread(s["final"], digits), _mean_spread(s["best"], digits),
                      _to_target(s["steps_to_target"], "g"), _to_target(s["seconds_to_target"], ".1f"),
                      f"{s['fwd_bwd_ms']:.1f}", f"{s['opt_step_ms']:.1f}", peak, f"{s['optimizer_state_mb']:.2f}"])
+        if logits:
+            rows[-1].append("-" if s.get("max_logit") is None else f"{s['max_logit']:.1f}")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)

@@ -15,13 +15,16 @@ import torch
 from tqdm import tqdm
 
 from muonkit.tasks.base import Task
+from muonkit.tasks.charlm import attach_qk_clip
 from muonkit.tasks.optimizers import build_optimizers, state_bytes
 
 
 @dataclass
 class RunResult:
     """Everything one run measured. Lists with one entry per step are `loss`, `data_s`, `fwd_bwd_s`,
-    `opt_s`; `evals` holds (step, train seconds so far, metric) after every `eval_every` steps."""
+    `opt_s` and, with QK-Clip, `max_logit` (the largest attention logit of the step's forward pass,
+    over layers and heads, before the clip); `evals` holds (step, train seconds so far, metric) after
+    every `eval_every` steps."""
 
     task: str
     optimizer: str
@@ -40,6 +43,8 @@ class RunResult:
     peak_memory_kind: str | None = None
     """What `peak_memory_mb` measured: PEAK_CUDA, PEAK_CPU_RSS, or None when nothing could be measured."""
     optimizer_state_mb: float = 0.0
+    qk_clip: float | None = None
+    max_logit: list[float] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,8 +107,12 @@ def _sync(device: torch.device) -> None:
 
 
 def train_run(task: Task, data: Any, optimizer: str, lr: float, seed: int, steps: int, device: torch.device,
-              *, adamw_lr: float, progress: bool = True, stop_at_target: bool | None = None) -> RunResult:
+              *, adamw_lr: float, progress: bool = True, stop_at_target: bool | None = None,
+              qk_clip: float | None = None) -> RunResult:
     """Train a fresh model for `steps` steps; a non-finite loss ends the run as diverged.
+
+    `qk_clip`: QK-Clip's tau (math.inf: record the max logits, never clip); the clip runs after
+    each optimizer step and counts as optimizer time.
 
     Peak memory: on CUDA, max_memory_allocated (everything on the device, data included); on CPU,
     how far the process's resident memory rose above its level just before the model was built
@@ -115,8 +124,9 @@ def train_run(task: Task, data: Any, optimizer: str, lr: float, seed: int, steps
     optimizers, notes = build_optimizers(optimizer, model, lr, adamw_lr=adamw_lr, weight_decay=task.weight_decay,
                                          routing=task.routing)
     schedules = [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: task.lr_multiplier(s, steps)) for opt in optimizers]
+    clip = None if qk_clip is None else attach_qk_clip(model, qk_clip)
     stop = task.stop_at_target if stop_at_target is None else stop_at_target
-    result = RunResult(task.name, optimizer, lr, seed, steps, notes)
+    result = RunResult(task.name, optimizer, lr, seed, steps, notes, qk_clip=qk_clip)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     train_seconds = 0.0
@@ -136,6 +146,7 @@ def train_run(task: Task, data: Any, optimizer: str, lr: float, seed: int, steps
             t2 = time.perf_counter()
             for opt in optimizers:
                 opt.step()
+            maxima = None if clip is None else clip.step()
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             for schedule in schedules:
@@ -147,6 +158,8 @@ def train_run(task: Task, data: Any, optimizer: str, lr: float, seed: int, steps
             result.data_s.append(t1 - t0)
             result.fwd_bwd_s.append(t2 - t1)
             result.opt_s.append(t3 - t2)
+            if maxima is not None:
+                result.max_logit.append(max(float(m.max()) for m in maxima if m is not None))
             train_seconds += t3 - t0
             bar.update(1)
             if not math.isfinite(value):

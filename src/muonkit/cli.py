@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="QK-Clip (Kimi K2) for tasks with attention (charlm, modular): after each step, "
                             "shrink the query and key rows of every head whose largest attention logit exceeded "
                             "TAU (Kimi K2 used 100); 'inf' only records the logits. The table gains a max-logit column")
+    bench.add_argument("--tensorboard", type=Path, metavar="DIR",
+                       help="also write TensorBoard event files, one sub-directory per run (task, optimizer, lr, "
+                            "seed): loss, metric, lr, update RMS per parameter, and for muonkit optimizers their "
+                            "statistics (orthogonality error, ...); needs the tensorboard package")
     bench.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     bench.add_argument("--out", type=Path, help="output directory (default ./muonkit-runs/<task>-<time>)")
     bench.add_argument("--threads", type=_positive_int,
@@ -196,6 +200,13 @@ def _bench(args: argparse.Namespace) -> int:
     if args.qk_clip is not None and not task.supports_qk_clip:
         supported = ", ".join(name for name, t in TASKS.items() if t.supports_qk_clip)
         raise UsageError(f"--qk-clip needs a task with attention ({supported}), not {task.name}; drop it")
+    if args.tensorboard is not None:
+        from muonkit.diagnostics import require_tensorboard
+
+        try:
+            require_tensorboard()
+        except ImportError as e:
+            raise UsageError(f"--tensorboard: {e}") from None
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or auto_threads())
@@ -222,7 +233,7 @@ def _run_bench(args: argparse.Namespace, task: Task, optimizers: tuple[str, ...]
     else:
         steps = task.sweep_steps if args.lr_sweep else task.default_steps
     config = BenchConfig(task, optimizers, lrs, grid, args.seeds, steps, device, out, progress=not args.quiet,
-                         qk_clip=args.qk_clip)
+                         qk_clip=args.qk_clip, tensorboard=args.tensorboard)
     what = "lr sweep" if args.lr_sweep else "bench"
     _log(f"muonkit {what} {task.name}: {', '.join(optimizers)}; {args.seeds} seed(s) x {steps} steps on {device}; "
          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -237,6 +248,8 @@ def _run_bench(args: argparse.Namespace, task: Task, optimizers: tuple[str, ...]
                       "head in a training forward pass (before that step's clip), largest over seeds.")
         written = [out / "results.json", out / "curves.png"]
     print(table)
+    if args.tensorboard is not None:
+        written.append(args.tensorboard)
     print(f"total {time.perf_counter() - started:.1f} s; wrote {', '.join(map(str, written))}")
     return 0
 

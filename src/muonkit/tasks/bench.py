@@ -36,6 +36,8 @@ class BenchConfig:
     progress: bool = True
     qk_clip: float | None = None
     """QK-Clip's tau for every run (tasks with attention); None: no clip."""
+    tensorboard: Path | None = None
+    """Where each run writes TensorBoard event files (a sub-directory per run); None: nowhere."""
 
 
 def auto_threads() -> int:
@@ -116,7 +118,8 @@ def run_bench(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
         runs[name] = []
         for seed in range(config.seeds):
             run = train_run(task, data, name, config.lrs[name], seed, config.steps, config.device,
-                            adamw_lr=config.lrs["adamw"], progress=config.progress, qk_clip=config.qk_clip)
+                            adamw_lr=config.lrs["adamw"], progress=config.progress, qk_clip=config.qk_clip,
+                            tensorboard=config.tensorboard)
             if seed == 0:
                 for note in run.notes:
                     log(f"note: {note}")
@@ -192,7 +195,8 @@ def run_sweep(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
             values, final_values = [], []
             for seed in range(config.seeds):
                 run = train_run(task, data, name, lr, seed, config.steps, config.device,
-                                adamw_lr=task.lrs["adamw"], progress=config.progress, qk_clip=config.qk_clip)
+                                adamw_lr=task.lrs["adamw"], progress=config.progress, qk_clip=config.qk_clip,
+                            tensorboard=config.tensorboard)
                 final = math.nan if run.diverged or not run.evals else run.evals[-1][2]
                 if run.diverged:
                     value = math.nan

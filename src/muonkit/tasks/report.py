@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import tempfile
 from pathlib import Path
@@ -164,8 +165,12 @@ def memory_note(summaries: dict[str, dict[str, Any]]) -> str:
 
 
 def plot(task: Task, runs_by_optimizer: dict[str, list[RunResult]], path: Path) -> None:
-    """Validation metric vs step and vs train seconds: mean over seeds, band from min to max."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    """Validation metric vs step and vs train seconds (mean over seeds, band from min to max); below,
+    one panel per optimizer: each parameter's update RMS over the steps (seed 0)."""
+    watched = {name: runs[0] for name, runs in runs_by_optimizer.items() if runs and runs[0].update_rms_steps}
+    fig = plt.figure(figsize=(11, 8.2 if watched else 4.2), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=(4.2, 4.0)) if watched else (fig, None)
+    axes = top.subplots(1, 2)
     shown: list[float] = []
     for name, runs in runs_by_optimizer.items():
         curves = [_curve(r) for r in runs if r.evals]
@@ -201,10 +206,48 @@ def plot(task: Task, runs_by_optimizer: dict[str, list[RunResult]], path: Path) 
         ax.grid(alpha=0.3)
     axes[0].legend()
     seeds = max((len(r) for r in runs_by_optimizer.values()), default=0)
-    fig.suptitle(f"{task.name}: mean over {seeds} seed(s), band = min..max; dashed = target {task.target:g}")
-    fig.tight_layout()
+    top.suptitle(f"{task.name}: mean over {seeds} seed(s), band = min..max; dashed = target {task.target:g}")
+    if bottom is not None:
+        _plot_update_rms(bottom, watched)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_update_rms(fig: Any, runs: dict[str, RunResult]) -> None:
+    """A panel per optimizer: the update RMS (before lr, without weight decay) of every parameter
+    over the steps, on a shared logarithmic axis. One color per role (the name without its layer
+    numbers: blocks.*.qkv.weight), darker for deeper layers."""
+    names = list(dict.fromkeys(n for run in runs.values() for n in run.update_rms))
+    roles = {name: re.sub(r"\.\d+(?=\.|$)", ".*", name) for name in names}
+    order = list(dict.fromkeys(roles.values()))
+    depth = {name: [n for n in names if roles[n] == roles[name]].index(name) for name in names}
+    layers = {role: sum(1 for n in names if roles[n] == role) for role in order}
+    colors = plt.get_cmap("tab20" if len(order) > 10 else "tab10")
+    axes = np.atleast_1d(fig.subplots(1, len(runs), sharey=True))
+    for ax, (optimizer, run) in zip(axes, runs.items()):
+        steps = np.array(run.update_rms_steps, dtype=float)
+        for name in names:
+            values = np.array(run.update_rms.get(name, []), dtype=float)
+            keep = np.isfinite(values) & (values > 0)
+            if not keep.any():
+                continue
+            role = roles[name]
+            shade = 0.35 + 0.65 * (depth[name] + 1) / layers[role]
+            ax.plot(steps[: len(values)][keep], values[keep], lw=1, color=colors(order.index(role) % colors.N),
+                    alpha=shade, label=role if depth[name] == layers[role] - 1 else None)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(f"{optimizer} (lr {run.lr:g})", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("update RMS (before lr, without weight decay)")
+    handles, labels = {}, {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside right center", fontsize=7, frameon=False)
+    fig.suptitle("update RMS per parameter, seed 0 (one color per role, darker = deeper layer): a layer far "
+                 "from the others, or drifting, is where to look", fontsize=10)
 
 
 def _curve(run: RunResult) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

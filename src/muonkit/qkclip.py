@@ -140,8 +140,9 @@ class QKClip:
       heads under tau that share a key with a clipped head shrink as well.
 
     Either way every clipped query head's logits scale by at most tau / S_h, so its max logit on
-    the observed inputs, recomputed, is <= tau (up to round-off in the weights' dtype). Heads not
-    clipped keep their rows bit for bit. This assumes q and k are linear in their rows (a
+    the observed inputs, recomputed, is <= tau (up to round-off in the weights' dtype). Rows the
+    rule leaves alone are kept bit for bit: every head under tau, except, with "group", those
+    sharing a key head with a clipped one. This assumes q and k are linear in their rows (a
     projection, optionally a bias, then RoPE); a norm applied to q or k after the projection
     would undo the rescaling.
 
@@ -177,8 +178,8 @@ class QKClip:
 
     References:
         Kimi Team, "Kimi K2: Open Agentic Intelligence", arXiv:2507.20534, section 2.1 and Algorithm 1.
-        Megatron-LM, `--qk-clip` (megatron/core/transformer/attention.py, clip_qk: one eta per
-        query group for GQA).
+        Megatron-LM `--qk-clip`, NVIDIA/Megatron-LM pull request 1929 (SelfAttention.clip_qk in
+        megatron/core/transformer/attention.py: one eta per query group under GQA).
     """
 
     def __init__(

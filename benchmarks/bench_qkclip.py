@@ -4,6 +4,7 @@ and without the clip, at learning rates high enough that the logits grow.
 Run (from the repository root; ~15 minutes on 2 shared CPU cores):
 
     python benchmarks/bench_qkclip.py [--seeds 2] [--steps 300] [--threads 1] [--write-results]
+    python benchmarks/bench_qkclip.py --report-only [--write-results]   # from the saved JSON
 
 Each configuration (optimizer, lr, tau) trains charlm's default 300 steps through the same
 `train_run` as `muonkit bench charlm --qk-clip TAU`; tau = inf records the logits without clipping.
@@ -49,10 +50,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--write-results", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help="table, plot and section from the saved JSON")
     args = parser.parse_args()
+    if not args.report_only:
+        record = train(args)
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "results.json").write_text(json.dumps(record, indent=1))
+    record = json.loads((OUT / "results.json").read_text())
+    text = report_table(record)
+    _plot(record, OUT / "max_logits.png")
+    print(text)
+    if args.write_results:
+        write_results("QKCLIP", _section(text, record))
+
+
+def train(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     machine = environment()
-    date = time.strftime("%Y-%m-%d")
     task = get_task("charlm")
     data = task.load(DataOptions(), torch.device("cpu"))
     runs: dict[tuple, list] = {config: [] for config in CONFIGS}
@@ -63,29 +77,48 @@ def main() -> None:
             runs[(name, lr, tau)].append(run)
             print(f"{name} lr={lr:g} tau={tau:g} seed {seed}: max logit {max(run.max_logit):.1f}, "
                   f"final val_loss {run.evals[-1][2]:.4f}", file=sys.stderr, flush=True)
-    rows, records = [], []
-    for (name, lr, tau), rs in runs.items():
-        peak = [max(r.max_logit) for r in rs]
-        end = [max(r.max_logit[-10:]) for r in rs]
-        final = [r.evals[-1][2] for r in rs]
-        clipped = [sum(m > tau for m in r.max_logit) for r in rs]
-        rows.append([name, lr, "none" if math.isinf(tau) else f"{tau:g}", _mean(peak, 0), _mean(end, 0),
-                     _mean(final, 4), "-" if math.isinf(tau) else f"{statistics.fmean(clipped):.0f}"])
-        records.append({"optimizer": name, "lr": lr, "tau": None if math.isinf(tau) else tau,
-                        "max_logit": [r.max_logit for r in rs], "final_val_loss": final,
-                        "opt_ms": [statistics.median(r.opt_s) * 1e3 for r in rs]})
+    command = f"python benchmarks/bench_qkclip.py --seeds {args.seeds} --steps {args.steps} --threads {args.threads}"
+    return {"command": command, "machine": machine, "date": time.strftime("%Y-%m-%d"), "steps": args.steps,
+            "seeds": args.seeds,
+            "runs": [{"optimizer": name, "lr": lr, "tau": None if math.isinf(tau) else tau,
+                      "max_logit": [r.max_logit for r in rs], "final_val_loss": [r.evals[-1][2] for r in rs],
+                      "opt_ms": [statistics.median(r.opt_s) * 1e3 for r in rs]}
+                     for (name, lr, tau), rs in runs.items()]}
+
+
+def report_table(record: dict) -> str:
+    rows = []
+    for run in record["runs"]:
+        tau = math.inf if run["tau"] is None else run["tau"]
+        peak = [max(m) for m in run["max_logit"]]
+        end = [max(m[-10:]) for m in run["max_logit"]]
+        clipped = [sum(v > tau for v in m) for m in run["max_logit"]]
+        rows.append([run["optimizer"], run["lr"], "none" if run["tau"] is None else f"{tau:g}", _mean(peak, 0),
+                     _mean(end, 0), _mean(run["final_val_loss"], 4),
+                     "-" if run["tau"] is None else f"{statistics.fmean(clipped):.0f}"])
     headers = ["optimizer", "lr", "QK-Clip tau", "max logit (training)", "max logit (last 10 steps)",
                "final val_loss", "steps clipped"]
-    text = table(headers, rows)
-    command = f"python benchmarks/bench_qkclip.py --seeds {args.seeds} --steps {args.steps} --threads {args.threads}"
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps({"command": command, "machine": machine, "date": date,
-                                                   "steps": args.steps, "seeds": args.seeds, "runs": records},
-                                                  indent=1))
-    _plot(runs, OUT / "max_logits.png")
-    print(text)
-    if args.write_results:
-        write_results("QKCLIP", _section(text, command, machine, date, args))
+    return table(headers, rows)
+
+
+def _findings(record: dict) -> list[str]:
+    """One sentence per (optimizer, lr) run both without and with the clip."""
+    lines = []
+    plain = {(r["optimizer"], r["lr"]): r for r in record["runs"] if r["tau"] is None}
+    for run in record["runs"]:
+        base = plain.get((run["optimizer"], run["lr"]))
+        if run["tau"] is None or base is None:
+            continue
+        peak = statistics.fmean(max(m) for m in run["max_logit"])
+        base_peak = statistics.fmean(max(m) for m in base["max_logit"])
+        loss, base_loss = statistics.fmean(run["final_val_loss"]), statistics.fmean(base["final_val_loss"])
+        seeds_over = sum(max(m) > run["tau"] for m in base["max_logit"])
+        lines.append(f"- {run['optimizer']} at lr {run['lr']:g}: without the clip the largest logit reached "
+                     f"{base_peak:.0f} (mean over seeds; {seeds_over} of {len(base['max_logit'])} seeds passed "
+                     f"{run['tau']:g}); with tau {run['tau']:g} it peaked at {peak:.0f} before a clip (one step's "
+                     f"update past the last clip) and the final val_loss moved from {base_loss:.4f} to {loss:.4f} "
+                     f"({loss - base_loss:+.4f}).")
+    return lines
 
 
 def _mean(values: list[float], digits: int) -> str:
@@ -93,12 +126,15 @@ def _mean(values: list[float], digits: int) -> str:
     return text + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
 
 
-def _plot(runs: dict[tuple, list], path: Path) -> None:
+def _plot(record: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.2))
-    for (name, lr, tau), rs in runs.items():
-        curve = [max(values) for values in zip(*(r.max_logit for r in rs))]
-        label = f"{name} lr {lr:g}, " + ("no clip" if math.isinf(tau) else f"tau {tau:g}")
-        ax.plot(range(1, len(curve) + 1), curve, label=label, ls="-" if math.isinf(tau) else "--")
+    colors = {}
+    for run in record["runs"]:
+        key = (run["optimizer"], run["lr"])
+        colors.setdefault(key, f"C{len(colors)}")
+        curve = [max(values) for values in zip(*run["max_logit"])]
+        label = f"{run['optimizer']} lr {run['lr']:g}, " + ("no clip" if run["tau"] is None else f"tau {run['tau']:g}")
+        ax.plot(range(1, len(curve) + 1), curve, label=label, color=colors[key], ls="-" if run["tau"] is None else "--")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("max attention logit (before the clip)")
@@ -111,17 +147,20 @@ def _plot(runs: dict[tuple, list], path: Path) -> None:
     plt.close(fig)
 
 
-def _section(text: str, command: str, machine: str, date: str, args: argparse.Namespace) -> str:
+def _section(text: str, record: dict) -> str:
+    findings = "\n".join(_findings(record))
     return f"""## QK-Clip on charlm (issue 14; `benchmarks/bench_qkclip.py`)
 
-Command: `{command}`. Machine: {machine}; {date}. Each row: charlm's 4-layer width-128 GPT (4 heads
-of 32), {args.steps} steps (5% warmup, linear decay), mean ± std over {args.seeds} seeds. `muonkit bench
-charlm --optimizers muon --lr muon=0.1 --qk-clip 100` runs the same configuration. max logit: the
-largest pre-softmax logit (softmax scale included) of any head in any training forward pass, before
-that step's clip; steps clipped: steps whose forward pass saw a head over tau. Plot:
-`benchmarks/task-runs/qkclip/max_logits.png`.
+Command: `{record["command"]}`. Machine: {record["machine"]}; {record["date"]}. Each row: charlm's
+4-layer width-128 GPT (4 heads of 32), {record["steps"]} steps (5% warmup, linear decay), mean ± std over
+{record["seeds"]} seeds; `muonkit bench charlm --optimizers muon --lr muon=0.1 --qk-clip 100` runs the same
+configuration. max logit: the largest pre-softmax logit (softmax scale included) of any head in any
+training forward pass, before that step's clip; steps clipped: steps whose forward pass saw a head
+over tau (mean over seeds). Plot: `benchmarks/task-runs/qkclip/max_logits.png`.
 
 {text}
+
+{findings}
 """
 
 

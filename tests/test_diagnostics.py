@@ -231,3 +231,55 @@ def test_bench_plot_gains_the_update_rms_panel(tmp_path):
     plot(task, {"a": [run("a", True)], "b": [run("b", True)]}, tmp_path / "panel.png")
     (width, plain), (_, panel) = _png_size(tmp_path / "plain.png"), _png_size(tmp_path / "panel.png")
     assert panel > 1.7 * plain and width == _png_size(tmp_path / "plain.png")[0]
+
+
+def test_muonkit_statistics_only_on_recorded_steps():
+    """Built with diagnostics (as for --tensorboard), Muon computes statistics on the recorded steps
+    only: last_stats stays empty through a step that records nothing."""
+    import muonkit
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 3))
+    opt = muonkit.Muon(muonkit.param_groups(model), lr=0.02, diagnostics=True, orthogonality_every=1)
+    result = RunResult("t", "o", 0.02, 0, 3, [])
+    watch = _Watch(model, [opt], result, every=2, writer=None)
+    x, y = torch.randn(16, 6), torch.randn(16, 3)
+    seen = []
+    for step in range(3):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        watch.before_step(step)
+        opt.step()
+        watch.after_step(step, 0.0, None)
+        seen.append(dict(opt.last_stats))
+    assert seen[0] == {} and seen[1] and result.diagnosed_steps == result.update_rms_steps == [2, 3]
+    assert seen[2] != seen[1] and "orthogonality_error" in seen[2]["2.weight"]
+
+
+def test_summary_optimizer_time_leaves_out_diagnosed_steps():
+    from muonkit.tasks.report import summarize
+
+    run = RunResult("regression", "muon", 0.1, 0, 6, [], evals=[(6, 1.0, 0.5)],
+                    opt_s=[0.01, 0.5, 0.01, 0.5, 0.02, 0.5], fwd_bwd_s=[0.1] * 6, diagnosed_steps=[2, 4, 6])
+    assert summarize(get_task("regression"), [run])["opt_step_ms"] == pytest.approx(10.0)
+    run.diagnosed_steps = []
+    assert summarize(get_task("regression"), [run])["opt_step_ms"] == pytest.approx(260.0)
+
+
+def test_bench_tensorboard_muon_statistics(tmp_path):
+    """muon's run gets Muon.last_stats on the recorded steps (tags with "orthogonality" every 5th);
+    its update RMS there equals the one measured from the weights."""
+    tb, out = tmp_path / "tb", tmp_path / "out"
+    assert main(["bench", "regression", "--optimizers", "muon", "--steps", "10", "--tensorboard", str(tb),
+                 "--out", str(out), "--quiet", "--threads", "1"]) == 0
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    scalars = read_scalars(run_directory(tb, "regression", "muon", run["lr"], 0))
+    assert run["diagnosed_steps"] == run["update_rms_steps"] == list(range(1, 11))
+    matrices = [t.split("/", 1)[1] for t in scalars if t.startswith("orthogonality_error/")]
+    assert matrices and all(len(scalars[f"orthogonality_error/{m}"]) == 2 for m in matrices)  # steps 5, 10
+    for name, values in run["update_rms"].items():
+        logged = [v for _, v in scalars[f"update_rms/{name}"]]
+        assert logged == pytest.approx(values, rel=1e-3), name
+        assert len(scalars[f"grad_rms/{name}"]) == len(scalars[f"momentum_rms/{name}"]) == 10
+    assert {"lr/muon", "lr/adamw", "loss/train", "metric/val_mse"} <= set(scalars)

@@ -26,17 +26,25 @@ import muonkit
 
 OPTIMIZERS = ("muon", "muon-kj", "adamw", "sgd", "torch-muon")
 
+ORTHOGONALITY_EVERY = 5
+"""With statistics, muonkit optimizers also measure the orthogonality error (an SVD per matrix) on
+every 5th step that records statistics."""
+
 
 def build_optimizers(name: str, model: nn.Module, lr: float, *, adamw_lr: float, weight_decay: float,
-                     routing: dict[str, Any]) -> tuple[list[torch.optim.Optimizer], list[str]]:
-    """The optimizers for one run, and notes about routing the user should see."""
+                     routing: dict[str, Any], statistics: bool = False) -> tuple[list[torch.optim.Optimizer], list[str]]:
+    """The optimizers for one run, and notes about routing the user should see.
+
+    `statistics`: muonkit optimizers are built with `diagnostics=True` (and the orthogonality error
+    every ORTHOGONALITY_EVERY diagnosed steps) for `--tensorboard`; torch's optimizers are unchanged."""
+    diagnostics = dict(diagnostics=True, orthogonality_every=ORTHOGONALITY_EVERY) if statistics else {}
     if name == "muon":
         groups = muonkit.param_groups(model, **routing)
-        return [muonkit.Muon(groups, lr=lr, weight_decay=weight_decay)], []
+        return [muonkit.Muon(groups, lr=lr, weight_decay=weight_decay, **diagnostics)], []
     if name == "muon-kj":
         groups = muonkit.param_groups(model, **routing)
         return [muonkit.Muon(groups, lr=lr, weight_decay=weight_decay, orthogonalizer="keller_jordan",
-                             scale="keller_jordan", adamw_lr=adamw_lr)], []
+                             scale="keller_jordan", adamw_lr=adamw_lr, **diagnostics)], []
     if name == "adamw":
         return [torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)], []
     if name == "sgd":

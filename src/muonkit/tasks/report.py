@@ -92,12 +92,22 @@ def summarize(task: Task, runs: list[RunResult]) -> dict[str, Any]:
         "seconds_to_target": [h[1] if h else None for h in hits],
         "diverged": [r.diverged for r in runs],
         "fwd_bwd_ms": statistics.median(s for r in runs for s in r.fwd_bwd_s) * 1e3,
-        "opt_step_ms": statistics.median(s for r in runs for s in r.opt_s) * 1e3,
+        "opt_step_ms": statistics.median(_undiagnosed(runs)) * 1e3,
         "peak_memory_mb": max((r.peak_memory_mb for r in runs if r.peak_memory_mb is not None), default=None),
         "peak_memory_kind": next((r.peak_memory_kind for r in runs if r.peak_memory_kind), None),
         "optimizer_state_mb": runs[0].optimizer_state_mb,
         "max_logit": max((max(r.max_logit) for r in runs if r.max_logit), default=None),
     }
+
+
+def _undiagnosed(runs: list[RunResult]) -> list[float]:
+    """Optimizer seconds of the steps that did not also compute optimizer statistics (all steps if
+    every step did)."""
+    clean = []
+    for r in runs:
+        diagnosed = set(r.diagnosed_steps)
+        clean += [s for i, s in enumerate(r.opt_s) if i + 1 not in diagnosed]
+    return clean or [s for r in runs for s in r.opt_s]
 
 
 def _mean_spread(values: list[float], digits: int) -> str:

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 import muonkit
-from muonkit.diagnostics import TensorBoardWriter
+from muonkit.diagnostics import TensorBoardWriter, stats_scalars
 from muonkit.tasks.base import Task, TaskError
 from muonkit.tasks.charlm import attach_qk_clip
 from muonkit.tasks.optimizers import SGDW, build_optimizers, state_bytes
@@ -28,7 +28,9 @@ class RunResult:
     `opt_s` and, with QK-Clip, `max_logit` (the largest attention logit of the step's forward pass,
     over layers and heads, before the clip); `evals` holds (step, train seconds so far, metric) after
     every `eval_every` steps. `update_rms[name]` holds each parameter's update RMS (before lr, without
-    weight decay) at the steps `update_rms_steps`."""
+    weight decay) at the steps `update_rms_steps`. `diagnosed_steps`: the steps whose optimizer step
+    also computed a muonkit optimizer's statistics (with a TensorBoard directory); the summary's
+    optimizer time leaves them out."""
 
     task: str
     optimizer: str
@@ -51,6 +53,7 @@ class RunResult:
     max_logit: list[float] = field(default_factory=list)
     update_rms_steps: list[int] = field(default_factory=list)
     update_rms: dict[str, list[float]] = field(default_factory=dict)
+    diagnosed_steps: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,8 +138,10 @@ class _Watch:
         u = (W_before (1 - lr wd) - W_after) / lr,
 
     exact for every optimizer the bench runs (decoupled decay, then W -= lr u); and, with a
-    TensorBoard writer, the scalars of every step. Assumes every trainable parameter steps (each
-    bench model uses all of its parameters in every forward pass)."""
+    TensorBoard writer, the scalars of every step, plus on those same steps the statistics of
+    muonkit optimizers (`Muon.last_stats`: grad, momentum and update RMS, orthogonality error),
+    whose diagnostics are switched on for those steps only. Assumes every trainable parameter
+    steps (each bench model uses all of its parameters in every forward pass)."""
 
     def __init__(self, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], result: RunResult,
                  every: int, writer: TensorBoardWriter | None) -> None:
@@ -147,6 +152,8 @@ class _Watch:
         self.writer = writer
         self._before: dict[str, torch.Tensor] = {}
         self._rates: dict[int, tuple[float, float]] = {}
+        self.diagnosed = [opt for opt in optimizers if isinstance(opt, muonkit.Muon) and opt.defaults["diagnostics"]]
+        _diagnose(self.diagnosed, False)
 
     def records(self, step: int) -> bool:
         return (step + 1) % self.every == 0 or step + 1 == self.result.steps
@@ -156,6 +163,7 @@ class _Watch:
             return
         self._rates = _lr_and_decay(self.optimizers)
         self._before = {name: p.detach().clone() for name, p in self.params}
+        _diagnose(self.diagnosed, True)
 
     def after_step(self, step: int, loss: float, max_logit: float | None) -> None:
         scalars = {"loss/train": loss, **_lr_scalars(self.optimizers)}
@@ -171,12 +179,24 @@ class _Watch:
                     self.result.update_rms.setdefault(name, []).append(rms)
                     scalars[f"update_rms/{name}"] = rms
             self._before = {}
+            if self.diagnosed:
+                _diagnose(self.diagnosed, False)
+                self.result.diagnosed_steps.append(step + 1)
+                for opt in self.diagnosed:
+                    scalars.update(stats_scalars(opt.last_stats))
         if self.writer is not None:
             self.writer.add_scalars(step + 1, scalars)
 
     def evaluated(self, step: int, metric_name: str, metric: float) -> None:
         if self.writer is not None:
             self.writer.add_scalars(step + 1, {f"metric/{metric_name}": metric})
+
+
+def _diagnose(optimizers: list[muonkit.Muon], on: bool) -> None:
+    """Switch the statistics of muonkit optimizers built with diagnostics=True on or off for the
+    next steps (Muon reads the option at every step)."""
+    for opt in optimizers:
+        opt.defaults["diagnostics"] = on
 
 
 def _lr_and_decay(optimizers: list[torch.optim.Optimizer]) -> dict[int, tuple[float, float]]:
@@ -233,7 +253,7 @@ def train_run(task: Task, data: Any, optimizer: str, lr: float, seed: int, steps
     generator = torch.Generator().manual_seed(seed)
     model = task.model(data).to(device)
     optimizers, notes = build_optimizers(optimizer, model, lr, adamw_lr=adamw_lr, weight_decay=task.weight_decay,
-                                         routing=task.routing)
+                                         routing=task.routing, statistics=tensorboard is not None)
     schedules = [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: task.lr_multiplier(s, steps)) for opt in optimizers]
     clip = None if qk_clip is None else attach_qk_clip(model, qk_clip)
     stop = task.stop_at_target if stop_at_target is None else stop_at_target

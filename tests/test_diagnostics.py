@@ -283,3 +283,13 @@ def test_bench_tensorboard_muon_statistics(tmp_path):
         assert logged == pytest.approx(values, rel=1e-3), name
         assert len(scalars[f"grad_rms/{name}"]) == len(scalars[f"momentum_rms/{name}"]) == 10
     assert {"lr/muon", "lr/adamw", "loss/train", "metric/val_mse"} <= set(scalars)
+
+
+def test_bench_tensorboard_directory_that_cannot_be_made(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert main(["bench", "regression", "--steps", "2", "--tensorboard", str(a_file / "tb"),
+                 "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot create TensorBoard directory {a_file / 'tb'}" in err and "pass --tensorboard with" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out" / "results.json").exists()

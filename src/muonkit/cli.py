@@ -220,12 +220,14 @@ def _bench(args: argparse.Namespace) -> int:
 def _run_bench(args: argparse.Namespace, task: Task, optimizers: tuple[str, ...], lrs: dict[str, float],
                grid: dict[str, tuple[float, ...]], device: torch.device, options: DataOptions) -> int:
     from muonkit.tasks.bench import BenchConfig, run_bench, run_sweep
-    from muonkit.tasks.report import memory_note, prepare_out_dir
+    from muonkit.tasks.report import memory_note, prepare_out_dir, writable_dir
 
     out = args.out or _default_out(task.name + ("-sweep" if args.lr_sweep else ""))
     started = time.perf_counter()
     data = task.load(options, device)
     prepare_out_dir(out)
+    if args.tensorboard is not None:
+        writable_dir(args.tensorboard, "TensorBoard", "--tensorboard")
     if args.steps:
         steps = args.steps
     elif args.epochs:

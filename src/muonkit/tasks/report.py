@@ -29,17 +29,23 @@ OUTPUT_FILES = ("results.json", "curves.png", "sweep.json", "ns.json", "ns_spect
 def prepare_out_dir(path: Path) -> None:
     """Create `path` (and parents), or raise TaskError saying why it cannot be used as --out; remove
     the outputs of an earlier run there (OUTPUT_FILES)."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TaskError(f"cannot create output directory {path}: {e.strerror or e}; "
-                        "pass --out with a writable directory") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise TaskError(f"output directory {path} is not writable; pass --out with a writable directory")
+    writable_dir(path, "output", "--out")
     for name in OUTPUT_FILES:
         old = path / name
         if old.is_file() or old.is_symlink():
             old.unlink()
+
+
+def writable_dir(path: Path, what: str, option: str) -> None:
+    """Create `path` (and parents), or raise TaskError saying why it cannot serve as the `what`
+    directory that `option` names."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TaskError(f"cannot create {what} directory {path}: {e.strerror or e}; "
+                        f"pass {option} with a writable directory") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise TaskError(f"{what} directory {path} is not writable; pass {option} with a writable directory")
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

@@ -166,9 +166,11 @@ class _Watch:
         _diagnose(self.diagnosed, True)
 
     def after_step(self, step: int, loss: float, max_logit: float | None) -> None:
-        scalars = {"loss/train": loss, **_lr_scalars(self.optimizers)}
-        if max_logit is not None:
-            scalars["attention/max_logit"] = max_logit
+        scalars: dict[str, float] = {}
+        if self.writer is not None:
+            scalars = {"loss/train": loss, **_lr_scalars(self.optimizers)}
+            if max_logit is not None:
+                scalars["attention/max_logit"] = max_logit
         if self._before:
             self.result.update_rms_steps.append(step + 1)
             with torch.no_grad():
@@ -266,7 +268,7 @@ def train_run(task: Task, data: Any, optimizer: str, lr: float, seed: int, steps
     shown: dict[str, str] = {}
     bar = tqdm(total=steps, desc=f"{task.name} {optimizer} lr={lr:g} seed={seed}", file=sys.stderr,
                disable=not progress, leave=False, dynamic_ncols=True)
-    with bar, contextlib.closing(writer) if writer is not None else contextlib.nullcontext():
+    with bar, (contextlib.closing(writer) if writer is not None else contextlib.nullcontext()):
         for step in range(steps):
             model.train()
             watch.before_step(step)

@@ -531,7 +531,7 @@ def test_bench_qk_clip_records_the_max_logit_of_every_step(tmp_path, capsys):
     text.write_text("the quick brown fox jumps over the lazy dog. " * 80, encoding="utf-8")
     out = tmp_path / "out"
     code = main(["bench", "charlm", "--text", str(text), "--optimizers", "muon", "--steps", "3", "--qk-clip", "0.05",
-                 "--out", str(out), "--quiet", "--threads", "1"])
+                 "--out", str(out), "--quiet", "--threads", "1", "--tensorboard", str(tmp_path / "tb")])
     printed = capsys.readouterr().out
     assert code == 0
     results = json.loads((out / "results.json").read_text())
@@ -539,6 +539,12 @@ def test_bench_qk_clip_records_the_max_logit_of_every_step(tmp_path, capsys):
     assert results["qk_clip"] == run["qk_clip"] == 0.05 and len(run["max_logit"]) == 3
     assert results["summary"]["muon"]["max_logit"] == max(run["max_logit"])
     assert "| max logit |" in printed and f"| {max(run['max_logit']):.1f} |" in printed and "QK-Clip tau 0.05" in printed
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb" / f"charlm-muon-lr{run['lr']:g}-seed0"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("attention/max_logit")]
+    assert logged == [(i + 1, pytest.approx(v, rel=1e-6)) for i, v in enumerate(run["max_logit"])]
 
 
 @pytest.mark.parametrize(("argv", "message"), [

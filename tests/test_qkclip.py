@@ -24,7 +24,6 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import distributed_worker as worker
-import muonkit
 from muonkit.diagnostics import LiveBytes
 from muonkit.qkclip import QKClip, attention_max_logits
 

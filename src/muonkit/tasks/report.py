@@ -256,7 +256,7 @@ def _plot_update_rms(fig: Any, runs: dict[str, RunResult]) -> None:
         ax.set_title(f"{optimizer} (lr {run.lr:g})", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("update RMS (before lr, without weight decay)")
-    handles, labels = {}, {}
+    handles: dict[str, Any] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)

@@ -2,6 +2,7 @@
 
     muonkit bench [TASK] [--optimizers muon,adamw,...] [--steps N | --epochs N] [--seeds K] [--eval-every N]
                   [--lr OPT=VALUE ...] [--lr-sweep] [--data-dir DIR] [--text FILE]
+                  [--qk-clip TAU] [--tensorboard DIR]
                   [--device cpu|cuda] [--out DIR] [--threads N] [--quiet]
     muonkit explain TASK [--data-dir DIR] [--text FILE]
     muonkit ns [--size ROWSxCOLS] [--seed S] [--repeats N] [--out DIR]
@@ -47,6 +48,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _tau(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if math.isnan(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number (or inf), got {text!r}")
+    return value
+
+
 def _default_out(name: str) -> Path:
     return Path("muonkit-runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -83,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--data-dir", type=Path, help="data directory (fashion-mnist: IDX files; cifar10: "
                                                      "cifar-10-batches-py)")
     bench.add_argument("--text", type=Path, help="charlm: a UTF-8 text file (default: the standard library's source)")
+    bench.add_argument("--qk-clip", type=_tau, metavar="TAU",
+                       help="QK-Clip (Kimi K2) for tasks with attention (charlm, modular): after each step, "
+                            "shrink the query and key rows of every head whose largest attention logit exceeded "
+                            "TAU (Kimi K2 used 100); 'inf' only records the logits. The table gains a max-logit column")
+    bench.add_argument("--tensorboard", type=Path, metavar="DIR",
+                       help="also write TensorBoard event files, one sub-directory per run (task, optimizer, lr, "
+                            "seed): loss, metric, lr, update RMS per parameter, and for muonkit optimizers their "
+                            "statistics (orthogonality error, ...); needs the tensorboard package")
     bench.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     bench.add_argument("--out", type=Path, help="output directory (default ./muonkit-runs/<task>-<time>)")
     bench.add_argument("--threads", type=_positive_int,
@@ -181,6 +200,16 @@ def _bench(args: argparse.Namespace) -> int:
             **{n: tuple(lr for m, lr in pairs if m == n) for n, _ in pairs}}
     device = _device(args.device)
     options = _data_options(args, task.name)
+    if args.qk_clip is not None and not task.supports_qk_clip:
+        supported = ", ".join(name for name, t in TASKS.items() if t.supports_qk_clip)
+        raise UsageError(f"--qk-clip needs a task with attention ({supported}), not {task.name}; drop it")
+    if args.tensorboard is not None:
+        from muonkit.diagnostics import require_tensorboard
+
+        try:
+            require_tensorboard()
+        except ImportError as e:
+            raise UsageError(f"--tensorboard: {e}") from None
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or auto_threads())
@@ -194,12 +223,14 @@ def _bench(args: argparse.Namespace) -> int:
 def _run_bench(args: argparse.Namespace, task: Task, optimizers: tuple[str, ...], lrs: dict[str, float],
                grid: dict[str, tuple[float, ...]], device: torch.device, options: DataOptions) -> int:
     from muonkit.tasks.bench import BenchConfig, run_bench, run_sweep
-    from muonkit.tasks.report import memory_note, prepare_out_dir
+    from muonkit.tasks.report import memory_note, prepare_out_dir, writable_dir
 
     out = args.out or _default_out(task.name + ("-sweep" if args.lr_sweep else ""))
     started = time.perf_counter()
     data = task.load(options, device)
     prepare_out_dir(out)
+    if args.tensorboard is not None:
+        writable_dir(args.tensorboard, "TensorBoard", "--tensorboard")
     if args.steps:
         steps = args.steps
     elif args.epochs:
@@ -207,7 +238,7 @@ def _run_bench(args: argparse.Namespace, task: Task, optimizers: tuple[str, ...]
     else:
         steps = task.sweep_steps if args.lr_sweep else task.default_steps
     config = BenchConfig(task, optimizers, lrs, grid, args.seeds, steps, device, out, progress=not args.quiet,
-                         eval_every=args.eval_every)
+                         eval_every=args.eval_every, qk_clip=args.qk_clip, tensorboard=args.tensorboard)
     what = "lr sweep" if args.lr_sweep else "bench"
     _log(f"muonkit {what} {task.name}: {', '.join(optimizers)}; {args.seeds} seed(s) x {steps} steps on {device}; "
          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -217,8 +248,13 @@ def _run_bench(args: argparse.Namespace, task: Task, optimizers: tuple[str, ...]
     else:
         table, payload = run_bench(config, data, _log)
         table += "\n\n" + memory_note(payload["summary"])
+        if args.qk_clip is not None:
+            table += (f" QK-Clip tau {args.qk_clip:g}: `max logit` is the largest pre-softmax attention logit of any "
+                      "head in a training forward pass (before that step's clip), largest over seeds.")
         written = [out / "results.json", out / "curves.png"]
     print(table)
+    if args.tensorboard is not None:
+        written.append(args.tensorboard)
     print(f"total {time.perf_counter() - started:.1f} s; wrote {', '.join(map(str, written))}")
     return 0
 

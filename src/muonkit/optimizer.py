@@ -220,6 +220,18 @@ class Muon(torch.optim.Optimizer):
         return 0 if self._distributed is None else self._distributed.bytes_sent
 
     @property
+    def diagnostics(self) -> bool:
+        """Whether steps record `last_stats`; may be switched between steps (for example on only
+        for the steps a logger records, so that the others pay nothing)."""
+        return self.defaults["diagnostics"]
+
+    @diagnostics.setter
+    def diagnostics(self, on: bool) -> None:
+        if not isinstance(on, bool):
+            raise TypeError(f"Muon.diagnostics must be True or False, got {on!r}")
+        self.defaults["diagnostics"] = on
+
+    @property
     def skipped_steps(self) -> int:
         """Steps that `nonfinite="skip"` skipped (kept in every param group, so in state_dict)."""
         return max((group.get(SKIPPED, 0) for group in self.param_groups), default=0)

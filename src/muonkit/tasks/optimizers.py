@@ -43,21 +43,30 @@ def lr_for(name: str, lrs: dict[str, float]) -> float:
     """A task's lr for an optimizer: its own entry, else (for NAME+cwd) NAME's."""
     return lrs[name] if name in lrs else lrs[base_name(name)]
 
+ORTHOGONALITY_EVERY = 5
+"""With statistics, muonkit optimizers also measure the orthogonality error (an SVD per matrix) on
+every 5th step that records statistics."""
+
 
 def build_optimizers(name: str, model: nn.Module, lr: float, *, adamw_lr: float, weight_decay: float,
-                     routing: dict[str, Any]) -> tuple[list[torch.optim.Optimizer], list[str]]:
-    """The optimizers for one run, and notes about routing the user should see."""
+                     routing: dict[str, Any], statistics: bool = False) -> tuple[list[torch.optim.Optimizer], list[str]]:
+    """The optimizers for one run, and notes about routing the user should see.
+
+    `statistics`: muonkit optimizers are built with `diagnostics=True` (and the orthogonality error
+    every ORTHOGONALITY_EVERY diagnosed steps) for `--tensorboard`; torch's optimizers are unchanged."""
+    diagnostics = dict(diagnostics=True, orthogonality_every=ORTHOGONALITY_EVERY) if statistics else {}
     base, cautious = base_name(name), name.endswith(CAUTIOUS)
     if base in ("muon", "normuon", "adamuon"):
         groups = muonkit.param_groups(model, **routing)
-        return [muonkit.Muon(groups, lr=lr, weight_decay=weight_decay, variant=base, cautious_weight_decay=cautious)], []
+        return [muonkit.Muon(groups, lr=lr, weight_decay=weight_decay, variant=base, cautious_weight_decay=cautious,
+                             **diagnostics)], []
     if base == "muon-kj":
         groups = muonkit.param_groups(model, **routing)
         return [muonkit.Muon(groups, lr=lr, weight_decay=weight_decay, orthogonalizer="keller_jordan",
-                             scale="keller_jordan", adamw_lr=adamw_lr, cautious_weight_decay=cautious)], []
+                             scale="keller_jordan", adamw_lr=adamw_lr, cautious_weight_decay=cautious, **diagnostics)], []
     if base == "adamw" and cautious:
         return [muonkit.Muon([{"params": list(model.parameters()), "use_muon": False}], lr=lr,
-                             weight_decay=weight_decay, cautious_weight_decay=True)], []
+                             weight_decay=weight_decay, cautious_weight_decay=True, **diagnostics)], []
     if base == "adamw":
         return [torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)], []
     if base == "sgd":

@@ -9,10 +9,10 @@ fi
 # The integrations extra (transformers, accelerate, lightning) is for tests/test_integrations.py;
 # muonkit itself imports none of them.
 # find_spec looks the packages up without importing them (importing transformers takes seconds).
-needed="torch muonkit pytest hypothesis build transformers accelerate lightning"
+needed="torch muonkit pytest hypothesis tensorboard build transformers accelerate lightning"
 if ! "$venv/bin/python" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" \
         $needed >/dev/null 2>&1; then
     "$venv/bin/pip" install --quiet --disable-pip-version-check torch==2.13.0
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -e "$root[test,integrations]"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -e "$root[test,tensorboard,integrations]"
 fi
 export PATH="$venv/bin:$PATH"

@@ -276,7 +276,8 @@ def test_adamw_cwd_is_muonkit_adamw_with_cautious_decay_and_torch_adamw_without(
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     (cwd,), _ = build_optimizers("adamw+cwd", model, 0.01, adamw_lr=0.01, weight_decay=0.1, routing={})
-    assert [g["use_muon"] for g in cwd.param_groups] == [False] and cwd.param_groups[0]["cautious_weight_decay"]
+    assert [g["use_muon"] for g in cwd.param_groups] == [False, False]  # decayed, and the 1D bias not
+    assert all(g["cautious_weight_decay"] for g in cwd.param_groups)
     with pytest.raises(ValueError, match=r"unknown optimizer 'torch-muon\+cwd'"):
         build_optimizers("torch-muon+cwd", model, 0.01, adamw_lr=0.01, weight_decay=0.1, routing={})
 

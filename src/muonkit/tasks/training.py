@@ -213,7 +213,8 @@ def _lr_and_decay(optimizers: list[torch.optim.Optimizer]) -> dict[int, tuple[fl
 
 def _lr_scalars(optimizers: list[torch.optim.Optimizer]) -> dict[str, float]:
     """The learning rate of each group: "lr/muon" and "lr/adamw" for muonkit.Muon's kinds of group,
-    "lr/<class>" for torch's optimizers; a group number is added where a kind has several groups."""
+    "lr/<class>" for torch's optimizers; a group number is added where the groups of a kind (e.g.
+    decayed and not decayed) have different lrs."""
     labels = []
     for opt in optimizers:
         for group in opt.param_groups:
@@ -221,13 +222,13 @@ def _lr_scalars(optimizers: list[torch.optim.Optimizer]) -> dict[str, float]:
                 labels.append(("muon" if group["use_muon"] else "adamw", float(group["lr"])))
             else:
                 labels.append((type(opt).__name__.lower(), float(group["lr"])))
-    counts = {label: sum(1 for other, _ in labels if other == label) for label, _ in labels}
+    lrs = {label: {lr for other, lr in labels if other == label} for label, _ in labels}
     seen: dict[str, int] = {}
     out = {}
     for label, lr in labels:
         index = seen.get(label, 0)
         seen[label] = index + 1
-        out[f"lr/{label}" if counts[label] == 1 else f"lr/{label}.{index}"] = lr
+        out[f"lr/{label}" if len(lrs[label]) == 1 else f"lr/{label}.{index}"] = lr
     return out
 
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import functional
 from .layout import LAYOUT_NAMES, Layout, LayoutSpec, matrix_shape, resolve
-from .orthogonalize import ORTHOGONALIZERS, Orthogonalizer
+from .orthogonalize import EPS, ORTHOGONALIZERS, SCHEDULES, Orthogonalizer
 from .scaling import SCALES, Scale
 
 _MUON_KEYS = (
@@ -33,6 +33,20 @@ _ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
 # torch.optim.AdamW / SGD options that change the update and that muonkit does not implement: a
 # group asking for them is refused rather than silently stepped without them.
 _UNSUPPORTED = ("amsgrad", "maximize")
+# The per-parameter state of each kind of group (torch.optim.Muon's and torch.optim.AdamW's keys).
+_MUON_STATE = ("momentum_buffer",)
+_ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
+# Keys of torch.optim.AdamW / Adam groups that pick an implementation (muonkit has one) or are checked
+# at load (amsgrad, maximize, decoupled_weight_decay): dropped from a loaded group.
+_TORCH_ADAMW_KEYS = (
+    "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay"
+)
+# torch.optim.Muon's group keys that muonkit spells as scale and orthogonalizer (see _from_torch_muon).
+_TORCH_MUON_KEYS = ("adjust_lr_fn", "ns_coefficients", "eps")
+# torch.optim.Muon's adjust_lr_fn (None means "original") -> muonkit's scale. torch's _adjust_lr:
+# "original" sqrt(max(1, A/B)), "match_rms_adamw" 0.2*sqrt(max(A, B)) (torch/optim/_muon.py, 2.13).
+_ADJUST_LR_FN_TO_SCALE = {None: "keller_jordan", "original": "keller_jordan", "match_rms_adamw": "moonlight"}
+_TORCH_MUON_RMS = 0.2
 
 
 class Muon(torch.optim.Optimizer):
@@ -188,29 +202,104 @@ class Muon(torch.optim.Optimizer):
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
         # State exists from construction so that every process has the same state_dict keys.
-        state = self.state[p]
-        if state:
-            return
-        if group["use_muon"]:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        else:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if not self.state[p]:
+            self.state[p].update(_new_state(p, group["use_muon"]))
+
+    # ------------------------------------------------------------------ copies and checkpoints
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self._distributed is not None:
+            raise TypeError(
+                "a muonkit.Muon created with a process_group cannot be pickled or copied (copy.deepcopy, "
+                "pickle, torch.save of the optimizer object): the process group belongs to the running "
+                "processes. Save opt.state_dict() instead and load it into Muon(..., process_group=pg) "
+                "built where it is used"
+            )
+        return super().__getstate__()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "defaults" not in state:
+            # torch.optim.Optimizer.load_state_dict hands over the loaded groups and state (tensors
+            # already cast to the parameters' dtype and device) through __setstate__: they are checked
+            # and translated here, before anything of this optimizer changes.
+            super().__setstate__(self._loaded(state["state"], state["param_groups"]))
+            return
+        # Unpickling (copy.deepcopy, pickle, torch.load): __getstate__ refuses an optimizer that holds
+        # a process group, so a copy never has one; keys added to groups since it was saved are filled.
+        self._distributed = None
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("use_muon", True)
             self._fill_defaults(group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of muonkit.Muon, torch.optim.AdamW / Adam or torch.optim.Muon.
+
+        Every group and its parameters' state are checked against this optimizer's groups before
+        anything changes; a state dict that does not fit raises ValueError naming the group and
+        leaves the optimizer as it was:
+
+        - a group keeps its kind: a loaded group is an AdamW group if its ``use_muon`` is False, or,
+          without ``use_muon`` (torch's optimizers), if it has ``betas``; else a Muon group;
+        - each parameter's state holds its kind's keys (Muon ``momentum_buffer``; AdamW ``step``,
+          ``exp_avg``, ``exp_avg_sq``) with the parameter's shape; a plain-number AdamW ``step``
+          (torch's older format) becomes a float32 tensor, as torch.optim.AdamW converts it;
+        - torch.optim.AdamW's implementation flags are dropped; ``amsgrad`` or ``maximize`` set, or
+          torch.optim.Adam's L2 weight decay (``decoupled_weight_decay=False`` with weight_decay > 0),
+          are refused;
+        - torch.optim.Muon's ``adjust_lr_fn`` "original" (or None) becomes scale "keller_jordan",
+          "match_rms_adamw" becomes scale "moonlight" with rms 0.2; its default ``ns_coefficients``
+          (Keller Jordan's) and ``eps`` (1e-7) become orthogonalizer "keller_jordan"; anything else
+          has no muonkit equivalent and is refused. The Newton-Schulz iteration then runs in this
+          group's ``ns_dtype`` (torch.optim.Muon runs bfloat16);
+        - missing muonkit keys (an older state dict) are filled from the constructor's defaults.
+
+        Example:
+            >>> opt = muonkit.Muon([{"params": model.parameters(), "use_muon": False}])
+            >>> opt.load_state_dict(torch_adamw.state_dict())
+        """
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            group.setdefault("use_muon", True)
+
+    def _loaded(self, state: dict[Any, Any], groups: list[dict[str, Any]]) -> dict[str, Any]:
+        """The checked, translated groups and state of a load; raises before anything changes."""
+        new_state = type(state)(dict)  # torch's defaultdict(dict), as Optimizer.__init__ makes it
+        new_state.update(state)  # entries that are not parameters (torch keeps them as they are)
+        new_groups = []
+        for index, (saved, current) in enumerate(zip(groups, self.param_groups)):
+            group = dict(saved)
+            use_muon = current["use_muon"]
+            kind = "Muon" if use_muon else "AdamW"
+            where = f"load_state_dict: {kind} group {index}"
+            saved_kind = group.get("use_muon", "betas" not in group)
+            if not isinstance(saved_kind, bool):
+                raise ValueError(f"{where}: use_muon must be True or False, got {saved_kind!r}")
+            if saved_kind != use_muon:
+                why = (f"use_muon={saved_kind}" if "use_muon" in group else
+                       "no use_muon, and betas as torch.optim.AdamW's groups have" if "betas" in group else
+                       "no use_muon and no betas")
+                raise ValueError(
+                    f"{where}: the state dict's group {index} is {'a Muon' if saved_kind else 'an AdamW'} group "
+                    f"({why}); a group keeps the kind it was built with - build the optimizer with the "
+                    "same groups as the one that saved the state dict"
+                )
+            group["use_muon"] = use_muon
+            if use_muon:
+                _from_torch_muon(group, where)
+            else:
+                _from_torch_adamw(group, where)
             self._fill_defaults(group)
-            for p in group["params"]:
-                self._init_state(p, group)
+            _check_options(group, where)
+            names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
+            for name, p in zip(names, group["params"]):
+                _check_param(p, name, group, where)
+                if use_muon and _is_dtensor(p):
+                    self._check_dtensor(p, name, where)
+                if p in state:
+                    new_state[p] = _checked_state(state[p], p, use_muon, f"{where}: parameter '{name}'")
+                else:
+                    new_state[p] = _new_state(p, use_muon)
+            new_groups.append(group)
+        return {"state": new_state, "param_groups": new_groups}
 
     # ---------------------------------------------------------------------------- the step
 
@@ -277,7 +366,7 @@ class Muon(torch.optim.Optimizer):
             _local([p.grad for p in params]),
             _local([self.state[p]["momentum_buffer"] for p in params]),
             layouts,
-            lr=group["lr"],
+            lr=_scalar(group["lr"]),
             momentum=group["momentum"],
             nesterov=group["nesterov"],
             weight_decay=group["weight_decay"],
@@ -321,6 +410,103 @@ def _local(tensors: Sequence[Tensor]) -> list[Tensor]:
     return [t.to_local() if _is_dtensor(t) else t for t in tensors]
 
 
+def _scalar(value: float | Tensor) -> float:
+    """A hyperparameter the step uses as a Python float: a one-element tensor of any shape (a tensor
+    lr, as torch.optim accepts) gives its value; numbers are returned as floats."""
+    return value.item() if isinstance(value, Tensor) else float(value)
+
+
+def _new_state(p: Tensor, use_muon: bool) -> dict[str, Tensor]:
+    """The state of a parameter that has not been stepped (torch.optim.Muon's and AdamW's keys)."""
+    if use_muon:
+        return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
+    return {
+        "step": torch.tensor(0.0, dtype=torch.float32),
+        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+    }
+
+
+def _checked_state(state: dict[str, Any], p: Tensor, use_muon: bool, where: str) -> dict[str, Any]:
+    """A loaded parameter's state, checked against its kind and shape; an empty one is filled, and a
+    plain-number AdamW step becomes a float32 tensor (as torch.optim.AdamW converts it)."""
+    if not state:
+        return _new_state(p, use_muon)
+    keys = _MUON_STATE if use_muon else _ADAMW_STATE
+    if set(state) != set(keys):
+        kind = "Muon" if use_muon else "AdamW"
+        raise ValueError(
+            f"{where}: state has keys {sorted(state)}, but a {kind} group's state is {list(keys)}; "
+            "was the state dict saved from a different optimizer or group?"
+        )
+    state = dict(state)
+    for key in keys:
+        value = state[key]
+        if key == "step":
+            if isinstance(value, Tensor):
+                if value.numel() != 1:
+                    raise ValueError(f"{where}: step must be a number or a one-element tensor, got {value!r}")
+            else:
+                state[key] = torch.tensor(_number(value, "step", where), dtype=torch.float32)
+        elif not isinstance(value, Tensor) or value.shape != p.shape:
+            got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"{where}: {key} has {got}, but the parameter has shape {tuple(p.shape)}")
+    return state
+
+
+def _from_torch_adamw(group: dict[str, Any], where: str) -> None:
+    """Check and drop the keys of a torch.optim.AdamW / Adam group that muonkit has no use for."""
+    _check_unsupported(group, where)
+    decay = _number(group.get("weight_decay", 0.0), "weight_decay", where)
+    if group.get("decoupled_weight_decay", True) is False and decay != 0:
+        raise ValueError(
+            f"{where}: the group is torch.optim.Adam's, with L2 weight decay (decoupled_weight_decay=False, "
+            f"weight_decay={group['weight_decay']!r}); muonkit's AdamW groups decay decoupled, as "
+            "torch.optim.AdamW - keep training with torch.optim.Adam or set the group's weight_decay to 0"
+        )
+    for key in _TORCH_ADAMW_KEYS:
+        group.pop(key, None)
+
+
+def _from_torch_muon(group: dict[str, Any], where: str) -> None:
+    """Translate a torch.optim.Muon group's adjust_lr_fn, ns_coefficients and eps into muonkit's scale
+    and orthogonalizer; refuse values muonkit has no equivalent for."""
+    if not any(key in group for key in _TORCH_MUON_KEYS):
+        return
+    clash = [key for key in ("scale", "rms", "orthogonalizer") if key in group]
+    if clash:
+        raise ValueError(
+            f"{where}: the group has both torch.optim.Muon's keys ({', '.join(k for k in _TORCH_MUON_KEYS if k in group)}) "
+            f"and muonkit's ({', '.join(clash)}); keep one set"
+        )
+    adjust = group.pop("adjust_lr_fn", None)
+    if not isinstance(adjust, (str, type(None))) or adjust not in _ADJUST_LR_FN_TO_SCALE:
+        raise ValueError(
+            f"{where}: torch.optim.Muon's adjust_lr_fn={adjust!r} has no muonkit equivalent; muonkit has "
+            "'original' (scale='keller_jordan') and 'match_rms_adamw' (scale='moonlight', rms=0.2)"
+        )
+    group["scale"] = _ADJUST_LR_FN_TO_SCALE[adjust]
+    if group["scale"] == "moonlight":
+        group["rms"] = _TORCH_MUON_RMS
+    coefficients = group.pop("ns_coefficients", SCHEDULES["keller_jordan"][0])
+    try:
+        known = tuple(float(c) for c in coefficients) == SCHEDULES["keller_jordan"][0]
+    except (TypeError, ValueError):
+        known = False
+    if not known:
+        raise ValueError(
+            f"{where}: torch.optim.Muon's ns_coefficients={coefficients!r} have no muonkit equivalent; "
+            f"muonkit's orthogonalizer 'keller_jordan' is {SCHEDULES['keller_jordan'][0]} (torch's default)"
+        )
+    eps = group.pop("eps", EPS["keller_jordan"])
+    if eps != EPS["keller_jordan"]:
+        raise ValueError(
+            f"{where}: torch.optim.Muon's eps={eps!r} has no muonkit equivalent; the orthogonalizer "
+            f"'keller_jordan' normalizes with eps={EPS['keller_jordan']} (torch's default)"
+        )
+    group["orthogonalizer"] = "keller_jordan"
+
+
 def _split_names(group: dict[str, Any]) -> None:
     """Normalize group["params"] to a list of tensors, moving (name, tensor) names aside."""
     params = group["params"]
@@ -329,7 +515,14 @@ def _split_names(group: dict[str, Any]) -> None:
     elif isinstance(params, set):
         raise TypeError("params must be an ordered collection (a list), not a set")
     params = list(params)
-    if params and all(isinstance(x, tuple) for x in params):
+    named = [isinstance(x, tuple) for x in params]
+    if any(named) and not all(named):
+        # torch.optim.Optimizer.add_param_group's error, with the first entry that breaks the rule.
+        raise ValueError(
+            "all optimizer params should be with/without names. Some param names are missing "
+            f"(params[{named.index(False)}] is not a (name, tensor) pair)"
+        )
+    if params and all(named):
         group["param_names"] = [name for name, _ in params]
         params = [t for _, t in params]
     for i, p in enumerate(params):
@@ -348,7 +541,7 @@ def _number(value: Any, name: str, where: str) -> float:
     return float(value)
 
 
-def _check_options(group: dict[str, Any], where: str) -> None:
+def _check_unsupported(group: dict[str, Any], where: str) -> None:
     for key in _UNSUPPORTED:
         if group.get(key):
             raise ValueError(
@@ -356,6 +549,10 @@ def _check_options(group: dict[str, Any], where: str) -> None:
                 f"plain AdamW); remove {key!r} from the group, or train these parameters with "
                 f"torch.optim.AdamW({key}=True)"
             )
+
+
+def _check_options(group: dict[str, Any], where: str) -> None:
+    _check_unsupported(group, where)
     if group["use_muon"]:
         _check_muon_options(group, where)
     else:

@@ -64,8 +64,9 @@ class Muon(torch.optim.Optimizer):
     and AdamW groups get exactly torch.optim.AdamW's update.
 
     Args:
-        params: tensors, (name, tensor) pairs, or group dicts (see muonkit.param_groups).
-        lr: learning rate of Muon groups (default 1e-3; with scale "moonlight" an AdamW-sized lr).
+        params: tensors, (name, tensor) pairs (not mixed), or group dicts (see muonkit.param_groups).
+        lr: learning rate of Muon groups (default 1e-3; with scale "moonlight" an AdamW-sized lr); a
+            float or, as torch.optim accepts, a one-element tensor of any shape.
         momentum: beta in [0, 1) (default 0.95).
         nesterov: Nesterov-style lookahead (default True).
         weight_decay: decoupled weight decay lambda of Muon groups (default 0.1).
@@ -471,13 +472,14 @@ def _from_torch_adamw(group: dict[str, Any], where: str) -> None:
 def _from_torch_muon(group: dict[str, Any], where: str) -> None:
     """Translate a torch.optim.Muon group's adjust_lr_fn, ns_coefficients and eps into muonkit's scale
     and orthogonalizer; refuse values muonkit has no equivalent for."""
-    if not any(key in group for key in _TORCH_MUON_KEYS):
+    theirs = [key for key in _TORCH_MUON_KEYS if key in group]
+    ours = [key for key in ("scale", "rms", "orthogonalizer") if key in group]
+    if not theirs:
         return
-    clash = [key for key in ("scale", "rms", "orthogonalizer") if key in group]
-    if clash:
+    if ours:
         raise ValueError(
-            f"{where}: the group has both torch.optim.Muon's keys ({', '.join(k for k in _TORCH_MUON_KEYS if k in group)}) "
-            f"and muonkit's ({', '.join(clash)}); keep one set"
+            f"{where}: the group has both torch.optim.Muon's keys ({', '.join(theirs)}) and muonkit's "
+            f"({', '.join(ours)}); keep one set"
         )
     adjust = group.pop("adjust_lr_fn", None)
     if not isinstance(adjust, (str, type(None))) or adjust not in _ADJUST_LR_FN_TO_SCALE:

@@ -298,7 +298,7 @@ def test_deepcopy_copies_all_public_attrs_and_the_copy_steps(config):
     params, opt = build(config)
     run(opt, params, 3)
     twin = copy.deepcopy(opt)
-    assert public_attrs(opt) == public_attrs(twin) == {"defaults", "state", "param_groups"}
+    assert public_attrs(opt) == public_attrs(twin) == {"defaults", "state", "param_groups", "last_stats"}
     # torch.optim.Optimizer.__setstate__ adds defaults["differentiable"] = False (muonkit never reads it)
     assert_same({k: v for k, v in twin.defaults.items() if k != "differentiable"}, opt.defaults)
     assert_same(twin.state_dict(), opt.state_dict())

@@ -167,7 +167,9 @@ def test_torch_adamw_state_dict_loads_into_adamw_groups_and_continues_bit_for_bi
     # As torch.optim's own tests do: state_dict() returns the live tensors, and load_state_dict keeps
     # tensors that need no cast, so loading it as it is would share the state of the two optimizers.
     opt.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
-    assert set(opt.param_groups[0]) == {"params", "use_muon", "lr", "betas", "eps", "weight_decay"}
+    assert set(opt.param_groups[0]) == {"params", "use_muon", "lr", "betas", "eps", "weight_decay",
+                                        "cautious_weight_decay", "skipped_steps"}
+    assert opt.param_groups[0]["cautious_weight_decay"] is False
     assert opt.param_groups[0]["lr"] == 3e-3 and opt.param_groups[0]["weight_decay"] == 0.05
     for t in range(3, 6):
         step(torch_opt, theirs, t)
@@ -235,10 +237,11 @@ def _damage_bad_option(sd):
 
 @pytest.mark.parametrize("damage, words", [
     (_damage_wrong_kind_state, r"Muon group 0: parameter '#0': state has keys \['exp_avg', 'exp_avg_sq', 'step'\]"),
-    (_damage_buffer_shape, r"Muon group 0: parameter '#1': momentum_buffer has shape \(6, 10\), but the parameter has shape \(10, 6\)"),
-    (_damage_exp_avg_shape, r"AdamW group 1: parameter '#1': exp_avg has shape \(2, 12\)"),
+    (_damage_buffer_shape, r"Muon group 0: parameter '#1': momentum_buffer should be a floating tensor of shape "
+                           r"\(10, 6\), got a tensor of shape \(6, 10\)"),
+    (_damage_exp_avg_shape, r"AdamW group 1: parameter '#1': exp_avg should be a floating tensor of shape \(2, 3, 4\)"),
     (_damage_incomplete_adamw_state, r"AdamW group 1: parameter '#0': state has keys \['exp_avg', 'step'\]"),
-    (_damage_step_shape, r"AdamW group 1: parameter '#0': step must be a number or a one-element tensor"),
+    (_damage_step_shape, r"AdamW group 1: parameter '#0': step should be a floating tensor of shape \(\)"),
     (_damage_muon_on_vectors, r"AdamW group 1: the state dict's group 1 is a Muon group \(use_muon=True\)"),
     (_damage_adamw_keys_without_use_muon, r"Muon group 0: the state dict's group 0 is an AdamW group \(no use_muon, and betas"),
     (_damage_layout, r"Muon group 0: parameter '#0' with shape \(6, 10\)"),

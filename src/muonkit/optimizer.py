@@ -321,9 +321,11 @@ class Muon(torch.optim.Optimizer):
 
         - a group keeps its kind: a loaded group is an AdamW group if its ``use_muon`` is False, or,
           without ``use_muon`` (torch's optimizers), if it has ``betas``; else a Muon group;
-        - each parameter's state holds its kind's keys (Muon ``momentum_buffer``; AdamW ``step``,
-          ``exp_avg``, ``exp_avg_sq``) with the parameter's shape; a plain-number AdamW ``step``
-          (torch's older format) becomes a float32 tensor, as torch.optim.AdamW converts it;
+        - each parameter's state holds its kind's keys (Muon ``momentum_buffer``, and
+          ``second_moment`` with a variant; AdamW ``step``, ``exp_avg``, ``exp_avg_sq``) with the
+          shapes the step needs; missing state (torch creates it lazily) is made fresh; a
+          plain-number AdamW ``step`` (torch's older format) becomes a float32 tensor, as
+          torch.optim.AdamW converts it;
         - torch.optim.AdamW's implementation flags are dropped; ``amsgrad`` or ``maximize`` set, or
           torch.optim.Adam's L2 weight decay (``decoupled_weight_decay=False`` with weight_decay > 0),
           are refused;

@@ -6,8 +6,8 @@ venv="${MUONKIT_VENV:-$root/.venv}"
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
-if ! "$venv/bin/python" -c "import torch, muonkit, pytest, hypothesis" >/dev/null 2>&1; then
+if ! "$venv/bin/python" -c "import torch, muonkit, pytest, hypothesis, tensorboard" >/dev/null 2>&1; then
     "$venv/bin/pip" install --quiet --disable-pip-version-check torch==2.13.0
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -e "$root[test]"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -e "$root[test,tensorboard]"
 fi
 export PATH="$venv/bin:$PATH"

@@ -18,7 +18,7 @@ from muonkit.tasks.charlm import GPT
 from muonkit.tasks.cifar10 import CIFAR10
 from muonkit.tasks.data import (Shuffler, color_jitter, random_crop, random_erasing, random_flip, read_idx,
                                 stdlib_corpus)
-from muonkit.tasks.optimizers import OPTIMIZERS, SGDW, build_optimizers, state_bytes
+from muonkit.tasks.optimizers import BASE_OPTIMIZERS, OPTIMIZERS, SGDW, build_optimizers, lr_for, state_bytes
 from muonkit.tasks.bench import best_lr
 from muonkit.tasks.report import memory_note, summarize, target_hit, write_json_atomic
 from muonkit.tasks.training import PEAK_CPU_RSS, PEAK_CUDA, RunResult, peak_rss_since, start_peak_rss, train_run
@@ -233,8 +233,49 @@ def test_write_json_atomic(tmp_path):
 
 def test_every_task_has_lrs_and_grids_for_every_optimizer():
     for task in TASKS.values():
-        assert set(task.lrs) == set(OPTIMIZERS) == set(task.sweep_grid)
+        assert set(BASE_OPTIMIZERS) <= set(task.lrs) <= set(OPTIMIZERS)
+        assert set(BASE_OPTIMIZERS) <= set(task.sweep_grid) <= set(OPTIMIZERS)
         assert set(task.default_optimizers) <= set(OPTIMIZERS)
+        for name in OPTIMIZERS:
+            assert lr_for(name, task.lrs) == task.lrs.get(name, task.lrs[name.removesuffix("+cwd")])
+
+
+@pytest.mark.parametrize("name", ["muon", "normuon", "adamuon", "muon-kj"])
+@pytest.mark.parametrize("cautious", [False, True])
+def test_bench_muon_family_options(name, cautious):
+    model = GPT(vocab=11, context=8, width=16, depth=1, heads=2)
+    full = name + ("+cwd" if cautious else "")
+    (opt,), _ = build_optimizers(full, model, 0.01, adamw_lr=0.001, weight_decay=0.1, routing={})
+    assert isinstance(opt, muonkit.Muon)
+    muon_groups = [g for g in opt.param_groups if g["use_muon"]]
+    assert {g["variant"] for g in muon_groups} == {"muon" if name == "muon-kj" else name}
+    assert {g["cautious_weight_decay"] for g in opt.param_groups} == {cautious}
+
+
+def test_adamw_cwd_is_muonkit_adamw_with_cautious_decay_and_torch_adamw_without():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    (cwd,), _ = build_optimizers("adamw+cwd", model, 0.01, adamw_lr=0.01, weight_decay=0.1, routing={})
+    assert [g["use_muon"] for g in cwd.param_groups] == [False] and cwd.param_groups[0]["cautious_weight_decay"]
+    with pytest.raises(ValueError, match=r"unknown optimizer 'torch-muon\+cwd'"):
+        build_optimizers("torch-muon+cwd", model, 0.01, adamw_lr=0.01, weight_decay=0.1, routing={})
+
+
+def test_sgdw_cautious_decays_only_where_the_update_agrees():
+    """Reference: b <- mu b + g; u = g + mu b (Nesterov); p <- p - lr (u + wd p 1[u p >= 0])."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(6, 5))
+    lr, wd, mu = 0.1, 0.5, 0.9
+    opt = SGDW([p], lr=lr, momentum=mu, nesterov=True, weight_decay=wd, cautious=True)
+    expected, buf = p.detach().clone(), None
+    for _ in range(3):
+        g = torch.randn(6, 5)
+        p.grad = g.clone()
+        opt.step()
+        buf = g.clone() if buf is None else mu * buf + g
+        u = g + mu * buf
+        expected = expected - lr * (u + wd * expected * (u * expected >= 0))
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_state_bytes_counts_muon_one_buffer_adamw_two():
@@ -320,3 +361,22 @@ def test_best_lr():
     assert best_lr(ties, {"0.1": [0.4], "0.3": [0.6], "1": [0.5]}, by_steps=True, higher_is_better=False) == "0.1"
     assert best_lr({"0.1": [nan], "0.3": [1001.0]}, {"0.1": [nan], "0.3": [0.1]}, by_steps=True,
                    higher_is_better=True) == "0.3"
+
+
+def test_steps_to_adamw_final_and_ratio():
+    """Each optimizer's steps to reach AdamW's mean final metric, and the median as a multiple of
+    AdamW's own steps to it; a seed that never reaches it makes the ratio undefined."""
+    task = get_task("regression")  # lower is better
+
+    def run(name, seed, values):
+        return RunResult("regression", name, 0.1, seed, 4, [], evals=[(s + 1, 0.1 * s, v) for s, v in enumerate(values)])
+
+    runs = {"adamw": [run("adamw", 0, [0.5, 0.3, 0.2, 0.1]), run("adamw", 1, [0.5, 0.3, 0.2, 0.1])],
+            "muon": [run("muon", 0, [0.3, 0.1, 0.05, 0.01]), run("muon", 1, [0.2, 0.09, 0.05, 0.01])],
+            "sgd": [run("sgd", 0, [0.5, 0.4, 0.3, 0.2]), run("sgd", 1, [0.5, 0.4, 0.3, 0.05])]}
+    summaries = {name: {"final": [r.evals[-1][2] for r in rs]} for name, rs in runs.items()}
+    from muonkit.tasks.report import add_steps_to_reference
+    add_steps_to_reference(task, runs, summaries)
+    assert summaries["adamw"]["steps_to_reference"] == [4, 4] and summaries["adamw"]["reference_step_ratio"] == 1.0
+    assert summaries["muon"]["steps_to_reference"] == [2, 2] and summaries["muon"]["reference_step_ratio"] == 0.5
+    assert summaries["sgd"]["steps_to_reference"] == [None, 4] and summaries["sgd"]["reference_step_ratio"] is None

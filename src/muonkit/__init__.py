@@ -4,6 +4,7 @@ from .layout import Layout
 from .optimizer import Muon
 from .orthogonalize import ORTHOGONALIZERS, orthogonalize
 from .partition import Decision, explain, param_groups, route
+from .qkclip import QKClip, attention_max_logits
 from .scaling import SCALES, update_scale
 
 __version__ = "0.1.0"
@@ -13,8 +14,10 @@ __all__ = [
     "Layout",
     "Muon",
     "ORTHOGONALIZERS",
+    "QKClip",
     "SCALES",
     "__version__",
+    "attention_max_logits",
     "explain",
     "orthogonalize",
     "param_groups",

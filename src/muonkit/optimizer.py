@@ -34,8 +34,10 @@ _MUON_KEYS = (
     "beta2",
     "variant_eps",
     "cautious_weight_decay",
+    "state_dtype",
+    "stochastic_rounding",
 )
-_ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "cautious_weight_decay")
+_ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "cautious_weight_decay", "state_dtype", "stochastic_rounding")
 # Options of the whole optimizer: kept in `defaults` (so they survive deepcopy and pickling), never
 # in a param group.
 _GLOBAL_KEYS = ("nonfinite", "diagnostics", "orthogonality_every")
@@ -73,6 +75,8 @@ class _GroupStep:
     names: list[str]
     states: list[dict[str, Tensor]]
     grads: list[Tensor]
+    positions: list[int]  # each parameter's place in the optimizer's order (seeds its rounding)
+    seeds: list[int | None] | None = None
     directions: Directions | None = None
     stats: list[dict[str, Tensor]] | None = field(default=None)
 
@@ -119,6 +123,11 @@ class Muon(torch.optim.Optimizer):
         variant_eps: the variants' eps in H = O / (sqrt(v) + eps) (default 1e-10, NorMuon's).
         cautious_weight_decay: decay only where the decay and the update agree in sign (both kinds
             of group; default False).
+        state_dtype: dtype of the optimizer state (momentum, second moments, AdamW's moments) and
+            of the update arithmetic; None (default) means the parameter's dtype. float32 for
+            bfloat16 parameters keeps small updates from vanishing in the state.
+        stochastic_rounding: write bfloat16/float16 parameters by unbiased stochastic rounding of
+            the update computed in float32 (default False); no effect on wider parameters.
         adamw_lr: lr of AdamW groups (None: same as lr).
         adamw_betas, adamw_eps: AdamW's betas (default (0.9, 0.999)) and eps (default 1e-8).
         adamw_weight_decay: AdamW's decoupled weight decay (None: same as weight_decay).
@@ -161,6 +170,8 @@ class Muon(torch.optim.Optimizer):
         beta2: float = 0.95,
         variant_eps: float = 1e-10,
         cautious_weight_decay: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
         adamw_lr: float | None = None,
         adamw_betas: tuple[float, float] = (0.9, 0.999),
         adamw_eps: float = 1e-8,
@@ -185,6 +196,8 @@ class Muon(torch.optim.Optimizer):
             beta2=beta2,
             variant_eps=variant_eps,
             cautious_weight_decay=cautious_weight_decay,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
             adamw_lr=lr if adamw_lr is None else adamw_lr,
             adamw_betas=tuple(adamw_betas),
             adamw_eps=adamw_eps,
@@ -201,6 +214,8 @@ class Muon(torch.optim.Optimizer):
                 eps=adamw_eps,
                 weight_decay=defaults["adamw_weight_decay"],
                 cautious_weight_decay=cautious_weight_decay,
+                state_dtype=state_dtype,
+                stochastic_rounding=stochastic_rounding,
             ),
             "Muon (adamw_* arguments)",
         )
@@ -219,6 +234,18 @@ class Muon(torch.optim.Optimizer):
         """Bytes this rank has sent exchanging Muon updates since construction (0 without a
         process_group); an all-gather counts as a ring, (world - 1) times this rank's part."""
         return 0 if self._distributed is None else self._distributed.bytes_sent
+
+    @property
+    def diagnostics(self) -> bool:
+        """Whether steps record `last_stats`; may be switched between steps (for example on only
+        for the steps a logger records, so that the others pay nothing)."""
+        return self.defaults["diagnostics"]
+
+    @diagnostics.setter
+    def diagnostics(self, on: bool) -> None:
+        if not isinstance(on, bool):
+            raise TypeError(f"Muon.diagnostics must be True or False, got {on!r}")
+        self.defaults["diagnostics"] = on
 
     @property
     def skipped_steps(self) -> int:
@@ -277,6 +304,8 @@ class Muon(torch.optim.Optimizer):
             group.setdefault("eps", d["adamw_eps"])
             group.setdefault("weight_decay", d["adamw_weight_decay"])
             group.setdefault("cautious_weight_decay", d["cautious_weight_decay"])
+            group.setdefault("state_dtype", d["state_dtype"])
+            group.setdefault("stochastic_rounding", d["stochastic_rounding"])
 
     # ------------------------------------------------------------------ copies and checkpoints
 
@@ -305,7 +334,8 @@ class Muon(torch.optim.Optimizer):
         self.last_stats, self._diagnosed_steps = {}, 0  # pickled before diagnostics existed
         super().__setstate__(state)
         for key, value in (("variant", "muon"), ("beta2", 0.95), ("variant_eps", 1e-10), ("cautious_weight_decay", False),
-                           ("nonfinite", "propagate"), ("diagnostics", False), ("orthogonality_every", 0)):
+                           ("state_dtype", None), ("stochastic_rounding", False), ("nonfinite", "propagate"),
+                           ("diagnostics", False), ("orthogonality_every", 0)):
             self.defaults.setdefault(key, value)
         for group in self.param_groups:
             group.setdefault("use_muon", True)
@@ -340,12 +370,22 @@ class Muon(torch.optim.Optimizer):
             >>> opt = muonkit.Muon([{"params": model.parameters(), "use_muon": False}])
             >>> opt.load_state_dict(torch_adamw.state_dict())
         """
-        super().load_state_dict(state_dict)
+        # torch.optim casts every floating state tensor it loads to its parameter's dtype, which would
+        # round the float32 state of a bfloat16 parameter to bfloat16: _loaded takes such values from
+        # the state dict as given, in the dtype their group keeps state in.
+        self._loading = state_dict
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            del self._loading
 
     def _loaded(self, state: dict[Any, Any], groups: list[dict[str, Any]]) -> dict[str, Any]:
         """The checked, translated groups and state of a load; raises before anything changes."""
         new_state = type(state)(dict)  # torch's defaultdict(dict), as Optimizer.__init__ makes it
         new_state.update(state)  # entries that are not parameters (torch keeps them as they are)
+        saved_ids = [i for group in self._loading["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        uncast = {id(p): self._loading["state"].get(i, {}) for i, p in zip(saved_ids, params)}
         new_groups = []
         for index, (saved, current) in enumerate(zip(groups, self.param_groups)):
             group = dict(saved)
@@ -380,7 +420,8 @@ class Muon(torch.optim.Optimizer):
                 _check_param(p, name, group, where)
                 if use_muon and _is_dtensor(p):
                     self._check_dtensor(p, name, where)
-                new_state[p] = _checked_state(state.get(p, {}), p, group, f"{where}: parameter '{name}'")
+                loaded = _uncast(state.get(p, {}), uncast.get(id(p), {}), p, group)
+                new_state[p] = _checked_state(loaded, p, group, f"{where}: parameter '{name}'")
             new_groups.append(group)
         return {"state": new_state, "param_groups": new_groups}
 
@@ -414,12 +455,17 @@ class Muon(torch.optim.Optimizer):
         for item in plan:
             for p, state in zip(item.params, item.states):
                 self.state[p].update(state)
+            item.seeds = self._rounding_seeds(item)
             if not item.group["use_muon"]:
                 self._adamw_step(item)
-            elif item.directions is None:
+                continue
+            if item.directions is None:
                 self._fused_muon_step(item, orthogonality)
             else:
                 self._apply_muon(item)
+            for p, seed in zip(item.params, item.seeds or []):
+                if seed is not None:
+                    self.state[p]["step"] += 1
         if self.defaults["diagnostics"]:
             self.last_stats = _collect(plan)
         return loss
@@ -430,13 +476,15 @@ class Muon(torch.optim.Optimizer):
         # appended to a group's list (they get their checks here and their state when the step
         # applies), grads, and the state a loaded state dict left.
         plan = []
+        position = -1
         for index, group in enumerate(self.param_groups):
             where = f"{'Muon' if group['use_muon'] else 'AdamW'} group {index}"
             _check_options(group, where)
             names = group.get("param_names") or []
             names = names + [f"#{i}" for i in range(len(names), len(group["params"]))]
-            item = _GroupStep(group, [], [], [], [])
+            item = _GroupStep(group, [], [], [], [], [])
             for name, p in zip(names, group["params"]):
+                position += 1
                 if p.grad is None:
                     continue
                 state = self.state.get(p, {})
@@ -450,6 +498,7 @@ class Muon(torch.optim.Optimizer):
                 item.names.append(name)
                 item.states.append(new)
                 item.grads.append(p.grad)
+                item.positions.append(position)
             plan.append(item)
         return plan
 
@@ -480,6 +529,23 @@ class Muon(torch.optim.Optimizer):
             item.stats = [{} for _ in item.params]
         every = self.defaults["orthogonality_every"]
         return every > 0 and self._diagnosed_steps % every == 0
+
+    def _rounding_seeds(self, item: _GroupStep) -> list[int | None] | None:
+        """Per parameter, the seed of this step's stochastic rounding (None: round to nearest),
+        from its step count and place, so that a resumed run and every rank round alike. Muon
+        parameters that round stochastically keep a `step` count for it (AdamW ones have one)."""
+        if not item.group["stochastic_rounding"]:
+            return None
+        seeds: list[int | None] = []
+        for p, position in zip(item.params, item.positions):
+            if not _rounds(p, item.group):
+                seeds.append(None)
+                continue
+            step = self.state[p]["step"]
+            if item.group["use_muon"]:
+                step += 1
+            seeds.append((int(step) * 1_000_003 + position) % (1 << 62))
+        return seeds
 
     def _fuses(self, group: dict[str, Any]) -> bool:
         """Whether a Muon group steps in one fused pass: a built-in kernel on one process."""
@@ -523,7 +589,7 @@ class Muon(torch.optim.Optimizer):
             item.directions, lr=_value(group["lr"]), momentum=group["momentum"],
             weight_decay=group["weight_decay"], scale=group["scale"], rms=group["rms"],
             cautious_weight_decay=group["cautious_weight_decay"], second_moments=_local(self._second_moments(item)),
-            shapes=[p.shape for p in item.params], stats=item.stats,
+            shapes=[p.shape for p in item.params], rounding_seeds=item.seeds, stats=item.stats,
         )
 
     def _fused_muon_step(self, item: _GroupStep, orthogonality: bool) -> None:
@@ -547,6 +613,7 @@ class Muon(torch.optim.Optimizer):
             variant_eps=group["variant_eps"],
             second_moments=self._second_moments(item),
             cautious_weight_decay=group["cautious_weight_decay"],
+            rounding_seeds=item.seeds,
             stats=item.stats,
             orthogonality=orthogonality,
         )
@@ -566,6 +633,7 @@ class Muon(torch.optim.Optimizer):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             cautious_weight_decay=group["cautious_weight_decay"],
+            rounding_seeds=item.seeds,
             stats=item.stats,
         )
 
@@ -583,36 +651,54 @@ def _adamw_lr(group: dict[str, Any]) -> float | Tensor:
     return lr if isinstance(lr, Tensor) and not group["cautious_weight_decay"] else _value(lr)
 
 
+def _state_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
+    """The dtype `group` keeps the state of `p` in."""
+    return group["state_dtype"] or p.dtype
+
+
+def _rounds(p: Tensor, group: dict[str, Any]) -> bool:
+    """Whether `p` is written by stochastic rounding (a 16-bit parameter of a group that asks)."""
+    return group["stochastic_rounding"] and p.dtype.itemsize < 4
+
+
 def _missing_state(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> dict[str, Tensor]:
-    """The state entries `group` needs for `p` that `state` lacks, freshly initialized.
+    """The state entries `group` needs for `p` that `state` lacks or holds in another dtype: new
+    zeros, or the held values converted.
 
     State exists from construction (so that every process has the same state_dict keys); entries
-    appear later only for parameters appended to a group, groups whose variant was changed, and
-    state dicts saved before a key existed.
+    appear later only for parameters appended to a group, groups whose variant, state_dtype or
+    stochastic_rounding was changed, and state dicts saved before a key existed.
     """
-    new: dict[str, Tensor] = {}
+    dtype = _state_dtype(p, group)
+    shapes: dict[str, tuple[int, ...]] = {}
     if group["use_muon"]:
-        if "momentum_buffer" not in state:
-            new["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        shapes["momentum_buffer"] = tuple(p.shape)
         shape = functional.second_moment_shape(p.shape, resolve(group["layout"], p.ndim), group["variant"])
-        if shape is not None and "second_moment" not in state:
-            new["second_moment"] = _zeros_like_sharded(p, shape)
+        if shape is not None:
+            shapes["second_moment"] = shape
     else:
-        if "step" not in state:
-            new["step"] = torch.tensor(0.0, dtype=torch.float32)
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key not in state:
-                new[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        shapes["exp_avg"] = shapes["exp_avg_sq"] = tuple(p.shape)
+    new: dict[str, Tensor] = {}
+    for key, shape in shapes.items():
+        held = state.get(key)
+        if held is None:
+            new[key] = _zeros_like_sharded(p, shape, dtype)
+        elif isinstance(held, Tensor) and held.is_floating_point() and held.dtype != dtype:
+            new[key] = held.to(dtype)
+    if "step" not in state and (not group["use_muon"] or _rounds(p, group)):
+        new["step"] = torch.tensor(0.0, dtype=torch.float32)
     return new
 
 
-def _zeros_like_sharded(p: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """Zeros of `shape` with p's dtype and device; a DTensor with p's mesh and placements when p is one."""
+def _zeros_like_sharded(p: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Zeros of `shape` and `dtype` on p's device; a DTensor with p's mesh and placements when p is one."""
     if not _is_dtensor(p):
-        return torch.zeros(shape, dtype=p.dtype, device=p.device)
+        if tuple(shape) == tuple(p.shape):
+            return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        return torch.zeros(shape, dtype=dtype, device=p.device)
     from torch.distributed.tensor import zeros
 
-    return zeros(shape, dtype=p.dtype, device_mesh=p.device_mesh, placements=p.placements)
+    return zeros(shape, dtype=dtype, device_mesh=p.device_mesh, placements=p.placements)
 
 
 def _collect(plan: list[_GroupStep]) -> dict[str, dict[str, float]]:
@@ -645,6 +731,19 @@ def _local(tensors: Sequence[Tensor]) -> list[Tensor]:
     return [t.to_local() if _is_dtensor(t) else t for t in tensors]
 
 
+def _uncast(loaded: dict[str, Any], saved: dict[str, Any], p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    """A loaded state with its floating tensors (but `step`) taken from the `saved` values, in the
+    group's state dtype, where that differs from the parameter's dtype that torch cast them to."""
+    dtype = _state_dtype(p, group)
+    if dtype == p.dtype:
+        return loaded
+    loaded = dict(loaded)
+    for key, value in saved.items():
+        if key in loaded and key != "step" and isinstance(value, Tensor) and value.is_floating_point():
+            loaded[key] = value.to(dtype=dtype, device=p.device)
+    return loaded
+
+
 def _checked_state(state: dict[str, Any], p: Tensor, group: dict[str, Any], where: str) -> dict[str, Any]:
     """A loaded parameter's state, checked against its group's kind and its shape: the kind's keys
     (all of them once there is any state), missing ones (a variant's second moment, or no state at
@@ -652,7 +751,9 @@ def _checked_state(state: dict[str, Any], p: Tensor, group: dict[str, Any], wher
     converts it."""
     shapes = _state_shapes(p, group)
     required = _MUON_STATE if group["use_muon"] else _ADAMW_STATE
-    unknown = sorted(set(state) - set(shapes))
+    # A Muon group keeps a step count only to seed stochastic rounding of 16-bit parameters; one
+    # saved with bfloat16 parameters may be loaded for float32 ones, which do not read it.
+    unknown = sorted(set(state) - set(shapes) - ({"step"} if group["use_muon"] else set()))
     if unknown or (state and not set(required) <= set(state)):
         raise ValueError(
             f"{where}: state has keys {sorted(state)}, but {'a Muon' if group['use_muon'] else 'an AdamW'} group's "
@@ -828,10 +929,13 @@ def _check_muon_options(options: dict[str, Any], where: str) -> None:
 
 
 def _check_cautious(options: dict[str, Any], where: str) -> None:
-    if not isinstance(options["cautious_weight_decay"], bool):
-        raise TypeError(
-            f"{where}: cautious_weight_decay must be True or False, got {options['cautious_weight_decay']!r}"
-        )
+    """Options both kinds of group have: cautious decay, state dtype, stochastic rounding."""
+    for key in ("cautious_weight_decay", "stochastic_rounding"):
+        if not isinstance(options[key], bool):
+            raise TypeError(f"{where}: {key} must be True or False, got {options[key]!r}")
+    dtype = options["state_dtype"]
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and not dtype.is_complex):
+        raise ValueError(f"{where}: state_dtype must be None or a floating torch.dtype, got {dtype!r}")
 
 
 def _check_global_options(options: dict[str, Any], process_group: Any) -> None:
@@ -919,6 +1023,8 @@ def _state_shapes(p: Tensor, group: dict[str, Any]) -> dict[str, tuple[int, ...]
     second = functional.second_moment_shape(p.shape, resolve(group["layout"], p.ndim), group["variant"])
     if second is not None:
         shapes["second_moment"] = tuple(second)
+    if _rounds(p, group):
+        shapes["step"] = ()
     return shapes
 
 

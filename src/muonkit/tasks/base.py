@@ -49,6 +49,8 @@ class Task:
     sweep_grid: ClassVar[dict[str, tuple[float, ...]]]
     routing: ClassVar[dict[str, Any]] = {}
     """Keyword arguments for muonkit.param_groups / muonkit.route (e.g. explicit muon=(...) names)."""
+    supports_qk_clip: ClassVar[bool] = False
+    """The model has attention blocks (muonkit.tasks.charlm.Block), so `--qk-clip` applies."""
     stop_at_target: ClassVar[bool] = False
     """Stop a run once the target is reached (for tasks whose result is the step count)."""
     sweep_by_steps: ClassVar[bool] = False

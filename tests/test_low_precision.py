@@ -105,3 +105,12 @@ def test_resumed_stochastic_rounding_continues_bit_for_bit(tmp_path):
 def test_bad_state_dtype_is_refused(bad):
     with pytest.raises(ValueError, match="state_dtype must be None or a floating torch.dtype"):
         muonkit.Muon([torch.nn.Parameter(torch.randn(4, 4))], state_dtype=bad)
+
+
+def test_by_default_16_bit_parameters_round_stochastically_and_wider_ones_are_untouched():
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+    opt = muonkit.Muon(muonkit.param_groups(model))
+    assert all(group["stochastic_rounding"] for group in opt.param_groups)
+    on, _ = train(torch.float32, stochastic_rounding=True, steps=5)
+    off, _ = train(torch.float32, stochastic_rounding=False, steps=5)
+    assert all(torch.equal(a, b) for a, b in zip(on, off))

@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.set_defaults(func=_explain)
 
     ns = commands.add_parser("ns", help="compare the orthogonalizers with the exact SVD polar factor")
-    ns.add_argument("--size", default="128x512", help="ROWSxCOLS of the test matrices (default 128x512)")
+    ns.add_argument("--size", default="128x512", help="ROWSxCOLS of the test matrices (default 128x512); a size "
+                                                    "whose run would not fit in the available memory is refused")
     ns.add_argument("--seed", type=int, default=0)
     ns.add_argument("--repeats", type=_positive_int, default=5, help="timing repeats; the median is shown")
     ns.add_argument("--out", type=Path, help="output directory (default ./muonkit-runs/ns-<time>)")
@@ -268,16 +269,28 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _ns(args: argparse.Namespace) -> int:
     from muonkit.tasks.bench import environment
-    from muonkit.tasks.nscompare import compare, format_table, plot_spectra
+    from muonkit.tasks.nscompare import compare, format_table, memory_available, memory_needed, plot_spectra
     from muonkit.tasks.report import prepare_out_dir, write_json_atomic
 
-    rows, sep, cols = args.size.lower().partition("x")
-    if not (sep and rows.isdigit() and cols.isdigit() and int(rows) >= 2 and int(cols) >= 2):
+    text_rows, sep, text_cols = args.size.lower().partition("x")
+    if not (sep and text_rows.isdigit() and text_cols.isdigit() and int(text_rows) >= 2 and int(text_cols) >= 2):
         raise UsageError(f"bad --size {args.size!r}; write ROWSxCOLS with both at least 2, e.g. 256x1024")
+    rows, cols = int(text_rows), int(text_cols)
+    too_big = f"--size {rows}x{cols} is too large for this machine's memory"
+    needed, available = memory_needed(rows, cols), memory_available()
+    if available is not None and needed > available:
+        raise UsageError(f"{too_big} (needs about {needed / 2**30:,.1f} GiB, {available / 2**30:,.1f} GiB "
+                         "available); try a smaller size, e.g. 256x1024")
     out = args.out or _default_out("ns")
     prepare_out_dir(out)
     env = environment(torch.device("cpu"))
-    results = compare(int(rows), int(cols), seed=args.seed, repeats=args.repeats)
+    try:
+        results = compare(rows, cols, seed=args.seed, repeats=args.repeats)
+    except (MemoryError, RuntimeError) as err:
+        # torch's CPU allocator reports a failed allocation as a RuntimeError ("can't allocate memory").
+        if not isinstance(err, MemoryError) and "allocate" not in str(err):
+            raise
+        raise UsageError(f"{too_big}: an allocation failed; try a smaller size, e.g. 256x1024") from None
     results["environment"] = env
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     plot_spectra(results, out / "ns_spectra.png")

@@ -16,7 +16,7 @@ from torch import Tensor
 from . import functional
 from .functional import VARIANTS, Directions, Variant
 from .layout import LAYOUT_NAMES, Layout, LayoutSpec, matrix_shape, resolve
-from .orthogonalize import ORTHOGONALIZERS, Orthogonalizer
+from .orthogonalize import EPS, ORTHOGONALIZERS, SCHEDULES, Orthogonalizer
 from .scaling import SCALES, Scale
 
 _MUON_KEYS = (
@@ -44,6 +44,21 @@ _GLOBAL_KEYS = ("nonfinite", "diagnostics", "orthogonality_every")
 # torch.optim.AdamW / SGD options that change the update and that muonkit does not implement: a
 # group asking for them is refused rather than silently stepped without them.
 _UNSUPPORTED = ("amsgrad", "maximize")
+# The per-parameter state a kind of group always holds once it has any (torch.optim.Muon's and
+# torch.optim.AdamW's keys); Muon groups with a variant also hold "second_moment".
+_MUON_STATE = ("momentum_buffer",)
+_ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
+# Keys of torch.optim.AdamW / Adam groups that pick an implementation (muonkit has one) or are checked
+# at load (amsgrad, maximize, decoupled_weight_decay): dropped from a loaded group.
+_TORCH_ADAMW_KEYS = (
+    "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay"
+)
+# torch.optim.Muon's group keys that muonkit spells as scale and orthogonalizer (see _from_torch_muon).
+_TORCH_MUON_KEYS = ("adjust_lr_fn", "ns_coefficients", "eps")
+# torch.optim.Muon's adjust_lr_fn (None means "original") -> muonkit's scale. torch's _adjust_lr:
+# "original" sqrt(max(1, A/B)), "match_rms_adamw" 0.2*sqrt(max(A, B)) (torch/optim/_muon.py, 2.13).
+_ADJUST_LR_FN_TO_SCALE = {None: "keller_jordan", "original": "keller_jordan", "match_rms_adamw": "moonlight"}
+_TORCH_MUON_RMS = 0.2
 NONFINITE = ("propagate", "skip", "raise")
 Nonfinite = Literal["propagate", "skip", "raise"]
 # Each group counts the steps `nonfinite="skip"` skipped under this key, so that the count is in
@@ -87,8 +102,9 @@ class Muon(torch.optim.Optimizer):
     collectives) run for every group before the first parameter moves.
 
     Args:
-        params: tensors, (name, tensor) pairs, or group dicts (see muonkit.param_groups).
-        lr: learning rate of Muon groups (default 1e-3; with scale "moonlight" an AdamW-sized lr).
+        params: tensors, (name, tensor) pairs (not mixed), or group dicts (see muonkit.param_groups).
+        lr: learning rate of Muon groups (default 1e-3; with scale "moonlight" an AdamW-sized lr); a
+            float or, as torch.optim accepts, a one-element tensor of any shape.
         momentum: beta in [0, 1) (default 0.95).
         nesterov: Nesterov-style lookahead (default True).
         weight_decay: decoupled weight decay lambda of Muon groups (default 0.1).
@@ -111,7 +127,10 @@ class Muon(torch.optim.Optimizer):
             of the update arithmetic; None (default) means the parameter's dtype. float32 for
             bfloat16 parameters keeps small updates from vanishing in the state.
         stochastic_rounding: write bfloat16/float16 parameters by unbiased stochastic rounding of
-            the update computed in float32 (default False); no effect on wider parameters.
+            the update computed in float32 (default True; no effect on float32/float64
+            parameters). Without it, updates below half a bf16 ulp are lost: at lr 3e-4 a bf16
+            run drifted 0.62 (relative) from the float32 run, 0.13 with it
+            (tests/test_low_precision.py; benchmarks/RESULTS.md, bfloat16 parameters).
         adamw_lr: lr of AdamW groups (None: same as lr).
         adamw_betas, adamw_eps: AdamW's betas (default (0.9, 0.999)) and eps (default 1e-8).
         adamw_weight_decay: AdamW's decoupled weight decay (None: same as weight_decay).
@@ -155,7 +174,7 @@ class Muon(torch.optim.Optimizer):
         variant_eps: float = 1e-10,
         cautious_weight_decay: bool = False,
         state_dtype: torch.dtype | None = None,
-        stochastic_rounding: bool = False,
+        stochastic_rounding: bool = True,
         adamw_lr: float | None = None,
         adamw_betas: tuple[float, float] = (0.9, 0.999),
         adamw_eps: float = 1e-8,
@@ -291,7 +310,31 @@ class Muon(torch.optim.Optimizer):
             group.setdefault("state_dtype", d["state_dtype"])
             group.setdefault("stochastic_rounding", d["stochastic_rounding"])
 
+    # ------------------------------------------------------------------ copies and checkpoints
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self._distributed is not None:
+            raise TypeError(
+                "a muonkit.Muon created with a process_group cannot be pickled or copied (copy.deepcopy, "
+                "pickle, torch.save of the optimizer object): the process group belongs to the running "
+                "processes. Save opt.state_dict() instead and load it into Muon(..., process_group=pg) "
+                "built where it is used"
+            )
+        # torch.optim.Optimizer keeps defaults, state and param_groups; the diagnostics travel too,
+        # so that a copy records the same statistics on the same steps.
+        return {**super().__getstate__(), "last_stats": self.last_stats, "_diagnosed_steps": self._diagnosed_steps}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "defaults" not in state:
+            # torch.optim.Optimizer.load_state_dict hands over the loaded groups and state (tensors
+            # already cast to the parameters' dtype and device) through __setstate__: they are checked
+            # and translated here, before anything of this optimizer changes.
+            super().__setstate__(self._loaded(state["state"], state["param_groups"]))
+            return
+        # Unpickling (copy.deepcopy, pickle, torch.load): __getstate__ refuses an optimizer that holds
+        # a process group, so a copy never has one; keys added to groups since it was saved are filled.
+        self._distributed = None
+        self.last_stats, self._diagnosed_steps = {}, 0  # pickled before diagnostics existed
         super().__setstate__(state)
         for key, value in (("variant", "muon"), ("beta2", 0.95), ("variant_eps", 1e-10), ("cautious_weight_decay", False),
                            ("state_dtype", None), ("stochastic_rounding", False), ("nonfinite", "propagate"),
@@ -303,27 +346,87 @@ class Muon(torch.optim.Optimizer):
             self._fill_defaults(group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._keep_state_dtypes(state_dict)
-        for group in self.param_groups:
-            group.setdefault("use_muon", True)
-            group.setdefault(SKIPPED, 0)
-            self._fill_defaults(group)
-            for p in group["params"]:
-                self.state[p].update(_missing_state(p, self.state.get(p, {}), group))
+        """Load a state dict of muonkit.Muon, torch.optim.AdamW / Adam or torch.optim.Muon.
 
-    def _keep_state_dtypes(self, state_dict: dict[str, Any]) -> None:
-        # torch.optim casts every floating state tensor it loads to its parameter's dtype, which
-        # would round float32 state of a bfloat16 parameter to bfloat16: take those values again,
-        # from the state dict, in the dtype their group keeps state in.
-        saved = [i for group in state_dict["param_groups"] for i in group["params"]]
+        Every group and its parameters' state are checked against this optimizer's groups before
+        anything changes; a state dict that does not fit raises ValueError naming the group and
+        leaves the optimizer as it was:
+
+        - a group keeps its kind: a loaded group is an AdamW group if its ``use_muon`` is False, or,
+          without ``use_muon`` (torch's optimizers), if it has ``betas``; else a Muon group;
+        - each parameter's state holds its kind's keys (Muon ``momentum_buffer``, and
+          ``second_moment`` with a variant; AdamW ``step``, ``exp_avg``, ``exp_avg_sq``) with the
+          shapes the step needs; missing state (torch creates it lazily) is made fresh; a
+          plain-number AdamW ``step`` (torch's older format) becomes a float32 tensor, as
+          torch.optim.AdamW converts it;
+        - torch.optim.AdamW's implementation flags are dropped; ``amsgrad`` or ``maximize`` set, or
+          torch.optim.Adam's L2 weight decay (``decoupled_weight_decay=False`` with weight_decay > 0),
+          are refused;
+        - torch.optim.Muon's ``adjust_lr_fn`` "original" (or None) becomes scale "keller_jordan",
+          "match_rms_adamw" becomes scale "moonlight" with rms 0.2; its default ``ns_coefficients``
+          (Keller Jordan's) and ``eps`` (1e-7) become orthogonalizer "keller_jordan"; anything else
+          has no muonkit equivalent and is refused. The Newton-Schulz iteration then runs in this
+          group's ``ns_dtype`` (torch.optim.Muon runs bfloat16);
+        - missing muonkit keys (an older state dict) are filled from the constructor's defaults.
+
+        Example:
+            >>> opt = muonkit.Muon([{"params": model.parameters(), "use_muon": False}])
+            >>> opt.load_state_dict(torch_adamw.state_dict())
+        """
+        # torch.optim casts every floating state tensor it loads to its parameter's dtype, which would
+        # round the float32 state of a bfloat16 parameter to bfloat16: _loaded takes such values from
+        # the state dict as given, in the dtype their group keeps state in.
+        self._loading = state_dict
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            del self._loading
+
+    def _loaded(self, state: dict[Any, Any], groups: list[dict[str, Any]]) -> dict[str, Any]:
+        """The checked, translated groups and state of a load; raises before anything changes."""
+        new_state = type(state)(dict)  # torch's defaultdict(dict), as Optimizer.__init__ makes it
+        new_state.update(state)  # entries that are not parameters (torch keeps them as they are)
+        saved_ids = [i for group in self._loading["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
-        groups = [group for group in self.param_groups for _ in group["params"]]
-        for index, p, group in zip(saved, params, groups):
-            dtype = _state_dtype(p, group)
-            for key, value in state_dict["state"].get(index, {}).items():
-                if key != "step" and isinstance(value, Tensor) and value.is_floating_point() and dtype != p.dtype:
-                    self.state[p][key] = value.to(dtype=dtype, device=p.device)
+        uncast = {id(p): self._loading["state"].get(i, {}) for i, p in zip(saved_ids, params)}
+        new_groups = []
+        for index, (saved, current) in enumerate(zip(groups, self.param_groups)):
+            group = dict(saved)
+            use_muon = current["use_muon"]
+            kind = "Muon" if use_muon else "AdamW"
+            where = f"load_state_dict: {kind} group {index}"
+            saved_kind = group.get("use_muon", "betas" not in group)
+            if not isinstance(saved_kind, bool):
+                raise ValueError(f"{where}: use_muon must be True or False, got {saved_kind!r}")
+            if saved_kind != use_muon:
+                why = (f"use_muon={saved_kind}" if "use_muon" in group else
+                       "no use_muon, and betas as torch.optim.AdamW's groups have" if "betas" in group else
+                       "no use_muon and no betas")
+                raise ValueError(
+                    f"{where}: the state dict's group {index} is {'a Muon' if saved_kind else 'an AdamW'} group "
+                    f"({why}); a group keeps the kind it was built with - build the optimizer with the "
+                    "same groups as the one that saved the state dict"
+                )
+            group["use_muon"] = use_muon
+            for key in _GLOBAL_KEYS:
+                if key in group:
+                    raise ValueError(f"{where}: {key} is an option of the whole optimizer, not of a param group")
+            group.setdefault(SKIPPED, 0)
+            if use_muon:
+                _from_torch_muon(group, where)
+            else:
+                _from_torch_adamw(group, where)
+            self._fill_defaults(group)
+            _check_options(group, where)
+            names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
+            for name, p in zip(names, group["params"]):
+                _check_param(p, name, group, where)
+                if use_muon and _is_dtensor(p):
+                    self._check_dtensor(p, name, where)
+                loaded = _uncast(state.get(p, {}), uncast.get(id(p), {}), p, group)
+                new_state[p] = _checked_state(loaded, p, group, f"{where}: parameter '{name}'")
+            new_groups.append(group)
+        return {"state": new_state, "param_groups": new_groups}
 
     # ---------------------------------------------------------------------------- the step
 
@@ -527,7 +630,7 @@ class Muon(torch.optim.Optimizer):
             _local(self._state(item, "exp_avg")),
             _local(self._state(item, "exp_avg_sq")),
             self._state(item, "step"),
-            lr=_value(group["lr"]),
+            lr=_adamw_lr(group),
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
@@ -541,6 +644,14 @@ class Muon(torch.optim.Optimizer):
 def _value(x: Any) -> float:
     """A hyperparameter as a Python float (a one-element tensor lr of any shape included)."""
     return float(x)
+
+
+def _adamw_lr(group: dict[str, Any]) -> float | Tensor:
+    """An AdamW group's lr as torch's AdamW functional gets it from torch.optim.AdamW: a tensor lr as
+    given (one element, any shape), so that the group equals torch.optim.AdamW bit for bit with it
+    too (torch computes with the tensor); a float where cautious weight decay needs one."""
+    lr = group["lr"]
+    return lr if isinstance(lr, Tensor) and not group["cautious_weight_decay"] else _value(lr)
 
 
 def _state_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
@@ -623,6 +734,101 @@ def _local(tensors: Sequence[Tensor]) -> list[Tensor]:
     return [t.to_local() if _is_dtensor(t) else t for t in tensors]
 
 
+def _uncast(loaded: dict[str, Any], saved: dict[str, Any], p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    """A loaded state with its floating tensors (but `step`) taken from the `saved` values, in the
+    group's state dtype, where that differs from the parameter's dtype that torch cast them to."""
+    dtype = _state_dtype(p, group)
+    if dtype == p.dtype:
+        return loaded
+    loaded = dict(loaded)
+    for key, value in saved.items():
+        if key in loaded and key != "step" and isinstance(value, Tensor) and value.is_floating_point():
+            loaded[key] = value.to(dtype=dtype, device=p.device)
+    return loaded
+
+
+def _checked_state(state: dict[str, Any], p: Tensor, group: dict[str, Any], where: str) -> dict[str, Any]:
+    """A loaded parameter's state, checked against its group's kind and its shape: the kind's keys
+    (all of them once there is any state), missing ones (a variant's second moment, or no state at
+    all) freshly made; a plain-number AdamW step becomes a float32 tensor, as torch.optim.AdamW
+    converts it."""
+    shapes = _state_shapes(p, group)
+    required = _MUON_STATE if group["use_muon"] else _ADAMW_STATE
+    # A Muon group keeps a step count only to seed stochastic rounding of 16-bit parameters; one
+    # saved with bfloat16 parameters may be loaded for float32 ones, which do not read it.
+    unknown = sorted(set(state) - set(shapes) - ({"step"} if group["use_muon"] else set()))
+    if unknown or (state and not set(required) <= set(state)):
+        raise ValueError(
+            f"{where}: state has keys {sorted(state)}, but {'a Muon' if group['use_muon'] else 'an AdamW'} group's "
+            f"state is {list(shapes)}; was the state dict saved from a different optimizer or group?"
+        )
+    state = dict(state)
+    step = state.get("step")
+    if step is not None and not isinstance(step, Tensor):
+        state["step"] = torch.tensor(_number(step, "step", where), dtype=torch.float32)
+    state.update(_missing_state(p, state, group))
+    for key, shape in shapes.items():
+        value = state[key]
+        if not isinstance(value, Tensor) or tuple(value.shape) != shape or not value.is_floating_point():
+            got = f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}" if isinstance(value, Tensor) else repr(value)
+            raise ValueError(f"{where}: {key} should be a floating tensor of shape {shape}, got {got}")
+    return state
+
+
+def _from_torch_adamw(group: dict[str, Any], where: str) -> None:
+    """Check and drop the keys of a torch.optim.AdamW / Adam group that muonkit has no use for."""
+    _check_unsupported(group, where)
+    decay = _number(group.get("weight_decay", 0.0), "weight_decay", where)
+    if group.get("decoupled_weight_decay", True) is False and decay != 0:
+        raise ValueError(
+            f"{where}: the group is torch.optim.Adam's, with L2 weight decay (decoupled_weight_decay=False, "
+            f"weight_decay={group['weight_decay']!r}); muonkit's AdamW groups decay decoupled, as "
+            "torch.optim.AdamW - keep training with torch.optim.Adam or set the group's weight_decay to 0"
+        )
+    for key in _TORCH_ADAMW_KEYS:
+        group.pop(key, None)
+
+
+def _from_torch_muon(group: dict[str, Any], where: str) -> None:
+    """Translate a torch.optim.Muon group's adjust_lr_fn, ns_coefficients and eps into muonkit's scale
+    and orthogonalizer; refuse values muonkit has no equivalent for."""
+    theirs = [key for key in _TORCH_MUON_KEYS if key in group]
+    ours = [key for key in ("scale", "rms", "orthogonalizer") if key in group]
+    if not theirs:
+        return
+    if ours:
+        raise ValueError(
+            f"{where}: the group has both torch.optim.Muon's keys ({', '.join(theirs)}) and muonkit's "
+            f"({', '.join(ours)}); keep one set"
+        )
+    adjust = group.pop("adjust_lr_fn", None)
+    if not isinstance(adjust, (str, type(None))) or adjust not in _ADJUST_LR_FN_TO_SCALE:
+        raise ValueError(
+            f"{where}: torch.optim.Muon's adjust_lr_fn={adjust!r} has no muonkit equivalent; muonkit has "
+            "'original' (scale='keller_jordan') and 'match_rms_adamw' (scale='moonlight', rms=0.2)"
+        )
+    group["scale"] = _ADJUST_LR_FN_TO_SCALE[adjust]
+    if group["scale"] == "moonlight":
+        group["rms"] = _TORCH_MUON_RMS
+    coefficients = group.pop("ns_coefficients", SCHEDULES["keller_jordan"][0])
+    try:
+        known = tuple(float(c) for c in coefficients) == SCHEDULES["keller_jordan"][0]
+    except (TypeError, ValueError):
+        known = False
+    if not known:
+        raise ValueError(
+            f"{where}: torch.optim.Muon's ns_coefficients={coefficients!r} have no muonkit equivalent; "
+            f"muonkit's orthogonalizer 'keller_jordan' is {SCHEDULES['keller_jordan'][0]} (torch's default)"
+        )
+    eps = group.pop("eps", EPS["keller_jordan"])
+    if eps != EPS["keller_jordan"]:
+        raise ValueError(
+            f"{where}: torch.optim.Muon's eps={eps!r} has no muonkit equivalent; the orthogonalizer "
+            f"'keller_jordan' normalizes with eps={EPS['keller_jordan']} (torch's default)"
+        )
+    group["orthogonalizer"] = "keller_jordan"
+
+
 def _split_names(group: dict[str, Any]) -> None:
     """Normalize group["params"] to a list of tensors, moving (name, tensor) names aside."""
     params = group["params"]
@@ -631,7 +837,14 @@ def _split_names(group: dict[str, Any]) -> None:
     elif isinstance(params, set):
         raise TypeError("params must be an ordered collection (a list), not a set")
     params = list(params)
-    if params and all(isinstance(x, tuple) for x in params):
+    named = [isinstance(x, tuple) for x in params]
+    if any(named) and not all(named):
+        # torch.optim.Optimizer.add_param_group's error, with the first entry that breaks the rule.
+        raise ValueError(
+            "all optimizer params should be with/without names. Some param names are missing "
+            f"(params[{named.index(False)}] is not a (name, tensor) pair)"
+        )
+    if params and all(named):
         group["param_names"] = [name for name, _ in params]
         params = [t for _, t in params]
     for i, p in enumerate(params):
@@ -650,7 +863,7 @@ def _number(value: Any, name: str, where: str) -> float:
     return float(value)
 
 
-def _check_options(group: dict[str, Any], where: str) -> None:
+def _check_unsupported(group: dict[str, Any], where: str) -> None:
     for key in _UNSUPPORTED:
         if group.get(key):
             raise ValueError(
@@ -658,6 +871,10 @@ def _check_options(group: dict[str, Any], where: str) -> None:
                 f"plain AdamW); remove {key!r} from the group, or train these parameters with "
                 f"torch.optim.AdamW({key}=True)"
             )
+
+
+def _check_options(group: dict[str, Any], where: str) -> None:
+    _check_unsupported(group, where)
     if group["use_muon"]:
         _check_muon_options(group, where)
     else:
@@ -801,18 +1018,22 @@ def _check_grad(p: Tensor, name: str, where: str) -> None:
         raise RuntimeError(f"{where}: parameter '{name}' and its gradient are not sharded alike")
 
 
+def _state_shapes(p: Tensor, group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The shape of each state entry `group` keeps for `p`."""
+    if not group["use_muon"]:
+        return {"step": (), "exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
+    shapes = {"momentum_buffer": tuple(p.shape)}
+    second = functional.second_moment_shape(p.shape, resolve(group["layout"], p.ndim), group["variant"])
+    if second is not None:
+        shapes["second_moment"] = tuple(second)
+    if _rounds(p, group):
+        shapes["step"] = ()
+    return shapes
+
+
 def _check_state(p: Tensor, state: dict[str, Any], group: dict[str, Any], name: str, where: str) -> None:
     """The state a step will read must fit the parameter (a loaded state dict may not)."""
-    if group["use_muon"]:
-        expected = {"momentum_buffer": tuple(p.shape)}
-        shape = functional.second_moment_shape(p.shape, resolve(group["layout"], p.ndim), group["variant"])
-        if shape is not None:
-            expected["second_moment"] = shape
-        if _rounds(p, group):
-            expected["step"] = ()
-    else:
-        expected = {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape), "step": ()}
-    for key, shape in expected.items():
+    for key, shape in _state_shapes(p, group).items():
         value = state.get(key)
         if not isinstance(value, Tensor) or tuple(value.shape) != shape or not value.is_floating_point():
             got = f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}" if isinstance(value, Tensor) else repr(value)

@@ -468,3 +468,21 @@ def test_steps_to_adamw_final_and_ratio():
     assert summaries["adamw"]["steps_to_reference"] == [4, 4] and summaries["adamw"]["reference_step_ratio"] == 1.0
     assert summaries["muon"]["steps_to_reference"] == [2, 2] and summaries["muon"]["reference_step_ratio"] == 0.5
     assert summaries["sgd"]["steps_to_reference"] == [None, 4] and summaries["sgd"]["reference_step_ratio"] is None
+
+
+def test_per_head_routing_reads_each_qkv_weight_per_head():
+    from muonkit.tasks.charlm import per_head_routing
+    model = GPT(vocab=11, context=8, width=16, depth=2, heads=2)
+    decisions = {d.name: d for d in muonkit.route(model, **per_head_routing(model))}
+    qkv = decisions["blocks.1.qkv.weight"]
+    assert qkv.optimizer == "muon" and qkv.layout == muonkit.Layout.per_block(6)
+    assert "6 matrices 8x16" in qkv.reason
+    assert decisions["blocks.1.proj.weight"].layout != qkv.layout
+    with pytest.raises(TaskError, match="--per-head needs attention blocks"):
+        per_head_routing(torch.nn.Linear(3, 3))
+
+
+def test_per_head_flag_needs_a_task_with_attention(capsys):
+    from muonkit.cli import main
+    assert main(["bench", "regression", "--per-head", "--steps", "1"]) == 2
+    assert "--per-head needs a task with attention (charlm, modular), not regression" in capsys.readouterr().err

@@ -2,9 +2,9 @@
 
     muonkit bench [TASK] [--optimizers muon,adamw,...] [--steps N | --epochs N] [--seeds K] [--eval-every N]
                   [--lr OPT=VALUE ...] [--lr-sweep] [--data-dir DIR] [--text FILE]
-                  [--qk-clip TAU] [--tensorboard DIR]
+                  [--qk-clip TAU] [--per-head] [--tensorboard DIR]
                   [--device cpu|cuda] [--out DIR] [--threads N] [--quiet]
-    muonkit explain TASK [--data-dir DIR] [--text FILE]
+    muonkit explain TASK [--data-dir DIR] [--text FILE] [--per-head]
     muonkit ns [--size ROWSxCOLS] [--seed S] [--repeats N] [--out DIR]
 
 Bad input prints one line naming the problem and the fix to stderr and returns 2.
@@ -24,6 +24,7 @@ import torch
 
 import muonkit
 from muonkit.tasks import TASKS, DataOptions, Task, TaskError, get_task
+from muonkit.tasks.charlm import per_head_routing
 from muonkit.tasks.optimizers import OPTIMIZERS, base_name, lr_for
 
 DATA_DIR_TASKS = ("fashion-mnist", "cifar10")
@@ -98,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="QK-Clip (Kimi K2) for tasks with attention (charlm, modular): after each step, "
                             "shrink the query and key rows of every head whose largest attention logit exceeded "
                             "TAU (Kimi K2 used 100); 'inf' only records the logits. The table gains a max-logit column")
+    bench.add_argument("--per-head", action="store_true",
+                       help="tasks with attention (charlm, modular): read each fused qkv weight as one matrix per "
+                            "head (3 x heads matrices of head_dim x width) for Muon's orthogonalization and scale")
     bench.add_argument("--tensorboard", type=Path, metavar="DIR",
                        help="also write TensorBoard event files, one sub-directory per run (task, optimizer, lr, "
                             "seed): loss, metric, lr, update RMS per parameter, and for muonkit optimizers their "
@@ -113,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("task", help=f"one of: {', '.join(TASKS)}")
     explain.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     explain.add_argument("--text", type=Path, help="charlm: the corpus that sets the vocabulary size")
+    explain.add_argument("--per-head", action="store_true", help="as `muonkit bench --per-head`: qkv weights per head")
     explain.set_defaults(func=_explain)
 
     ns = commands.add_parser("ns", help="compare the orthogonalizers with the exact SVD polar factor")
@@ -187,6 +192,12 @@ def _data_options(args: argparse.Namespace, task_name: str) -> DataOptions:
     return DataOptions(data_dir=args.data_dir, text=args.text)
 
 
+def _check_attention(task: Task, flag: str, used: bool) -> None:
+    if used and not task.supports_qk_clip:
+        supported = ", ".join(name for name, t in TASKS.items() if t.supports_qk_clip)
+        raise UsageError(f"{flag} needs a task with attention ({supported}), not {task.name}; drop it")
+
+
 def _bench(args: argparse.Namespace) -> int:
     from muonkit.tasks.bench import auto_threads
 
@@ -201,9 +212,8 @@ def _bench(args: argparse.Namespace) -> int:
             **{n: tuple(lr for m, lr in pairs if m == n) for n, _ in pairs}}
     device = _device(args.device)
     options = _data_options(args, task.name)
-    if args.qk_clip is not None and not task.supports_qk_clip:
-        supported = ", ".join(name for name, t in TASKS.items() if t.supports_qk_clip)
-        raise UsageError(f"--qk-clip needs a task with attention ({supported}), not {task.name}; drop it")
+    for flag, used in (("--qk-clip", args.qk_clip is not None), ("--per-head", args.per_head)):
+        _check_attention(task, flag, used)
     if args.tensorboard is not None:
         from muonkit.diagnostics import require_tensorboard
 
@@ -239,7 +249,8 @@ def _run_bench(args: argparse.Namespace, task: Task, optimizers: tuple[str, ...]
     else:
         steps = task.sweep_steps if args.lr_sweep else task.default_steps
     config = BenchConfig(task, optimizers, lrs, grid, args.seeds, steps, device, out, progress=not args.quiet,
-                         eval_every=args.eval_every, qk_clip=args.qk_clip, tensorboard=args.tensorboard)
+                         eval_every=args.eval_every, qk_clip=args.qk_clip, tensorboard=args.tensorboard,
+                         per_head=args.per_head)
     what = "lr sweep" if args.lr_sweep else "bench"
     _log(f"muonkit {what} {task.name}: {', '.join(optimizers)}; {args.seeds} seed(s) x {steps} steps on {device}; "
          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -262,8 +273,10 @@ def _run_bench(args: argparse.Namespace, task: Task, optimizers: tuple[str, ...]
 
 def _explain(args: argparse.Namespace) -> int:
     task = get_task(args.task)
+    _check_attention(task, "--per-head", args.per_head)
     model = task.explain_model(_data_options(args, task.name))
-    muonkit.explain(model, file=sys.stdout, **task.routing)
+    routing = {**task.routing, **per_head_routing(model)} if args.per_head else task.routing
+    muonkit.explain(model, file=sys.stdout, **routing)
     return 0
 
 

@@ -560,9 +560,9 @@ class _Rule:
         if result == "muon":
             layout, how = self.default_layout, "chosen by predicate"
         elif isinstance(result, Layout):
-            layout, how = result, f"chosen by predicate with {result}"
+            layout = result
         elif isinstance(result, tuple) and len(result) == 2 and result[0] == "muon":
-            layout, how = result[1], f"chosen by predicate with layout {result[1]!r}"
+            layout = result[1]
         else:
             raise ValueError(
                 f"predicate returned {result!r} for '{name}'; expected 'muon', 'adamw', a muonkit.Layout, "
@@ -571,9 +571,13 @@ class _Rule:
         if self.p.ndim < 2:
             raise ValueError(f"predicate sent '{name}' with shape {shape} to Muon; only matrices can go")
         try:
-            resolve(layout, self.p.ndim)
+            resolved = resolve(layout, self.p.ndim)
+            resolved.check_shape(self.p.shape)
         except ValueError as err:
             raise ValueError(f"predicate gave '{name}' with shape {shape} the layout {layout!r}: {err}") from None
+        if result != "muon":
+            batch, rows, cols = matrix_shape(self.p.shape, resolved)
+            how = f"chosen by predicate: {batch} matrices {rows}x{cols} with layout {layout!r}"
         return "muon", how, layout
 
 

@@ -52,7 +52,7 @@ class Task:
     routing: ClassVar[dict[str, Any]] = {}
     """Keyword arguments for muonkit.param_groups / muonkit.route (e.g. explicit muon=(...) names)."""
     supports_qk_clip: ClassVar[bool] = False
-    """The model has attention blocks (muonkit.tasks.charlm.Block), so `--qk-clip` applies."""
+    """The model has attention blocks (muonkit.tasks.charlm.Block), so `--qk-clip` and `--per-head` apply."""
     stop_at_target: ClassVar[bool] = False
     """Stop a run once the target is reached (for tasks whose result is the step count)."""
     evaluation: ClassVar[str] = ""

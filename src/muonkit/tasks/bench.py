@@ -37,6 +37,8 @@ class BenchConfig:
     eval_every: int | None = None
     """Steps between evaluations; None means the task's own."""
     qk_clip: float | None = None
+    per_head: bool = False
+    """Attention's fused qkv weights read per head (tasks with attention)."""
     """QK-Clip's tau for every run (tasks with attention); None: no clip."""
     tensorboard: Path | None = None
     """Where each run writes TensorBoard event files (a sub-directory per run); None: nowhere."""
@@ -117,13 +119,14 @@ def run_bench(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
     # optimizer's time and peak memory.
     train_run(task, data, config.optimizers[0], config.lrs[config.optimizers[0]], 0, min(2, config.steps),
               config.device, adamw_lr=config.lrs["adamw"], progress=False, stop_at_target=False,
-              qk_clip=config.qk_clip)
+              qk_clip=config.qk_clip, per_head=config.per_head)
     for name in config.optimizers:
         runs[name] = []
         for seed in range(config.seeds):
             run = train_run(task, data, name, config.lrs[name], seed, config.steps, config.device,
                             adamw_lr=config.lrs["adamw"], progress=config.progress, eval_every=config.eval_every,
-                            qk_clip=config.qk_clip, tensorboard=config.tensorboard)
+                            qk_clip=config.qk_clip, tensorboard=config.tensorboard,
+                            per_head=config.per_head)
             if seed == 0:
                 for note in run.notes:
                     log(f"note: {note}")
@@ -145,6 +148,7 @@ def run_bench(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
         "weight_decay": task.weight_decay,
         "evaluation": task.evaluation or None,
         "qk_clip": config.qk_clip,
+        "per_head": config.per_head,
         "wall_seconds": time.perf_counter() - started,
         "environment": env,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -204,7 +208,8 @@ def run_sweep(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
             for seed in range(config.seeds):
                 run = train_run(task, data, name, lr, seed, config.steps, config.device,
                                 adamw_lr=task.lrs["adamw"], progress=config.progress, eval_every=config.eval_every,
-                                qk_clip=config.qk_clip, tensorboard=config.tensorboard)
+                                qk_clip=config.qk_clip, tensorboard=config.tensorboard,
+                            per_head=config.per_head)
                 final = math.nan if run.diverged or not run.evals else run.evals[-1][2]
                 if run.diverged:
                     value = math.nan
@@ -235,6 +240,7 @@ def run_sweep(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
         lines.append(f"| {name} | {', '.join(cells)} | {best[name]:g} |")
     table = "\n".join(lines)
     payload = {"task": task.name, "score": unit, "steps": config.steps, "seeds": config.seeds, "qk_clip": config.qk_clip,
+               "per_head": config.per_head,
                "adamw_lr_for_hybrids": task.lrs["adamw"], "results": scores, "final_metric": finals, "best": best,
                "table": table, "environment": env, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_json_atomic(config.out / "sweep.json", payload)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import muonkit
 from muonkit.qkclip import QKClip, attention_max_logits
 from muonkit.tasks.base import DataOptions, Task, TaskError
 from muonkit.tasks.data import read_text, stdlib_corpus
@@ -59,6 +61,16 @@ class Block(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
         return x + self.fc_proj(F.gelu(self.fc(self.mlp_norm(x))))
+
+
+def per_head_routing(model: nn.Module) -> dict[str, Any]:
+    """muonkit.route keywords that read each Block's fused qkv weight (3 * heads * head_dim, width) per
+    head: 3 * heads matrices of head_dim x width (q heads, then k, then v: the order `Block.forward`
+    splits them in), each orthogonalized and scaled on its own."""
+    layouts = {id(b.qkv.weight): muonkit.Layout.per_block(3 * b.heads) for b in model.modules() if isinstance(b, Block)}
+    if not layouts:
+        raise TaskError(f"--per-head needs attention blocks; {type(model).__name__} has none")
+    return {"predicate": lambda name, p, module: layouts.get(id(p))}
 
 
 def attach_qk_clip(model: nn.Module, tau: float) -> QKClip:

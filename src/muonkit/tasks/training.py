@@ -18,7 +18,7 @@ from tqdm import tqdm
 import muonkit
 from muonkit.diagnostics import TensorBoardWriter, stats_scalars
 from muonkit.tasks.base import Task, TaskError
-from muonkit.tasks.charlm import attach_qk_clip
+from muonkit.tasks.charlm import attach_qk_clip, per_head_routing
 from muonkit.tasks.optimizers import SGDW, build_optimizers, state_bytes
 
 
@@ -240,9 +240,10 @@ def run_directory(root: Path, task: str, optimizer: str, lr: float, seed: int) -
 def train_run(task: Task, data: Any, optimizer: str, lr: float, seed: int, steps: int, device: torch.device,
               *, adamw_lr: float, progress: bool = True, stop_at_target: bool | None = None,
               eval_every: int | None = None, qk_clip: float | None = None,
-              tensorboard: Path | None = None) -> RunResult:
+              tensorboard: Path | None = None, per_head: bool = False) -> RunResult:
     """Train a fresh model for `steps` steps; a non-finite loss ends the run as diverged.
 
+    `per_head`: attention's fused qkv weights are read per head (muonkit.tasks.charlm.per_head_routing).
     `qk_clip`: QK-Clip's tau (math.inf: record the max logits, never clip); the clip runs after
     each optimizer step and counts as optimizer time. `tensorboard`: a directory under which this
     run writes its scalars (loss, lr, metric, update RMS, max logit) to `run_directory(...)`, its
@@ -255,8 +256,9 @@ def train_run(task: Task, data: Any, optimizer: str, lr: float, seed: int, steps
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = task.model(data).to(device)
+    routing = {**task.routing, **per_head_routing(model)} if per_head else task.routing
     optimizers, notes = build_optimizers(optimizer, model, lr, adamw_lr=adamw_lr, weight_decay=task.weight_decay,
-                                         routing=task.routing, statistics=tensorboard is not None)
+                                         routing=routing, statistics=tensorboard is not None)
     schedules = [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: task.lr_multiplier(s, steps)) for opt in optimizers]
     clip = None if qk_clip is None else attach_qk_clip(model, qk_clip)
     stop = task.stop_at_target if stop_at_target is None else stop_at_target

@@ -56,14 +56,23 @@ STAGES: dict[str, tuple[str, list[str]]] = {
     "sweep-fashion-mnist-sgd-edge": ("sweep", ["fashion-mnist", "--lr-sweep", "--optimizers", "sgd",
                                                "--lr", "sgd=0.3", "sgd=1", "sgd=3"]),
     "sweep-modular-kj-sgd": ("sweep", ["modular", "--lr-sweep", "--optimizers", "muon-kj,sgd"]),
+    # The Muon family (issue 10, 2026-12-02): NorMuon, AdaMuon and cautious weight decay.
+    "sweep-charlm-variants": ("sweep", ["charlm", "--lr-sweep", "--optimizers", "normuon,adamuon,muon+cwd,normuon+cwd"]),
+    "sweep-fashion-mnist-variants": ("sweep", ["fashion-mnist", "--lr-sweep", "--optimizers",
+                                               "normuon,adamuon,muon+cwd,normuon+cwd"]),
+    "sweep-modular-variants": ("sweep", ["modular", "--lr-sweep", "--optimizers", "normuon,adamuon,muon+cwd,normuon+cwd"]),
     # Regression runs take a second: 3 seeds.
     "sweep-regression": ("sweep", ["regression", "--lr-sweep", "--optimizers", "muon,muon-kj,adamw,sgd,torch-muon",
                                    "--seeds", "3"]),
-    "charlm": ("bench", ["charlm", "--optimizers", "muon,adamw,torch-muon", "--seeds", "3"]),
+    # Evaluations every 10 (charlm) and 25 (fashion-mnist) steps, so that steps to AdamW's final value
+    # are counted finely enough to compare optimizers.
+    "charlm": ("bench", ["charlm", "--optimizers", "muon,adamw,torch-muon,normuon,adamuon,muon+cwd,normuon+cwd",
+                         "--seeds", "3", "--eval-every", "10"]),
     # torch-muon is not run on fashion-mnist: on this all-conv network it is adamw, bit for bit
     # (tests/test_tasks.py::test_torch_muon_on_the_conv_net_is_exactly_adamw).
-    "fashion-mnist": ("bench", ["fashion-mnist", "--optimizers", "muon,adamw", "--seeds", "3"]),
-    "modular": ("bench", ["modular", "--optimizers", "muon,adamw", "--seeds", "3"]),
+    "fashion-mnist": ("bench", ["fashion-mnist", "--optimizers", "muon,adamw,normuon,adamuon,muon+cwd,normuon+cwd",
+                                "--seeds", "3", "--eval-every", "25"]),
+    "modular": ("bench", ["modular", "--optimizers", "muon,adamw,normuon,adamuon,muon+cwd,normuon+cwd", "--seeds", "3"]),
     "regression": ("bench", ["regression", "--optimizers", "muon,muon-kj,adamw,sgd,torch-muon", "--seeds", "3"]),
     "ns": ("ns", []),
     "default": ("timed", []),

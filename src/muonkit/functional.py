@@ -214,15 +214,18 @@ class Directions:
 
 def _lookahead(grad: Tensor, buffer: Tensor, *, momentum: float, nesterov: bool, sign: bool, out: Tensor | None = None) -> Tensor:
     """U = lerp(G, M, momentum) if nesterov else M, from the already-updated buffer M; sign(U) for AdaMuon."""
+    # Writing into `out` saves a temporary in eager mode; under torch.compile, which cannot trace
+    # out= into a strided view, the copy below is fused instead.
+    direct = out is not None and not torch.compiler.is_compiling()
     if nesterov:
-        if out is not None and grad.dtype == buffer.dtype == out.dtype:
+        if direct and grad.dtype == buffer.dtype == out.dtype:
             u = torch.lerp(grad, buffer, momentum, out=out)
         else:
             u = torch.lerp(grad.to(buffer.dtype), buffer, momentum)
     else:
         u = buffer
     if sign:
-        u = torch.sign(u, out=out) if out is not None and u.dtype == out.dtype else torch.sign(u)
+        u = torch.sign(u, out=out) if direct and u.dtype == out.dtype else torch.sign(u)
     if out is not None and u is not out:
         out.copy_(u)
         return out

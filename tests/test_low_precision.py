@@ -114,3 +114,10 @@ def test_by_default_16_bit_parameters_round_stochastically_and_wider_ones_are_un
     on, _ = train(torch.float32, stochastic_rounding=True, steps=5)
     off, _ = train(torch.float32, stochastic_rounding=False, steps=5)
     assert all(torch.equal(a, b) for a, b in zip(on, off))
+
+
+def test_explain_says_how_16_bit_parameters_are_written():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    assert "stochastic rounding" not in muonkit.explain(model, file=None)
+    text = muonkit.explain(model.bfloat16(), file=None)
+    assert "6 trainable tensors are bfloat16" in text and "stochastic rounding" in text and "state_dtype" in text

@@ -654,6 +654,17 @@ def format_table(decisions: Sequence[Decision]) -> str:
     return "\n".join(body + [summary, note])
 
 
+def _low_precision_note(model: nn.Module) -> str:
+    """A line on how muonkit.Muon writes 16-bit parameters, when the model has any."""
+    low = [p for p in model.parameters() if p.requires_grad and p.is_floating_point() and p.dtype.itemsize < 4]
+    if not low:
+        return ""
+    dtypes = ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in low}))
+    return (f"\n{len(low)} trainable tensors are {dtypes}: muonkit.Muon writes them by stochastic rounding of the "
+            "float32 update by default (stochastic_rounding=False for round-to-nearest) and keeps their state in "
+            "their own dtype unless state_dtype=torch.float32.")
+
+
 def explain(
     model: nn.Module,
     *,
@@ -667,7 +678,7 @@ def explain(
     Example:
         >>> muonkit.explain(model, example_inputs=(x,))
     """
-    text = format_table(route(model, **routing))
+    text = format_table(route(model, **routing)) + _low_precision_note(model)
     if file is not None:
         print(text, file=file)
     return text

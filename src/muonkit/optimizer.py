@@ -3,67 +3,43 @@
 from __future__ import annotations
 
 import math
-import numbers
-import operator
-import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import functional
-from .functional import VARIANTS, Directions, Variant
-from .layout import LAYOUT_NAMES, Layout, LayoutSpec, matrix_shape, resolve
-from .orthogonalize import EPS, ORTHOGONALIZERS, SCHEDULES, Orthogonalizer
-from .scaling import SCALES, Scale
-
-_MUON_KEYS = (
-    "lr",
-    "momentum",
-    "nesterov",
-    "weight_decay",
-    "scale",
-    "rms",
-    "orthogonalizer",
-    "ns_steps",
-    "ns_dtype",
-    "layout",
-    "variant",
-    "beta2",
-    "variant_eps",
-    "cautious_weight_decay",
-    "state_dtype",
-    "stochastic_rounding",
+from .functional import Directions, Variant
+from .layout import Layout, LayoutSpec, resolve
+from .options import (
+    ADAMW_KEYS,
+    GLOBAL_KEYS,
+    MUON_KEYS,
+    SKIPPED,
+    Nonfinite,
+    check_adamw_options,
+    check_global_options,
+    check_grad,
+    check_muon_options,
+    check_options,
+    check_param,
+    is_dtensor,
+    local_parts,
+    split_names,
 )
-_ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "cautious_weight_decay", "state_dtype", "stochastic_rounding")
-# Options of the whole optimizer: kept in `defaults` (so they survive deepcopy and pickling), never
-# in a param group.
-_GLOBAL_KEYS = ("nonfinite", "diagnostics", "orthogonality_every")
-# torch.optim.AdamW / SGD options that change the update and that muonkit does not implement: a
-# group asking for them is refused rather than silently stepped without them.
-_UNSUPPORTED = ("amsgrad", "maximize")
-# The per-parameter state a kind of group always holds once it has any (torch.optim.Muon's and
-# torch.optim.AdamW's keys); Muon groups with a variant also hold "second_moment".
-_MUON_STATE = ("momentum_buffer",)
-_ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
-# Keys of torch.optim.AdamW / Adam groups that pick an implementation (muonkit has one) or are checked
-# at load (amsgrad, maximize, decoupled_weight_decay): dropped from a loaded group.
-_TORCH_ADAMW_KEYS = (
-    "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay"
+from .orthogonalize import Orthogonalizer
+from .scaling import Scale
+from .state import (
+    check_state,
+    checked_state,
+    from_torch_adamw,
+    from_torch_muon,
+    missing_state,
+    rounds_stochastically,
+    uncast,
 )
-# torch.optim.Muon's group keys that muonkit spells as scale and orthogonalizer (see _from_torch_muon).
-_TORCH_MUON_KEYS = ("adjust_lr_fn", "ns_coefficients", "eps")
-# torch.optim.Muon's adjust_lr_fn (None means "original") -> muonkit's scale. torch's _adjust_lr:
-# "original" sqrt(max(1, A/B)), "match_rms_adamw" 0.2*sqrt(max(A, B)) (torch/optim/_muon.py, 2.13).
-_ADJUST_LR_FN_TO_SCALE = {None: "keller_jordan", "original": "keller_jordan", "match_rms_adamw": "moonlight"}
-_TORCH_MUON_RMS = 0.2
-NONFINITE = ("propagate", "skip", "raise")
-Nonfinite = Literal["propagate", "skip", "raise"]
-# Each group counts the steps `nonfinite="skip"` skipped under this key, so that the count is in
-# state_dict() and in distributed checkpoints.
-SKIPPED = "skipped_steps"
 
 
 @dataclass
@@ -209,8 +185,8 @@ class Muon(torch.optim.Optimizer):
             diagnostics=diagnostics,
             orthogonality_every=orthogonality_every,
         )
-        _check_muon_options(defaults, "Muon")
-        _check_adamw_options(
+        check_muon_options(defaults, "Muon")
+        check_adamw_options(
             dict(
                 lr=defaults["adamw_lr"],
                 betas=defaults["adamw_betas"],
@@ -222,7 +198,7 @@ class Muon(torch.optim.Optimizer):
             ),
             "Muon (adamw_* arguments)",
         )
-        _check_global_options(defaults, process_group)
+        check_global_options(defaults, process_group)
         self._distributed = None
         if process_group is not None:
             from .distributed import DistributedOrthogonalizer
@@ -264,7 +240,7 @@ class Muon(torch.optim.Optimizer):
         group.setdefault("use_muon", True)
         if not isinstance(group["use_muon"], bool):
             raise TypeError(f"use_muon must be True or False, got {group['use_muon']!r}")
-        for key in _GLOBAL_KEYS:
+        for key in GLOBAL_KEYS:
             if key in group:
                 raise ValueError(f"{key} is an option of the whole optimizer (Muon({key}=...)), not of a param group")
         index = len(self.param_groups)
@@ -272,21 +248,21 @@ class Muon(torch.optim.Optimizer):
         self._fill_defaults(group)
         group.setdefault(SKIPPED, self.skipped_steps)
         where = f"{kind} group {index}"
-        _check_options(group, where)
-        _split_names(group)
+        check_options(group, where)
+        split_names(group)
         names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
         for name, p in zip(names, group["params"]):
-            _check_param(p, name, group, where)
-            if group["use_muon"] and _is_dtensor(p):
+            check_param(p, name, group, where)
+            if group["use_muon"] and is_dtensor(p):
                 self._check_dtensor(p, name, where)
         given = set(group)
         super().add_param_group(group)
         added = self.param_groups[-1]
-        own = _MUON_KEYS if added["use_muon"] else _ADAMW_KEYS
+        own = MUON_KEYS if added["use_muon"] else ADAMW_KEYS
         for key in set(self.defaults) - set(own) - given:
             del added[key]
         for p in added["params"]:
-            self.state[p].update(_missing_state(p, self.state.get(p, {}), added))
+            self.state[p].update(missing_state(p, self.state.get(p, {}), added))
 
     def _check_dtensor(self, p: Tensor, name: str, where: str) -> None:
         if self._distributed is None:
@@ -299,7 +275,7 @@ class Muon(torch.optim.Optimizer):
     def _fill_defaults(self, group: dict[str, Any]) -> None:
         d = self.defaults
         if group["use_muon"]:
-            for key in _MUON_KEYS:
+            for key in MUON_KEYS:
                 group.setdefault(key, d[key])
         else:
             group.setdefault("lr", d["adamw_lr"])
@@ -388,7 +364,7 @@ class Muon(torch.optim.Optimizer):
         new_state.update(state)  # entries that are not parameters (torch keeps them as they are)
         saved_ids = [i for group in self._loading["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
-        uncast = {id(p): self._loading["state"].get(i, {}) for i, p in zip(saved_ids, params)}
+        as_saved = {id(p): self._loading["state"].get(i, {}) for i, p in zip(saved_ids, params)}
         new_groups = []
         for index, (saved, current) in enumerate(zip(groups, self.param_groups)):
             group = dict(saved)
@@ -408,23 +384,23 @@ class Muon(torch.optim.Optimizer):
                     "same groups as the one that saved the state dict"
                 )
             group["use_muon"] = use_muon
-            for key in _GLOBAL_KEYS:
+            for key in GLOBAL_KEYS:
                 if key in group:
                     raise ValueError(f"{where}: {key} is an option of the whole optimizer, not of a param group")
             group.setdefault(SKIPPED, 0)
             if use_muon:
-                _from_torch_muon(group, where)
+                from_torch_muon(group, where)
             else:
-                _from_torch_adamw(group, where)
+                from_torch_adamw(group, where)
             self._fill_defaults(group)
-            _check_options(group, where)
+            check_options(group, where)
             names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
             for name, p in zip(names, group["params"]):
-                _check_param(p, name, group, where)
-                if use_muon and _is_dtensor(p):
+                check_param(p, name, group, where)
+                if use_muon and is_dtensor(p):
                     self._check_dtensor(p, name, where)
-                loaded = _uncast(state.get(p, {}), uncast.get(id(p), {}), p, group)
-                new_state[p] = _checked_state(loaded, p, group, f"{where}: parameter '{name}'")
+                loaded = uncast(state.get(p, {}), as_saved.get(id(p), {}), p, group)
+                new_state[p] = checked_state(loaded, p, group, f"{where}: parameter '{name}'")
             new_groups.append(group)
         return {"state": new_state, "param_groups": new_groups}
 
@@ -482,7 +458,7 @@ class Muon(torch.optim.Optimizer):
         position = -1
         for index, group in enumerate(self.param_groups):
             where = f"{'Muon' if group['use_muon'] else 'AdamW'} group {index}"
-            _check_options(group, where)
+            check_options(group, where)
             names = group.get("param_names") or []
             names = names + [f"#{i}" for i in range(len(names), len(group["params"]))]
             item = _GroupStep(group, [], [], [], [], [])
@@ -491,12 +467,12 @@ class Muon(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state.get(p, {})
-                _check_param(p, name, group, where)
-                if not state and group["use_muon"] and _is_dtensor(p):
+                check_param(p, name, group, where)
+                if not state and group["use_muon"] and is_dtensor(p):
                     self._check_dtensor(p, name, where)
-                _check_grad(p, name, where)
-                new = _missing_state(p, state, group)
-                _check_state(p, {**state, **new}, group, name, where)
+                check_grad(p, name, where)
+                new = missing_state(p, state, group)
+                check_state(p, {**state, **new}, group, name, where)
                 item.params.append(p)
                 item.names.append(name)
                 item.states.append(new)
@@ -510,7 +486,7 @@ class Muon(torch.optim.Optimizer):
         return [new[key] if key in new else self.state[p][key] for p, new in zip(item.params, item.states)]
 
     def _all_finite(self, plan: list[_GroupStep]) -> bool:
-        grads = _local([g for item in plan for g in item.grads])
+        grads = local_parts([g for item in plan for g in item.grads])
         if not grads:
             return True
         finite = torch.stack(torch._foreach_norm(grads, math.inf)).isfinite().all()
@@ -520,7 +496,7 @@ class Muon(torch.optim.Optimizer):
         return bool(finite)
 
     def _nonfinite_names(self, plan: list[_GroupStep]) -> list[str]:
-        return [f"'{name}'" for item in plan for name, g in zip(item.names, _local(item.grads))
+        return [f"'{name}'" for item in plan for name, g in zip(item.names, local_parts(item.grads))
                 if not bool(g.isfinite().all())]
 
     def _diagnose(self, plan: list[_GroupStep]) -> bool:
@@ -541,7 +517,7 @@ class Muon(torch.optim.Optimizer):
             return None
         seeds: list[int | None] = []
         for p, position in zip(item.params, item.positions):
-            if not _rounds(p, item.group):
+            if not rounds_stochastically(p, item.group):
                 seeds.append(None)
                 continue
             step = self.state[p]["step"]
@@ -577,9 +553,9 @@ class Muon(torch.optim.Optimizer):
                 variant=group["variant"], beta2=group["beta2"], eps=group["variant_eps"],
             )
         return functional.muon_directions(
-            _local(item.grads), _local(self._state(item, "momentum_buffer")), layouts,
+            local_parts(item.grads), local_parts(self._state(item, "momentum_buffer")), layouts,
             momentum=group["momentum"], nesterov=group["nesterov"], update_many=update_many,
-            variant=group["variant"], second_moments=_local(self._second_moments(item)),
+            variant=group["variant"], second_moments=local_parts(self._second_moments(item)),
             stats=item.stats, orthogonality=orthogonality, orthogonalizer=group["orthogonalizer"],
             ns_steps=group["ns_steps"], ns_dtype=group["ns_dtype"],
         )
@@ -588,10 +564,10 @@ class Muon(torch.optim.Optimizer):
         group = item.group
         assert item.directions is not None
         functional.apply_muon_(
-            _local(item.params), _local(item.grads), _local(self._state(item, "momentum_buffer")), self._layouts(item),
+            local_parts(item.params), local_parts(item.grads), local_parts(self._state(item, "momentum_buffer")), self._layouts(item),
             item.directions, lr=_value(group["lr"]), momentum=group["momentum"],
             weight_decay=group["weight_decay"], scale=group["scale"], rms=group["rms"],
-            cautious_weight_decay=group["cautious_weight_decay"], second_moments=_local(self._second_moments(item)),
+            cautious_weight_decay=group["cautious_weight_decay"], second_moments=local_parts(self._second_moments(item)),
             shapes=[p.shape for p in item.params], rounding_seeds=item.seeds, stats=item.stats,
         )
 
@@ -625,10 +601,10 @@ class Muon(torch.optim.Optimizer):
         group = item.group
         beta1, beta2 = group["betas"]
         functional.adamw(
-            _local(item.params),
-            _local(item.grads),
-            _local(self._state(item, "exp_avg")),
-            _local(self._state(item, "exp_avg_sq")),
+            local_parts(item.params),
+            local_parts(item.grads),
+            local_parts(self._state(item, "exp_avg")),
+            local_parts(self._state(item, "exp_avg_sq")),
             self._state(item, "step"),
             lr=_adamw_lr(group),
             beta1=beta1,
@@ -654,56 +630,6 @@ def _adamw_lr(group: dict[str, Any]) -> float | Tensor:
     return lr if isinstance(lr, Tensor) and not group["cautious_weight_decay"] else _value(lr)
 
 
-def _state_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
-    """The dtype `group` keeps the state of `p` in."""
-    return group["state_dtype"] or p.dtype
-
-
-def _rounds(p: Tensor, group: dict[str, Any]) -> bool:
-    """Whether `p` is written by stochastic rounding (a 16-bit parameter of a group that asks)."""
-    return group["stochastic_rounding"] and p.dtype.itemsize < 4
-
-
-def _missing_state(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> dict[str, Tensor]:
-    """The state entries `group` needs for `p` that `state` lacks or holds in another dtype: new
-    zeros, or the held values converted.
-
-    State exists from construction (so that every process has the same state_dict keys); entries
-    appear later only for parameters appended to a group, groups whose variant, state_dtype or
-    stochastic_rounding was changed, and state dicts saved before a key existed.
-    """
-    dtype = _state_dtype(p, group)
-    shapes: dict[str, tuple[int, ...]] = {}
-    if group["use_muon"]:
-        shapes["momentum_buffer"] = tuple(p.shape)
-        shape = functional.second_moment_shape(p.shape, resolve(group["layout"], p.ndim), group["variant"])
-        if shape is not None:
-            shapes["second_moment"] = shape
-    else:
-        shapes["exp_avg"] = shapes["exp_avg_sq"] = tuple(p.shape)
-    new: dict[str, Tensor] = {}
-    for key, shape in shapes.items():
-        held = state.get(key)
-        if held is None:
-            new[key] = _zeros_like_sharded(p, shape, dtype)
-        elif isinstance(held, Tensor) and held.is_floating_point() and held.dtype != dtype:
-            new[key] = held.to(dtype)
-    if "step" not in state and (not group["use_muon"] or _rounds(p, group)):
-        new["step"] = torch.tensor(0.0, dtype=torch.float32)
-    return new
-
-
-def _zeros_like_sharded(p: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """Zeros of `shape` and `dtype` on p's device; a DTensor with p's mesh and placements when p is one."""
-    if not _is_dtensor(p):
-        if tuple(shape) == tuple(p.shape):
-            return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        return torch.zeros(shape, dtype=dtype, device=p.device)
-    from torch.distributed.tensor import zeros
-
-    return zeros(shape, dtype=dtype, device_mesh=p.device_mesh, placements=p.placements)
-
-
 def _collect(plan: list[_GroupStep]) -> dict[str, dict[str, float]]:
     """Muon.last_stats from the 0-d tensors a step recorded, with one transfer to the host."""
     keys, values = [], []
@@ -722,324 +648,3 @@ def _collect(plan: list[_GroupStep]) -> dict[str, dict[str, float]]:
 # -------------------------------------------------------------------------- validation helpers
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    # Looked up, not imported: with process_group=None nothing touches torch.distributed, and no
-    # tensor can be a DTensor before torch.distributed.tensor has been imported.
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
-
-
-def _local(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """Each DTensor's local slice (a view: updating it updates the DTensor); other tensors as they are."""
-    return [t.to_local() if _is_dtensor(t) else t for t in tensors]
-
-
-def _uncast(loaded: dict[str, Any], saved: dict[str, Any], p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-    """A loaded state with its floating tensors (but `step`) taken from the `saved` values, in the
-    group's state dtype, where that differs from the parameter's dtype that torch cast them to."""
-    dtype = _state_dtype(p, group)
-    if dtype == p.dtype:
-        return loaded
-    loaded = dict(loaded)
-    for key, value in saved.items():
-        if key in loaded and key != "step" and isinstance(value, Tensor) and value.is_floating_point():
-            loaded[key] = value.to(dtype=dtype, device=p.device)
-    return loaded
-
-
-def _checked_state(state: dict[str, Any], p: Tensor, group: dict[str, Any], where: str) -> dict[str, Any]:
-    """A loaded parameter's state, checked against its group's kind and its shape: the kind's keys
-    (all of them once there is any state), missing ones (a variant's second moment, or no state at
-    all) freshly made; a plain-number AdamW step becomes a float32 tensor, as torch.optim.AdamW
-    converts it."""
-    shapes = _state_shapes(p, group)
-    required = _MUON_STATE if group["use_muon"] else _ADAMW_STATE
-    # A Muon group keeps a step count only to seed stochastic rounding of 16-bit parameters; one
-    # saved with bfloat16 parameters may be loaded for float32 ones, which do not read it.
-    unknown = sorted(set(state) - set(shapes) - ({"step"} if group["use_muon"] else set()))
-    if unknown or (state and not set(required) <= set(state)):
-        raise ValueError(
-            f"{where}: state has keys {sorted(state)}, but {'a Muon' if group['use_muon'] else 'an AdamW'} group's "
-            f"state is {list(shapes)}; was the state dict saved from a different optimizer or group?"
-        )
-    state = dict(state)
-    step = state.get("step")
-    if step is not None and not isinstance(step, Tensor):
-        state["step"] = torch.tensor(_number(step, "step", where), dtype=torch.float32)
-    state.update(_missing_state(p, state, group))
-    for key, shape in shapes.items():
-        value = state[key]
-        if not isinstance(value, Tensor) or tuple(value.shape) != shape or not value.is_floating_point():
-            got = f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}" if isinstance(value, Tensor) else repr(value)
-            raise ValueError(f"{where}: {key} should be a floating tensor of shape {shape}, got {got}")
-    return state
-
-
-def _from_torch_adamw(group: dict[str, Any], where: str) -> None:
-    """Check and drop the keys of a torch.optim.AdamW / Adam group that muonkit has no use for."""
-    _check_unsupported(group, where)
-    decay = _number(group.get("weight_decay", 0.0), "weight_decay", where)
-    if group.get("decoupled_weight_decay", True) is False and decay != 0:
-        raise ValueError(
-            f"{where}: the group is torch.optim.Adam's, with L2 weight decay (decoupled_weight_decay=False, "
-            f"weight_decay={group['weight_decay']!r}); muonkit's AdamW groups decay decoupled, as "
-            "torch.optim.AdamW - keep training with torch.optim.Adam or set the group's weight_decay to 0"
-        )
-    for key in _TORCH_ADAMW_KEYS:
-        group.pop(key, None)
-
-
-def _from_torch_muon(group: dict[str, Any], where: str) -> None:
-    """Translate a torch.optim.Muon group's adjust_lr_fn, ns_coefficients and eps into muonkit's scale
-    and orthogonalizer; refuse values muonkit has no equivalent for."""
-    theirs = [key for key in _TORCH_MUON_KEYS if key in group]
-    ours = [key for key in ("scale", "rms", "orthogonalizer") if key in group]
-    if not theirs:
-        return
-    if ours:
-        raise ValueError(
-            f"{where}: the group has both torch.optim.Muon's keys ({', '.join(theirs)}) and muonkit's "
-            f"({', '.join(ours)}); keep one set"
-        )
-    adjust = group.pop("adjust_lr_fn", None)
-    if not isinstance(adjust, (str, type(None))) or adjust not in _ADJUST_LR_FN_TO_SCALE:
-        raise ValueError(
-            f"{where}: torch.optim.Muon's adjust_lr_fn={adjust!r} has no muonkit equivalent; muonkit has "
-            "'original' (scale='keller_jordan') and 'match_rms_adamw' (scale='moonlight', rms=0.2)"
-        )
-    group["scale"] = _ADJUST_LR_FN_TO_SCALE[adjust]
-    if group["scale"] == "moonlight":
-        group["rms"] = _TORCH_MUON_RMS
-    coefficients = group.pop("ns_coefficients", SCHEDULES["keller_jordan"][0])
-    try:
-        known = tuple(float(c) for c in coefficients) == SCHEDULES["keller_jordan"][0]
-    except (TypeError, ValueError):
-        known = False
-    if not known:
-        raise ValueError(
-            f"{where}: torch.optim.Muon's ns_coefficients={coefficients!r} have no muonkit equivalent; "
-            f"muonkit's orthogonalizer 'keller_jordan' is {SCHEDULES['keller_jordan'][0]} (torch's default)"
-        )
-    eps = group.pop("eps", EPS["keller_jordan"])
-    if eps != EPS["keller_jordan"]:
-        raise ValueError(
-            f"{where}: torch.optim.Muon's eps={eps!r} has no muonkit equivalent; the orthogonalizer "
-            f"'keller_jordan' normalizes with eps={EPS['keller_jordan']} (torch's default)"
-        )
-    group["orthogonalizer"] = "keller_jordan"
-
-
-def _split_names(group: dict[str, Any]) -> None:
-    """Normalize group["params"] to a list of tensors, moving (name, tensor) names aside."""
-    params = group["params"]
-    if isinstance(params, Tensor):
-        params = [params]
-    elif isinstance(params, set):
-        raise TypeError("params must be an ordered collection (a list), not a set")
-    params = list(params)
-    named = [isinstance(x, tuple) for x in params]
-    if any(named) and not all(named):
-        # torch.optim.Optimizer.add_param_group's error, with the first entry that breaks the rule.
-        raise ValueError(
-            "all optimizer params should be with/without names. Some param names are missing "
-            f"(params[{named.index(False)}] is not a (name, tensor) pair)"
-        )
-    if params and all(named):
-        group["param_names"] = [name for name, _ in params]
-        params = [t for _, t in params]
-    for i, p in enumerate(params):
-        if not isinstance(p, Tensor):
-            raise TypeError(f"params[{i}] is a {type(p).__name__}, not a tensor")
-    group["params"] = params
-
-
-def _number(value: Any, name: str, where: str) -> float:
-    """A real hyperparameter as a float: Python and NumPy numbers, or a one-element tensor (as
-    torch.optim accepts for lr); never a bool."""
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{where}: {name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _check_unsupported(group: dict[str, Any], where: str) -> None:
-    for key in _UNSUPPORTED:
-        if group.get(key):
-            raise ValueError(
-                f"{where}: {key}={group[key]!r} is not supported by muonkit.Muon (its AdamW groups are "
-                f"plain AdamW); remove {key!r} from the group, or train these parameters with "
-                f"torch.optim.AdamW({key}=True)"
-            )
-
-
-def _check_options(group: dict[str, Any], where: str) -> None:
-    _check_unsupported(group, where)
-    if group["use_muon"]:
-        _check_muon_options(group, where)
-    else:
-        _check_adamw_options(group, where)
-
-
-def _check_lr_wd(options: dict[str, Any], where: str) -> None:
-    if _number(options["lr"], "lr", where) < 0:
-        raise ValueError(f"{where}: lr must be >= 0, got {options['lr']!r}")
-    if _number(options["weight_decay"], "weight_decay", where) < 0:
-        raise ValueError(f"{where}: weight_decay must be >= 0, got {options['weight_decay']!r}")
-
-
-def _check_muon_options(options: dict[str, Any], where: str) -> None:
-    _check_lr_wd(options, where)
-    momentum = _number(options["momentum"], "momentum", where)
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"{where}: momentum must be in [0, 1), got {options['momentum']!r}")
-    if not isinstance(options["nesterov"], bool):
-        raise TypeError(f"{where}: nesterov must be True or False, got {options['nesterov']!r}")
-    if options["scale"] not in SCALES:
-        raise ValueError(
-            f"{where}: unknown scale {options['scale']!r}; choose one of {', '.join(SCALES)}"
-        )
-    if _number(options["rms"], "rms", where) <= 0:
-        raise ValueError(f"{where}: rms must be > 0, got {options['rms']!r}")
-    method = options["orthogonalizer"]
-    if not callable(method) and method not in ORTHOGONALIZERS:
-        raise ValueError(
-            f"{where}: unknown orthogonalizer {method!r}; choose one of "
-            f"{', '.join(ORTHOGONALIZERS)} or pass a callable (X, steps) -> tensor"
-        )
-    steps = options["ns_steps"]
-    try:
-        valid = not isinstance(steps, bool) and operator.index(steps) >= 0
-    except TypeError:
-        valid = False
-    if not valid:
-        raise ValueError(f"{where}: ns_steps must be an int >= 0, got {steps!r}")
-    ns_dtype = options["ns_dtype"]
-    if ns_dtype is not None and not (isinstance(ns_dtype, torch.dtype) and ns_dtype.is_floating_point):
-        raise ValueError(f"{where}: ns_dtype must be None or a floating torch.dtype, got {ns_dtype!r}")
-    layout = options["layout"]
-    if layout is not None and layout not in LAYOUT_NAMES and not isinstance(layout, Layout):
-        raise ValueError(
-            f"{where}: unknown layout {layout!r}; use None, 'conv', 'stacked' or a muonkit.Layout"
-        )
-    if options["variant"] not in VARIANTS:
-        raise ValueError(f"{where}: unknown variant {options['variant']!r}; choose one of {', '.join(VARIANTS)}")
-    if not 0.0 <= _number(options["beta2"], "beta2", where) < 1.0:
-        raise ValueError(f"{where}: beta2 must be in [0, 1), got {options['beta2']!r}")
-    if _number(options["variant_eps"], "variant_eps", where) < 0:
-        raise ValueError(f"{where}: variant_eps must be >= 0, got {options['variant_eps']!r}")
-    _check_cautious(options, where)
-
-
-def _check_cautious(options: dict[str, Any], where: str) -> None:
-    """Options both kinds of group have: cautious decay, state dtype, stochastic rounding."""
-    for key in ("cautious_weight_decay", "stochastic_rounding"):
-        if not isinstance(options[key], bool):
-            raise TypeError(f"{where}: {key} must be True or False, got {options[key]!r}")
-    dtype = options["state_dtype"]
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and not dtype.is_complex):
-        raise ValueError(f"{where}: state_dtype must be None or a floating torch.dtype, got {dtype!r}")
-
-
-def _check_global_options(options: dict[str, Any], process_group: Any) -> None:
-    if options["nonfinite"] not in NONFINITE:
-        raise ValueError(f"Muon: nonfinite must be one of {', '.join(NONFINITE)}, got {options['nonfinite']!r}")
-    if not isinstance(options["diagnostics"], bool):
-        raise TypeError(f"Muon: diagnostics must be True or False, got {options['diagnostics']!r}")
-    every = options["orthogonality_every"]
-    try:
-        valid = not isinstance(every, bool) and operator.index(every) >= 0
-    except TypeError:
-        valid = False
-    if not valid:
-        raise ValueError(f"Muon: orthogonality_every must be an int >= 0, got {every!r}")
-    if every and not options["diagnostics"]:
-        raise ValueError("Muon: orthogonality_every needs diagnostics=True (it adds to the step's statistics)")
-    if every and process_group is not None:
-        raise ValueError(
-            "Muon: orthogonality_every is measured on one process only; with a process_group, set it to 0 "
-            "(the per-parameter RMS statistics still work)"
-        )
-
-
-def _check_adamw_options(options: dict[str, Any], where: str) -> None:
-    _check_lr_wd(options, where)
-    betas = options["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
-    for i, beta in enumerate(betas):
-        if not 0.0 <= _number(beta, f"betas[{i}]", where) < 1.0:
-            raise ValueError(f"{where}: betas[{i}] must be in [0, 1), got {beta!r}")
-    if _number(options["eps"], "eps", where) < 0:
-        raise ValueError(f"{where}: eps must be >= 0, got {options['eps']!r}")
-    _check_cautious(options, where)
-
-
-def _check_param(p: Tensor, name: str, group: dict[str, Any], where: str) -> None:
-    if torch.is_complex(p):
-        raise TypeError(
-            f"{where}: parameter '{name}' is complex ({p.dtype}); muonkit supports real "
-            "parameters only (view it as real with torch.view_as_real)"
-        )
-    if not p.is_floating_point():
-        raise TypeError(f"{where}: parameter '{name}' has dtype {p.dtype}; it must be floating point")
-    if not group["use_muon"]:
-        return
-    if p.ndim < 2:
-        raise ValueError(
-            f"{where}: parameter '{name}' has shape {tuple(p.shape)}; Muon needs a matrix - "
-            "route it to AdamW with muonkit.param_groups(model) or a group with use_muon=False"
-        )
-    try:
-        layout = resolve(group["layout"], p.ndim)
-        layout.check_shape(p.shape)
-    except ValueError as err:
-        raise ValueError(f"{where}: parameter '{name}' with shape {tuple(p.shape)}: {err}") from None
-    _, rows, cols = matrix_shape(p.shape, layout)
-    if rows == 0 or cols == 0:
-        raise ValueError(f"{where}: parameter '{name}' has an empty matrix view {rows} x {cols}")
-
-
-def _check_grad(p: Tensor, name: str, where: str) -> None:
-    grad = p.grad
-    assert grad is not None
-    if grad.is_sparse:
-        raise RuntimeError(
-            f"{where}: parameter '{name}' has a sparse gradient; Muon and AdamW need dense gradients "
-            "(for nn.Embedding use sparse=False)"
-        )
-    if grad.shape != p.shape:
-        raise RuntimeError(f"{where}: parameter '{name}' has shape {tuple(p.shape)} but its gradient has shape {tuple(grad.shape)}")
-    if not grad.is_floating_point():
-        raise RuntimeError(f"{where}: parameter '{name}' has a gradient of dtype {grad.dtype}; it must be floating point")
-    if grad.device != p.device:
-        raise RuntimeError(f"{where}: parameter '{name}' is on {p.device} but its gradient is on {grad.device}")
-    if _is_dtensor(grad) != _is_dtensor(p) or (_is_dtensor(p) and grad.placements != p.placements):
-        raise RuntimeError(f"{where}: parameter '{name}' and its gradient are not sharded alike")
-
-
-def _state_shapes(p: Tensor, group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """The shape of each state entry `group` keeps for `p`."""
-    if not group["use_muon"]:
-        return {"step": (), "exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
-    shapes = {"momentum_buffer": tuple(p.shape)}
-    second = functional.second_moment_shape(p.shape, resolve(group["layout"], p.ndim), group["variant"])
-    if second is not None:
-        shapes["second_moment"] = tuple(second)
-    if _rounds(p, group):
-        shapes["step"] = ()
-    return shapes
-
-
-def _check_state(p: Tensor, state: dict[str, Any], group: dict[str, Any], name: str, where: str) -> None:
-    """The state a step will read must fit the parameter (a loaded state dict may not)."""
-    for key, shape in _state_shapes(p, group).items():
-        value = state.get(key)
-        if not isinstance(value, Tensor) or tuple(value.shape) != shape or not value.is_floating_point():
-            got = f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}" if isinstance(value, Tensor) else repr(value)
-            raise RuntimeError(
-                f"{where}: the state {key!r} of parameter '{name}' should be a floating tensor of shape {shape}, "
-                f"got {got} (was a state dict of another model or optimizer loaded?)"
-            )
-        if key != "step" and value.device != p.device:
-            raise RuntimeError(f"{where}: the state {key!r} of parameter '{name}' is on {value.device}, not {p.device}")

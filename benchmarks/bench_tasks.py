@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from muonkit.cli import main  # noqa: E402
 from muonkit.tasks import get_task  # noqa: E402
 from muonkit.tasks.bench import best_lr  # noqa: E402
+from muonkit.tasks.optimizers import lr_for  # noqa: E402
 from muonkit.tasks.nscompare import format_table as ns_table  # noqa: E402
 from muonkit.tasks.report import memory_note  # noqa: E402
 
@@ -148,8 +149,8 @@ def lr_check(task_name: str, sweeps: list[tuple[str, dict]]) -> str:
     for name, by_lr in scores.items():
         best = float(best_lr(by_lr, finals[name], by_steps=by_steps, higher_is_better=task.higher_is_better))
         tried = ", ".join(f"{lr:g}" for lr in sorted(map(float, by_lr)))
-        messages.append(f"{name}: best {best:g} of {tried}"
-                        + ("" if task.lrs[name] == best else f" (default is {task.lrs[name]:g})"))
+        default = lr_for(name, task.lrs)
+        messages.append(f"{name}: best {best:g} of {tried}" + ("" if default == best else f" (default is {default:g})"))
     return "Best over all sweeps (the default lr of each): " + "; ".join(messages) + "."
 
 

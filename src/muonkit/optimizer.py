@@ -49,6 +49,7 @@ class _GroupStep:
     group: dict[str, Any]
     params: list[Tensor]
     names: list[str]
+    labels: list[str]  # names in last_stats: the parameter's name, else "group{g}.param{i}"
     states: list[dict[str, Tensor]]
     grads: list[Tensor]
     positions: list[int]  # each parameter's place in the optimizer's order (seeds its rounding)
@@ -426,6 +427,8 @@ class Muon(torch.optim.Optimizer):
                 )
             for group in self.param_groups:
                 group[SKIPPED] = group.get(SKIPPED, 0) + 1
+            if self.defaults["diagnostics"]:
+                self.last_stats = {}  # no parameter stepped
             return loss
         orthogonality = self._diagnose(plan)
         for item in plan:
@@ -434,6 +437,11 @@ class Muon(torch.optim.Optimizer):
         for item in plan:
             for p, state in zip(item.params, item.states):
                 self.state[p].update(state)
+            if item.group["use_muon"] and item.group["variant"] == "muon":
+                # A group switched to plain Muon drops its second moments, so that its state is the
+                # kind's (and loads back) and a later switch back starts them from zero.
+                for p in item.group["params"]:
+                    self.state[p].pop("second_moment", None)
             item.seeds = self._rounding_seeds(item)
             if not item.group["use_muon"]:
                 self._adamw_step(item)
@@ -446,6 +454,7 @@ class Muon(torch.optim.Optimizer):
                 if seed is not None:
                     self.state[p]["step"] += 1
         if self.defaults["diagnostics"]:
+            self._diagnosed_steps += 1
             self.last_stats = _collect(plan)
         return loss
 
@@ -461,8 +470,9 @@ class Muon(torch.optim.Optimizer):
             check_options(group, where)
             names = group.get("param_names") or []
             names = names + [f"#{i}" for i in range(len(names), len(group["params"]))]
-            item = _GroupStep(group, [], [], [], [], [])
-            for name, p in zip(names, group["params"]):
+            given = len(group.get("param_names") or [])
+            item = _GroupStep(group, [], [], [], [], [], [])
+            for i, (name, p) in enumerate(zip(names, group["params"])):
                 position += 1
                 if p.grad is None:
                     continue
@@ -475,6 +485,7 @@ class Muon(torch.optim.Optimizer):
                 check_state(p, {**state, **new}, group, name, where)
                 item.params.append(p)
                 item.names.append(name)
+                item.labels.append(name if i < given else f"group{index}.param{i}")
                 item.states.append(new)
                 item.grads.append(p.grad)
                 item.positions.append(position)
@@ -503,11 +514,11 @@ class Muon(torch.optim.Optimizer):
         """Prepare each group's statistics dicts; True when this step measures orthogonality."""
         if not self.defaults["diagnostics"]:
             return False
-        self._diagnosed_steps += 1
         for item in plan:
             item.stats = [{} for _ in item.params]
         every = self.defaults["orthogonality_every"]
-        return every > 0 and self._diagnosed_steps % every == 0
+        # The count moves when the step has applied (a step that raises is not counted).
+        return every > 0 and (self._diagnosed_steps + 1) % every == 0
 
     def _rounding_seeds(self, item: _GroupStep) -> list[int | None] | None:
         """Per parameter, the seed of this step's stochastic rounding (None: round to nearest),
@@ -633,9 +644,8 @@ def _adamw_lr(group: dict[str, Any]) -> float | Tensor:
 def _collect(plan: list[_GroupStep]) -> dict[str, dict[str, float]]:
     """Muon.last_stats from the 0-d tensors a step recorded, with one transfer to the host."""
     keys, values = [], []
-    for g, item in enumerate(plan):
-        for i, (name, stats) in enumerate(zip(item.names, item.stats or [])):
-            label = name if item.group.get("param_names") else f"group{g}.param{i}"
+    for item in plan:
+        for label, stats in zip(item.labels, item.stats or []):
             for key, value in stats.items():
                 keys.append((label, key))
                 values.append(value.detach().float().reshape(()).cpu())

@@ -200,3 +200,32 @@ def test_a_layout_axis_that_is_not_an_int_is_refused_naming_the_parameter(layout
     p = torch.nn.Parameter(torch.randn(4, 6))
     with pytest.raises(ValueError, match="parameter 'w'.*axis"):
         muonkit.Muon([{"params": [("w", p)], "layout": layout}])
+
+
+def _three_groups(muon_options, adamw_options):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(8, 6))]
+    opt = muonkit.Muon([{"params": [params[0]], "use_muon": False, "cautious_weight_decay": True, **adamw_options},
+                        {"params": [params[1]], **muon_options},
+                        {"params": [params[2]], "orthogonalizer": "svd", "variant": "normuon", **muon_options}], lr=0.02)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return params
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)], ids=["0d", "1", "1x1"])
+@pytest.mark.parametrize("key, value", [("momentum", 0.9), ("weight_decay", 0.3), ("rms", 0.3), ("beta2", 0.9),
+                                        ("variant_eps", 1e-8), ("adamw weight_decay", 0.3)])
+def test_one_element_tensor_hyperparameters_step_as_their_value(key, value, shape):
+    """The checks accept any one-element tensor as a number; the step must use its value (a [1]
+    momentum crashed in torch._foreach_lerp_ after earlier groups had moved)."""
+    muon_key = key.removeprefix("adamw ")
+    as_tensor = torch.tensor(value, dtype=torch.float64).reshape(shape)
+    muon, adamw = ({}, {muon_key: as_tensor}) if key.startswith("adamw") else ({muon_key: as_tensor}, {})
+    got = _three_groups(muon, adamw)
+    muon, adamw = ({}, {muon_key: value}) if key.startswith("adamw") else ({muon_key: value}, {})
+    expected = _three_groups(muon, adamw)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)

@@ -555,17 +555,17 @@ class Muon(torch.optim.Optimizer):
         if self._distributed is not None:
             update_many = self._distributed.bind(
                 method=group["orthogonalizer"], steps=group["ns_steps"], dtype=group["ns_dtype"],
-                params=item.params, variant=group["variant"], beta2=group["beta2"],
-                eps=group["variant_eps"], second_moments=self._second_moments(item),
+                params=item.params, variant=group["variant"], beta2=_value(group["beta2"]),
+                eps=_value(group["variant_eps"]), second_moments=self._second_moments(item),
             )
         else:
             update_many = functional.local_update_many(
                 method=group["orthogonalizer"], steps=group["ns_steps"], dtype=group["ns_dtype"],
-                variant=group["variant"], beta2=group["beta2"], eps=group["variant_eps"],
+                variant=group["variant"], beta2=_value(group["beta2"]), eps=_value(group["variant_eps"]),
             )
         return functional.muon_directions(
             local_parts(item.grads), local_parts(self._state(item, "momentum_buffer")), layouts,
-            momentum=group["momentum"], nesterov=group["nesterov"], update_many=update_many,
+            momentum=_value(group["momentum"]), nesterov=group["nesterov"], update_many=update_many,
             variant=group["variant"], second_moments=local_parts(self._second_moments(item)),
             stats=item.stats, orthogonality=orthogonality, orthogonalizer=group["orthogonalizer"],
             ns_steps=group["ns_steps"], ns_dtype=group["ns_dtype"],
@@ -576,8 +576,8 @@ class Muon(torch.optim.Optimizer):
         assert item.directions is not None
         functional.apply_muon_(
             local_parts(item.params), local_parts(item.grads), local_parts(self._state(item, "momentum_buffer")), self._layouts(item),
-            item.directions, lr=_value(group["lr"]), momentum=group["momentum"],
-            weight_decay=group["weight_decay"], scale=group["scale"], rms=group["rms"],
+            item.directions, lr=_value(group["lr"]), momentum=_value(group["momentum"]),
+            weight_decay=_value(group["weight_decay"]), scale=group["scale"], rms=_value(group["rms"]),
             cautious_weight_decay=group["cautious_weight_decay"], second_moments=local_parts(self._second_moments(item)),
             shapes=[p.shape for p in item.params], rounding_seeds=item.seeds, stats=item.stats,
         )
@@ -590,17 +590,17 @@ class Muon(torch.optim.Optimizer):
             self._state(item, "momentum_buffer"),
             self._layouts(item),
             lr=_value(group["lr"]),
-            momentum=group["momentum"],
+            momentum=_value(group["momentum"]),
             nesterov=group["nesterov"],
-            weight_decay=group["weight_decay"],
+            weight_decay=_value(group["weight_decay"]),
             scale=group["scale"],
-            rms=group["rms"],
+            rms=_value(group["rms"]),
             orthogonalizer=group["orthogonalizer"],
             ns_steps=group["ns_steps"],
             ns_dtype=group["ns_dtype"],
             variant=group["variant"],
-            beta2=group["beta2"],
-            variant_eps=group["variant_eps"],
+            beta2=_value(group["beta2"]),
+            variant_eps=_value(group["variant_eps"]),
             second_moments=self._second_moments(item),
             cautious_weight_decay=group["cautious_weight_decay"],
             rounding_seeds=item.seeds,
@@ -621,7 +621,7 @@ class Muon(torch.optim.Optimizer):
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
-            weight_decay=group["weight_decay"],
+            weight_decay=_adamw_weight_decay(group),
             cautious_weight_decay=group["cautious_weight_decay"],
             rounding_seeds=item.seeds,
             stats=item.stats,
@@ -629,8 +629,16 @@ class Muon(torch.optim.Optimizer):
 
 
 def _value(x: Any) -> float:
-    """A hyperparameter as a Python float (a one-element tensor lr of any shape included)."""
+    """A hyperparameter as a Python float: Muon groups compute with floats, whatever one-element
+    tensor (of any shape) or NumPy number the checks accepted."""
     return float(x)
+
+
+def _adamw_weight_decay(group: dict[str, Any]) -> float | Tensor:
+    """An AdamW group's weight decay as torch's AdamW functional takes it, or as a float where cautious
+    weight decay computes with it."""
+    decay = group["weight_decay"]
+    return _value(decay) if group["cautious_weight_decay"] else decay
 
 
 def _adamw_lr(group: dict[str, Any]) -> float | Tensor:

@@ -91,7 +91,8 @@ class Muon(torch.optim.Optimizer):
             callable (X, steps) -> tensor of X's shape, called on one (rows, cols) matrix at a
             time unless it has the attribute ``batched = True`` (then on (k, rows, cols) stacks).
         ns_steps: iterations of the orthogonalizer (default 5).
-        ns_dtype: working dtype of the orthogonalizer; None means float32 on CPU, bfloat16 on CUDA.
+        ns_dtype: working dtype of the orthogonalizer; None means float32 on CPU, bfloat16 on CUDA
+            (float64 for float64 state).
         layout: matrix view of the parameters: None (2D (out, in); 3D stacked (batch, out, in);
             4D/5D conv (out, in, *kernel)), "conv", "stacked", or a muonkit.Layout.
         variant: "muon" (default), "normuon" (one second moment per row of each matrix) or

@@ -229,3 +229,23 @@ def test_one_element_tensor_hyperparameters_step_as_their_value(key, value, shap
     expected = _three_groups(muon, adamw)
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
+
+
+def test_a_state_dict_saved_right_after_a_variant_switch_loads_and_continues_alike():
+    """Saved between the switch and the next step: the loaded optimizer starts the new variant's
+    second moment from zero, as the original does at that step."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 6))
+    opt = muonkit.Muon([p], variant="normuon")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    opt.param_groups[0]["variant"] = "adamuon"
+    saved = copy.deepcopy(opt.state_dict())
+    q = torch.nn.Parameter(p.detach().clone())
+    loaded = muonkit.Muon([q], variant="normuon")
+    loaded.load_state_dict(saved)
+    q.grad = p.grad.clone()
+    opt.step()
+    loaded.step()
+    assert torch.equal(p, q)
+    assert torch.equal(opt.state[p]["second_moment"], loaded.state[q]["second_moment"])

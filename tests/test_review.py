@@ -249,3 +249,19 @@ def test_a_state_dict_saved_right_after_a_variant_switch_loads_and_continues_ali
     loaded.step()
     assert torch.equal(p, q)
     assert torch.equal(opt.state[p]["second_moment"], loaded.state[q]["second_moment"])
+
+
+@pytest.mark.parametrize("into", [0, 1], ids=["same_group", "other_kind"])
+def test_a_parameter_appended_twice_is_refused_before_anything_changes(into):
+    """An appended parameter that is already in a group would step twice (Muon and AdamW state
+    mixed in one entry): refused, naming both places, with nothing changed."""
+    a, b = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4, 4))
+    opt = muonkit.Muon([{"params": [a]}, {"params": [b], "use_muon": False}], lr=0.1)
+    opt.param_groups[into]["params"].append(a)
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    before = [a.detach().clone(), b.detach().clone()]
+    momentum = opt.state[a]["momentum_buffer"].clone()
+    with pytest.raises(ValueError, match=f"group {into}: parameter '#\\d' is also parameter '#0' of Muon group 0"):
+        opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+    assert list(opt.state[a]) == ["momentum_buffer"] and torch.equal(opt.state[a]["momentum_buffer"], momentum)

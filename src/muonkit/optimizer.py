@@ -466,6 +466,7 @@ class Muon(torch.optim.Optimizer):
         # applies), grads, and the state a loaded state dict left.
         plan = []
         position = -1
+        seen: dict[int, str] = {}  # id of each parameter -> where it is (a parameter steps once)
         for index, group in enumerate(self.param_groups):
             where = f"{'Muon' if group['use_muon'] else 'AdamW'} group {index}"
             check_options(group, where)
@@ -475,6 +476,12 @@ class Muon(torch.optim.Optimizer):
             item = _GroupStep(group, [], [], [], [], [], [])
             for i, (name, p) in enumerate(zip(names, group["params"])):
                 position += 1
+                if id(p) in seen:
+                    raise ValueError(
+                        f"{where}: parameter '{name}' is also {seen[id(p)]}; a parameter belongs to one group, "
+                        "once (remove the one appended to param_groups[...]['params'])"
+                    )
+                seen[id(p)] = f"parameter '{name}' of {where}"
                 if p.grad is None:
                     continue
                 state = self.state.get(p, {})

@@ -68,17 +68,18 @@ def test_a_process_group_of_one_rank_equals_one_process_bit_for_bit(one_rank_gro
             assert torch.equal(value, shared_opt.state[b][key]), key
 
 
+@pytest.mark.parametrize("dtype, eps", [(torch.float16, 1e-10), (torch.float32, 0.0)], ids=["float16", "eps0"])
 @pytest.mark.parametrize("orthogonalizer", ["polar_express", "svd"])
 @pytest.mark.parametrize("variant", ["normuon", "adamuon"])
-def test_float16_variants_keep_a_zero_gradient_row_finite(variant, orthogonalizer):
+def test_variants_keep_a_zero_gradient_row_finite(variant, orthogonalizer, dtype, eps):
     """A row with zero gradient has O = 0 there and v = 0; H = 0 / (0 + eps) must be 0 even when
-    eps (1e-10) is below float16's smallest number: the row only decays."""
+    eps is 0 or below float16's smallest number (1e-10): the row only decays, the others move."""
     torch.manual_seed(0)
-    p = torch.nn.Parameter(torch.randn(8, 16).half())
+    p = torch.nn.Parameter(torch.randn(8, 16).to(dtype))
     before = p.detach().clone()
     opt = muonkit.Muon([p], lr=0.01, weight_decay=0.1, variant=variant, orthogonalizer=orthogonalizer,
-                       stochastic_rounding=False)
-    g = torch.randn(8, 16).half()
+                       stochastic_rounding=False, variant_eps=eps)
+    g = torch.randn(8, 16).to(dtype)
     g[0] = 0
     p.grad = g
     opt.step()

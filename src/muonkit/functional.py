@@ -169,7 +169,9 @@ def normalize_update(
     squares = O * O
     q = squares.mean(-1, keepdim=True) if variant == "normuon" else squares
     v = torch.lerp(second_moment.to(dtype), q, 1.0 - beta2)
-    H = O / v.sqrt().add_(eps)
+    # v = 0 only where O is 0 (a zero row or entry); with eps = 0 that would be 0 / 0, so the
+    # denominator is kept >= the smallest normal number (a no-op for any eps above it).
+    H = O / v.sqrt().add_(eps).clamp_(min=torch.finfo(dtype).tiny)
     norm_o = torch.linalg.vector_norm(O, dim=(-2, -1), keepdim=True)
     norm_h = torch.linalg.vector_norm(H, dim=(-2, -1), keepdim=True)
     # A zero O gives a zero H; the ratio is then 0 rather than 0 / 0.

@@ -39,7 +39,7 @@ def _run(param_dtype, state_dtype, ns_dtype, variant, process_group=None, steps=
     shapes = [(16, 24), (24, 16), (4, 2, 3, 3)]
     params = [torch.nn.Parameter((0.1 * torch.randn(s)).to(param_dtype)) for s in shapes]
     opt = muonkit.Muon(params, lr=0.02, variant=variant, state_dtype=state_dtype, ns_dtype=ns_dtype,
-                       process_group=process_group)
+                       process_group=process_group, diagnostics=True)
     generator = torch.Generator().manual_seed(1)
     for _ in range(steps):
         for p in params:
@@ -66,6 +66,7 @@ def test_a_process_group_of_one_rank_equals_one_process_bit_for_bit(one_rank_gro
         assert torch.equal(a, b)
         for key, value in fused_opt.state[a].items():
             assert torch.equal(value, shared_opt.state[b][key]), key
+    assert fused_opt.last_stats == shared_opt.last_stats
 
 
 @pytest.mark.parametrize("dtype, eps", [(torch.float16, 1e-10), (torch.float32, 0.0)], ids=["float16", "eps0"])

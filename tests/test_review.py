@@ -270,3 +270,19 @@ def test_a_parameter_appended_twice_is_refused_before_anything_changes(into):
         opt.step()
     assert torch.equal(a, before[0]) and torch.equal(b, before[1])
     assert list(opt.state[a]) == ["momentum_buffer"] and torch.equal(opt.state[a]["momentum_buffer"], momentum)
+
+
+def test_statistics_of_an_empty_fsdp_shard_are_recorded_without_a_second_moment_range():
+    """With FSDP2 a rank may hold an empty slice of a parameter (3 rows on 4 ranks): the second half
+    of the step records its statistics without min/max of an empty second moment (which raises)."""
+    from muonkit import functional
+    from muonkit.layout import resolve
+
+    local = torch.empty(0, 6)
+    v = torch.empty(0, 1)
+    stats = [{}]
+    directions = functional.Directions([torch.empty(0, 6)], [torch.empty(0, 1)])
+    functional.apply_muon_([local], [torch.empty(0, 6)], [torch.empty(0, 6)], [resolve(None, 2)], directions,
+                           lr=0.1, momentum=0.9, weight_decay=0.1, scale="moonlight", rms=0.2, second_moments=[v],
+                           shapes=[torch.Size((3, 6))], stats=stats)
+    assert set(stats[0]) == {"update_rms"}

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import math
 import os
 import subprocess
 import sys
@@ -34,7 +36,8 @@ from muonkit.tasks import get_task  # noqa: E402
 from muonkit.tasks.bench import best_lr  # noqa: E402
 from muonkit.tasks.optimizers import lr_for  # noqa: E402
 from muonkit.tasks.nscompare import format_table as ns_table  # noqa: E402
-from muonkit.tasks.report import memory_note  # noqa: E402
+from muonkit.tasks.report import add_steps_to_reference, format_table, memory_note, summarize  # noqa: E402
+from muonkit.tasks.training import RunResult  # noqa: E402
 
 RUNS = ROOT / "benchmarks" / "task-runs"
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -117,8 +120,24 @@ def run_stage(name: str) -> None:
 
 
 def load(name: str, file: str) -> dict | None:
+    """A saved record; a results.json gets its summary and table rebuilt from its runs by today's
+    muonkit.tasks.report, so that every column is computed the same way in every table."""
     path = RUNS / name / file
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if file == "results.json":
+        task = get_task(record["task"])
+        runs: dict[str, list[RunResult]] = {}
+        for run in record["runs"]:
+            fields = {k: v for k, v in run.items() if k in RunResult.__dataclass_fields__}
+            fields["evals"] = [tuple(e) for e in fields.get("evals", [])]
+            fields["evals"] = [(s, t, math.nan if v is None else v) for s, t, v in fields["evals"]]
+            runs.setdefault(run["optimizer"], []).append(RunResult(**fields))
+        summaries = {name: summarize(task, rs) for name, rs in runs.items()}
+        add_steps_to_reference(task, runs, summaries)
+        record["summary"], record["table"] = summaries, format_table(task, summaries)
+    return record
 
 
 def sweeps_of(task_name: str) -> list[tuple[str, dict]]:
@@ -191,7 +210,24 @@ def comparison(result: dict) -> str:
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         sentences.append(f"muon {mean(muon):.4g} vs {name} {mean(other):.4g} (mean {what}); "
                          f"muon better in {wins} of {len(muon)} seeds")
-    return "Measured: " + "; ".join(sentences) + "."
+    text = "Measured: " + "; ".join(sentences) + "."
+    variants = [name for name in summary if name not in ("muon", "adamw", "sgd", "muon-kj", "torch-muon")]
+    if variants and not by_steps:
+        better = []
+        for name in variants:
+            finals = [v for v in summary[name][key] if v is not None]
+            if len(finals) < 2 or len(muon) < 2:
+                continue
+            gap = statistics.fmean(muon) - statistics.fmean(finals)
+            gap = gap if lower else -gap
+            spread = max(statistics.stdev(muon), statistics.stdev(finals))
+            verdict = "better than muon beyond one std" if gap > spread else (
+                "worse than muon beyond one std" if -gap > spread else "within one std of muon")
+            better.append(f"{name} {statistics.fmean(finals):.4g} vs muon {statistics.fmean(muon):.4g}: {verdict} "
+                          f"(larger std {spread:.3g})")
+        if better:
+            text += " Variants: " + "; ".join(better) + "."
+    return text
 
 
 def machine(env: dict) -> str:

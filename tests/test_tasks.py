@@ -453,7 +453,7 @@ def test_plot_title_names_a_band_only_when_there_is_one(seeds, words, absent, tm
 
 def test_steps_to_adamw_final_and_ratio():
     """Each optimizer's steps to reach AdamW's mean final metric, and the median as a multiple of
-    AdamW's own steps to it; a seed that never reaches it makes the ratio undefined."""
+    the steps AdamW trained to end there; a seed that never reaches it makes the ratio undefined."""
     task = get_task("regression")  # lower is better
 
     def run(name, seed, values):
@@ -464,6 +464,13 @@ def test_steps_to_adamw_final_and_ratio():
             "sgd": [run("sgd", 0, [0.5, 0.4, 0.3, 0.2]), run("sgd", 1, [0.5, 0.4, 0.3, 0.05])]}
     summaries = {name: {"final": [r.evals[-1][2] for r in rs]} for name, rs in runs.items()}
     from muonkit.tasks.report import add_steps_to_reference
+    for rs in runs.values():
+        for r in rs:
+            r.loss = [1.0] * 4
+    add_steps_to_reference(task, runs, summaries)
+    assert summaries["adamw"]["steps_to_reference"] == [4, 4] and summaries["adamw"]["reference_step_ratio"] == 1.0
+    runs["adamw"][1].evals[-1] = (4, 0.3, 0.3)  # a worse seed: AdamW's own row still counts its 4 steps
+    summaries["adamw"]["final"] = [0.1, 0.3]
     add_steps_to_reference(task, runs, summaries)
     assert summaries["adamw"]["steps_to_reference"] == [4, 4] and summaries["adamw"]["reference_step_ratio"] == 1.0
     assert summaries["muon"]["steps_to_reference"] == [2, 2] and summaries["muon"]["reference_step_ratio"] == 0.5

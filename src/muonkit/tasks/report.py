@@ -94,17 +94,19 @@ def steps_to_reach(task: Task, run: RunResult, value: float) -> int | None:
 def add_steps_to_reference(task: Task, runs: dict[str, list[RunResult]], summaries: dict[str, dict[str, Any]],
                            reference: str = "adamw") -> None:
     """When `reference` ran: each optimizer's steps to reach the reference's mean final metric
-    ("steps_to_reference", per seed) and their median as a multiple of the reference's own
-    ("reference_step_ratio"); a run that never reaches it counts as not reached."""
+    ("steps_to_reference", per seed), and their median as a multiple of the steps the reference
+    trained to get there ("reference_step_ratio": the median length of its runs); undefined when a
+    seed never reaches it."""
     if reference not in runs:
         return
     finals = [v for v in summaries[reference]["final"] if v is not None and math.isfinite(v)]
     if not finals:
         return
     value = statistics.fmean(finals)
-    own = [s for s in (steps_to_reach(task, r, value) for r in runs[reference]) if s is not None]
+    own = [len(r.loss) for r in runs[reference]]
     for name, rs in runs.items():
-        steps = [steps_to_reach(task, r, value) for r in rs]
+        # The reference's own row: the steps it trained to end at that mean.
+        steps = own if name == reference else [steps_to_reach(task, r, value) for r in rs]
         reached = [s for s in steps if s is not None]
         summaries[name]["reference"] = {"optimizer": reference, "value": value}
         summaries[name]["steps_to_reference"] = steps
@@ -176,7 +178,7 @@ def format_table(task: Task, summaries: dict[str, dict[str, Any]]) -> str:
               f"seconds to {target}", "fwd+bwd ms/step", "opt ms/step", "peak MB", "opt state MB"]
     with_reference = any("reference" in s for s in summaries.values())
     if with_reference:
-        header[6:6] = ["steps to AdamW's final", "× AdamW's steps"]
+        header[6:6] = ["steps to AdamW's final", "× AdamW's steps to it"]
     logits = any(s.get("max_logit") is not None for s in summaries.values())
     if logits:
         header.append("max logit")

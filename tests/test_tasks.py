@@ -469,12 +469,12 @@ def test_steps_to_adamw_final_and_ratio():
             r.loss = [1.0] * 4
     add_steps_to_reference(task, runs, summaries)
     assert summaries["adamw"]["steps_to_reference"] == [4, 4] and summaries["adamw"]["reference_step_ratio"] == 1.0
+    assert summaries["muon"]["steps_to_reference"] == [2, 2] and summaries["muon"]["reference_step_ratio"] == 0.5
+    assert summaries["sgd"]["steps_to_reference"] == [None, 4] and summaries["sgd"]["reference_step_ratio"] is None
     runs["adamw"][1].evals[-1] = (4, 0.3, 0.3)  # a worse seed: AdamW's own row still counts its 4 steps
     summaries["adamw"]["final"] = [0.1, 0.3]
     add_steps_to_reference(task, runs, summaries)
     assert summaries["adamw"]["steps_to_reference"] == [4, 4] and summaries["adamw"]["reference_step_ratio"] == 1.0
-    assert summaries["muon"]["steps_to_reference"] == [2, 2] and summaries["muon"]["reference_step_ratio"] == 0.5
-    assert summaries["sgd"]["steps_to_reference"] == [None, 4] and summaries["sgd"]["reference_step_ratio"] is None
 
 
 def test_per_head_routing_reads_each_qkv_weight_per_head():

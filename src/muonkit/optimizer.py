@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import functional
 from .layout import LAYOUT_NAMES, Layout, LayoutSpec, matrix_shape, resolve
-from .orthogonalize import ORTHOGONALIZERS, Orthogonalizer
+from .orthogonalize import ORTHOGONALIZERS, NsDtype, Orthogonalizer, check_ns_dtype
 from .scaling import SCALES, Scale
 
 _MUON_KEYS = (
@@ -60,7 +60,9 @@ class Muon(torch.optim.Optimizer):
         orthogonalizer: "polar_express" (default), "keller_jordan", "you", "gram", "svd" or a
             callable (X, steps) -> tensor of X's shape.
         ns_steps: iterations of the orthogonalizer (default 5).
-        ns_dtype: working dtype of the orthogonalizer; None means float32 on CPU, bfloat16 on CUDA.
+        ns_dtype: working dtype of the orthogonalizer; None means float32 on CPU, bfloat16 on CUDA;
+            "auto" also picks bfloat16 on CPUs with native bfloat16 products (2x faster there,
+            1-10% larger polar error; muonkit.orthogonalize.working_dtype).
         layout: matrix view of the parameters: None (2D (out, in); 3D stacked (batch, out, in);
             4D/5D conv (out, in, *kernel)), "conv", "stacked", or a muonkit.Layout.
         adamw_lr: lr of AdamW groups (None: same as lr).
@@ -91,7 +93,7 @@ class Muon(torch.optim.Optimizer):
         rms: float = 0.2,
         orthogonalizer: Orthogonalizer = "polar_express",
         ns_steps: int = 5,
-        ns_dtype: torch.dtype | None = None,
+        ns_dtype: NsDtype = None,
         layout: LayoutSpec = None,
         adamw_lr: float | None = None,
         adamw_betas: tuple[float, float] = (0.9, 0.999),
@@ -395,9 +397,7 @@ def _check_muon_options(options: dict[str, Any], where: str) -> None:
         valid = False
     if not valid:
         raise ValueError(f"{where}: ns_steps must be an int >= 0, got {steps!r}")
-    ns_dtype = options["ns_dtype"]
-    if ns_dtype is not None and not (isinstance(ns_dtype, torch.dtype) and ns_dtype.is_floating_point):
-        raise ValueError(f"{where}: ns_dtype must be None or a floating torch.dtype, got {ns_dtype!r}")
+    check_ns_dtype(options["ns_dtype"], f"{where}: ns_dtype")
     layout = options["layout"]
     if layout is not None and layout not in LAYOUT_NAMES and not isinstance(layout, Layout):
         raise ValueError(

@@ -62,8 +62,17 @@ def make_model(fc_rows: int = 33) -> Net:
     return Net(fc_rows)
 
 
-def make_optimizer(model: nn.Module, process_group: Any = None) -> muonkit.Muon:
-    return muonkit.Muon(muonkit.param_groups(model), lr=LR, weight_decay=0.1, adamw_lr=0.01, process_group=process_group)
+# The Muon variants run through the same jobs: their second moments travel to each matrix's owner.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "muon": {},
+    "normuon": dict(variant="normuon", cautious_weight_decay=True),
+    "adamuon": dict(variant="adamuon", beta2=0.9),
+}
+
+
+def make_optimizer(model: nn.Module, process_group: Any = None, variant: str = "muon") -> muonkit.Muon:
+    return muonkit.Muon(muonkit.param_groups(model), lr=LR, weight_decay=0.1, adamw_lr=0.01, process_group=process_group,
+                        **VARIANTS[variant])
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,10 +144,10 @@ def shard(model: nn.Module, mesh: Any = None, **kwargs: Any) -> nn.Module:
     return model
 
 
-def reference(fixed: bool, steps: int = STEPS) -> dict[str, torch.Tensor]:
+def reference(fixed: bool, steps: int = STEPS, variant: str = "muon") -> dict[str, torch.Tensor]:
     """The single-process run every job is compared with (no torch.distributed)."""
     model = make_model()
-    opt = make_optimizer(model)
+    opt = make_optimizer(model, variant=variant)
     if fixed:
         train_fixed(model, opt, range(steps))
     else:
@@ -149,9 +158,9 @@ def reference(fixed: bool, steps: int = STEPS) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------ jobs
 
 
-def job_replicated(rank: int, world: int, tmp: Path) -> Any:
+def job_replicated(rank: int, world: int, tmp: Path, variant: str = "muon") -> Any:
     model = make_model()
-    opt = make_optimizer(model, dist.group.WORLD)
+    opt = make_optimizer(model, dist.group.WORLD, variant)
     train_fixed(model, opt, range(STEPS))
     return snapshot(model, opt)
 
@@ -174,9 +183,9 @@ def job_bytes(rank: int, world: int, tmp: Path) -> Any:
     return out
 
 
-def job_fsdp(rank: int, world: int, tmp: Path) -> Any:
+def job_fsdp(rank: int, world: int, tmp: Path, variant: str = "muon") -> Any:
     model = shard(make_model())
-    opt = make_optimizer(model, dist.group.WORLD)
+    opt = make_optimizer(model, dist.group.WORLD, variant)
     train_fixed(model, opt, range(STEPS))
     return snapshot(model, opt)
 
@@ -229,24 +238,32 @@ def job_errors(rank: int, world: int, tmp: Path) -> Any:
     return messages
 
 
-def job_checkpoint_save(rank: int, world: int, tmp: Path) -> Any:
+def job_checkpoint_save(rank: int, world: int, tmp: Path, variant: str = "muon") -> Any:
     """Train the first steps sharded on `world` ranks and save with torch.distributed.checkpoint."""
     model = shard(make_model())
-    opt = make_optimizer(model, dist.group.WORLD)
+    opt = make_optimizer(model, dist.group.WORLD, variant)
     train_fixed(model, opt, range(STEPS))
-    save_checkpoint(tmp / f"checkpoint_{world}", model, opt)
+    save_checkpoint(tmp / checkpoint_name(world, variant), model, opt)
     return True
 
 
-def _resume(source: int) -> Callable[[int, int, Path], Any]:
+def checkpoint_name(world: int, variant: str = "muon") -> str:
+    return f"checkpoint_{world}" + ("" if variant == "muon" else f"_{variant}")
+
+
+def _resume(source: int, variant: str = "muon") -> Callable[[int, int, Path], Any]:
     def job(rank: int, world: int, tmp: Path) -> Any:
         model = shard(make_model())
-        opt = make_optimizer(model, dist.group.WORLD)
-        load_checkpoint(tmp / f"checkpoint_{source}", model, opt)
+        opt = make_optimizer(model, dist.group.WORLD, variant)
+        load_checkpoint(tmp / checkpoint_name(source, variant), model, opt)
         train_fixed(model, opt, range(STEPS, 2 * STEPS))
         return snapshot(model, opt)
 
     return job
+
+
+def _variant(job: Callable[..., Any], variant: str) -> Callable[[int, int, Path], Any]:
+    return lambda rank, world, tmp: job(rank, world, tmp, variant)
 
 
 JOBS: dict[str, Callable[[int, int, Path], Any]] = {
@@ -260,6 +277,10 @@ JOBS: dict[str, Callable[[int, int, Path], Any]] = {
     "checkpoint_save": job_checkpoint_save,
     "resume_from_1": _resume(1),
     "resume_from_2": _resume(2),
+    **{f"{kind}_{v}": _variant(job, v) for v in ("normuon", "adamuon")
+       for kind, job in (("replicated", job_replicated), ("fsdp", job_fsdp))},
+    "checkpoint_save_normuon": _variant(job_checkpoint_save, "normuon"),
+    "resume_normuon_from_2": _resume(2, "normuon"),
 }
 
 

@@ -46,8 +46,9 @@ SPAWN_TIMEOUT = 300.0
 DATA_ATOL = 1e-5
 
 JOBS = {
-    2: ["replicated", "fsdp", "bytes", "ddp_data", "fsdp_data", "param_groups", "errors", "checkpoint_save", "resume_from_1"],
-    4: ["replicated", "fsdp", "ddp_data", "fsdp_data", "resume_from_2"],
+    2: ["replicated", "fsdp", "bytes", "ddp_data", "fsdp_data", "param_groups", "errors", "checkpoint_save", "resume_from_1",
+        "replicated_normuon", "fsdp_normuon", "replicated_adamuon", "fsdp_adamuon", "checkpoint_save_normuon"],
+    4: ["replicated", "fsdp", "ddp_data", "fsdp_data", "resume_from_2", "fsdp_normuon", "resume_normuon_from_2"],
 }
 
 
@@ -220,6 +221,30 @@ def reference_fixed():
 def test_same_gradients_equal_single_process_bit_for_bit(runs, reference_fixed, world, job):
     for rank_result in _result(runs, world, job):
         _assert_equal(rank_result, reference_fixed)
+
+
+@pytest.mark.parametrize(("world", "job"), [(2, "replicated_normuon"), (2, "fsdp_normuon"), (2, "replicated_adamuon"),
+                                           (2, "fsdp_adamuon"), (4, "fsdp_normuon")])
+def test_variants_equal_single_process_bit_for_bit(runs, world, job):
+    """NorMuon (with cautious weight decay) and AdaMuon: each matrix's owner normalizes it with its
+    second moment, exactly as one process does; the second moments come back sharded."""
+    variant = job.split("_")[1]
+    reference = worker.reference(fixed=True, variant=variant)
+    assert any(key.endswith(".second_moment") for key in reference)
+    for rank_result in _result(runs, world, job):
+        _assert_equal(rank_result, reference)
+
+
+def test_normuon_checkpoint_resumes_on_other_world_sizes(runs):
+    _result(runs, 2, "checkpoint_save_normuon")
+    reference = worker.reference(fixed=True, steps=2 * worker.STEPS, variant="normuon")
+    for rank_result in _result(runs, 4, "resume_normuon_from_2"):
+        _assert_equal(rank_result, reference)
+    model = worker.make_model()
+    opt = worker.make_optimizer(model, variant="normuon")
+    load_checkpoint(runs["tmp"] / worker.checkpoint_name(2, "normuon"), model, opt)
+    worker.train_fixed(model, opt, range(worker.STEPS, 2 * worker.STEPS))
+    _assert_equal(worker.snapshot(model, opt), reference)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .functional import OrthogonalizeMany, batched_orthogonalize
-from .layout import Layout, from_matrices, matrix_shape, to_matrices
+from .functional import UpdateMany, Variant, local_update_many
+from .layout import Layout, matrix_shape
 from .orthogonalize import Orthogonalizer
 
 SUPPORTED = (
@@ -93,12 +93,17 @@ def _dtensor_type() -> type | None:
     return dtensor.DTensor
 
 
+def _is_sharded(t: Tensor) -> bool:
+    """Whether `t` is a DTensor sharded along dim 0 (not a replicated one)."""
+    return isinstance(t, _dtensor_type()) and t.placements[0].is_shard()
+
+
 @dataclass(frozen=True)
 class _Entry:
-    """One parameter of a step: its full matrix view, and its dim-0 slices if it is sharded."""
+    """One tensor of a step (a momentum update or a second moment): its full shape, its matrix
+    view's size (for the cost), and its dim-0 slices if it is sharded."""
 
-    shape: torch.Size  # the full parameter's shape (replicated: the matrix view's shape)
-    layout: Layout | None  # how a sharded parameter is viewed as matrices
+    shape: torch.Size  # the full tensor's shape
     batch: int
     rows: int
     cols: int
@@ -181,42 +186,55 @@ class DistributedOrthogonalizer:
         method: Orthogonalizer,
         steps: int,
         dtype: torch.dtype | None,
-        params: Sequence[Tensor] | None = None,
-        layouts: Sequence[Layout] | None = None,
-    ) -> OrthogonalizeMany:
-        """The function that orthogonalizes one step's matrices across the ranks.
+        params: Sequence[Tensor],
+        variant: Variant = "muon",
+        beta2: float = 0.95,
+        eps: float = 1e-10,
+        second_moments: Sequence[Tensor | None] | None = None,
+    ) -> UpdateMany:
+        """The `update_many` of one step's Muon group, split across the ranks.
+
+        Each tensor's owner runs `functional.local_update_many` (orthogonalize the matrix views,
+        then NorMuon / AdaMuon normalization with the second moment) on the full tensor, exactly
+        as a single process would; the second moments travel to the owner and back with it.
 
         Args:
-            method, steps, dtype: passed to batched_orthogonalize on the owner rank.
-            params, layouts: the parameters the matrices come from and their layouts; needed when
-                some are sharded DTensors (whose matrices are then views of the local slices).
-                None means all matrices are full (replicated).
+            method, steps, dtype, variant, beta2, eps: passed to local_update_many on the owner rank.
+            params: the parameters (DTensors when sharded) whose local momentum updates the bound
+                function receives, in the same order on every rank.
+            second_moments: the parameters' second-moment state tensors (DTensors when sharded).
         """
-        shard_type = _dtensor_type() if params is not None else None
+        local = local_update_many(method=method, steps=steps, dtype=dtype, variant=variant, beta2=beta2, eps=eps)
+        moments = list(second_moments) if second_moments is not None else [None] * len(params)
 
-        def orthogonalize_many(matrices: Sequence[Tensor]) -> list[Tensor]:
-            entries = [
-                self._entry(m, None if params is None else params[i], None if layouts is None else layouts[i], shard_type)
-                for i, m in enumerate(matrices)
+        def update_many(
+            tensors: Sequence[Tensor], states: Sequence[Tensor | None], layouts: Sequence[Layout]
+        ) -> tuple[list[Tensor], list[Tensor | None]]:
+            entries = [self._entry(t, p, layout) for t, p, layout in zip(tensors, params, layouts)]
+            state_entries = [
+                None if s is None else self._entry(s, v, layout) for s, v, layout in zip(states, moments, layouts)
             ]
-            return self._orthogonalize(list(matrices), entries, method=method, steps=steps, dtype=dtype)
+            return self._exchange(list(tensors), entries, list(states), state_entries, list(layouts), local)
 
-        return orthogonalize_many
+        return update_many
 
-    def _entry(self, matrix: Tensor, p: Tensor | None, layout: Layout | None, shard_type: type | None) -> _Entry:
-        if p is not None and shard_type is not None and isinstance(p, shard_type) and p.placements[0].is_shard():
-            assert layout is not None
-            batch, rows, cols = matrix_shape(p.shape, layout)
-            slices = tuple(shard_sizes(p.shape[0], self.world_size))
-            local = p.to_local().shape
-            if local[0] != slices[self.rank] or matrix.numel() != local.numel():
+    def all_true(self, flag: Tensor) -> Tensor:
+        """Whether a boolean is true on every rank (one all_reduce)."""
+        value = flag.to(torch.int32).reshape(1)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.group)
+        return value[0] > 0
+
+    def _entry(self, local: Tensor, full: Tensor | None, layout: Layout) -> _Entry:
+        """`local` is this rank's part of `full` (a Shard(0) DTensor) or all of it."""
+        if full is not None and _is_sharded(full):
+            slices = tuple(shard_sizes(full.shape[0], self.world_size))
+            if tuple(local.shape) != (slices[self.rank], *full.shape[1:]):
                 raise RuntimeError(
-                    f"a parameter of shape {tuple(p.shape)} has a local slice of shape {tuple(local)} on "
+                    f"a tensor of shape {tuple(full.shape)} has a local slice of shape {tuple(local.shape)} on "
                     f"rank {self.rank}; Shard(0) should give {slices[self.rank]} rows (sizes {list(slices)})"
                 )
-            return _Entry(p.shape, layout, batch, rows, cols, matrix.dtype, slices)
-        batch, rows, cols = matrix.shape
-        return _Entry(matrix.shape, None, batch, rows, cols, matrix.dtype, None)
+            return _Entry(full.shape, *matrix_shape(full.shape, layout), local.dtype, slices)
+        return _Entry(local.shape, *matrix_shape(local.shape, layout), local.dtype, None)
 
     def _owners(self, entries: Sequence[_Entry]) -> list[int]:
         groups: dict[tuple, list[int]] = {}
@@ -235,44 +253,55 @@ class DistributedOrthogonalizer:
                 owners[i] = owner
         return owners
 
-    def _orthogonalize(
+    def _exchange(
         self,
-        matrices: list[Tensor],
+        tensors: list[Tensor],
         entries: list[_Entry],
-        *,
-        method: Orthogonalizer,
-        steps: int,
-        dtype: torch.dtype | None,
-    ) -> list[Tensor]:
-        if not matrices:
-            return []
-        device = matrices[0].device
+        states: list[Tensor | None],
+        state_entries: list[_Entry | None],
+        layouts: list[Layout],
+        local: UpdateMany,
+    ) -> tuple[list[Tensor], list[Tensor | None]]:
+        if not tensors:
+            return [], []
+        device = tensors[0].device
         owners = self._owners(entries)
+        n = len(entries)
         sharded = [i for i, e in enumerate(entries) if e.slices is not None]
         replicated = [i for i, e in enumerate(entries) if e.slices is None]
-        full = self._gather_slices(matrices, entries, owners, sharded, device)
-        mine = [i for i in range(len(entries)) if owners[i] == self.rank]
+        with_state = [i for i, e in enumerate(state_entries) if e is not None]
+        state_sharded = [i for i in with_state if state_entries[i].slices is not None]  # type: ignore[union-attr]
+        state_replicated = [i for i in with_state if state_entries[i].slices is None]  # type: ignore[union-attr]
+        full = self._gather_slices(tensors, entries, owners, sharded, device)
+        full_states = self._gather_slices(states, state_entries, owners, state_sharded, device)  # type: ignore[arg-type]
+        mine = [i for i in range(n) if owners[i] == self.rank]
         for i in mine:
             if entries[i].slices is None:
-                full[i] = matrices[i]
-        results = dict(zip(mine, batched_orthogonalize([full[i] for i in mine], method=method, steps=steps, dtype=dtype)))
-        out: list[Tensor | None] = [None] * len(entries)
+                full[i] = tensors[i]
+            if i in state_replicated:
+                full_states[i] = states[i]  # type: ignore[assignment]
+        updates, new_states = local([full[i] for i in mine], [full_states.get(i) for i in mine], [layouts[i] for i in mine])
+        results = dict(zip(mine, updates))
+        state_results = {i: v for i, v in zip(mine, new_states) if v is not None}
+        out: list[Tensor | None] = [None] * n
+        state_out: list[Tensor | None] = [None] * n
         self._scatter_slices(results, entries, owners, sharded, out, device)
+        self._scatter_slices(state_results, state_entries, owners, state_sharded, state_out, device)  # type: ignore[arg-type]
         self._all_gather(results, entries, owners, replicated, out, device)
-        return out  # type: ignore[return-value]
+        self._all_gather(state_results, state_entries, owners, state_replicated, state_out, device)  # type: ignore[arg-type]
+        return out, state_out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------------ collectives
 
     def _gather_slices(
-        self, matrices: list[Tensor], entries: list[_Entry], owners: list[int], sharded: list[int], device: torch.device
+        self, tensors: list[Tensor], entries: list[_Entry], owners: list[int], sharded: list[int], device: torch.device
     ) -> dict[int, Tensor]:
-        """all_to_all: every rank's slice of each sharded parameter to its owner; returns the owner's
-        full matrix views."""
+        """all_to_all: every rank's slice of each sharded tensor to its owner; returns the owner's
+        full tensors."""
         full: dict[int, Tensor] = {}
         for dtype in _dtypes(entries, sharded):
             items = [i for i in sharded if entries[i].dtype == dtype]
-            local = {i: from_matrices(matrices[i], entries[i].layout, _slice_shape(entries[i], self.rank)) for i in items}
-            sends = [[local[i] for i in items if owners[i] == dst] for dst in range(self.world_size)]
+            sends = [[tensors[i] for i in items if owners[i] == dst] for dst in range(self.world_size)]
             owned = [i for i in items if owners[i] == self.rank]
             recv_sizes = [sum(entries[i].slices[src] * entries[i].inner for i in owned) for src in range(self.world_size)]
             received = self._all_to_all(sends, recv_sizes, dtype, device)
@@ -284,7 +313,7 @@ class DistributedOrthogonalizer:
                     pieces[i].append(buffer[offset : offset + size].view(_slice_shape(entries[i], src)))
                     offset += size
             for i in owned:
-                full[i] = to_matrices(torch.cat(pieces[i]), entries[i].layout)
+                full[i] = torch.cat(pieces[i])
         return full
 
     def _scatter_slices(
@@ -296,14 +325,11 @@ class DistributedOrthogonalizer:
         out: list[Tensor | None],
         device: torch.device,
     ) -> None:
-        """all_to_all: each owner returns every rank its slice of each orthogonalized sharded parameter."""
+        """all_to_all: each owner returns every rank its slice of each result of a sharded tensor."""
         for dtype in _dtypes(entries, sharded):
             items = [i for i in sharded if entries[i].dtype == dtype]
             owned = [i for i in items if owners[i] == self.rank]
-            parts = {
-                i: from_matrices(results[i], entries[i].layout, entries[i].shape).split(list(entries[i].slices))
-                for i in owned
-            }
+            parts = {i: results[i].split(list(entries[i].slices)) for i in owned}
             sends = [[parts[i][dst] for i in owned] for dst in range(self.world_size)]
             recv_sizes = [
                 sum(entries[i].slices[self.rank] * entries[i].inner for i in items if owners[i] == src)
@@ -316,7 +342,7 @@ class DistributedOrthogonalizer:
                     if owners[i] != src:
                         continue
                     shape = _slice_shape(entries[i], self.rank)
-                    out[i] = to_matrices(buffer[offset : offset + shape.numel()].view(shape), entries[i].layout)
+                    out[i] = buffer[offset : offset + shape.numel()].view(shape)
                     offset += shape.numel()
 
     def _all_gather(

@@ -1,23 +1,47 @@
 """One optimizer step over lists of tensors: the Muon math and the AdamW math.
 
-The optimizer class gathers tensors and state and calls these; batching and distribution plug in
-through `orthogonalize_many`, the one seam where matrices become their orthogonalized updates.
+The optimizer class gathers tensors and state and calls these. A Muon step has two halves:
+
+- directions: momentum lookahead U, O = orthogonalize(U), and for the NorMuon / AdaMuon variants the
+  normalized H with its new second moment. Nothing the caller owns is modified.
+- apply: the momentum and second-moment buffers take their new values, weight decay (plain or
+  cautious) and W <- W - lr * scale * H. Only arithmetic on checked tensors: it cannot fail.
+
+`muon` runs both. With a built-in Newton-Schulz orthogonalizer and no `update_many` it fuses them one
+stack of same-shaped matrices at a time (U written straight into the kernel's work buffer, each
+stack applied as soon as it is orthogonalized), which holds the fewest temporaries; the kernels
+cannot fail on checked input, so nothing is lost. Callers that must not change anything until every
+group's directions exist (a user's orthogonalizer or the SVD can raise; collectives can fail) call
+`muon_directions` first and `apply_muon_` later. Batching and distribution plug in through
+`update_many`, the one seam where matrices become their updates.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
 
 from .layout import Layout, from_matrices, matrix_shape, to_matrices
-from .orthogonalize import SCHEDULES, Orthogonalizer, empty_work, orthogonalize, orthogonalize_, working_dtype
+from .orthogonalize import SCHEDULES, Orthogonalizer, empty_work, orthogonalize, orthogonalize_, svd_polar, working_dtype
 from .scaling import Scale, update_scale
 
-OrthogonalizeMany = Callable[[Sequence[Tensor]], list[Tensor]]
+Variant = Literal["muon", "normuon", "adamuon"]
+VARIANTS: tuple[str, ...] = ("muon", "normuon", "adamuon")
+
+# (momentum updates U, their second moments or None, their layouts) -> (updates H, new second
+# moments or None), each tensor in its parameter's (or state's) own shape: the seam distributed
+# training replaces (it hands each tensor to an owner rank, which calls the local one).
+UpdateMany = Callable[
+    [Sequence[Tensor], Sequence["Tensor | None"], Sequence[Layout]], "tuple[list[Tensor], list[Tensor | None]]"
+]
+# Per-parameter statistics of a step: 0-d tensors under the keys of Muon.last_stats.
+Stats = dict[str, Tensor]
 
 # Same-shaped matrices are orthogonalized together in stacks of at most this many elements (or
 # one matrix, if larger): enough to amortize the per-call overhead of small matrices (200 of
@@ -29,38 +53,6 @@ STACK_NUMEL = 1 << 22
 # so an odd count of large matrices leaves a thread idle (7 of 768 x 768: 12% slower than a loop
 # on 2 threads, measured; 16 of 384 x 384: 17% faster).
 STACK_MATRIX_NUMEL = 1 << 18
-
-
-def momentum_update_(
-    grads: Sequence[Tensor],
-    momentum_buffers: Sequence[Tensor],
-    *,
-    momentum: float,
-    nesterov: bool,
-) -> list[Tensor]:
-    """M <- lerp(M, G, 1 - momentum); returns U = lerp(G, M, momentum) if nesterov else M.
-
-    The buffers are updated in place; the grads are never modified. Without nesterov the
-    returned tensors ARE the buffers, so callers must not modify them.
-    """
-    grads = list(grads)
-    buffers = list(momentum_buffers)
-    torch._foreach_lerp_(buffers, grads, 1.0 - momentum)
-    if nesterov:
-        return list(torch._foreach_lerp(grads, buffers, momentum))
-    return buffers
-
-
-def momentum_update(
-    grads: Sequence[Tensor],
-    momentum_buffers: Sequence[Tensor],
-    *,
-    momentum: float,
-    nesterov: bool,
-) -> tuple[list[Tensor], list[Tensor]]:
-    """`momentum_update_` out of place: (the new buffers, U); the given buffers are left as they are."""
-    new = list(torch._foreach_lerp(list(momentum_buffers), list(grads), 1.0 - momentum))
-    return new, (list(torch._foreach_lerp(list(grads), new, momentum)) if nesterov else new)
 
 
 def _stacks(keys: Sequence[tuple], sizes: Sequence[int], matrix_numel: Sequence[int]) -> list[list[int]]:
@@ -83,9 +75,16 @@ def _stacks(keys: Sequence[tuple], sizes: Sequence[int], matrix_numel: Sequence[
     return runs
 
 
-def _runs_in_place(method: Orthogonalizer) -> bool:
-    """Whether `orthogonalize_` runs the method on a caller's stacked work buffer."""
+def runs_in_place(method: Orthogonalizer) -> bool:
+    """Whether `method` is one of the built-in Newton-Schulz kernels, which run in place on a
+    caller's stacked work buffer and cannot fail on finite or non-finite float input."""
     return isinstance(method, str) and (method in SCHEDULES or method == "gram")
+
+
+def _takes_batches(method: Orthogonalizer) -> bool:
+    """A callable orthogonalizer gets one (rows, cols) matrix at a time unless it declares
+    `batched = True`, in which case it gets (k, rows, cols) stacks of same-shaped matrices."""
+    return not callable(method) or getattr(method, "batched", False) is True
 
 
 def batched_orthogonalize(
@@ -99,11 +98,15 @@ def batched_orthogonalize(
 
     Every operation of the kernels acts on each matrix on its own, so the result equals calling
     `orthogonalize` on each one bit for bit (tests/test_speed_contracts.py); stacking only removes
-    per-matrix overhead.
+    per-matrix overhead. A callable without `batched = True` is called on each 2D matrix.
     """
     out: list[Tensor | None] = [None] * len(matrices)
+    if not _takes_batches(method):
+        for i, m in enumerate(matrices):
+            out[i] = torch.stack([orthogonalize(x, method, steps, dtype=dtype) for x in m]) if len(m) else m.clone()
+        return out  # type: ignore[return-value]
     keys = [(m.shape[-2:], m.dtype, m.device) for m in matrices]
-    if not _runs_in_place(method):
+    if not runs_in_place(method):
         for run in _stacks(keys, [0] * len(matrices), [0] * len(matrices)):
             members = [matrices[i] for i in run]
             stacked = members[0] if len(members) == 1 else torch.cat(members)
@@ -122,51 +125,201 @@ def batched_orthogonalize(
     return out  # type: ignore[return-value]
 
 
-def _stacked_muon_(
+# ------------------------------------------------------------------------------------ variants
+
+
+def second_moment_shape(shape: torch.Size | Sequence[int], layout: Layout, variant: Variant) -> tuple[int, ...] | None:
+    """The shape of a parameter's second-moment state for `variant` (None for plain Muon).
+
+    NorMuon keeps one value per row of each matrix: the parameter's shape with every column axis
+    cut to its block count (1 when not cut), so the state reads through the same layout as a
+    (batch, rows, 1) view and shards along dim 0 as the parameter does. AdaMuon keeps one value
+    per element: the parameter's shape.
+    """
+    if variant == "muon":
+        return None
+    if variant == "adamuon":
+        return tuple(shape)
+    ndim = len(shape)
+    counts = {axis % ndim: count for axis, count in layout.blocks}
+    cols = {a % ndim for a in layout.cols}
+    return tuple(counts.get(a, 1) if a in cols else size for a, size in enumerate(shape))
+
+
+def normalize_update(
+    O: Tensor, second_moment: Tensor, *, variant: Variant, beta2: float, eps: float
+) -> tuple[Tensor, Tensor]:
+    """NorMuon / AdaMuon: (H, new second moment) from orthogonalized (batch, rows, cols) matrices O.
+
+    With q = mean over the columns of O*O (NorMuon, shape (batch, rows, 1)) or O*O (AdaMuon):
+        v <- beta2 v + (1 - beta2) q;   H = O / (sqrt(v) + eps);   H <- H ||O||_F / ||H||_F
+    per matrix. `second_moment` is not modified. Computed in the wider of O's and v's dtypes.
+
+    References:
+        Li et al., "NorMuon: Making Muon more efficient and scalable", arXiv:2510.05491 (and the
+        official normuon.py: v has one entry per row, starts at 0, no bias correction).
+        Si et al., "AdaMuon: Adaptive Muon Optimizer", arXiv:2507.11005.
+    """
+    dtype = torch.promote_types(O.dtype, second_moment.dtype)
+    O = O.to(dtype)
+    squares = O * O
+    q = squares.mean(-1, keepdim=True) if variant == "normuon" else squares
+    v = torch.lerp(second_moment.to(dtype), q, 1.0 - beta2)
+    H = O / v.sqrt().add_(eps)
+    norm_o = torch.linalg.vector_norm(O, dim=(-2, -1), keepdim=True)
+    norm_h = torch.linalg.vector_norm(H, dim=(-2, -1), keepdim=True)
+    # A zero O gives a zero H; the ratio is then 0 rather than 0 / 0.
+    H.mul_(torch.where(norm_h > 0, norm_o / norm_h, torch.zeros_like(norm_h)))
+    return H, v.to(second_moment.dtype)
+
+
+def local_update_many(
+    *, method: Orthogonalizer, steps: int, dtype: torch.dtype | None, variant: Variant, beta2: float, eps: float
+) -> UpdateMany:
+    """The single-process `update_many`: orthogonalize the matrix views (stacking same shapes), then
+    normalize each parameter's matrices on their own for NorMuon / AdaMuon. Distributed training
+    runs this same function on each tensor's owner rank."""
+
+    def update_many(
+        tensors: Sequence[Tensor], second_moments: Sequence[Tensor | None], layouts: Sequence[Layout]
+    ) -> tuple[list[Tensor], list[Tensor | None]]:
+        matrices = [to_matrices(t, layout) for t, layout in zip(tensors, layouts)]
+        ortho = batched_orthogonalize(matrices, method=method, steps=steps, dtype=dtype)
+        updates, new_moments = [], []
+        for t, o, v, layout in zip(tensors, ortho, second_moments, layouts):
+            if variant != "muon":
+                assert v is not None
+                o, new_v = normalize_update(o, to_matrices(v, layout), variant=variant, beta2=beta2, eps=eps)
+                new_moments.append(from_matrices(new_v, layout, v.shape))
+            else:
+                new_moments.append(None)
+            updates.append(from_matrices(o, layout, t.shape))
+        return updates, new_moments
+
+    return update_many
+
+
+# -------------------------------------------------------------------------------------- Muon
+
+
+@dataclass
+class Directions:
+    """The result of `muon_directions`: each parameter's update H (its own shape, before lr and
+    scale) and new second moment (None for plain Muon)."""
+
+    updates: list[Tensor]
+    second_moments: list[Tensor | None]
+
+
+def _lookahead(grad: Tensor, buffer: Tensor, *, momentum: float, nesterov: bool, sign: bool, out: Tensor | None = None) -> Tensor:
+    """U = lerp(G, M, momentum) if nesterov else M, from the already-updated buffer M; sign(U) for AdaMuon."""
+    if nesterov:
+        if out is not None and grad.dtype == buffer.dtype == out.dtype:
+            u = torch.lerp(grad, buffer, momentum, out=out)
+        else:
+            u = torch.lerp(grad.to(buffer.dtype), buffer, momentum)
+    else:
+        u = buffer
+    if sign:
+        u = torch.sign(u, out=out) if out is not None and u.dtype == out.dtype else torch.sign(u)
+    if out is not None and u is not out:
+        out.copy_(u)
+        return out
+    return u
+
+
+def _as_buffer_dtype(grads: Sequence[Tensor], buffers: Sequence[Tensor]) -> list[Tensor]:
+    """Grads in their buffers' dtype (a gradient may have another dtype than its parameter)."""
+    return [g if g.dtype == b.dtype else g.to(b.dtype) for g, b in zip(grads, buffers)]
+
+
+def muon_directions(
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    layouts: Sequence[Layout],
+    *,
+    momentum: float,
+    nesterov: bool,
+    update_many: UpdateMany,
+    variant: Variant = "muon",
+    second_moments: Sequence[Tensor | None] | None = None,
+    stats: Sequence[Stats] | None = None,
+    orthogonality: bool = False,
+    orthogonalizer: Orthogonalizer = "polar_express",
+    ns_steps: int = 5,
+    ns_dtype: torch.dtype | None = None,
+) -> Directions:
+    """The first half of a Muon step: every parameter's update, with nothing modified.
+
+    M' = lerp(M, G, 1 - momentum) is formed out of place; U = lerp(G, M', momentum) (nesterov) or
+    M'; sign(U) for AdaMuon; then `update_many` maps U (and the second moments) to the updates H
+    (and the new second moments). With `stats` and `orthogonality`, the orthogonalizer
+    (`orthogonalizer`, `ns_steps`, `ns_dtype`) runs once more on U to measure its output.
+    """
+    second_moments = list(second_moments) if second_moments is not None else [None] * len(grads)
+    grads = _as_buffer_dtype(grads, momentum_buffers)
+    new_buffers = list(torch._foreach_lerp(list(momentum_buffers), grads, 1.0 - momentum)) if grads else []
+    lookaheads = [
+        _lookahead(g, m, momentum=momentum, nesterov=nesterov, sign=variant == "adamuon")
+        for g, m in zip(grads, new_buffers)
+    ]
+    updates, new_moments = update_many(lookaheads, second_moments, layouts)
+    if stats is not None:
+        for i in range(len(grads)):
+            _record_inputs(stats[i], grads[i], new_buffers[i])
+        if orthogonality:
+            matrices = [to_matrices(u, layout) for u, layout in zip(lookaheads, layouts)]
+            ortho = batched_orthogonalize(matrices, method=orthogonalizer, steps=ns_steps, dtype=ns_dtype)
+            for s, u, o in zip(stats, matrices, ortho):
+                _record_orthogonality(s, u, o)
+    return Directions(list(updates), list(new_moments))
+
+
+def apply_muon_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     momentum_buffers: Sequence[Tensor],
     layouts: Sequence[Layout],
-    shapes: Sequence[torch.Size],
+    directions: Directions,
     *,
     lr: float,
     momentum: float,
-    nesterov: bool,
+    weight_decay: float,
     scale: Scale,
     rms: float,
-    orthogonalizer: str,
-    ns_steps: int,
-    ns_dtype: torch.dtype | None,
+    cautious_weight_decay: bool = False,
+    second_moments: Sequence[Tensor | None] | None = None,
+    shapes: Sequence[torch.Size] | None = None,
+    stats: Sequence[Stats] | None = None,
 ) -> None:
-    """U, orthogonalize(U) and the parameter update, one stack of same-shaped matrices at a time.
+    """The second half of a Muon step: buffers take their new values, then decay and the update.
 
-    U is written straight into the stack's work buffer and the update is read from the kernel's
-    output, so a stack holds about three matrix-sized temporaries per matrix and nothing else.
+    M <- lerp(M, G, 1 - momentum) in place (the same bits `muon_directions` computed out of place),
+    v <- its new value, and per matrix W <- W - lr (lambda D(W) + scale(rows, cols) H) with
+    D(W) = W, or W * 1[H * W >= 0] for cautious weight decay.
     """
-    views = [matrix_shape(p.shape, layout) for p, layout in zip(params, layouts)]
-    keys = [(rows, cols, working_dtype(p, ns_dtype), p.device) for p, (_, rows, cols) in zip(params, views)]
-    for run in _stacks(keys, [p.numel() for p in params], [rows * cols for _, rows, cols in views]):
-        _, rows, cols = views[run[0]]
-        sizes = [views[i][0] for i in run]
-        X = empty_work(sum(sizes), rows, cols, dtype=keys[run[0]][2], device=params[run[0]].device)
-        for i, part in zip(run, X.split(sizes)):
-            # Splitting the matrix dims of a slice of X is always a view, so writes land in X.
-            target = from_matrices(part, layouts[i], params[i].shape)
-            if not nesterov:
-                target.copy_(momentum_buffers[i])
-            elif grads[i].dtype == X.dtype == momentum_buffers[i].dtype:
-                torch.lerp(grads[i], momentum_buffers[i], momentum, out=target)
-            else:
-                target.copy_(torch.lerp(grads[i], momentum_buffers[i], momentum))
-        ortho = orthogonalize_(X, orthogonalizer, ns_steps)  # type: ignore[arg-type]
-        updates: dict[float, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
-        for i, o in zip(run, ortho.split(sizes)):
-            _, r, c = matrix_shape(shapes[i], layouts[i])
-            targets, values = updates[-lr * update_scale(scale, r, c, rms)]
-            targets.append(params[i])
-            values.append(from_matrices(o, layouts[i], params[i].shape).to(params[i].dtype))
-        for alpha, (targets, values) in updates.items():
-            torch._foreach_add_(targets, values, alpha=alpha)
+    if not params:
+        return
+    shapes = [p.shape for p in params] if shapes is None else shapes
+    torch._foreach_lerp_(list(momentum_buffers), _as_buffer_dtype(grads, momentum_buffers), 1.0 - momentum)
+    for v, new in zip(second_moments or [], directions.second_moments):
+        if v is not None and new is not None:
+            v.copy_(new)
+    if weight_decay != 0.0 and not cautious_weight_decay:
+        torch._foreach_mul_(list(params), 1.0 - lr * weight_decay)
+    for i, (p, h, layout, shape) in enumerate(zip(params, directions.updates, layouts, shapes)):
+        _, rows, cols = matrix_shape(shape, layout)
+        factor = update_scale(scale, rows, cols, rms)
+        if weight_decay != 0.0 and cautious_weight_decay:
+            _cautious_decay_(p, h, lr * weight_decay)
+        p.add_(h.to(p.dtype), alpha=-lr * factor)
+        if stats is not None:
+            stats[i]["update_rms"] = _rms(h) * factor
+
+
+def _cautious_decay_(p: Tensor, update: Tensor, amount: float) -> None:
+    """W <- W - amount * W * 1[u * W >= 0]: decay only where it agrees with the update u."""
+    p.sub_(torch.where(update * p >= 0, p, 0.0), alpha=amount)
 
 
 def muon(
@@ -184,54 +337,171 @@ def muon(
     orthogonalizer: Orthogonalizer,
     ns_steps: int,
     ns_dtype: torch.dtype | None,
-    orthogonalize_many: OrthogonalizeMany | None = None,
+    variant: Variant = "muon",
+    beta2: float = 0.95,
+    variant_eps: float = 1e-10,
+    second_moments: Sequence[Tensor | None] | None = None,
+    cautious_weight_decay: bool = False,
+    update_many: UpdateMany | None = None,
     shapes: Sequence[torch.Size] | None = None,
+    stats: Sequence[Stats] | None = None,
+    orthogonality: bool = False,
 ) -> None:
     """One Muon step for a list of parameters.
 
     For each matrix W (rows x cols) of each parameter's matrix view:
         M <- beta M + (1 - beta) G;   U <- (1 - beta) G + beta M  (nesterov) or M
-        O <- orthogonalize(U)
-        W <- W (1 - lr wd) - lr scale(rows, cols) O
+        O <- orthogonalize(U)   (orthogonalize(sign(U)) for AdaMuon)
+        H <- O, or for NorMuon / AdaMuon: v <- beta2 v + (1 - beta2) q(O), H = O / (sqrt(v) + eps),
+             H <- H ||O||_F / ||H||_F   (q: row means of O*O, or O*O; see `normalize_update`)
+        W <- W - lr (lambda D(W) + scale(rows, cols) H),   D(W) = W or W * 1[H * W >= 0] (cautious)
 
     Args:
-        orthogonalize_many: maps a list of (batch, rows, cols) tensors to their orthogonalized
-            versions; None means stacking same-shaped matrices on this process, with the same
-            bits as `batched_orthogonalize`. Distributed training passes one that splits the
-            work across ranks.
+        second_moments: one buffer per parameter (shape `second_moment_shape`) for NorMuon/AdaMuon.
+        update_many: maps matrix views of U and of the second moments to (H, new second moments);
+            None means `local_update_many` on this process. Distributed training passes one that
+            splits the work across ranks.
         shapes: the full shape of each parameter when `params` are local slices of sharded ones
             (FSDP2); the scale is computed from the full matrix view. None means params' shapes.
+        stats: one dict per parameter to receive 0-d tensors "grad_rms", "momentum_rms",
+            "update_rms" and, with `orthogonality`, "orthogonality_error",
+            "singular_min", "singular_max"; "second_moment_min"/"_max" for NorMuon/AdaMuon.
     """
     if not params:
         return
-    shapes = [p.shape for p in params] if shapes is None else shapes
-    if orthogonalize_many is None and _runs_in_place(orthogonalizer):
-        torch._foreach_lerp_(list(momentum_buffers), list(grads), 1.0 - momentum)
-        if weight_decay != 0.0:
-            torch._foreach_mul_(list(params), 1.0 - lr * weight_decay)
-        _stacked_muon_(
-            params, grads, momentum_buffers, layouts, shapes,
-            lr=lr, momentum=momentum, nesterov=nesterov, scale=scale, rms=rms,
-            orthogonalizer=orthogonalizer, ns_steps=ns_steps, ns_dtype=ns_dtype,  # type: ignore[arg-type]
+    if second_moments is None:
+        second_moments = [None] * len(params)
+    if variant != "muon" and any(v is None for v in second_moments):
+        raise ValueError(f"variant {variant!r} needs a second-moment buffer for every parameter")
+    if update_many is None and runs_in_place(orthogonalizer):
+        _fused_muon_(
+            params, grads, momentum_buffers, second_moments, layouts, shapes or [p.shape for p in params],
+            lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, scale=scale, rms=rms,
+            orthogonalizer=orthogonalizer, ns_steps=ns_steps, ns_dtype=ns_dtype, variant=variant, beta2=beta2,  # type: ignore[arg-type]
+            eps=variant_eps, cautious_weight_decay=cautious_weight_decay, stats=stats, orthogonality=orthogonality,
         )
         return
-    if orthogonalize_many is None:
-        # A user's callable or the SVD can raise: the new momentum is kept aside until it returns, so
-        # that an error leaves this group's buffers and parameters as they were.
-        buffers, updates = momentum_update(grads, momentum_buffers, momentum=momentum, nesterov=nesterov)
-        matrices = [to_matrices(u, layout) for u, layout in zip(updates, layouts)]
-        ortho = batched_orthogonalize(matrices, method=orthogonalizer, steps=ns_steps, dtype=ns_dtype)
-        torch._foreach_copy_(list(momentum_buffers), buffers)
-    else:
-        updates = momentum_update_(grads, momentum_buffers, momentum=momentum, nesterov=nesterov)
-        matrices = [to_matrices(u, layout) for u, layout in zip(updates, layouts)]
-        ortho = orthogonalize_many(matrices)
-    if weight_decay != 0.0:
+    if update_many is None:
+        update_many = local_update_many(method=orthogonalizer, steps=ns_steps, dtype=ns_dtype, variant=variant,
+                                        beta2=beta2, eps=variant_eps)
+    directions = muon_directions(
+        grads, momentum_buffers, layouts, momentum=momentum, nesterov=nesterov, update_many=update_many,
+        variant=variant, second_moments=second_moments, stats=stats, orthogonality=orthogonality,
+        orthogonalizer=orthogonalizer, ns_steps=ns_steps, ns_dtype=ns_dtype,
+    )
+    apply_muon_(
+        params, grads, momentum_buffers, layouts, directions, lr=lr, momentum=momentum, weight_decay=weight_decay,
+        scale=scale, rms=rms, cautious_weight_decay=cautious_weight_decay, second_moments=second_moments,
+        shapes=shapes, stats=stats,
+    )
+    if stats is not None:
+        for s, v in zip(stats, second_moments):
+            if v is not None:
+                _record_second_moment(s, v)
+
+
+def _fused_muon_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    second_moments: Sequence[Tensor | None],
+    layouts: Sequence[Layout],
+    shapes: Sequence[torch.Size],
+    *,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    scale: Scale,
+    rms: float,
+    orthogonalizer: str,
+    ns_steps: int,
+    ns_dtype: torch.dtype | None,
+    variant: Variant,
+    beta2: float,
+    eps: float,
+    cautious_weight_decay: bool,
+    stats: Sequence[Stats] | None,
+    orthogonality: bool,
+) -> None:
+    """`muon` for the built-in kernels, one stack of same-shaped matrices at a time.
+
+    U is written straight into the stack's work buffer and the update is read from the kernel's
+    output, so a stack holds about three matrix-sized temporaries per matrix and nothing else.
+    """
+    grads = _as_buffer_dtype(grads, momentum_buffers)
+    torch._foreach_lerp_(list(momentum_buffers), grads, 1.0 - momentum)
+    if weight_decay != 0.0 and not cautious_weight_decay:
         torch._foreach_mul_(list(params), 1.0 - lr * weight_decay)
-    for p, o, layout, shape in zip(params, ortho, layouts, shapes):
-        _, rows, cols = matrix_shape(shape, layout)
-        factor = update_scale(scale, rows, cols, rms)
-        p.add_(from_matrices(o, layout, p.shape).to(p.dtype), alpha=-lr * factor)
+    views = [matrix_shape(p.shape, layout) for p, layout in zip(params, layouts)]
+    keys = [(rows, cols, working_dtype(p, ns_dtype), p.device) for p, (_, rows, cols) in zip(params, views)]
+    for run in _stacks(keys, [p.numel() for p in params], [rows * cols for _, rows, cols in views]):
+        _, rows, cols = views[run[0]]
+        sizes = [views[i][0] for i in run]
+        X = empty_work(sum(sizes), rows, cols, dtype=keys[run[0]][2], device=params[run[0]].device)
+        for i, part in zip(run, X.split(sizes)):
+            _lookahead(to_matrices(grads[i], layouts[i]), to_matrices(momentum_buffers[i], layouts[i]),
+                       momentum=momentum, nesterov=nesterov, sign=variant == "adamuon", out=part)
+        inputs = X.clone() if stats is not None and orthogonality else None
+        ortho = orthogonalize_(X, orthogonalizer, ns_steps)  # type: ignore[arg-type]
+        updates: dict[float, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
+        for k, (i, o) in enumerate(zip(run, ortho.split(sizes))):
+            if variant != "muon":
+                v = second_moments[i]
+                h, new_v = normalize_update(o, to_matrices(v, layouts[i]), variant=variant, beta2=beta2, eps=eps)  # type: ignore[arg-type]
+                v.copy_(from_matrices(new_v, layouts[i], v.shape))  # type: ignore[union-attr]
+            else:
+                h = o
+            _, r, c = matrix_shape(shapes[i], layouts[i])
+            factor = update_scale(scale, r, c, rms)
+            update = from_matrices(h, layouts[i], params[i].shape)
+            if weight_decay != 0.0 and cautious_weight_decay:
+                _cautious_decay_(params[i], update, lr * weight_decay)
+            targets, values = updates[-lr * factor]
+            targets.append(params[i])
+            values.append(update.to(params[i].dtype))
+            if stats is not None:
+                _record_inputs(stats[i], grads[i], momentum_buffers[i])
+                stats[i]["update_rms"] = _rms(h) * factor
+                if inputs is not None:
+                    _record_orthogonality(stats[i], inputs.split(sizes)[k], o)
+                if second_moments[i] is not None:
+                    _record_second_moment(stats[i], second_moments[i])  # type: ignore[arg-type]
+        for alpha, (targets, values) in updates.items():
+            torch._foreach_add_(targets, values, alpha=alpha)
+
+
+# ---------------------------------------------------------------------------------- statistics
+
+
+def _rms(t: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(t.float()) / max(1, t.numel()) ** 0.5
+
+
+def _record_inputs(stats: Stats, grad: Tensor, buffer: Tensor) -> None:
+    stats["grad_rms"] = _rms(grad)
+    stats["momentum_rms"] = _rms(buffer)
+
+
+def _record_second_moment(stats: Stats, v: Tensor) -> None:
+    stats["second_moment_min"] = v.min().float()
+    stats["second_moment_max"] = v.max().float()
+
+
+def _record_orthogonality(stats: Stats, inputs: Tensor, outputs: Tensor) -> None:
+    """Relative Frobenius distance of the orthogonalizer's output from the exact float64 polar
+    factor of its input (over all matrices of the parameter), and its singular-value range."""
+    exact = svd_polar(inputs.double())
+    out = outputs.double()
+    scale = torch.linalg.vector_norm(exact)
+    distance = torch.linalg.vector_norm(out - exact)
+    stats["orthogonality_error"] = torch.where(scale > 0, distance / scale, distance).float()
+    singular = torch.linalg.svdvals(out)
+    stats["singular_min"] = singular.min().float()
+    stats["singular_max"] = singular.max().float()
+
+
+# ------------------------------------------------------------------------------------- AdamW
 
 
 def adamw(
@@ -246,11 +516,23 @@ def adamw(
     beta2: float,
     eps: float,
     weight_decay: float,
+    cautious_weight_decay: bool = False,
+    stats: Sequence[Stats] | None = None,
 ) -> None:
     """One AdamW step (decoupled weight decay), by the same functional torch.optim.AdamW calls,
-    so that muonkit's AdamW groups equal torch.optim.AdamW bit for bit."""
+    so that muonkit's AdamW groups equal torch.optim.AdamW bit for bit.
+
+    With `cautious_weight_decay`, the decay applies only where it agrees with AdamW's update
+    u = m_hat / (sqrt(v_hat) + eps): W <- W - lr (u + lambda W 1[u W >= 0]). The sign of u is the
+    sign of the new first moment, which is all the mask needs.
+    """
     if not params:
         return
+    grads = [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params)]
+    if cautious_weight_decay and weight_decay != 0.0:
+        for p, g, m in zip(params, grads, exp_avgs):
+            _cautious_decay_(p, torch.lerp(m, g, 1.0 - beta1), lr * weight_decay)
+        weight_decay = 0.0
     _torch_adam(
         list(params),
         list(grads),
@@ -274,3 +556,10 @@ def adamw(
         eps=eps,
         maximize=False,
     )
+    if stats is not None:
+        for s, g, m, v, step in zip(stats, grads, exp_avgs, exp_avg_sqs, steps):
+            _record_inputs(s, g, m)
+            t = float(step)
+            m_hat = m / (1.0 - beta1**t)
+            v_hat = v / (1.0 - beta2**t)
+            s["update_rms"] = _rms(m_hat / (v_hat.sqrt() + eps))

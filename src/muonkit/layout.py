@@ -10,6 +10,9 @@ Default views by number of dims:
     4D/5D conv filter (out, in, *kernel) -> one out x (in * prod(kernel)) matrix
 "conv" and "stacked" name the two conventions explicitly, for any number of dims >= 2 (a Conv1d
 filter is 3D and needs "conv").
+
+A Layout can also cut an axis into equal blocks, each block its own matrix: a fused qkv weight
+(3 * heads * d_head, d) read per head, or a grouped convolution's filter read per group.
 """
 
 from __future__ import annotations
@@ -26,22 +29,66 @@ from torch import Tensor
 class Layout:
     """Axes of a tensor read as a batch of rows x cols matrices (rows = fan_out).
 
+    Args:
+        rows, cols, batch: the tensor axes (negative counts from the end) whose sizes multiply to
+            the rows, the columns and the number of matrices. Every axis is named exactly once.
+        blocks: (axis, count) pairs: that axis is cut into `count` equal consecutive blocks, and
+            each block is a separate matrix (the block index is an outer batch axis, in the order
+            the pairs are given, before `batch`). The axis keeps its role for the size of one block.
+
     Example:
         Layout(rows=(2,), cols=(1,), batch=(0,)) reads a (experts, in, out) tensor, stored
         transposed, as experts matrices of out x in.
+        Layout(rows=(0,), cols=(1,), blocks=((0, 3 * heads),)) reads a fused (3 * heads * d_head, d)
+        qkv weight as 3 * heads matrices of d_head x d; `Layout.per_block(3 * heads)` is the same.
     """
 
     rows: tuple[int, ...]
     cols: tuple[int, ...]
     batch: tuple[int, ...] = ()
+    blocks: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        # Stored as tuples (hashable, comparable) whatever sequences were passed.
+        object.__setattr__(self, "rows", tuple(self.rows))
+        object.__setattr__(self, "cols", tuple(self.cols))
+        object.__setattr__(self, "batch", tuple(self.batch))
+        object.__setattr__(self, "blocks", tuple(tuple(b) for b in self.blocks))
+
+    @classmethod
+    def per_block(cls, count: int, ndim: int = 2) -> "Layout":
+        """An (out, in, *kernel) tensor whose out axis is cut into `count` blocks, each block the
+        matrix (out / count) x (in * prod(kernel)): per-head attention weights, grouped convolutions."""
+        return cls(rows=(0,), cols=tuple(range(1, ndim)), blocks=((0, count),))
 
     def check(self, ndim: int) -> None:
+        """Raise ValueError unless this layout names every axis of an `ndim`-D tensor exactly once."""
         axes = sorted(a % ndim if -ndim <= a < ndim else a for a in (*self.batch, *self.rows, *self.cols))
         if axes != list(range(ndim)) or not self.rows or not self.cols:
             raise ValueError(
                 f"{self} must name every axis of a {ndim}D tensor exactly once, with at least "
                 "one row axis and one column axis"
             )
+        seen = set()
+        for block in self.blocks:
+            if len(block) != 2:
+                raise ValueError(f"{self}: blocks holds (axis, count) pairs, got {block!r}")
+            axis, count = block
+            if not (isinstance(axis, int) and -ndim <= axis < ndim) or axis % ndim in seen:
+                raise ValueError(f"{self}: block axis {axis!r} is not a distinct axis of a {ndim}D tensor")
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"{self}: block count {count!r} of axis {axis} must be an int >= 1")
+            seen.add(axis % ndim)
+
+    def check_shape(self, shape: torch.Size | tuple[int, ...]) -> None:
+        """Raise ValueError if a block count does not divide its axis of `shape`."""
+        self.check(len(shape))
+        for axis, count in self.blocks:
+            if shape[axis] % count:
+                raise ValueError(
+                    f"{self}: axis {axis} of shape {tuple(shape)} has size {shape[axis]}, which {count} "
+                    "blocks do not divide"
+                )
 
 
 # A Layout lives in its param group, so in the optimizer's state_dict; torch.load's default
@@ -76,32 +123,58 @@ def resolve(spec: LayoutSpec, ndim: int) -> Layout:
     raise ValueError(f"unknown layout {spec!r}; use 'conv', 'stacked' or a muonkit.Layout")
 
 
+def _split(shape: torch.Size | tuple[int, ...], layout: Layout) -> tuple[list[int], list[int]]:
+    """The shape with every blocked axis cut into (count, size / count), and for each original axis
+    the position of its within-block part in that shape; the block parts come first among its axes."""
+    ndim = len(shape)
+    counts = {axis % ndim: count for axis, count in layout.blocks}
+    expanded: list[int] = []
+    position = [0] * ndim
+    for axis, size in enumerate(shape):
+        if axis in counts:
+            expanded.append(counts[axis])
+            size //= counts[axis]
+        position[axis] = len(expanded)
+        expanded.append(size)
+    return expanded, position
+
+
 def matrix_shape(shape: torch.Size | tuple[int, ...], layout: Layout) -> tuple[int, int, int]:
     """(number of matrices, rows, cols) of a tensor of `shape` read through `layout`."""
-    size = lambda axes: math.prod(shape[a] for a in axes)  # noqa: E731
-    return size(layout.batch), size(layout.rows), size(layout.cols)
+    ndim = len(shape)
+    counts = {axis % ndim: count for axis, count in layout.blocks}
+    size = lambda axes: math.prod(shape[a] // counts.get(a % ndim, 1) for a in axes)  # noqa: E731
+    return size(layout.batch) * math.prod(counts.values()), size(layout.rows), size(layout.cols)
 
 
-def _permutation(layout: Layout, ndim: int) -> list[int]:
-    return [a % ndim for a in (*layout.batch, *layout.rows, *layout.cols)]
+def _permutation(layout: Layout, shape: torch.Size | tuple[int, ...]) -> tuple[list[int], list[int]]:
+    """(the split shape, the order of its axes that puts blocks, batch, rows, cols first to last)."""
+    ndim = len(shape)
+    expanded, position = _split(shape, layout)
+    blocks = [position[axis % ndim] - 1 for axis, _ in layout.blocks]
+    order = blocks + [position[a % ndim] for a in (*layout.batch, *layout.rows, *layout.cols)]
+    return expanded, order
 
 
 def to_matrices(t: Tensor, layout: Layout) -> Tensor:
     """A (batch, rows, cols) view of t (a copy only when the layout permutes axes)."""
     batch, rows, cols = matrix_shape(t.shape, layout)
-    perm = _permutation(layout, t.ndim)
-    if perm != list(range(t.ndim)):
-        t = t.permute(perm)
+    expanded, order = _permutation(layout, t.shape)
+    if len(expanded) != t.ndim:
+        t = t.reshape(expanded)
+    if order != list(range(len(order))):
+        t = t.permute(order)
     return t.reshape(batch, rows, cols)
 
 
 def from_matrices(m: Tensor, layout: Layout, shape: torch.Size) -> Tensor:
-    """Inverse of to_matrices: a tensor of `shape` from (batch, rows, cols) matrices."""
-    perm = _permutation(layout, len(shape))
-    if perm == list(range(len(shape))):
+    """Inverse of to_matrices: a tensor of `shape` from (batch, rows, cols) matrices (a view when
+    the layout neither permutes nor cuts axes, or when m's memory allows it)."""
+    expanded, order = _permutation(layout, shape)
+    if order == list(range(len(order))):
         return m.reshape(shape)
-    permuted = m.reshape([shape[a] for a in perm])
-    inverse = [0] * len(perm)
-    for i, a in enumerate(perm):
+    permuted = m.reshape([expanded[a] for a in order])
+    inverse = [0] * len(order)
+    for i, a in enumerate(order):
         inverse[a] = i
-    return permuted.permute(inverse)
+    return permuted.permute(inverse).reshape(shape)

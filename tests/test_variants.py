@@ -1,0 +1,302 @@
+"""NorMuon, AdaMuon, cautious weight decay and per-head (blocked) matrices against float64 references
+written here from their definitions (issue 10; REFERENCE.md section 6), not from muonkit's code.
+
+With float64 parameters and the exact SVD orthogonalizer, muonkit and the reference differ only by
+round-off, so they must agree to 1e-10. The gradients are a fixed sequence (open loop), scaled over
+steps by powers of ten so that the second moments matter.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import muonkit
+from reference import polar_factor, update_scale
+
+LR, MOMENTUM, WD, BETA2 = 0.05, 0.9, 0.1, 0.8
+STEPS = 4
+HEADS = 6  # per-head kind: a fused (HEADS * 4, 6) weight read as HEADS matrices of 4 x 6
+
+
+def blocked_matrices(t: torch.Tensor, kind: str) -> list[torch.Tensor]:
+    """The matrices a parameter kind is made of, as views into t (rows = fan_out)."""
+    if kind == "matrix":
+        return [t]
+    if kind == "conv":
+        return [t.reshape(t.shape[0], -1)]
+    if kind == "stacked":
+        return list(t.unbind(0))
+    if kind == "heads":
+        return list(t.reshape(HEADS, t.shape[0] // HEADS, t.shape[1]).unbind(0))
+    if kind == "heads_transposed":  # (in, HEADS * d) stored transposed: head h is columns h*d..
+        d = t.shape[1] // HEADS
+        return [t[:, h * d:(h + 1) * d].T for h in range(HEADS)]
+    raise KeyError(kind)
+
+
+KINDS = {
+    "matrix_wide": ((5, 12), "matrix", None),
+    "matrix_tall": ((12, 5), "matrix", None),
+    "conv": ((6, 3, 2, 2), "conv", None),
+    "stacked": ((3, 7, 4), "stacked", None),
+    "heads": ((HEADS * 4, 6), "heads", muonkit.Layout.per_block(HEADS)),
+    "heads_transposed": ((5, HEADS * 3), "heads_transposed",
+                         muonkit.Layout(rows=(1,), cols=(0,), blocks=((1, HEADS),))),
+}
+
+
+class ReferenceVariant:
+    """Muon / NorMuon / AdaMuon with plain or cautious decay, per matrix, in float64 (issue 10):
+
+        M <- beta M + (1 - beta) G;  U <- (1 - beta) G + beta M (nesterov)
+        muon:    H = polar(U)
+        normuon: O = polar(U); v <- b2 v + (1 - b2) mean_cols(O*O); H = O / (sqrt(v) + eps); H *= |O|/|H|
+        adamuon: O = polar(sign(U)); v <- b2 v + (1 - b2) O*O;      H = O / (sqrt(v) + eps); H *= |O|/|H|
+        u = scale(rows, cols) H;  W <- W - lr (u + wd D),  D = W (plain) or W 1[u W >= 0] (cautious)
+    """
+
+    def __init__(self, W: torch.Tensor, kind: str, *, variant: str, cautious: bool, scale: str, eps: float = 1e-10):
+        self.W = W.detach().double().clone()
+        self.kind, self.variant, self.cautious, self.scale, self.eps = kind, variant, cautious, scale, eps
+        self.M = torch.zeros_like(self.W)
+        self.v = [None] * len(blocked_matrices(self.W, kind))
+
+    def step(self, G: torch.Tensor) -> None:
+        G = G.double()
+        self.M = MOMENTUM * self.M + (1 - MOMENTUM) * G
+        U = (1 - MOMENTUM) * G + MOMENTUM * self.M
+        for j, (Wj, Uj) in enumerate(zip(blocked_matrices(self.W, self.kind), blocked_matrices(U, self.kind))):
+            rows, cols = Wj.shape
+            if self.variant == "muon":
+                H = polar_factor(Uj)
+            else:
+                O = polar_factor(torch.sign(Uj) if self.variant == "adamuon" else Uj)
+                q = (O * O).mean(dim=1, keepdim=True) if self.variant == "normuon" else O * O
+                v = torch.zeros_like(q) if self.v[j] is None else self.v[j]
+                self.v[j] = BETA2 * v + (1 - BETA2) * q
+                H = O / (self.v[j].sqrt() + self.eps)
+                H = H * (O.norm() / H.norm())
+            u = update_scale(self.scale, rows, cols) * H
+            decay = Wj * (u * Wj >= 0) if self.cautious else Wj
+            Wj.copy_(Wj - LR * (u + WD * decay))
+
+
+def gradient_sequence(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=torch.float64) * 10.0 ** (t % 3 - 1) for t in range(STEPS)]
+
+
+def initial(shape, seed=1):
+    return 0.5 * torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def muonkit_run(W, grads, layout, **options):
+    p = torch.nn.Parameter(W.clone())
+    opt = muonkit.Muon([{"params": [p], "layout": layout}], lr=LR, momentum=MOMENTUM, weight_decay=WD,
+                       beta2=BETA2, orthogonalizer="svd", **options)
+    for G in grads:
+        p.grad = G.clone()
+        opt.step()
+    return p.detach(), opt
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("scale", ["naive", "keller_jordan", "mup", "moonlight"])
+@pytest.mark.parametrize("cautious", [False, True], ids=["plain_wd", "cautious_wd"])
+@pytest.mark.parametrize("variant", ["muon", "normuon", "adamuon"])
+def test_variant_matches_float64_reference(variant, cautious, scale, kind):
+    shape, ref_kind, layout = KINDS[kind]
+    W, grads = initial(shape), gradient_sequence(shape)
+    got, _ = muonkit_run(W, grads, layout, variant=variant, cautious_weight_decay=cautious, scale=scale)
+    ref = ReferenceVariant(W, ref_kind, variant=variant, cautious=cautious, scale=scale)
+    for G in grads:
+        ref.step(G)
+    assert (got - ref.W).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("cautious", [False, True])
+def test_variants_on_the_fused_newton_schulz_path_match_the_generic_path(cautious):
+    """The fused path (built-in kernel, stack by stack) and the generic path (a callable
+    orthogonalizer that runs the same kernel) give the same bits for every variant."""
+    torch.manual_seed(0)
+    shapes = [(48, 48), (48, 48), (64, 256), (256, 64), (16, 8, 3, 3), (3, 32, 16), (HEADS * 8, 32)]
+    for variant in ("normuon", "adamuon"):
+        a = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
+        b = [torch.nn.Parameter(q.detach().clone()) for q in a]
+        layouts = [None] * 6 + [muonkit.Layout.per_block(HEADS)]
+        polar_express = lambda X, steps: muonkit.orthogonalize(X, "polar_express", steps)  # noqa: E731
+        polar_express.batched = True
+        opts = dict(lr=0.02, variant=variant, cautious_weight_decay=cautious)
+        opt_a = muonkit.Muon([{"params": [q], "layout": lay} for q, lay in zip(a, layouts)], **opts)
+        opt_b = muonkit.Muon([{"params": [q], "layout": lay} for q, lay in zip(b, layouts)], orthogonalizer=polar_express, **opts)
+        for _ in range(3):
+            for qa, qb in zip(a, b):
+                qa.grad = torch.randn_like(qa)
+                qb.grad = qa.grad.clone()
+            opt_a.step()
+            opt_b.step()
+        for qa, qb in zip(a, b):
+            assert torch.equal(qa, qb)
+            assert torch.equal(opt_a.state[qa]["second_moment"], opt_b.state[qb]["second_moment"])
+
+
+def official_normuon_update(grad, momentum, second_momentum, beta=0.95, beta2=0.95, ns_steps=5):
+    """zichongli5/NorMuon normuon.py's normuon_update for a 2D matrix, re-typed from its definition
+    (Keller Jordan's quintic in float32 here instead of bfloat16, so the comparison is fp32 round-off)."""
+    momentum.lerp_(grad, 1 - beta)
+    update = grad.lerp(momentum, beta)
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    X = update.float()
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(ns_steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    update = X.mT if transposed else X
+    vnorm = update.norm(dim=(-2, -1), keepdim=True)
+    v_mean = torch.mean(update * update, dim=-1, keepdim=True)
+    second_momentum.lerp_(v_mean, 1 - beta2)
+    update = update * (1 / (second_momentum.sqrt() + 1e-10))
+    update = update * (vnorm / (update.norm(dim=(-2, -1), keepdim=True) + 1e-10))
+    return update * max(1, grad.size(-2) / grad.size(-1)) ** 0.5
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (256, 64), (96, 96)], ids=str)
+def test_normuon_equals_the_official_update_rule(shape):
+    torch.manual_seed(3)
+    W = torch.randn(shape) * 0.1
+    p = torch.nn.Parameter(W.clone())
+    opt = muonkit.Muon([p], lr=0.02, weight_decay=0.01, variant="normuon", orthogonalizer="keller_jordan",
+                       scale="keller_jordan")
+    ref, m, v = W.clone(), torch.zeros(shape), torch.zeros(shape[0], 1)
+    for _ in range(5):
+        g = torch.randn(shape)
+        p.grad = g.clone()
+        opt.step()
+        u = official_normuon_update(g, m, v)
+        ref = ref * (1 - 0.02 * 0.01) - 0.02 * u
+    assert torch.allclose(p.detach(), ref, rtol=0, atol=2e-6)
+    assert torch.allclose(opt.state[p]["second_moment"], v, rtol=1e-4, atol=0)
+
+
+def test_cautious_weight_decay_in_adamw_groups_matches_reference():
+    """W <- W - lr (u + wd W 1[u W >= 0]) with u AdamW's update m_hat / (sqrt(v_hat) + eps)."""
+    torch.manual_seed(0)
+    W = torch.randn(7, 5, dtype=torch.float64)
+    p = torch.nn.Parameter(W.clone())
+    opt = muonkit.Muon([{"params": [p], "use_muon": False}], lr=0.01, weight_decay=0.5, cautious_weight_decay=True)
+    m, v, ref = torch.zeros_like(W), torch.zeros_like(W), W.clone()
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    for t in range(1, 6):
+        g = torch.randn_like(W)
+        p.grad = g.clone()
+        opt.step()
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        u = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        ref = ref - 0.01 * (u + 0.5 * ref * (u * ref >= 0))
+    assert (p.detach() - ref).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("variant", ["normuon", "adamuon"])
+def test_second_moment_state_round_trips_bit_for_bit(variant, tmp_path):
+    torch.manual_seed(0)
+    shapes = [(32, 16), (4, 8, 3, 3), (2, 16, 8), (HEADS * 4, 16)]
+    layouts = [None, None, None, muonkit.Layout.per_block(HEADS)]
+
+    def build(params):
+        return muonkit.Muon([{"params": [q], "layout": lay} for q, lay in zip(params, layouts)], lr=0.02, variant=variant)
+
+    a = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    opt_a = build(a)
+    grads = [[torch.randn(s) for s in shapes] for _ in range(4)]
+    for t in range(2):
+        for q, g in zip(a, grads[t]):
+            q.grad = g.clone()
+        opt_a.step()
+    torch.save(opt_a.state_dict(), tmp_path / "opt.pt")
+    b = [torch.nn.Parameter(q.detach().clone()) for q in a]
+    opt_b = build(b)
+    opt_b.load_state_dict(torch.load(tmp_path / "opt.pt"))
+    for t in range(2, 4):
+        for q, r, g in zip(a, b, grads[t]):
+            q.grad, r.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    for q, r in zip(a, b):
+        assert torch.equal(q, r)
+        assert torch.equal(opt_a.state[q]["second_moment"], opt_b.state[r]["second_moment"])
+
+
+def test_second_moment_shapes_are_documented():
+    """NorMuon keeps one value per row of each matrix (the column axes cut to their block count),
+    AdaMuon one per entry."""
+    cases = [((32, 16), None, (32, 1)), ((4, 8, 3, 3), None, (4, 1, 1, 1)), ((2, 16, 8), None, (2, 16, 1)),
+             ((24, 16), muonkit.Layout.per_block(HEADS), (24, 1)),
+             ((5, 18), muonkit.Layout(rows=(1,), cols=(0,), blocks=((1, HEADS),)), (1, 18))]
+    for shape, layout, expected in cases:
+        p = torch.nn.Parameter(torch.randn(shape))
+        normuon = muonkit.Muon([{"params": [p], "layout": layout}], variant="normuon")
+        assert tuple(normuon.state[p]["second_moment"].shape) == expected
+        adamuon = muonkit.Muon([{"params": [p], "layout": layout}], variant="adamuon")
+        assert adamuon.state[p]["second_moment"].shape == p.shape
+    plain = muonkit.Muon([torch.nn.Parameter(torch.randn(4, 4))])
+    assert set(next(iter(plain.state.values()))) == {"momentum_buffer"}
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [(dict(variant="normuonn"), "unknown variant 'normuonn'"), (dict(beta2=1.0), "beta2 must be in [0, 1)"),
+     (dict(beta2=-0.1), "beta2 must be in [0, 1)"), (dict(cautious_weight_decay=1), "cautious_weight_decay must be"),
+     (dict(variant_eps=-1.0), "variant_eps must be >= 0")],
+)
+def test_bad_variant_options_are_refused_naming_the_value(options, message):
+    with pytest.raises((ValueError, TypeError), match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        muonkit.Muon([torch.nn.Parameter(torch.randn(4, 4))], **options)
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = muonkit.Muon([p])
+    opt.param_groups[0].update(options)
+    p.grad = torch.randn(4, 4)
+    before = p.detach().clone()
+    with pytest.raises((ValueError, TypeError), match="Muon group 0"):
+        opt.step()
+    assert torch.equal(p, before)
+
+
+def test_block_count_that_does_not_divide_is_refused_before_anything_changes():
+    with pytest.raises(ValueError, match=r"axis 0 of shape \(10, 4\) has size 10, which 3 blocks do not divide"):
+        muonkit.Muon([{"params": [torch.nn.Parameter(torch.randn(10, 4))], "layout": muonkit.Layout.per_block(3)}])
+    ok = torch.nn.Parameter(torch.randn(6, 4))
+    bad = torch.nn.Parameter(torch.randn(10, 4))
+    opt = muonkit.Muon([{"params": [ok]}, {"params": [bad]}])
+    opt.param_groups[1]["layout"] = muonkit.Layout.per_block(3)
+    ok.grad, bad.grad = torch.randn(6, 4), torch.randn(10, 4)
+    state = copy.deepcopy(opt.state_dict())
+    before = ok.detach().clone()
+    with pytest.raises(ValueError, match="Muon group 1: parameter '#0'"):
+        opt.step()
+    assert torch.equal(ok, before)
+    assert torch.equal(opt.state_dict()["state"][0]["momentum_buffer"], state["state"][0]["momentum_buffer"])
+
+
+def test_per_head_layout_orthogonalizes_each_head_on_its_own():
+    """A fused qkv weight read per head: each head's update is the polar factor of that head's
+    block, scaled by its own (d_head x d) shape; not the polar factor of the whole matrix."""
+    torch.manual_seed(0)
+    W = torch.zeros(HEADS * 4, 12, dtype=torch.float64)
+    p = torch.nn.Parameter(W.clone())
+    g = torch.randn(HEADS * 4, 12, dtype=torch.float64) * torch.logspace(-3, 3, HEADS * 4, dtype=torch.float64)[:, None]
+    opt = muonkit.Muon([{"params": [p], "layout": muonkit.Layout.per_block(HEADS)}], lr=1.0, momentum=0.0,
+                       nesterov=False, weight_decay=0.0, orthogonalizer="svd", scale="naive")
+    p.grad = g
+    opt.step()
+    for h in range(HEADS):
+        block = slice(4 * h, 4 * h + 4)
+        assert torch.allclose(-p.detach()[block], polar_factor(g[block]), atol=1e-12)
+    whole = polar_factor(g)
+    assert (-p.detach() - whole).abs().max().item() > 0.1

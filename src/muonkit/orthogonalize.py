@@ -1,7 +1,9 @@
 """Orthogonalizers: tensor in, approximate polar factor out.
 
 Every function here is pure: the input is never modified, the output has the input's shape and
-dtype, leading dimensions are a batch of independent matrices, and a zero matrix maps to zero.
+dtype, leading dimensions are a batch of independent matrices, a zero matrix maps to zero, and the
+output does not depend on the input's scale (each matrix is divided by its largest entry before
+the Frobenius normalization, so every finite input gives its polar factor).
 
 For a matrix X = U S V^T the polar factor is U V^T. The quintic Newton-Schulz iteration
 X <- a X + (b A + c A^2) X with A = X X^T applies p(s) = a s + b s^3 + c s^5 to every singular

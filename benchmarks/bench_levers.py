@@ -8,8 +8,8 @@ Prints three Markdown tables and the facts behind the AOL verdict.
 
 Speed: each lever's variant and its baseline are timed round-robin in one process (order reversed
 every other round); "x baseline" is the median over rounds of the variant's time over the
-baseline's. The last rows time bench_step.py's case (a) whole, with the squares stacked
-(`stacking_rows`). Baselines: muonkit's own kernel (`orthogonalize`, fp32 Polar Express, Gram
+baseline's. The last rows time bench_step.py's cases whole: (a) with the squares stacked
+(`stacking_rows`), and (c), (g) with the normalization before issue 11 (`normalization_rows`). Baselines: muonkit's own kernel (`orthogonalize`, fp32 Polar Express, Gram
 Newton-Schulz on wide matrices) for variants of muonkit's code path; a plain Polar Express loop
 (`plain_polar_express`, one matrix, out-of-place products) for variants written in that style, so
 that only the lever differs.
@@ -238,6 +238,38 @@ def one_thread(fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
+def frobenius_only_(X: torch.Tensor, safety: float, eps: float) -> None:
+    """muonkit's normalization before issue 11 (item 5): X / (||X||_F * safety + eps), without
+    dividing by max |x| first (overflows to zeros for float32 entries near 1e20)."""
+    X.div_(torch.linalg.matrix_norm(X, keepdim=True).mul_(safety).add_(eps))
+
+
+def normalization_rows(repeats: int) -> list[list[object]]:
+    """The cost of dividing by max |x| before the Frobenius norm: each case's default step with
+    the current normalization against the same step with `frobenius_only_`."""
+    from bench_step import make_case, muonkit_step, set_grads
+
+    rows = []
+    for key in ("c", "g"):
+        case = make_case(key, "cpu")
+        set_grads(case, case.muon + case.adamw)
+        old_step = muonkit_step(case)
+
+        def old() -> None:
+            current = kernels._normalize_
+            kernels._normalize_ = frobenius_only_
+            try:
+                old_step()
+            finally:
+                kernels._normalize_ = current
+
+        t = time_interleaved({"old": old, "new": muonkit_step(case)}, repeats=repeats)
+        rows.append([f"({key}) step: max |x| division before the Frobenius norm (issue 11 item 5)", case.name.split(")")[0] + ")",
+                     "yes (every method)", "Frobenius only", t["old"].median * 1e3, t["new"].median * 1e3,
+                     median_ratio(t["new"], t["old"])])
+    return rows
+
+
 def stacking_rows(repeats: int) -> list[list[object]]:
     """Case (a)'s default step against the same step with its 768x768 squares stacked: in runs of
     up to functional.STACK_NUMEL elements (7, 7, 2), and in pairs (the step's temporaries stay
@@ -373,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         ("squares: 7 of 768x768 as one batch (odd count)", "no (one at a time above 2^18 elements)",
          "7 x 768x768", "muonkit", lambda: [orthogonalize(x) for x in squares16[:7]],
          lambda: orthogonalize(squares16[:7]), None),
+        ("threads: 2 instead of 1 (torch.set_num_threads)", "-", "768x768", "1 thread",
+         one_thread(lambda: orthogonalize(square)), lambda: orthogonalize(square), None),
         ("squares: 16 of 768x768 as one batch, 1 thread", "no (one at a time above 2^18 elements)",
          "16 x 768x768", "muonkit", one_thread(lambda: [orthogonalize(x) for x in squares16]),
          one_thread(lambda: orthogonalize(squares16)), None),
@@ -405,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([name, workload, kept, base_name, t["base"].median * 1e3, t["variant"].median * 1e3,
                      median_ratio(t["variant"], t["base"])])
         print(rows[-1], flush=True)
-    rows += stacking_rows(args.repeats)
+    rows += stacking_rows(args.repeats) + normalization_rows(args.repeats)
     speed = table(["lever", "workload", "in muonkit", "baseline", "baseline ms", "variant ms", "x baseline"], rows)
     held = f"{reused_square.held_bytes() / 2**20:.1f} MiB for one 768x768, {reused_small.held_bytes() / 2**20:.1f} MiB for 200 x 64x64"
     out.append(f"\nSpeed (median of {args.repeats} rounds, ratio = median of per-round ratios)\n{speed}\n"

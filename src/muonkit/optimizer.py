@@ -96,7 +96,7 @@ class Muon(torch.optim.Optimizer):
         ns_steps: iterations of the orthogonalizer (default 5).
         ns_dtype: working dtype of the orthogonalizer; None means float32 on CPU, bfloat16 on CUDA;
             "auto" also picks bfloat16 on CPUs with native bfloat16 products (2x faster there,
-            1-10% larger polar error; muonkit.orthogonalize.working_dtype).
+            a larger polar error; muonkit.orthogonalize.working_dtype).
         layout: matrix view of the parameters: None (2D (out, in); 3D stacked (batch, out, in);
             4D/5D conv (out, in, *kernel)), "conv", "stacked", or a muonkit.Layout.
         variant: "muon" (default), "normuon" (one second moment per row of each matrix) or

@@ -58,8 +58,8 @@ SCHEDULES: dict[str, tuple[Coefficients, ...]] = {
     ),
 }
 
-# Divide by ||X||_F * safety (after dividing by max |x|, see `_normalize_`): Polar Express was tuned for inputs with spectral norm <= 1/1.02,
-# which leaves room for bf16 round-off.
+# Divide by ||X||_F * safety (after dividing by max |x|, see `_normalize_`): Polar Express was tuned
+# for inputs with spectral norm <= 1/1.02, which leaves room for bf16 round-off.
 SAFETY: dict[str, float] = {"keller_jordan": 1.0, "polar_express": 1.02, "you": 1.0}
 # ... + eps: Keller Jordan's 1e-7, Polar Express's 1e-6 (its paper's reference code; REFERENCE.md
 # section 3). After the division by max |x| the norm is at least 1, so eps shifts the normalized
@@ -117,8 +117,13 @@ def working_dtype(tensor: Tensor, dtype: NsDtype) -> torch.dtype:
 
     A torch.dtype is used as given. Otherwise float64 input stays float64; on CUDA it is bfloat16;
     elsewhere float32, except that "auto" picks bfloat16 on a CPU with native bfloat16 products
-    (CPU_FAST_BFLOAT16, from `cpu_has_fast_bfloat16`). "auto" is not the default: bfloat16 is 2x faster there but its
-    polar error is 1-10% larger than float32's (benchmarks/RESULTS.md, Speed).
+    (CPU_FAST_BFLOAT16, from `cpu_has_fast_bfloat16`). "auto" is not the default: bfloat16 is 2x
+    faster there, but its polar error is larger than float32's, up to 16% on real momentum
+    (benchmarks/RESULTS.md, Levers).
+
+    Example:
+        >>> working_dtype(torch.zeros(2, 2), None)
+        torch.float32
     """
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -362,8 +367,8 @@ def svd_polar(G: Tensor, *, dtype: torch.dtype | None = torch.float64) -> Tensor
     """Exact polar factor U V^T by SVD (float64 by default); zero singular values map to zero.
 
     LAPACK scales its input internally, so every finite input gives its polar factor (tested from
-    1e-40 to 1e30 in float32). torch has no SVD in 16-bit floats: for
-    those the SVD runs in float32 and the factor is rounded to the requested dtype.
+    1e-40 to 1e30 in float32). torch has no SVD in 16-bit floats: for those the SVD runs in float32
+    and the factor is rounded to the requested dtype.
     """
     work = dtype if dtype is not None else working_dtype(G, None)
     rounding = work if work.itemsize < 4 else None
@@ -448,7 +453,7 @@ def check_ns_dtype(dtype: object, name: str) -> None:
     """ValueError unless `dtype` is None, "auto" or a floating torch.dtype; `name` is the option's."""
     if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
         return
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and not dtype.is_complex):
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"{name} must be None, 'auto' or a floating torch.dtype, got {dtype!r}")
 
 

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from muonkit.cli import main  # noqa: E402
 from muonkit.tasks import get_task  # noqa: E402
 from muonkit.tasks.bench import best_lr  # noqa: E402
+from muonkit.tasks.optimizers import lr_for  # noqa: E402
 from muonkit.tasks.nscompare import format_table as ns_table  # noqa: E402
 from muonkit.tasks.report import memory_note  # noqa: E402
 
@@ -56,14 +57,23 @@ STAGES: dict[str, tuple[str, list[str]]] = {
     "sweep-fashion-mnist-sgd-edge": ("sweep", ["fashion-mnist", "--lr-sweep", "--optimizers", "sgd",
                                                "--lr", "sgd=0.3", "sgd=1", "sgd=3"]),
     "sweep-modular-kj-sgd": ("sweep", ["modular", "--lr-sweep", "--optimizers", "muon-kj,sgd"]),
+    # The Muon family (issue 10, 2026-12-02): NorMuon, AdaMuon and cautious weight decay.
+    "sweep-charlm-variants": ("sweep", ["charlm", "--lr-sweep", "--optimizers", "normuon,adamuon,muon+cwd,normuon+cwd"]),
+    "sweep-fashion-mnist-variants": ("sweep", ["fashion-mnist", "--lr-sweep", "--optimizers",
+                                               "normuon,adamuon,muon+cwd,normuon+cwd"]),
+    "sweep-modular-variants": ("sweep", ["modular", "--lr-sweep", "--optimizers", "normuon,adamuon,muon+cwd,normuon+cwd"]),
     # Regression runs take a second: 3 seeds.
     "sweep-regression": ("sweep", ["regression", "--lr-sweep", "--optimizers", "muon,muon-kj,adamw,sgd,torch-muon",
                                    "--seeds", "3"]),
-    "charlm": ("bench", ["charlm", "--optimizers", "muon,adamw,torch-muon", "--seeds", "3"]),
+    # Evaluations every 10 (charlm) and 25 (fashion-mnist) steps, so that steps to AdamW's final value
+    # are counted finely enough to compare optimizers.
+    "charlm": ("bench", ["charlm", "--optimizers", "muon,adamw,torch-muon,normuon,adamuon,muon+cwd,normuon+cwd",
+                         "--seeds", "3", "--eval-every", "10"]),
     # torch-muon is not run on fashion-mnist: on this all-conv network it is adamw, bit for bit
     # (tests/test_tasks.py::test_torch_muon_on_the_conv_net_is_exactly_adamw).
-    "fashion-mnist": ("bench", ["fashion-mnist", "--optimizers", "muon,adamw", "--seeds", "3"]),
-    "modular": ("bench", ["modular", "--optimizers", "muon,adamw", "--seeds", "3"]),
+    "fashion-mnist": ("bench", ["fashion-mnist", "--optimizers", "muon,adamw,normuon,adamuon,muon+cwd,normuon+cwd",
+                                "--seeds", "3", "--eval-every", "25"]),
+    "modular": ("bench", ["modular", "--optimizers", "muon,adamw,normuon,adamuon,muon+cwd,normuon+cwd", "--seeds", "3"]),
     "regression": ("bench", ["regression", "--optimizers", "muon,muon-kj,adamw,sgd,torch-muon", "--seeds", "3"]),
     "ns": ("ns", []),
     "default": ("timed", []),
@@ -139,8 +149,8 @@ def lr_check(task_name: str, sweeps: list[tuple[str, dict]]) -> str:
     for name, by_lr in scores.items():
         best = float(best_lr(by_lr, finals[name], by_steps=by_steps, higher_is_better=task.higher_is_better))
         tried = ", ".join(f"{lr:g}" for lr in sorted(map(float, by_lr)))
-        messages.append(f"{name}: best {best:g} of {tried}"
-                        + ("" if task.lrs[name] == best else f" (default is {task.lrs[name]:g})"))
+        default = lr_for(name, task.lrs)
+        messages.append(f"{name}: best {best:g} of {tried}" + ("" if default == best else f" (default is {default:g})"))
     return "Best over all sweeps (the default lr of each): " + "; ".join(messages) + "."
 
 

@@ -266,6 +266,76 @@ def _variant(job: Callable[..., Any], variant: str) -> Callable[[int, int, Path]
     return lambda rank, world, tmp: job(rank, world, tmp, variant)
 
 
+# ------------------------------------------------------------- QK-Clip (tests/test_qkclip.py)
+
+QK_HEADS, QK_DIM, QK_WIDTH, QK_TAU = 3, 5, 6, 10.0
+# Each rank sees part of the maxima; together heads 0 and 1 exceed tau and head 2 does not. Head
+# 1's rows (5..9) are split by Shard(0) on 2 ranks (rows 0..7 and 8..14).
+QK_OBSERVED = [torch.tensor([50.0, 1.0, 5.0]), torch.tensor([2.0, 400.0, 3.0])]
+
+
+class QKLayers(nn.Module):
+    """The q and k projections of one attention layer (3 heads of 5 rows, with biases)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(QK_WIDTH, QK_HEADS * QK_DIM)
+        self.k = nn.Linear(QK_WIDTH, QK_HEADS * QK_DIM)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q(x)
+
+
+def _qk_model() -> QKLayers:
+    torch.manual_seed(0)
+    return QKLayers()
+
+
+def _qk_clip(model: QKLayers, process_group: Any) -> muonkit.QKClip:
+    return muonkit.QKClip([(model.q.weight, model.k.weight, model.q.bias, model.k.bias)], heads=QK_HEADS,
+                          tau=QK_TAU, process_group=process_group)
+
+
+def qkclip_reference() -> dict[str, Any]:
+    """One process that observes every rank's maxima."""
+    model = _qk_model()
+    clip = _qk_clip(model, None)
+    for maxima in QK_OBSERVED:
+        clip.observe(0, maxima)
+    (acted_on,) = clip.step()
+    return {"maxima": acted_on.tolist(), "weights": {n: full(p) for n, p in model.named_parameters()}}
+
+
+def job_qkclip_replicated(rank: int, world: int, tmp: Path) -> Any:
+    model = _qk_model()
+    clip = _qk_clip(model, dist.group.WORLD)
+    clip.observe(0, QK_OBSERVED[rank])
+    (acted_on,) = clip.step()
+    return {"maxima": acted_on.tolist(), "weights": {n: full(p) for n, p in model.named_parameters()}}
+
+
+def job_qkclip_fsdp(rank: int, world: int, tmp: Path) -> Any:
+    from torch.distributed.fsdp import fully_shard
+
+    model = fully_shard(_qk_model())
+    params = [model.q.weight, model.k.weight, model.q.bias, model.k.bias]
+    try:
+        _qk_clip(model, None)
+        error = None
+    except ValueError as err:
+        error = str(err)
+    clip = _qk_clip(model, dist.group.WORLD)
+    clip.observe(0, QK_OBSERVED[rank])
+    clip.step()
+    weights = {n: full(p) for n, p in model.named_parameters()}
+    x = torch.randn(4, QK_WIDTH, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        forward_q = model(x)
+    return {"weights": weights, "error": error, "placements": [repr(p.placements[0]) for p in params],
+            "local_rows": [p.to_local().shape[0] for p in params], "forward_q": forward_q,
+            "expected_q": F.linear(x, weights["q.weight"], weights["q.bias"])}
+
+
 JOBS: dict[str, Callable[[int, int, Path], Any]] = {
     "replicated": job_replicated,
     "fsdp": job_fsdp,
@@ -281,6 +351,8 @@ JOBS: dict[str, Callable[[int, int, Path], Any]] = {
        for kind, job in (("replicated", job_replicated), ("fsdp", job_fsdp))},
     "checkpoint_save_normuon": _variant(job_checkpoint_save, "normuon"),
     "resume_normuon_from_2": _resume(2, "normuon"),
+    "qkclip_replicated": job_qkclip_replicated,
+    "qkclip_fsdp": job_qkclip_fsdp,
 }
 
 

@@ -1,6 +1,7 @@
 """muonkit.route / param_groups / explain: which parameter goes to Muon or AdamW, and why.
 
-Oracles: the seed notebook's explicit split on its own network, and the roles of API.md
+Oracles: the seed notebook's explicit split on its own network (but its depthwise filters, see
+muonkit_split), and the roles of API.md
 (embeddings, tied weights, output layer, input stem, 0D/1D and thin matrices -> AdamW; other
 Linear/Conv weights and >=2D parameters -> Muon), written out by hand per model.
 """
@@ -116,23 +117,36 @@ MODELS = {
 
 # ---- routing --------------------------------------------------------------------------------
 
+def muonkit_split(model):
+    """The notebook's split, except its depthwise filters (96, 1, 3, 3): the notebook sends them
+    to Muon as one 96 x 9 matrix, muonkit reads a conv with groups=96 as 96 matrices of 1 x 9,
+    too small to orthogonalize, and sends them to AdamW (as timm and dion do)."""
+    muon_names, adamw_names = notebook_split(model)
+    depthwise = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+    depthwise = {f"{n}.weight" for n in depthwise}
+    assert len(depthwise) == 7 and depthwise <= set(muon_names)
+    return [n for n in muon_names if n not in depthwise], adamw_names + sorted(depthwise)
+
+
 @pytest.mark.parametrize("with_inputs", [False, True], ids=["registration", "execution"])
-def test_seed_net_routing_equals_notebook(with_inputs):
-    """Muon for every 4D conv weight except the stem '0.weight'; AdamW for everything else,
-    including the ECA Conv1d (1, 1, 3) weights and the head '8.4.weight'."""
+def test_seed_net_routing_is_the_notebooks_but_depthwise(with_inputs):
+    """Muon for every 4D conv weight except the stem '0.weight' and the depthwise filters; AdamW
+    for everything else, including the ECA Conv1d (1, 1, 3) weights and the head '8.4.weight'."""
     model = seed_net()
     kw = {"example_inputs": MODELS["seed_net"][1]} if with_inputs else {}
-    got = routing(model, **kw)
-    muon_names, adamw_names = notebook_split(model)
+    decisions = {d.name: d for d in muonkit.route(model, **kw)}
+    muon_names, adamw_names = muonkit_split(model)
     expected = {**{n: "muon" for n in muon_names}, **{n: "adamw" for n in adamw_names}}
-    assert got == expected
-    assert got["1.residual.3.conv.weight"] == "adamw"
-    assert got["8.4.weight"] == "adamw"
+    assert {n: d.optimizer for n, d in decisions.items()} == expected
+    assert decisions["1.residual.3.conv.weight"].optimizer == "adamw"
+    assert decisions["8.4.weight"].optimizer == "adamw"
+    depthwise = decisions["1.residual.1.weight"].reason
+    assert "depthwise" in depthwise and "96 matrices 1x9" in depthwise and "couple independent channels" in depthwise
 
 
-def test_seed_net_param_groups_equal_notebook_split():
+def test_seed_net_param_groups_equal_muonkit_split():
     model = seed_net()
-    muon_names, adamw_names = notebook_split(model)
+    muon_names, adamw_names = muonkit_split(model)
     groups = muonkit.param_groups(model)
     muon = [n for g in groups if g["use_muon"] for n in g["param_names"]]
     adamw = [n for g in groups if not g["use_muon"] for n in g["param_names"]]
@@ -140,7 +154,7 @@ def test_seed_net_param_groups_equal_notebook_split():
     assert sorted(adamw) == sorted(adamw_names)
     for g in groups:
         if g["use_muon"]:
-            assert g["layout"] == "conv"  # all 4D filters
+            assert g["layout"] == "conv"  # all 4D filters with groups=1
 
 
 @pytest.mark.parametrize("with_inputs", [False, True], ids=["registration", "execution"])
@@ -205,17 +219,19 @@ def test_min_size():
             return self.head(self.mid(h) + (h @ self.table.T))
 
     model = Thin()
-    got = routing(model)
+    inputs = {"example_inputs": (torch.randn(2, 8),)}  # shows `table` used as a matrix
+    got = routing(model, **inputs)
     assert got["squeeze.weight"] == "adamw" and got["expand.weight"] == "adamw"
     assert got["mid.weight"] == "muon" and got["table"] == "muon"
-    got4 = routing(model, min_size=4)
+    got4 = routing(model, min_size=4, **inputs)
     assert got4["mid.weight"] == "adamw" and got4["table"] == "adamw"
-    got1 = routing(model, min_size=1)
+    got1 = routing(model, min_size=1, **inputs)
     assert got1["squeeze.weight"] == "muon" and got1["expand.weight"] == "muon"
 
 
 def test_bare_parameters_by_rank():
-    """Parameters outside Linear/Conv: >=2D -> muon, 0D/1D -> adamw."""
+    """Parameters outside known layers: 0D/1D -> adamw; >=2D (free) -> adamw without example
+    inputs, with a reason naming the three ways to send them to Muon."""
 
     class Bare(nn.Module):
         def __init__(self):
@@ -226,9 +242,12 @@ def test_bare_parameters_by_rank():
             self.temperature = nn.Parameter(torch.tensor(1.0))
             self.head = nn.Linear(8, 2)
 
-    got = routing(Bare())
-    assert got["experts"] == "muon"
-    assert got["scale"] == "adamw" and got["temperature"] == "adamw"
+    decisions = {d.name: d for d in muonkit.route(Bare())}
+    assert decisions["experts"].optimizer == "adamw"
+    reason = decisions["experts"].reason
+    assert "muon=['experts']" in reason and "predicate" in reason and "example_inputs" in reason
+    assert decisions["scale"].optimizer == "adamw" and decisions["temperature"].optimizer == "adamw"
+    assert routing(Bare(), muon=["experts"])["experts"] == "muon"
 
 
 # ---- overrides ------------------------------------------------------------------------------
@@ -340,3 +359,350 @@ def test_param_groups_accept_route_keywords():
     groups = muonkit.param_groups(mlp(), muon=["0.weight"])
     muon_names = [n for g in groups if g["use_muon"] for n in g["param_names"]]
     assert "0.weight" in muon_names
+
+
+# ---- free parameters: role from how the forward pass uses them ------------------------------
+
+class Experts(nn.Module):
+    """Stacked expert weights (experts, in, out), owned by the module itself; `how` picks the
+    spelling of the batched product (all three reach aten.bmm)."""
+
+    def __init__(self, experts=4, d=16, hidden=32, how="einsum"):
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(experts, d, hidden) / d**0.5)
+        self.w_out = nn.Parameter(torch.randn(experts, hidden, d) / hidden**0.5)
+        self.how = how
+
+    def forward(self, x):  # (batch, tokens, d) -> same; every expert sees every token
+        if self.how == "einsum":
+            h = torch.einsum("btd,edh->beth", x, self.w_in).relu()
+            return torch.einsum("beth,ehd->btd", h, self.w_out)
+        if self.how == "bmm":
+            flat = x.reshape(1, -1, x.shape[-1]).expand(self.w_in.shape[0], -1, -1)
+            out = torch.bmm(torch.bmm(flat, self.w_in).relu(), self.w_out)
+            return out.sum(0).reshape(x.shape)
+        return ((x.unsqueeze(1) @ self.w_in).relu() @ self.w_out).sum(1)
+
+
+class FreeParams(nn.Module):
+    """A ViT-like front (cls token concatenated, position table added), learned queries fed to a
+    Linear, a layer-scale vector, stacked experts, an unused matrix, and a Linear head."""
+
+    def __init__(self, how="einsum"):
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 16))
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, 16))
+        self.queries = nn.Parameter(torch.randn(3, 16))
+        self.q_proj = nn.Linear(16, 16)
+        self.gamma = nn.Parameter(torch.ones(1, 1, 16))
+        self.experts = Experts(how=how)
+        self.unused = nn.Parameter(torch.randn(16, 16))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):  # (batch, 4, 8)
+        x = self.embed(x)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
+        x = x + self.q_proj(self.queries).mean(0)
+        x = x + self.gamma * self.experts(x)
+        return self.head(x.mean(1))
+
+
+FREE_INPUTS = (torch.randn(2, 4, 8),)
+
+
+@pytest.mark.parametrize("how", ["einsum", "bmm", "matmul"])
+def test_free_parameters_routed_by_their_use(how):
+    """Consumed only as a matrix-product operand -> Muon; added (pos_embed), concatenated
+    (cls_token), multiplied elementwise (gamma), fed to a layer (queries) or unused -> AdamW.
+    The experts are stored (experts, in, out): their view is experts matrices of out x in."""
+    model = FreeParams(how)
+    decisions = {d.name: d for d in muonkit.route(model, example_inputs=FREE_INPUTS)}
+    got = {n: d.optimizer for n, d in decisions.items()}
+    assert got["experts.w_in"] == got["experts.w_out"] == "muon"
+    for name in ("cls_token", "pos_embed", "queries", "gamma", "unused"):
+        assert got[name] == "adamw", name
+    assert "aten.add" in decisions["pos_embed"].reason
+    assert "aten.cat" in decisions["cls_token"].reason
+    assert "aten.mul" in decisions["gamma"].reason
+    assert "q_proj.weight" in decisions["queries"].reason
+    assert "not used" in decisions["unused"].reason
+    # the rules for known layers are unchanged by the free parameters around them
+    assert got["embed.weight"] == "adamw" and "input stem" in decisions["embed.weight"].reason
+    assert got["head.weight"] == "adamw" and "output layer" in decisions["head.weight"].reason
+    assert got["q_proj.weight"] == "muon"
+    for name, (experts, d_in, d_out) in {"experts.w_in": (4, 16, 32), "experts.w_out": (4, 32, 16)}.items():
+        layout = muonkit.layout.resolve(decisions[name].layout, 3)
+        assert muonkit.layout.matrix_shape(model.get_parameter(name).shape, layout) == (experts, d_out, d_in)
+
+
+def test_free_parameters_without_inputs_go_to_adamw_and_say_how():
+    decisions = {d.name: d for d in muonkit.route(FreeParams())}
+    for name in ("cls_token", "pos_embed", "queries", "gamma", "unused", "experts.w_in", "experts.w_out"):
+        d = decisions[name]
+        assert d.optimizer == "adamw", name
+        assert f"muon=['{name}']" in d.reason and "predicate" in d.reason and "example_inputs" in d.reason
+
+
+def test_free_parameter_with_a_matrix_use_and_an_elementwise_use_goes_to_adamw():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Linear(8, 8)
+            self.w = nn.Parameter(torch.randn(8, 8))
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.stem(x)
+            return self.head(h @ self.w + self.w.sum(0))
+
+    d = {d.name: d for d in muonkit.route(Mixed(), example_inputs=(torch.randn(3, 8),))}["w"]
+    assert d.optimizer == "adamw" and "aten.sum" in d.reason
+
+
+def test_free_parameters_take_part_in_stem_and_output_by_execution_order():
+    """A free matrix used first is the input stem, one used last is the output layer."""
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w_in = nn.Parameter(torch.randn(8, 16))  # x @ w_in: stored (in, out)
+            self.hidden = nn.Linear(16, 16)
+            self.w_out = nn.Parameter(torch.randn(4, 16))  # F.linear: stored (out, in)
+
+        def forward(self, x):
+            return nn.functional.linear(torch.relu(self.hidden(x @ self.w_in)), self.w_out)
+
+    decisions = {d.name: d for d in muonkit.route(Functional(), example_inputs=(torch.randn(3, 8),))}
+    assert decisions["w_in"].optimizer == "adamw" and "input stem" in decisions["w_in"].reason
+    assert decisions["w_out"].optimizer == "adamw" and "output layer" in decisions["w_out"].reason
+    assert decisions["hidden.weight"].optimizer == "muon"
+
+
+def test_free_conv_filter_gets_the_conv_view():
+    class CustomConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3)
+            self.filt = nn.Parameter(torch.randn(16, 8, 3, 3))
+            self.head = nn.Linear(16, 2)
+
+        def forward(self, x):
+            h = nn.functional.conv2d(self.stem(x), self.filt)
+            return self.head(h.mean((2, 3)))
+
+    d = {d.name: d for d in muonkit.route(CustomConv(), example_inputs=(torch.randn(1, 3, 9, 9),))}["filt"]
+    assert d.optimizer == "muon" and d.layout == "conv" and "16x72" in d.reason
+
+
+def test_example_inputs_as_keywords_and_a_bare_tensor_refused():
+    class Keywords(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Linear(8, 8)
+            self.w = nn.Parameter(torch.randn(8, 8))
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x, *, scale=1.0):
+            return self.head(self.stem(x) @ self.w * scale)
+
+    assert routing(Keywords(), example_inputs={"x": torch.randn(3, 8), "scale": 2.0})["w"] == "muon"
+    with pytest.raises(TypeError, match=r"example_inputs must be a tuple .* got Tensor"):
+        muonkit.route(Keywords(), example_inputs=torch.randn(3, 8))
+
+
+def test_route_keeps_each_modules_mode_and_no_grad():
+    model = FreeParams()
+    model.train()
+    model.q_proj.eval()
+    muonkit.route(model, example_inputs=FREE_INPUTS)
+    assert model.training and model.experts.training and not model.q_proj.training
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ---- a predicate that declares a layout -----------------------------------------------------
+
+def test_predicate_declares_a_layout():
+    """A Layout, or ("muon", layout), sends a parameter to Muon with that matrix view; the group
+    carries it and Muon accepts the groups as they are."""
+    model = FreeParams()
+    transposed = muonkit.Layout(rows=(2,), cols=(1,), batch=(0,))
+
+    def predicate(name, p, module):
+        if name == "experts.w_in":
+            return transposed
+        if name == "unused":
+            return ("muon", "conv")
+        return None
+
+    decisions = {d.name: d for d in muonkit.route(model, predicate=predicate)}
+    assert decisions["experts.w_in"].optimizer == "muon" and decisions["experts.w_in"].layout == transposed
+    assert "Layout(rows=(2,)" in decisions["experts.w_in"].reason
+    assert decisions["unused"].optimizer == "muon" and decisions["unused"].layout == "conv"
+    groups = muonkit.param_groups(model, predicate=predicate)
+    by_name = {n: g for g in groups for n in g["param_names"]}
+    assert by_name["experts.w_in"]["layout"] == transposed and by_name["unused"]["layout"] == "conv"
+    muonkit.Muon(groups)
+
+
+@pytest.mark.parametrize("result, words", [
+    (muonkit.Layout(rows=(0,), cols=(1,)), "must name every axis"),
+    (("muon", "diagonal"), "unknown layout"),
+    (("adamw", "conv"), "expected 'muon', 'adamw', a muonkit.Layout"),
+    ("sgd", "expected 'muon', 'adamw'"),
+])
+def test_predicate_with_a_bad_layout_names_the_parameter(result, words):
+    with pytest.raises(ValueError, match=words) as info:
+        muonkit.route(FreeParams(), predicate=lambda n, p, m: result if n == "experts.w_in" else None)
+    assert "experts.w_in" in str(info.value)
+
+
+# ---- weight decay ---------------------------------------------------------------------------
+
+class Listed(nn.Module):
+    """timm's no_weight_decay() convention, at the top and in a submodule, with a name, a
+    pattern and a module prefix."""
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.temperature = nn.Parameter(torch.ones(2, 1, 1))
+            self.qkv = nn.Linear(8, 24)
+
+        def no_weight_decay(self):
+            return {"temperature"}
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(8, 8)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 4, 8))
+        self.rel_bias_0 = nn.Parameter(torch.zeros(4, 4))
+        self.pos_block = nn.Linear(8, 8)
+        self.attn = Listed.Attention()
+        self.hidden = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def no_weight_decay(self):
+        return ["pos_embed", "rel_bias_*", "pos_block"]
+
+
+def test_decay_follows_rank_and_no_weight_decay():
+    decisions = {d.name: d for d in muonkit.route(Listed())}
+    expected_zero = {
+        "stem.bias": "1D", "pos_block.bias": "1D", "attn.qkv.bias": "1D", "hidden.bias": "1D", "head.bias": "1D",
+        "pos_embed": "model.no_weight_decay()", "rel_bias_0": "model.no_weight_decay()",
+        "pos_block.weight": "model.no_weight_decay()", "attn.temperature": "attn.no_weight_decay()",
+    }
+    assert {n: d.no_decay for n, d in decisions.items() if d.no_decay} == expected_zero
+    off = muonkit.route(Listed(), exclude_from_decay=False)
+    assert all(d.no_decay is None for d in off)
+
+
+def test_param_groups_keep_no_decay_at_zero_whatever_the_weight_decay():
+    """Decayed parameters shrink by (1 - lr * wd) in a step with zero gradients (Muon's and
+    AdamW's updates of a zero gradient are zero); the others do not move. Muon(weight_decay=),
+    adamw_weight_decay= and the options change the first kind only."""
+    torch.manual_seed(0)
+    model = Listed()
+    groups = muonkit.param_groups(model, muon=["pos_block.weight"], adamw_options={"weight_decay": 0.3})
+    zero = {d.name for d in muonkit.route(model) if d.no_decay}
+    opt = muonkit.Muon(groups, lr=0.1, weight_decay=0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    muon_names = {n for g in groups if g["use_muon"] for n in g["param_names"]}
+    assert "pos_block.weight" in muon_names and "pos_block.weight" in zero  # a Muon group without decay
+    for name, p in model.named_parameters():
+        wd = 0.0 if name in zero else 0.5 if name in muon_names else 0.3
+        torch.testing.assert_close(p.detach(), before[name] * (1 - 0.1 * wd), rtol=0, atol=0, msg=name)
+
+
+def test_explain_shows_each_parameters_decay():
+    text = muonkit.explain(Listed(), file=None)
+    rows = {line.split()[0]: line for line in text.splitlines()}
+    assert " default " in rows["hidden.weight"]
+    assert "0 (1D)" in rows["hidden.bias"]
+    assert "0 (model.no_weight_decay())" in rows["pos_embed"]
+    assert "0 (attn.no_weight_decay())" in rows["attn.temperature"]
+    assert "'default' is the weight_decay of the parameter's group" in text
+
+
+@pytest.mark.parametrize("listing, words", [
+    (lambda: "pos_embed", "must return a collection of names"),
+    (lambda: {1}, "expected parameter names"),
+])
+def test_bad_no_weight_decay_is_a_clear_error(listing, words):
+    model = Listed()
+    model.no_weight_decay = listing
+    with pytest.raises(TypeError, match=words):
+        muonkit.route(model)
+
+
+# ---- grouped convolutions and fused attention projections -----------------------------------
+
+def polar64(m):
+    u, _, vh = torch.linalg.svd(m.double(), full_matrices=False)
+    return u @ vh
+
+
+def test_grouped_convolutions_are_one_matrix_per_group():
+    """A conv with groups=g is g matrices (out/g) x (in/g*kernel); a ConvTranspose (stored
+    (in, out/g, *kernel)) is g matrices (out/g) x (in/g*kernel) cut along its in axis; a
+    depthwise conv is C matrices 1 x kernel -> AdamW. Oracle: one Muon step (exact polar factor,
+    "mup" scale sqrt(rows/cols), which tells rows from cols) against float64 per-group polar
+    factors written from those definitions."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 32, 3, groups=4), nn.ConvTranspose2d(32, 16, 3, groups=2),
+                          nn.Conv2d(16, 16, 3, groups=16), nn.Conv2d(16, 16, 1), nn.Linear(16, 2))
+    decisions = {d.name: d for d in muonkit.route(model)}
+    assert decisions["1.weight"].optimizer == decisions["2.weight"].optimizer == "muon"
+    assert decisions["1.weight"].layout == muonkit.Layout.per_block(4, 4)
+    assert "4 matrices 8x36" in decisions["1.weight"].reason
+    assert "2 matrices 8x144" in decisions["2.weight"].reason
+    assert decisions["3.weight"].optimizer == "adamw" and "16 matrices 1x9" in decisions["3.weight"].reason
+    assert decisions["4.weight"].optimizer == "muon" and decisions["4.weight"].layout == "conv"
+
+    groups = muonkit.param_groups(model, muon_options={"scale": "mup", "orthogonalizer": "svd"})
+    opt = muonkit.Muon(groups, lr=0.01, weight_decay=0.0)
+    conv, convt = model[1].weight, model[2].weight
+    grads = {p: torch.randn_like(p) for p in (conv, convt)}
+    before = {p: p.detach().clone() for p in grads}
+    for p, g in grads.items():
+        p.grad = g.clone()
+    opt.step()
+
+    expected = torch.empty_like(conv, dtype=torch.float64)
+    for j in range(4):  # out axis blocks of 8: rows 8, cols 4 * 3 * 3
+        block = grads[conv][8 * j:8 * j + 8].reshape(8, 36)
+        expected[8 * j:8 * j + 8] = (polar64(block) * (8 / 36) ** 0.5).reshape(8, 4, 3, 3)
+    torch.testing.assert_close((before[conv] - conv.detach()).double() / 0.01, expected, rtol=0, atol=1e-5)
+
+    expected = torch.empty_like(convt, dtype=torch.float64)
+    for j in range(2):  # in axis blocks of 16: rows out/g = 8, cols 16 * 3 * 3
+        block = grads[convt][16 * j:16 * j + 16].permute(1, 0, 2, 3).reshape(8, 144)
+        update = (polar64(block) * (8 / 144) ** 0.5).reshape(8, 16, 3, 3).permute(1, 0, 2, 3)
+        expected[16 * j:16 * j + 16] = update
+    torch.testing.assert_close((before[convt] - convt.detach()).double() / 0.01, expected, rtol=0, atol=1e-5)
+
+
+def test_free_grouped_convolution_is_read_from_the_call():
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3)
+            self.filt = nn.Parameter(torch.randn(16, 4, 3, 3))
+            self.head = nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.head(nn.functional.conv2d(self.stem(x), self.filt, groups=2).mean((2, 3)))
+
+    d = {d.name: d for d in muonkit.route(Grouped(), example_inputs=(torch.randn(1, 3, 9, 9),))}["filt"]
+    assert d.optimizer == "muon" and d.layout == muonkit.Layout.per_block(2, 4) and "2 matrices 8x36" in d.reason
+
+
+def test_multihead_attention_in_proj_is_q_k_and_v():
+    model = nn.Sequential(nn.Linear(8, 16), nn.MultiheadAttention(16, 2), nn.Linear(16, 2))
+    d = {d.name: d for d in muonkit.route(model)}["1.in_proj_weight"]
+    assert d.optimizer == "muon" and d.layout == muonkit.Layout.per_block(3)
+    assert muonkit.layout.matrix_shape((48, 16), d.layout) == (3, 16, 16)

@@ -81,7 +81,8 @@ def run_notebook(batches):
 
 
 def run_muonkit(batches):
-    """The notebook's explicit split (test_partition checks param_groups gives the same one)."""
+    """The notebook's explicit split, given as groups (muonkit.param_groups differs from it on the
+    depthwise filters: tests/test_partition.py, muonkit_split)."""
     model = make_model()
     muon_names, adamw_names = notebook_split(model)
     params = dict(model.named_parameters())

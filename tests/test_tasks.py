@@ -18,9 +18,11 @@ from muonkit.tasks.charlm import GPT
 from muonkit.tasks.cifar10 import CIFAR10
 from muonkit.tasks.data import (Shuffler, color_jitter, random_crop, random_erasing, random_flip, read_idx,
                                 stdlib_corpus)
-from muonkit.tasks.optimizers import OPTIMIZERS, SGDW, build_optimizers, state_bytes
+from muonkit.tasks.optimizers import BASE_OPTIMIZERS, OPTIMIZERS, SGDW, build_optimizers, lr_for, state_bytes
+from muonkit.tasks.base import batchnorm_statistics_from
 from muonkit.tasks.bench import best_lr
-from muonkit.tasks.report import memory_note, summarize, target_hit, write_json_atomic
+from muonkit.tasks.fashion_mnist import BN_IMAGES, ImageData
+from muonkit.tasks.report import memory_note, plot, summarize, target_hit, write_json_atomic
 from muonkit.tasks.training import PEAK_CPU_RSS, PEAK_CUDA, RunResult, peak_rss_since, start_peak_rss, train_run
 from muonkit.tasks.vision import Net
 
@@ -139,7 +141,25 @@ def test_build_optimizers_route_like_param_groups(name):
         assert {id(p) for p in optimizers[0].param_groups[0]["params"]} == muon_ids
         assert optimizers[1].param_groups[0]["lr"] == 0.001
     if name == "muon-kj":
-        assert [g["lr"] for g in optimizers[0].param_groups if not g["use_muon"]] == [0.001]
+        assert {g["lr"] for g in optimizers[0].param_groups if not g["use_muon"]} == {0.001}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_bench_optimizer_decays_the_same_parameters(name):
+    """The parameters muonkit.param_groups does not decay (0D/1D, no_weight_decay() names) get
+    weight decay 0 from every optimizer the bench compares; all others get the task's."""
+    model = GPT(vocab=11, context=8, width=16, depth=1, heads=2)
+    model.no_weight_decay = lambda: {"position.weight"}
+    names = {id(p): n for n, p in model.named_parameters()}
+    zero = {d.name for d in muonkit.route(model) if d.no_decay}
+    assert "position.weight" in zero and "norm.weight" in zero
+    optimizers, _ = build_optimizers(name, model, 0.01, adamw_lr=0.001, weight_decay=0.1, routing={})
+    decay = {}
+    for opt in optimizers:
+        for g in opt.param_groups:
+            wd = g["decoupled_weight_decay"] if isinstance(opt, SGDW) else g["weight_decay"]
+            decay.update({names[id(p)]: wd for p in g["params"]})
+    assert decay == {n: 0.0 if n in zero else 0.1 for n in names.values()}
 
 
 def test_torch_muon_sends_conv_filters_to_adamw_with_a_note():
@@ -233,8 +253,50 @@ def test_write_json_atomic(tmp_path):
 
 def test_every_task_has_lrs_and_grids_for_every_optimizer():
     for task in TASKS.values():
-        assert set(task.lrs) == set(OPTIMIZERS) == set(task.sweep_grid)
+        assert set(BASE_OPTIMIZERS) <= set(task.lrs) <= set(OPTIMIZERS)
+        assert set(BASE_OPTIMIZERS) <= set(task.sweep_grid) <= set(OPTIMIZERS)
         assert set(task.default_optimizers) <= set(OPTIMIZERS)
+        for name in OPTIMIZERS:
+            assert lr_for(name, task.lrs) == task.lrs.get(name, task.lrs[name.removesuffix("+cwd")])
+
+
+@pytest.mark.parametrize("name", ["muon", "normuon", "adamuon", "muon-kj"])
+@pytest.mark.parametrize("cautious", [False, True])
+def test_bench_muon_family_options(name, cautious):
+    model = GPT(vocab=11, context=8, width=16, depth=1, heads=2)
+    full = name + ("+cwd" if cautious else "")
+    (opt,), _ = build_optimizers(full, model, 0.01, adamw_lr=0.001, weight_decay=0.1, routing={})
+    assert isinstance(opt, muonkit.Muon)
+    muon_groups = [g for g in opt.param_groups if g["use_muon"]]
+    assert {g["variant"] for g in muon_groups} == {"muon" if name == "muon-kj" else name}
+    assert {g["cautious_weight_decay"] for g in opt.param_groups} == {cautious}
+
+
+def test_adamw_cwd_is_muonkit_adamw_with_cautious_decay_and_torch_adamw_without():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    (cwd,), _ = build_optimizers("adamw+cwd", model, 0.01, adamw_lr=0.01, weight_decay=0.1, routing={})
+    assert [g["use_muon"] for g in cwd.param_groups] == [False, False]  # decayed, and the 1D bias not
+    assert all(g["cautious_weight_decay"] for g in cwd.param_groups)
+    with pytest.raises(ValueError, match=r"unknown optimizer 'torch-muon\+cwd'"):
+        build_optimizers("torch-muon+cwd", model, 0.01, adamw_lr=0.01, weight_decay=0.1, routing={})
+
+
+def test_sgdw_cautious_decays_only_where_the_update_agrees():
+    """Reference: b <- mu b + g; u = g + mu b (Nesterov); p <- p - lr (u + wd p 1[u p >= 0])."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(6, 5))
+    lr, wd, mu = 0.1, 0.5, 0.9
+    opt = SGDW([p], lr=lr, momentum=mu, nesterov=True, weight_decay=wd, cautious=True)
+    expected, buf = p.detach().clone(), None
+    for _ in range(3):
+        g = torch.randn(6, 5)
+        p.grad = g.clone()
+        opt.step()
+        buf = g.clone() if buf is None else mu * buf + g
+        u = g + mu * buf
+        expected = expected - lr * (u + wd * expected * (u * expected >= 0))
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_state_bytes_counts_muon_one_buffer_adamw_two():
@@ -320,3 +382,107 @@ def test_best_lr():
     assert best_lr(ties, {"0.1": [0.4], "0.3": [0.6], "1": [0.5]}, by_steps=True, higher_is_better=False) == "0.1"
     assert best_lr({"0.1": [nan], "0.3": [1001.0]}, {"0.1": [nan], "0.3": [0.1]}, by_steps=True,
                    higher_is_better=True) == "0.3"
+
+
+def test_batchnorm_statistics_from_images():
+    """Inside the block a BatchNorm's running mean and (unbiased) variance are those of its input
+    over the images (float64 oracle, one batch); dropout stays off and no random number is drawn;
+    on exit the running averages, momentum and modes are as before."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5),
+                                torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.3))
+    model.eval()
+    images = torch.rand(16, 1, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    conv = model[0](images).double()
+    rng = torch.get_rng_state()
+    with batchnorm_statistics_from(model, images, batch_size=16):
+        bn = model[1]
+        torch.testing.assert_close(bn.running_mean.double(), conv.mean((0, 2, 3)), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(bn.running_var.double(), conv.var((0, 2, 3), unbiased=True), rtol=1e-5, atol=1e-7)
+        assert not any(m.training for m in model.modules())
+        first, second = model(images), model(images)
+        assert torch.equal(first, second)  # dropout off
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert model[5].momentum == 0.3 and not model.training
+
+
+def test_image_tasks_evaluate_with_statistics_of_the_current_weights():
+    """The running averages a model carries (here: garbage) do not change the accuracy, and the
+    evaluation leaves them as they were."""
+    task = get_task("fashion-mnist")
+    g = gen(0)
+    train = torch.randint(0, 256, (BN_IMAGES + 8, 1, 28, 28), dtype=torch.uint8, generator=g)
+    data = ImageData(train, torch.zeros(len(train), dtype=torch.long), torch.rand(40, 1, 28, 28, generator=g),
+                     torch.randint(0, 10, (40,), generator=g), Shuffler(len(train), 8))
+    torch.manual_seed(0)
+    model = Net(10, width=8, in_channels=1)
+    with torch.no_grad():
+        model[1].γ.fill_(1.0)  # let the residual branches, and their BatchNorms, matter
+    model.eval()
+    with torch.inference_mode():
+        clean = task.evaluate(model, data)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-3, 3)
+                m.running_var.uniform_(5, 10)
+        garbage = {k: v.clone() for k, v in model.state_dict().items()}
+        assert task.evaluate(model, data) == clean
+    assert all(torch.equal(v, garbage[k]) for k, v in model.state_dict().items())
+    assert "BatchNorm statistics recomputed" in task.evaluation
+
+
+@pytest.mark.parametrize("seeds, words, absent", [(1, "one seed", "band"), (3, "mean over 3 seeds, band = min..max", None)])
+def test_plot_title_names_a_band_only_when_there_is_one(seeds, words, absent, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    titles = []
+    original = matplotlib.figure.FigureBase.suptitle
+    monkeypatch.setattr(matplotlib.figure.FigureBase, "suptitle",
+                        lambda fig, text, **kw: titles.append(text) or original(fig, text, **kw))
+    task = get_task("regression")
+    runs = [RunResult("regression", "muon", 0.1, seed, 4, [], evals=[(2, 0.1, 0.5), (4, 0.2, 0.3)])
+            for seed in range(seeds)]
+    plot(task, {"muon": runs}, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert len(titles) == 1 and words in titles[0]
+    assert absent is None or absent not in titles[0]
+
+
+def test_steps_to_adamw_final_and_ratio():
+    """Each optimizer's steps to reach AdamW's mean final metric, and the median as a multiple of
+    AdamW's own steps to it; a seed that never reaches it makes the ratio undefined."""
+    task = get_task("regression")  # lower is better
+
+    def run(name, seed, values):
+        return RunResult("regression", name, 0.1, seed, 4, [], evals=[(s + 1, 0.1 * s, v) for s, v in enumerate(values)])
+
+    runs = {"adamw": [run("adamw", 0, [0.5, 0.3, 0.2, 0.1]), run("adamw", 1, [0.5, 0.3, 0.2, 0.1])],
+            "muon": [run("muon", 0, [0.3, 0.1, 0.05, 0.01]), run("muon", 1, [0.2, 0.09, 0.05, 0.01])],
+            "sgd": [run("sgd", 0, [0.5, 0.4, 0.3, 0.2]), run("sgd", 1, [0.5, 0.4, 0.3, 0.05])]}
+    summaries = {name: {"final": [r.evals[-1][2] for r in rs]} for name, rs in runs.items()}
+    from muonkit.tasks.report import add_steps_to_reference
+    add_steps_to_reference(task, runs, summaries)
+    assert summaries["adamw"]["steps_to_reference"] == [4, 4] and summaries["adamw"]["reference_step_ratio"] == 1.0
+    assert summaries["muon"]["steps_to_reference"] == [2, 2] and summaries["muon"]["reference_step_ratio"] == 0.5
+    assert summaries["sgd"]["steps_to_reference"] == [None, 4] and summaries["sgd"]["reference_step_ratio"] is None
+
+
+def test_per_head_routing_reads_each_qkv_weight_per_head():
+    from muonkit.tasks.charlm import per_head_routing
+    model = GPT(vocab=11, context=8, width=16, depth=2, heads=2)
+    decisions = {d.name: d for d in muonkit.route(model, **per_head_routing(model))}
+    qkv = decisions["blocks.1.qkv.weight"]
+    assert qkv.optimizer == "muon" and qkv.layout == muonkit.Layout.per_block(6)
+    assert "6 matrices 8x16" in qkv.reason
+    assert decisions["blocks.1.proj.weight"].layout != qkv.layout
+    with pytest.raises(TaskError, match="--per-head needs attention blocks"):
+        per_head_routing(torch.nn.Linear(3, 3))
+
+
+def test_per_head_flag_needs_a_task_with_attention(capsys):
+    from muonkit.cli import main
+    assert main(["bench", "regression", "--per-head", "--steps", "1"]) == 2
+    assert "--per-head needs a task with attention (charlm, modular), not regression" in capsys.readouterr().err

@@ -1,9 +1,11 @@
 """muonkit: the Muon optimizer toolkit for PyTorch."""
 
+from .integrations import MuonFactory
 from .layout import Layout
 from .optimizer import Muon
 from .orthogonalize import ORTHOGONALIZERS, orthogonalize
 from .partition import Decision, explain, param_groups, route
+from .qkclip import QKClip, attention_max_logits
 from .scaling import SCALES, update_scale
 
 __version__ = "0.1.0"
@@ -12,9 +14,12 @@ __all__ = [
     "Decision",
     "Layout",
     "Muon",
+    "MuonFactory",
     "ORTHOGONALIZERS",
+    "QKClip",
     "SCALES",
     "__version__",
+    "attention_max_logits",
     "explain",
     "orthogonalize",
     "param_groups",

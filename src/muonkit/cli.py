@@ -1,9 +1,10 @@
 """The `muonkit` command: argument parsing and printing only; the work lives in muonkit.tasks.
 
-    muonkit bench [TASK] [--optimizers muon,adamw,...] [--steps N | --epochs N] [--seeds K]
+    muonkit bench [TASK] [--optimizers muon,adamw,...] [--steps N | --epochs N] [--seeds K] [--eval-every N]
                   [--lr OPT=VALUE ...] [--lr-sweep] [--data-dir DIR] [--text FILE]
+                  [--qk-clip TAU] [--per-head] [--tensorboard DIR]
                   [--device cpu|cuda] [--out DIR] [--threads N] [--quiet]
-    muonkit explain TASK [--data-dir DIR] [--text FILE]
+    muonkit explain TASK [--data-dir DIR] [--text FILE] [--per-head]
     muonkit ns [--size ROWSxCOLS] [--seed S] [--repeats N] [--out DIR]
 
 Bad input prints one line naming the problem and the fix to stderr and returns 2.
@@ -23,7 +24,8 @@ import torch
 
 import muonkit
 from muonkit.tasks import TASKS, DataOptions, Task, TaskError, get_task
-from muonkit.tasks.optimizers import OPTIMIZERS
+from muonkit.tasks.charlm import per_head_routing
+from muonkit.tasks.optimizers import OPTIMIZERS, base_name, lr_for
 
 DATA_DIR_TASKS = ("fashion-mnist", "cifar10")
 
@@ -44,6 +46,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _tau(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if math.isnan(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number (or inf), got {text!r}")
     return value
 
 
@@ -72,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--steps", type=_positive_int, help="training steps per run (default: the task's)")
     budget.add_argument("--epochs", type=_positive_int, help="training epochs per run")
     bench.add_argument("--seeds", type=_positive_int, default=1, help="runs per optimizer, seeds 0..K-1 (default 1)")
+    bench.add_argument("--eval-every", type=_positive_int, metavar="N",
+                       help="evaluate every N steps (default: the task's; finer steps-to-target counts cost evaluations)")
     bench.add_argument("--lr", nargs="+", action="extend", default=[], metavar="OPT=VALUE",
                        help="override an optimizer's learning rate, e.g. --lr muon=0.02 adamw=1e-3; with "
                             "--lr-sweep, the lrs to try instead of the task's grid (repeat OPT for several)")
@@ -81,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--data-dir", type=Path, help="data directory (fashion-mnist: IDX files; cifar10: "
                                                      "cifar-10-batches-py)")
     bench.add_argument("--text", type=Path, help="charlm: a UTF-8 text file (default: the standard library's source)")
+    bench.add_argument("--qk-clip", type=_tau, metavar="TAU",
+                       help="QK-Clip (Kimi K2) for tasks with attention (charlm, modular): after each step, "
+                            "shrink the query and key rows of every head whose largest attention logit exceeded "
+                            "TAU (Kimi K2 used 100); 'inf' only records the logits. The table gains a max-logit column")
+    bench.add_argument("--per-head", action="store_true",
+                       help="tasks with attention (charlm, modular): read each fused qkv weight as one matrix per "
+                            "head (3 x heads matrices of head_dim x width) for Muon's orthogonalization and scale")
+    bench.add_argument("--tensorboard", type=Path, metavar="DIR",
+                       help="also write TensorBoard event files, one sub-directory per run (task, optimizer, lr, "
+                            "seed): loss, metric, lr, update RMS per parameter, and for muonkit optimizers their "
+                            "statistics (orthogonality error, ...); needs the tensorboard package")
     bench.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     bench.add_argument("--out", type=Path, help="output directory (default ./muonkit-runs/<task>-<time>)")
     bench.add_argument("--threads", type=_positive_int,
@@ -92,10 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("task", help=f"one of: {', '.join(TASKS)}")
     explain.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     explain.add_argument("--text", type=Path, help="charlm: the corpus that sets the vocabulary size")
+    explain.add_argument("--per-head", action="store_true", help="as `muonkit bench --per-head`: qkv weights per head")
     explain.set_defaults(func=_explain)
 
     ns = commands.add_parser("ns", help="compare the orthogonalizers with the exact SVD polar factor")
-    ns.add_argument("--size", default="128x512", help="ROWSxCOLS of the test matrices (default 128x512)")
+    ns.add_argument("--size", default="128x512", help="ROWSxCOLS of the test matrices (default 128x512); a size "
+                                                    "whose run would not fit in the available memory is refused")
     ns.add_argument("--seed", type=int, default=0)
     ns.add_argument("--repeats", type=_positive_int, default=5, help="timing repeats; the median is shown")
     ns.add_argument("--out", type=Path, help="output directory (default ./muonkit-runs/ns-<time>)")
@@ -145,13 +172,13 @@ def _device(name: str | None) -> torch.device:
 
 
 # Optimizers whose non-matrix parameters train with AdamW at the task's adamw lr, which --lr adamw=...
-# sets; `muon` keeps one lr for both kinds of group (the "moonlight" scale).
+# sets; `muon` and its variants keep one lr for both kinds of group (the "moonlight" scale).
 _USES_ADAMW_LR = ("muon-kj", "torch-muon")
 
 
 def _check_lr_names(pairs: list[tuple[str, float]], optimizers: tuple[str, ...]) -> None:
     for name, _ in pairs:
-        if name in optimizers or (name == "adamw" and any(o in optimizers for o in _USES_ADAMW_LR)):
+        if name in optimizers or (name == "adamw" and any(base_name(o) in _USES_ADAMW_LR for o in optimizers)):
             continue
         raise UsageError(f"--lr {name}=... is for an optimizer this run does not use "
                          f"(--optimizers {','.join(optimizers)}); add {name} to --optimizers or drop it")
@@ -165,6 +192,12 @@ def _data_options(args: argparse.Namespace, task_name: str) -> DataOptions:
     return DataOptions(data_dir=args.data_dir, text=args.text)
 
 
+def _check_attention(task: Task, flag: str, used: bool) -> None:
+    if used and not task.supports_qk_clip:
+        supported = ", ".join(name for name, t in TASKS.items() if t.supports_qk_clip)
+        raise UsageError(f"{flag} needs a task with attention ({supported}), not {task.name}; drop it")
+
+
 def _bench(args: argparse.Namespace) -> int:
     from muonkit.tasks.bench import auto_threads
 
@@ -174,10 +207,20 @@ def _bench(args: argparse.Namespace) -> int:
     _check_lr_names(pairs, optimizers)
     # A run uses the last lr given for an optimizer; a sweep tries every lr given for it instead of
     # the task's grid.
-    lrs = {**task.lrs, **dict(pairs)}
-    grid = {**task.sweep_grid, **{n: tuple(lr for m, lr in pairs if m == n) for n, _ in pairs}}
+    lrs = {**{n: lr_for(n, task.lrs) for n in OPTIMIZERS}, **dict(pairs)}
+    grid = {**{n: lr_for(n, task.sweep_grid) for n in OPTIMIZERS},
+            **{n: tuple(lr for m, lr in pairs if m == n) for n, _ in pairs}}
     device = _device(args.device)
     options = _data_options(args, task.name)
+    for flag, used in (("--qk-clip", args.qk_clip is not None), ("--per-head", args.per_head)):
+        _check_attention(task, flag, used)
+    if args.tensorboard is not None:
+        from muonkit.diagnostics import require_tensorboard
+
+        try:
+            require_tensorboard()
+        except ImportError as e:
+            raise UsageError(f"--tensorboard: {e}") from None
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or auto_threads())
@@ -191,19 +234,23 @@ def _bench(args: argparse.Namespace) -> int:
 def _run_bench(args: argparse.Namespace, task: Task, optimizers: tuple[str, ...], lrs: dict[str, float],
                grid: dict[str, tuple[float, ...]], device: torch.device, options: DataOptions) -> int:
     from muonkit.tasks.bench import BenchConfig, run_bench, run_sweep
-    from muonkit.tasks.report import memory_note, prepare_out_dir
+    from muonkit.tasks.report import memory_note, prepare_out_dir, writable_dir
 
     out = args.out or _default_out(task.name + ("-sweep" if args.lr_sweep else ""))
     started = time.perf_counter()
     data = task.load(options, device)
     prepare_out_dir(out)
+    if args.tensorboard is not None:
+        writable_dir(args.tensorboard, "TensorBoard", "--tensorboard")
     if args.steps:
         steps = args.steps
     elif args.epochs:
         steps = args.epochs * task.steps_per_epoch(data)
     else:
         steps = task.sweep_steps if args.lr_sweep else task.default_steps
-    config = BenchConfig(task, optimizers, lrs, grid, args.seeds, steps, device, out, progress=not args.quiet)
+    config = BenchConfig(task, optimizers, lrs, grid, args.seeds, steps, device, out, progress=not args.quiet,
+                         eval_every=args.eval_every, qk_clip=args.qk_clip, tensorboard=args.tensorboard,
+                         per_head=args.per_head)
     what = "lr sweep" if args.lr_sweep else "bench"
     _log(f"muonkit {what} {task.name}: {', '.join(optimizers)}; {args.seeds} seed(s) x {steps} steps on {device}; "
          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -213,31 +260,50 @@ def _run_bench(args: argparse.Namespace, task: Task, optimizers: tuple[str, ...]
     else:
         table, payload = run_bench(config, data, _log)
         table += "\n\n" + memory_note(payload["summary"])
+        if args.qk_clip is not None:
+            table += (f" QK-Clip tau {args.qk_clip:g}: `max logit` is the largest pre-softmax attention logit of any "
+                      "head in a training forward pass (before that step's clip), largest over seeds.")
         written = [out / "results.json", out / "curves.png"]
     print(table)
+    if args.tensorboard is not None:
+        written.append(args.tensorboard)
     print(f"total {time.perf_counter() - started:.1f} s; wrote {', '.join(map(str, written))}")
     return 0
 
 
 def _explain(args: argparse.Namespace) -> int:
     task = get_task(args.task)
+    _check_attention(task, "--per-head", args.per_head)
     model = task.explain_model(_data_options(args, task.name))
-    muonkit.explain(model, file=sys.stdout, **task.routing)
+    routing = {**task.routing, **per_head_routing(model)} if args.per_head else task.routing
+    muonkit.explain(model, file=sys.stdout, **routing)
     return 0
 
 
 def _ns(args: argparse.Namespace) -> int:
     from muonkit.tasks.bench import environment
-    from muonkit.tasks.nscompare import compare, format_table, plot_spectra
+    from muonkit.tasks.nscompare import compare, format_table, memory_available, memory_needed, plot_spectra
     from muonkit.tasks.report import prepare_out_dir, write_json_atomic
 
-    rows, sep, cols = args.size.lower().partition("x")
-    if not (sep and rows.isdigit() and cols.isdigit() and int(rows) >= 2 and int(cols) >= 2):
+    text_rows, sep, text_cols = args.size.lower().partition("x")
+    if not (sep and text_rows.isdigit() and text_cols.isdigit() and int(text_rows) >= 2 and int(text_cols) >= 2):
         raise UsageError(f"bad --size {args.size!r}; write ROWSxCOLS with both at least 2, e.g. 256x1024")
+    rows, cols = int(text_rows), int(text_cols)
+    too_big = f"--size {rows}x{cols} is too large for this machine's memory"
+    needed, available = memory_needed(rows, cols), memory_available()
+    if available is not None and needed > available:
+        raise UsageError(f"{too_big} (needs about {needed / 2**30:,.1f} GiB, {available / 2**30:,.1f} GiB "
+                         "available); try a smaller size, e.g. 256x1024")
     out = args.out or _default_out("ns")
     prepare_out_dir(out)
     env = environment(torch.device("cpu"))
-    results = compare(int(rows), int(cols), seed=args.seed, repeats=args.repeats)
+    try:
+        results = compare(rows, cols, seed=args.seed, repeats=args.repeats)
+    except (MemoryError, RuntimeError) as err:
+        # torch's CPU allocator reports a failed allocation as a RuntimeError ("can't allocate memory").
+        if not isinstance(err, MemoryError) and "allocate" not in str(err):
+            raise
+        raise UsageError(f"{too_big}: an allocation failed; try a smaller size, e.g. 256x1024") from None
     results["environment"] = env
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     plot_spectra(results, out / "ns_spectra.png")

@@ -414,16 +414,41 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load a checkpoint written by `save_checkpoint` (on any number of ranks) into `model` and
-    `optimizer`, resharding as needed; raises ValueError if it was written for a different model."""
+    `optimizer`, resharding as needed.
+
+    All or nothing: the checkpoint is read into copies of the model's and the optimizer's tensors
+    (so a load needs that much extra memory for a moment) and applied only once every read has
+    succeeded. Raises ValueError if it was written for a different model, RuntimeError naming the
+    path if it cannot be read (a missing, truncated or corrupted file); in both cases `model` and
+    `optimizer` are left as they were.
+    """
     from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.utils._pytree import tree_map_only
 
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    _check_checkpoint(path, state)
-    with _one_process_ok():
-        dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    # get_state_dict returns the live tensors, and dcp.load reads into the tensors it is given.
+    staging = tree_map_only(Tensor, lambda t: t.detach().clone(), {"model": model_state, "optim": optim_state})
+    _check_checkpoint(path, staging)
+    try:
+        with _one_process_ok():
+            dcp.load(staging, checkpoint_id=path, no_dist=_no_dist())
+    except CheckpointException as err:
+        # A BaseException that `except Exception` would let through; every rank raises it.
+        raise RuntimeError(
+            f"cannot read checkpoint {os.fspath(path)!r}: {_first_failure(err)}; the model and optimizer "
+            "are unchanged"
+        ) from err
+    set_state_dict(model, optimizer, model_state_dict=staging["model"], optim_state_dict=staging["optim"])
+
+
+def _first_failure(err: Any) -> str:
+    """One line for a CheckpointException: the first failing rank's exception."""
+    for rank, (exc, _) in sorted(err.failures.items()):
+        first = str(exc).strip().splitlines()
+        return f"{type(exc).__name__} on rank {rank}: {first[0] if first else ''}"
+    return str(err).strip().splitlines()[0]
 
 
 def _no_dist() -> bool:
@@ -447,6 +472,8 @@ def _check_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         metadata = dcp.FileSystemReader(path).read_metadata()
     except FileNotFoundError:
         raise FileNotFoundError(f"no checkpoint at {os.fspath(path)!r} (expected a save_checkpoint directory)") from None
+    except Exception as err:
+        raise RuntimeError(f"cannot read the metadata of checkpoint {os.fspath(path)!r}: {err}") from err
     saved = {
         key: tuple(md.size) for key, md in metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)
     }

@@ -18,6 +18,7 @@ group's directions exist (a user's orthogonalizer or the SVD can raise; collecti
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -213,15 +214,18 @@ class Directions:
 
 def _lookahead(grad: Tensor, buffer: Tensor, *, momentum: float, nesterov: bool, sign: bool, out: Tensor | None = None) -> Tensor:
     """U = lerp(G, M, momentum) if nesterov else M, from the already-updated buffer M; sign(U) for AdaMuon."""
+    # Writing into `out` saves a temporary in eager mode; under torch.compile, which cannot trace
+    # out= into a strided view, the copy below is fused instead.
+    direct = out is not None and not torch.compiler.is_compiling()
     if nesterov:
-        if out is not None and grad.dtype == buffer.dtype == out.dtype:
+        if direct and grad.dtype == buffer.dtype == out.dtype:
             u = torch.lerp(grad, buffer, momentum, out=out)
         else:
             u = torch.lerp(grad.to(buffer.dtype), buffer, momentum)
     else:
         u = buffer
     if sign:
-        u = torch.sign(u, out=out) if out is not None and u.dtype == out.dtype else torch.sign(u)
+        u = torch.sign(u, out=out) if direct and u.dtype == out.dtype else torch.sign(u)
     if out is not None and u is not out:
         out.copy_(u)
         return out
@@ -290,13 +294,15 @@ def apply_muon_(
     cautious_weight_decay: bool = False,
     second_moments: Sequence[Tensor | None] | None = None,
     shapes: Sequence[torch.Size] | None = None,
+    rounding_seeds: Sequence[int | None] | None = None,
     stats: Sequence[Stats] | None = None,
 ) -> None:
     """The second half of a Muon step: buffers take their new values, then decay and the update.
 
     M <- lerp(M, G, 1 - momentum) in place (the same bits `muon_directions` computed out of place),
     v <- its new value, and per matrix W <- W - lr (lambda D(W) + scale(rows, cols) H) with
-    D(W) = W, or W * 1[H * W >= 0] for cautious weight decay.
+    D(W) = W, or W * 1[H * W >= 0] for cautious weight decay (see `write_updates_` for how a
+    low-precision parameter is written).
     """
     if not params:
         return
@@ -305,16 +311,81 @@ def apply_muon_(
     for v, new in zip(second_moments or [], directions.second_moments):
         if v is not None and new is not None:
             v.copy_(new)
-    if weight_decay != 0.0 and not cautious_weight_decay:
-        torch._foreach_mul_(list(params), 1.0 - lr * weight_decay)
-    for i, (p, h, layout, shape) in enumerate(zip(params, directions.updates, layouts, shapes)):
-        _, rows, cols = matrix_shape(shape, layout)
-        factor = update_scale(scale, rows, cols, rms)
+    factors = [update_scale(scale, *matrix_shape(shape, layout)[1:], rms) for shape, layout in zip(shapes, layouts)]
+    write_updates_(
+        params, directions.updates, factors, [m.dtype for m in momentum_buffers], lr=lr, weight_decay=weight_decay,
+        cautious_weight_decay=cautious_weight_decay, rounding_seeds=rounding_seeds,
+    )
+    if stats is not None:
+        for s, h, factor in zip(stats, directions.updates, factors):
+            s["update_rms"] = _rms(h) * factor
+
+
+def write_updates_(
+    params: Sequence[Tensor],
+    updates: Sequence[Tensor],
+    factors: Sequence[float],
+    compute_dtypes: Sequence[torch.dtype],
+    *,
+    lr: float,
+    weight_decay: float,
+    cautious_weight_decay: bool,
+    rounding_seeds: Sequence[int | None] | None = None,
+) -> None:
+    """W <- W - lr (weight_decay D(W) + factor H), D(W) = W or W 1[H W >= 0] (cautious).
+
+    A parameter whose compute dtype (its state's) is its own dtype, and that has no rounding seed,
+    is updated in place in its dtype (torch.optim's arithmetic). Any other is computed in its
+    compute dtype from a widened copy and written back once: round-to-nearest, or, with a
+    rounding seed, stochastically rounded (`stochastic_round`), so that updates smaller than
+    half a bf16 ulp still move it on average.
+    """
+    seeds = list(rounding_seeds) if rounding_seeds is not None else [None] * len(params)
+    direct, wide = [], []
+    for i, p in enumerate(params):
+        (direct if p.dtype == compute_dtypes[i] and seeds[i] is None else wide).append(i)
+    if weight_decay != 0.0 and not cautious_weight_decay and direct:
+        torch._foreach_mul_([params[i] for i in direct], 1.0 - lr * weight_decay)
+    grouped: dict[float, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
+    for i in direct:
         if weight_decay != 0.0 and cautious_weight_decay:
-            _cautious_decay_(p, h, lr * weight_decay)
-        p.add_(h.to(p.dtype), alpha=-lr * factor)
-        if stats is not None:
-            stats[i]["update_rms"] = _rms(h) * factor
+            _cautious_decay_(params[i], updates[i], lr * weight_decay)
+        targets, values = grouped[-lr * factors[i]]
+        targets.append(params[i])
+        values.append(updates[i].to(params[i].dtype))
+    for alpha, (targets, values) in grouped.items():
+        torch._foreach_add_(targets, values, alpha=alpha)
+    for i in wide:
+        p = params[i]
+        dtype = torch.promote_types(compute_dtypes[i], torch.float32)
+        w = p.to(dtype)
+        if weight_decay != 0.0:
+            if cautious_weight_decay:
+                _cautious_decay_(w, updates[i], lr * weight_decay)
+            else:
+                w.mul_(1.0 - lr * weight_decay)
+        w.add_(updates[i].to(dtype), alpha=-lr * factors[i])
+        p.copy_(w if seeds[i] is None else stochastic_round(w, p.dtype, seeds[i]))
+
+
+def stochastic_round(x: Tensor, dtype: torch.dtype, seed: int) -> Tensor:
+    """x rounded to `dtype` up or down at random, so that E[result] = x: the neighbour on x's
+    side of round-to-nearest is taken with probability (distance to nearest) / (gap between them).
+
+    The random numbers come from a generator seeded with `seed` on x's device (the global RNG is
+    left alone, and every process of a data-parallel job rounds alike).
+
+    References:
+        Gupta et al., "Deep Learning with Limited Numerical Precision", ICML 2015.
+        Zamirai et al., "Revisiting BFloat16 Training", arXiv:2010.06192.
+    """
+    nearest = x.to(dtype)
+    gap = x - nearest.to(x.dtype)
+    toward = torch.nextafter(nearest, torch.where(gap > 0, math.inf, -math.inf).to(dtype))
+    width = toward.to(x.dtype) - nearest.to(x.dtype)
+    chance = torch.where(width != 0, gap / width, 0.0)
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    return torch.where(torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) < chance, toward, nearest)
 
 
 def _cautious_decay_(p: Tensor, update: Tensor, amount: float) -> None:
@@ -344,6 +415,7 @@ def muon(
     cautious_weight_decay: bool = False,
     update_many: UpdateMany | None = None,
     shapes: Sequence[torch.Size] | None = None,
+    rounding_seeds: Sequence[int | None] | None = None,
     stats: Sequence[Stats] | None = None,
     orthogonality: bool = False,
 ) -> None:
@@ -363,6 +435,8 @@ def muon(
             splits the work across ranks.
         shapes: the full shape of each parameter when `params` are local slices of sharded ones
             (FSDP2); the scale is computed from the full matrix view. None means params' shapes.
+        rounding_seeds: per parameter, None (round to nearest) or the seed of its stochastic
+            rounding this step (see `write_updates_`).
         stats: one dict per parameter to receive 0-d tensors "grad_rms", "momentum_rms",
             "update_rms" and, with `orthogonality`, "orthogonality_error",
             "singular_min", "singular_max"; "second_moment_min"/"_max" for NorMuon/AdaMuon.
@@ -378,7 +452,8 @@ def muon(
             params, grads, momentum_buffers, second_moments, layouts, shapes or [p.shape for p in params],
             lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, scale=scale, rms=rms,
             orthogonalizer=orthogonalizer, ns_steps=ns_steps, ns_dtype=ns_dtype, variant=variant, beta2=beta2,  # type: ignore[arg-type]
-            eps=variant_eps, cautious_weight_decay=cautious_weight_decay, stats=stats, orthogonality=orthogonality,
+            eps=variant_eps, cautious_weight_decay=cautious_weight_decay, rounding_seeds=rounding_seeds, stats=stats,
+            orthogonality=orthogonality,
         )
         return
     if update_many is None:
@@ -392,7 +467,7 @@ def muon(
     apply_muon_(
         params, grads, momentum_buffers, layouts, directions, lr=lr, momentum=momentum, weight_decay=weight_decay,
         scale=scale, rms=rms, cautious_weight_decay=cautious_weight_decay, second_moments=second_moments,
-        shapes=shapes, stats=stats,
+        shapes=shapes, rounding_seeds=rounding_seeds, stats=stats,
     )
     if stats is not None:
         for s, v in zip(stats, second_moments):
@@ -421,6 +496,7 @@ def _fused_muon_(
     beta2: float,
     eps: float,
     cautious_weight_decay: bool,
+    rounding_seeds: Sequence[int | None] | None,
     stats: Sequence[Stats] | None,
     orthogonality: bool,
 ) -> None:
@@ -431,8 +507,7 @@ def _fused_muon_(
     """
     grads = _as_buffer_dtype(grads, momentum_buffers)
     torch._foreach_lerp_(list(momentum_buffers), grads, 1.0 - momentum)
-    if weight_decay != 0.0 and not cautious_weight_decay:
-        torch._foreach_mul_(list(params), 1.0 - lr * weight_decay)
+    seeds = list(rounding_seeds) if rounding_seeds is not None else [None] * len(params)
     views = [matrix_shape(p.shape, layout) for p, layout in zip(params, layouts)]
     keys = [(rows, cols, working_dtype(p, ns_dtype), p.device) for p, (_, rows, cols) in zip(params, views)]
     for run in _stacks(keys, [p.numel() for p in params], [rows * cols for _, rows, cols in views]):
@@ -444,7 +519,7 @@ def _fused_muon_(
                        momentum=momentum, nesterov=nesterov, sign=variant == "adamuon", out=part)
         inputs = X.clone() if stats is not None and orthogonality else None
         ortho = orthogonalize_(X, orthogonalizer, ns_steps)  # type: ignore[arg-type]
-        updates: dict[float, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
+        updates, factors = [], []
         for k, (i, o) in enumerate(zip(run, ortho.split(sizes))):
             if variant != "muon":
                 v = second_moments[i]
@@ -452,23 +527,20 @@ def _fused_muon_(
                 v.copy_(from_matrices(new_v, layouts[i], v.shape))  # type: ignore[union-attr]
             else:
                 h = o
-            _, r, c = matrix_shape(shapes[i], layouts[i])
-            factor = update_scale(scale, r, c, rms)
-            update = from_matrices(h, layouts[i], params[i].shape)
-            if weight_decay != 0.0 and cautious_weight_decay:
-                _cautious_decay_(params[i], update, lr * weight_decay)
-            targets, values = updates[-lr * factor]
-            targets.append(params[i])
-            values.append(update.to(params[i].dtype))
+            updates.append(from_matrices(h, layouts[i], params[i].shape))
+            factors.append(update_scale(scale, *matrix_shape(shapes[i], layouts[i])[1:], rms))
             if stats is not None:
                 _record_inputs(stats[i], grads[i], momentum_buffers[i])
-                stats[i]["update_rms"] = _rms(h) * factor
+                stats[i]["update_rms"] = _rms(h) * factors[-1]
                 if inputs is not None:
                     _record_orthogonality(stats[i], inputs.split(sizes)[k], o)
                 if second_moments[i] is not None:
                     _record_second_moment(stats[i], second_moments[i])  # type: ignore[arg-type]
-        for alpha, (targets, values) in updates.items():
-            torch._foreach_add_(targets, values, alpha=alpha)
+        write_updates_(
+            [params[i] for i in run], updates, factors, [momentum_buffers[i].dtype for i in run], lr=lr,
+            weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay,
+            rounding_seeds=[seeds[i] for i in run],
+        )
 
 
 # ---------------------------------------------------------------------------------- statistics
@@ -517,6 +589,7 @@ def adamw(
     eps: float,
     weight_decay: float,
     cautious_weight_decay: bool = False,
+    rounding_seeds: Sequence[int | None] | None = None,
     stats: Sequence[Stats] | None = None,
 ) -> None:
     """One AdamW step (decoupled weight decay), by the same functional torch.optim.AdamW calls,
@@ -525,9 +598,20 @@ def adamw(
     With `cautious_weight_decay`, the decay applies only where it agrees with AdamW's update
     u = m_hat / (sqrt(v_hat) + eps): W <- W - lr (u + lambda W 1[u W >= 0]). The sign of u is the
     sign of the new first moment, which is all the mask needs.
+
+    A parameter whose moments are kept in a wider dtype than its own, or that has a rounding seed,
+    is stepped as a widened copy and written back once (round-to-nearest, or stochastically
+    rounded with its seed; see `write_updates_`).
     """
     if not params:
         return
+    seeds = list(rounding_seeds) if rounding_seeds is not None else [None] * len(params)
+    widened = [i for i, (p, m) in enumerate(zip(params, exp_avgs)) if p.dtype != m.dtype or seeds[i] is not None]
+    params, exp_avgs, exp_avg_sqs = list(params), list(exp_avgs), list(exp_avg_sqs)
+    originals = {i: (params[i], exp_avgs[i], exp_avg_sqs[i]) for i in widened}
+    for i in widened:
+        dtype = torch.promote_types(exp_avgs[i].dtype, torch.float32)
+        params[i], exp_avgs[i], exp_avg_sqs[i] = params[i].to(dtype), exp_avgs[i].to(dtype), exp_avg_sqs[i].to(dtype)
     grads = [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params)]
     if cautious_weight_decay and weight_decay != 0.0:
         for p, g, m in zip(params, grads, exp_avgs):
@@ -556,6 +640,11 @@ def adamw(
         eps=eps,
         maximize=False,
     )
+    for i in widened:
+        target, exp_avg, exp_avg_sq = originals[i]
+        target.copy_(params[i] if seeds[i] is None else stochastic_round(params[i], target.dtype, seeds[i]))
+        exp_avg.copy_(exp_avgs[i])
+        exp_avg_sq.copy_(exp_avg_sqs[i])
     if stats is not None:
         for s, g, m, v, step in zip(stats, grads, exp_avgs, exp_avg_sqs, steps):
             _record_inputs(s, g, m)

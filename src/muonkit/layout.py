@@ -143,8 +143,9 @@ def matrix_shape(shape: torch.Size | tuple[int, ...], layout: Layout) -> tuple[i
     """(number of matrices, rows, cols) of a tensor of `shape` read through `layout`."""
     ndim = len(shape)
     counts = {axis % ndim: count for axis, count in layout.blocks}
-    size = lambda axes: math.prod(shape[a] // counts.get(a % ndim, 1) for a in axes)  # noqa: E731
-    return size(layout.batch) * math.prod(counts.values()), size(layout.rows), size(layout.cols)
+    # Lists, not generators, inside math.prod: torch.compile traces a list without a graph break.
+    size = lambda axes: math.prod([shape[a] // counts.get(a % ndim, 1) for a in axes])  # noqa: E731
+    return size(layout.batch) * math.prod(list(counts.values())), size(layout.rows), size(layout.cols)
 
 
 def _permutation(layout: Layout, shape: torch.Size | tuple[int, ...]) -> tuple[list[int], list[int]]:

@@ -3,50 +3,43 @@
 from __future__ import annotations
 
 import math
-import numbers
-import operator
-import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import functional
-from .functional import VARIANTS, Directions, Variant
-from .layout import LAYOUT_NAMES, Layout, LayoutSpec, matrix_shape, resolve
-from .orthogonalize import ORTHOGONALIZERS, NsDtype, Orthogonalizer, check_ns_dtype
-from .scaling import SCALES, Scale
-
-_MUON_KEYS = (
-    "lr",
-    "momentum",
-    "nesterov",
-    "weight_decay",
-    "scale",
-    "rms",
-    "orthogonalizer",
-    "ns_steps",
-    "ns_dtype",
-    "layout",
-    "variant",
-    "beta2",
-    "variant_eps",
-    "cautious_weight_decay",
+from .functional import Directions, Variant
+from .layout import Layout, LayoutSpec, resolve
+from .options import (
+    ADAMW_KEYS,
+    GLOBAL_KEYS,
+    MUON_KEYS,
+    SKIPPED,
+    Nonfinite,
+    check_adamw_options,
+    check_global_options,
+    check_grad,
+    check_muon_options,
+    check_options,
+    check_param,
+    is_dtensor,
+    local_parts,
+    split_names,
 )
-_ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "cautious_weight_decay")
-# Options of the whole optimizer: kept in `defaults` (so they survive deepcopy and pickling), never
-# in a param group.
-_GLOBAL_KEYS = ("nonfinite", "diagnostics", "orthogonality_every")
-# torch.optim.AdamW / SGD options that change the update and that muonkit does not implement: a
-# group asking for them is refused rather than silently stepped without them.
-_UNSUPPORTED = ("amsgrad", "maximize")
-NONFINITE = ("propagate", "skip", "raise")
-Nonfinite = Literal["propagate", "skip", "raise"]
-# Each group counts the steps `nonfinite="skip"` skipped under this key, so that the count is in
-# state_dict() and in distributed checkpoints.
-SKIPPED = "skipped_steps"
+from .orthogonalize import NsDtype, Orthogonalizer
+from .scaling import Scale
+from .state import (
+    check_state,
+    checked_state,
+    from_torch_adamw,
+    from_torch_muon,
+    missing_state,
+    rounds_stochastically,
+    uncast,
+)
 
 
 @dataclass
@@ -58,6 +51,8 @@ class _GroupStep:
     names: list[str]
     states: list[dict[str, Tensor]]
     grads: list[Tensor]
+    positions: list[int]  # each parameter's place in the optimizer's order (seeds its rounding)
+    seeds: list[int | None] | None = None
     directions: Directions | None = None
     stats: list[dict[str, Tensor]] | None = field(default=None)
 
@@ -83,8 +78,9 @@ class Muon(torch.optim.Optimizer):
     collectives) run for every group before the first parameter moves.
 
     Args:
-        params: tensors, (name, tensor) pairs, or group dicts (see muonkit.param_groups).
-        lr: learning rate of Muon groups (default 1e-3; with scale "moonlight" an AdamW-sized lr).
+        params: tensors, (name, tensor) pairs (not mixed), or group dicts (see muonkit.param_groups).
+        lr: learning rate of Muon groups (default 1e-3; with scale "moonlight" an AdamW-sized lr); a
+            float or, as torch.optim accepts, a one-element tensor of any shape.
         momentum: beta in [0, 1) (default 0.95).
         nesterov: Nesterov-style lookahead (default True).
         weight_decay: decoupled weight decay lambda of Muon groups (default 0.1).
@@ -105,6 +101,14 @@ class Muon(torch.optim.Optimizer):
         variant_eps: the variants' eps in H = O / (sqrt(v) + eps) (default 1e-10, NorMuon's).
         cautious_weight_decay: decay only where the decay and the update agree in sign (both kinds
             of group; default False).
+        state_dtype: dtype of the optimizer state (momentum, second moments, AdamW's moments) and
+            of the update arithmetic; None (default) means the parameter's dtype. float32 for
+            bfloat16 parameters keeps small updates from vanishing in the state.
+        stochastic_rounding: write bfloat16/float16 parameters by unbiased stochastic rounding of
+            the update computed in float32 (default True; no effect on float32/float64
+            parameters). Without it, updates below half a bf16 ulp are lost: at lr 3e-4 a bf16
+            run drifted 0.62 (relative) from the float32 run, 0.13 with it
+            (tests/test_low_precision.py; benchmarks/RESULTS.md, bfloat16 parameters).
         adamw_lr: lr of AdamW groups (None: same as lr).
         adamw_betas, adamw_eps: AdamW's betas (default (0.9, 0.999)) and eps (default 1e-8).
         adamw_weight_decay: AdamW's decoupled weight decay (None: same as weight_decay).
@@ -147,6 +151,8 @@ class Muon(torch.optim.Optimizer):
         beta2: float = 0.95,
         variant_eps: float = 1e-10,
         cautious_weight_decay: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = True,
         adamw_lr: float | None = None,
         adamw_betas: tuple[float, float] = (0.9, 0.999),
         adamw_eps: float = 1e-8,
@@ -171,6 +177,8 @@ class Muon(torch.optim.Optimizer):
             beta2=beta2,
             variant_eps=variant_eps,
             cautious_weight_decay=cautious_weight_decay,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
             adamw_lr=lr if adamw_lr is None else adamw_lr,
             adamw_betas=tuple(adamw_betas),
             adamw_eps=adamw_eps,
@@ -179,18 +187,20 @@ class Muon(torch.optim.Optimizer):
             diagnostics=diagnostics,
             orthogonality_every=orthogonality_every,
         )
-        _check_muon_options(defaults, "Muon")
-        _check_adamw_options(
+        check_muon_options(defaults, "Muon")
+        check_adamw_options(
             dict(
                 lr=defaults["adamw_lr"],
                 betas=defaults["adamw_betas"],
                 eps=adamw_eps,
                 weight_decay=defaults["adamw_weight_decay"],
                 cautious_weight_decay=cautious_weight_decay,
+                state_dtype=state_dtype,
+                stochastic_rounding=stochastic_rounding,
             ),
             "Muon (adamw_* arguments)",
         )
-        _check_global_options(defaults, process_group)
+        check_global_options(defaults, process_group)
         self._distributed = None
         if process_group is not None:
             from .distributed import DistributedOrthogonalizer
@@ -207,6 +217,18 @@ class Muon(torch.optim.Optimizer):
         return 0 if self._distributed is None else self._distributed.bytes_sent
 
     @property
+    def diagnostics(self) -> bool:
+        """Whether steps record `last_stats`; may be switched between steps (for example on only
+        for the steps a logger records, so that the others pay nothing)."""
+        return self.defaults["diagnostics"]
+
+    @diagnostics.setter
+    def diagnostics(self, on: bool) -> None:
+        if not isinstance(on, bool):
+            raise TypeError(f"Muon.diagnostics must be True or False, got {on!r}")
+        self.defaults["diagnostics"] = on
+
+    @property
     def skipped_steps(self) -> int:
         """Steps that `nonfinite="skip"` skipped (kept in every param group, so in state_dict)."""
         return max((group.get(SKIPPED, 0) for group in self.param_groups), default=0)
@@ -220,7 +242,7 @@ class Muon(torch.optim.Optimizer):
         group.setdefault("use_muon", True)
         if not isinstance(group["use_muon"], bool):
             raise TypeError(f"use_muon must be True or False, got {group['use_muon']!r}")
-        for key in _GLOBAL_KEYS:
+        for key in GLOBAL_KEYS:
             if key in group:
                 raise ValueError(f"{key} is an option of the whole optimizer (Muon({key}=...)), not of a param group")
         index = len(self.param_groups)
@@ -228,21 +250,21 @@ class Muon(torch.optim.Optimizer):
         self._fill_defaults(group)
         group.setdefault(SKIPPED, self.skipped_steps)
         where = f"{kind} group {index}"
-        _check_options(group, where)
-        _split_names(group)
+        check_options(group, where)
+        split_names(group)
         names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
         for name, p in zip(names, group["params"]):
-            _check_param(p, name, group, where)
-            if group["use_muon"] and _is_dtensor(p):
+            check_param(p, name, group, where)
+            if group["use_muon"] and is_dtensor(p):
                 self._check_dtensor(p, name, where)
         given = set(group)
         super().add_param_group(group)
         added = self.param_groups[-1]
-        own = _MUON_KEYS if added["use_muon"] else _ADAMW_KEYS
+        own = MUON_KEYS if added["use_muon"] else ADAMW_KEYS
         for key in set(self.defaults) - set(own) - given:
             del added[key]
         for p in added["params"]:
-            self.state[p].update(_missing_state(p, self.state.get(p, {}), added))
+            self.state[p].update(missing_state(p, self.state.get(p, {}), added))
 
     def _check_dtensor(self, p: Tensor, name: str, where: str) -> None:
         if self._distributed is None:
@@ -255,7 +277,7 @@ class Muon(torch.optim.Optimizer):
     def _fill_defaults(self, group: dict[str, Any]) -> None:
         d = self.defaults
         if group["use_muon"]:
-            for key in _MUON_KEYS:
+            for key in MUON_KEYS:
                 group.setdefault(key, d[key])
         else:
             group.setdefault("lr", d["adamw_lr"])
@@ -263,11 +285,38 @@ class Muon(torch.optim.Optimizer):
             group.setdefault("eps", d["adamw_eps"])
             group.setdefault("weight_decay", d["adamw_weight_decay"])
             group.setdefault("cautious_weight_decay", d["cautious_weight_decay"])
+            group.setdefault("state_dtype", d["state_dtype"])
+            group.setdefault("stochastic_rounding", d["stochastic_rounding"])
+
+    # ------------------------------------------------------------------ copies and checkpoints
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self._distributed is not None:
+            raise TypeError(
+                "a muonkit.Muon created with a process_group cannot be pickled or copied (copy.deepcopy, "
+                "pickle, torch.save of the optimizer object): the process group belongs to the running "
+                "processes. Save opt.state_dict() instead and load it into Muon(..., process_group=pg) "
+                "built where it is used"
+            )
+        # torch.optim.Optimizer keeps defaults, state and param_groups; the diagnostics travel too,
+        # so that a copy records the same statistics on the same steps.
+        return {**super().__getstate__(), "last_stats": self.last_stats, "_diagnosed_steps": self._diagnosed_steps}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "defaults" not in state:
+            # torch.optim.Optimizer.load_state_dict hands over the loaded groups and state (tensors
+            # already cast to the parameters' dtype and device) through __setstate__: they are checked
+            # and translated here, before anything of this optimizer changes.
+            super().__setstate__(self._loaded(state["state"], state["param_groups"]))
+            return
+        # Unpickling (copy.deepcopy, pickle, torch.load): __getstate__ refuses an optimizer that holds
+        # a process group, so a copy never has one; keys added to groups since it was saved are filled.
+        self._distributed = None
+        self.last_stats, self._diagnosed_steps = {}, 0  # pickled before diagnostics existed
         super().__setstate__(state)
         for key, value in (("variant", "muon"), ("beta2", 0.95), ("variant_eps", 1e-10), ("cautious_weight_decay", False),
-                           ("nonfinite", "propagate"), ("diagnostics", False), ("orthogonality_every", 0)):
+                           ("state_dtype", None), ("stochastic_rounding", False), ("nonfinite", "propagate"),
+                           ("diagnostics", False), ("orthogonality_every", 0)):
             self.defaults.setdefault(key, value)
         for group in self.param_groups:
             group.setdefault("use_muon", True)
@@ -275,13 +324,87 @@ class Muon(torch.optim.Optimizer):
             self._fill_defaults(group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            group.setdefault("use_muon", True)
+        """Load a state dict of muonkit.Muon, torch.optim.AdamW / Adam or torch.optim.Muon.
+
+        Every group and its parameters' state are checked against this optimizer's groups before
+        anything changes; a state dict that does not fit raises ValueError naming the group and
+        leaves the optimizer as it was:
+
+        - a group keeps its kind: a loaded group is an AdamW group if its ``use_muon`` is False, or,
+          without ``use_muon`` (torch's optimizers), if it has ``betas``; else a Muon group;
+        - each parameter's state holds its kind's keys (Muon ``momentum_buffer``, and
+          ``second_moment`` with a variant; AdamW ``step``, ``exp_avg``, ``exp_avg_sq``) with the
+          shapes the step needs; missing state (torch creates it lazily) is made fresh; a
+          plain-number AdamW ``step`` (torch's older format) becomes a float32 tensor, as
+          torch.optim.AdamW converts it;
+        - torch.optim.AdamW's implementation flags are dropped; ``amsgrad`` or ``maximize`` set, or
+          torch.optim.Adam's L2 weight decay (``decoupled_weight_decay=False`` with weight_decay > 0),
+          are refused;
+        - torch.optim.Muon's ``adjust_lr_fn`` "original" (or None) becomes scale "keller_jordan",
+          "match_rms_adamw" becomes scale "moonlight" with rms 0.2; its default ``ns_coefficients``
+          (Keller Jordan's) and ``eps`` (1e-7) become orthogonalizer "keller_jordan"; anything else
+          has no muonkit equivalent and is refused. The Newton-Schulz iteration then runs in this
+          group's ``ns_dtype`` (torch.optim.Muon runs bfloat16);
+        - missing muonkit keys (an older state dict) are filled from the constructor's defaults.
+
+        Example:
+            >>> opt = muonkit.Muon([{"params": model.parameters(), "use_muon": False}])
+            >>> opt.load_state_dict(torch_adamw.state_dict())
+        """
+        # torch.optim casts every floating state tensor it loads to its parameter's dtype, which would
+        # round the float32 state of a bfloat16 parameter to bfloat16: _loaded takes such values from
+        # the state dict as given, in the dtype their group keeps state in.
+        self._loading = state_dict
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            del self._loading
+
+    def _loaded(self, state: dict[Any, Any], groups: list[dict[str, Any]]) -> dict[str, Any]:
+        """The checked, translated groups and state of a load; raises before anything changes."""
+        new_state = type(state)(dict)  # torch's defaultdict(dict), as Optimizer.__init__ makes it
+        new_state.update(state)  # entries that are not parameters (torch keeps them as they are)
+        saved_ids = [i for group in self._loading["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        as_saved = {id(p): self._loading["state"].get(i, {}) for i, p in zip(saved_ids, params)}
+        new_groups = []
+        for index, (saved, current) in enumerate(zip(groups, self.param_groups)):
+            group = dict(saved)
+            use_muon = current["use_muon"]
+            kind = "Muon" if use_muon else "AdamW"
+            where = f"load_state_dict: {kind} group {index}"
+            saved_kind = group.get("use_muon", "betas" not in group)
+            if not isinstance(saved_kind, bool):
+                raise ValueError(f"{where}: use_muon must be True or False, got {saved_kind!r}")
+            if saved_kind != use_muon:
+                why = (f"use_muon={saved_kind}" if "use_muon" in group else
+                       "no use_muon, and betas as torch.optim.AdamW's groups have" if "betas" in group else
+                       "no use_muon and no betas")
+                raise ValueError(
+                    f"{where}: the state dict's group {index} is {'a Muon' if saved_kind else 'an AdamW'} group "
+                    f"({why}); a group keeps the kind it was built with - build the optimizer with the "
+                    "same groups as the one that saved the state dict"
+                )
+            group["use_muon"] = use_muon
+            for key in GLOBAL_KEYS:
+                if key in group:
+                    raise ValueError(f"{where}: {key} is an option of the whole optimizer, not of a param group")
             group.setdefault(SKIPPED, 0)
+            if use_muon:
+                from_torch_muon(group, where)
+            else:
+                from_torch_adamw(group, where)
             self._fill_defaults(group)
-            for p in group["params"]:
-                self.state[p].update(_missing_state(p, self.state.get(p, {}), group))
+            check_options(group, where)
+            names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
+            for name, p in zip(names, group["params"]):
+                check_param(p, name, group, where)
+                if use_muon and is_dtensor(p):
+                    self._check_dtensor(p, name, where)
+                loaded = uncast(state.get(p, {}), as_saved.get(id(p), {}), p, group)
+                new_state[p] = checked_state(loaded, p, group, f"{where}: parameter '{name}'")
+            new_groups.append(group)
+        return {"state": new_state, "param_groups": new_groups}
 
     # ---------------------------------------------------------------------------- the step
 
@@ -313,12 +436,17 @@ class Muon(torch.optim.Optimizer):
         for item in plan:
             for p, state in zip(item.params, item.states):
                 self.state[p].update(state)
+            item.seeds = self._rounding_seeds(item)
             if not item.group["use_muon"]:
                 self._adamw_step(item)
-            elif item.directions is None:
+                continue
+            if item.directions is None:
                 self._fused_muon_step(item, orthogonality)
             else:
                 self._apply_muon(item)
+            for p, seed in zip(item.params, item.seeds or []):
+                if seed is not None:
+                    self.state[p]["step"] += 1
         if self.defaults["diagnostics"]:
             self.last_stats = _collect(plan)
         return loss
@@ -329,26 +457,29 @@ class Muon(torch.optim.Optimizer):
         # appended to a group's list (they get their checks here and their state when the step
         # applies), grads, and the state a loaded state dict left.
         plan = []
+        position = -1
         for index, group in enumerate(self.param_groups):
             where = f"{'Muon' if group['use_muon'] else 'AdamW'} group {index}"
-            _check_options(group, where)
+            check_options(group, where)
             names = group.get("param_names") or []
             names = names + [f"#{i}" for i in range(len(names), len(group["params"]))]
-            item = _GroupStep(group, [], [], [], [])
+            item = _GroupStep(group, [], [], [], [], [])
             for name, p in zip(names, group["params"]):
+                position += 1
                 if p.grad is None:
                     continue
                 state = self.state.get(p, {})
-                _check_param(p, name, group, where)
-                if not state and group["use_muon"] and _is_dtensor(p):
+                check_param(p, name, group, where)
+                if not state and group["use_muon"] and is_dtensor(p):
                     self._check_dtensor(p, name, where)
-                _check_grad(p, name, where)
-                new = _missing_state(p, state, group)
-                _check_state(p, {**state, **new}, group, name, where)
+                check_grad(p, name, where)
+                new = missing_state(p, state, group)
+                check_state(p, {**state, **new}, group, name, where)
                 item.params.append(p)
                 item.names.append(name)
                 item.states.append(new)
                 item.grads.append(p.grad)
+                item.positions.append(position)
             plan.append(item)
         return plan
 
@@ -357,7 +488,7 @@ class Muon(torch.optim.Optimizer):
         return [new[key] if key in new else self.state[p][key] for p, new in zip(item.params, item.states)]
 
     def _all_finite(self, plan: list[_GroupStep]) -> bool:
-        grads = _local([g for item in plan for g in item.grads])
+        grads = local_parts([g for item in plan for g in item.grads])
         if not grads:
             return True
         finite = torch.stack(torch._foreach_norm(grads, math.inf)).isfinite().all()
@@ -367,7 +498,7 @@ class Muon(torch.optim.Optimizer):
         return bool(finite)
 
     def _nonfinite_names(self, plan: list[_GroupStep]) -> list[str]:
-        return [f"'{name}'" for item in plan for name, g in zip(item.names, _local(item.grads))
+        return [f"'{name}'" for item in plan for name, g in zip(item.names, local_parts(item.grads))
                 if not bool(g.isfinite().all())]
 
     def _diagnose(self, plan: list[_GroupStep]) -> bool:
@@ -379,6 +510,23 @@ class Muon(torch.optim.Optimizer):
             item.stats = [{} for _ in item.params]
         every = self.defaults["orthogonality_every"]
         return every > 0 and self._diagnosed_steps % every == 0
+
+    def _rounding_seeds(self, item: _GroupStep) -> list[int | None] | None:
+        """Per parameter, the seed of this step's stochastic rounding (None: round to nearest),
+        from its step count and place, so that a resumed run and every rank round alike. Muon
+        parameters that round stochastically keep a `step` count for it (AdamW ones have one)."""
+        if not item.group["stochastic_rounding"]:
+            return None
+        seeds: list[int | None] = []
+        for p, position in zip(item.params, item.positions):
+            if not rounds_stochastically(p, item.group):
+                seeds.append(None)
+                continue
+            step = self.state[p]["step"]
+            if item.group["use_muon"]:
+                step += 1
+            seeds.append((int(step) * 1_000_003 + position) % (1 << 62))
+        return seeds
 
     def _fuses(self, group: dict[str, Any]) -> bool:
         """Whether a Muon group steps in one fused pass: a built-in kernel on one process."""
@@ -407,9 +555,9 @@ class Muon(torch.optim.Optimizer):
                 variant=group["variant"], beta2=group["beta2"], eps=group["variant_eps"],
             )
         return functional.muon_directions(
-            _local(item.grads), _local(self._state(item, "momentum_buffer")), layouts,
+            local_parts(item.grads), local_parts(self._state(item, "momentum_buffer")), layouts,
             momentum=group["momentum"], nesterov=group["nesterov"], update_many=update_many,
-            variant=group["variant"], second_moments=_local(self._second_moments(item)),
+            variant=group["variant"], second_moments=local_parts(self._second_moments(item)),
             stats=item.stats, orthogonality=orthogonality, orthogonalizer=group["orthogonalizer"],
             ns_steps=group["ns_steps"], ns_dtype=group["ns_dtype"],
         )
@@ -418,11 +566,11 @@ class Muon(torch.optim.Optimizer):
         group = item.group
         assert item.directions is not None
         functional.apply_muon_(
-            _local(item.params), _local(item.grads), _local(self._state(item, "momentum_buffer")), self._layouts(item),
+            local_parts(item.params), local_parts(item.grads), local_parts(self._state(item, "momentum_buffer")), self._layouts(item),
             item.directions, lr=_value(group["lr"]), momentum=group["momentum"],
             weight_decay=group["weight_decay"], scale=group["scale"], rms=group["rms"],
-            cautious_weight_decay=group["cautious_weight_decay"], second_moments=_local(self._second_moments(item)),
-            shapes=[p.shape for p in item.params], stats=item.stats,
+            cautious_weight_decay=group["cautious_weight_decay"], second_moments=local_parts(self._second_moments(item)),
+            shapes=[p.shape for p in item.params], rounding_seeds=item.seeds, stats=item.stats,
         )
 
     def _fused_muon_step(self, item: _GroupStep, orthogonality: bool) -> None:
@@ -446,6 +594,7 @@ class Muon(torch.optim.Optimizer):
             variant_eps=group["variant_eps"],
             second_moments=self._second_moments(item),
             cautious_weight_decay=group["cautious_weight_decay"],
+            rounding_seeds=item.seeds,
             stats=item.stats,
             orthogonality=orthogonality,
         )
@@ -454,17 +603,18 @@ class Muon(torch.optim.Optimizer):
         group = item.group
         beta1, beta2 = group["betas"]
         functional.adamw(
-            _local(item.params),
-            _local(item.grads),
-            _local(self._state(item, "exp_avg")),
-            _local(self._state(item, "exp_avg_sq")),
+            local_parts(item.params),
+            local_parts(item.grads),
+            local_parts(self._state(item, "exp_avg")),
+            local_parts(self._state(item, "exp_avg_sq")),
             self._state(item, "step"),
-            lr=_value(group["lr"]),
+            lr=_adamw_lr(group),
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             cautious_weight_decay=group["cautious_weight_decay"],
+            rounding_seeds=item.seeds,
             stats=item.stats,
         )
 
@@ -474,36 +624,12 @@ def _value(x: Any) -> float:
     return float(x)
 
 
-def _missing_state(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> dict[str, Tensor]:
-    """The state entries `group` needs for `p` that `state` lacks, freshly initialized.
-
-    State exists from construction (so that every process has the same state_dict keys); entries
-    appear later only for parameters appended to a group, groups whose variant was changed, and
-    state dicts saved before a key existed.
-    """
-    new: dict[str, Tensor] = {}
-    if group["use_muon"]:
-        if "momentum_buffer" not in state:
-            new["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        shape = functional.second_moment_shape(p.shape, resolve(group["layout"], p.ndim), group["variant"])
-        if shape is not None and "second_moment" not in state:
-            new["second_moment"] = _zeros_like_sharded(p, shape)
-    else:
-        if "step" not in state:
-            new["step"] = torch.tensor(0.0, dtype=torch.float32)
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key not in state:
-                new[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    return new
-
-
-def _zeros_like_sharded(p: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """Zeros of `shape` with p's dtype and device; a DTensor with p's mesh and placements when p is one."""
-    if not _is_dtensor(p):
-        return torch.zeros(shape, dtype=p.dtype, device=p.device)
-    from torch.distributed.tensor import zeros
-
-    return zeros(shape, dtype=p.dtype, device_mesh=p.device_mesh, placements=p.placements)
+def _adamw_lr(group: dict[str, Any]) -> float | Tensor:
+    """An AdamW group's lr as torch's AdamW functional gets it from torch.optim.AdamW: a tensor lr as
+    given (one element, any shape), so that the group equals torch.optim.AdamW bit for bit with it
+    too (torch computes with the tensor); a float where cautious weight decay needs one."""
+    lr = group["lr"]
+    return lr if isinstance(lr, Tensor) and not group["cautious_weight_decay"] else _value(lr)
 
 
 def _collect(plan: list[_GroupStep]) -> dict[str, dict[str, float]]:
@@ -524,207 +650,3 @@ def _collect(plan: list[_GroupStep]) -> dict[str, dict[str, float]]:
 # -------------------------------------------------------------------------- validation helpers
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    # Looked up, not imported: with process_group=None nothing touches torch.distributed, and no
-    # tensor can be a DTensor before torch.distributed.tensor has been imported.
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
-
-
-def _local(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """Each DTensor's local slice (a view: updating it updates the DTensor); other tensors as they are."""
-    return [t.to_local() if _is_dtensor(t) else t for t in tensors]
-
-
-def _split_names(group: dict[str, Any]) -> None:
-    """Normalize group["params"] to a list of tensors, moving (name, tensor) names aside."""
-    params = group["params"]
-    if isinstance(params, Tensor):
-        params = [params]
-    elif isinstance(params, set):
-        raise TypeError("params must be an ordered collection (a list), not a set")
-    params = list(params)
-    if params and all(isinstance(x, tuple) for x in params):
-        group["param_names"] = [name for name, _ in params]
-        params = [t for _, t in params]
-    for i, p in enumerate(params):
-        if not isinstance(p, Tensor):
-            raise TypeError(f"params[{i}] is a {type(p).__name__}, not a tensor")
-    group["params"] = params
-
-
-def _number(value: Any, name: str, where: str) -> float:
-    """A real hyperparameter as a float: Python and NumPy numbers, or a one-element tensor (as
-    torch.optim accepts for lr); never a bool."""
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{where}: {name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _check_options(group: dict[str, Any], where: str) -> None:
-    for key in _UNSUPPORTED:
-        if group.get(key):
-            raise ValueError(
-                f"{where}: {key}={group[key]!r} is not supported by muonkit.Muon (its AdamW groups are "
-                f"plain AdamW); remove {key!r} from the group, or train these parameters with "
-                f"torch.optim.AdamW({key}=True)"
-            )
-    if group["use_muon"]:
-        _check_muon_options(group, where)
-    else:
-        _check_adamw_options(group, where)
-
-
-def _check_lr_wd(options: dict[str, Any], where: str) -> None:
-    if _number(options["lr"], "lr", where) < 0:
-        raise ValueError(f"{where}: lr must be >= 0, got {options['lr']!r}")
-    if _number(options["weight_decay"], "weight_decay", where) < 0:
-        raise ValueError(f"{where}: weight_decay must be >= 0, got {options['weight_decay']!r}")
-
-
-def _check_muon_options(options: dict[str, Any], where: str) -> None:
-    _check_lr_wd(options, where)
-    momentum = _number(options["momentum"], "momentum", where)
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"{where}: momentum must be in [0, 1), got {options['momentum']!r}")
-    if not isinstance(options["nesterov"], bool):
-        raise TypeError(f"{where}: nesterov must be True or False, got {options['nesterov']!r}")
-    if options["scale"] not in SCALES:
-        raise ValueError(
-            f"{where}: unknown scale {options['scale']!r}; choose one of {', '.join(SCALES)}"
-        )
-    if _number(options["rms"], "rms", where) <= 0:
-        raise ValueError(f"{where}: rms must be > 0, got {options['rms']!r}")
-    method = options["orthogonalizer"]
-    if not callable(method) and method not in ORTHOGONALIZERS:
-        raise ValueError(
-            f"{where}: unknown orthogonalizer {method!r}; choose one of "
-            f"{', '.join(ORTHOGONALIZERS)} or pass a callable (X, steps) -> tensor"
-        )
-    steps = options["ns_steps"]
-    try:
-        valid = not isinstance(steps, bool) and operator.index(steps) >= 0
-    except TypeError:
-        valid = False
-    if not valid:
-        raise ValueError(f"{where}: ns_steps must be an int >= 0, got {steps!r}")
-    check_ns_dtype(options["ns_dtype"], f"{where}: ns_dtype")
-    layout = options["layout"]
-    if layout is not None and layout not in LAYOUT_NAMES and not isinstance(layout, Layout):
-        raise ValueError(
-            f"{where}: unknown layout {layout!r}; use None, 'conv', 'stacked' or a muonkit.Layout"
-        )
-    if options["variant"] not in VARIANTS:
-        raise ValueError(f"{where}: unknown variant {options['variant']!r}; choose one of {', '.join(VARIANTS)}")
-    if not 0.0 <= _number(options["beta2"], "beta2", where) < 1.0:
-        raise ValueError(f"{where}: beta2 must be in [0, 1), got {options['beta2']!r}")
-    if _number(options["variant_eps"], "variant_eps", where) < 0:
-        raise ValueError(f"{where}: variant_eps must be >= 0, got {options['variant_eps']!r}")
-    _check_cautious(options, where)
-
-
-def _check_cautious(options: dict[str, Any], where: str) -> None:
-    if not isinstance(options["cautious_weight_decay"], bool):
-        raise TypeError(
-            f"{where}: cautious_weight_decay must be True or False, got {options['cautious_weight_decay']!r}"
-        )
-
-
-def _check_global_options(options: dict[str, Any], process_group: Any) -> None:
-    if options["nonfinite"] not in NONFINITE:
-        raise ValueError(f"Muon: nonfinite must be one of {', '.join(NONFINITE)}, got {options['nonfinite']!r}")
-    if not isinstance(options["diagnostics"], bool):
-        raise TypeError(f"Muon: diagnostics must be True or False, got {options['diagnostics']!r}")
-    every = options["orthogonality_every"]
-    try:
-        valid = not isinstance(every, bool) and operator.index(every) >= 0
-    except TypeError:
-        valid = False
-    if not valid:
-        raise ValueError(f"Muon: orthogonality_every must be an int >= 0, got {every!r}")
-    if every and not options["diagnostics"]:
-        raise ValueError("Muon: orthogonality_every needs diagnostics=True (it adds to the step's statistics)")
-    if every and process_group is not None:
-        raise ValueError(
-            "Muon: orthogonality_every is measured on one process only; with a process_group, set it to 0 "
-            "(the per-parameter RMS statistics still work)"
-        )
-
-
-def _check_adamw_options(options: dict[str, Any], where: str) -> None:
-    _check_lr_wd(options, where)
-    betas = options["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
-    for i, beta in enumerate(betas):
-        if not 0.0 <= _number(beta, f"betas[{i}]", where) < 1.0:
-            raise ValueError(f"{where}: betas[{i}] must be in [0, 1), got {beta!r}")
-    if _number(options["eps"], "eps", where) < 0:
-        raise ValueError(f"{where}: eps must be >= 0, got {options['eps']!r}")
-    _check_cautious(options, where)
-
-
-def _check_param(p: Tensor, name: str, group: dict[str, Any], where: str) -> None:
-    if torch.is_complex(p):
-        raise TypeError(
-            f"{where}: parameter '{name}' is complex ({p.dtype}); muonkit supports real "
-            "parameters only (view it as real with torch.view_as_real)"
-        )
-    if not p.is_floating_point():
-        raise TypeError(f"{where}: parameter '{name}' has dtype {p.dtype}; it must be floating point")
-    if not group["use_muon"]:
-        return
-    if p.ndim < 2:
-        raise ValueError(
-            f"{where}: parameter '{name}' has shape {tuple(p.shape)}; Muon needs a matrix - "
-            "route it to AdamW with muonkit.param_groups(model) or a group with use_muon=False"
-        )
-    try:
-        layout = resolve(group["layout"], p.ndim)
-        layout.check_shape(p.shape)
-    except ValueError as err:
-        raise ValueError(f"{where}: parameter '{name}' with shape {tuple(p.shape)}: {err}") from None
-    _, rows, cols = matrix_shape(p.shape, layout)
-    if rows == 0 or cols == 0:
-        raise ValueError(f"{where}: parameter '{name}' has an empty matrix view {rows} x {cols}")
-
-
-def _check_grad(p: Tensor, name: str, where: str) -> None:
-    grad = p.grad
-    assert grad is not None
-    if grad.is_sparse:
-        raise RuntimeError(
-            f"{where}: parameter '{name}' has a sparse gradient; Muon and AdamW need dense gradients "
-            "(for nn.Embedding use sparse=False)"
-        )
-    if grad.shape != p.shape:
-        raise RuntimeError(f"{where}: parameter '{name}' has shape {tuple(p.shape)} but its gradient has shape {tuple(grad.shape)}")
-    if not grad.is_floating_point():
-        raise RuntimeError(f"{where}: parameter '{name}' has a gradient of dtype {grad.dtype}; it must be floating point")
-    if grad.device != p.device:
-        raise RuntimeError(f"{where}: parameter '{name}' is on {p.device} but its gradient is on {grad.device}")
-    if _is_dtensor(grad) != _is_dtensor(p) or (_is_dtensor(p) and grad.placements != p.placements):
-        raise RuntimeError(f"{where}: parameter '{name}' and its gradient are not sharded alike")
-
-
-def _check_state(p: Tensor, state: dict[str, Any], group: dict[str, Any], name: str, where: str) -> None:
-    """The state a step will read must fit the parameter (a loaded state dict may not)."""
-    if group["use_muon"]:
-        expected = {"momentum_buffer": tuple(p.shape)}
-        shape = functional.second_moment_shape(p.shape, resolve(group["layout"], p.ndim), group["variant"])
-        if shape is not None:
-            expected["second_moment"] = shape
-    else:
-        expected = {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape), "step": ()}
-    for key, shape in expected.items():
-        value = state.get(key)
-        if not isinstance(value, Tensor) or tuple(value.shape) != shape or not value.is_floating_point():
-            got = f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}" if isinstance(value, Tensor) else repr(value)
-            raise RuntimeError(
-                f"{where}: the state {key!r} of parameter '{name}' should be a floating tensor of shape {shape}, "
-                f"got {got} (was a state dict of another model or optimizer loaded?)"
-            )
-        if key != "step" and value.device != p.device:
-            raise RuntimeError(f"{where}: the state {key!r} of parameter '{name}' is on {value.device}, not {p.device}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -49,8 +51,12 @@ class Task:
     sweep_grid: ClassVar[dict[str, tuple[float, ...]]]
     routing: ClassVar[dict[str, Any]] = {}
     """Keyword arguments for muonkit.param_groups / muonkit.route (e.g. explicit muon=(...) names)."""
+    supports_qk_clip: ClassVar[bool] = False
+    """The model has attention blocks (muonkit.tasks.charlm.Block), so `--qk-clip` and `--per-head` apply."""
     stop_at_target: ClassVar[bool] = False
     """Stop a run once the target is reached (for tasks whose result is the step count)."""
+    evaluation: ClassVar[str] = ""
+    """How `evaluate` differs from a plain forward pass in eval mode, if it does (shown with the results)."""
     sweep_by_steps: ClassVar[bool] = False
     """Score an lr sweep by the steps to reach the target instead of the final metric (always so when
     `stop_at_target`): for tasks where every workable lr ends at the same floor."""
@@ -101,3 +107,38 @@ def accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch
         logits = model(inputs[start:start + batch_size])
         correct += int((logits.argmax(-1) == labels[start:start + batch_size]).sum())
     return correct / len(inputs)
+
+
+@contextmanager
+def batchnorm_statistics_from(model: nn.Module, images: torch.Tensor, batch_size: int = 128) -> Iterator[None]:
+    """Inside the block, every BatchNorm of `model` normalizes with the mean and variance of `images`
+    as they reach it (the model's current weights), instead of its running averages; on exit the
+    running averages are put back, so training goes on as if nothing happened.
+
+    The running averages trail the weights by ~1/momentum steps (10 for torch's default 0.1): after
+    a few dozen steps they still describe the initial network, and an eval-mode model scores near
+    chance. Recomputing them with the final weights ("precise BN") is right after any number of
+    steps. Only the BatchNorm layers run in train mode here (dropout stays off, no random numbers
+    are drawn), and the averages are cumulative over the batches (momentum None).
+
+    References:
+        Wu and Johnson, "Rethinking 'Batch' in BatchNorm", arXiv:2105.07576, section 3 (precise BN).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.training, {k: v.clone() for k, v in m.named_buffers(recurse=False)}) for m in norms]
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        for start in range(0, len(images), batch_size):
+            model(images[start:start + batch_size])
+        for m, (_, training, _) in zip(norms, saved):
+            m.train(training)
+        yield
+    finally:
+        for m, (momentum, training, buffers) in zip(norms, saved):
+            m.momentum = momentum
+            m.train(training)
+            for name, value in buffers.items():
+                getattr(m, name).copy_(value)

@@ -16,7 +16,7 @@ import torch
 
 import muonkit
 from muonkit.tasks.base import Task
-from muonkit.tasks.report import format_table, plot, summarize, target_hit, write_json_atomic
+from muonkit.tasks.report import add_steps_to_reference, format_table, plot, summarize, target_hit, write_json_atomic
 from muonkit.tasks.training import RunResult, train_run
 
 Log = Callable[[str], None]
@@ -34,6 +34,14 @@ class BenchConfig:
     device: torch.device
     out: Path
     progress: bool = True
+    eval_every: int | None = None
+    """Steps between evaluations; None means the task's own."""
+    qk_clip: float | None = None
+    per_head: bool = False
+    """Attention's fused qkv weights read per head (tasks with attention)."""
+    """QK-Clip's tau for every run (tasks with attention); None: no clip."""
+    tensorboard: Path | None = None
+    """Where each run writes TensorBoard event files (a sub-directory per run); None: nowhere."""
 
 
 def auto_threads() -> int:
@@ -103,17 +111,22 @@ def run_bench(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
     runs: dict[str, list[RunResult]] = {}
     started = time.perf_counter()
     env = environment(config.device)  # the machine as the runs found it (date and load at the start)
+    if task.evaluation:
+        log(f"evaluation: {task.evaluation}")
     # A throwaway run of 2 steps and one evaluation first: the first run in a process pays one-time
     # costs (library caches, code pages, allocator arenas: ~90 MB of resident memory on charlm,
     # measured 2026-11-24) that every later run reuses, and would otherwise charge them to the first
     # optimizer's time and peak memory.
     train_run(task, data, config.optimizers[0], config.lrs[config.optimizers[0]], 0, min(2, config.steps),
-              config.device, adamw_lr=config.lrs["adamw"], progress=False, stop_at_target=False)
+              config.device, adamw_lr=config.lrs["adamw"], progress=False, stop_at_target=False,
+              qk_clip=config.qk_clip, per_head=config.per_head)
     for name in config.optimizers:
         runs[name] = []
         for seed in range(config.seeds):
             run = train_run(task, data, name, config.lrs[name], seed, config.steps, config.device,
-                            adamw_lr=config.lrs["adamw"], progress=config.progress)
+                            adamw_lr=config.lrs["adamw"], progress=config.progress, eval_every=config.eval_every,
+                            qk_clip=config.qk_clip, tensorboard=config.tensorboard,
+                            per_head=config.per_head)
             if seed == 0:
                 for note in run.notes:
                     log(f"note: {note}")
@@ -122,6 +135,7 @@ def run_bench(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
             log(f"{name} seed {seed}: {len(run.loss)} steps, {state}")
             runs[name].append(run)
     summaries = {name: summarize(task, rs) for name, rs in runs.items()}
+    add_steps_to_reference(task, runs, summaries)
     table = format_table(task, summaries)
     _save_plot(task, runs, config.out / "curves.png")
     payload = {
@@ -132,6 +146,9 @@ def run_bench(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
         "steps": config.steps,
         "seeds": config.seeds,
         "weight_decay": task.weight_decay,
+        "evaluation": task.evaluation or None,
+        "qk_clip": config.qk_clip,
+        "per_head": config.per_head,
         "wall_seconds": time.perf_counter() - started,
         "environment": env,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -180,6 +197,8 @@ def run_sweep(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
     by_steps = task.stop_at_target or task.sweep_by_steps
     unit = "steps to target" if by_steps else task.metric
     env = environment(config.device)  # date and load at the start
+    if task.evaluation:
+        log(f"evaluation: {task.evaluation}")
     scores: dict[str, dict[str, list[float]]] = {}
     finals: dict[str, dict[str, list[float]]] = {}
     for name in config.optimizers:
@@ -188,7 +207,9 @@ def run_sweep(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
             values, final_values = [], []
             for seed in range(config.seeds):
                 run = train_run(task, data, name, lr, seed, config.steps, config.device,
-                                adamw_lr=task.lrs["adamw"], progress=config.progress)
+                                adamw_lr=task.lrs["adamw"], progress=config.progress, eval_every=config.eval_every,
+                                qk_clip=config.qk_clip, tensorboard=config.tensorboard,
+                            per_head=config.per_head)
                 final = math.nan if run.diverged or not run.evals else run.evals[-1][2]
                 if run.diverged:
                     value = math.nan
@@ -218,7 +239,8 @@ def run_sweep(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
                 cells.append(f"{lr}: {m:.4g}")
         lines.append(f"| {name} | {', '.join(cells)} | {best[name]:g} |")
     table = "\n".join(lines)
-    payload = {"task": task.name, "score": unit, "steps": config.steps, "seeds": config.seeds,
+    payload = {"task": task.name, "score": unit, "steps": config.steps, "seeds": config.seeds, "qk_clip": config.qk_clip,
+               "per_head": config.per_head,
                "adamw_lr_for_hybrids": task.lrs["adamw"], "results": scores, "final_metric": finals, "best": best,
                "table": table, "environment": env, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_json_atomic(config.out / "sweep.json", payload)

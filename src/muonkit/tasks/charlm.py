@@ -6,12 +6,17 @@ installation ships them), so the task runs offline; `--text FILE` trains on any 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import muonkit
+from muonkit.qkclip import QKClip, attention_max_logits
 from muonkit.tasks.base import DataOptions, Task, TaskError
 from muonkit.tasks.data import read_text, stdlib_corpus
 
@@ -29,7 +34,12 @@ class TextData:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: causal self-attention and a GELU MLP, each added to the residual."""
+    """Pre-norm transformer block: causal self-attention and a GELU MLP, each added to the residual.
+
+    `qkv` is fused: query rows, then key rows, then value rows, head h owning rows h*d .. (h+1)*d - 1
+    of each block. When `max_logit_observer` is set, every training forward pass calls it with the
+    per-head max attention logits (shape (heads,)), as QK-Clip needs.
+    """
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -40,13 +50,39 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(width)
         self.fc = nn.Linear(width, 4 * width, bias=False)
         self.fc_proj = nn.Linear(4 * width, width, bias=False)
+        self.max_logit_observer: Callable[[torch.Tensor], None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
-        q, k, v = self.qkv(self.attn_norm(x)).view(b, t, 3, self.heads, c // self.heads).unbind(2)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        # (3, b, heads, t, head_dim): the views SDPA takes
+        q, k, v = self.qkv(self.attn_norm(x)).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        if self.max_logit_observer is not None and self.training:
+            self.max_logit_observer(attention_max_logits(q, k, is_causal=True))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
         return x + self.fc_proj(F.gelu(self.fc(self.mlp_norm(x))))
+
+
+def per_head_routing(model: nn.Module) -> dict[str, Any]:
+    """muonkit.route keywords that read each Block's fused qkv weight (3 * heads * head_dim, width) per
+    head: 3 * heads matrices of head_dim x width (q heads, then k, then v: the order `Block.forward`
+    splits them in), each orthogonalized and scaled on its own."""
+    layouts = {id(b.qkv.weight): muonkit.Layout.per_block(3 * b.heads) for b in model.modules() if isinstance(b, Block)}
+    if not layouts:
+        raise TaskError(f"--per-head needs attention blocks; {type(model).__name__} has none")
+    return {"predicate": lambda name, p, module: layouts.get(id(p))}
+
+
+def attach_qk_clip(model: nn.Module, tau: float) -> QKClip:
+    """A QKClip (fused qkv) over every Block of `model`, fed by the blocks' training forward passes;
+    call its `step()` after each optimizer step. Raises TaskError if the model has no Block."""
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    if not blocks:
+        raise TaskError(f"--qk-clip needs attention blocks; {type(model).__name__} has none")
+    clip = QKClip([block.qkv.weight for block in blocks], heads=blocks[0].heads, tau=tau, fused=True)
+    for i, block in enumerate(blocks):
+        block.max_logit_observer = functools.partial(clip.observe, i)
+    return clip
 
 
 class GPT(nn.Module):
@@ -88,8 +124,9 @@ class CharLM(Task):
     width = 128
     depth = 4
     default_optimizers = ("muon", "adamw")
-    lrs = {"muon": 1e-2, "muon-kj": 3e-2, "adamw": 1e-3, "sgd": 0.3, "torch-muon": 3e-2}
-    sweep_grid = {"muon": (3e-3, 1e-2, 3e-2), "muon-kj": (1e-2, 3e-2, 1e-1), "adamw": (3e-4, 1e-3, 3e-3, 1e-2),
+    supports_qk_clip = True
+    lrs = {"muon": 1e-2, "normuon": 1e-2, "adamuon": 1e-2, "muon-kj": 3e-2, "adamw": 1e-3, "sgd": 0.3, "torch-muon": 3e-2}
+    sweep_grid = {"muon": (3e-3, 1e-2, 3e-2), "normuon": (3e-3, 1e-2, 3e-2), "adamuon": (3e-3, 1e-2, 3e-2), "muon-kj": (1e-2, 3e-2, 1e-1), "adamw": (3e-4, 1e-3, 3e-3, 1e-2),
                   "sgd": (1e-2, 3e-2, 1e-1, 0.3), "torch-muon": (1e-2, 3e-2, 1e-1)}
 
     def load(self, options: DataOptions, device: torch.device) -> TextData:

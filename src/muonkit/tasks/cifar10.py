@@ -31,8 +31,8 @@ class CIFAR10(FashionMNIST):
     eval_every = 50_000 // 32
     default_optimizers = ("muon", "adamw")
     # Not swept here (CIFAR-10 is not available offline): the notebook's lr 1e-2 for every optimizer.
-    lrs = {"muon": 1e-2, "muon-kj": 1e-2, "adamw": 1e-2, "sgd": 1e-2, "torch-muon": 1e-2}
-    sweep_grid = {"muon": (3e-3, 1e-2, 3e-2), "muon-kj": (1e-2, 3e-2, 1e-1), "adamw": (1e-3, 3e-3, 1e-2),
+    lrs = {"muon": 1e-2, "normuon": 1e-2, "adamuon": 1e-2, "muon-kj": 1e-2, "adamw": 1e-2, "sgd": 1e-2, "torch-muon": 1e-2}
+    sweep_grid = {"muon": (3e-3, 1e-2, 3e-2), "normuon": (3e-3, 1e-2, 3e-2), "adamuon": (3e-3, 1e-2, 3e-2), "muon-kj": (1e-2, 3e-2, 1e-1), "adamw": (1e-3, 3e-3, 1e-2),
                   "sgd": (1e-2, 3e-2, 1e-1), "torch-muon": (3e-3, 1e-2, 3e-2)}
 
     def load(self, options: DataOptions, device: torch.device) -> ImageData:

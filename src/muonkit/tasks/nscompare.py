@@ -3,6 +3,7 @@ Gaussian matrix and on a gradient-like one (a few strong directions, a decaying 
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +36,33 @@ def gradient_like(rows: int, cols: int, generator: torch.Generator) -> torch.Ten
 def exact_polar(g: torch.Tensor) -> torch.Tensor:
     u, _, vh = torch.linalg.svd(g.double(), full_matrices=False)
     return u @ vh
+
+
+# Peak memory of `compare` in bytes per matrix element: the growth of ru_maxrss was 13.3 float64
+# copies of the matrix at 2000x2000 and 8.5 at 1000x4000 (the inputs, their float64 SVDs, the
+# orthogonalizers' work); rounded up to 16 copies.
+PEAK_BYTES_PER_ELEMENT = 16 * 8
+
+
+def memory_needed(rows: int, cols: int) -> int:
+    """About the most memory `compare(rows, cols)` holds at once, in bytes."""
+    return PEAK_BYTES_PER_ELEMENT * rows * cols
+
+
+def memory_available() -> int | None:
+    """Bytes the system can still give this process without swapping (MemAvailable on Linux, the
+    free physical pages elsewhere); None where neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def compare(rows: int, cols: int, *, seed: int = 0, repeats: int = 5) -> dict[str, Any]:

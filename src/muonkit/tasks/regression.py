@@ -62,8 +62,8 @@ class Regression(Task):
     # Every workable lr ends 200 steps at the noise floor (val MSE ~0.010, within seed noise of each
     # other), so the sweep ranks lrs by how fast they fit, as the seed's plot compares them.
     sweep_by_steps = True
-    lrs = {"muon": 1e-1, "muon-kj": 3e-2, "adamw": 1e-1, "sgd": 3e-2, "torch-muon": 3e-2}
-    sweep_grid = {"muon": (1e-2, 3e-2, 1e-1, 3e-1), "muon-kj": (1e-2, 3e-2, 1e-1, 3e-1),
+    lrs = {"muon": 1e-1, "normuon": 1e-1, "adamuon": 1e-1, "muon-kj": 3e-2, "adamw": 1e-1, "sgd": 3e-2, "torch-muon": 3e-2}
+    sweep_grid = {"muon": (1e-2, 3e-2, 1e-1, 3e-1), "normuon": (1e-2, 3e-2, 1e-1, 3e-1), "adamuon": (1e-2, 3e-2, 1e-1, 3e-1), "muon-kj": (1e-2, 3e-2, 1e-1, 3e-1),
                   "adamw": (1e-2, 3e-2, 1e-1, 3e-1), "sgd": (3e-3, 1e-2, 3e-2, 1e-1),
                   "torch-muon": (1e-2, 3e-2, 1e-1, 3e-1)}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import tempfile
 from pathlib import Path
@@ -28,17 +29,23 @@ OUTPUT_FILES = ("results.json", "curves.png", "sweep.json", "ns.json", "ns_spect
 def prepare_out_dir(path: Path) -> None:
     """Create `path` (and parents), or raise TaskError saying why it cannot be used as --out; remove
     the outputs of an earlier run there (OUTPUT_FILES)."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TaskError(f"cannot create output directory {path}: {e.strerror or e}; "
-                        "pass --out with a writable directory") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise TaskError(f"output directory {path} is not writable; pass --out with a writable directory")
+    writable_dir(path, "output", "--out")
     for name in OUTPUT_FILES:
         old = path / name
         if old.is_file() or old.is_symlink():
             old.unlink()
+
+
+def writable_dir(path: Path, what: str, option: str) -> None:
+    """Create `path` (and parents), or raise TaskError saying why it cannot serve as the `what`
+    directory that `option` names."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TaskError(f"cannot create {what} directory {path}: {e.strerror or e}; "
+                        f"pass {option} with a writable directory") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise TaskError(f"{what} directory {path} is not writable; pass {option} with a writable directory")
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -76,6 +83,35 @@ def target_hit(task: Task, run: RunResult) -> tuple[int, float] | None:
     return None
 
 
+def steps_to_reach(task: Task, run: RunResult, value: float) -> int | None:
+    """Steps of the first evaluation of `run` at least as good as `value` (None if never)."""
+    for step, _, metric in run.evals:
+        if math.isfinite(metric) and (metric >= value if task.higher_is_better else metric <= value):
+            return step
+    return None
+
+
+def add_steps_to_reference(task: Task, runs: dict[str, list[RunResult]], summaries: dict[str, dict[str, Any]],
+                           reference: str = "adamw") -> None:
+    """When `reference` ran: each optimizer's steps to reach the reference's mean final metric
+    ("steps_to_reference", per seed) and their median as a multiple of the reference's own
+    ("reference_step_ratio"); a run that never reaches it counts as not reached."""
+    if reference not in runs:
+        return
+    finals = [v for v in summaries[reference]["final"] if v is not None and math.isfinite(v)]
+    if not finals:
+        return
+    value = statistics.fmean(finals)
+    own = [s for s in (steps_to_reach(task, r, value) for r in runs[reference]) if s is not None]
+    for name, rs in runs.items():
+        steps = [steps_to_reach(task, r, value) for r in rs]
+        reached = [s for s in steps if s is not None]
+        summaries[name]["reference"] = {"optimizer": reference, "value": value}
+        summaries[name]["steps_to_reference"] = steps
+        summaries[name]["reference_step_ratio"] = (
+            statistics.median(reached) / statistics.median(own) if reached and own and len(reached) == len(steps) else None)
+
+
 def summarize(task: Task, runs: list[RunResult]) -> dict[str, Any]:
     """Per-run numbers the table and results.json share."""
     finals = [r.evals[-1][2] if r.evals else math.nan for r in runs]
@@ -91,11 +127,22 @@ def summarize(task: Task, runs: list[RunResult]) -> dict[str, Any]:
         "seconds_to_target": [h[1] if h else None for h in hits],
         "diverged": [r.diverged for r in runs],
         "fwd_bwd_ms": statistics.median(s for r in runs for s in r.fwd_bwd_s) * 1e3,
-        "opt_step_ms": statistics.median(s for r in runs for s in r.opt_s) * 1e3,
+        "opt_step_ms": statistics.median(_undiagnosed(runs)) * 1e3,
         "peak_memory_mb": max((r.peak_memory_mb for r in runs if r.peak_memory_mb is not None), default=None),
         "peak_memory_kind": next((r.peak_memory_kind for r in runs if r.peak_memory_kind), None),
         "optimizer_state_mb": runs[0].optimizer_state_mb,
+        "max_logit": max((max(r.max_logit) for r in runs if r.max_logit), default=None),
     }
+
+
+def _undiagnosed(runs: list[RunResult]) -> list[float]:
+    """Optimizer seconds of the steps that did not also compute optimizer statistics (all steps if
+    every step did)."""
+    clean = []
+    for r in runs:
+        diagnosed = set(r.diagnosed_steps)
+        clean += [s for i, s in enumerate(r.opt_s) if i + 1 not in diagnosed]
+    return clean or [s for r in runs for s in r.opt_s]
 
 
 def _mean_spread(values: list[float], digits: int) -> str:
@@ -127,12 +174,24 @@ def format_table(task: Task, summaries: dict[str, dict[str, Any]]) -> str:
     target = f"{task.target:g}"
     header = ["optimizer", "lr", f"final {task.metric}", f"best {task.metric}", f"steps to {target}",
               f"seconds to {target}", "fwd+bwd ms/step", "opt ms/step", "peak MB", "opt state MB"]
+    with_reference = any("reference" in s for s in summaries.values())
+    if with_reference:
+        header[6:6] = ["steps to AdamW's final", "× AdamW's steps"]
+    logits = any(s.get("max_logit") is not None for s in summaries.values())
+    if logits:
+        header.append("max logit")
     rows = []
     for name, s in summaries.items():
         peak = "-" if s["peak_memory_mb"] is None else f"{s['peak_memory_mb']:.0f}"
-        rows.append([name, f"{s['lr']:g}", _mean_spread(s["final"], digits), _mean_spread(s["best"], digits),
-                     _to_target(s["steps_to_target"], "g"), _to_target(s["seconds_to_target"], ".1f"),
-                     f"{s['fwd_bwd_ms']:.1f}", f"{s['opt_step_ms']:.1f}", peak, f"{s['optimizer_state_mb']:.2f}"])
+        row = [name, f"{s['lr']:g}", _mean_spread(s["final"], digits), _mean_spread(s["best"], digits),
+               _to_target(s["steps_to_target"], "g"), _to_target(s["seconds_to_target"], ".1f"),
+               f"{s['fwd_bwd_ms']:.1f}", f"{s['opt_step_ms']:.1f}", peak, f"{s['optimizer_state_mb']:.2f}"]
+        if with_reference:
+            ratio = s.get("reference_step_ratio")
+            row[6:6] = [_to_target(s.get("steps_to_reference", []), "g"), "-" if ratio is None else f"{ratio:.2f}"]
+        if logits:
+            row.append("-" if s.get("max_logit") is None else f"{s['max_logit']:.1f}")
+        rows.append(row)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -158,8 +217,13 @@ def memory_note(summaries: dict[str, dict[str, Any]]) -> str:
 
 
 def plot(task: Task, runs_by_optimizer: dict[str, list[RunResult]], path: Path) -> None:
-    """Validation metric vs step and vs train seconds: mean over seeds, band from min to max."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    """Validation metric vs step and vs train seconds (mean over seeds, band from min to max when
+    there is more than one seed); below, one panel per optimizer: each parameter's update RMS over
+    the steps (seed 0)."""
+    watched = {name: runs[0] for name, runs in runs_by_optimizer.items() if runs and runs[0].update_rms_steps}
+    fig = plt.figure(figsize=(11, 8.2 if watched else 4.2), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=(4.2, 4.0)) if watched else (fig, None)
+    axes = top.subplots(1, 2)
     shown: list[float] = []
     for name, runs in runs_by_optimizer.items():
         curves = [_curve(r) for r in runs if r.evals]
@@ -195,10 +259,49 @@ def plot(task: Task, runs_by_optimizer: dict[str, list[RunResult]], path: Path) 
         ax.grid(alpha=0.3)
     axes[0].legend()
     seeds = max((len(r) for r in runs_by_optimizer.values()), default=0)
-    fig.suptitle(f"{task.name}: mean over {seeds} seed(s), band = min..max; dashed = target {task.target:g}")
-    fig.tight_layout()
+    over = f"mean over {seeds} seeds, band = min..max" if seeds > 1 else "one seed"
+    top.suptitle(f"{task.name}: {over}; dashed = target {task.target:g}")
+    if bottom is not None:
+        _plot_update_rms(bottom, watched)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_update_rms(fig: Any, runs: dict[str, RunResult]) -> None:
+    """A panel per optimizer: the update RMS (before lr, without weight decay) of every parameter
+    over the steps, on a shared logarithmic axis. One color per role (the name without its layer
+    numbers: blocks.*.qkv.weight), darker for deeper layers."""
+    names = list(dict.fromkeys(n for run in runs.values() for n in run.update_rms))
+    roles = {name: re.sub(r"\.\d+(?=\.|$)", ".*", name) for name in names}
+    order = list(dict.fromkeys(roles.values()))
+    depth = {name: [n for n in names if roles[n] == roles[name]].index(name) for name in names}
+    layers = {role: sum(1 for n in names if roles[n] == role) for role in order}
+    colors = plt.get_cmap("tab20" if len(order) > 10 else "tab10")
+    axes = np.atleast_1d(fig.subplots(1, len(runs), sharey=True))
+    for ax, (optimizer, run) in zip(axes, runs.items()):
+        steps = np.array(run.update_rms_steps, dtype=float)
+        for name in names:
+            values = np.array(run.update_rms.get(name, []), dtype=float)
+            keep = np.isfinite(values) & (values > 0)
+            if not keep.any():
+                continue
+            role = roles[name]
+            shade = 0.35 + 0.65 * (depth[name] + 1) / layers[role]
+            ax.plot(steps[: len(values)][keep], values[keep], lw=1, color=colors(order.index(role) % colors.N),
+                    alpha=shade, label=role if depth[name] == layers[role] - 1 else None)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(f"{optimizer} (lr {run.lr:g})", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("update RMS (before lr, without weight decay)")
+    handles: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside right center", fontsize=7, frameon=False)
+    fig.suptitle("update RMS per parameter, seed 0 (one color per role, darker = deeper layer): a layer far "
+                 "from the others, or drifting, is where to look", fontsize=10)
 
 
 def _curve(run: RunResult) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,0 +1,258 @@
+"""The options of muonkit.Muon and their checks: which keys each kind of group has, and the
+ValueError / TypeError for a bad option, parameter or gradient, naming the group and the value.
+
+Everything here runs before a step or a load changes anything (see muonkit.optimizer).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+import sys
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from .functional import VARIANTS
+from .layout import LAYOUT_NAMES, Layout, matrix_shape, resolve
+from .orthogonalize import ORTHOGONALIZERS, check_ns_dtype
+from .scaling import SCALES
+
+MUON_KEYS = (
+    "lr",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "scale",
+    "rms",
+    "orthogonalizer",
+    "ns_steps",
+    "ns_dtype",
+    "layout",
+    "variant",
+    "beta2",
+    "variant_eps",
+    "cautious_weight_decay",
+    "state_dtype",
+    "stochastic_rounding",
+)
+
+ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "cautious_weight_decay", "state_dtype", "stochastic_rounding")
+
+# Options of the whole optimizer: kept in `defaults` (so they survive deepcopy and pickling), never
+# in a param group.
+GLOBAL_KEYS = ("nonfinite", "diagnostics", "orthogonality_every")
+
+# torch.optim.AdamW / SGD options that change the update and that muonkit does not implement: a
+# group asking for them is refused rather than silently stepped without them.
+UNSUPPORTED = ("amsgrad", "maximize")
+
+NONFINITE = ("propagate", "skip", "raise")
+
+Nonfinite = Literal["propagate", "skip", "raise"]
+
+# Each group counts the steps `nonfinite="skip"` skipped under this key, so that the count is in
+# state_dict() and in distributed checkpoints.
+SKIPPED = "skipped_steps"
+
+
+def is_dtensor(t: Tensor) -> bool:
+    # Looked up, not imported: with process_group=None nothing touches torch.distributed, and no
+    # tensor can be a DTensor before torch.distributed.tensor has been imported.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def local_parts(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Each DTensor's local slice (a view: updating it updates the DTensor); other tensors as they are."""
+    return [t.to_local() if is_dtensor(t) else t for t in tensors]
+
+
+def split_names(group: dict[str, Any]) -> None:
+    """Normalize group["params"] to a list of tensors, moving (name, tensor) names aside."""
+    params = group["params"]
+    if isinstance(params, Tensor):
+        params = [params]
+    elif isinstance(params, set):
+        raise TypeError("params must be an ordered collection (a list), not a set")
+    params = list(params)
+    named = [isinstance(x, tuple) for x in params]
+    if any(named) and not all(named):
+        # torch.optim.Optimizer.add_param_group's error, with the first entry that breaks the rule.
+        raise ValueError(
+            "all optimizer params should be with/without names. Some param names are missing "
+            f"(params[{named.index(False)}] is not a (name, tensor) pair)"
+        )
+    if params and all(named):
+        group["param_names"] = [name for name, _ in params]
+        params = [t for _, t in params]
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"params[{i}] is a {type(p).__name__}, not a tensor")
+    group["params"] = params
+
+
+def number(value: Any, name: str, where: str) -> float:
+    """A real hyperparameter as a float: Python and NumPy numbers, or a one-element tensor (as
+    torch.optim accepts for lr); never a bool."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{where}: {name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_unsupported(group: dict[str, Any], where: str) -> None:
+    for key in UNSUPPORTED:
+        if group.get(key):
+            raise ValueError(
+                f"{where}: {key}={group[key]!r} is not supported by muonkit.Muon (its AdamW groups are "
+                f"plain AdamW); remove {key!r} from the group, or train these parameters with "
+                f"torch.optim.AdamW({key}=True)"
+            )
+
+
+def check_options(group: dict[str, Any], where: str) -> None:
+    check_unsupported(group, where)
+    if group["use_muon"]:
+        check_muon_options(group, where)
+    else:
+        check_adamw_options(group, where)
+
+
+def _check_lr_wd(options: dict[str, Any], where: str) -> None:
+    if number(options["lr"], "lr", where) < 0:
+        raise ValueError(f"{where}: lr must be >= 0, got {options['lr']!r}")
+    if number(options["weight_decay"], "weight_decay", where) < 0:
+        raise ValueError(f"{where}: weight_decay must be >= 0, got {options['weight_decay']!r}")
+
+
+def check_muon_options(options: dict[str, Any], where: str) -> None:
+    _check_lr_wd(options, where)
+    momentum = number(options["momentum"], "momentum", where)
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"{where}: momentum must be in [0, 1), got {options['momentum']!r}")
+    if not isinstance(options["nesterov"], bool):
+        raise TypeError(f"{where}: nesterov must be True or False, got {options['nesterov']!r}")
+    if options["scale"] not in SCALES:
+        raise ValueError(
+            f"{where}: unknown scale {options['scale']!r}; choose one of {', '.join(SCALES)}"
+        )
+    if number(options["rms"], "rms", where) <= 0:
+        raise ValueError(f"{where}: rms must be > 0, got {options['rms']!r}")
+    method = options["orthogonalizer"]
+    if not callable(method) and method not in ORTHOGONALIZERS:
+        raise ValueError(
+            f"{where}: unknown orthogonalizer {method!r}; choose one of "
+            f"{', '.join(ORTHOGONALIZERS)} or pass a callable (X, steps) -> tensor"
+        )
+    steps = options["ns_steps"]
+    try:
+        valid = not isinstance(steps, bool) and operator.index(steps) >= 0
+    except TypeError:
+        valid = False
+    if not valid:
+        raise ValueError(f"{where}: ns_steps must be an int >= 0, got {steps!r}")
+    check_ns_dtype(options["ns_dtype"], f"{where}: ns_dtype")
+    layout = options["layout"]
+    if layout is not None and layout not in LAYOUT_NAMES and not isinstance(layout, Layout):
+        raise ValueError(
+            f"{where}: unknown layout {layout!r}; use None, 'conv', 'stacked' or a muonkit.Layout"
+        )
+    if options["variant"] not in VARIANTS:
+        raise ValueError(f"{where}: unknown variant {options['variant']!r}; choose one of {', '.join(VARIANTS)}")
+    if not 0.0 <= number(options["beta2"], "beta2", where) < 1.0:
+        raise ValueError(f"{where}: beta2 must be in [0, 1), got {options['beta2']!r}")
+    if number(options["variant_eps"], "variant_eps", where) < 0:
+        raise ValueError(f"{where}: variant_eps must be >= 0, got {options['variant_eps']!r}")
+    _check_cautious(options, where)
+
+
+def _check_cautious(options: dict[str, Any], where: str) -> None:
+    """Options both kinds of group have: cautious decay, state dtype, stochastic rounding."""
+    for key in ("cautious_weight_decay", "stochastic_rounding"):
+        if not isinstance(options[key], bool):
+            raise TypeError(f"{where}: {key} must be True or False, got {options[key]!r}")
+    dtype = options["state_dtype"]
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and not dtype.is_complex):
+        raise ValueError(f"{where}: state_dtype must be None or a floating torch.dtype, got {dtype!r}")
+
+
+def check_global_options(options: dict[str, Any], process_group: Any) -> None:
+    if options["nonfinite"] not in NONFINITE:
+        raise ValueError(f"Muon: nonfinite must be one of {', '.join(NONFINITE)}, got {options['nonfinite']!r}")
+    if not isinstance(options["diagnostics"], bool):
+        raise TypeError(f"Muon: diagnostics must be True or False, got {options['diagnostics']!r}")
+    every = options["orthogonality_every"]
+    try:
+        valid = not isinstance(every, bool) and operator.index(every) >= 0
+    except TypeError:
+        valid = False
+    if not valid:
+        raise ValueError(f"Muon: orthogonality_every must be an int >= 0, got {every!r}")
+    if every and not options["diagnostics"]:
+        raise ValueError("Muon: orthogonality_every needs diagnostics=True (it adds to the step's statistics)")
+    if every and process_group is not None:
+        raise ValueError(
+            "Muon: orthogonality_every is measured on one process only; with a process_group, set it to 0 "
+            "(the per-parameter RMS statistics still work)"
+        )
+
+
+def check_adamw_options(options: dict[str, Any], where: str) -> None:
+    _check_lr_wd(options, where)
+    betas = options["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= number(beta, f"betas[{i}]", where) < 1.0:
+            raise ValueError(f"{where}: betas[{i}] must be in [0, 1), got {beta!r}")
+    if number(options["eps"], "eps", where) < 0:
+        raise ValueError(f"{where}: eps must be >= 0, got {options['eps']!r}")
+    _check_cautious(options, where)
+
+
+def check_param(p: Tensor, name: str, group: dict[str, Any], where: str) -> None:
+    if torch.is_complex(p):
+        raise TypeError(
+            f"{where}: parameter '{name}' is complex ({p.dtype}); muonkit supports real "
+            "parameters only (view it as real with torch.view_as_real)"
+        )
+    if not p.is_floating_point():
+        raise TypeError(f"{where}: parameter '{name}' has dtype {p.dtype}; it must be floating point")
+    if not group["use_muon"]:
+        return
+    if p.ndim < 2:
+        raise ValueError(
+            f"{where}: parameter '{name}' has shape {tuple(p.shape)}; Muon needs a matrix - "
+            "route it to AdamW with muonkit.param_groups(model) or a group with use_muon=False"
+        )
+    try:
+        layout = resolve(group["layout"], p.ndim)
+        layout.check_shape(p.shape)
+    except ValueError as err:
+        raise ValueError(f"{where}: parameter '{name}' with shape {tuple(p.shape)}: {err}") from None
+    _, rows, cols = matrix_shape(p.shape, layout)
+    if rows == 0 or cols == 0:
+        raise ValueError(f"{where}: parameter '{name}' has an empty matrix view {rows} x {cols}")
+
+
+def check_grad(p: Tensor, name: str, where: str) -> None:
+    grad = p.grad
+    assert grad is not None
+    if grad.is_sparse:
+        raise RuntimeError(
+            f"{where}: parameter '{name}' has a sparse gradient; Muon and AdamW need dense gradients "
+            "(for nn.Embedding use sparse=False)"
+        )
+    if grad.shape != p.shape:
+        raise RuntimeError(f"{where}: parameter '{name}' has shape {tuple(p.shape)} but its gradient has shape {tuple(grad.shape)}")
+    if not grad.is_floating_point():
+        raise RuntimeError(f"{where}: parameter '{name}' has a gradient of dtype {grad.dtype}; it must be floating point")
+    if grad.device != p.device:
+        raise RuntimeError(f"{where}: parameter '{name}' is on {p.device} but its gradient is on {grad.device}")
+    if is_dtensor(grad) != is_dtensor(p) or (is_dtensor(p) and grad.placements != p.placements):
+        raise RuntimeError(f"{where}: parameter '{name}' and its gradient are not sharded alike")

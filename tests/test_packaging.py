@@ -1,0 +1,72 @@
+"""What the sdist and the wheel ship, built from this source tree with the real build backend.
+
+The sdist must run its own tests: every file of tests/ (helpers included) and what they read
+(README.md, examples/, benchmarks/). The wheel carries py.typed and the license; the metadata
+names the license as an SPDX expression (PEP 639).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_DIRS = ("tests", "examples", "benchmarks", "docs", "scripts", "src")
+
+
+def source_files(root: Path) -> set[str]:
+    """Files of the source tree an sdist must hold (caches and build output aside)."""
+    skip = {"__pycache__", ".hypothesis", ".pytest_cache"}
+    files = {"README.md", "LICENSE", "pyproject.toml", "MANIFEST.in"}
+    for top in SHIPPED_DIRS:
+        for path in (root / top).rglob("*"):
+            rel = path.relative_to(root)
+            if path.is_file() and not skip & set(rel.parts) and not rel.parts[-1].endswith(".pyc") \
+                    and not any(p.endswith(".egg-info") for p in rel.parts):
+                files.add(rel.as_posix())
+    return files
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, Path, set[str]]:
+    """An sdist and a wheel built (without build isolation: offline, seconds) from a copy."""
+    tmp = tmp_path_factory.mktemp("dist")
+    copy = tmp / "src-copy"
+    ignore = shutil.ignore_patterns(".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".hypothesis",
+                                    "muonkit-runs")
+    shutil.copytree(ROOT, copy, ignore=ignore)
+    expected = source_files(copy)
+    out = tmp / "out"
+    for kind in ("--sdist", "--wheel"):
+        result = subprocess.run([sys.executable, "-m", "build", kind, "--no-isolation", "--outdir", str(out), str(copy)],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return next(out.glob("*.tar.gz")), next(out.glob("*.whl")), expected
+
+
+def test_sdist_holds_the_tests_and_what_they_read(built):
+    sdist, _, expected = built
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+        pkg_info = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("/PKG-INFO"))).read().decode()
+    for helper in ("tests/conftest.py", "tests/reference.py", "tests/seed_net.py", "tests/distributed_worker.py"):
+        assert helper in names, helper
+    assert not expected - names, sorted(expected - names)
+    assert "License-Expression: MIT" in pkg_info and "License-File: LICENSE" in pkg_info
+
+
+def test_wheel_ships_py_typed_and_the_license(built):
+    _, wheel, _ = built
+    with zipfile.ZipFile(wheel) as whl:
+        names = set(whl.namelist())
+        metadata = whl.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "muonkit/py.typed" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert "License-Expression: MIT" in metadata
+    assert not any(n.startswith("tests/") for n in names)

@@ -240,13 +240,13 @@ def one_thread(fn: Callable[[], object]) -> Callable[[], object]:
 
 def frobenius_only_(X: torch.Tensor, safety: float, eps: float) -> None:
     """muonkit's normalization before issue 11 (item 5): X / (||X||_F * safety + eps), without
-    dividing by max |x| first (overflows to zeros for float32 entries near 1e20)."""
+    dividing by the power of two at max |x| first (overflows to zeros for float32 entries near 1e20)."""
     X.div_(torch.linalg.matrix_norm(X, keepdim=True).mul_(safety).add_(eps))
 
 
 def normalization_rows(repeats: int) -> list[list[object]]:
-    """The cost of dividing by max |x| before the Frobenius norm: each case's default step with
-    the current normalization against the same step with `frobenius_only_`."""
+    """The cost of dividing by the power of two at max |x| before the Frobenius norm: each case's
+    default step with the current normalization against the same step with `frobenius_only_`."""
     from bench_step import make_case, muonkit_step, set_grads
 
     rows = []
@@ -264,7 +264,7 @@ def normalization_rows(repeats: int) -> list[list[object]]:
                 kernels._normalize_ = current
 
         t = time_interleaved({"old": old, "new": muonkit_step(case)}, repeats=repeats)
-        rows.append([f"({key}) step: max |x| division before the Frobenius norm (issue 11 item 5)", case.name.split(")")[0] + ")",
+        rows.append([f"({key}) step: max |x| scaling before the Frobenius norm (issue 11 item 5)", case.name.split(")")[0] + ")",
                      "yes (every method)", "Frobenius only", t["old"].median * 1e3, t["new"].median * 1e3,
                      median_ratio(t["new"], t["old"])])
     return rows

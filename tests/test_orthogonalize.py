@@ -378,14 +378,15 @@ def test_svd_with_bfloat16_compute_dtype():
 
 @pytest.mark.parametrize("method,eps", [("polar_express", 1e-6), ("keller_jordan", 1e-7), ("you", 1e-7)])
 def test_normalization_eps_is_the_schedules_own(method, eps):
-    """Y / (||Y||_F * s + eps) for Y = X / max|x|, with REFERENCE.md section 3's eps per schedule
-    (Polar Express 1e-6): a float64 iteration written here with that eps is the oracle to 1e-12,
-    and the other schedules' eps would miss it by more than 1e-9 (so the eps is seen)."""
+    """Y / (||Y||_F * s + eps) for Y = X / 2^floor(log2 max|x|), with REFERENCE.md section 3's eps
+    per schedule (Polar Express 1e-6): a float64 iteration written here with that eps is the
+    oracle to 1e-12, and the other schedules' eps would miss it by more than 1e-9 (so the eps is
+    seen)."""
     safety = {"polar_express": 1.02, "keller_jordan": 1.0, "you": 1.0}[method]
     G = make_matrix((16, 32), "random", seed=7, dtype=torch.float64) * 1e-6 / 16
 
     def oracle(eps):
-        Y = G / G.abs().max()
+        Y = G / 2.0 ** math.floor(math.log2(G.abs().max().item()))
         X = Y / (torch.linalg.matrix_norm(Y) * safety + eps)
         for a, b, c in schedule(method):
             A = X @ X.T

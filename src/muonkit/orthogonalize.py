@@ -2,8 +2,8 @@
 
 Every function here is pure: the input is never modified, the output has the input's shape and
 dtype, leading dimensions are a batch of independent matrices, a zero matrix maps to zero, and the
-output does not depend on the input's scale (each matrix is divided by its largest entry before
-the Frobenius normalization, so every finite input gives its polar factor).
+output does not depend on the input's scale (each matrix is divided by the power of two at its
+largest entry before the Frobenius normalization, so every finite input gives its polar factor).
 
 For a matrix X = U S V^T the polar factor is U V^T. The quintic Newton-Schulz iteration
 X <- a X + (b A + c A^2) X with A = X X^T applies p(s) = a s + b s^3 + c s^5 to every singular
@@ -58,12 +58,12 @@ SCHEDULES: dict[str, tuple[Coefficients, ...]] = {
     ),
 }
 
-# Divide by ||X||_F * safety (after dividing by max |x|, see `_normalize_`): Polar Express was tuned
+# Divide by ||X||_F * safety (after scaling max |x| into [1, 2), see `_normalize_`): Polar Express was tuned
 # for inputs with spectral norm <= 1/1.02, which leaves room for bf16 round-off.
 SAFETY: dict[str, float] = {"keller_jordan": 1.0, "polar_express": 1.02, "you": 1.0}
 # ... + eps: Keller Jordan's 1e-7, Polar Express's 1e-6 (its paper's reference code; REFERENCE.md
-# section 3). After the division by max |x| the norm is at least 1, so eps shifts the normalized
-# singular values by at most this much, relatively.
+# section 3). After that scaling the norm is at least 1, so eps shifts the normalized singular
+# values by at most this much, relatively.
 EPS: dict[str, float] = {"keller_jordan": 1e-7, "polar_express": 1e-6, "you": 1e-7}
 
 DEFAULT_STEPS = 5
@@ -181,15 +181,17 @@ def _like(X: Tensor, m: int, n: int) -> Tensor:
 
 
 def _normalize_(X: Tensor, safety: float, eps: float) -> None:
-    """X <- Y / (||Y||_F * safety + eps) with Y = X / max |x|, each matrix on its own.
+    """X <- Y / (||Y||_F * safety + eps) with Y = X / 2^floor(log2 max |x|), each matrix on its own.
 
-    The polar factor does not depend on scale, and dividing by the largest entry first makes
-    1 <= ||Y||_F <= sqrt(m n) for every finite nonzero X: in float32 an X with entries near 1e20
-    has ||X||_F = inf (which would give zeros), and one near 1e-30 would be swamped by eps. A
-    zero matrix stays zero.
+    The polar factor does not depend on scale, and dividing by (the power of two at) the largest
+    entry first makes 1 <= max |y| < 2 and ||Y||_F <= 2 sqrt(m n) for every finite nonzero X: in
+    float32 an X with entries near 1e20 has ||X||_F = inf (which would give zeros), and one near
+    1e-30 would be swamped by eps. A power of two divides exactly, so Y / ||Y||_F has the bits
+    of X / ||X||_F wherever eps does not change the rounded denominator. A zero matrix stays zero.
     """
     peak = torch.linalg.vector_norm(X, float("inf"), dim=(-2, -1), keepdim=True)
-    X.div_(peak.masked_fill_(peak == 0, 1.0))
+    scale = torch.exp2(torch.floor(torch.log2(peak)))
+    X.div_(scale.masked_fill_(peak == 0, 1.0))
     norm = torch.linalg.matrix_norm(X, keepdim=True)
     X.div_(norm.mul_(safety).add_(eps))
 
@@ -395,7 +397,8 @@ def orthogonalize(
     """Approximate polar factor of each matrix in G (the last two dims).
 
     For G = U S V^T the polar factor is U V^T; it does not depend on G's scale, and every finite
-    G gives it (each matrix is divided by its largest entry before the Frobenius normalization).
+    G gives it (each matrix is divided by the power of two at its largest entry before the
+    Frobenius normalization).
     Every method runs without autograd, as an optimizer step does: the result never requires
     grad, also for an input that does.
 

@@ -43,11 +43,7 @@ BEGIN, END = "<!-- TASKS:BEGIN (benchmarks/bench_tasks.py) -->", "<!-- TASKS:END
 # stage -> (kind, argv after `muonkit bench`). Sweeps use 1 seed and the task's sweep budget.
 STAGES: dict[str, tuple[str, list[str]]] = {
     "sweep-charlm": ("sweep", ["charlm", "--lr-sweep", "--optimizers", "muon,adamw,torch-muon"]),
-    # The first sweeps found these optimizers' best at an edge of the grid; these extend it.
-    "sweep-charlm-adamw": ("sweep", ["charlm", "--lr-sweep", "--optimizers", "adamw", "--lr", "adamw=3e-4"]),
     "sweep-fashion-mnist": ("sweep", ["fashion-mnist", "--lr-sweep", "--optimizers", "muon,adamw"]),
-    "sweep-fashion-mnist-edges": ("sweep", ["fashion-mnist", "--lr-sweep", "--optimizers", "muon,adamw",
-                                            "--lr", "muon=0.1", "adamw=0.03"]),
     "sweep-modular": ("sweep", ["modular", "--lr-sweep", "--optimizers", "muon,adamw"]),
     # muon-kj and sgd on each task (2026-11-24; sgd rerun 2026-11-30 with decoupled weight decay), and
     # every optimizer on regression.

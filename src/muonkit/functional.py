@@ -154,24 +154,29 @@ def normalize_update(
 
     With q = mean over the columns of O*O (NorMuon, shape (batch, rows, 1)) or O*O (AdaMuon):
         v <- beta2 v + (1 - beta2) q;   H = O / (sqrt(v) + eps);   H <- H ||O||_F / ||H||_F
-    per matrix. `second_moment` is not modified. Computed in the wider of O's and v's dtypes.
+    per matrix. `second_moment` is not modified. Computed in the widest of O's and v's dtypes and
+    float32; H comes out in O's dtype, v in its own.
 
     References:
         Li et al., "NorMuon: Making Muon more efficient and scalable", arXiv:2510.05491 (and the
         official normuon.py: v has one entry per row, starts at 0, no bias correction).
         Si et al., "AdaMuon: Adaptive Muon Optimizer", arXiv:2507.11005.
     """
-    dtype = torch.promote_types(O.dtype, second_moment.dtype)
+    # At least float32: in float16, eps = 1e-10 rounds to 0 and a zero row of O would give 0 / 0.
+    given = O.dtype
+    dtype = torch.promote_types(torch.promote_types(given, second_moment.dtype), torch.float32)
     O = O.to(dtype)
     squares = O * O
     q = squares.mean(-1, keepdim=True) if variant == "normuon" else squares
     v = torch.lerp(second_moment.to(dtype), q, 1.0 - beta2)
-    H = O / v.sqrt().add_(eps)
+    # v = 0 only where O is 0 (a zero row or entry); with eps = 0 that would be 0 / 0, so the
+    # denominator is kept >= the smallest normal number (a no-op for any eps above it).
+    H = O / v.sqrt().add_(eps).clamp_(min=torch.finfo(dtype).tiny)
     norm_o = torch.linalg.vector_norm(O, dim=(-2, -1), keepdim=True)
     norm_h = torch.linalg.vector_norm(H, dim=(-2, -1), keepdim=True)
     # A zero O gives a zero H; the ratio is then 0 rather than 0 / 0.
     H.mul_(torch.where(norm_h > 0, norm_o / norm_h, torch.zeros_like(norm_h)))
-    return H, v.to(second_moment.dtype)
+    return H.to(given), v.to(second_moment.dtype)
 
 
 def local_update_many(
@@ -302,7 +307,8 @@ def apply_muon_(
     M <- lerp(M, G, 1 - momentum) in place (the same bits `muon_directions` computed out of place),
     v <- its new value, and per matrix W <- W - lr (lambda D(W) + scale(rows, cols) H) with
     D(W) = W, or W * 1[H * W >= 0] for cautious weight decay (see `write_updates_` for how a
-    low-precision parameter is written).
+    low-precision parameter is written). `stats` receive "update_rms" and, for NorMuon / AdaMuon,
+    the range of the new second moment.
     """
     if not params:
         return
@@ -317,8 +323,10 @@ def apply_muon_(
         cautious_weight_decay=cautious_weight_decay, rounding_seeds=rounding_seeds,
     )
     if stats is not None:
-        for s, h, factor in zip(stats, directions.updates, factors):
+        for s, h, factor, v in zip(stats, directions.updates, factors, second_moments or [None] * len(params)):
             s["update_rms"] = _rms(h) * factor
+            if v is not None:
+                _record_second_moment(s, v)
 
 
 def write_updates_(
@@ -469,10 +477,6 @@ def muon(
         scale=scale, rms=rms, cautious_weight_decay=cautious_weight_decay, second_moments=second_moments,
         shapes=shapes, rounding_seeds=rounding_seeds, stats=stats,
     )
-    if stats is not None:
-        for s, v in zip(stats, second_moments):
-            if v is not None:
-                _record_second_moment(s, v)
 
 
 def _fused_muon_(
@@ -509,7 +513,9 @@ def _fused_muon_(
     torch._foreach_lerp_(list(momentum_buffers), grads, 1.0 - momentum)
     seeds = list(rounding_seeds) if rounding_seeds is not None else [None] * len(params)
     views = [matrix_shape(p.shape, layout) for p, layout in zip(params, layouts)]
-    keys = [(rows, cols, working_dtype(p, ns_dtype), p.device) for p, (_, rows, cols) in zip(params, views)]
+    # Keyed by the state's dtype, the dtype of U: the same working dtype as `orthogonalize(U)` on the
+    # two-phase path, so that both paths give the same bits.
+    keys = [(rows, cols, working_dtype(m, ns_dtype), p.device) for p, m, (_, rows, cols) in zip(params, momentum_buffers, views)]
     for run in _stacks(keys, [p.numel() for p in params], [rows * cols for _, rows, cols in views]):
         _, rows, cols = views[run[0]]
         sizes = [views[i][0] for i in run]
@@ -521,6 +527,8 @@ def _fused_muon_(
         ortho = orthogonalize_(X, orthogonalizer, ns_steps)  # type: ignore[arg-type]
         updates, factors = [], []
         for k, (i, o) in enumerate(zip(run, ortho.split(sizes))):
+            # O in U's dtype, as `orthogonalize` returns it on the two-phase path.
+            o = o.to(momentum_buffers[i].dtype)
             if variant != "muon":
                 v = second_moments[i]
                 h, new_v = normalize_update(o, to_matrices(v, layouts[i]), variant=variant, beta2=beta2, eps=eps)  # type: ignore[arg-type]
@@ -556,6 +564,8 @@ def _record_inputs(stats: Stats, grad: Tensor, buffer: Tensor) -> None:
 
 
 def _record_second_moment(stats: Stats, v: Tensor) -> None:
+    if v.numel() == 0:  # an empty FSDP2 shard of this rank
+        return
     stats["second_moment_min"] = v.min().float()
     stats["second_moment_max"] = v.max().float()
 

@@ -63,6 +63,9 @@ class Layout:
 
     def check(self, ndim: int) -> None:
         """Raise ValueError unless this layout names every axis of an `ndim`-D tensor exactly once."""
+        for axis in (*self.batch, *self.rows, *self.cols):
+            if isinstance(axis, bool) or not isinstance(axis, int):
+                raise ValueError(f"{self}: axis {axis!r} is not an int")
         axes = sorted(a % ndim if -ndim <= a < ndim else a for a in (*self.batch, *self.rows, *self.cols))
         if axes != list(range(ndim)) or not self.rows or not self.cols:
             raise ValueError(
@@ -74,7 +77,7 @@ class Layout:
             if len(block) != 2:
                 raise ValueError(f"{self}: blocks holds (axis, count) pairs, got {block!r}")
             axis, count = block
-            if not (isinstance(axis, int) and -ndim <= axis < ndim) or axis % ndim in seen:
+            if isinstance(axis, bool) or not (isinstance(axis, int) and -ndim <= axis < ndim) or axis % ndim in seen:
                 raise ValueError(f"{self}: block axis {axis!r} is not a distinct axis of a {ndim}D tensor")
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ValueError(f"{self}: block count {count!r} of axis {axis} must be an int >= 1")

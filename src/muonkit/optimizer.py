@@ -49,6 +49,7 @@ class _GroupStep:
     group: dict[str, Any]
     params: list[Tensor]
     names: list[str]
+    labels: list[str]  # names in last_stats: the parameter's name, else "group{g}.param{i}"
     states: list[dict[str, Tensor]]
     grads: list[Tensor]
     positions: list[int]  # each parameter's place in the optimizer's order (seeds its rounding)
@@ -90,9 +91,9 @@ class Muon(torch.optim.Optimizer):
             callable (X, steps) -> tensor of X's shape, called on one (rows, cols) matrix at a
             time unless it has the attribute ``batched = True`` (then on (k, rows, cols) stacks).
         ns_steps: iterations of the orthogonalizer (default 5).
-        ns_dtype: working dtype of the orthogonalizer; None means float32 on CPU, bfloat16 on CUDA;
-            "auto" also picks bfloat16 on CPUs with native bfloat16 products (2x faster there,
-            a larger polar error; muonkit.orthogonalize.working_dtype).
+        ns_dtype: working dtype of the orthogonalizer; None means float32 on CPU, bfloat16 on CUDA
+            (float64 for float64 state); "auto" also picks bfloat16 on CPUs with native bfloat16
+            products (2x faster there, a larger polar error; muonkit.orthogonalize.working_dtype).
         layout: matrix view of the parameters: None (2D (out, in); 3D stacked (batch, out, in);
             4D/5D conv (out, in, *kernel)), "conv", "stacked", or a muonkit.Layout.
         variant: "muon" (default), "normuon" (one second moment per row of each matrix) or
@@ -428,6 +429,8 @@ class Muon(torch.optim.Optimizer):
                 )
             for group in self.param_groups:
                 group[SKIPPED] = group.get(SKIPPED, 0) + 1
+            if self.defaults["diagnostics"]:
+                self.last_stats = {}  # no parameter stepped
             return loss
         orthogonality = self._diagnose(plan)
         for item in plan:
@@ -436,6 +439,11 @@ class Muon(torch.optim.Optimizer):
         for item in plan:
             for p, state in zip(item.params, item.states):
                 self.state[p].update(state)
+            if item.group["use_muon"] and item.group["variant"] == "muon":
+                # A group switched to plain Muon drops its second moments, so that its state is the
+                # kind's (and loads back) and a later switch back starts them from zero.
+                for p in item.group["params"]:
+                    self.state[p].pop("second_moment", None)
             item.seeds = self._rounding_seeds(item)
             if not item.group["use_muon"]:
                 self._adamw_step(item)
@@ -448,6 +456,7 @@ class Muon(torch.optim.Optimizer):
                 if seed is not None:
                     self.state[p]["step"] += 1
         if self.defaults["diagnostics"]:
+            self._diagnosed_steps += 1
             self.last_stats = _collect(plan)
         return loss
 
@@ -458,14 +467,22 @@ class Muon(torch.optim.Optimizer):
         # applies), grads, and the state a loaded state dict left.
         plan = []
         position = -1
+        seen: dict[int, str] = {}  # id of each parameter -> where it is (a parameter steps once)
         for index, group in enumerate(self.param_groups):
             where = f"{'Muon' if group['use_muon'] else 'AdamW'} group {index}"
             check_options(group, where)
             names = group.get("param_names") or []
             names = names + [f"#{i}" for i in range(len(names), len(group["params"]))]
-            item = _GroupStep(group, [], [], [], [], [])
-            for name, p in zip(names, group["params"]):
+            given = len(group.get("param_names") or [])
+            item = _GroupStep(group, [], [], [], [], [], [])
+            for i, (name, p) in enumerate(zip(names, group["params"])):
                 position += 1
+                if id(p) in seen:
+                    raise ValueError(
+                        f"{where}: parameter '{name}' is also {seen[id(p)]}; a parameter belongs to one group, "
+                        "once (remove the one appended to param_groups[...]['params'])"
+                    )
+                seen[id(p)] = f"parameter '{name}' of {where}"
                 if p.grad is None:
                     continue
                 state = self.state.get(p, {})
@@ -477,6 +494,7 @@ class Muon(torch.optim.Optimizer):
                 check_state(p, {**state, **new}, group, name, where)
                 item.params.append(p)
                 item.names.append(name)
+                item.labels.append(name if i < given else f"group{index}.param{i}")
                 item.states.append(new)
                 item.grads.append(p.grad)
                 item.positions.append(position)
@@ -505,11 +523,11 @@ class Muon(torch.optim.Optimizer):
         """Prepare each group's statistics dicts; True when this step measures orthogonality."""
         if not self.defaults["diagnostics"]:
             return False
-        self._diagnosed_steps += 1
         for item in plan:
             item.stats = [{} for _ in item.params]
         every = self.defaults["orthogonality_every"]
-        return every > 0 and self._diagnosed_steps % every == 0
+        # The count moves when the step has applied (a step that raises is not counted).
+        return every > 0 and (self._diagnosed_steps + 1) % every == 0
 
     def _rounding_seeds(self, item: _GroupStep) -> list[int | None] | None:
         """Per parameter, the seed of this step's stochastic rounding (None: round to nearest),
@@ -546,17 +564,17 @@ class Muon(torch.optim.Optimizer):
         if self._distributed is not None:
             update_many = self._distributed.bind(
                 method=group["orthogonalizer"], steps=group["ns_steps"], dtype=group["ns_dtype"],
-                params=item.params, variant=group["variant"], beta2=group["beta2"],
-                eps=group["variant_eps"], second_moments=self._second_moments(item),
+                params=item.params, variant=group["variant"], beta2=_value(group["beta2"]),
+                eps=_value(group["variant_eps"]), second_moments=self._second_moments(item),
             )
         else:
             update_many = functional.local_update_many(
                 method=group["orthogonalizer"], steps=group["ns_steps"], dtype=group["ns_dtype"],
-                variant=group["variant"], beta2=group["beta2"], eps=group["variant_eps"],
+                variant=group["variant"], beta2=_value(group["beta2"]), eps=_value(group["variant_eps"]),
             )
         return functional.muon_directions(
             local_parts(item.grads), local_parts(self._state(item, "momentum_buffer")), layouts,
-            momentum=group["momentum"], nesterov=group["nesterov"], update_many=update_many,
+            momentum=_value(group["momentum"]), nesterov=group["nesterov"], update_many=update_many,
             variant=group["variant"], second_moments=local_parts(self._second_moments(item)),
             stats=item.stats, orthogonality=orthogonality, orthogonalizer=group["orthogonalizer"],
             ns_steps=group["ns_steps"], ns_dtype=group["ns_dtype"],
@@ -567,8 +585,8 @@ class Muon(torch.optim.Optimizer):
         assert item.directions is not None
         functional.apply_muon_(
             local_parts(item.params), local_parts(item.grads), local_parts(self._state(item, "momentum_buffer")), self._layouts(item),
-            item.directions, lr=_value(group["lr"]), momentum=group["momentum"],
-            weight_decay=group["weight_decay"], scale=group["scale"], rms=group["rms"],
+            item.directions, lr=_value(group["lr"]), momentum=_value(group["momentum"]),
+            weight_decay=_value(group["weight_decay"]), scale=group["scale"], rms=_value(group["rms"]),
             cautious_weight_decay=group["cautious_weight_decay"], second_moments=local_parts(self._second_moments(item)),
             shapes=[p.shape for p in item.params], rounding_seeds=item.seeds, stats=item.stats,
         )
@@ -581,17 +599,17 @@ class Muon(torch.optim.Optimizer):
             self._state(item, "momentum_buffer"),
             self._layouts(item),
             lr=_value(group["lr"]),
-            momentum=group["momentum"],
+            momentum=_value(group["momentum"]),
             nesterov=group["nesterov"],
-            weight_decay=group["weight_decay"],
+            weight_decay=_value(group["weight_decay"]),
             scale=group["scale"],
-            rms=group["rms"],
+            rms=_value(group["rms"]),
             orthogonalizer=group["orthogonalizer"],
             ns_steps=group["ns_steps"],
             ns_dtype=group["ns_dtype"],
             variant=group["variant"],
-            beta2=group["beta2"],
-            variant_eps=group["variant_eps"],
+            beta2=_value(group["beta2"]),
+            variant_eps=_value(group["variant_eps"]),
             second_moments=self._second_moments(item),
             cautious_weight_decay=group["cautious_weight_decay"],
             rounding_seeds=item.seeds,
@@ -612,7 +630,7 @@ class Muon(torch.optim.Optimizer):
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
-            weight_decay=group["weight_decay"],
+            weight_decay=_adamw_weight_decay(group),
             cautious_weight_decay=group["cautious_weight_decay"],
             rounding_seeds=item.seeds,
             stats=item.stats,
@@ -620,8 +638,16 @@ class Muon(torch.optim.Optimizer):
 
 
 def _value(x: Any) -> float:
-    """A hyperparameter as a Python float (a one-element tensor lr of any shape included)."""
+    """A hyperparameter as a Python float: Muon groups compute with floats, whatever one-element
+    tensor (of any shape) or NumPy number the checks accepted."""
     return float(x)
+
+
+def _adamw_weight_decay(group: dict[str, Any]) -> float | Tensor:
+    """An AdamW group's weight decay as torch's AdamW functional takes it, or as a float where cautious
+    weight decay computes with it."""
+    decay = group["weight_decay"]
+    return _value(decay) if group["cautious_weight_decay"] else decay
 
 
 def _adamw_lr(group: dict[str, Any]) -> float | Tensor:
@@ -635,9 +661,8 @@ def _adamw_lr(group: dict[str, Any]) -> float | Tensor:
 def _collect(plan: list[_GroupStep]) -> dict[str, dict[str, float]]:
     """Muon.last_stats from the 0-d tensors a step recorded, with one transfer to the host."""
     keys, values = [], []
-    for g, item in enumerate(plan):
-        for i, (name, stats) in enumerate(zip(item.names, item.stats or [])):
-            label = name if item.group.get("param_names") else f"group{g}.param{i}"
+    for item in plan:
+        for label, stats in zip(item.labels, item.stats or []):
             for key, value in stats.items():
                 keys.append((label, key))
                 values.append(value.detach().float().reshape(()).cpu())

@@ -56,21 +56,28 @@ def missing_state(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> di
 
     State exists from construction (so that every process has the same state_dict keys); entries
     appear later only for parameters appended to a group, groups whose variant, state_dtype or
-    stochastic_rounding was changed, and state dicts saved before a key existed.
+    stochastic_rounding was changed, and state dicts saved before a key existed. A second moment
+    of the other variant (NorMuon's per row, AdaMuon's per entry) is replaced by zeros.
     """
     dtype = state_dtype(p, group)
     shapes: dict[str, tuple[int, ...]] = {}
+    switched: tuple[int, ...] | None = None
     if group["use_muon"]:
         shapes["momentum_buffer"] = tuple(p.shape)
-        shape = functional.second_moment_shape(p.shape, resolve(group["layout"], p.ndim), group["variant"])
+        layout = resolve(group["layout"], p.ndim)
+        shape = functional.second_moment_shape(p.shape, layout, group["variant"])
         if shape is not None:
             shapes["second_moment"] = shape
+            other = "adamuon" if group["variant"] == "normuon" else "normuon"
+            switched = functional.second_moment_shape(p.shape, layout, other)  # type: ignore[arg-type]
     else:
         shapes["exp_avg"] = shapes["exp_avg_sq"] = tuple(p.shape)
     new: dict[str, Tensor] = {}
     for key, shape in shapes.items():
         held = state.get(key)
-        if held is None:
+        # The other variant's second moment (the group's variant was changed) starts again from zero.
+        if held is None or (key == "second_moment" and isinstance(held, Tensor) and tuple(held.shape) != shape
+                            and tuple(held.shape) == switched):
             new[key] = _zeros_like_sharded(p, shape, dtype)
         elif isinstance(held, Tensor) and held.is_floating_point() and held.dtype != dtype:
             new[key] = held.to(dtype)
@@ -138,14 +145,17 @@ def checked_state(state: dict[str, Any], p: Tensor, group: dict[str, Any], where
     shapes = state_shapes(p, group)
     required = MUON_STATE if group["use_muon"] else ADAMW_STATE
     # A Muon group keeps a step count only to seed stochastic rounding of 16-bit parameters; one
-    # saved with bfloat16 parameters may be loaded for float32 ones, which do not read it.
-    unknown = sorted(set(state) - set(shapes) - ({"step"} if group["use_muon"] else set()))
+    # saved with bfloat16 parameters may be loaded for float32 ones, which do not read it. A plain
+    # Muon group drops a second moment left by a variant it was switched from.
+    unknown = sorted(set(state) - set(shapes) - ({"step", "second_moment"} if group["use_muon"] else set()))
     if unknown or (state and not set(required) <= set(state)):
         raise ValueError(
             f"{where}: state has keys {sorted(state)}, but {'a Muon' if group['use_muon'] else 'an AdamW'} group's "
             f"state is {list(shapes)}; was the state dict saved from a different optimizer or group?"
         )
     state = dict(state)
+    if group["use_muon"] and group["variant"] == "muon":
+        state.pop("second_moment", None)
     step = state.get("step")
     if step is not None and not isinstance(step, Tensor):
         state["step"] = torch.tensor(number(step, "step", where), dtype=torch.float32)

@@ -63,7 +63,7 @@ class FashionMNIST(Task):
     batch_size = 32
     width = 96
     default_optimizers = ("muon", "adamw", "torch-muon")
-    lrs = {"muon": 3e-2, "normuon": 3e-2, "adamuon": 3e-2, "muon-kj": 3e-2, "adamw": 3e-2, "sgd": 1.0, "torch-muon": 3e-2}
+    lrs = {"muon": 1e-2, "normuon": 3e-2, "adamuon": 3e-2, "muon+cwd": 3e-2, "normuon+cwd": 1e-2, "muon-kj": 3e-2, "adamw": 1e-2, "sgd": 1.0, "torch-muon": 3e-2}
     sweep_grid = {"muon": (3e-3, 1e-2, 3e-2, 1e-1), "normuon": (3e-3, 1e-2, 3e-2, 1e-1), "adamuon": (3e-3, 1e-2, 3e-2, 1e-1), "muon-kj": (1e-2, 3e-2, 1e-1), "adamw": (1e-3, 3e-3, 1e-2, 3e-2),
                   "sgd": (1e-2, 3e-2, 1e-1, 3e-1), "torch-muon": (3e-2,)}
     # torch-muon's own lr is unused here: torch.optim.Muon takes only 2D matrices and this network's

@@ -60,7 +60,7 @@ class Modular(Task):
     stop_at_target = True
     supports_qk_clip = True
     default_optimizers = ("muon", "adamw")
-    lrs = {"muon": 3e-2, "normuon": 3e-2, "adamuon": 3e-2, "muon-kj": 1e-1, "adamw": 1e-2, "sgd": 1e-1, "torch-muon": 3e-2}
+    lrs = {"muon": 3e-2, "normuon": 1e-2, "adamuon": 1e-2, "muon+cwd": 1e-2, "muon-kj": 1e-1, "adamw": 1e-2, "sgd": 1e-1, "torch-muon": 3e-2}
     sweep_grid = {"muon": (3e-3, 1e-2, 3e-2, 1e-1), "normuon": (3e-3, 1e-2, 3e-2, 1e-1), "adamuon": (3e-3, 1e-2, 3e-2, 1e-1), "muon-kj": (3e-2, 1e-1, 3e-1, 1.0),
                   "adamw": (1e-3, 3e-3, 1e-2, 3e-2), "sgd": (1e-2, 3e-2, 1e-1, 0.3), "torch-muon": (1e-2, 3e-2, 1e-1)}
 

@@ -1,7 +1,7 @@
 """Optimizer memory: state bytes per parameter byte, and the peak extra memory of one step.
 
 Run:
-    /work/venv/bin/python benchmarks/bench_memory.py [--threads 2] [--skip-torch-muon] [--write-results]
+    python benchmarks/bench_memory.py [--threads 2] [--skip-torch-muon] [--write-results]
 
 Prints two Markdown tables. State: bytes of optimizer state per byte of parameters for one
 GPT-2-small block (six matrices on Muon, eight vectors on AdamW) after a step. Peak: the largest

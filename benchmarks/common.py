@@ -1,8 +1,9 @@
 """Shared helpers of the benchmark scripts: thread setup, interleaved timing, tables, errors.
 
 Timing on a shared machine is noisy, so every script times its candidates round-robin in one
-process (warm-up first, then `repeats` rounds, each candidate once per round) and reports the
-median; ratios between candidates timed this way are far steadier than absolute times.
+process (warm-up first, then `repeats` rounds, each candidate once per round, the order reversed
+every other round) and reports the median; a ratio between two candidates is the median of their
+per-round ratios (`median_ratio`), which is far steadier than a ratio of medians.
 """
 
 from __future__ import annotations
@@ -23,71 +24,101 @@ class Timing:
     low: float
     high: float
     runs: int
+    samples: tuple[float, ...] = ()  # one time per round, in round order
 
 
-def setup(threads: int = 2) -> str:
+def median_ratio(a: Timing, b: Timing) -> float:
+    """Median over rounds of a's time over b's time in the same round (both from one
+    `time_interleaved` call); the ratio of the medians for timings without matching rounds."""
+    if a.samples and len(a.samples) == len(b.samples):
+        return statistics.median(x / y for x, y in zip(a.samples, b.samples))
+    return a.median / b.median
+
+
+def setup(threads: int = 2, device: str = "cpu") -> str:
     """Fix the thread count and return one line describing how the numbers were measured."""
     torch.set_num_threads(threads)
-    return environment()
+    return environment(device)
 
 
-def environment() -> str:
+def environment(device: str = "cpu") -> str:
+    """CPU model and the flags that decide bf16 speed, cores, GPU, torch, threads, load average."""
     cpu = platform.processor() or platform.machine()
+    flags = ["CPU flags unknown"]
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            lines = f.read().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        present = next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags"))
+        flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in present]
     except (OSError, StopIteration):
         pass
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    gpu = f", {torch.cuda.get_device_name()}" if device == "cuda" else ""
     return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"load average {load}"
+        f"{cpu} ({', '.join(flags) or 'no AVX2'}), {os.cpu_count()} cores{gpu}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load average {load}"
     )
 
 
 def time_interleaved(
-    candidates: Mapping[str, Callable[[], object]], *, repeats: int = 5, warmup: int = 1
+    candidates: Mapping[str, Callable[[], object]],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    sync: Callable[[], object] | None = None,
 ) -> dict[str, Timing]:
-    """Median wall time of each candidate, timed round-robin so all see the same machine load."""
+    """Wall time of each candidate, timed round-robin so all see the same machine load; the order
+    is reversed every other round so that no candidate always runs after the same one. `sync`
+    (torch.cuda.synchronize on a GPU) runs before each clock reading."""
+    sync = sync or (lambda: None)
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
+    names = list(candidates)
+    for round_ in range(repeats):
+        for name in names if round_ % 2 == 0 else reversed(names):
+            sync()
             start = time.perf_counter()
-            fn()
+            candidates[name]()
+            sync()
             times[name].append(time.perf_counter() - start)
     return {
-        name: Timing(statistics.median(ts), min(ts), max(ts), len(ts)) for name, ts in times.items()
+        name: Timing(statistics.median(ts), min(ts), max(ts), len(ts), tuple(ts)) for name, ts in times.items()
     }
 
 
-def gemm(size: int = 1024, dtype: torch.dtype = torch.float32) -> tuple[Callable[[], object], float]:
+def gemm(size: int = 1024, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[Callable[[], object], float]:
     """A square matrix product to time beside the candidates, and its flop count: the peak."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    out = torch.empty(size, size, dtype=dtype)
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    out = torch.empty(size, size, dtype=dtype, device=device)
     return (lambda: torch.mm(a, b, out=out)), 2.0 * size**3
 
 
-def bf16_slowdown(size: int = 512, repeats: int = 5) -> float:
-    """Median time of a bfloat16 square matrix product over the float32 one on this machine:
-    ~0.4 on CPUs with AVX-512 BF16, 50-100 on AVX2-only ones."""
-    fns = {str(dtype): gemm(size, dtype)[0] for dtype in (torch.float32, torch.bfloat16)}
-    t = time_interleaved(fns, repeats=repeats)
-    return t[str(torch.bfloat16)].median / t[str(torch.float32)].median
+def device_sync(device: str) -> Callable[[], object] | None:
+    """What `time_interleaved` must call around each timing on `device`."""
+    return torch.cuda.synchronize if device == "cuda" else None
+
+
+def bf16_slowdown(size: int = 512, repeats: int = 5, device: str = "cpu") -> float:
+    """Median time of a bfloat16 square matrix product over the float32 one on this device:
+    0.34-0.46 on CPUs with AVX-512 BF16, 50-100 on AVX2-only ones."""
+    fns = {str(dtype): gemm(size, dtype, device)[0] for dtype in (torch.float32, torch.bfloat16)}
+    t = time_interleaved(fns, repeats=repeats, sync=device_sync(device))
+    return median_ratio(t[str(torch.bfloat16)], t[str(torch.float32)])
 
 
 def polar_factor(G: torch.Tensor) -> torch.Tensor:
     """Exact U V^T of each matrix (float64 SVD)."""
-    U, _, Vh = torch.linalg.svd(G.detach().double(), full_matrices=False)
+    U, _, Vh = torch.linalg.svd(G.detach().cpu().double(), full_matrices=False)
     return U @ Vh
 
 
 def polar_error(O: torch.Tensor, G: torch.Tensor) -> float:
     """max over matrices of ||O - U V^T||_F / ||U V^T||_F for the exact polar factor of G."""
     exact = polar_factor(G)
-    err = torch.linalg.matrix_norm(O.double() - exact) / torch.linalg.matrix_norm(exact)
+    err = torch.linalg.matrix_norm(O.detach().cpu().double() - exact) / torch.linalg.matrix_norm(exact)
     return float(err.max())
 
 

@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 # Coefficient schedules (a, b, c) and input normalization X / (s ||X||_F + eps), from REFERENCE.md
-# section 3 (eps 1e-6 for Polar Express; 1e-7, Keller Jordan's, for the others).
+# section 3 (eps 1e-6 for Polar Express; 1e-7, Keller Jordan's, for the others), applied after
+# dividing X by the power of two at its largest entry (docs/API.md: every finite input gives its
+# polar factor).
 KELLER_JORDAN = [(3.4445, -4.7750, 2.0315)] * 5
 POLAR_EXPRESS = [
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -98,11 +100,14 @@ def apply_spectral(G: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor]) -
 
 
 def ns_spectral(G: torch.Tensor, method: str, steps: int = 5) -> torch.Tensor:
-    """What an exact-arithmetic Newton-Schulz schedule returns: U p(S / (s ||G||_F + eps)) V^T."""
+    """What an exact-arithmetic Newton-Schulz schedule returns: U p(S' / (s ||G'||_F + eps)) V^T
+    for G' = G / 2^floor(log2 max|g|) (per matrix; S' the singular values of G')."""
     _, s, eps = SCHEDULES[method]
-    fro = torch.linalg.matrix_norm(G.detach().to(torch.float64), ord="fro", keepdim=True)
-    fro = fro.squeeze(-1)
-    return apply_spectral(G, lambda S: scalar_poly(method, S / (s * fro + eps), steps))
+    G64 = G.detach().to(torch.float64)
+    peak = G64.abs().amax(dim=(-2, -1)).unsqueeze(-1)
+    scale = torch.where(peak > 0, torch.exp2(torch.floor(torch.log2(peak))), torch.ones_like(peak))
+    fro = torch.linalg.matrix_norm(G64, ord="fro").unsqueeze(-1) / scale
+    return apply_spectral(G, lambda S: scalar_poly(method, S / scale / (s * fro + eps), steps))
 
 
 def spectral_response(G: torch.Tensor, O: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ normalized singular values sigma/||X||_F of its band to the image REFERENCE.md s
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -377,14 +378,177 @@ def test_svd_with_bfloat16_compute_dtype():
 
 @pytest.mark.parametrize("method,eps", [("polar_express", 1e-6), ("keller_jordan", 1e-7), ("you", 1e-7)])
 def test_normalization_eps_is_the_schedules_own(method, eps):
-    """X / (||X||_F * s + eps) with REFERENCE.md section 3's eps per schedule (Polar Express 1e-6):
-    on a matrix whose norm is comparable to eps, the eps decides the output, so a float64
-    iteration written here with that eps is the oracle."""
+    """Y / (||Y||_F * s + eps) for Y = X / 2^floor(log2 max|x|), with REFERENCE.md section 3's eps
+    per schedule (Polar Express 1e-6): a float64 iteration written here with that eps is the
+    oracle to 1e-12, and the other schedules' eps would miss it by more than 1e-9 (so the eps is
+    seen)."""
     safety = {"polar_express": 1.02, "keller_jordan": 1.0, "you": 1.0}[method]
     G = make_matrix((16, 32), "random", seed=7, dtype=torch.float64) * 1e-6 / 16
-    X = G / (torch.linalg.matrix_norm(G) * safety + eps)
-    for a, b, c in schedule(method):
-        A = X @ X.T
-        X = a * X + (b * A + c * A @ A) @ X
+
+    def oracle(eps):
+        Y = G / 2.0 ** math.floor(math.log2(G.abs().max().item()))
+        X = Y / (torch.linalg.matrix_norm(Y) * safety + eps)
+        for a, b, c in schedule(method):
+            A = X @ X.T
+            X = a * X + (b * A + c * A @ A) @ X
+        return X
+
     O = muonkit.orthogonalize(G, method, dtype=torch.float64)
-    assert (O - X).abs().max().item() < 1e-12
+    assert (O - oracle(eps)).abs().max().item() < 1e-12
+    other = 1e-7 if eps == 1e-6 else 1e-6
+    assert (O - oracle(other)).abs().max().item() > 1e-9
+
+
+# ---- every finite input (issue 11, item 5) ---------------------------------------------------
+
+NS_AND_GRAM = NS_METHODS + ["gram"]
+
+
+@pytest.mark.parametrize("exponent", [66, 100, -100], ids=lambda k: f"2^{k}")
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_scaling_by_a_power_of_two_changes_no_bit(method, exponent):
+    """The polar factor does not depend on scale, and a power of two scales exactly: the output
+    for 2^k G is the output for G, bit for bit. 2^66 G has entries near 1e20 and ||G||_F = inf in
+    float32 (a Frobenius-only normalization gives zeros); at 2^-100 a normalization eps of 1e-6
+    would swamp ||G||_F ~ 1e-29."""
+    G = make_matrix((2, 16, 32), "random", seed=20)
+    scaled = G * 2.0**exponent
+    assert torch.isfinite(scaled).all() and torch.equal(scaled * 2.0**-exponent, G)
+    assert torch.equal(muonkit.orthogonalize(scaled, method), muonkit.orthogonalize(G, method))
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e30, 1e-30, 1e-40], ids=str)
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_huge_and_tiny_inputs_against_the_oracle(method, scale):
+    """float32 inputs near 1e20, 1e30, 1e-30 and subnormal ones (1e-40, 23 bits fewer): the
+    oracles are computed in float64 from the very values the kernel gets, so subnormal rounding
+    of the input is not counted against it; tolerance FP32_SLACK (svd: its fp32 round-off)."""
+    G = (make_matrix((3, 12, 20), "random", seed=21, dtype=torch.float64) * scale).float()
+    assert torch.isfinite(G).all() and G.abs().max() > 0
+    O = muonkit.orthogonalize(G, method)
+    assert torch.isfinite(O).all()
+    if method == "svd":
+        assert (O.double() - polar_factor(G)).abs().max().item() <= 1e-5
+        in_fp32 = muonkit.orthogonalize(G, "svd", dtype=torch.float32)  # LAPACK's own scaling
+        assert (in_fp32.double() - polar_factor(G)).abs().max().item() <= 1e-5
+    else:
+        expected = ns_spectral(G, "polar_express" if method == "gram" else method)
+        assert (O.double() - expected).abs().max().item() <= FP32_SLACK
+
+
+@pytest.mark.parametrize("method", NS_AND_GRAM)
+def test_stacked_paths_take_huge_and_tiny_inputs(method):
+    """The stacked paths (functional.batched_orthogonalize, orthogonalize_ on an empty_work buffer)
+    normalize each matrix by its own largest entry: a huge, a tiny and an ordinary matrix in one
+    stack each give their polar factor, bit for bit what orthogonalize gives each alone."""
+    from muonkit import functional
+    from muonkit.orthogonalize import empty_work, orthogonalize_
+
+    base = make_matrix((3, 24, 40), "random", seed=22, dtype=torch.float64)
+    G = (base * torch.tensor([1e20, 1e-30, 1.0], dtype=torch.float64).view(3, 1, 1)).float()
+    stacked = functional.batched_orthogonalize([G[i : i + 1] for i in range(3)], method=method, steps=5, dtype=None)
+    X = empty_work(3, 24, 40, dtype=torch.float32)
+    X.copy_(G)
+    in_place = orthogonalize_(X, method)
+    expected = ns_spectral(G, "polar_express" if method == "gram" else method)
+    for i in range(3):
+        alone = muonkit.orthogonalize(G[i], method)
+        assert torch.equal(stacked[i][0], alone) and torch.equal(in_place[i], alone)
+        assert (alone.double() - expected[i]).abs().max().item() <= FP32_SLACK
+
+
+# ---- what orthogonalize accepts (issue 11, item 6) -------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64], ids=str)
+@pytest.mark.parametrize("method", ALL_METHODS + ["callable"])
+def test_integer_bool_and_complex_inputs_are_refused(method, dtype):
+    G = torch.ones(4, 6, dtype=dtype)
+    with pytest.raises(TypeError, match=str(dtype)):
+        muonkit.orthogonalize(G, (lambda X, steps: X) if method == "callable" else method)
+
+
+def test_non_tensor_input_is_refused():
+    with pytest.raises(TypeError, match="tensor"):
+        muonkit.orthogonalize(np.ones((4, 6), dtype=np.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, "bf16", 16, torch.complex64], ids=str)
+def test_bad_working_dtype_is_refused(dtype):
+    with pytest.raises(ValueError, match="dtype"):
+        muonkit.orthogonalize(torch.randn(4, 6), dtype=dtype)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS + ["callable"])
+def test_requires_grad_input_is_orthogonalized_without_autograd(method):
+    """One behaviour for every method (docs/API.md): orthogonalize runs without autograd, as an
+    optimizer step does; the output is the one for the same values without requires_grad, does
+    not require grad, and nothing reaches G.grad."""
+    def own(X, steps):
+        return X / torch.linalg.matrix_norm(X, keepdim=True)
+
+    chosen = own if method == "callable" else method
+    plain = make_matrix((2, 6, 10), "random", seed=23)
+    G = plain.clone().requires_grad_()
+    with torch.enable_grad():
+        O = muonkit.orthogonalize(G, chosen)
+    assert not O.requires_grad and O.grad_fn is None
+    assert torch.equal(O, muonkit.orthogonalize(plain, chosen))
+    assert G.grad is None
+
+
+# ---- the working dtype -------------------------------------------------------------------------
+
+
+def test_cpu_fast_bfloat16_reads_the_cpu_flags():
+    """AVX512_BF16 or AMX-BF16 in /proc/cpuinfo (and oneDNN in torch) means native bf16 products."""
+    from muonkit.orthogonalize import CPU_FAST_BFLOAT16, cpu_has_fast_bfloat16
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        text = ""
+    flags = {w for line in text.splitlines() if line.startswith("flags") for w in line.split()}
+    expected = bool(flags & {"avx512_bf16", "amx_bf16"}) and torch.backends.mkldnn.is_available()
+    assert cpu_has_fast_bfloat16() is expected and CPU_FAST_BFLOAT16 is expected
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["bf16-cpu", "fp32-only-cpu"])
+def test_auto_working_dtype(monkeypatch, fast):
+    """"auto": bfloat16 on a CPU with native bf16 products, float32 on others; float64 input stays
+    float64; an explicit dtype wins; None stays float32 on every CPU (issue 2: fp32 by default)."""
+    kernels = importlib.import_module("muonkit.orthogonalize")  # the module, not the function
+    monkeypatch.setattr(kernels, "CPU_FAST_BFLOAT16", fast)
+    x32, x64 = torch.randn(4, 6), torch.randn(4, 6, dtype=torch.float64)
+    auto = torch.bfloat16 if fast else torch.float32
+    assert kernels.working_dtype(x32, "auto") == auto
+    assert kernels.working_dtype(x32.bfloat16(), "auto") == auto
+    assert kernels.working_dtype(x64, "auto") == torch.float64
+    assert kernels.working_dtype(x32, None) == torch.float32
+    assert kernels.working_dtype(x32, torch.float64) == torch.float64
+    G = make_matrix((6, 10), "random", seed=24)
+    assert torch.equal(muonkit.orthogonalize(G, dtype="auto"), muonkit.orthogonalize(G, dtype=auto))
+    assert torch.equal(muonkit.orthogonalize(G, "svd", dtype="auto"), muonkit.orthogonalize(G, "svd"))
+
+
+def test_muon_takes_ns_dtype_auto():
+    w = torch.nn.Parameter(torch.randn(8, 16))
+    w.grad = torch.randn(8, 16)
+    muonkit.Muon([w], lr=0.02, ns_dtype="auto").step()
+    assert torch.isfinite(w).all()
+    with pytest.raises(ValueError, match="ns_dtype"):
+        muonkit.Muon([w], ns_dtype="fast")
+
+
+# ---- torch.compile -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 12), (64, 96)], ids=str)
+@pytest.mark.parametrize("dtype", [None, "auto"], ids=str)
+def test_orthogonalize_compiles_without_graph_breaks(shape, dtype):
+    """Issue 13: reading a buffer's address (alignment check of the small-matrix path) broke the
+    graph; so did detecting bf16 support. torch._dynamo.explain counts the breaks."""
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(muonkit.orthogonalize)(torch.randn(shape), dtype=dtype)
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]

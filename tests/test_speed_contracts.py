@@ -6,12 +6,16 @@
   the step over its matrices as separate parameters, bit for bit.
 - The default schedule switches to Gram Newton-Schulz on wide matrices only where it equals the
   standard iteration to float32 round-off.
+- The benchmarks measure what they say: the textbook yardstick of bench_step.py is Keller Jordan's
+  quintic, and the minimax schedules behind bench_levers.py's AOL verdict keep their stated error.
 - Memory: Muon keeps one buffer per matrix; a step holds at most three matrix-sized temporaries
   (counted by a dispatch mode that follows every storage an op allocates until it is freed), and
   a Newton-Schulz step allocates nothing.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -208,3 +212,69 @@ def test_live_bytes_counts_new_storages_until_freed():
     assert tracker.peak == 8000 and tracker.live == 4000 and tracker.allocations == 2
     del doubled
     assert tracker.live == 0
+
+
+# ---- the measuring instruments of benchmarks/bench_levers.py and bench_step.py -------------------
+
+
+def _load_benchmark(name):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
+
+
+@pytest.mark.parametrize("lo,steps", [(1e-3, 5), (4e-3 / 1.02, 4), (0.05, 3)])
+def test_greedy_minimax_schedule_keeps_its_stated_error(lo, steps):
+    """The AOL verdict rests on greedy_schedule: its schedule maps [lo, 1] into [1 - E, 1 + E] for
+    the E it reports (checked on a dense float64 grid), and E is attained (the bound is tight)."""
+    levers = _load_benchmark("bench_levers")
+    schedule, error = levers.greedy_schedule(lo, steps)
+    x = torch.logspace(math.log10(lo), 0, 200_001, dtype=torch.float64)
+    for a, b, c in schedule:
+        x = a * x + b * x**3 + c * x**5
+    deviation = (x - 1).abs().max().item()
+    assert deviation <= error + 1e-9 and deviation >= error - 1e-6, (deviation, error)
+
+
+def test_lowest_edge_brackets_the_error():
+    """lowest_edge(4, E) is the smallest lower edge whose 4-step greedy schedule stays within E."""
+    levers = _load_benchmark("bench_levers")
+    edge = levers.lowest_edge(4, 0.141)
+    assert levers.greedy_schedule(edge, 4)[1] <= 0.141 < levers.greedy_schedule(edge * 0.95, 4)[1]
+
+
+def test_symmetric_half_product_is_the_product():
+    levers = _load_benchmark("bench_levers")
+    g = torch.Generator().manual_seed(9)
+    X = torch.randn(37, 50, generator=g, dtype=torch.float64)
+    A = X @ X.T
+    assert torch.allclose(levers._symmetric_product(X, X.T), A, rtol=0, atol=1e-12)
+    assert torch.allclose(levers._symmetric_product(A, A), A @ A, rtol=1e-13, atol=0)
+
+
+def test_textbook_orthogonalizer_is_keller_jordans_quintic():
+    """bench_step's yardstick: 5 steps of (3.4445, -4.7750, 2.0315) after X / (||X||_F + 1e-7), in
+    float32, tall inputs transposed: equal to a float64 iteration up to fp32 round-off."""
+    bench_step = _load_benchmark("bench_step")
+    g = torch.Generator().manual_seed(10)
+    for shape in [(24, 40), (40, 24)]:
+        G = torch.randn(shape, generator=g, dtype=torch.float64)
+        X = G.T if shape[0] > shape[1] else G
+        X = X / (X.norm() + 1e-7)
+        for _ in range(5):
+            A = X @ X.T
+            X = 3.4445 * X + (-4.7750 * A + 2.0315 * A @ A) @ X
+        X = X.T if shape[0] > shape[1] else X
+        out = bench_step.newton_schulz5(G.float())
+        assert out.dtype == torch.float32 and (out.double() - X).abs().max().item() < 1e-4

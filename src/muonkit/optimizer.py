@@ -29,7 +29,7 @@ from .options import (
     local_parts,
     split_names,
 )
-from .orthogonalize import Orthogonalizer
+from .orthogonalize import NsDtype, Orthogonalizer
 from .scaling import Scale
 from .state import (
     check_state,
@@ -92,7 +92,8 @@ class Muon(torch.optim.Optimizer):
             time unless it has the attribute ``batched = True`` (then on (k, rows, cols) stacks).
         ns_steps: iterations of the orthogonalizer (default 5).
         ns_dtype: working dtype of the orthogonalizer; None means float32 on CPU, bfloat16 on CUDA
-            (float64 for float64 state).
+            (float64 for float64 state); "auto" also picks bfloat16 on CPUs with native bfloat16
+            products (2x faster there, a larger polar error; muonkit.orthogonalize.working_dtype).
         layout: matrix view of the parameters: None (2D (out, in); 3D stacked (batch, out, in);
             4D/5D conv (out, in, *kernel)), "conv", "stacked", or a muonkit.Layout.
         variant: "muon" (default), "normuon" (one second moment per row of each matrix) or
@@ -145,7 +146,7 @@ class Muon(torch.optim.Optimizer):
         rms: float = 0.2,
         orthogonalizer: Orthogonalizer = "polar_express",
         ns_steps: int = 5,
-        ns_dtype: torch.dtype | None = None,
+        ns_dtype: NsDtype = None,
         layout: LayoutSpec = None,
         variant: Variant = "muon",
         beta2: float = 0.95,

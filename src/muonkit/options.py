@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .functional import VARIANTS
 from .layout import LAYOUT_NAMES, Layout, matrix_shape, resolve
-from .orthogonalize import ORTHOGONALIZERS
+from .orthogonalize import ORTHOGONALIZERS, check_ns_dtype
 from .scaling import SCALES
 
 MUON_KEYS = (
@@ -156,9 +156,7 @@ def check_muon_options(options: dict[str, Any], where: str) -> None:
         valid = False
     if not valid:
         raise ValueError(f"{where}: ns_steps must be an int >= 0, got {steps!r}")
-    ns_dtype = options["ns_dtype"]
-    if ns_dtype is not None and not (isinstance(ns_dtype, torch.dtype) and ns_dtype.is_floating_point):
-        raise ValueError(f"{where}: ns_dtype must be None or a floating torch.dtype, got {ns_dtype!r}")
+    check_ns_dtype(options["ns_dtype"], f"{where}: ns_dtype")
     layout = options["layout"]
     if layout is not None and layout not in LAYOUT_NAMES and not isinstance(layout, Layout):
         raise ValueError(

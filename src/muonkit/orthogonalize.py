@@ -1,7 +1,9 @@
 """Orthogonalizers: tensor in, approximate polar factor out.
 
 Every function here is pure: the input is never modified, the output has the input's shape and
-dtype, leading dimensions are a batch of independent matrices, and a zero matrix maps to zero.
+dtype, leading dimensions are a batch of independent matrices, a zero matrix maps to zero, and the
+output does not depend on the input's scale (each matrix is divided by the power of two at its
+largest entry before the Frobenius normalization, so every finite input gives its polar factor).
 
 For a matrix X = U S V^T the polar factor is U V^T. The quintic Newton-Schulz iteration
 X <- a X + (b A + c A^2) X with A = X X^T applies p(s) = a s + b s^3 + c s^5 to every singular
@@ -27,6 +29,9 @@ from torch import Tensor
 Coefficients = tuple[float, float, float]
 Method = Literal["polar_express", "keller_jordan", "you", "gram", "svd"]
 Orthogonalizer = Union[Method, Callable[[Tensor, int], Tensor]]
+# A working dtype: a floating torch.dtype, None (float32 on CPU, bfloat16 on CUDA) or "auto"
+# (bfloat16 also on CPUs that multiply it natively); see `working_dtype`.
+NsDtype = Union[torch.dtype, Literal["auto"], None]
 
 # (a, b, c) per step. After the last listed step a schedule repeats its tail entry.
 SCHEDULES: dict[str, tuple[Coefficients, ...]] = {
@@ -53,11 +58,12 @@ SCHEDULES: dict[str, tuple[Coefficients, ...]] = {
     ),
 }
 
-# Divide by ||X||_F * safety: Polar Express was tuned for inputs with spectral norm <= 1/1.02,
-# which leaves room for bf16 round-off.
+# Divide by ||X||_F * safety (after scaling max |x| into [1, 2), see `_normalize_`): Polar Express was tuned
+# for inputs with spectral norm <= 1/1.02, which leaves room for bf16 round-off.
 SAFETY: dict[str, float] = {"keller_jordan": 1.0, "polar_express": 1.02, "you": 1.0}
-# ... + eps, so that a zero matrix stays zero: Keller Jordan's 1e-7, Polar Express's 1e-6 (its paper's
-# reference code; REFERENCE.md section 3).
+# ... + eps: Keller Jordan's 1e-7, Polar Express's 1e-6 (its paper's reference code; REFERENCE.md
+# section 3). After that scaling the norm is at least 1, so eps shifts the normalized singular
+# values by at most this much, relatively.
 EPS: dict[str, float] = {"keller_jordan": 1e-7, "polar_express": 1e-6, "you": 1e-7}
 
 DEFAULT_STEPS = 5
@@ -86,13 +92,48 @@ def coefficient_schedule(name: str, steps: int) -> list[Coefficients]:
     return [table[min(i, len(table) - 1)] for i in range(steps)]
 
 
-def working_dtype(tensor: Tensor, dtype: torch.dtype | None) -> torch.dtype:
-    """float64 stays float64; otherwise float32 on CPU and bfloat16 on CUDA unless given."""
-    if dtype is not None:
+def cpu_has_fast_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively: its /proc/cpuinfo flags name
+    AVX512_BF16 or AMX-BF16 and torch has oneDNN to use them (False where /proc/cpuinfo does not
+    exist). There a bfloat16 product took 0.34-0.43 of the float32 time (AMD EPYC with AVX512_BF16,
+    benchmarks/RESULTS.md); on AVX2-only CPUs it took 50-100 times as long.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# Read once at import: torch.compile cannot trace the file read, and the answer does not change.
+CPU_FAST_BFLOAT16 = cpu_has_fast_bfloat16()
+
+
+def working_dtype(tensor: Tensor, dtype: NsDtype) -> torch.dtype:
+    """The dtype Newton-Schulz iterates in for `tensor`.
+
+    A torch.dtype is used as given. Otherwise float64 input stays float64; on CUDA it is bfloat16;
+    elsewhere float32, except that "auto" picks bfloat16 on a CPU with native bfloat16 products
+    (CPU_FAST_BFLOAT16, from `cpu_has_fast_bfloat16`). "auto" is not the default: bfloat16 is 2x
+    faster there, but its polar error is larger than float32's, up to 16% on real momentum
+    (benchmarks/RESULTS.md, Levers).
+
+    Example:
+        >>> working_dtype(torch.zeros(2, 2), None)
+        torch.float32
+    """
+    if isinstance(dtype, torch.dtype):
         return dtype
     if tensor.dtype == torch.float64:
         return torch.float64
-    return torch.bfloat16 if tensor.device.type == "cuda" else torch.float32
+    if tensor.device.type == "cuda":
+        return torch.bfloat16
+    if dtype == "auto" and tensor.device.type == "cpu" and CPU_FAST_BFLOAT16:
+        return torch.bfloat16
+    return torch.float32
 
 
 def uses_gram(rows: int, cols: int) -> bool:
@@ -129,7 +170,7 @@ def _stack(batch: int, m: int, n: int, *, dtype: torch.dtype, device: torch.devi
     return torch.empty(batch * step, dtype=dtype, device=device).as_strided((batch, m, n), (step, n, 1))
 
 
-def _work_copy(G: Tensor, dtype: torch.dtype | None) -> Tensor:
+def _work_copy(G: Tensor, dtype: NsDtype) -> Tensor:
     """G as a fresh (batch, rows, cols) work buffer in the working dtype."""
     X = empty_work(G[..., 0, 0].numel(), G.size(-2), G.size(-1), dtype=working_dtype(G, dtype), device=G.device)
     return X.copy_(G.reshape(X.shape))
@@ -140,6 +181,17 @@ def _like(X: Tensor, m: int, n: int) -> Tensor:
 
 
 def _normalize_(X: Tensor, safety: float, eps: float) -> None:
+    """X <- Y / (||Y||_F * safety + eps) with Y = X / 2^floor(log2 max |x|), each matrix on its own.
+
+    The polar factor does not depend on scale, and dividing by (the power of two at) the largest
+    entry first makes 1 <= max |y| < 2 and ||Y||_F <= 2 sqrt(m n) for every finite nonzero X: in
+    float32 an X with entries near 1e20 has ||X||_F = inf (which would give zeros), and one near
+    1e-30 would be swamped by eps. A power of two divides exactly, so Y / ||Y||_F has the bits
+    of X / ||X||_F wherever eps does not change the rounded denominator. A zero matrix stays zero.
+    """
+    peak = torch.linalg.vector_norm(X, float("inf"), dim=(-2, -1), keepdim=True)
+    scale = torch.exp2(torch.floor(torch.log2(peak)))
+    X.div_(scale.masked_fill_(peak == 0, 1.0))
     norm = torch.linalg.matrix_norm(X, keepdim=True)
     X.div_(norm.mul_(safety).add_(eps))
 
@@ -238,15 +290,22 @@ def _iterate_(X: Tensor, kernel: Kernel, schedule: Sequence[Coefficients], safet
     transposed = X.size(-2) > X.size(-1)
     W = X.mT if transposed else X
     m, n = W.shape[-2:]
-    if W.stride() != (_matrix_step(m, n, W.dtype), n, 1) or W.data_ptr() % _ALIGN_BYTES:
+    if W.stride() != (_matrix_step(m, n, W.dtype), n, 1) or _misaligned(W):
         W = _like(W, m, n).copy_(W)
     _normalize_(W, safety, eps)
     W = kernel(W, schedule)
     return W.mT if transposed else W
 
 
+def _misaligned(W: Tensor) -> bool:
+    """Whether W's first matrix is off a 64-byte boundary. Under torch.compile this is False
+    without reading the address (a graph break): compiled code is not bit-identical to eager
+    anyway (benchmarks/RESULTS.md), and buffers from `empty_work` are aligned."""
+    return not torch.compiler.is_compiling() and W.data_ptr() % _ALIGN_BYTES != 0
+
+
 def _run(G: Tensor, kernel: Kernel, schedule: Sequence[Coefficients], safety: float, eps: float,
-         dtype: torch.dtype | None) -> Tensor:
+         dtype: NsDtype) -> Tensor:
     return _iterate_(_work_copy(G, dtype), kernel, schedule, safety, eps).reshape(G.shape).to(G.dtype)
 
 
@@ -256,7 +315,7 @@ def newton_schulz(
     *,
     safety: float = 1.0,
     eps: float = 1e-7,
-    dtype: torch.dtype | None = None,
+    dtype: NsDtype = None,
 ) -> Tensor:
     """Quintic Newton-Schulz with one (a, b, c) per step, on the wide orientation of G.
 
@@ -271,7 +330,7 @@ def gram_newton_schulz(
     *,
     safety: float = 1.0,
     eps: float = 1e-7,
-    dtype: torch.dtype | None = None,
+    dtype: NsDtype = None,
 ) -> Tensor:
     """Newton-Schulz on the small Gram matrix: the same polynomial, fewer m x n products.
 
@@ -309,8 +368,9 @@ def orthogonalize_(X: Tensor, method: Method = "polar_express", steps: int | Non
 def svd_polar(G: Tensor, *, dtype: torch.dtype | None = torch.float64) -> Tensor:
     """Exact polar factor U V^T by SVD (float64 by default); zero singular values map to zero.
 
-    torch has no SVD in 16-bit floats: for those the SVD runs in float32 and the factor is rounded
-    to the requested dtype.
+    LAPACK scales its input internally, so every finite input gives its polar factor (tested from
+    1e-40 to 1e30 in float32). torch has no SVD in 16-bit floats: for those the SVD runs in float32
+    and the factor is rounded to the requested dtype.
     """
     work = dtype if dtype is not None else working_dtype(G, None)
     rounding = work if work.itemsize < 4 else None
@@ -326,35 +386,53 @@ def svd_polar(G: Tensor, *, dtype: torch.dtype | None = torch.float64) -> Tensor
     return O.reshape(G.shape).to(G.dtype)
 
 
+@torch.no_grad()
 def orthogonalize(
     G: Tensor,
     method: Orthogonalizer = "polar_express",
     steps: int | None = None,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: NsDtype = None,
 ) -> Tensor:
     """Approximate polar factor of each matrix in G (the last two dims).
 
+    For G = U S V^T the polar factor is U V^T; it does not depend on G's scale, and every finite
+    G gives it (each matrix is divided by the power of two at its largest entry before the
+    Frobenius normalization).
+    Every method runs without autograd, as an optimizer step does: the result never requires
+    grad, also for an input that does.
+
     Args:
-        G: tensor of shape (..., rows, cols); not modified.
+        G: real floating-point tensor of shape (..., rows, cols); not modified.
         method: "polar_express" (default), "keller_jordan", "you", "gram" (Gram Newton-Schulz
             with the Polar Express schedule), "svd" (exact), or a callable (X, steps) -> tensor.
         steps: iterations; None means 5. Steps past a schedule's end repeat its tail, which
             for "polar_express", "you" and "gram" converges to the exact polar factor.
         dtype: working precision; None means float32 on CPU, bfloat16 on CUDA, float64 for
-            float64 input (and float64 for "svd").
+            float64 input (and float64 for "svd"); "auto" is None except that it picks bfloat16
+            on CPUs with native bfloat16 products (`working_dtype`).
 
     Returns:
         A tensor with G's shape and dtype.
+
+    Raises:
+        TypeError: G is not a tensor, or its dtype is an integer, bool or complex one.
 
     Example:
         >>> O = orthogonalize(torch.randn(4, 64, 256))
         >>> O.shape
         torch.Size([4, 64, 256])
     """
+    if not isinstance(G, Tensor):
+        raise TypeError(f"orthogonalize needs a tensor, got {type(G).__name__}")
+    if not G.dtype.is_floating_point:
+        raise TypeError(
+            f"orthogonalize needs a real floating-point tensor, got dtype {G.dtype}; convert it first (G.float())"
+        )
     if G.ndim < 2:
         raise ValueError(f"orthogonalize needs a (..., rows, cols) tensor, got shape {tuple(G.shape)}")
     n_steps = _check_steps(steps)
+    check_ns_dtype(dtype, "dtype")
     if not callable(method) and method not in ORTHOGONALIZERS:
         raise ValueError(
             f"unknown orthogonalizer {method!r}; choose one of {', '.join(ORTHOGONALIZERS)} or pass a callable"
@@ -370,8 +448,16 @@ def orthogonalize(
     if G.numel() == 0:
         return G.clone()
     if method == "svd":
-        return svd_polar(G, dtype=dtype if dtype is not None else torch.float64)
+        return svd_polar(G, dtype=dtype if isinstance(dtype, torch.dtype) else torch.float64)
     return orthogonalize_(_work_copy(G, dtype), method, n_steps).reshape(G.shape).to(G.dtype)
+
+
+def check_ns_dtype(dtype: object, name: str) -> None:
+    """ValueError unless `dtype` is None, "auto" or a floating torch.dtype; `name` is the option's."""
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
+        return
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"{name} must be None, 'auto' or a floating torch.dtype, got {dtype!r}")
 
 
 def _check_steps(steps: object) -> int:

@@ -10,7 +10,7 @@ lr in five ways: float32 parameters (the reference), and bfloat16 parameters wit
 table: final validation loss (mean over seeds), its gap to the float32 run, the share of parameter
 entries a step changes at the end of training (median over the last 20 steps), and the optimizer's
 ms per step (median). With --write-results the table goes into benchmarks/RESULTS.md between the
-LOW-PRECISION markers, with the machine and date.
+LOW-PRECISION-lr<lr> markers, with the machine and date.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from muonkit.tasks import DataOptions, get_task
 
 CONFIGS = {
     "float32 parameters (reference)": (torch.float32, dict()),
-    "bf16, bf16 state, round to nearest": (torch.bfloat16, dict()),
-    "bf16, fp32 state, round to nearest": (torch.bfloat16, dict(state_dtype=torch.float32)),
-    "bf16, bf16 state, stochastic rounding": (torch.bfloat16, dict(stochastic_rounding=True)),
+    "bf16, bf16 state, round to nearest": (torch.bfloat16, dict(stochastic_rounding=False)),
+    "bf16, fp32 state, round to nearest": (torch.bfloat16, dict(state_dtype=torch.float32, stochastic_rounding=False)),
+    "bf16, bf16 state, stochastic rounding (muonkit's default)": (torch.bfloat16, dict(stochastic_rounding=True)),
     "bf16, fp32 state, stochastic rounding": (torch.bfloat16, dict(state_dtype=torch.float32, stochastic_rounding=True)),
 }
 
@@ -91,7 +91,7 @@ def main() -> None:
     if args.write_results:
         command = "python benchmarks/bench_low_precision.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "write_results" and v is not None)
-        write_results("LOW-PRECISION", f"### bfloat16 parameters (`{command}`)\n\n{table}")
+        write_results(f"LOW-PRECISION-lr{lr:g}", f"### bfloat16 parameters (`{command}`)\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ the parameter update, against a float32 run of the same problem."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -18,6 +20,39 @@ def test_stochastic_round_picks_a_neighbour_and_is_unbiased():
     assert y.double().mean().item() == pytest.approx(x[0].item(), abs=4e-5)
     exact = torch.tensor([0.5, -3.0, 0.0, 2.0**-130], dtype=torch.float32)  # the last is a bf16 subnormal
     assert torch.equal(stochastic_round(exact, torch.bfloat16, seed=2).float(), exact)
+
+
+def _neighbours(x, dtype):
+    """The two values of `dtype` around x, from their definition (nextafter)."""
+    nearest = x.to(dtype)
+    toward = torch.nextafter(nearest, torch.where(x > nearest.to(x.dtype), math.inf, -math.inf).to(dtype))
+    return nearest.double(), toward.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_round_of_every_sign_and_magnitude_takes_a_neighbour_without_bias(dtype):
+    """Both paths (float32 -> bfloat16 on the bits, the general one otherwise) against the definition:
+    each result is one of the two neighbours, and the mean over seeds is x (within 5 sigma)."""
+    g = torch.Generator().manual_seed(0)
+    low = -20 if dtype == torch.float16 else -130  # into the subnormals of each
+    exponents = torch.randint(low, 10, (500,), generator=g).float()
+    x = torch.randn(500, generator=g) * torch.exp2(exponents)
+    down, up = _neighbours(x, dtype)
+    draws = torch.stack([stochastic_round(x, dtype, seed).double() for seed in range(2000)])
+    assert ((draws == down) | (draws == up)).all()
+    gap = (up - down).abs()
+    p = torch.where(gap > 0, (x.double() - down).abs() / gap, 0.0)
+    sigma = gap * (p * (1 - p) / len(draws)).sqrt()
+    assert ((draws.mean(0) - x.double()).abs() <= 5 * sigma + 1e-300).all()
+
+
+def test_stochastic_round_keeps_nan_and_infinities():
+    special = torch.tensor([math.nan, math.inf, -math.inf, -0.0, 0.0])
+    special = torch.cat([special, torch.tensor([0x7F800001, 0x7FFFFFFF], dtype=torch.int32).view(torch.float32)])
+    for dtype in (torch.bfloat16, torch.float16):
+        y = stochastic_round(special, dtype, seed=4).float()
+        assert torch.isnan(y[0]) and torch.isnan(y[5:]).all()
+        assert torch.equal(y[1:5], special[1:5]) and torch.equal(y[1:5].signbit(), special[1:5].signbit())
 
 
 def test_stochastic_round_is_deterministic_for_a_seed_and_leaves_the_global_rng_alone():

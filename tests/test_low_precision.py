@@ -55,6 +55,19 @@ def test_stochastic_round_keeps_nan_and_infinities():
         assert torch.equal(y[1:5], special[1:5]) and torch.equal(y[1:5].signbit(), special[1:5].signbit())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_round_keeps_finite_values_beyond_the_largest_finite(dtype):
+    """Between dtype's largest finite value and round-to-nearest's overflow point the upper
+    neighbour would be inf: such values stay finite (round-to-nearest keeps them at the largest)."""
+    largest = torch.finfo(dtype).max
+    mantissa_bits = {torch.bfloat16: 7, torch.float16: 10}[dtype]
+    x = torch.full((10_000,), largest * (1 + 2.0 ** -(mantissa_bits + 2)), dtype=torch.float32)  # a quarter ulp above
+    assert torch.isfinite(x.to(dtype)).all()
+    for seed in range(3):
+        y = stochastic_round(x, dtype, seed)
+        assert torch.isfinite(y).all() and (y.float() == largest).all()
+
+
 def test_stochastic_round_is_deterministic_for_a_seed_and_leaves_the_global_rng_alone():
     x = torch.randn(1000)
     state = torch.get_rng_state()

@@ -87,15 +87,17 @@ def test_stacked_parameter_equals_separate_matrices_bit_for_bit(orthogonalizer, 
         assert torch.equal(opt_a.state[experts]["momentum_buffer"][i], opt_b.state[p]["momentum_buffer"])
 
 
-def one_matrix_at_a_time(tensors, second_moments, layouts):
+def one_matrix_at_a_time(tensors, second_moments, layouts, dtype=None):
     """An `update_many` without stacking: each parameter's matrices orthogonalized on their own."""
-    updates = [from_matrices(orthogonalize(to_matrices(t, layout)), layout, t.shape) for t, layout in zip(tensors, layouts)]
+    updates = [from_matrices(orthogonalize(to_matrices(t, layout), dtype=dtype), layout, t.shape)
+               for t, layout in zip(tensors, layouts)]
     return updates, [None] * len(tensors)
 
 
-def test_muon_step_equals_per_matrix_path_bit_for_bit(threads):
+@pytest.mark.parametrize("ns_dtype", [None, torch.float16, torch.bfloat16], ids=["default", "float16", "bfloat16"])
+def test_muon_step_equals_per_matrix_path_bit_for_bit(threads, ns_dtype):
     """The stacked step (U written straight into the stack) against the generic path fed one
-    matrix at a time, over a mix of shapes, layouts and a bf16 parameter."""
+    matrix at a time, over a mix of shapes, layouts and a bf16 parameter, in each working dtype."""
     torch.manual_seed(5)
     shapes = [(48, 48), (48, 48), (64, 256), (256, 64), (16, 8, 3, 3), (3, 32, 16), (32, 32),
               (520, 520), (520, 520), (520, 520)]  # large: batched one per thread
@@ -106,12 +108,12 @@ def test_muon_step_equals_per_matrix_path_bit_for_bit(threads):
     bufs_a = [torch.zeros_like(p) for p in params]
     bufs_b = [torch.zeros_like(p) for p in params]
     options = dict(lr=0.02, momentum=0.9, nesterov=True, weight_decay=0.1, scale="moonlight", rms=0.2,
-                   orthogonalizer="polar_express", ns_steps=5, ns_dtype=None)
+                   orthogonalizer="polar_express", ns_steps=5, ns_dtype=ns_dtype)
     for _ in range(2):
         grads = [torch.randn_like(p) for p in params]
         functional.muon(params, grads, bufs_a, layouts, **options)
         functional.muon(other, [g.clone() for g in grads], bufs_b, layouts, **options,
-                        update_many=one_matrix_at_a_time)
+                        update_many=lambda *a: one_matrix_at_a_time(*a, dtype=ns_dtype))
     for a, b in zip(params, other):
         assert torch.equal(a, b)
     for a, b in zip(bufs_a, bufs_b):
@@ -141,14 +143,15 @@ def test_default_gram_route_matches_standard_newton_schulz(shape, conditioning):
     assert (orthogonalize(G) - standard).abs().max().item() <= 5e-5
 
 
-@pytest.mark.parametrize("device_threads", [1, 2, 3])
+@pytest.mark.parametrize("device_threads", [1, 2, 3, 5])
 def test_large_matrices_run_one_per_thread(device_threads, monkeypatch):
     """Above STACK_MATRIX_NUMEL, a run holds at most one matrix per CPU thread; a tensor with more
     matrices than threads runs alone; small matrices still stack up to STACK_NUMEL."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: device_threads)
     cpu = torch.device("cpu")
     big = functional.STACK_MATRIX_NUMEL + 1
-    keys = [("big", cpu)] * 5 + [("stacked", cpu)] * 2 + [("small", cpu)] * 3
+    f32 = torch.float32
+    keys = [("big", f32, cpu)] * 5 + [("stacked", f32, cpu)] * 2 + [("small", f32, cpu)] * 3
     matrix_numel = [big] * 7 + [100] * 3
     counts = [1, 1, 1, 1, 1, 4, 1, 1, 1, 1]
     sizes = [n * c for n, c in zip(matrix_numel, counts)]
@@ -161,11 +164,12 @@ def test_large_matrices_run_one_per_thread(device_threads, monkeypatch):
     assert runs == expected + stacked + [[7, 8, 9]]
 
 
-def test_large_matrices_run_alone_off_cpu(monkeypatch):
+@pytest.mark.parametrize("device, dtype", [("cuda", torch.float32), ("cpu", torch.float16)])
+def test_large_matrices_run_alone_off_cpu_and_in_float16(device, dtype, monkeypatch):
+    """One at a time on CUDA, and in float16 (whose CPU matrix_norm differs in a batch)."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
-    cuda = torch.device("cuda")
     big = functional.STACK_MATRIX_NUMEL + 1
-    runs = functional._stacks([("big", cuda)] * 3, [big] * 3, [big] * 3, [1] * 3)
+    runs = functional._stacks([("big", dtype, torch.device(device))] * 3, [big] * 3, [big] * 3, [1] * 3)
     assert runs == [[0], [1], [2]]
 
 

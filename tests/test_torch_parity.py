@@ -154,6 +154,39 @@ def test_adamw_group_is_torch_adamw_bit_for_bit(group_kw, ctor_kw, torch_kw, for
         assert torch.equal(s["exp_avg_sq"], t["exp_avg_sq"])
 
 
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16,), (torch.float16,), (torch.float16, torch.float32, torch.float64)],
+                         ids=["bfloat16", "float16", "mixed"])
+def test_adamw_group_of_16_bit_parameters_in_their_own_dtype_is_torch_adamw_bit_for_bit(dtypes):
+    """With round-to-nearest and state in the parameters' dtype, 16-bit and mixed groups step in
+    torch's arithmetic: its CPU default loop (its foreach kernels round 16-bit tensors differently)."""
+    ours_p = [p.to(dtypes[i % len(dtypes)]) for i, p in enumerate(adamw_params())]
+    theirs_p = [p.clone() for p in ours_p]
+    ours = muonkit.Muon([{"params": ours_p, "use_muon": False}], lr=1e-2, weight_decay=0.1, stochastic_rounding=False)
+    theirs = torch.optim.AdamW(theirs_p, lr=1e-2, weight_decay=0.1, foreach=False)
+    for grads in adamw_grads(1, 6):
+        for p, q, g in zip(ours_p, theirs_p, grads):
+            p.grad, q.grad = g.to(p.dtype), g.to(q.dtype)
+        ours.step()
+        theirs.step()
+    for p, q in zip(ours_p, theirs_p):
+        assert torch.equal(p, q), p.dtype
+        assert torch.equal(ours.state[p]["exp_avg_sq"], theirs.state[q]["exp_avg_sq"])
+
+
+def test_adamw_group_with_tensor_betas_is_torch_adamw_bit_for_bit():
+    betas = (torch.tensor(0.9), torch.tensor(0.99))
+    ours_p, theirs_p = adamw_params(), adamw_params()
+    ours = muonkit.Muon([{"params": ours_p, "use_muon": False, "betas": betas}], lr=1e-2, weight_decay=0.1)
+    theirs = torch.optim.AdamW(theirs_p, lr=1e-2, weight_decay=0.1, betas=betas, foreach=False)
+    for grads in adamw_grads(2, 4):
+        for p, q, g in zip(ours_p, theirs_p, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    for p, q in zip(ours_p, theirs_p):
+        assert torch.equal(p, q)
+
+
 def test_adamw_only_optimizer_skips_params_without_grad_like_torch():
     ours_p, theirs_p = adamw_params(2), adamw_params(2)
     ours = muonkit.Muon([{"params": ours_p, "use_muon": False}], lr=1e-2, weight_decay=0.1)

@@ -22,7 +22,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -59,9 +59,13 @@ STACK_NUMEL = 1 << 22
 STACK_MATRIX_NUMEL = 1 << 18
 
 
-def _large_run_count(device: torch.device) -> int:
-    """How many large matrices (above STACK_MATRIX_NUMEL elements) one batched call may hold."""
-    return max(1, torch.get_num_threads()) if device.type == "cpu" else 1
+def _large_run_count(device: torch.device, dtype: torch.dtype) -> int:
+    """How many large matrices (above STACK_MATRIX_NUMEL elements) one batched call may hold. In
+    float16, torch's CPU matrix_norm of a batch differs in the last bit from one matrix alone, so
+    float16 work stays one matrix at a time (float32, bfloat16 and float64 are batch-invariant)."""
+    if device.type != "cpu" or dtype == torch.float16:
+        return 1
+    return max(1, torch.get_num_threads())
 
 
 def _stacks(
@@ -70,8 +74,8 @@ def _stacks(
     matrix_numel: Sequence[int],
     counts: Sequence[int] | None = None,
 ) -> list[list[int]]:
-    """Indices grouped by key (whose last entry is the device), each group cut into runs of at
-    most STACK_NUMEL elements. Tensors whose matrices have more than STACK_MATRIX_NUMEL elements
+    """Indices grouped by key (whose last two entries are the working dtype and the device), each
+    group cut into runs of at most STACK_NUMEL elements. Tensors whose matrices have more than STACK_MATRIX_NUMEL elements
     run in batches of at most `_large_run_count` matrices (`counts[i]` matrices in tensor i), and
     one tensor with more makes a run of its own."""
     groups: dict[tuple, list[int]] = defaultdict(list)
@@ -80,7 +84,7 @@ def _stacks(
         groups[(key, large)].append(i)
     runs: list[list[int]] = []
     for (key, large), members in groups.items():
-        limit = _large_run_count(key[-1]) if large else None
+        limit = _large_run_count(key[-1], key[-2]) if large else None
         run: list[int] = []
         total = count = 0
         for i in members:
@@ -126,7 +130,7 @@ def batched_orthogonalize(
         for i, m in enumerate(matrices):
             out[i] = torch.stack([orthogonalize(x, method, steps, dtype=dtype) for x in m]) if len(m) else m.clone()
         return out  # type: ignore[return-value]
-    keys = [(m.shape[-2:], m.dtype, m.device) for m in matrices]
+    keys = [(m.shape[-2:], m.dtype, working_dtype(m, dtype), m.device) for m in matrices]
     if not runs_in_place(method):
         for run in _stacks(keys, [0] * len(matrices), [0] * len(matrices)):
             members = [matrices[i] for i in run]
@@ -411,13 +415,17 @@ def stochastic_round(x: Tensor, dtype: torch.dtype, seed: int) -> Tensor:
     """
     generator = torch.Generator(device=x.device).manual_seed(seed)
     if x.dtype == torch.float32 and dtype == torch.bfloat16:
-        return _stochastic_round_to_bfloat16(x, generator)
-    nearest = x.to(dtype)
-    gap = x - nearest.to(x.dtype)
-    toward = torch.nextafter(nearest, torch.where(gap > 0, math.inf, -math.inf).to(dtype))
-    width = toward.to(x.dtype) - nearest.to(x.dtype)
-    chance = torch.where(width != 0, gap / width, 0.0)
-    return torch.where(torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) < chance, toward, nearest)
+        rounded = _stochastic_round_to_bfloat16(x, generator)
+    else:
+        nearest = x.to(dtype)
+        gap = x - nearest.to(x.dtype)
+        toward = torch.nextafter(nearest, torch.where(gap > 0, math.inf, -math.inf).to(dtype))
+        width = toward.to(x.dtype) - nearest.to(x.dtype)
+        chance = torch.where(width != 0, gap / width, 0.0)
+        rounded = torch.where(torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) < chance, toward, nearest)
+    # Beyond dtype's largest finite value (but short of round-to-nearest's overflow) the upper
+    # neighbour is inf: a finite x stays finite, as round-to-nearest keeps it.
+    return torch.where(rounded.isinf() & x.isfinite(), x.to(dtype), rounded)
 
 
 def _stochastic_round_to_bfloat16(x: Tensor, generator: torch.Generator) -> Tensor:
@@ -425,7 +433,8 @@ def _stochastic_round_to_bfloat16(x: Tensor, generator: torch.Generator) -> Tens
     float32, so adding a uniform random integer in [0, 2^16) to the lower 16 bits carries into the
     upper half with probability (lower bits) / 2^16 = (|x| - |down|) / (|up| - |down|), and dropping
     the lower bits then gives |down| or |up| (the sign bit is never reached: the magnitude rounds).
-    A NaN is kept as a NaN (its payload could carry into the sign bit)."""
+    A NaN is kept as a NaN (its payload could carry into the sign bit); `stochastic_round` keeps
+    finite values finite."""
     noise = torch.randint(0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32)
     bits = noise.add_(x.view(torch.int32)).bitwise_and_(-(1 << 16))
     rounded = bits.view(torch.float32).to(torch.bfloat16)  # exact: the lower 16 bits are zero
@@ -623,6 +632,18 @@ def _record_orthogonality(stats: Stats, inputs: Tensor, outputs: Tensor) -> None
 # ------------------------------------------------------------------------------------- AdamW
 
 
+def _adamw_foreach(params: Sequence[Tensor], lr: Any, beta1: Any, beta2: Any) -> bool | None:
+    """torch's multi-tensor (foreach) AdamW where it gives the bits of its single-tensor loop (torch's
+    CPU default) in 0.4x its time for the many small tensors (biases, norm gains) AdamW groups hold:
+    float32 and float64 parameters with float hyperparameters (tests/test_torch_parity.py).
+    Otherwise torch's default (None): 16-bit parameters (torch's CPU foreach kernels round them
+    differently), tensor lr or betas (its foreach path needs capturable=True for them), and under
+    torch.compile (its CPU foreach path stacks step sizes that compile cannot place)."""
+    if any(isinstance(h, Tensor) for h in (lr, beta1, beta2)) or torch.compiler.is_compiling():
+        return None
+    return True if all(p.dtype in (torch.float32, torch.float64) for p in params) else None
+
+
 def adamw(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -640,12 +661,8 @@ def adamw(
     stats: Sequence[Stats] | None = None,
 ) -> None:
     """One AdamW step (decoupled weight decay), by the same functional torch.optim.AdamW calls,
-    so that muonkit's AdamW groups equal torch.optim.AdamW bit for bit. With a float lr, its
-    multi-tensor (foreach) implementation, which torch defaults to on CUDA but not on CPU: on CPU it
-    gives the single-tensor loop's bits (tests/test_torch_parity.py) in 0.4x its time for the many
-    small tensors (biases, norm gains) AdamW groups hold. With a tensor lr (torch's foreach path
-    needs capturable=True for one) and under torch.compile (its CPU foreach path stacks step sizes
-    that compile cannot place), torch's default.
+    so that muonkit's AdamW groups equal torch.optim.AdamW bit for bit; see `_adamw_foreach` for which
+    of torch's implementations runs.
 
     With `cautious_weight_decay`, the decay applies only where it agrees with AdamW's update
     u = m_hat / (sqrt(v_hat) + eps): W <- W - lr (u + lambda W 1[u W >= 0]). The sign of u is the
@@ -676,7 +693,7 @@ def adamw(
         list(exp_avg_sqs),
         [],
         list(steps),
-        foreach=None if isinstance(lr, Tensor) or torch.compiler.is_compiling() else True,
+        foreach=_adamw_foreach(params, lr, beta1, beta2),
         capturable=False,
         differentiable=False,
         fused=None,

@@ -75,9 +75,9 @@ def _stacks(
     counts: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """Indices grouped by key (whose last two entries are the working dtype and the device), each
-    group cut into runs of at most STACK_NUMEL elements. Tensors whose matrices have more than STACK_MATRIX_NUMEL elements
-    run in batches of at most `_large_run_count` matrices (`counts[i]` matrices in tensor i), and
-    one tensor with more makes a run of its own."""
+    group cut into runs of at most STACK_NUMEL elements. Tensors whose matrices have more than
+    STACK_MATRIX_NUMEL elements run in batches of at most `_large_run_count` matrices (`counts[i]`
+    matrices in tensor i), and one tensor with more makes a run of its own."""
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, key in enumerate(keys):
         large = matrix_numel[i] > STACK_MATRIX_NUMEL

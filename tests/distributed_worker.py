@@ -374,6 +374,24 @@ JOBS: dict[str, Callable[[int, int, Path], Any]] = {
 }
 
 
+def spawn(world: int, jobs: list[str], tmp: Path, timeout: float) -> list[dict]:
+    """Run `jobs` on `world` spawned gloo ranks (`run` below); each rank's {job: result or error}.
+    Ranks still alive after `timeout` seconds are killed and TimeoutError is raised."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(run, args=(world, str(tmp), jobs), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=0.5):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{world} processes did not finish {jobs} in {timeout} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    return [torch.load(tmp / f"result_{world}_{rank}.pt", weights_only=False) for rank in range(world)]
+
+
 def run(rank: int, world: int, tmp: str, jobs: list[str]) -> None:
     """Entry point of a spawned rank: run `jobs` in order, save {job: result or error} to
     tmp/result_{world}_{rank}.pt. Checkpoints are shared through `tmp` by all world sizes."""

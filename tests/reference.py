@@ -13,6 +13,7 @@ Nothing here imports muonkit: these functions are written from docs/API.md and
   or explicit axes), as copies.
 - `ReferenceMuon`: the Muon update, one matrix at a time, float64, in the EMA form of REFERENCE.md
   section 1 (written with explicit arithmetic, not lerp).
+- `assert_same` / `state_is_pristine`: state dicts equal bit for bit; state never advanced.
 """
 
 from __future__ import annotations
@@ -223,6 +224,22 @@ class ReferenceMuon:
                     - lr * update_scale(self.scale, rows, cols, self.rms) * O
                 )
             W.copy_(from_matrices(new_views, kind, W.shape))
+
+
+def assert_same(a, b, where="state dict"):
+    """Nested dicts/lists of tensors and plain values are equal: tensors bit for bit, with dtype."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (where, set(a) ^ set(b))
+        for key in a:
+            assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
 
 
 def state_is_pristine(state: dict) -> bool:

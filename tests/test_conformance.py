@@ -52,6 +52,7 @@ from torch.optim.lr_scheduler import (
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import muonkit
+from reference import assert_same
 
 CONFIGS = ["muon", "adamw", "mixed"]
 NAMES = ("w1", "w2", "b")
@@ -128,22 +129,6 @@ def run(opt, params, steps):
 def clone_params(params, config):
     with torch.no_grad():
         return {n: nn.Parameter(p.clone(), requires_grad=p.requires_grad) for n, p in params.items()}
-
-
-def assert_same(a, b, where="state dict"):
-    """Nested dicts/lists of tensors and plain values are equal: tensors bit for bit, with dtype."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), (where, set(a) ^ set(b))
-        for key in a:
-            assert_same(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, (where, a, b)
 
 
 def assert_params_equal(a, b):

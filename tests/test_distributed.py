@@ -22,13 +22,11 @@ import os
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import distributed_worker as worker
 import muonkit
@@ -169,17 +167,7 @@ def test_no_torch_distributed_call_without_process_group(monkeypatch):
 
 
 def _spawn(world: int, jobs: list[str], tmp: Path) -> list[dict]:
-    context = mp.start_processes(worker.run, args=(world, str(tmp), jobs), nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT
-    try:
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{world} processes did not finish {jobs} in {SPAWN_TIMEOUT} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-    return [torch.load(tmp / f"result_{world}_{rank}.pt", weights_only=False) for rank in range(world)]
+    return worker.spawn(world, jobs, tmp, SPAWN_TIMEOUT)
 
 
 @pytest.fixture(scope="module")

@@ -29,24 +29,9 @@ import torch.nn as nn
 import muonkit
 from muonkit.cli import main
 from muonkit.distributed import load_checkpoint, save_checkpoint
+from reference import assert_same
 
 # ------------------------------------------------------------------------------------- helpers
-
-
-def assert_same(a, b, where="state dict"):
-    """Nested dicts/lists of tensors and plain values are equal: tensors bit for bit, with dtype."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), (where, set(a) ^ set(b))
-        for key in a:
-            assert_same(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, (where, a, b)
 
 
 def mixed(lr=0.02, adamw_lr=3e-3):

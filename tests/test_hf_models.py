@@ -528,3 +528,41 @@ def test_gpt2_c_attn_is_q_k_and_v_apart():
     matrices = to_matrices(w, resolve(d.layout, 2))
     for i in range(3):
         assert torch.equal(matrices[i], w[:, 32 * i: 32 * (i + 1)].T)
+
+
+def test_bench_hf_lm_end_to_end(tmp_path, capsys):
+    import json
+
+    from muonkit.cli import main
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+    assert main(["bench", "hf-lm", "--hf-config", "qwen3-moe", "--text", str(text), "--steps", "3", "--quiet",
+                 "--threads", "1", "--out", str(tmp_path / "run")]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert sorted(results["summary"]) == ["adamw", "muon", "normuon"]
+    assert "| muon |" in capsys.readouterr().out
+    assert main(["explain", "hf-lm", "--hf-config", "gpt2", "--text", str(text)]) == 0
+    out = capsys.readouterr().out
+    assert "transformer.h.0.attn.c_attn.weight" in out and "3 matrices" in out
+    assert "lm_head" not in out  # GPT-2 ties its head to the token embedding
+
+
+def test_bench_hf_lm_config_path_and_errors(tmp_path, capsys, monkeypatch):
+    from muonkit.cli import main
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("abcdefgh " * 400, encoding="utf-8")
+    config = tmp_path / "config.json"
+    config.write_text('{"model_type": "llama", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,'
+                      ' "num_attention_heads": 4}', encoding="utf-8")
+    assert main(["explain", "hf-lm", "--hf-config", str(config), "--text", str(text)]) == 0
+    assert "model.layers.0.mlp.down_proj.weight" in capsys.readouterr().out
+    assert main(["explain", "hf-lm", "--hf-config", "nope"]) == 2
+    assert "neither a preset (llama, qwen2, qwen3-moe, gpt2) nor a config.json file" in capsys.readouterr().err
+    assert main(["explain", "charlm", "--hf-config", "llama"]) == 2
+    assert "--hf-config is for hf-lm only" in capsys.readouterr().err
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # as if it were not installed
+    assert main(["bench", "hf-lm", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err == "muonkit: error: hf-lm needs transformers: pip install 'muonkit[hf]'\n"

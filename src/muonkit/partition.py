@@ -13,6 +13,12 @@ in its module's type, so it is read from how one forward pass over `example_inpu
 matrix product or a convolution -> Muon; added, concatenated, indexed, multiplied elementwise or
 fed as the input of a layer -> AdamW. Without example inputs a free parameter goes to AdamW, and
 its reason says how to send it to Muon.
+
+Some roles are read from structure that libraries define: transformers' expert modules (one
+matrix per expert, gate and up apart) and the MoE router beside them, GPT-2's fused c_attn, PEFT's
+LoRA adapters, and the evidence that a layer is an output layer (its output is the model's output,
+its out size is the config's vocabulary or label count, it ends a head attribute at the top). Only
+where no evidence exists does order decide, and then a warning says so.
 """
 
 from __future__ import annotations
@@ -223,9 +229,9 @@ def _expert_weight(module: nn.Module, local_name: str, p: nn.Parameter) -> _Know
     if local_name == "gate_up_proj" and getattr(module, "is_concatenated", True) is True:
         layout = Layout(rows=(out_axis,), cols=(in_axis,), batch=(0,), blocks=((out_axis, 2),))
         return _Known(what, layout, f" (gate and up apart: 2 matrices per expert{stored})")
-    reading = " (gate and up rows interleaved: one matrix per expert)" if local_name == "gate_up_proj" else ""
+    interleaved = ", gate and up rows interleaved" if local_name == "gate_up_proj" else ""
     layout = Layout(rows=(out_axis,), cols=(in_axis,), batch=(0,)) if transposed else "stacked"
-    return _Known(what, layout, f"{reading or ' (one matrix per expert'}{stored}{')' if not reading else ''}")
+    return _Known(what, layout, f" (one matrix per expert{interleaved}{stored})")
 
 
 def _routers(model: nn.Module) -> dict[int, str]:
@@ -798,7 +804,6 @@ class _Rule:
         if self.known is not None:
             return "muon", f"hidden {self.known.what} {view}{self.known.reading}", layout
         ops = sorted({f"aten.{u.op}" for u in self.uses or ()})
-        order_source = "in the forward pass"
         if any(u.op == "convolution" for u in self.uses or ()):
             reading = "a conv filter (out x in*kernel, per group)"
         elif isinstance(layout, Layout):
@@ -806,7 +811,7 @@ class _Rule:
         else:
             reading = "read as (..., out, in)"
         return "muon", (f"free parameter of {kind}, a matrix operand of {', '.join(ops)} "
-                        f"{order_source}: {view}, {reading}"), layout
+                        f"in the forward pass: {view}, {reading}"), layout
 
     def _lora(self) -> tuple[Choice, str, LayoutSpec]:
         """A PEFT LoRA adapter: lora_A (r x in) or lora_B (out x r), by the rule measured in

@@ -351,8 +351,7 @@ def test_routing_table_with_and_without_example_inputs(name):
 @pytest.mark.parametrize("name", ["qwen3-moe", "mixtral"])
 def test_experts_are_recognized_whatever_runs_them(name, implementation):
     model, inputs = tiny(name)
-    model.config._experts_implementation = implementation
-    model.set_experts_implementation(implementation) if hasattr(model, "set_experts_implementation") else None
+    model.set_experts_implementation(implementation)  # eager: F.linear on w[e]; batched_mm: bmm; grouped_mm
     assert table(model, example_inputs=inputs) == EXPECTED[name]
     reasons = {d.name: d.reason for d in muonkit.route(model, example_inputs=inputs)}
     assert "gate and up apart: 2 matrices per expert" in reasons["model.layers.0.mlp.experts.gate_up_proj"]
@@ -397,6 +396,11 @@ class _Experts(nn.Module):
                 h = nn.functional.linear(x[e], self.w_in[index]).relu()
                 outs.append(nn.functional.linear(h, self.w_out[index]))
             return torch.stack(outs)
+        if self.how == "index-bmm":  # each token picks its expert's matrices (transformers' batched_mm)
+            experts, tokens, d = x.shape
+            ids = torch.arange(experts).repeat_interleave(tokens)
+            h = torch.bmm(self.w_in[ids], x.reshape(-1, d, 1)).relu()
+            return torch.bmm(self.w_out[ids], h).reshape(experts, tokens, d)
         if self.how == "grouped_mm":
             tokens = x.reshape(-1, x.shape[-1])
             offsets = torch.arange(1, x.shape[0] + 1, dtype=torch.int32) * x.shape[1]
@@ -405,7 +409,7 @@ class _Experts(nn.Module):
         raise KeyError(self.how)
 
 
-@pytest.mark.parametrize("how", ["bmm", "baddbmm", "einsum", "linear-on-slice", "grouped_mm"])
+@pytest.mark.parametrize("how", ["bmm", "baddbmm", "einsum", "linear-on-slice", "index-bmm", "grouped_mm"])
 def test_every_way_to_multiply_by_stacked_experts_is_observed(how):
     model = nn.Sequential(nn.Linear(16, 16), _Experts(how), nn.Linear(16, 8))
     decisions = {d.name: d for d in muonkit.route(model, example_inputs=(torch.randn(4, 5, 16),))}

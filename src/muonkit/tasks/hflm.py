@@ -74,6 +74,11 @@ class HFLM(CharLM):
     sweep_steps = 150
     default_optimizers = ("muon", "adamw", "normuon")
     supports_qk_clip = False
+    # Chosen by `muonkit bench hf-lm --hf-config llama --lr-sweep` (and checked on qwen3-moe), see
+    # benchmarks/RESULTS.md "hf-lm"; optimizers not swept here keep charlm's lrs.
+    lrs = {**CharLM.lrs, "muon": 3e-2, "normuon": 3e-2, "adamw": 3e-3}
+    sweep_grid = {**CharLM.sweep_grid, "muon": (1e-2, 3e-2, 1e-1), "normuon": (1e-2, 3e-2, 1e-1),
+                  "adamw": (1e-3, 3e-3, 1e-2)}
 
     def load(self, options: DataOptions, device: torch.device) -> HFTextData:
         transformers = _transformers()

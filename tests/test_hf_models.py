@@ -570,3 +570,29 @@ def test_bench_hf_lm_config_path_and_errors(tmp_path, capsys, monkeypatch):
     assert main(["bench", "hf-lm", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err == "muonkit: error: hf-lm needs transformers: pip install 'muonkit[hf]'\n"
+
+
+def test_a_head_name_below_the_top_is_not_a_head():
+    class Body(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.fc = nn.Linear(8, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(self.inp(x).relu()).relu()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.out = Body(), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.out(self.body(x))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decisions = {d.name: d for d in muonkit.route(Net(), example_inputs=(torch.randn(2, 8),))}
+    assert decisions["body.fc.weight"].optimizer == "muon", decisions["body.fc.weight"].reason
+    assert decisions["out.weight"].reason.startswith("output layer")
+    assert decisions["body.inp.weight"].reason == (
+        "input stem (Linear): it reads the model's input in the forward pass over example_inputs")

@@ -324,7 +324,8 @@ def _output_layers(model: nn.Module, seen: _Observation | None, adapters: dict[i
 
     Evidence: the forward pass (its output is the model's output), a layer outside the numbered
     blocks whose out size equals the config's vocab_size or num_labels, the last layer of a head
-    attribute at the top (_HEAD_NAMES). A model with a transformers-style config and none of this
+    attribute (_HEAD_NAMES) of the model itself or of a module with a config (a transformers
+    model inside a wrapper such as PEFT's). A model with a transformers-style config and none of this
     is a backbone without a head: no output layer, and order may not stand in.
     """
     layers = [(n, m) for n, m in model.named_modules() if _is_weight_layer(m) and id(m) not in adapters]
@@ -338,11 +339,14 @@ def _output_layers(model: nn.Module, seen: _Observation | None, adapters: dict[i
         size = _out_size(m)
         if not _in_blocks(n) and size in sizes:
             found.setdefault(id(m), f"outside the blocks, out size {size} = {sizes[size]}")
-    for n, m in model.named_modules():
-        if n and n.split(".")[-1] in _HEAD_NAMES and not _in_blocks(n) and id(m) not in adapters:
-            inside = [x for x in m.modules() if _is_weight_layer(x) and id(x) not in adapters]
-            if inside:
-                found.setdefault(id(inside[-1]), f"the last layer of the head '{n}'")
+    tops = [("", model)] + [(f"{n}.", m) for n, m in model.named_modules() if n and hasattr(m, "config")]
+    for prefix, top in tops:
+        for child_name, head in top.named_children():
+            name = prefix + child_name
+            if child_name in _HEAD_NAMES and not _in_blocks(name) and id(head) not in adapters:
+                inside = [x for x in head.modules() if _is_weight_layer(x) and id(x) not in adapters]
+                if inside:
+                    found.setdefault(id(inside[-1]), f"the last layer of the head '{name}'")
     return found, not found and not configured and not (seen is not None and seen.outputs)
 
 

@@ -596,3 +596,41 @@ def test_a_head_name_below_the_top_is_not_a_head():
     assert decisions["out.weight"].reason.startswith("output layer")
     assert decisions["body.inp.weight"].reason == (
         "input stem (Linear): it reads the model's input in the forward pass over example_inputs")
+
+
+def polar64(m: torch.Tensor) -> torch.Tensor:
+    u, _, vh = torch.linalg.svd(m.double(), full_matrices=False)
+    return u @ vh
+
+
+def test_one_muon_step_on_experts_and_c_attn_against_per_matrix_polar_factors():
+    """Oracle: one Muon step (exact polar factor, "mup" scale sqrt(rows/cols), which tells rows from
+    cols) equals float64 polar factors of each expert's gate, up and down matrices and of GPT-2's
+    q, k, v blocks, written here from the transformers storage conventions."""
+    moe, _ = tiny("qwen3-moe")
+    gpt2, _ = tiny("gpt2-model")
+    experts, attn = moe.model.layers[0].mlp.experts, gpt2.h[0].attn.c_attn
+    params = (experts.gate_up_proj, experts.down_proj, attn.weight)
+    opts = [muonkit.Muon(muonkit.param_groups(m, muon_options={"scale": "mup", "orthogonalizer": "svd"}),
+                         lr=0.01, weight_decay=0.0) for m in (moe, gpt2)]
+    grads = {p: torch.randn_like(p) for p in params}
+    before = {p: p.detach().clone() for p in params}
+    for p, g in grads.items():
+        p.grad = g.clone()
+    for opt in opts:
+        opt.step()
+    step = {p: (before[p] - p.detach()).double() / 0.01 for p in params}
+
+    inter = experts.gate_up_proj.shape[1] // 2  # (experts, 2 * inter, hidden): gate rows, then up rows
+    for e in range(4):
+        for rows in (slice(0, inter), slice(inter, 2 * inter)):
+            g = grads[experts.gate_up_proj][e, rows]
+            torch.testing.assert_close(step[experts.gate_up_proj][e, rows], polar64(g) * (inter / g.shape[1]) ** 0.5,
+                                       rtol=0, atol=1e-5)
+        g = grads[experts.down_proj][e]  # (hidden, inter)
+        torch.testing.assert_close(step[experts.down_proj][e], polar64(g) * (g.shape[0] / g.shape[1]) ** 0.5,
+                                   rtol=0, atol=1e-5)
+    for i in range(3):  # (in, 3 * out): q, k, v columns; each matrix out x in
+        cols = slice(32 * i, 32 * (i + 1))
+        g = grads[attn.weight][:, cols].T
+        torch.testing.assert_close(step[attn.weight][:, cols], polar64(g).T, rtol=0, atol=1e-5)

@@ -331,9 +331,9 @@ def _output_layers(model: nn.Module, seen: _Observation | None, adapters: dict[i
     layers = [(n, m) for n, m in model.named_modules() if _is_weight_layer(m) and id(m) not in adapters]
     found: dict[int, str] = {}
     if seen is not None:
-        for _, m in layers:
-            if id(m) in seen.outputs:
-                found[id(m)] = "its output is the model's output in the forward pass over example_inputs"
+        for u in [m for _, m in layers] + [p for p in model.parameters() if id(p) in seen.uses]:
+            if id(u) in seen.outputs:
+                found[id(u)] = "its output is the model's output in the forward pass over example_inputs"
     sizes, configured = _config_sizes(model)
     for n, m in layers:
         size = _out_size(m)
@@ -357,8 +357,7 @@ def _input_stems(order: list[Any], seen: _Observation | None, outputs: Collectio
     candidates = [u for u in order if id(u) not in outputs]
     if seen is not None:
         reading = {id(m): "it reads the model's input in the forward pass over example_inputs"
-                   for m in candidates if isinstance(m, nn.Module) and id(m) in seen.stems
-                   and not isinstance(m, _EMBEDDINGS)}
+                   for m in candidates if id(m) in seen.stems and not isinstance(m, _EMBEDDINGS)}
         if reading:
             return reading
     if not candidates or isinstance(candidates[0], _EMBEDDINGS):
@@ -390,10 +389,14 @@ class _Observation:
     """Known layers (modules) and free parameters, in the order the forward pass first runs them."""
     uses: dict[int, list[_Use]] = field(default_factory=dict)
     """Free parameter id -> how the forward pass consumed it, in order."""
+    reads: dict[int, set[int]] = field(default_factory=dict)
+    """Id of a known layer or of a free parameter used as a matrix -> storages of its inputs."""
+    writes: dict[int, set[int]] = field(default_factory=dict)
+    """Id of a known layer or of a free parameter used as a matrix -> storages of its outputs."""
     outputs: set[int] = field(default_factory=set)
-    """Ids of the known layers whose output is (a view or a copy of) an output of the model."""
+    """Ids of those whose output is (a view or a copy of) an output of the model."""
     stems: set[int] = field(default_factory=set)
-    """Ids of the known layers whose input is (a view or a copy of) an input of the model."""
+    """Ids of those whose input is (a view or a copy of) an input of the model."""
 
 
 def _storage(t: Any) -> int | None:
@@ -488,6 +491,14 @@ class _UseRecorder(TorchDispatchMode):
             uses = self.seen.uses.setdefault(pid, [])
             if matrix and feeds is None and not any(u.matrix and u.feeds is None for u in uses):
                 self.seen.order.append(p)
+            if matrix and feeds is None:
+                # Like a layer's hooks: what the product reads and writes, for the stem and the output.
+                self.seen.reads.setdefault(pid, set()).update(
+                    a for (i, t), (_, other) in zip(operands, origins) if i != position and other is None
+                    for a in [_storage(t)] if a is not None)
+                self.seen.writes.setdefault(pid, set()).update(
+                    a for a in map(_storage, tree_leaves(out)) if a is not None)
+                self.keep.append(out)
             uses.append(_Use(op, matrix, layout, feeds))
         return out
 
@@ -502,8 +513,7 @@ def _observe(
     parameters used as matrices, and every use of each free parameter."""
     seen = _Observation()
     visited: set[int] = set()
-    reads: dict[int, set[int]] = {}
-    writes: dict[int, set[int]] = {}
+    reads, writes = seen.reads, seen.writes
     alive: list[Any] = []
 
     def record(module: nn.Module, inputs: Any) -> None:

@@ -656,19 +656,7 @@ def route(
             f"inputs, got {type(example_inputs).__name__}"
         )
 
-    params_by_name = dict(model.named_parameters())
-    selected: set[str] | None = None
-    if only is not None:
-        names_by_id = {id(p): n for n, p in params_by_name.items()}
-        selected = set()
-        for item in ([only] if isinstance(only, (str, torch.Tensor)) else only):
-            name = item if isinstance(item, str) else names_by_id.get(id(item)) if isinstance(item, torch.Tensor) else None
-            if name is None or name not in params_by_name:
-                shown = item if isinstance(item, str) else f"a tensor of shape {tuple(item.shape)}" \
-                    if isinstance(item, torch.Tensor) else repr(item)
-                raise ValueError(f"only=: {shown} is not a parameter of the model (add the new module to the "
-                                 "model first, then route its parameters)")
-            selected.add(name)
+    selected = None if only is None else _selected(model, only)
 
     owner: dict[int, tuple[str, nn.Module]] = {}
     owners_of: dict[int, list[nn.Module]] = {}
@@ -700,14 +688,13 @@ def route(
     else:
         order = [m for m in model.modules() if is_layer(m)]
         order_source = "in registration order"
-    outputs, fallback = _output_layers(model, seen, adapters)
-    if not outputs and fallback and order and not isinstance(order[-1], _EMBEDDINGS):
+    outputs, order_may_decide = _output_layers(model, seen, adapters)
+    by_order = order_may_decide and bool(order) and not isinstance(order[-1], _EMBEDDINGS)
+    if by_order:
         kind = type(order[-1]).__name__ if isinstance(order[-1], nn.Module) else "matrix"
         outputs = {id(order[-1]): (f"the last {kind} {order_source}; no other evidence (no head attribute, no "
                                    "config size, no layer whose output is the model's output), so only order is "
                                    "left: name it in adamw= or muon= to decide")}
-    else:
-        fallback = False
     stems = _input_stems(order, seen, outputs, order_source)
     no_decay_entries = _no_decay_names(model) if exclude_from_decay else {}
 
@@ -738,10 +725,26 @@ def route(
             if no_decay is None and id(p) in free and p.shape[0] == 1 and choice == "adamw":
                 no_decay = "learned token or position table: a free tensor with a leading axis of 1"
         decisions.append(Decision(name, shape, choice, reason, layout if choice == "muon" else None, no_decay))
-        if fallback and rule.output is not None and choice == "adamw" and reason.startswith("output layer"):
+        if by_order and rule.output is not None and choice == "adamw" and reason.startswith("output layer"):
             warnings.warn(f"muonkit: {type(model).__name__} '{name}': output layer decided by order alone ({reason})",
                           stacklevel=3)
     return decisions
+
+
+def _selected(model: nn.Module, only: Iterable[torch.Tensor | str] | torch.Tensor | str) -> set[str]:
+    """The names of the parameters `only=` lists (tensors or names); ValueError for one not in the model."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    every = set(names.values())
+    selected = set()
+    for item in [only] if isinstance(only, (str, torch.Tensor)) else only:
+        name = item if isinstance(item, str) else names.get(id(item)) if isinstance(item, torch.Tensor) else None
+        if name is None or name not in every:
+            shown = (item if isinstance(item, str) else
+                     f"a tensor of shape {tuple(item.shape)}" if isinstance(item, torch.Tensor) else repr(item))
+            raise ValueError(f"only=: {shown} is not a parameter of the model (add the new module to the model "
+                             "first, then route its parameters)")
+        selected.add(name)
+    return selected
 
 
 @dataclass

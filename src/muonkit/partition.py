@@ -319,7 +319,9 @@ def _config_sizes(model: nn.Module) -> tuple[dict[int, str], bool]:
     return sizes, configured
 
 
-def _output_layers(model: nn.Module, seen: _Observation | None, adapters: dict[int, str]) -> tuple[dict[int, str], bool]:
+def _output_layers(
+    model: nn.Module, seen: _Observation | None, adapters: dict[int, str]
+) -> tuple[dict[int, str], bool]:
     """({id(layer): the evidence that it is an output layer}, whether order may stand in).
 
     Evidence: the forward pass (its output is the model's output), a layer outside the numbered
@@ -350,7 +352,9 @@ def _output_layers(model: nn.Module, seen: _Observation | None, adapters: dict[i
     return found, not found and not configured and not (seen is not None and seen.outputs)
 
 
-def _input_stems(order: list[Any], seen: _Observation | None, outputs: Collection[int], order_source: str) -> dict[int, str]:
+def _input_stems(
+    order: list[Any], seen: _Observation | None, outputs: Collection[int], order_source: str
+) -> dict[int, str]:
     """{id(layer or free parameter): why it is the input stem}: the layers that read the model's
     input in the forward pass; else (or without example_inputs) the first in order, unless that
     is an embedding or an output layer."""

@@ -288,8 +288,9 @@ def _lora_adapters(model: nn.Module) -> dict[int, str]:
 
 
 # Names of a model's head at its top (outside numbered blocks): transformers' lm_head,
-# classifier, score and qa_outputs; timm's head; torchvision's fc and classifier.
-_HEAD_NAMES = frozenset({"lm_head", "head", "heads", "classifier", "score", "qa_outputs", "fc"})
+# classifier, score and qa_outputs; timm's head; torchvision's fc and classifier; the plain
+# output / out of hand-written models.
+_HEAD_NAMES = frozenset({"lm_head", "head", "heads", "classifier", "score", "qa_outputs", "fc", "output", "out"})
 
 
 def _in_blocks(name: str) -> bool:

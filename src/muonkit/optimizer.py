@@ -55,6 +55,9 @@ class _GroupStep:
     seeds: list[int | None] | None = None
     directions: Directions | None = None
     stats: list[dict[str, Tensor]] | None = field(default=None)
+    # State of the group's parameters without a gradient that a changed variant, state_dtype or
+    # stochastic_rounding replaces (so that every parameter's state is the group's, and loads back).
+    idle: list[tuple[Tensor, dict[str, Tensor]]] = field(default_factory=list)
 
 
 class Muon(torch.optim.Optimizer):
@@ -436,7 +439,7 @@ class Muon(torch.optim.Optimizer):
             if item.group["use_muon"] and not self._fuses(item.group):
                 item.directions = self._muon_directions(item, orthogonality)
         for item in plan:
-            for p, state in zip(item.params, item.states):
+            for p, state in [*zip(item.params, item.states), *item.idle]:
                 self.state[p].update(state)
             if item.group["use_muon"] and item.group["variant"] == "muon":
                 # A group switched to plain Muon drops its second moments, so that its state is the
@@ -468,7 +471,7 @@ class Muon(torch.optim.Optimizer):
         position = -1
         seen: dict[int, str] = {}  # id of each parameter -> where it is (a parameter steps once)
         for index, group in enumerate(self.param_groups):
-            where = f"{'Muon' if group['use_muon'] else 'AdamW'} group {index}"
+            where = f"{'Muon' if group.get('use_muon') else 'AdamW'} group {index}"
             check_options(group, where)
             names = group.get("param_names") or []
             names = names + [f"#{i}" for i in range(len(names), len(group["params"]))]
@@ -482,9 +485,14 @@ class Muon(torch.optim.Optimizer):
                         "once (remove the one appended to param_groups[...]['params'])"
                     )
                 seen[id(p)] = f"parameter '{name}' of {where}"
-                if p.grad is None:
-                    continue
                 state = self.state.get(p, {})
+                if p.grad is None:
+                    if state:
+                        check_param(p, name, group, where)
+                        new = missing_state(p, state, group)
+                        if new:
+                            item.idle.append((p, new))
+                    continue
                 check_param(p, name, group, where)
                 if not state and group["use_muon"] and is_dtensor(p):
                     self._check_dtensor(p, name, where)
@@ -636,8 +644,8 @@ class Muon(torch.optim.Optimizer):
             lr=_adamw_lr(group),
             beta1=beta1,
             beta2=beta2,
-            eps=group["eps"],
-            weight_decay=_adamw_weight_decay(group),
+            eps=_scalar(group["eps"]),
+            weight_decay=_scalar(_adamw_weight_decay(group)),
             cautious_weight_decay=group["cautious_weight_decay"],
             rounding_seeds=item.seeds,
             stats=item.stats,
@@ -648,6 +656,13 @@ def _value(x: Any) -> float:
     """A hyperparameter as a Python float: Muon groups compute with floats, whatever one-element
     tensor (of any shape) or NumPy number the checks accepted."""
     return float(x)
+
+
+def _scalar(x: Any) -> Any:
+    """A one-element tensor hyperparameter as a 0-d view of it (the same value), as every path of
+    torch's AdamW functional takes eps and weight_decay (its foreach path refuses shape [1], and an
+    [1, 1] eps would broadcast a 1-D parameter's update to 2-D); other values as they are."""
+    return x.reshape(()) if isinstance(x, Tensor) else x
 
 
 def _adamw_weight_decay(group: dict[str, Any]) -> float | Tensor:

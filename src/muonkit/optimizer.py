@@ -31,6 +31,7 @@ from .options import (
 from .orthogonalize import NsDtype, Orthogonalizer
 from .scaling import Scale
 from .state import (
+    check_known,
     check_state,
     checked_state,
     from_torch_adamw,
@@ -376,6 +377,7 @@ class Muon(torch.optim.Optimizer):
             use_muon = current["use_muon"]
             kind = "Muon" if use_muon else "AdamW"
             where = f"load_state_dict: {kind} group {index}"
+            check_known(group, where)
             saved_kind = group.get("use_muon", "betas" not in group)
             if not isinstance(saved_kind, bool):
                 raise ValueError(f"{where}: use_muon must be True or False, got {saved_kind!r}")

@@ -168,6 +168,39 @@ def checked_state(state: dict[str, Any], p: Tensor, group: dict[str, Any], where
     return state
 
 
+# Group keys that only other torch.optim optimizers save, and which one: their state dicts mean something
+# muonkit does not implement (SGD's L2 decay and dampening, RMSprop's square average, ...).
+_FOREIGN_KEYS = {
+    "dampening": "torch.optim.SGD", "centered": "torch.optim.RMSprop", "alpha": "torch.optim.RMSprop or ASGD",
+    "lambd": "torch.optim.ASGD", "lr_decay": "torch.optim.Adagrad", "initial_accumulator_value": "torch.optim.Adagrad",
+    "rho": "torch.optim.Adadelta", "momentum_decay": "torch.optim.NAdam", "etas": "torch.optim.Rprop",
+    "step_sizes": "torch.optim.Rprop", "max_iter": "torch.optim.LBFGS", "beta2_decay": "torch.optim.Adafactor",
+}
+
+
+def check_known(group: dict[str, Any], where: str) -> None:
+    """Refuse a loaded group of an optimizer whose state muonkit cannot read with its meaning: one
+    without `use_muon` (so not muonkit's) must be torch.optim.AdamW's or Adam's (`betas` and `amsgrad`)
+    or torch.optim.Muon's (`ns_coefficients`)."""
+    if "use_muon" in group:
+        return
+    foreign = sorted({name for key, name in _FOREIGN_KEYS.items() if key in group})
+    if foreign:
+        what = " / ".join(foreign)
+    elif "betas" in group and "amsgrad" not in group:
+        what = "an Adam-like optimizer that is not torch.optim.AdamW or Adam (it has betas but no amsgrad)"
+    elif "betas" not in group and "ns_coefficients" not in group:
+        what = "an optimizer that is neither torch.optim.AdamW / Adam (betas) nor torch.optim.Muon (ns_coefficients)"
+    else:
+        return
+    keys = sorted(key for key in group if key not in ("params", "param_names"))
+    raise ValueError(
+        f"{where}: the state dict is {what}'s (group keys {keys}); muonkit loads only its own state dicts, "
+        "torch.optim.AdamW / Adam's and torch.optim.Muon's, whose meaning it knows. Keep training with that "
+        "optimizer, or start muonkit's state fresh (load the model's weights only)"
+    )
+
+
 def from_torch_adamw(group: dict[str, Any], where: str) -> None:
     """Check and drop the keys of a torch.optim.AdamW / Adam group that muonkit has no use for."""
     check_unsupported(group, where)

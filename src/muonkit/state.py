@@ -178,6 +178,10 @@ _FOREIGN_KEYS = {
 }
 
 
+# Keys only muonkit's groups have.
+_MUONKIT_KEYS = ("skipped_steps", "scale", "orthogonalizer", "variant", "layout", "state_dtype", "stochastic_rounding")
+
+
 def check_known(group: dict[str, Any], where: str) -> None:
     """Refuse a loaded group of an optimizer whose state muonkit cannot read with its meaning: one
     without `use_muon` (so not muonkit's) must be torch.optim.AdamW's or Adam's (`betas` and `amsgrad`)
@@ -186,18 +190,22 @@ def check_known(group: dict[str, Any], where: str) -> None:
         return
     foreign = sorted({name for key, name in _FOREIGN_KEYS.items() if key in group})
     if foreign:
-        what = " / ".join(foreign)
+        what = f"the state dict is {' / '.join(foreign)}'s"
+    elif any(key in group for key in _MUONKIT_KEYS):
+        return  # muonkit's own, without use_muon: its kind is judged by the caller
     elif "betas" in group and "amsgrad" not in group:
-        what = "an Adam-like optimizer that is not torch.optim.AdamW or Adam (it has betas but no amsgrad)"
+        what = ("the state dict's group has betas but no amsgrad, so it is not torch.optim.AdamW's or Adam's "
+                "(torch.optim.RAdam, Adamax and SparseAdam groups look like this)")
     elif "betas" not in group and "ns_coefficients" not in group:
-        what = "an optimizer that is neither torch.optim.AdamW / Adam (betas) nor torch.optim.Muon (ns_coefficients)"
+        what = ("the state dict's group has neither betas (torch.optim.AdamW / Adam) nor ns_coefficients "
+                "(torch.optim.Muon), so it is another optimizer's")
     else:
         return
     keys = sorted(key for key in group if key not in ("params", "param_names"))
     raise ValueError(
-        f"{where}: the state dict is {what}'s (group keys {keys}); muonkit loads only its own state dicts, "
-        "torch.optim.AdamW / Adam's and torch.optim.Muon's, whose meaning it knows. Keep training with that "
-        "optimizer, or start muonkit's state fresh (load the model's weights only)"
+        f"{where}: {what} (group keys {keys}); muonkit loads only its own state dicts, torch.optim.AdamW / "
+        "Adam's and torch.optim.Muon's, whose meaning it knows. Keep training with that optimizer, or start "
+        "muonkit's state fresh (load the model's weights only)"
     )
 
 

@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import muonkit
@@ -264,6 +264,7 @@ def test_a_step_succeeds_or_changes_nothing(data):
     except RuntimeError:  # torch's own grad setter refuses it: nothing to inject
         what = None
     fault = fault if what is not None else None
+    event(f"fault: {fault}")
     closure = None
     if fault == "closure":
         def closure():
@@ -274,6 +275,7 @@ def test_a_step_succeeds_or_changes_nothing(data):
     except Exception as err:
         assert fault is not None, f"a step without a fault raised {err!r}"
         assert_unchanged(opt, before)
+        event("step refused")
     else:
         assert fault not in ("closure", "orthogonalizer") or what is None, f"{what} did not raise"
 
@@ -365,6 +367,7 @@ def test_a_state_dict_loads_with_its_meaning_or_changes_nothing(data):
             for i, state in zip(ids, (foreign_sd["state"].get(j, {}) for j in range(len(theirs)))):
                 sd["state"][i] = state
             expected = loads if expected is None else expected and loads
+    event(f"source: {source}, expected: {expected}")
     before = snapshot(target)
     try:
         target.load_state_dict(sd)

@@ -671,3 +671,19 @@ def test_cli_integers_beyond_torchs_range_print_one_line_exit_2_and_write_nothin
     err = _one_line_exit_2([*argv, "--out", str(tmp_path / "out")], capsys)
     assert words in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("shape, state_dtype", [((1,), torch.float64), ((1, 1), None)], ids=["1-float64-state", "1x1"])
+def test_tensor_betas_with_cautious_weight_decay_step_like_float_betas(shape, state_dtype):
+    """Found by tests/test_properties.py: an AdamW group with tensor betas and cautious weight decay
+    failed after the Muon group moved (float32 beta1 mixed into float64 moments; a [1, 1] beta1
+    broadcast a 1-D moment to 2-D). It steps as with the betas' values as floats."""
+    runs = []
+    for betas in [(torch.full(shape, 0.9), torch.full(shape, 0.99)), (0.9, 0.99)]:
+        params, opt = mixed()
+        opt.param_groups[1].update(betas=betas, cautious_weight_decay=True, state_dtype=state_dtype)
+        for t in range(2):
+            step(opt, params, t)
+        runs.append(params)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -637,6 +637,10 @@ class Muon(torch.optim.Optimizer):
     def _adamw_step(self, item: _GroupStep) -> None:
         group = item.group
         beta1, beta2 = group["betas"]
+        if group["cautious_weight_decay"]:
+            # As lr and weight_decay there: cautious decay computes with plain numbers (a tensor beta1
+            # of another dtype or of shape [1, 1] would not fit the moments it mixes).
+            beta1, beta2 = _value(beta1), _value(beta2)
         functional.adamw(
             local_parts(item.params),
             local_parts(item.grads),

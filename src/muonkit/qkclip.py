@@ -316,7 +316,7 @@ class QKClip:
             return [None] * len(self._layers)
         nonfinite = int((maxima.isnan() | maxima.isposinf()).sum())
         if nonfinite:
-            if not self.nonfinite_maxima:
+            if not self.nonfinite_maxima and self.tau < math.inf:  # tau=inf only records
                 warnings.warn(
                     f"QKClip: {nonfinite} observed max logit(s) are NaN or +inf (e.g. logits that overflow "
                     "float16); those heads are left unclipped (counted in QKClip.nonfinite_maxima; this "

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     ns = commands.add_parser("ns", help="compare the orthogonalizers with the exact SVD polar factor")
     ns.add_argument("--size", default="128x512", help="ROWSxCOLS of the test matrices (default 128x512); a size "
                                                     "whose run would not fit in the available memory is refused")
-    ns.add_argument("--seed", type=_seed, default=0)
+    ns.add_argument("--seed", type=_seed, default=0, help="seed of the test matrices (default 0)")
     ns.add_argument("--repeats", type=_positive_int, default=5, help="timing repeats; the median is shown")
     ns.add_argument("--out", type=Path, help="output directory (default ./muonkit-runs/ns-<time>)")
     ns.set_defaults(func=_ns)

@@ -334,6 +334,9 @@ class Muon(torch.optim.Optimizer):
         anything changes; a state dict that does not fit raises ValueError naming the group and
         leaves the optimizer as it was:
 
+        - only state dicts whose meaning muonkit knows load: its own (groups with ``use_muon``),
+          torch.optim.AdamW's / Adam's (``betas`` and ``amsgrad``) and torch.optim.Muon's
+          (``ns_coefficients``); any other optimizer's (SGD, RMSprop, RAdam, ...) is refused, named;
         - a group keeps its kind: a loaded group is an AdamW group if its ``use_muon`` is False, or,
           without ``use_muon`` (torch's optimizers), if it has ``betas``; else a Muon group;
         - each parameter's state holds its kind's keys (Muon ``momentum_buffer``, and

@@ -21,23 +21,30 @@ Writes DIR/gpu_check.json and prints one Markdown table per section:
    median ms, ratio to the textbook, the Newton-Schulz share of the step (median NS time over
    median step time), and the peak memory a step allocates above what was allocated before it
    (CUDA only).
-3. training: charlm (4-layer GPT, width 128) for 200 steps, muon at lr 1e-2 and adamw at 1e-3,
+3. graph: Muon(capturable=True)'s step captured in a CUDA graph (3 warm-up steps on a side
+   stream, then torch.cuda.graph, then replays with the gradients copied into the captured .grad
+   tensors) against the eager capturable step over 8 steps: bit_identical, and the largest
+   difference as a fraction of how far the steps moved the parameter (ok below 3e-2 on CUDA,
+   where the orthogonalizer runs in bfloat16 and cuBLAS may choose another algorithm on the
+   capture stream; 1e-4 on CPU); the AdamW step counts are on the device and equal 8. On CPU
+   there is no capture: the same harness replays the eager step (captured: false). A parameter
+   without a gradient is refused (ValueError).
+4. rounding: muonkit.functional.stochastic_round of float32 to bfloat16 on the device against its
+   definition: every result is one of x's two bf16 neighbours (x itself when representable), the
+   mean over 2^20 draws of each x is x within 5 standard deviations (max_z), a seed gives the same
+   bits twice, and the default-generator path (capturable steps) is unbiased too.
+5. training: charlm (4-layer GPT, width 128) for 200 steps, muon at lr 1e-2 and adamw at 1e-3,
    3 seeds each, on the device and on the CPU in the same run; ok: the device's mean final
-   training loss (mean of the last 20 steps) within the CPU seeds' spread (mean +- 4 standard
-   errors of the difference, at least 0.05 nats).
-4. compile: torch.compile(opt.step) against the eager step over 5 steps (max relative difference
-   of the parameters; ok below 1e-4), for the default and the capturable optimizer.
-5. cuda graph: Muon(capturable=True)'s step captured in a CUDA graph (warm-up on a side stream,
-   then torch.cuda.graph, then replays with the gradients copied into the captured .grad tensors)
-   against the eager capturable step: bit for bit (float32). On CPU there is no capture: the same
-   harness replays the eager step (captured: false). A parameter without a gradient is refused.
-6. stochastic rounding: muonkit.functional.stochastic_round of float32 to bfloat16 on the device
-   against its definition: every result is one of x's two bf16 neighbours (or x itself when
-   representable), the mean over 2^20 draws of each x is x within 5 standard deviations, a seed
-   gives the same bits twice, and the default-generator path (capturable steps) is unbiased too.
+   training loss (mean of the last 20 steps) within the CPU seeds' spread (4 standard errors of
+   the difference, at least 0.05 nats). Quick: a 1-layer width-32 model, 8 steps, 2 seeds, and
+   the CPU runs are the device runs.
+6. compile: torch.compile(opt.step) (inductor; quick: the aot_eager backend, which skips the C++
+   build) against the eager step over 5 steps, for the default and the capturable optimizer; ok:
+   difference over update below the graph section's tolerance.
 
-Options: --sections to run a subset (comma-separated names above: orthogonalizers, step,
-training, compile, graph, rounding), --repeats (timed rounds, default 7; quick 3).
+The sections run in this order and the JSON is rewritten after each, so a run cut short keeps
+what finished. Options: --sections (a comma-separated subset of the names above), --repeats
+(timed rounds of the step section, default 7; quick 3).
 """
 
 from __future__ import annotations
@@ -64,7 +71,8 @@ import muonkit
 from muonkit import functional
 from muonkit.orthogonalize import ORTHOGONALIZERS, orthogonalize
 
-SECTIONS = ("orthogonalizers", "step", "training", "compile", "graph", "rounding")
+# In the order they run: the quick and central checks first, the slow compile last.
+SECTIONS = ("orthogonalizers", "step", "graph", "rounding", "training", "compile")
 LR, WD = 0.02, 0.1
 
 
@@ -217,6 +225,28 @@ def build_methods(muon: list[nn.Parameter], adamw: list[nn.Parameter]) -> dict[s
         [_matrices(p.grad) for p in muon], method=ours["orthogonalizer"], steps=ours["ns_steps"],
         dtype=ours["ns_dtype"]))
 
+    if hasattr(torch.optim, "Muon"):  # torch >= 2.9
+        methods["torch.optim.Muon"] = _torch_muon(muon, adamw)
+
+    buffers = [torch.zeros_like(p) for p in muon]
+    textbook_adamw = torch.optim.AdamW(adamw, lr=LR, weight_decay=WD)
+
+    @torch.no_grad()
+    def textbook_step():
+        for p, buf in zip(muon, buffers):
+            buf.lerp_(p.grad, 1 - 0.95)
+            update = _matrices(p.grad.lerp(buf, 0.95))
+            O = torch.stack([textbook_ns(m) for m in update]).to(p.dtype)
+            p.mul_(1 - LR * WD)
+            p.add_(O.view_as(p), alpha=-LR * 0.2 * max(update.shape[-2:]) ** 0.5)
+        textbook_adamw.step()
+
+    methods["textbook bf16 loop"] = (textbook_step, lambda: [textbook_ns(m) for p in muon for m in _matrices(p.grad)])
+    return methods
+
+
+def _torch_muon(muon: list[nn.Parameter], adamw: list[nn.Parameter]) -> tuple[Callable, Callable]:
+    """torch.optim.Muon with torch.optim.AdamW on the rest, and its Newton-Schulz function alone."""
     # torch.optim.Muon takes 2D parameters: a stacked 3D parameter is handed over as its matrices,
     # leaf views of its storage whose gradients are views of its gradient.
     matrices = []
@@ -238,24 +268,8 @@ def build_methods(muon: list[nn.Parameter], adamw: list[nn.Parameter]) -> dict[s
     from torch.optim._muon import _zeropower_via_newtonschulz
 
     theirs = dict(torch_muon.param_groups[0])
-    methods["torch.optim.Muon"] = (torch_step, lambda: [
-        _zeropower_via_newtonschulz(m.grad, theirs["ns_coefficients"], theirs["ns_steps"], theirs["eps"]) for m in matrices])
-
-    buffers = [torch.zeros_like(p) for p in muon]
-    textbook_adamw = torch.optim.AdamW(adamw, lr=LR, weight_decay=WD)
-
-    @torch.no_grad()
-    def textbook_step():
-        for p, buf in zip(muon, buffers):
-            buf.lerp_(p.grad, 1 - 0.95)
-            update = _matrices(p.grad.lerp(buf, 0.95))
-            O = torch.stack([textbook_ns(m) for m in update]).to(p.dtype)
-            p.mul_(1 - LR * WD)
-            p.add_(O.view_as(p), alpha=-LR * 0.2 * max(update.shape[-2:]) ** 0.5)
-        textbook_adamw.step()
-
-    methods["textbook bf16 loop"] = (textbook_step, lambda: [textbook_ns(m) for p in muon for m in _matrices(p.grad)])
-    return methods
+    return torch_step, lambda: [
+        _zeropower_via_newtonschulz(m.grad, theirs["ns_coefficients"], theirs["ns_steps"], theirs["eps"]) for m in matrices]
 
 
 def check_step(device: torch.device, quick: bool, repeats: int) -> dict[str, Any]:
@@ -345,18 +359,25 @@ def _grads(net: nn.Module, step: int) -> list[torch.Tensor]:
     return [torch.randn(p.shape, generator=g).to(p.device) for p in net.parameters()]
 
 
-def _max_relative(a: nn.Module, b: nn.Module) -> float:
-    return max(float((p - q).abs().max() / q.abs().max().clamp_min(1e-30)) for p, q in zip(a.parameters(), b.parameters()))
+@torch.no_grad()
+def _relative_to_update(a: nn.Module, b: nn.Module, start: nn.Module) -> float:
+    """max over parameters of max |a - b| / max |b - start|: a difference as a fraction of how far
+    the steps moved the parameter (the parameter itself would hide an error in the update)."""
+    return max(float((p - q).abs().max() / (q - p0).abs().max().clamp_min(1e-30))
+               for p, q, p0 in zip(a.parameters(), b.parameters(), start.parameters()))
 
 
-_max_relative = torch.no_grad()(_max_relative)
+def _tolerance(device: torch.device) -> float:
+    """Allowed `_relative_to_update` between two orders of the same arithmetic: the orthogonalizer
+    runs in bfloat16 on CUDA (8 bits: a fused kernel may round differently), float32 on the CPU."""
+    return 3e-2 if device.type == "cuda" else 1e-4
 
 
 def check_compile(device: torch.device, quick: bool) -> dict[str, Any]:
     rows = []
     for capturable in (False, True):
         torch._dynamo.reset()
-        eager_net, compiled_net = _net(device, quick), _net(device, quick)
+        start_net, eager_net, compiled_net = _net(device, quick), _net(device, quick), _net(device, quick)
         eager = muonkit.Muon(muonkit.param_groups(eager_net), lr=LR, capturable=capturable)
         compiled = muonkit.Muon(muonkit.param_groups(compiled_net), lr=LR, capturable=capturable)
         # Quick (CPU) runs trace with dynamo and AOT autograd but skip inductor's C++ build (a minute on
@@ -369,10 +390,10 @@ def check_compile(device: torch.device, quick: bool) -> dict[str, Any]:
                     p.grad = g
             eager.step()
             step()
-        difference = _max_relative(compiled_net, eager_net)
+        difference = _relative_to_update(compiled_net, eager_net, start_net)
         rows.append(dict(capturable=capturable, backend="aot_eager" if quick else "inductor", steps=5,
-                         max_relative_difference=difference,
-                         seconds=time.perf_counter() - start, ok=difference < 1e-4))
+                         difference_over_update=difference, tolerance=_tolerance(device),
+                         seconds=time.perf_counter() - start, ok=difference < _tolerance(device)))
     return dict(rows=rows, ok=all(r["ok"] for r in rows))
 
 
@@ -402,7 +423,7 @@ def replayable(step: Callable[[], object], device: torch.device, warmup: Callabl
 
 
 def check_graph(device: torch.device, quick: bool) -> dict[str, Any]:
-    eager_net, graph_net = _net(device, quick), _net(device, quick)
+    start_net, eager_net, graph_net = _net(device, quick), _net(device, quick), _net(device, quick)
     eager = muonkit.Muon(muonkit.param_groups(eager_net), lr=LR, capturable=True)
     graphed = muonkit.Muon(muonkit.param_groups(graph_net), lr=LR, capturable=True)
     # The captured step reads these tensors: later gradients are copied into them, never replaced.
@@ -429,6 +450,7 @@ def check_graph(device: torch.device, quick: bool) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     same = all(torch.equal(p, q) for p, q in zip(graph_net.parameters(), eager_net.parameters()))
+    difference = _relative_to_update(graph_net, eager_net, start_net)
     counts = [float(s["step"]) for s in graphed.state.values() if "step" in s]
     next(iter(eager_net.parameters())).grad = None
     try:
@@ -436,11 +458,13 @@ def check_graph(device: torch.device, quick: bool) -> dict[str, Any]:
         refused = False
     except ValueError as err:
         refused = "has no gradient" in str(err)
-    return dict(captured=captured, steps=steps, bit_identical=same, max_relative_difference=_max_relative(graph_net, eager_net),
+    # Bit for bit is expected (the same kernels); cuBLAS may pick another algorithm on the capture
+    # stream, so the check allows the compile section's tolerance and reports which it was.
+    return dict(captured=captured, steps=steps, bit_identical=same, difference_over_update=difference,
                 adamw_step_counts=sorted(set(counts)), step_counts_on_device=all(
                     s["step"].device.type == device.type for s in graphed.state.values() if "step" in s),
                 no_gradient_refused=refused,
-                ok=same and refused and set(counts) == {float(steps)})
+                ok=difference < _tolerance(device) and refused and set(counts) == {float(steps)})
 
 
 # ------------------------------------------------------------------------ 6. stochastic rounding
@@ -453,18 +477,19 @@ def check_rounding(device: torch.device, quick: bool) -> dict[str, Any]:
     base = torch.tensor([1.0, -3.0, 0.0078125, 1e-30, 6e4], dtype=torch.float32)
     gap = torch.nextafter(base.bfloat16(), torch.full_like(base.bfloat16(), math.inf)).float() - base.bfloat16().float()
     fractions = torch.arange(0, 8, dtype=torch.float32) / 8
-    x = (base.bfloat16().float()[:, None] + gap[:, None] * fractions).flatten().to(device)
+    x_cpu = (base.bfloat16().float()[:, None] + gap[:, None] * fractions).flatten()
+    # x's bf16 neighbours (computed on the CPU): the largest at or below it, the smallest at or above.
+    nearest = x_cpu.bfloat16()
+    below = torch.nextafter(nearest, torch.full_like(nearest, -math.inf)).float()
+    above = torch.nextafter(nearest, torch.full_like(nearest, math.inf)).float()
+    down = torch.where(nearest.float() <= x_cpu, nearest.float(), below).to(device)
+    up = torch.where(nearest.float() >= x_cpu, nearest.float(), above).to(device)
+    x = x_cpu.to(device)
     rows = []
     for path, seed in (("seeded generator", 12345), ("default generator (capturable)", functional.DEFAULT_GENERATOR)):
         torch.manual_seed(0)
         samples = x.expand(draws, -1).contiguous()
         rounded = functional.stochastic_round(samples, torch.bfloat16, seed).float()
-        # x's bf16 neighbours: the largest at or below it and the smallest at or above it.
-        nearest = x.bfloat16()
-        below = torch.nextafter(nearest, torch.full_like(nearest, -math.inf)).float()
-        above = torch.nextafter(nearest, torch.full_like(nearest, math.inf)).float()
-        down = torch.where(nearest.float() <= x, nearest.float(), below)
-        up = torch.where(nearest.float() >= x, nearest.float(), above)
         neighbours = bool(((rounded == down) | (rounded == up)).all())
         mean = rounded.double().mean(0)
         p = ((x - down) / torch.where(up > down, up - down, torch.ones_like(x))).double()
@@ -484,10 +509,10 @@ def check_rounding(device: torch.device, quick: bool) -> dict[str, Any]:
 CHECKS: dict[str, Callable[..., dict[str, Any]]] = {
     "orthogonalizers": check_orthogonalizers,
     "step": check_step,
-    "training": check_training,
-    "compile": check_compile,
     "graph": check_graph,
     "rounding": check_rounding,
+    "training": check_training,
+    "compile": check_compile,
 }
 
 

@@ -277,3 +277,16 @@ def test_tensor_lr_is_read_on_the_device_so_a_scheduler_reaches_the_step():
     assert all(g["lr"] is t for g, t in zip(b.param_groups, lr_tensors))
     for pa, pb in zip(net_a.parameters(), net_b.parameters()):
         torch.testing.assert_close(pb, pa, rtol=2e-6, atol=2e-6)
+
+
+def test_capturable_step_compiles_as_one_graph_with_what_breaks_the_default_one():
+    # A tensor lr and stochastic rounding of bf16 parameters read the host in the default step
+    # (graph breaks, docs/API.md); the capturable step reads neither there: one graph, no break.
+    torch._dynamo.reset()
+    net = model(torch.bfloat16)
+    for capturable, breaks in ((False, True), (True, False)):
+        opt = muonkit.Muon(muonkit.param_groups(net), lr=torch.tensor(0.01), capturable=capturable)
+        set_grads(net, 0)
+        explanation = torch._dynamo.explain(opt.step)()
+        assert (explanation.graph_break_count > 0) == breaks, [str(r.reason)[:200] for r in explanation.break_reasons]
+    assert explanation.graph_count == 1

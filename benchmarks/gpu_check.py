@@ -44,7 +44,8 @@ Writes DIR/gpu_check.json and prints one Markdown table per section:
 
 The sections run in this order and the JSON is rewritten after each, so a run cut short keeps
 what finished. Options: --sections (a comma-separated subset of the names above), --repeats
-(timed rounds of the step section, default 7; quick 3).
+(timed rounds of the step section, default 7; quick 3), --budget-s (start no section after this
+many seconds; the rest are recorded as not run).
 """
 
 from __future__ import annotations
@@ -532,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="directory for gpu_check.json")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ", ".join(SECTIONS))
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds of the step section (default 7; quick 3)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no section after this many seconds (it is recorded as not run); default: no limit")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -553,6 +556,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for name in sections:
         start = time.perf_counter()
+        if args.budget_s is not None and start - started > args.budget_s:
+            report["sections"][name] = dict(ok=False, error=f"not run: --budget-s {args.budget_s:g} s spent", seconds_section=0.0)
+            print(f"\n## {name}: not run (--budget-s {args.budget_s:g} s spent)", flush=True)
+            continue
         try:
             result = CHECKS[name](device, args.quick, repeats) if name == "step" else CHECKS[name](device, args.quick)
         except Exception as err:  # recorded, so that one failing section does not hide the others

@@ -290,3 +290,28 @@ def test_capturable_step_compiles_as_one_graph_with_what_breaks_the_default_one(
         explanation = torch._dynamo.explain(opt.step)()
         assert (explanation.graph_break_count > 0) == breaks, [str(r.reason)[:200] for r in explanation.break_reasons]
     assert explanation.graph_count == 1
+
+
+def test_default_state_dict_continues_in_a_capturable_optimizer():
+    # Saved by the default step (CPU step counts), loaded with capturable=True: the counts move to
+    # the parameters' device and the Muon groups continue bit for bit with the default run.
+    net, opt = build("default", False)
+    for step in range(2):
+        set_grads(net, step)
+        opt.step()
+    net2 = copy.deepcopy(net)
+    resumed = muonkit.Muon(muonkit.param_groups(net2), lr=0.02, capturable=True)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert all(s["step"].device == p.device for p, s in resumed.state.items() if "step" in s)
+    for step in range(2, 5):
+        set_grads(net, step)
+        set_grads(net2, step)
+        opt.step()
+        resumed.step()
+    for group_a, group_b in zip(opt.param_groups, resumed.param_groups):
+        for pa, pb in zip(group_a["params"], group_b["params"]):
+            if group_a["use_muon"]:
+                assert torch.equal(pa, pb)
+            else:
+                torch.testing.assert_close(pb, pa, rtol=2e-6, atol=2e-6)
+                assert float(resumed.state[pb]["step"]) == float(opt.state[pa]["step"]) == 5.0

@@ -315,3 +315,17 @@ def test_default_state_dict_continues_in_a_capturable_optimizer():
             else:
                 torch.testing.assert_close(pb, pa, rtol=2e-6, atol=2e-6)
                 assert float(resumed.state[pb]["step"]) == float(opt.state[pa]["step"]) == 5.0
+
+
+def test_tensor_lr_is_not_rounded_to_the_parameters_dtype():
+    # A bf16 parameter (bf16 state, round to nearest) moved by lr * factor = 0.0101 * 7 = 0.0707:
+    # the float lr path gives bf16(-0.0707) = -0.0708; rounding the tensor lr to bf16 first
+    # (0.0100708) would give bf16(-0.0704956) = -0.0703.
+    results = []
+    for lr in (0.0101, torch.tensor(0.0101)):
+        p = torch.zeros(4, 4, dtype=torch.bfloat16)
+        muonkit.functional.write_updates_([p], [torch.ones(4, 4, dtype=torch.bfloat16)], [7.0], [torch.bfloat16],
+                                          lr=lr, weight_decay=0.0, cautious_weight_decay=False)
+        results.append(p)
+    assert torch.equal(results[0], torch.full((4, 4), -0.0707).bfloat16())
+    assert torch.equal(results[1], results[0])

@@ -425,10 +425,12 @@ def _write_updates_at_tensor_lr_(
     cautious_weight_decay: bool,
 ) -> None:
     """`write_updates_` with a one-element tensor lr, which only device arithmetic reads (addcmul with
-    the 0-d lr where the float path adds with alpha): the same rule, rounded differently."""
+    the 0-d lr where the float path adds with alpha): the same rule, rounded differently. 16-bit
+    parameters are computed in float32 and rounded once, so that lr itself is never rounded to 16
+    bits (the float path's alpha is not either)."""
     lr = lr.reshape(())
     for p, h, factor, dtype, seed in zip(params, updates, factors, compute_dtypes, seeds):
-        widen = p.dtype != dtype or seed is not None
+        widen = p.dtype != dtype or seed is not None or p.dtype.itemsize < 4
         w = p.to(torch.promote_types(dtype, torch.float32)) if widen else p
         if weight_decay != 0.0:
             if cautious_weight_decay:

@@ -3,7 +3,7 @@ the parameters' device, and parameters without a gradient refused by name.
 
 Host reads are counted with a TorchDispatchMode: every op that hands a tensor's value to Python
 (`aten._local_scalar_dense` under .item()/float()/int(), `aten.is_nonzero` under bool(),
-`aten.item`, `aten.equal`) is recorded. The default step may read its CPU `step` counters, as
+`aten.item`, `aten.equal`) is recorded, and so are Tensor.tolist / Tensor.numpy calls. The default step may read its CPU `step` counters, as
 torch.optim's non-capturable step does (torch keeps them on the host unless capturable); nothing
 else. (A tensor lr is read on the host by the default step, as by torch.optim.AdamW's default step:
 only the capturable step reads it on the device.)
@@ -30,16 +30,35 @@ HOST_READS = {
 
 
 class HostReads(TorchDispatchMode):
-    """Records every op inside the mode that copies a tensor's value to the host."""
+    """Records every op inside the mode that copies a tensor's value to the host, and the calls of
+    Tensor.tolist / Tensor.numpy, which read a CPU tensor's memory without dispatching an op."""
 
     def __init__(self) -> None:
         super().__init__()
         self.reads: list[tuple[str, torch.Tensor]] = []
+        self._patched: dict[str, object] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in HOST_READS:
             self.reads.append((str(func), args[0]))
         return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        for name in ("tolist", "numpy"):
+            original = getattr(torch.Tensor, name)
+            self._patched[name] = original
+
+            def recorded(t, *args, _name=name, _original=original, **kwargs):
+                self.reads.append((f"Tensor.{_name}", t))
+                return _original(t, *args, **kwargs)
+
+            setattr(torch.Tensor, name, recorded)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._patched.items():
+            setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)
 
 
 def host_reads(opt: muonkit.Muon) -> list[str]:
@@ -119,9 +138,11 @@ def test_host_read_counter_sees_reads():
     opt = muonkit.Muon(muonkit.param_groups(net), nonfinite="skip")
     set_grads(net, 0)
     assert host_reads(opt)
-    with HostReads() as mode:
-        torch.ones(()).item()
-    assert len(mode.reads) == 1
+    for read in (lambda t: t.item(), lambda t: bool(t), lambda t: t.tolist(), lambda t: t.numpy(), lambda t: torch.equal(t, t)):
+        with HostReads() as mode:
+            read(torch.ones(()))
+        assert len(mode.reads) == 1
+    assert torch.Tensor.tolist(torch.ones(2)) == [1.0, 1.0]  # unpatched after the mode
 
 
 @pytest.mark.parametrize("case", list(CASES))

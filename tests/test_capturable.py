@@ -3,9 +3,9 @@ the parameters' device, and parameters without a gradient refused by name.
 
 Host reads are counted with a TorchDispatchMode: every op that hands a tensor's value to Python
 (`aten._local_scalar_dense` under .item()/float()/int(), `aten.is_nonzero` under bool(),
-`aten.item`, `aten.equal`) is recorded, and so are Tensor.tolist / Tensor.numpy calls. The default step may read its CPU `step` counters, as
-torch.optim's non-capturable step does (torch keeps them on the host unless capturable); nothing
-else. (A tensor lr is read on the host by the default step, as by torch.optim.AdamW's default step:
+`aten.item`, `aten.equal`) is recorded, and so are Tensor.tolist / Tensor.numpy calls. The
+default step may read its CPU `step` counters, as torch.optim's non-capturable step does (torch
+keeps them on the host unless capturable); nothing else. (A tensor lr is read on the host by the default step, as by torch.optim.AdamW's default step:
 only the capturable step reads it on the device.)
 """
 

@@ -19,6 +19,7 @@ from .options import (
     SKIPPED,
     Nonfinite,
     check_adamw_options,
+    check_capturable,
     check_global_options,
     check_grad,
     check_muon_options,
@@ -122,6 +123,13 @@ class Muon(torch.optim.Optimizer):
         diagnostics: record per-parameter statistics of every step in ``last_stats`` (default False).
         orthogonality_every: with diagnostics, every this many steps also measure the
             orthogonalizer's distance from the exact polar factor (an SVD per matrix; 0 = never).
+        capturable: make the step safe to capture in a CUDA graph, as torch.optim's capturable
+            mode (default False): step counters live on the parameters' device, a tensor lr is read
+            there, and the step makes no host read. Every parameter must have a gradient at every
+            step (a parameter without one raises ValueError naming it, in eager mode and at
+            capture alike); needs nonfinite="propagate", diagnostics=False, no process_group and
+            Python-number hyperparameters besides lr. Stochastic rounding then draws from the
+            device's default generator (see docs/API.md, "Capturable steps").
         process_group: a torch.distributed process group to share the Newton-Schulz work; None
             (default) means no torch.distributed call at all.
 
@@ -164,6 +172,7 @@ class Muon(torch.optim.Optimizer):
         nonfinite: Nonfinite = "propagate",
         diagnostics: bool = False,
         orthogonality_every: int = 0,
+        capturable: bool = False,
         process_group: Any = None,
     ) -> None:
         defaults = dict(
@@ -190,6 +199,7 @@ class Muon(torch.optim.Optimizer):
             nonfinite=nonfinite,
             diagnostics=diagnostics,
             orthogonality_every=orthogonality_every,
+            capturable=capturable,
         )
         check_muon_options(defaults, "Muon")
         check_adamw_options(
@@ -230,6 +240,8 @@ class Muon(torch.optim.Optimizer):
     def diagnostics(self, on: bool) -> None:
         if not isinstance(on, bool):
             raise TypeError(f"Muon.diagnostics must be True or False, got {on!r}")
+        if on and self.defaults["capturable"]:
+            raise ValueError("Muon.diagnostics cannot be switched on with capturable=True (the statistics are copied to the host)")
         self.defaults["diagnostics"] = on
 
     @property
@@ -268,7 +280,7 @@ class Muon(torch.optim.Optimizer):
         for key in set(self.defaults) - set(own) - given:
             del added[key]
         for p in added["params"]:
-            self.state[p].update(missing_state(p, self.state.get(p, {}), added))
+            self.state[p].update(missing_state(p, self.state.get(p, {}), added, capturable=self.defaults["capturable"]))
 
     def _check_dtensor(self, p: Tensor, name: str, where: str) -> None:
         if self._distributed is None:
@@ -320,7 +332,7 @@ class Muon(torch.optim.Optimizer):
         super().__setstate__(state)
         for key, value in (("variant", "muon"), ("beta2", 0.95), ("variant_eps", 1e-10), ("cautious_weight_decay", False),
                            ("state_dtype", None), ("stochastic_rounding", False), ("nonfinite", "propagate"),
-                           ("diagnostics", False), ("orthogonality_every", 0)):
+                           ("diagnostics", False), ("orthogonality_every", 0), ("capturable", False)):
             self.defaults.setdefault(key, value)
         for group in self.param_groups:
             group.setdefault("use_muon", True)
@@ -394,14 +406,14 @@ class Muon(torch.optim.Optimizer):
                     "same groups as the one that saved the state dict"
                 )
             group["use_muon"] = use_muon
-            for key in GLOBAL_KEYS:
-                if key in group:
-                    raise ValueError(f"{where}: {key} is an option of the whole optimizer, not of a param group")
             group.setdefault(SKIPPED, 0)
             if use_muon:
                 from_torch_muon(group, where)
             else:
-                from_torch_adamw(group, where)
+                from_torch_adamw(group, where)  # drops torch.optim.AdamW's own "capturable" flag
+            for key in GLOBAL_KEYS:
+                if key in group:
+                    raise ValueError(f"{where}: {key} is an option of the whole optimizer, not of a param group")
             self._fill_defaults(group)
             check_options(group, where)
             names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
@@ -410,7 +422,8 @@ class Muon(torch.optim.Optimizer):
                 if use_muon and is_dtensor(p):
                     self._check_dtensor(p, name, where)
                 loaded = uncast(state.get(p, {}), as_saved.get(id(p), {}), p, group)
-                new_state[p] = checked_state(loaded, p, group, f"{where}: parameter '{name}'")
+                new_state[p] = checked_state(loaded, p, group, f"{where}: parameter '{name}'",
+                                             capturable=self.defaults["capturable"])
             new_groups.append(group)
         return {"state": new_state, "param_groups": new_groups}
 
@@ -472,12 +485,13 @@ class Muon(torch.optim.Optimizer):
         # partial step: options edited through param_groups since construction, parameters
         # appended to a group's list (they get their checks here and their state when the step
         # applies), grads, and the state a loaded state dict left.
+        capturable = self.defaults["capturable"]
         plan = []
         position = -1
         seen: dict[int, str] = {}  # id of each parameter -> where it is (a parameter steps once)
         for index, group in enumerate(self.param_groups):
             where = f"{'Muon' if group.get('use_muon') else 'AdamW'} group {index}"
-            check_options(group, where)
+            check_options(group, where, read_lr=not capturable)
             names = group.get("param_names") or []
             names = names + [f"#{i}" for i in range(len(names), len(group["params"]))]
             given = len(group.get("param_names") or [])
@@ -490,19 +504,29 @@ class Muon(torch.optim.Optimizer):
                         "once (remove the one appended to param_groups[...]['params'])"
                     )
                 seen[id(p)] = f"parameter '{name}' of {where}"
-                state = self.state.get(p, {})
                 if p.grad is None:
+                    if capturable:
+                        raise ValueError(
+                            f"{where}: parameter '{name}' has no gradient; with capturable=True every parameter "
+                            "steps at every step (a captured graph cannot skip one, and its replays would not "
+                            "see a gradient that appears later): give it a gradient (zero_grad(set_to_none=False) "
+                            "keeps zeros) or leave it out of the optimizer"
+                        )
+                    state = self.state.get(p, {})
                     if state:
                         check_param(p, name, group, where)
                         new = missing_state(p, state, group)
                         if new:
                             item.idle.append((p, new))
                     continue
+                state = self.state.get(p, {})
                 check_param(p, name, group, where)
+                if capturable:
+                    check_capturable(group, p.device, where)
                 if not state and group["use_muon"] and is_dtensor(p):
                     self._check_dtensor(p, name, where)
                 check_grad(p, name, where)
-                new = missing_state(p, state, group)
+                new = missing_state(p, state, group, capturable=capturable)
                 check_state(p, {**state, **new}, group, name, where)
                 item.params.append(p)
                 item.names.append(name)
@@ -560,6 +584,9 @@ class Muon(torch.optim.Optimizer):
             if not rounds_stochastically(p, item.group):
                 seeds.append(None)
                 continue
+            if self.defaults["capturable"]:
+                seeds.append(functional.DEFAULT_GENERATOR)  # no read of the device step count
+                continue
             step = self.state[p]["step"]
             if item.group["use_muon"]:
                 step += 1
@@ -605,7 +632,7 @@ class Muon(torch.optim.Optimizer):
         assert item.directions is not None
         functional.apply_muon_(
             local_parts(item.params), local_parts(item.grads), local_parts(self._state(item, "momentum_buffer")), self._layouts(item),
-            item.directions, lr=_value(group["lr"]), momentum=_value(group["momentum"]),
+            item.directions, lr=_lr(group, self.defaults["capturable"]), momentum=_value(group["momentum"]),
             weight_decay=_value(group["weight_decay"]), scale=group["scale"], rms=_value(group["rms"]),
             cautious_weight_decay=group["cautious_weight_decay"], second_moments=local_parts(self._second_moments(item)),
             shapes=[p.shape for p in item.params], rounding_seeds=item.seeds, stats=item.stats,
@@ -618,7 +645,7 @@ class Muon(torch.optim.Optimizer):
             item.grads,
             self._state(item, "momentum_buffer"),
             self._layouts(item),
-            lr=_value(group["lr"]),
+            lr=_lr(group, self.defaults["capturable"]),
             momentum=_value(group["momentum"]),
             nesterov=group["nesterov"],
             weight_decay=_value(group["weight_decay"]),
@@ -650,7 +677,7 @@ class Muon(torch.optim.Optimizer):
             local_parts(self._state(item, "exp_avg")),
             local_parts(self._state(item, "exp_avg_sq")),
             self._state(item, "step"),
-            lr=_adamw_lr(group),
+            lr=_adamw_lr(group, self.defaults["capturable"]),
             beta1=beta1,
             beta2=beta2,
             eps=_scalar(group["eps"]),
@@ -658,7 +685,14 @@ class Muon(torch.optim.Optimizer):
             cautious_weight_decay=group["cautious_weight_decay"],
             rounding_seeds=item.seeds,
             stats=item.stats,
+            capturable=self.defaults["capturable"],
         )
+
+
+def _lr(group: dict[str, Any], capturable: bool) -> float | Tensor:
+    """A Muon group's lr: a float, or with capturable=True a tensor lr as it is, read on its device."""
+    lr = group["lr"]
+    return lr if capturable and isinstance(lr, Tensor) else _value(lr)
 
 
 def _value(x: Any) -> float:
@@ -681,12 +715,13 @@ def _adamw_weight_decay(group: dict[str, Any]) -> float | Tensor:
     return _value(decay) if group["cautious_weight_decay"] else decay
 
 
-def _adamw_lr(group: dict[str, Any]) -> float | Tensor:
+def _adamw_lr(group: dict[str, Any], capturable: bool) -> float | Tensor:
     """An AdamW group's lr as torch's AdamW functional gets it from torch.optim.AdamW: a tensor lr as
     given (one element, any shape), so that the group equals torch.optim.AdamW bit for bit with it
-    too (torch computes with the tensor); a float where cautious weight decay needs one."""
+    too (torch computes with the tensor); a float where cautious weight decay needs one, unless the
+    step is capturable (then cautious decay reads the tensor on its device)."""
     lr = group["lr"]
-    return lr if isinstance(lr, Tensor) and not group["cautious_weight_decay"] else _value(lr)
+    return lr if isinstance(lr, Tensor) and (capturable or not group["cautious_weight_decay"]) else _value(lr)
 
 
 def _collect(plan: list[_GroupStep]) -> dict[str, dict[str, float]]:

@@ -47,7 +47,7 @@ from muonkit.tasks.training import train_run  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "task-runs" / "conv-readings"
 READINGS = ("matrix", "adamw", "per-group")
-SWEEP_LRS = {"seed-net": (1e-2, 3e-2), "convnext": (3e-3, 1e-2, 3e-2, 1e-1)}
+SWEEP_LRS = {"seed-net": (1e-2, 3e-2), "convnext": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)}
 SEEDS = (0, 1, 2)
 
 

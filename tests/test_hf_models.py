@@ -310,7 +310,7 @@ convnext.embeddings.patch_embeddings.bias adamw - 0
 convnext.embeddings.layernorm.weight adamw - 0
 convnext.embeddings.layernorm.bias adamw - 0
 convnext.encoder.stages.0.layers.0.layer_scale_parameter adamw - 0
-convnext.encoder.stages.0.layers.0.dwconv.weight adamw - default
+convnext.encoder.stages.0.layers.0.dwconv.weight muon 1 default
 convnext.encoder.stages.0.layers.0.dwconv.bias adamw - 0
 convnext.encoder.stages.0.layers.0.layernorm.weight adamw - 0
 convnext.encoder.stages.0.layers.0.layernorm.bias adamw - 0
@@ -323,7 +323,7 @@ convnext.encoder.stages.1.downsampling_layer.0.bias adamw - 0
 convnext.encoder.stages.1.downsampling_layer.1.weight muon 1 default
 convnext.encoder.stages.1.downsampling_layer.1.bias adamw - 0
 convnext.encoder.stages.1.layers.0.layer_scale_parameter adamw - 0
-convnext.encoder.stages.1.layers.0.dwconv.weight adamw - default
+convnext.encoder.stages.1.layers.0.dwconv.weight muon 1 default
 convnext.encoder.stages.1.layers.0.dwconv.bias adamw - 0
 convnext.encoder.stages.1.layers.0.layernorm.weight adamw - 0
 convnext.encoder.stages.1.layers.0.layernorm.bias adamw - 0

@@ -19,6 +19,7 @@ from .options import (
     SKIPPED,
     Nonfinite,
     check_adamw_options,
+    check_capturable,
     check_global_options,
     check_grad,
     check_muon_options,
@@ -31,6 +32,7 @@ from .options import (
 from .orthogonalize import NsDtype, Orthogonalizer
 from .scaling import Scale
 from .state import (
+    check_known,
     check_state,
     checked_state,
     from_torch_adamw,
@@ -55,6 +57,9 @@ class _GroupStep:
     seeds: list[int | None] | None = None
     directions: Directions | None = None
     stats: list[dict[str, Tensor]] | None = field(default=None)
+    # State of the group's parameters without a gradient that a changed variant, state_dtype or
+    # stochastic_rounding replaces (so that every parameter's state is the group's, and loads back).
+    idle: list[tuple[Tensor, dict[str, Tensor]]] = field(default_factory=list)
 
 
 class Muon(torch.optim.Optimizer):
@@ -118,6 +123,13 @@ class Muon(torch.optim.Optimizer):
         diagnostics: record per-parameter statistics of every step in ``last_stats`` (default False).
         orthogonality_every: with diagnostics, every this many steps also measure the
             orthogonalizer's distance from the exact polar factor (an SVD per matrix; 0 = never).
+        capturable: make the step safe to capture in a CUDA graph, as torch.optim's capturable
+            mode (default False): step counters live on the parameters' device, a tensor lr is read
+            there, and the step makes no host read. Every parameter must have a gradient at every
+            step (a parameter without one raises ValueError naming it, in eager mode and at
+            capture alike); needs nonfinite="propagate", diagnostics=False, no process_group and
+            Python-number hyperparameters besides lr. Stochastic rounding then draws from the
+            device's default generator (see docs/API.md, "Capturable steps").
         process_group: a torch.distributed process group to share the Newton-Schulz work; None
             (default) means no torch.distributed call at all.
 
@@ -160,6 +172,7 @@ class Muon(torch.optim.Optimizer):
         nonfinite: Nonfinite = "propagate",
         diagnostics: bool = False,
         orthogonality_every: int = 0,
+        capturable: bool = False,
         process_group: Any = None,
     ) -> None:
         defaults = dict(
@@ -186,6 +199,7 @@ class Muon(torch.optim.Optimizer):
             nonfinite=nonfinite,
             diagnostics=diagnostics,
             orthogonality_every=orthogonality_every,
+            capturable=capturable,
         )
         check_muon_options(defaults, "Muon")
         check_adamw_options(
@@ -226,6 +240,8 @@ class Muon(torch.optim.Optimizer):
     def diagnostics(self, on: bool) -> None:
         if not isinstance(on, bool):
             raise TypeError(f"Muon.diagnostics must be True or False, got {on!r}")
+        if on and self.defaults["capturable"]:
+            raise ValueError("Muon.diagnostics cannot be switched on with capturable=True (the statistics are copied to the host)")
         self.defaults["diagnostics"] = on
 
     @property
@@ -264,7 +280,7 @@ class Muon(torch.optim.Optimizer):
         for key in set(self.defaults) - set(own) - given:
             del added[key]
         for p in added["params"]:
-            self.state[p].update(missing_state(p, self.state.get(p, {}), added))
+            self.state[p].update(missing_state(p, self.state.get(p, {}), added, capturable=self.defaults["capturable"]))
 
     def _check_dtensor(self, p: Tensor, name: str, where: str) -> None:
         if self._distributed is None:
@@ -316,7 +332,7 @@ class Muon(torch.optim.Optimizer):
         super().__setstate__(state)
         for key, value in (("variant", "muon"), ("beta2", 0.95), ("variant_eps", 1e-10), ("cautious_weight_decay", False),
                            ("state_dtype", None), ("stochastic_rounding", False), ("nonfinite", "propagate"),
-                           ("diagnostics", False), ("orthogonality_every", 0)):
+                           ("diagnostics", False), ("orthogonality_every", 0), ("capturable", False)):
             self.defaults.setdefault(key, value)
         for group in self.param_groups:
             group.setdefault("use_muon", True)
@@ -330,6 +346,9 @@ class Muon(torch.optim.Optimizer):
         anything changes; a state dict that does not fit raises ValueError naming the group and
         leaves the optimizer as it was:
 
+        - only state dicts whose meaning muonkit knows load: its own (groups with ``use_muon``),
+          torch.optim.AdamW's / Adam's (``betas`` and ``amsgrad``) and torch.optim.Muon's
+          (``ns_coefficients``); any other optimizer's (SGD, RMSprop, RAdam, ...) is refused, named;
         - a group keeps its kind: a loaded group is an AdamW group if its ``use_muon`` is False, or,
           without ``use_muon`` (torch's optimizers), if it has ``betas``; else a Muon group;
         - each parameter's state holds its kind's keys (Muon ``momentum_buffer``, and
@@ -373,6 +392,7 @@ class Muon(torch.optim.Optimizer):
             use_muon = current["use_muon"]
             kind = "Muon" if use_muon else "AdamW"
             where = f"load_state_dict: {kind} group {index}"
+            check_known(group, where)
             saved_kind = group.get("use_muon", "betas" not in group)
             if not isinstance(saved_kind, bool):
                 raise ValueError(f"{where}: use_muon must be True or False, got {saved_kind!r}")
@@ -386,14 +406,14 @@ class Muon(torch.optim.Optimizer):
                     "same groups as the one that saved the state dict"
                 )
             group["use_muon"] = use_muon
-            for key in GLOBAL_KEYS:
-                if key in group:
-                    raise ValueError(f"{where}: {key} is an option of the whole optimizer, not of a param group")
             group.setdefault(SKIPPED, 0)
             if use_muon:
                 from_torch_muon(group, where)
             else:
-                from_torch_adamw(group, where)
+                from_torch_adamw(group, where)  # drops torch.optim.AdamW's own "capturable" flag
+            for key in GLOBAL_KEYS:
+                if key in group:
+                    raise ValueError(f"{where}: {key} is an option of the whole optimizer, not of a param group")
             self._fill_defaults(group)
             check_options(group, where)
             names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
@@ -402,7 +422,8 @@ class Muon(torch.optim.Optimizer):
                 if use_muon and is_dtensor(p):
                     self._check_dtensor(p, name, where)
                 loaded = uncast(state.get(p, {}), as_saved.get(id(p), {}), p, group)
-                new_state[p] = checked_state(loaded, p, group, f"{where}: parameter '{name}'")
+                new_state[p] = checked_state(loaded, p, group, f"{where}: parameter '{name}'",
+                                             capturable=self.defaults["capturable"])
             new_groups.append(group)
         return {"state": new_state, "param_groups": new_groups}
 
@@ -436,7 +457,7 @@ class Muon(torch.optim.Optimizer):
             if item.group["use_muon"] and not self._fuses(item.group):
                 item.directions = self._muon_directions(item, orthogonality)
         for item in plan:
-            for p, state in zip(item.params, item.states):
+            for p, state in [*zip(item.params, item.states), *item.idle]:
                 self.state[p].update(state)
             if item.group["use_muon"] and item.group["variant"] == "muon":
                 # A group switched to plain Muon drops its second moments, so that its state is the
@@ -464,12 +485,13 @@ class Muon(torch.optim.Optimizer):
         # partial step: options edited through param_groups since construction, parameters
         # appended to a group's list (they get their checks here and their state when the step
         # applies), grads, and the state a loaded state dict left.
+        capturable = self.defaults["capturable"]
         plan = []
         position = -1
         seen: dict[int, str] = {}  # id of each parameter -> where it is (a parameter steps once)
         for index, group in enumerate(self.param_groups):
-            where = f"{'Muon' if group['use_muon'] else 'AdamW'} group {index}"
-            check_options(group, where)
+            where = f"{'Muon' if group.get('use_muon') else 'AdamW'} group {index}"
+            check_options(group, where, read_lr=not capturable)
             names = group.get("param_names") or []
             names = names + [f"#{i}" for i in range(len(names), len(group["params"]))]
             given = len(group.get("param_names") or [])
@@ -483,13 +505,28 @@ class Muon(torch.optim.Optimizer):
                     )
                 seen[id(p)] = f"parameter '{name}' of {where}"
                 if p.grad is None:
+                    if capturable:
+                        raise ValueError(
+                            f"{where}: parameter '{name}' has no gradient; with capturable=True every parameter "
+                            "steps at every step (a captured graph cannot skip one, and its replays would not "
+                            "see a gradient that appears later): give it a gradient (zero_grad(set_to_none=False) "
+                            "keeps zeros) or leave it out of the optimizer"
+                        )
+                    state = self.state.get(p, {})
+                    if state:
+                        check_param(p, name, group, where)
+                        new = missing_state(p, state, group)
+                        if new:
+                            item.idle.append((p, new))
                     continue
                 state = self.state.get(p, {})
                 check_param(p, name, group, where)
+                if capturable:
+                    check_capturable(group, p.device, where)
                 if not state and group["use_muon"] and is_dtensor(p):
                     self._check_dtensor(p, name, where)
                 check_grad(p, name, where)
-                new = missing_state(p, state, group)
+                new = missing_state(p, state, group, capturable=capturable)
                 check_state(p, {**state, **new}, group, name, where)
                 item.params.append(p)
                 item.names.append(name)
@@ -547,6 +584,9 @@ class Muon(torch.optim.Optimizer):
             if not rounds_stochastically(p, item.group):
                 seeds.append(None)
                 continue
+            if self.defaults["capturable"]:
+                seeds.append(functional.DEFAULT_GENERATOR)  # no read of the device step count
+                continue
             step = self.state[p]["step"]
             if item.group["use_muon"]:
                 step += 1
@@ -592,7 +632,7 @@ class Muon(torch.optim.Optimizer):
         assert item.directions is not None
         functional.apply_muon_(
             local_parts(item.params), local_parts(item.grads), local_parts(self._state(item, "momentum_buffer")), self._layouts(item),
-            item.directions, lr=_value(group["lr"]), momentum=_value(group["momentum"]),
+            item.directions, lr=_lr(group, self.defaults["capturable"]), momentum=_value(group["momentum"]),
             weight_decay=_value(group["weight_decay"]), scale=group["scale"], rms=_value(group["rms"]),
             cautious_weight_decay=group["cautious_weight_decay"], second_moments=local_parts(self._second_moments(item)),
             shapes=[p.shape for p in item.params], rounding_seeds=item.seeds, stats=item.stats,
@@ -605,7 +645,7 @@ class Muon(torch.optim.Optimizer):
             item.grads,
             self._state(item, "momentum_buffer"),
             self._layouts(item),
-            lr=_value(group["lr"]),
+            lr=_lr(group, self.defaults["capturable"]),
             momentum=_value(group["momentum"]),
             nesterov=group["nesterov"],
             weight_decay=_value(group["weight_decay"]),
@@ -627,27 +667,45 @@ class Muon(torch.optim.Optimizer):
     def _adamw_step(self, item: _GroupStep) -> None:
         group = item.group
         beta1, beta2 = group["betas"]
+        if group["cautious_weight_decay"]:
+            # As lr and weight_decay there: cautious decay computes with plain numbers (a tensor beta1
+            # of another dtype or of shape [1, 1] would not fit the moments it mixes).
+            beta1, beta2 = _value(beta1), _value(beta2)
         functional.adamw(
             local_parts(item.params),
             local_parts(item.grads),
             local_parts(self._state(item, "exp_avg")),
             local_parts(self._state(item, "exp_avg_sq")),
             self._state(item, "step"),
-            lr=_adamw_lr(group),
+            lr=_adamw_lr(group, self.defaults["capturable"]),
             beta1=beta1,
             beta2=beta2,
-            eps=group["eps"],
-            weight_decay=_adamw_weight_decay(group),
+            eps=_scalar(group["eps"]),
+            weight_decay=_scalar(_adamw_weight_decay(group)),
             cautious_weight_decay=group["cautious_weight_decay"],
             rounding_seeds=item.seeds,
             stats=item.stats,
+            capturable=self.defaults["capturable"],
         )
+
+
+def _lr(group: dict[str, Any], capturable: bool) -> float | Tensor:
+    """A Muon group's lr: a float, or with capturable=True a tensor lr as it is, read on its device."""
+    lr = group["lr"]
+    return lr if capturable and isinstance(lr, Tensor) else _value(lr)
 
 
 def _value(x: Any) -> float:
     """A hyperparameter as a Python float: Muon groups compute with floats, whatever one-element
     tensor (of any shape) or NumPy number the checks accepted."""
     return float(x)
+
+
+def _scalar(x: Any) -> Any:
+    """A one-element tensor hyperparameter as a 0-d view of it (the same value), as every path of
+    torch's AdamW functional takes eps and weight_decay (its foreach path refuses shape [1], and an
+    [1, 1] eps would broadcast a 1-D parameter's update to 2-D); other values as they are."""
+    return x.reshape(()) if isinstance(x, Tensor) else x
 
 
 def _adamw_weight_decay(group: dict[str, Any]) -> float | Tensor:
@@ -657,12 +715,13 @@ def _adamw_weight_decay(group: dict[str, Any]) -> float | Tensor:
     return _value(decay) if group["cautious_weight_decay"] else decay
 
 
-def _adamw_lr(group: dict[str, Any]) -> float | Tensor:
+def _adamw_lr(group: dict[str, Any], capturable: bool) -> float | Tensor:
     """An AdamW group's lr as torch's AdamW functional gets it from torch.optim.AdamW: a tensor lr as
     given (one element, any shape), so that the group equals torch.optim.AdamW bit for bit with it
-    too (torch computes with the tensor); a float where cautious weight decay needs one."""
+    too (torch computes with the tensor); a float where cautious weight decay needs one, unless the
+    step is capturable (then cautious decay reads the tensor on its device)."""
     lr = group["lr"]
-    return lr if isinstance(lr, Tensor) and not group["cautious_weight_decay"] else _value(lr)
+    return lr if isinstance(lr, Tensor) and (capturable or not group["cautious_weight_decay"]) else _value(lr)
 
 
 def _collect(plan: list[_GroupStep]) -> dict[str, dict[str, float]]:

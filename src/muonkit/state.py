@@ -50,9 +50,15 @@ def rounds_stochastically(p: Tensor, group: dict[str, Any]) -> bool:
     return group["stochastic_rounding"] and p.dtype.itemsize < 4
 
 
-def missing_state(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> dict[str, Tensor]:
-    """The state entries `group` needs for `p` that `state` lacks or holds in another dtype: new
-    zeros, or the held values converted.
+def step_device(p: Tensor, capturable: bool) -> torch.device:
+    """Where a `step` count lives: on the host, as torch.optim keeps it, or with capturable=True on
+    the parameter's device, so that a captured step counts on the device."""
+    return p.device if capturable else torch.device("cpu")
+
+
+def missing_state(p: Tensor, state: dict[str, Any], group: dict[str, Any], *, capturable: bool = False) -> dict[str, Tensor]:
+    """The state entries `group` needs for `p` that `state` lacks or holds in another dtype or on
+    another device: new zeros, or the held values converted (a `step` goes to `step_device`).
 
     State exists from construction (so that every process has the same state_dict keys); entries
     appear later only for parameters appended to a group, groups whose variant, state_dtype or
@@ -81,8 +87,11 @@ def missing_state(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> di
             new[key] = _zeros_like_sharded(p, shape, dtype)
         elif isinstance(held, Tensor) and held.is_floating_point() and held.dtype != dtype:
             new[key] = held.to(dtype)
-    if "step" not in state and (not group["use_muon"] or rounds_stochastically(p, group)):
-        new["step"] = torch.tensor(0.0, dtype=torch.float32)
+    step = state.get("step")
+    if step is None and (not group["use_muon"] or rounds_stochastically(p, group)):
+        new["step"] = torch.tensor(0.0, dtype=torch.float32, device=step_device(p, capturable))
+    elif isinstance(step, Tensor) and step.device != step_device(p, capturable):
+        new["step"] = step.to(step_device(p, capturable))
     return new
 
 
@@ -137,7 +146,7 @@ def uncast(loaded: dict[str, Any], saved: dict[str, Any], p: Tensor, group: dict
     return loaded
 
 
-def checked_state(state: dict[str, Any], p: Tensor, group: dict[str, Any], where: str) -> dict[str, Any]:
+def checked_state(state: dict[str, Any], p: Tensor, group: dict[str, Any], where: str, *, capturable: bool = False) -> dict[str, Any]:
     """A loaded parameter's state, checked against its group's kind and its shape: the kind's keys
     (all of them once there is any state), missing ones (a variant's second moment, or no state at
     all) freshly made; a plain-number AdamW step becomes a float32 tensor, as torch.optim.AdamW
@@ -159,13 +168,54 @@ def checked_state(state: dict[str, Any], p: Tensor, group: dict[str, Any], where
     step = state.get("step")
     if step is not None and not isinstance(step, Tensor):
         state["step"] = torch.tensor(number(step, "step", where), dtype=torch.float32)
-    state.update(missing_state(p, state, group))
+    state.update(missing_state(p, state, group, capturable=capturable))
     for key, shape in shapes.items():
         value = state[key]
         if not isinstance(value, Tensor) or tuple(value.shape) != shape or not value.is_floating_point():
             got = f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}" if isinstance(value, Tensor) else repr(value)
             raise ValueError(f"{where}: {key} should be a floating tensor of shape {shape}, got {got}")
     return state
+
+
+# Group keys that only other torch.optim optimizers save, and which one: their state dicts mean something
+# muonkit does not implement (SGD's L2 decay and dampening, RMSprop's square average, ...).
+_FOREIGN_KEYS = {
+    "dampening": "torch.optim.SGD", "centered": "torch.optim.RMSprop", "alpha": "torch.optim.RMSprop or ASGD",
+    "lambd": "torch.optim.ASGD", "lr_decay": "torch.optim.Adagrad", "initial_accumulator_value": "torch.optim.Adagrad",
+    "rho": "torch.optim.Adadelta", "momentum_decay": "torch.optim.NAdam", "etas": "torch.optim.Rprop",
+    "step_sizes": "torch.optim.Rprop", "max_iter": "torch.optim.LBFGS", "beta2_decay": "torch.optim.Adafactor",
+}
+
+
+# Keys only muonkit's groups have.
+_MUONKIT_KEYS = ("skipped_steps", "scale", "orthogonalizer", "variant", "layout", "state_dtype", "stochastic_rounding")
+
+
+def check_known(group: dict[str, Any], where: str) -> None:
+    """Refuse a loaded group of an optimizer whose state muonkit cannot read with its meaning: one
+    without `use_muon` (so not muonkit's) must be torch.optim.AdamW's or Adam's (`betas` and `amsgrad`)
+    or torch.optim.Muon's (`ns_coefficients`)."""
+    if "use_muon" in group:
+        return
+    foreign = sorted({name for key, name in _FOREIGN_KEYS.items() if key in group})
+    if foreign:
+        what = f"the state dict is {' / '.join(foreign)}'s"
+    elif any(key in group for key in _MUONKIT_KEYS):
+        return  # muonkit's own, without use_muon: its kind is judged by the caller
+    elif "betas" in group and "amsgrad" not in group:
+        what = ("the state dict's group has betas but no amsgrad, so it is not torch.optim.AdamW's or Adam's "
+                "(torch.optim.RAdam, Adamax and SparseAdam groups look like this)")
+    elif "betas" not in group and "ns_coefficients" not in group:
+        what = ("the state dict's group has neither betas (torch.optim.AdamW / Adam) nor ns_coefficients "
+                "(torch.optim.Muon), so it is another optimizer's")
+    else:
+        return
+    keys = sorted(key for key in group if key not in ("params", "param_names"))
+    raise ValueError(
+        f"{where}: {what} (group keys {keys}); muonkit loads only its own state dicts, torch.optim.AdamW / "
+        "Adam's and torch.optim.Muon's, whose meaning it knows. Keep training with that optimizer, or start "
+        "muonkit's state fresh (load the model's weights only)"
+    )
 
 
 def from_torch_adamw(group: dict[str, Any], where: str) -> None:

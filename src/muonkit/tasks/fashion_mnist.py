@@ -66,6 +66,10 @@ class FashionMNIST(Task):
     lrs = {"muon": 1e-2, "normuon": 3e-2, "adamuon": 3e-2, "muon+cwd": 3e-2, "normuon+cwd": 1e-2, "muon-kj": 3e-2, "adamw": 1e-2, "sgd": 1.0, "torch-muon": 3e-2}
     sweep_grid = {"muon": (3e-3, 1e-2, 3e-2, 1e-1), "normuon": (3e-3, 1e-2, 3e-2, 1e-1), "adamuon": (3e-3, 1e-2, 3e-2, 1e-1), "muon-kj": (1e-2, 3e-2, 1e-1), "adamw": (1e-3, 3e-3, 1e-2, 3e-2),
                   "sgd": (1e-2, 3e-2, 1e-1, 3e-1), "torch-muon": (3e-2,)}
+    # The classifier is named: the network is an nn.Sequential of the notebook's layer names, so
+    # nothing but registration order would mark its last Linear as the output layer (param_groups
+    # warns when order alone decides).
+    routing = {"adamw": ("8.4.weight",)}
     # torch-muon's own lr is unused here: torch.optim.Muon takes only 2D matrices and this network's
     # Muon-routed tensors are all conv filters, so torch-muon is AdamW at the AdamW lr.
 

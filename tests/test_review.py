@@ -273,16 +273,19 @@ def test_a_parameter_appended_twice_is_refused_before_anything_changes(into):
 
 
 def test_statistics_of_an_empty_fsdp_shard_are_recorded_without_a_second_moment_range():
-    """With FSDP2 a rank may hold an empty slice of a parameter (3 rows on 4 ranks): the second half
-    of the step records its statistics without min/max of an empty second moment (which raises)."""
+    """With FSDP2 a rank may hold an empty slice of a parameter (3 rows on 4 ranks): the held step's
+    apply records its statistics without min/max of an empty second moment (which raises)."""
     from muonkit import functional
     from muonkit.layout import resolve
 
     local = torch.empty(0, 6)
     v = torch.empty(0, 1)
     stats = [{}]
-    directions = functional.Directions([torch.empty(0, 6)], [torch.empty(0, 1)])
-    functional.apply_muon_([local], [torch.empty(0, 6)], [torch.empty(0, 6)], [resolve(None, 2)], directions,
-                           lr=0.1, momentum=0.9, weight_decay=0.1, scale="moonlight", rms=0.2, second_moments=[v],
-                           shapes=[torch.Size((3, 6))], stats=stats)
-    assert set(stats[0]) == {"update_rms"}
+    pending = functional.muon(
+        [local], [torch.empty(0, 6)], [torch.empty(0, 6)], [resolve(None, 2)], lr=0.1, momentum=0.9, nesterov=True,
+        weight_decay=0.1, scale="moonlight", rms=0.2, orthogonalizer="polar_express", ns_steps=5, ns_dtype=None,
+        variant="normuon", second_moments=[v], update_many=lambda us, vs, layouts: ([torch.empty(0, 6)], [torch.empty(0, 1)]),
+        shapes=[torch.Size((3, 6))], stats=stats, hold=True,
+    )
+    pending.apply_()
+    assert set(stats[0]) == {"grad_rms", "momentum_rms", "update_rms"}

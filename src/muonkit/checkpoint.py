@@ -1,0 +1,182 @@
+"""Checkpoints: loading a state dict (muonkit's, torch.optim.AdamW's / Adam's, torch.optim.Muon's)
+into muonkit.Muon, checked and translated before anything changes, and the keys an older pickled
+optimizer lacks.
+
+Muon.load_state_dict and Muon.__setstate__ call these; the rules are listed in
+Muon.load_state_dict's docstring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .options import GLOBAL_KEYS, SKIPPED, check_options, check_unsupported, fill_defaults, number
+from .orthogonalize import EPS, SCHEDULES
+from .state import checked_state, state_dtype
+
+# Keys added to muonkit.Muon since its first release, with the values that keep an optimizer pickled
+# before them behaving as it did (not the defaults: an old pickle had no stochastic rounding).
+ADDED_LATER: dict[str, Any] = {
+    "variant": "muon",
+    "beta2": 0.95,
+    "variant_eps": 1e-10,
+    "cautious_weight_decay": False,
+    "state_dtype": None,
+    "stochastic_rounding": False,
+    "nonfinite": "propagate",
+    "diagnostics": False,
+    "orthogonality_every": 0,
+}
+
+# Keys of torch.optim.AdamW / Adam groups that pick an implementation (muonkit has one) or are checked
+# at load (amsgrad, maximize, decoupled_weight_decay): dropped from a loaded group.
+_TORCH_ADAMW_KEYS = (
+    "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay"
+)
+
+# torch.optim.Muon's group keys that muonkit spells as scale and orthogonalizer (see from_torch_muon).
+_TORCH_MUON_KEYS = ("adjust_lr_fn", "ns_coefficients", "eps")
+
+# torch.optim.Muon's adjust_lr_fn (None means "original") -> muonkit's scale. torch's _adjust_lr:
+# "original" sqrt(max(1, A/B)), "match_rms_adamw" 0.2*sqrt(max(A, B)) (torch/optim/_muon.py, 2.13).
+_ADJUST_LR_FN_TO_SCALE = {None: "keller_jordan", "original": "keller_jordan", "match_rms_adamw": "moonlight"}
+
+_TORCH_MUON_RMS = 0.2
+
+
+def fill_unpickled(defaults: dict[str, Any], groups: list[dict[str, Any]]) -> None:
+    """Keys an optimizer pickled before they existed lacks, in its defaults and its groups."""
+    for key, value in ADDED_LATER.items():
+        defaults.setdefault(key, value)
+    for group in groups:
+        group.setdefault("use_muon", True)
+        group.setdefault(SKIPPED, 0)
+        fill_defaults(group, defaults)
+
+
+def loaded(
+    state: dict[Any, Any],
+    groups: list[dict[str, Any]],
+    current_groups: list[dict[str, Any]],
+    state_dict: dict[str, Any],
+    defaults: dict[str, Any],
+    check_params: Callable[[dict[str, Any], str], None],
+) -> dict[str, Any]:
+    """The checked, translated groups and state of a load; raises before anything changes.
+
+    `state` and `groups` are what torch.optim.Optimizer.load_state_dict hands over (tensors cast to
+    their parameters' dtype and device), `current_groups` the optimizer's groups, `state_dict` the
+    dict as given (for state kept in another dtype than its parameter's), and `check_params`
+    the optimizer's check of a group's parameters.
+    """
+    new_state = type(state)(dict)  # torch's defaultdict(dict), as Optimizer.__init__ makes it
+    new_state.update(state)  # entries that are not parameters (torch keeps them as they are)
+    saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+    params = [p for group in current_groups for p in group["params"]]
+    as_saved = {id(p): state_dict["state"].get(i, {}) for i, p in zip(saved_ids, params)}
+    new_groups = []
+    for index, (saved, current) in enumerate(zip(groups, current_groups)):
+        group = dict(saved)
+        use_muon = current["use_muon"]
+        where = f"load_state_dict: {'Muon' if use_muon else 'AdamW'} group {index}"
+        saved_kind = group.get("use_muon", "betas" not in group)
+        if not isinstance(saved_kind, bool):
+            raise ValueError(f"{where}: use_muon must be True or False, got {saved_kind!r}")
+        if saved_kind != use_muon:
+            why = (f"use_muon={saved_kind}" if "use_muon" in group else
+                   "no use_muon, and betas as torch.optim.AdamW's groups have" if "betas" in group else
+                   "no use_muon and no betas")
+            raise ValueError(
+                f"{where}: the state dict's group {index} is {'a Muon' if saved_kind else 'an AdamW'} group "
+                f"({why}); a group keeps the kind it was built with - build the optimizer with the "
+                "same groups as the one that saved the state dict"
+            )
+        group["use_muon"] = use_muon
+        for key in GLOBAL_KEYS:
+            if key in group:
+                raise ValueError(f"{where}: {key} is an option of the whole optimizer, not of a param group")
+        group.setdefault(SKIPPED, 0)
+        if use_muon:
+            from_torch_muon(group, where)
+        else:
+            from_torch_adamw(group, where)
+        fill_defaults(group, defaults)
+        check_options(group, where)
+        check_params(group, where)
+        names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
+        for name, p in zip(names, group["params"]):
+            loaded_state = uncast(state.get(p, {}), as_saved.get(id(p), {}), p, group)
+            new_state[p] = checked_state(loaded_state, p, group, f"{where}: parameter '{name}'")
+        new_groups.append(group)
+    return {"state": new_state, "param_groups": new_groups}
+
+
+def uncast(loaded: dict[str, Any], saved: dict[str, Any], p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    """A loaded state with its floating tensors (but `step`) taken from the `saved` values, in the
+    group's state dtype, where that differs from the parameter's dtype that torch cast them to."""
+    dtype = state_dtype(p, group)
+    if dtype == p.dtype:
+        return loaded
+    loaded = dict(loaded)
+    for key, value in saved.items():
+        if key in loaded and key != "step" and isinstance(value, Tensor) and value.is_floating_point():
+            loaded[key] = value.to(dtype=dtype, device=p.device)
+    return loaded
+
+
+def from_torch_adamw(group: dict[str, Any], where: str) -> None:
+    """Check and drop the keys of a torch.optim.AdamW / Adam group that muonkit has no use for."""
+    check_unsupported(group, where)
+    decay = number(group.get("weight_decay", 0.0), "weight_decay", where)
+    if group.get("decoupled_weight_decay", True) is False and decay != 0:
+        raise ValueError(
+            f"{where}: the group is torch.optim.Adam's, with L2 weight decay (decoupled_weight_decay=False, "
+            f"weight_decay={group['weight_decay']!r}); muonkit's AdamW groups decay decoupled, as "
+            "torch.optim.AdamW - keep training with torch.optim.Adam or set the group's weight_decay to 0"
+        )
+    for key in _TORCH_ADAMW_KEYS:
+        group.pop(key, None)
+
+
+def from_torch_muon(group: dict[str, Any], where: str) -> None:
+    """Translate a torch.optim.Muon group's adjust_lr_fn, ns_coefficients and eps into muonkit's scale
+    and orthogonalizer; refuse values muonkit has no equivalent for."""
+    theirs = [key for key in _TORCH_MUON_KEYS if key in group]
+    ours = [key for key in ("scale", "rms", "orthogonalizer") if key in group]
+    if not theirs:
+        return
+    if ours:
+        raise ValueError(
+            f"{where}: the group has both torch.optim.Muon's keys ({', '.join(theirs)}) and muonkit's "
+            f"({', '.join(ours)}); keep one set"
+        )
+    adjust = group.pop("adjust_lr_fn", None)
+    if not isinstance(adjust, (str, type(None))) or adjust not in _ADJUST_LR_FN_TO_SCALE:
+        raise ValueError(
+            f"{where}: torch.optim.Muon's adjust_lr_fn={adjust!r} has no muonkit equivalent; muonkit has "
+            "'original' (scale='keller_jordan') and 'match_rms_adamw' (scale='moonlight', rms=0.2)"
+        )
+    group["scale"] = _ADJUST_LR_FN_TO_SCALE[adjust]
+    if group["scale"] == "moonlight":
+        group["rms"] = _TORCH_MUON_RMS
+    coefficients = group.pop("ns_coefficients", SCHEDULES["keller_jordan"][0])
+    try:
+        known = tuple(float(c) for c in coefficients) == SCHEDULES["keller_jordan"][0]
+    except (TypeError, ValueError):
+        known = False
+    if not known:
+        raise ValueError(
+            f"{where}: torch.optim.Muon's ns_coefficients={coefficients!r} have no muonkit equivalent; "
+            f"muonkit's orthogonalizer 'keller_jordan' is {SCHEDULES['keller_jordan'][0]} (torch's default)"
+        )
+    eps = group.pop("eps", EPS["keller_jordan"])
+    if eps != EPS["keller_jordan"]:
+        raise ValueError(
+            f"{where}: torch.optim.Muon's eps={eps!r} has no muonkit equivalent; the orthogonalizer "
+            f"'keller_jordan' normalizes with eps={EPS['keller_jordan']} (torch's default)"
+        )
+    group["orthogonalizer"] = "keller_jordan"

@@ -114,10 +114,8 @@ class Muon(torch.optim.Optimizer):
             of the update arithmetic; None (default) means the parameter's dtype. float32 for
             bfloat16 parameters keeps small updates from vanishing in the state.
         stochastic_rounding: write bfloat16/float16 parameters by unbiased stochastic rounding of
-            the update computed in float32 (default True; no effect on float32/float64
-            parameters). Without it, updates below half a bf16 ulp are lost: at lr 3e-4 a bf16
-            run drifted 0.62 (relative) from the float32 run, 0.13 with it
-            (tests/test_low_precision.py; benchmarks/RESULTS.md, bfloat16 parameters).
+            the update computed in float32 (default True; no effect on float32/float64 parameters);
+            without it updates below half a bf16 ulp are lost (benchmarks/RESULTS.md, bfloat16).
         adamw_lr: lr of AdamW groups (None: same as lr).
         adamw_betas, adamw_eps: AdamW's betas (default (0.9, 0.999)) and eps (default 1e-8).
         adamw_weight_decay: AdamW's decoupled weight decay (None: same as weight_decay).
@@ -334,7 +332,7 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plan = self._prepare()
+        plan = _plan(self.param_groups, self.state, self._check_dtensor)
         if self.defaults["nonfinite"] != "propagate" and not _all_finite(plan, self._distributed):
             if self.defaults["nonfinite"] == "raise":
                 raise RuntimeError(
@@ -371,49 +369,6 @@ class Muon(torch.optim.Optimizer):
             self._diagnosed_steps += 1
             self.last_stats = _collect(plan)
         return loss
-
-    def _prepare(self) -> list[_GroupStep]:
-        # Everything is checked, for all groups, before anything changes, so an error leaves no
-        # partial step: options edited through param_groups since construction, parameters
-        # appended to a group's list (they get their checks here and their state when the step
-        # applies), grads, and the state a loaded state dict left.
-        plan = []
-        position = -1
-        seen: dict[int, str] = {}  # id of each parameter -> where it is (a parameter steps once)
-        for index, group in enumerate(self.param_groups):
-            where = f"{'Muon' if group['use_muon'] else 'AdamW'} group {index}"
-            check_options(group, where)
-            names = group.get("param_names") or []
-            given = len(names)
-            names = names + [f"#{i}" for i in range(given, len(group["params"]))]
-            item = _GroupStep(group, [], [], [], [], [], [], [])
-            for i, (name, p) in enumerate(zip(names, group["params"])):
-                position += 1
-                if id(p) in seen:
-                    raise ValueError(
-                        f"{where}: parameter '{name}' is also {seen[id(p)]}; a parameter belongs to one group, "
-                        "once (remove the one appended to param_groups[...]['params'])"
-                    )
-                seen[id(p)] = f"parameter '{name}' of {where}"
-                if p.grad is None:
-                    continue
-                state = self.state.get(p, {})
-                check_param(p, name, group, where)
-                if not state and group["use_muon"] and is_dtensor(p):
-                    self._check_dtensor(p, name, where)
-                check_grad(p, name, where)
-                new = missing_state(p, state, group)
-                check_state(p, {**state, **new}, group, name, where)
-                item.params.append(p)
-                item.names.append(name)
-                item.labels.append(name if i < given else f"group{index}.param{i}")
-                item.states.append(new)
-                item.held.append(state)
-                item.grads.append(p.grad)
-                item.positions.append(position)
-            item.seeds = _rounding_seeds(item)
-            plan.append(item)
-        return plan
 
     def _diagnose(self, plan: list[_GroupStep]) -> bool:
         """Prepare each group's statistics dicts; True when this step measures orthogonality."""
@@ -460,6 +415,53 @@ class Muon(torch.optim.Optimizer):
             eps=group["eps"], weight_decay=float(group["weight_decay"]) if cautious else group["weight_decay"],
             cautious_weight_decay=cautious, rounding_seeds=item.seeds, stats=item.stats,
         )
+
+
+def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], check_dtensor: Any) -> list[_GroupStep]:
+    """Each group's share of a step, with its rounding seeds.
+
+    Everything is checked, for all groups, before anything changes, so an error leaves no
+    partial step: options edited through param_groups since construction, parameters appended
+    to a group's list (they get their checks here and their state when the step applies), grads,
+    and the state a loaded state dict left.
+    """
+    plan = []
+    position = -1
+    seen: dict[int, str] = {}  # id of each parameter -> where it is (a parameter steps once)
+    for index, group in enumerate(param_groups):
+        where = f"{'Muon' if group['use_muon'] else 'AdamW'} group {index}"
+        check_options(group, where)
+        names = group.get("param_names") or []
+        given = len(names)
+        names = names + [f"#{i}" for i in range(given, len(group["params"]))]
+        item = _GroupStep(group, [], [], [], [], [], [], [])
+        for i, (name, p) in enumerate(zip(names, group["params"])):
+            position += 1
+            if id(p) in seen:
+                raise ValueError(
+                    f"{where}: parameter '{name}' is also {seen[id(p)]}; a parameter belongs to one group, "
+                    "once (remove the one appended to param_groups[...]['params'])"
+                )
+            seen[id(p)] = f"parameter '{name}' of {where}"
+            if p.grad is None:
+                continue
+            state = held_state.get(p, {})
+            check_param(p, name, group, where)
+            if not state and group["use_muon"] and is_dtensor(p):
+                check_dtensor(p, name, where)
+            check_grad(p, name, where)
+            new = missing_state(p, state, group)
+            check_state(p, {**state, **new}, group, name, where)
+            item.params.append(p)
+            item.names.append(name)
+            item.labels.append(name if i < given else f"group{index}.param{i}")
+            item.states.append(new)
+            item.held.append(state)
+            item.grads.append(p.grad)
+            item.positions.append(position)
+        item.seeds = _rounding_seeds(item)
+        plan.append(item)
+    return plan
 
 
 def _rounding_seeds(item: _GroupStep) -> list[int | None] | None:

@@ -111,7 +111,7 @@ def test_assign_owners_transformer_block_splits_work():
 
 
 def test_newton_schulz_flops():
-    assert newton_schulz_flops(1, 768, 3072) * 5 == pytest.approx(40.8e9, rel=0.01)  # REFERENCE.md section 3
+    assert newton_schulz_flops(1, 768, 3072) * 5 == pytest.approx(40.8e9, rel=0.01)  # docs/references.md section 3
     assert newton_schulz_flops(3, 10, 20) == newton_schulz_flops(3, 20, 10) == 3 * (4 * 100 * 20 + 2 * 1000)
 
 

@@ -238,7 +238,7 @@ def test_grad_is_never_modified(orthogonalizer, nesterov):
 
 
 def test_grad_is_never_modified_bf16_params_plain_momentum():
-    """REFERENCE.md: torch's Muon normalizes a bf16 buffer in place when nesterov=False; the
+    """docs/references.md: torch's Muon normalizes a bf16 buffer in place when nesterov=False; the
     same hazard applies to the gradient and the buffer here."""
     p = torch.randn(4, 6).bfloat16()
     opt = muonkit.Muon([p], lr=0.02, nesterov=False, momentum=0.0, ns_dtype=torch.bfloat16,
@@ -252,7 +252,7 @@ def test_grad_is_never_modified_bf16_params_plain_momentum():
 
 
 def test_params_without_grad_are_skipped():
-    """No decay (weight_decay > 0 would shrink them) and no state advanced. (REFERENCE.md suggests
+    """No decay (weight_decay > 0 would shrink them) and no state advanced. (docs/references.md section 5 suggests
     pre-creating state for distributed checkpoints, so zero-initialized state is accepted.)"""
     used_w, idle_w = torch.randn(4, 6), torch.randn(5, 6)
     used_b, idle_b = torch.randn(6), torch.randn(3)

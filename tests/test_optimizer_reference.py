@@ -138,7 +138,7 @@ def test_polar_express_within_band_of_reference(scale, nesterov, kind):
 
     With the same momentum on both sides, each step's update differs by lr*scale*(O_pe - O) and
     ||O_pe - O||_2 = max_i |p(x_i) - 1| <= delta = 0.154 whenever every normalized singular value
-    x_i of the Nesterov/momentum matrix is >= 1e-3 (its band, REFERENCE.md section 3; asserted
+    x_i of the Nesterov/momentum matrix is >= 1e-3 (its band, docs/references.md section 3; asserted
     below). Decay only shrinks old differences, so per matrix
     ||W_muonkit - W_ref||_2 <= sum_t lr*scale*delta, plus FP32_SLACK-sized round-off per step.
     """
@@ -310,7 +310,7 @@ def test_default_layout_of_3d_is_stacked():
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("rows,cols", [(4, 16), (16, 4), (9, 9), (1, 5), (3, 1)])
 def test_update_scale_function(scale, rows, cols):
-    """muonkit.update_scale(scale, rows, cols, rms) equals REFERENCE.md section 2 (1e-12: float
+    """muonkit.update_scale(scale, rows, cols, rms) equals docs/references.md section 2 (1e-12: float
     round-off of a square root)."""
     want = update_scale(scale, rows, cols, 0.2)
     assert math.isclose(muonkit.update_scale(scale, rows, cols, 0.2), want, rel_tol=1e-12)

@@ -101,3 +101,20 @@ def test_the_command_line_without_the_bench_extra_says_what_to_install():
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("muonkit")]
     assert len(lines) == 1 and "pip install 'muonkit[bench]'" in lines[0], result.stderr
+
+
+def test_citations_name_sections_of_docs_references_and_no_path_outside_the_repository():
+    """Code, tests, benchmarks and docs cite docs/references.md by section, and every cited section
+    exists; none names an absolute path (a file outside the repository a reader cannot open)."""
+    import re
+
+    sections = {int(n) for n in re.findall(r"^## (\d+)\.", (ROOT / "docs" / "references.md").read_text(), re.M)}
+    cited, outside = set(), []
+    files = [p for top in ("src", "tests", "benchmarks", "docs", "examples") for p in (ROOT / top).rglob("*")
+             if p.suffix in (".py", ".md") and p.is_file()] + [ROOT / "README.md"]
+    for path in files:
+        text = path.read_text()
+        cited |= {int(n) for n in re.findall(r"docs/references\.md,? sections? (\d+)", text)}
+        outside += [f"{path.relative_to(ROOT)}: {m}" for m in re.findall(r"(?<![\w.])/(?:work|home|shared)/\S*", text)]
+    assert cited and cited <= sections, sorted(cited - sections)
+    assert not outside, outside

@@ -1,4 +1,4 @@
-"""Defects found in other Muon implementations (REFERENCE.md, seeds/), one test each, so that
+"""Defects found in other Muon implementations (the peers of docs/references.md section 10), one test each, so that
 muonkit never has them. Each test names the peer and the defect it guards against."""
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def test_param_without_grad_is_not_decayed_or_moved():
 
 
 def test_stacked_experts_are_orthogonalized_one_by_one():
-    # seeds/001 flattens any 3D tensor to (dim0, rest), mixing experts into one matrix, and
+    # peer 001 flattens any 3D tensor to (dim0, rest), mixing experts into one matrix, and
     # normalizes by the norm of the whole stack.
     g = torch.randn(4, 6, 10, dtype=torch.float64)
     g[0] *= 100.0  # one loud expert must not drown the others
@@ -94,7 +94,7 @@ def test_stacked_experts_scale_from_each_matrix():
 
 
 def test_orthogonalize_normalizes_each_matrix_of_a_batch_separately():
-    # seeds/001 divides by x.norm() over the whole batch.
+    # peer 001 divides by x.norm() over the whole batch.
     G = torch.randn(2, 32, 64)
     G[1] *= 1e4
     batched = muonkit.orthogonalize(G)
@@ -103,7 +103,7 @@ def test_orthogonalize_normalizes_each_matrix_of_a_batch_separately():
 
 
 def test_routing_does_not_use_name_substrings():
-    # seeds/001 routes by "embed" in the name: a Linear named "embedder_proj" went to AdamW and an
+    # peer 001 routes by "embed" in the name: a Linear named "embedder_proj" went to AdamW and an
     # nn.Embedding named "tokens" went to Muon.
     class Model(nn.Module):
         def __init__(self):
@@ -122,7 +122,7 @@ def test_routing_does_not_use_name_substrings():
 
 
 def test_layout_is_declared_not_guessed_from_shape():
-    # Keras discussion (seeds/002): "keller_jordan" and "mup" depend on which side is fan_out, so
+    # Keras discussion (peer 002): "keller_jordan" and "mup" depend on which side is fan_out, so
     # a tensor stored (in, out) must be declared; muonkit never swaps sides on its own.
     w_in_out = torch.randn(10, 40, dtype=torch.float64)  # stored (in=10, out=40)
     transposed = muonkit.Layout(rows=(1,), cols=(0,))
@@ -142,7 +142,7 @@ def test_conv1d_filter_is_one_matrix_when_declared_conv():
 
 
 def test_lr_ratio_kept_under_a_scheduler():
-    # seeds/004 (Optimisers.jl): adjusting the lr must keep the Muon/AdamW ratio.
+    # peer 004 (Optimisers.jl): adjusting the lr must keep the Muon/AdamW ratio.
     w = torch.randn(8, 8, requires_grad=True)
     b = torch.randn(8, requires_grad=True)
     opt = muonkit.Muon([{"params": [w]}, {"params": [b], "use_muon": False}], lr=0.02, adamw_lr=0.002)

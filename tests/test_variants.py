@@ -1,5 +1,5 @@
 """NorMuon, AdaMuon, cautious weight decay and per-head (blocked) matrices against float64 references
-written here from their definitions (issue 10; REFERENCE.md section 6), not from muonkit's code.
+written here from their definitions (issue 10; docs/references.md section 6), not from muonkit's code.
 
 With float64 parameters and the exact SVD orthogonalizer, muonkit and the reference differ only by
 round-off, so they must agree to 1e-10. The gradients are a fixed sequence (open loop), scaled over

@@ -49,7 +49,7 @@ SUPPORTED = (
 
 def newton_schulz_flops(batch: int, rows: int, cols: int) -> float:
     """FLOPs of one quintic Newton-Schulz step on `batch` rows x cols matrices: batch (4 m^2 n + 2 m^3)
-    with m = min(rows, cols), n = max(rows, cols) (REFERENCE.md section 3, leading order)."""
+    with m = min(rows, cols), n = max(rows, cols) (docs/references.md section 3, leading order)."""
     m, n = min(rows, cols), max(rows, cols)
     return float(batch) * (4.0 * m * m * n + 2.0 * m**3)
 

@@ -345,3 +345,56 @@ def test_torchrun_example_trains_checkpoints_and_resumes_on_another_world_size(t
     resumed = _torchrun(tmp_path, 1, "--mode", "ddp", "--steps", "6", "--resume", str(checkpoint))
     # The resumed run starts where the checkpoint was taken: steps 5 and 6 only.
     assert "step     4" not in resumed and "step     6" in resumed and "val loss" in resumed
+
+
+# From an adversarial review of the variants, low-precision writes, diagnostics and layouts against
+# docs/API.md; each test failed before its fix.
+
+
+@pytest.fixture
+def one_rank_group():
+    """A real gloo process group of one rank in this process (the two-phase distributed path)."""
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(param_dtype, state_dtype, ns_dtype, variant, process_group=None, steps=3):
+    torch.manual_seed(0)
+    shapes = [(16, 24), (24, 16), (4, 2, 3, 3)]
+    params = [torch.nn.Parameter((0.1 * torch.randn(s)).to(param_dtype)) for s in shapes]
+    opt = muonkit.Muon(params, lr=0.02, variant=variant, state_dtype=state_dtype, ns_dtype=ns_dtype,
+                       process_group=process_group, diagnostics=True)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator).to(param_dtype)
+        opt.step()
+    return params, opt
+
+
+DTYPES = [  # (parameter, state_dtype, ns_dtype)
+    (torch.bfloat16, None, None),
+    (torch.float16, torch.float32, torch.float64),
+    (torch.float32, torch.float64, None),
+    (torch.float32, None, torch.float64),
+    (torch.float64, torch.float32, None),
+]
+
+
+@pytest.mark.parametrize("variant", ["muon", "normuon", "adamuon"])
+@pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: "-".join(str(x).replace("torch.", "") for x in d))
+def test_a_process_group_of_one_rank_equals_one_process_bit_for_bit(one_rank_group, dtypes, variant):
+    fused, fused_opt = _run(*dtypes, variant)
+    shared, shared_opt = _run(*dtypes, variant, process_group=one_rank_group)
+    for a, b in zip(fused, shared):
+        assert torch.equal(a, b)
+        for key, value in fused_opt.state[a].items():
+            assert torch.equal(value, shared_opt.state[b][key]), key
+    # The same statistics; a norm over another memory layout of H may differ in the last bit.
+    assert fused_opt.last_stats.keys() == shared_opt.last_stats.keys()
+    for name, stats in fused_opt.last_stats.items():
+        assert stats == pytest.approx(shared_opt.last_stats[name], rel=1e-6)

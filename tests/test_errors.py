@@ -376,3 +376,32 @@ def test_orthogonalizer_that_raises_leaves_its_group_unchanged(nesterov):
     with pytest.raises(ValueError, match="returned shape"):
         opt.step()
     _assert_unchanged(opt, [w], snapshot)
+
+
+# From an adversarial review of the variants, low-precision writes, diagnostics and layouts against
+# docs/API.md; each test failed before its fix.
+
+
+@pytest.mark.parametrize("layout", [muonkit.Layout(rows=(0.0,), cols=(1,)),
+                                    muonkit.Layout(rows=(0,), cols=(True,)),
+                                    muonkit.Layout(rows=(0,), cols=(1,), blocks=((1.0, 2),))], ids=str)
+def test_a_layout_axis_that_is_not_an_int_is_refused_naming_the_parameter(layout):
+    p = torch.nn.Parameter(torch.randn(4, 6))
+    with pytest.raises(ValueError, match="parameter 'w'.*axis"):
+        muonkit.Muon([{"params": [("w", p)], "layout": layout}])
+
+
+@pytest.mark.parametrize("into", [0, 1], ids=["same_group", "other_kind"])
+def test_a_parameter_appended_twice_is_refused_before_anything_changes(into):
+    """An appended parameter that is already in a group would step twice (Muon and AdamW state
+    mixed in one entry): refused, naming both places, with nothing changed."""
+    a, b = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4, 4))
+    opt = muonkit.Muon([{"params": [a]}, {"params": [b], "use_muon": False}], lr=0.1)
+    opt.param_groups[into]["params"].append(a)
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    before = [a.detach().clone(), b.detach().clone()]
+    momentum = opt.state[a]["momentum_buffer"].clone()
+    with pytest.raises(ValueError, match=f"group {into}: parameter '#\\d' is also parameter '#0' of Muon group 0"):
+        opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+    assert list(opt.state[a]) == ["momentum_buffer"] and torch.equal(opt.state[a]["momentum_buffer"], momentum)

@@ -7,9 +7,9 @@ Run:
 Trains the charlm task's GPT (muonkit.tasks.charlm, width 128, depth 4) with muonkit.Muon at the task's
 lr in five ways: float32 parameters (the reference), and bfloat16 parameters with each of
 {state in bfloat16, state in float32} x {round to nearest, stochastic rounding}. Prints a Markdown
-table: final validation loss (of the trained weights, computed in float32; mean over seeds), its gap to the float32 run, the share of parameter
-entries a step changes at the end of training (median over the last 20 steps), and the optimizer's
-ms per step (median). With --write-results the table goes into benchmarks/RESULTS.md between the
+table: final validation loss (of the trained weights, computed in float32; mean over seeds), its
+gap to the float32 run, the share of parameter entries a step changes at the end of training
+(median over the last 20 steps), and the optimizer's ms per step (median). With --write-results the table goes into benchmarks/RESULTS.md between the
 LOW-PRECISION-lr<lr> markers, with the machine and date.
 """
 

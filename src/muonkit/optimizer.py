@@ -286,24 +286,11 @@ class Muon(torch.optim.Optimizer):
 
         Every group and its parameters' state are checked against this optimizer's groups before
         anything changes; a state dict that does not fit raises ValueError naming the group and
-        leaves the optimizer as it was:
+        leaves the optimizer as it was. In short:
 
-        - a group keeps its kind: a loaded group is an AdamW group if its ``use_muon`` is False, or,
-          without ``use_muon`` (torch's optimizers), if it has ``betas``; else a Muon group;
-        - each parameter's state holds its kind's keys (Muon ``momentum_buffer``, and
-          ``second_moment`` with a variant; AdamW ``step``, ``exp_avg``, ``exp_avg_sq``) with the
-          shapes the step needs; missing state (torch creates it lazily) is made fresh; a
-          plain-number AdamW ``step`` (torch's older format) becomes a float32 tensor, as
-          torch.optim.AdamW converts it;
-        - torch.optim.AdamW's implementation flags are dropped; ``amsgrad`` or ``maximize`` set, or
-          torch.optim.Adam's L2 weight decay (``decoupled_weight_decay=False`` with weight_decay > 0),
-          are refused;
-        - torch.optim.Muon's ``adjust_lr_fn`` "original" (or None) becomes scale "keller_jordan",
-          "match_rms_adamw" becomes scale "moonlight" with rms 0.2; its default ``ns_coefficients``
-          (Keller Jordan's) and ``eps`` (1e-7) become orthogonalizer "keller_jordan"; anything else
-          has no muonkit equivalent and is refused. The Newton-Schulz iteration then runs in this
-          group's ``ns_dtype`` (torch.optim.Muon runs bfloat16);
-        - missing muonkit keys (an older state dict) are filled from the constructor's defaults.
+        a group keeps its kind, each parameter's state holds its kind's keys in the shapes the step
+        needs, torch.optim.AdamW's and torch.optim.Muon's keys are translated or refused: the rules
+        are listed in muonkit.checkpoint.
 
         Example:
             >>> opt = muonkit.Muon([{"params": model.parameters(), "use_muon": False}])

@@ -6,7 +6,8 @@ update U is written straight into the stack, orthogonalized, and transformed by 
 variant (muonkit.variants). `muon` then either applies each stack at once (the fast path: the
 fewest temporaries) or holds the results in a `Pending` that the caller applies when every group
 is ready (all or nothing: a user's orthogonalizer or the SVD can raise, collectives can fail).
-Applying is only arithmetic on checked tensors, and both modes apply through the same `_apply_`.
+Applying is only arithmetic on checked tensors, and both modes apply through the same
+`_apply_moments_` and `_apply_params_`.
 Distribution plugs in through `update_many`, the one seam where matrices become their updates.
 """
 
@@ -128,12 +129,11 @@ def batched_orthogonalize(
     the step driver (`_stack_updates`) with plain Muon's identity transform.
     """
     out: list[Tensor] = [m for m in matrices]
-    for run, results in _stack_updates(
+    for i, result, _ in _stack_updates(
         matrices, [m.shape for m in matrices], lambda i, part: part.copy_(matrices[i]), [None] * len(matrices),
         method=method, steps=steps, dtype=dtype, variant=VARIANTS["muon"], beta2=0.0, eps=0.0, keep_inputs=False,
     ):
-        for i, result in zip(run, results):
-            out[i] = result.update
+        out[i] = result.update
     return out
 
 
@@ -163,15 +163,16 @@ def _stack_updates(
     beta2: float,
     eps: float,
     keep_inputs: bool,
-) -> Iterator[tuple[list[int], list[_StackResult]]]:
+) -> Iterator[tuple[int, _StackResult, list[int] | None]]:
     """The per-stack step driver every Muon step runs: orthogonalize, then transform by the variant.
 
     Tensor i has U in `like[i]`'s dtype and on its device, a (batch, rows, cols) matrix view of
     shape `views[i]`, and its variant's second moment as matrices in `moments[i]` (read, never
     written). Same-shaped matrices are stacked (`_stacks`); `fill(i, out)` writes tensor i's U
-    into its part of the stack. Yields each stack's indices and results as soon as it is done, so
-    that a caller either applies them at once (the fused step: a stack's temporaries are freed
-    before the next one is made) or holds them until every group is ready (all-or-nothing).
+    into its part of the stack. Yields (i, tensor i's result, the stack's indices after its last
+    tensor, else None) as soon as each is done, so that a caller either applies them at once (the
+    fused step: a stack's temporaries are freed before the next one is made) or holds them until
+    every group is ready (all-or-nothing).
 
     The built-in Newton-Schulz kernels run in place on a work buffer in their working dtype (U is
     written straight into it); any other orthogonalizer (the SVD, a callable) gets U in its own
@@ -201,12 +202,10 @@ def _stack_updates(
             O = orthogonalize(X, method, steps, dtype=dtype)
         else:
             O = torch.stack([orthogonalize(x, method, steps, dtype=dtype) for x in X]) if len(X) else X.clone()
-        results = []
-        for i, o, u in zip(run, O.split(counts), inputs):
+        for k, (i, o, u) in enumerate(zip(run, O.split(counts), inputs)):
             o = o.to(like[i].dtype)
             h, v = variant.transform(o, moments[i], beta2=beta2, eps=eps)
-            results.append(_StackResult(h, v, o, u))
-        yield run, results
+            yield i, _StackResult(h, v, o, u), run if k == len(run) - 1 else None
 
 
 def local_update_many(
@@ -223,15 +222,14 @@ def local_update_many(
         moments = [None if v is None else to_matrices(v, layout) for v, layout in zip(second_moments, layouts)]
         updates: list[Tensor] = list(tensors)
         new_moments: list[Tensor | None] = [None] * len(tensors)
-        for run, results in _stack_updates(
+        for i, r, _ in _stack_updates(
             tensors, [m.shape for m in matrices], lambda i, part: part.copy_(matrices[i]), moments,
             method=method, steps=steps, dtype=dtype, variant=chosen, beta2=beta2, eps=eps, keep_inputs=False,
         ):
-            for i, r in zip(run, results):
-                updates[i] = from_matrices(r.update, layouts[i], tensors[i].shape)
-                v = second_moments[i]
-                if r.second_moment is not None and v is not None:
-                    new_moments[i] = from_matrices(r.second_moment, layouts[i], v.shape)
+            updates[i] = from_matrices(r.update, layouts[i], tensors[i].shape)
+            v = second_moments[i]
+            if r.second_moment is not None and v is not None:
+                new_moments[i] = from_matrices(r.second_moment, layouts[i], v.shape)
         return updates, new_moments
 
     return update_many
@@ -275,8 +273,8 @@ class Pending:
     grads: list[Tensor]
     momentum_buffers: list[Tensor]
     second_moments: list[Tensor | None]
-    updates: list[Tensor]
-    new_second_moments: list[Tensor | None]
+    updates: list[Tensor | None]  # None once applied
+    new_second_moments: list[Tensor | None]  # None once applied (or where the variant keeps none)
     factors: list[float]
     momentum: float
     lr: float
@@ -287,21 +285,26 @@ class Pending:
 
     def apply_(self) -> None:
         """M <- lerp(M, G, 1 - momentum) in place (the bits the held step computed out of place),
-        then the second moments and the parameters (`_apply_`)."""
+        then the second moments and the parameters, as the fast path applies them."""
         if self.params:
             torch._foreach_lerp_(self.momentum_buffers, _as_buffer_dtype(self.grads, self.momentum_buffers),
                                  1.0 - self.momentum)
-        _apply_(self, range(len(self.params)))
+        _apply_moments_(self, range(len(self.params)))
+        _apply_params_(self, range(len(self.params)))
 
 
-def _apply_(step: Pending, indices: Iterable[int]) -> None:
-    """For the parameters at `indices`: v <- its new value, then W <- W - lr (lambda D(W) + factor H)
-    (`write_updates_`), and their update statistics."""
-    indices = list(indices)
+def _apply_moments_(step: Pending, indices: Iterable[int]) -> None:
+    """For the parameters at `indices`: v <- its new value (where the variant keeps one)."""
     for i in indices:
         v, new = step.second_moments[i], step.new_second_moments[i]
         if v is not None and new is not None:
             v.copy_(new)
+
+
+def _apply_params_(step: Pending, indices: Iterable[int]) -> None:
+    """For the parameters at `indices`: W <- W - lr (lambda D(W) + factor H) (`write_updates_`), and
+    their update statistics (with the second moments' new range)."""
+    indices = list(indices)
     write_updates_(
         [step.params[i] for i in indices], [step.updates[i] for i in indices], [step.factors[i] for i in indices],
         [step.momentum_buffers[i].dtype for i in indices], lr=step.lr, weight_decay=step.weight_decay,
@@ -498,7 +501,8 @@ def muon(
         step.updates, step.new_second_moments = list(updates), list(new_moments)
         if hold:
             return step
-        _apply_(step, range(len(params)))
+        _apply_moments_(step, range(len(params)))
+        _apply_params_(step, range(len(params)))
         return None
     views = [matrix_shape(p.shape, layout) for p, layout in zip(params, layouts)]
 
@@ -506,20 +510,27 @@ def muon(
         _lookahead(to_matrices(grads[i], layouts[i]), to_matrices(new_buffers[i], layouts[i]),
                    momentum=momentum, nesterov=nesterov, sign=chosen.signs_input, out=out)
 
-    for run, results in _stack_updates(
+    for i, r, run in _stack_updates(
         new_buffers, views, fill, [None if v is None else to_matrices(v, layout) for v, layout in zip(moments, layouts)],
         method=orthogonalizer, steps=ns_steps, dtype=ns_dtype, variant=chosen, beta2=beta2, eps=variant_eps,
         keep_inputs=stats is not None and orthogonality,
     ):
-        for i, r in zip(run, results):
-            step.updates[i] = from_matrices(r.update, layouts[i], params[i].shape)
-            v = moments[i]
-            if r.second_moment is not None and v is not None:
-                step.new_second_moments[i] = from_matrices(r.second_moment, layouts[i], v.shape)
-            if stats is not None and r.inputs is not None:
-                _record_orthogonality(stats[i], r.inputs, r.ortho)
-        if not hold:
-            _apply_(step, run)
+        step.updates[i] = from_matrices(r.update, layouts[i], params[i].shape)
+        v = moments[i]
+        if r.second_moment is not None and v is not None:
+            step.new_second_moments[i] = from_matrices(r.second_moment, layouts[i], v.shape)
+        if stats is not None and r.inputs is not None:
+            _record_orthogonality(stats[i], r.inputs, r.ortho)
+        if hold:
+            continue
+        # Applied now: the second moment at once and the stack's parameters after its last tensor,
+        # each result released once written, so that a step holds one stack's temporaries at a time.
+        _apply_moments_(step, [i])
+        step.new_second_moments[i] = None
+        if run is not None:
+            _apply_params_(step, run)
+            for j in run:
+                step.updates[j] = None
     return step if hold else None
 
 

@@ -189,6 +189,7 @@ def _png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@pytest.mark.slow
 def test_bench_tensorboard_one_directory_per_run(tmp_path, capsys):
     tb, out = tmp_path / "tb", tmp_path / "out"
     argv = ["bench", "regression", "--optimizers", "adamw,sgd", "--steps", "6", "--seeds", "2", "--tensorboard",

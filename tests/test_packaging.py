@@ -50,6 +50,7 @@ def built(tmp_path_factory) -> tuple[Path, Path, set[str]]:
     return next(out.glob("*.tar.gz")), next(out.glob("*.whl")), expected
 
 
+@pytest.mark.slow
 def test_sdist_holds_the_tests_and_what_they_read(built):
     sdist, _, expected = built
     with tarfile.open(sdist) as tar:
@@ -61,6 +62,7 @@ def test_sdist_holds_the_tests_and_what_they_read(built):
     assert "License-Expression: MIT" in pkg_info and "License-File: LICENSE" in pkg_info
 
 
+@pytest.mark.slow
 def test_wheel_ships_py_typed_and_the_license(built):
     _, wheel, _ = built
     with zipfile.ZipFile(wheel) as whl:
@@ -81,6 +83,7 @@ def run_without_bench(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", WITHOUT_BENCH + code], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_the_library_imports_and_steps_with_torch_alone():
     code = (
         "import torch, muonkit\n"
@@ -96,6 +99,7 @@ def test_the_library_imports_and_steps_with_torch_alone():
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
+@pytest.mark.slow
 def test_the_command_line_without_the_bench_extra_says_what_to_install():
     result = run_without_bench("from muonkit.cli import main\nraise SystemExit(main(['bench']))")
     assert result.returncode == 2, result.stderr[-2000:]

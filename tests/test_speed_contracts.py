@@ -94,7 +94,8 @@ def one_matrix_at_a_time(tensors, second_moments, layouts, dtype=None):
     return updates, [None] * len(tensors)
 
 
-@pytest.mark.parametrize("ns_dtype", [None, torch.float16, torch.bfloat16], ids=["default", "float16", "bfloat16"])
+@pytest.mark.parametrize("ns_dtype", [None, pytest.param(torch.float16, marks=pytest.mark.slow), torch.bfloat16],
+                         ids=["default", "float16", "bfloat16"])
 def test_muon_step_equals_per_matrix_path_bit_for_bit(threads, ns_dtype):
     """The stacked step (U written straight into the stack) against the generic path fed one
     matrix at a time, over a mix of shapes, layouts and a bf16 parameter, in each working dtype."""

@@ -485,7 +485,7 @@ def muon(
         new_buffers = buffers
     full = list(shapes) if shapes is not None else [p.shape for p in params]
     step = Pending(
-        list(params), grads, buffers, moments, list(params), [None] * len(params),
+        list(params), grads, buffers, moments, [None] * len(params), [None] * len(params),
         [update_scale(scale, *matrix_shape(s, layout)[1:], rms) for s, layout in zip(full, layouts)],
         momentum, lr, weight_decay, cautious_weight_decay,
         list(rounding_seeds) if rounding_seeds is not None else [None] * len(params),

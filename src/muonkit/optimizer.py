@@ -9,7 +9,7 @@ muonkit.checkpoint's.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -55,6 +55,9 @@ class _GroupStep:
     positions: list[int]  # each parameter's place in the optimizer's order (seeds its rounding)
     seeds: list[int | None] | None = None
     stats: list[dict[str, Tensor]] | None = None
+    # State of the group's parameters without a gradient that a changed variant, state_dtype or
+    # stochastic_rounding replaces (so that every parameter's state is the group's, and loads back).
+    idle: list[tuple[Tensor, dict[str, Tensor]]] = field(default_factory=list)
 
     def state(self, key: str) -> list[Tensor]:
         """`key` of each stepping parameter's state, whether already held or created this step."""
@@ -288,9 +291,10 @@ class Muon(torch.optim.Optimizer):
         anything changes; a state dict that does not fit raises ValueError naming the group and
         leaves the optimizer as it was. In short:
 
-        a group keeps its kind, each parameter's state holds its kind's keys in the shapes the step
-        needs, torch.optim.AdamW's and torch.optim.Muon's keys are translated or refused: the rules
-        are listed in muonkit.checkpoint.
+        only state dicts whose meaning muonkit knows load (its own, torch.optim.AdamW's / Adam's and
+        torch.optim.Muon's; any other optimizer's is refused, named), a group keeps its kind, each
+        parameter's state holds its kind's keys in the shapes the step needs, torch's keys are
+        translated or refused: the rules are listed in muonkit.checkpoint.
 
         Example:
             >>> opt = muonkit.Muon([{"params": model.parameters(), "use_muon": False}])
@@ -338,16 +342,18 @@ class Muon(torch.optim.Optimizer):
         held = [self._muon_step(item, orthogonality, hold=True) if item.group["use_muon"] and not fused else None
                 for item, fused in zip(plan, fuses)]
         for item, fused, pending in zip(plan, fuses, held):
-            for p, state in zip(item.params, item.states):
+            for p, state in [*zip(item.params, item.states), *item.idle]:
                 self.state[p].update(state)
             for p in item.group["params"]:
                 drop_unused(self.state[p], p, item.group)
+            item.seeds = _rounding_seeds(item)  # read (and advanced) only once nothing can fail
             if not item.group["use_muon"]:
                 self._adamw_step(item)
                 continue
             if fused:
                 self._muon_step(item, orthogonality, hold=False)
             else:
+                pending.rounding_seeds = item.seeds or [None] * len(item.params)
                 pending.apply_()
             for p, seed in zip(item.params, item.seeds or []):
                 if seed is not None:
@@ -392,20 +398,23 @@ class Muon(torch.optim.Optimizer):
         group = item.group
         beta1, beta2 = group["betas"]
         cautious = group["cautious_weight_decay"]
-        # torch's AdamW functional gets lr as torch.optim.AdamW passes it (a tensor lr as given, so
-        # that the group equals torch.optim.AdamW bit for bit with it too); cautious weight decay
-        # computes with floats.
-        lr = group["lr"] if isinstance(group["lr"], Tensor) and not cautious else float(group["lr"])
+        # torch's AdamW functional gets lr, betas and weight_decay as torch.optim.AdamW passes them (a
+        # tensor as given, so that the group equals torch.optim.AdamW bit for bit with it too; eps and
+        # weight_decay as 0-d views, which every path of it takes); cautious weight decay computes with
+        # plain numbers (a tensor of another dtype or of shape [1, 1] would not fit the moments).
+        lr, decay = group["lr"], _scalar(group["weight_decay"])
+        if cautious:
+            lr, decay, beta1, beta2 = float(lr), float(decay), float(beta1), float(beta2)
         functional.adamw(
             local_parts(item.params), local_parts(item.grads), local_parts(item.state("exp_avg")),
             local_parts(item.state("exp_avg_sq")), item.state("step"), lr=lr, beta1=beta1, beta2=beta2,
-            eps=group["eps"], weight_decay=float(group["weight_decay"]) if cautious else group["weight_decay"],
-            cautious_weight_decay=cautious, rounding_seeds=item.seeds, stats=item.stats,
+            eps=_scalar(group["eps"]), weight_decay=decay, cautious_weight_decay=cautious, rounding_seeds=item.seeds,
+            stats=item.stats,
         )
 
 
 def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], check_dtensor: Any) -> list[_GroupStep]:
-    """Each group's share of a step, with its rounding seeds.
+    """Each group's share of a step.
 
     Everything is checked, for all groups, before anything changes, so an error leaves no
     partial step: options edited through param_groups since construction, parameters appended
@@ -416,7 +425,7 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], che
     position = -1
     seen: dict[int, str] = {}  # id of each parameter -> where it is (a parameter steps once)
     for index, group in enumerate(param_groups):
-        where = f"{'Muon' if group['use_muon'] else 'AdamW'} group {index}"
+        where = f"{'Muon' if group.get('use_muon') else 'AdamW'} group {index}"
         check_options(group, where)
         names = group.get("param_names") or []
         given = len(names)
@@ -430,9 +439,14 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], che
                     "once (remove the one appended to param_groups[...]['params'])"
                 )
             seen[id(p)] = f"parameter '{name}' of {where}"
-            if p.grad is None:
-                continue
             state = held_state.get(p, {})
+            if p.grad is None:
+                if state:
+                    check_param(p, name, group, where)
+                    new = missing_state(p, state, group)
+                    if new:
+                        item.idle.append((p, new))
+                continue
             check_param(p, name, group, where)
             if not state and group["use_muon"] and is_dtensor(p):
                 check_dtensor(p, name, where)
@@ -446,9 +460,15 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], che
             item.held.append(state)
             item.grads.append(p.grad)
             item.positions.append(position)
-        item.seeds = _rounding_seeds(item)
         plan.append(item)
     return plan
+
+
+def _scalar(x: Any) -> Any:
+    """A one-element tensor hyperparameter as a 0-d view of it (the same value), as every path of
+    torch's AdamW functional takes eps and weight_decay (its foreach path refuses shape [1], and an
+    [1, 1] eps would broadcast a 1-D parameter's update to 2-D); other values as they are."""
+    return x.reshape(()) if isinstance(x, Tensor) else x
 
 
 def _rounding_seeds(item: _GroupStep) -> list[int | None] | None:
@@ -464,6 +484,8 @@ def _rounding_seeds(item: _GroupStep) -> list[int | None] | None:
             continue
         step = new["step"] if "step" in new else held["step"]
         if item.group["use_muon"]:
+            # In place: with the step's own += 1 a Muon count moves by two per step. Kept as it has
+            # always been, since the seeds (so the bits) and the saved counts depend on it.
             step += 1
         seeds.append((int(step) * 1_000_003 + position) % (1 << 62))
     return seeds

@@ -193,6 +193,19 @@ def check_unsupported(group: dict[str, Any], where: str) -> None:
 
 
 def check_options(group: dict[str, Any], where: str) -> None:
+    kind = group.get("use_muon")
+    if not isinstance(kind, bool):
+        raise TypeError(f"{where}: use_muon must be True or False, got {kind!r}")
+    missing = [key for key in (MUON_KEYS if kind else ADAMW_KEYS) if key not in group]
+    if missing:
+        # A group's kind is fixed when it is added: its keys and its parameters' state are that kind's.
+        raise ValueError(
+            f"{where}: use_muon is {kind} but the group has no {', '.join(map(repr, missing))} "
+            f"({'a Muon' if kind else 'an AdamW'} group's option{'s' if len(missing) > 1 else ''}); was use_muon "
+            "edited? A group keeps the kind it was built with: set use_muon back, or move the parameters "
+            "to a group of the other kind (a new optimizer, or opt.add_param_group({'params': [...], "
+            f"'use_muon': {kind}}}))"
+        )
     check_unsupported(group, where)
     if group["use_muon"]:
         check_muon_options(group, where)
@@ -295,6 +308,12 @@ def check_param(p: Tensor, name: str, group: dict[str, Any], where: str) -> None
         )
     if not p.is_floating_point():
         raise TypeError(f"{where}: parameter '{name}' has dtype {p.dtype}; it must be floating point")
+    if overlaps_itself(p):
+        raise ValueError(
+            f"{where}: parameter '{name}' with shape {tuple(p.shape)} and strides {p.stride()} has elements that "
+            "share memory (e.g. made by expand()), so an in-place update cannot be applied to it; make it "
+            "its own memory with nn.Parameter(t.clone())"
+        )
     if not group["use_muon"]:
         return
     if p.ndim < 2:
@@ -310,6 +329,22 @@ def check_param(p: Tensor, name: str, group: dict[str, Any], where: str) -> None
     _, rows, cols = matrix_shape(p.shape, layout)
     if rows == 0 or cols == 0:
         raise ValueError(f"{where}: parameter '{name}' has an empty matrix view {rows} x {cols}")
+
+
+def overlaps_itself(t: Tensor) -> bool:
+    """Whether two elements of `t` may share memory: with the axes of more than one element sorted by
+    stride, each stride must step past the farthest offset the smaller ones reach (every view torch's
+    own operations make of unshared memory does)."""
+    if is_dtensor(t):
+        t = t.to_local()
+    if t.layout != torch.strided:
+        return False
+    reach = 0
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
 
 
 def check_grad(p: Tensor, name: str, where: str) -> None:

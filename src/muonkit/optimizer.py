@@ -336,7 +336,7 @@ class Muon(torch.optim.Optimizer):
             if self.defaults["diagnostics"]:
                 self.last_stats = {}  # no parameter stepped
             return loss
-        orthogonality = self._diagnose(plan)
+        orthogonality = _diagnose(plan, self.defaults, self._diagnosed_steps)
         fuses = [item.group["use_muon"] and self._distributed is None
                  and functional.runs_in_place(item.group["orthogonalizer"]) for item in plan]
         held = [self._muon_step(item, orthogonality, hold=True) if item.group["use_muon"] and not fused else None
@@ -362,16 +362,6 @@ class Muon(torch.optim.Optimizer):
             self._diagnosed_steps += 1
             self.last_stats = _collect(plan)
         return loss
-
-    def _diagnose(self, plan: list[_GroupStep]) -> bool:
-        """Prepare each group's statistics dicts; True when this step measures orthogonality."""
-        if not self.defaults["diagnostics"]:
-            return False
-        for item in plan:
-            item.stats = [{} for _ in item.params]
-        every = self.defaults["orthogonality_every"]
-        # The count moves when the step has applied (a step that raises is not counted).
-        return every > 0 and (self._diagnosed_steps + 1) % every == 0
 
     def _muon_step(self, item: _GroupStep, orthogonality: bool, *, hold: bool) -> functional.Pending | None:
         group, moments = item.group, item.moments()
@@ -462,6 +452,17 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], che
             item.positions.append(position)
         plan.append(item)
     return plan
+
+
+def _diagnose(plan: list[_GroupStep], defaults: dict[str, Any], diagnosed_steps: int) -> bool:
+    """Prepare each group's statistics dicts; True when this step measures orthogonality."""
+    if not defaults["diagnostics"]:
+        return False
+    for item in plan:
+        item.stats = [{} for _ in item.params]
+    every = defaults["orthogonality_every"]
+    # The count moves when the step has applied (a step that raises is not counted).
+    return every > 0 and (diagnosed_steps + 1) % every == 0
 
 
 def _scalar(x: Any) -> Any:

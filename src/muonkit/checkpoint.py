@@ -51,6 +51,7 @@ ADDED_LATER: dict[str, Any] = {
     "nonfinite": "propagate",
     "diagnostics": False,
     "orthogonality_every": 0,
+    "capturable": False,
 }
 
 # Keys of torch.optim.AdamW / Adam groups that pick an implementation (muonkit has one) or are checked
@@ -159,21 +160,22 @@ def loaded(
                 "same groups as the one that saved the state dict"
             )
         group["use_muon"] = use_muon
-        for key in GLOBAL_KEYS:
-            if key in group:
-                raise ValueError(f"{where}: {key} is an option of the whole optimizer, not of a param group")
         group.setdefault(SKIPPED, 0)
         if use_muon:
             from_torch_muon(group, where)
         else:
-            from_torch_adamw(group, where)
+            from_torch_adamw(group, where)  # drops torch.optim.AdamW's own "capturable" flag
+        for key in GLOBAL_KEYS:
+            if key in group:
+                raise ValueError(f"{where}: {key} is an option of the whole optimizer, not of a param group")
         fill_defaults(group, defaults)
         check_options(group, where)
         check_params(group, where)
         names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
         for name, p in zip(names, group["params"]):
             loaded_state = uncast(state.get(p, {}), as_saved.get(id(p), {}), p, group)
-            new_state[p] = checked_state(loaded_state, p, group, f"{where}: parameter '{name}'")
+            new_state[p] = checked_state(loaded_state, p, group, f"{where}: parameter '{name}'",
+                                         capturable=defaults["capturable"])
         new_groups.append(group)
     return {"state": new_state, "param_groups": new_groups}
 

@@ -28,6 +28,7 @@ from .options import (
     Group,
     Nonfinite,
     check_adamw_options,
+    check_capturable,
     check_global_options,
     check_grad,
     check_muon_options,
@@ -128,6 +129,12 @@ class Muon(torch.optim.Optimizer):
         diagnostics: record per-parameter statistics of every step in ``last_stats`` (default False).
         orthogonality_every: with diagnostics, every this many steps also measure the
             orthogonalizer's distance from the exact polar factor (an SVD per matrix; 0 = never).
+        capturable: make the step safe to capture in a CUDA graph, as torch.optim's capturable mode
+            (default False): step counts on the parameters' device, a tensor lr read there, no host
+            read; every parameter needs a gradient at every step (else ValueError naming it); needs
+            nonfinite="propagate", diagnostics=False, no process_group and Python-number
+            hyperparameters besides lr; stochastic rounding draws from the device's default
+            generator (docs/API.md, "Capturable steps").
         process_group: a torch.distributed process group to share the Newton-Schulz work; None
             (default) means no torch.distributed call at all.
 
@@ -171,6 +178,7 @@ class Muon(torch.optim.Optimizer):
         nonfinite: Nonfinite = DEFAULTS["nonfinite"],
         diagnostics: bool = DEFAULTS["diagnostics"],
         orthogonality_every: int = DEFAULTS["orthogonality_every"],
+        capturable: bool = DEFAULTS["capturable"],
         process_group: Any = None,
     ) -> None:
         given = locals()
@@ -206,6 +214,8 @@ class Muon(torch.optim.Optimizer):
     def diagnostics(self, on: bool) -> None:
         if not isinstance(on, bool):
             raise TypeError(f"Muon.diagnostics must be True or False, got {on!r}")
+        if on and self.defaults["capturable"]:
+            raise ValueError("Muon.diagnostics cannot be switched on with capturable=True (the statistics are copied to the host)")
         self.defaults["diagnostics"] = on
 
     @property
@@ -238,7 +248,7 @@ class Muon(torch.optim.Optimizer):
         for key in set(self.defaults) - set(own) - given:
             del added[key]
         for p in added["params"]:
-            self.state[p].update(missing_state(p, self.state.get(p, {}), added))
+            self.state[p].update(missing_state(p, self.state.get(p, {}), added, capturable=self.defaults["capturable"]))
 
     def _check_params(self, group: dict[str, Any], where: str) -> None:
         names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
@@ -323,7 +333,7 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plan = _plan(self.param_groups, self.state, self._check_dtensor)
+        plan = _plan(self.param_groups, self.state, self._check_dtensor, self.defaults["capturable"])
         if self.defaults["nonfinite"] != "propagate" and not _all_finite(plan, self._distributed):
             if self.defaults["nonfinite"] == "raise":
                 raise RuntimeError(
@@ -346,7 +356,7 @@ class Muon(torch.optim.Optimizer):
                 self.state[p].update(state)
             for p in item.group["params"]:
                 drop_unused(self.state[p], p, item.group)
-            item.seeds = _rounding_seeds(item)  # read (and advanced) only once nothing can fail
+            item.seeds = _rounding_seeds(item, self.defaults["capturable"])  # only once nothing can fail
             if not item.group["use_muon"]:
                 self._adamw_step(item)
                 continue
@@ -375,7 +385,7 @@ class Muon(torch.optim.Optimizer):
         return functional.muon(
             local_parts(item.params), local_parts(item.grads), local_parts(item.state("momentum_buffer")),
             [resolve(group["layout"], p.ndim) for p in item.params],
-            lr=float(group["lr"]), momentum=float(group["momentum"]), nesterov=group["nesterov"],
+            lr=_lr(group, self.defaults["capturable"]), momentum=float(group["momentum"]), nesterov=group["nesterov"],
             weight_decay=float(group["weight_decay"]), scale=group["scale"], rms=float(group["rms"]),
             orthogonalizer=group["orthogonalizer"], ns_steps=group["ns_steps"], ns_dtype=group["ns_dtype"],
             variant=group["variant"], beta2=float(group["beta2"]), variant_eps=float(group["variant_eps"]),
@@ -392,18 +402,19 @@ class Muon(torch.optim.Optimizer):
         # tensor as given, so that the group equals torch.optim.AdamW bit for bit with it too; eps and
         # weight_decay as 0-d views, which every path of it takes); cautious weight decay computes with
         # plain numbers (a tensor of another dtype or of shape [1, 1] would not fit the moments).
-        lr, decay = group["lr"], _scalar(group["weight_decay"])
+        lr, decay = group["lr"] if isinstance(group["lr"], Tensor) else float(group["lr"]), _scalar(group["weight_decay"])
         if cautious:
-            lr, decay, beta1, beta2 = float(lr), float(decay), float(beta1), float(beta2)
+            lr, decay, beta1, beta2 = _lr(group, self.defaults["capturable"]), float(decay), float(beta1), float(beta2)
         functional.adamw(
             local_parts(item.params), local_parts(item.grads), local_parts(item.state("exp_avg")),
             local_parts(item.state("exp_avg_sq")), item.state("step"), lr=lr, beta1=beta1, beta2=beta2,
             eps=_scalar(group["eps"]), weight_decay=decay, cautious_weight_decay=cautious, rounding_seeds=item.seeds,
-            stats=item.stats,
+            stats=item.stats, capturable=self.defaults["capturable"],
         )
 
 
-def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], check_dtensor: Any) -> list[_GroupStep]:
+def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], check_dtensor: Any,
+          capturable: bool) -> list[_GroupStep]:
     """Each group's share of a step.
 
     Everything is checked, for all groups, before anything changes, so an error leaves no
@@ -416,7 +427,7 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], che
     seen: dict[int, str] = {}  # id of each parameter -> where it is (a parameter steps once)
     for index, group in enumerate(param_groups):
         where = f"{'Muon' if group.get('use_muon') else 'AdamW'} group {index}"
-        check_options(group, where)
+        check_options(group, where, read_lr=not capturable)
         names = group.get("param_names") or []
         given = len(names)
         names = names + [f"#{i}" for i in range(given, len(group["params"]))]
@@ -431,6 +442,13 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], che
             seen[id(p)] = f"parameter '{name}' of {where}"
             state = held_state.get(p, {})
             if p.grad is None:
+                if capturable:
+                    raise ValueError(
+                        f"{where}: parameter '{name}' has no gradient; with capturable=True every parameter "
+                        "steps at every step (a captured graph cannot skip one, and its replays would not "
+                        "see a gradient that appears later): give it a gradient (zero_grad(set_to_none=False) "
+                        "keeps zeros) or leave it out of the optimizer"
+                    )
                 if state:
                     check_param(p, name, group, where)
                     new = missing_state(p, state, group)
@@ -438,10 +456,12 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], che
                         item.idle.append((p, new))
                 continue
             check_param(p, name, group, where)
+            if capturable:
+                check_capturable(group, p.device, where)
             if not state and group["use_muon"] and is_dtensor(p):
                 check_dtensor(p, name, where)
             check_grad(p, name, where)
-            new = missing_state(p, state, group)
+            new = missing_state(p, state, group, capturable=capturable)
             check_state(p, {**state, **new}, group, name, where)
             item.params.append(p)
             item.names.append(name)
@@ -452,6 +472,12 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], che
             item.positions.append(position)
         plan.append(item)
     return plan
+
+
+def _lr(group: dict[str, Any], capturable: bool) -> float | Tensor:
+    """A group's lr as a float, or with capturable=True a tensor lr as it is, read on its device."""
+    lr = group["lr"]
+    return lr if capturable and isinstance(lr, Tensor) else float(lr)
 
 
 def _diagnose(plan: list[_GroupStep], defaults: dict[str, Any], diagnosed_steps: int) -> bool:
@@ -472,16 +498,20 @@ def _scalar(x: Any) -> Any:
     return x.reshape(()) if isinstance(x, Tensor) else x
 
 
-def _rounding_seeds(item: _GroupStep) -> list[int | None] | None:
+def _rounding_seeds(item: _GroupStep, capturable: bool) -> list[int | None] | None:
     """Per parameter, the seed of this step's stochastic rounding (None: round to nearest), from
     its step count and place, so that a resumed run and every rank round alike. Muon parameters
-    that round stochastically keep a `step` count for it (AdamW ones have one)."""
+    that round stochastically keep a `step` count for it (AdamW ones have one). A capturable step
+    reads no count: it draws from the device's default generator."""
     if not item.group["stochastic_rounding"]:
         return None
     seeds: list[int | None] = []
     for p, position, new, held in zip(item.params, item.positions, item.states, item.held):
         if not rounds_stochastically(p, item.group):
             seeds.append(None)
+            continue
+        if capturable:
+            seeds.append(functional.DEFAULT_GENERATOR)
             continue
         step = new["step"] if "step" in new else held["step"]
         if item.group["use_muon"]:

@@ -19,7 +19,7 @@ after --train-steps steps of muonkit Muon on its corpus (real gradients: their s
 so most singular values sit far below the largest), two random normal 768x768 matrices, and a
 gradient-like 768x3072 (four strong directions, a decaying tail, noise). Columns: the largest and
 the median polar error ||O - U V^T||_F / ||U V^T||_F over the set, and the range of u_i^T O v_i over
-the directions with sigma_i / ||G||_F >= 1e-3 (Polar Express's band, REFERENCE.md section 3: its
+the directions with sigma_i / ||G||_F >= 1e-3 (Polar Express's band, docs/references.md section 3: its
 image of [1e-3, 1] is [0.859, 1.141]; in float32 the default itself reaches a little below it on
 real momentum, whose directions near 1e-3 have eigenvalues of X X^T near float32 round-off). "bound"
 is "holds" when, on every set, both errors are at most muonkit's default's (+1e-4 for round-off)

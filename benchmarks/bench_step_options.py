@@ -2,7 +2,7 @@
 
 Run:
     python benchmarks/bench_step_options.py [--cases a,c,g] [--repeats 9] [--threads 2] [--base f4bf751]
-        [--write-results]
+        [--base-options] [--write-results]
 
 Cases (as in bench_step.py): (a) 4 GPT-2-small blocks, (c) the seed notebook's network, (g) the charlm
 task's GPT. Rows: muonkit.Muon with its defaults; the same class at `--base` (a git commit, extracted
@@ -50,7 +50,16 @@ OPTIONS: dict[str, dict] = {
     "variant='adamuon'": dict(variant="adamuon"),
     "cautious_weight_decay=True": dict(cautious_weight_decay=True),
     "normuon + cautious": dict(variant="normuon", cautious_weight_decay=True),
+    "orthogonalizer=callable (held)": dict(orthogonalizer="callable"),
 }
+
+
+def polar_express(X: torch.Tensor, steps: int) -> torch.Tensor:
+    """The default kernel as a user's (batched) callable: the step holds its work until every group is ready."""
+    return muonkit.orthogonalize(X, "polar_express", steps)
+
+
+polar_express.batched = True  # type: ignore[attr-defined]
 
 
 def base_package(commit: str) -> object:
@@ -103,6 +112,8 @@ def make_step(muon_class: type, model: nn.Module, grads: list[torch.Tensor], opt
     groups = [{**g, "params": [copy[index[id(p)]] for p in g["params"]]} for g in groups_of(model)]
     for p, g in zip(copy, grads):
         p.grad = g.clone()
+    if options.get("orthogonalizer") == "callable":
+        options = {**options, "orthogonalizer": polar_express}
     opt = muon_class(groups, lr=LR, weight_decay=WD, **options)
     return opt.step, opt
 
@@ -117,23 +128,26 @@ def peak_mb(step: Callable[[], None]) -> float:
     return tracker.peak / 2**20
 
 
-def run_case(key: str, base: object | None, repeats: int) -> str:
+def run_case(key: str, base: object | None, repeats: int, base_options: bool) -> str:
     name, build = CASES[key]
     torch.manual_seed(0)
     model = build()
     grads = [torch.randn_like(p) * 1e-2 for p in model.parameters()]
     steps, optimizers = {}, {}
-    if base is not None:
+    if base is not None and not base_options:
         steps["base commit, defaults"], optimizers["base commit, defaults"] = make_step(base.Muon, model, grads, {})
     for label, options in OPTIONS.items():
+        if base is not None and base_options:
+            steps[f"base: {label}"], optimizers[f"base: {label}"] = make_step(base.Muon, model, grads, options)
         steps[label], optimizers[label] = make_step(muonkit.Muon, model, grads, options)
     timings = time_interleaved(steps, repeats=repeats)
-    rows = [[label, f"{1e3 * timings[label].median:.1f}", f"{median_ratio(timings[label], timings['default']):.3f}",
+    against = (lambda label: label if label.startswith("base: ") else f"base: {label}") if base_options else (lambda label: "default")
+    rows = [[label, f"{1e3 * timings[label].median:.1f}", f"{median_ratio(timings[label], timings[against(label)]):.3f}",
              f"{peak_mb(steps[label]):.1f}",
              f"{state_mb(optimizers[label]):.1f}"] for label in steps]
     muon_params = sum(p.numel() for g in groups_of(model) if g["use_muon"] for p in g["params"])
     return (f"#### ({key}) {name}: {muon_params / 1e6:.2f}M parameters on Muon\n\n"
-            + table(["step", "median ms", "x default", "peak MB", "state MB"], rows))
+            + table(["step", "median ms", "x base" if base_options else "x default", "peak MB", "state MB"], rows))
 
 
 def main() -> None:
@@ -142,17 +156,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--base", default="f4bf751", help="a git commit to compare with ('' for none)")
+    parser.add_argument("--base-options", action="store_true", help="time every option row at --base too")
     parser.add_argument("--write-results", action="store_true")
     args = parser.parse_args()
     machine = setup(args.threads)
     base = base_package(args.base) if args.base else None
-    sections = [run_case(key, base, args.repeats) for key in args.cases.split(",")]
+    sections = [run_case(key, base, args.repeats, args.base_options) for key in args.cases.split(",")]
     command = " ".join(["python benchmarks/bench_step_options.py", *sys.argv[1:]])
-    text = (f"### Cost of each option (`{command}`)\n\n{machine}, {time.strftime('%Y-%m-%d')}; median of "
+    title = "Each option against the same option at the base commit" if args.base_options else "Cost of each option"
+    text = (f"### {title} (`{command}`)\n\n{machine}, {time.strftime('%Y-%m-%d')}; median of "
             f"{args.repeats} interleaved rounds.\n\n" + "\n\n".join(sections))
     print(text)
     if args.write_results:
-        write_results("STEP-OPTIONS", text)
+        write_results("STEP-REDESIGN" if args.base_options else "STEP-OPTIONS", text)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Slow, obviously-correct float64 oracles for the muonkit tests.
 
 Nothing here imports muonkit: these functions are written from docs/API.md and
-/work/shared/REFERENCE.md only, so that the tests compare two independent implementations.
+docs/references.md only, so that the tests compare two independent implementations.
 
 - `polar_factor`: the exact polar factor U V^T of a (batch of) matrix via a float64 SVD, with
   zero singular values mapped to zero (the partial isometry of a rank-deficient matrix).
@@ -11,7 +11,7 @@ Nothing here imports muonkit: these functions are written from docs/API.md and
 - `update_scale`: the four scale rules.
 - `matrices_of` / `from_matrices`: the matrix views of a parameter ('matrix', 'conv', 'stacked'
   or explicit axes), as copies.
-- `ReferenceMuon`: the Muon update, one matrix at a time, float64, in the EMA form of REFERENCE.md
+- `ReferenceMuon`: the Muon update, one matrix at a time, float64, in the EMA form of docs/references.md
   section 1 (written with explicit arithmetic, not lerp).
 - `assert_same` / `state_is_pristine`: state dicts equal bit for bit; state never advanced.
 """
@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-# Coefficient schedules (a, b, c) and input normalization X / (s ||X||_F + eps), from REFERENCE.md
+# Coefficient schedules (a, b, c) and input normalization X / (s ||X||_F + eps), from docs/references.md
 # section 3 (eps 1e-6 for Polar Express; 1e-7, Keller Jordan's, for the others), applied after
 # dividing X by the power of two at its largest entry (docs/API.md: every finite input gives its
 # polar factor).
@@ -52,7 +52,7 @@ SCHEDULES = {
 
 
 def schedule(method: str, steps: int = 5) -> list[tuple[float, float, float]]:
-    """The (a, b, c) list a method applies for `steps` iterations (REFERENCE.md section 3)."""
+    """The (a, b, c) list a method applies for `steps` iterations (docs/references.md section 3)."""
     coeffs, _, _ = SCHEDULES[method]
     if method == "keller_jordan":
         return [coeffs[0]] * steps
@@ -125,7 +125,7 @@ def spectral_response(G: torch.Tensor, O: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def update_scale(scale: str, rows: int, cols: int, rms: float = 0.2) -> float:
-    """REFERENCE.md section 2."""
+    """docs/references.md section 2."""
     if scale == "naive":
         return 1.0
     if scale == "keller_jordan":
@@ -180,7 +180,7 @@ def default_kind(t: torch.Tensor) -> str:
 
 
 class ReferenceMuon:
-    """Muon, one matrix at a time, everything in float64 (REFERENCE.md section 1).
+    """Muon, one matrix at a time, everything in float64 (docs/references.md section 1).
 
         M <- beta*M + (1-beta)*G
         U <- (1-beta)*G + beta*M   if nesterov else M
@@ -244,7 +244,7 @@ def assert_same(a, b, where="state dict"):
 
 def state_is_pristine(state: dict) -> bool:
     """True if an optimizer state entry was never advanced: absent/empty, or only pre-created
-    zeros (step 0, zero buffers). REFERENCE.md section 5 recommends pre-creating state for every
+    zeros (step 0, zero buffers). docs/references.md section 5 recommends pre-creating state for every
     parameter (for distributed checkpoints), so "no state" is read as "no state advanced"."""
     for value in state.values():
         if torch.is_tensor(value) and torch.count_nonzero(value) != 0:

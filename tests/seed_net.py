@@ -1,6 +1,6 @@
 """The seed notebook's CIFAR-10 network and its Muon recipe, copied as the oracle.
 
-Source: /work/shared/seeds/000_*.txt (Muon notebook after Keller Jordan's reference
+Source: the seed notebook (docs/references.md section 9; a Muon notebook after Keller Jordan's reference
 implementation, with the Moonlight scale). Kept as close to the notebook as possible: the only
 changes are formatting and the docstrings.
 """

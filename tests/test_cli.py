@@ -84,6 +84,7 @@ def check_outputs(out_dir: Path, optimizers: list[str], steps: int) -> dict:
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task, extra", [
     ("charlm", ["--optimizers", "muon,adamw"]),
     ("fashion-mnist", ["--optimizers", "muon,adamw,torch-muon"]),
@@ -104,6 +105,7 @@ def test_every_task_end_to_end(task, extra, tmp_path, capsys, fashion_dir, cifar
         assert "torch.optim.Muon accepts only 2D" in err
 
 
+@pytest.mark.slow
 def test_all_optimizers_and_seeds(tmp_path, capsys):
     out_dir = tmp_path / "out"
     threads = torch.get_num_threads()
@@ -125,6 +127,7 @@ def test_runs_are_reproducible(tmp_path, capsys):
     assert losses[0] == losses[1]
 
 
+@pytest.mark.slow
 def test_epochs_and_lr_sweep(tmp_path, capsys):
     code, out, err = run(["bench", "regression", "--epochs", "2", "--quiet", "--out", str(tmp_path / "e")], capsys)
     assert code == 0, err

@@ -12,6 +12,7 @@ Oracles:
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import struct
@@ -22,6 +23,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import muonkit
 from muonkit.cli import main
 from muonkit.diagnostics import TensorBoardWriter, require_tensorboard, stats_scalars
 from muonkit.tasks import get_task
@@ -187,6 +189,7 @@ def _png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@pytest.mark.slow
 def test_bench_tensorboard_one_directory_per_run(tmp_path, capsys):
     tb, out = tmp_path / "tb", tmp_path / "out"
     argv = ["bench", "regression", "--optimizers", "adamw,sgd", "--steps", "6", "--seeds", "2", "--tensorboard",
@@ -293,3 +296,89 @@ def test_bench_tensorboard_directory_that_cannot_be_made(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"cannot create TensorBoard directory {a_file / 'tb'}" in err and "pass --tensorboard with" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out" / "results.json").exists()
+
+
+# From an adversarial review of the variants, low-precision writes, diagnostics and layouts against
+# docs/API.md; each test failed before its fix.
+
+
+def _callable(X, steps):
+    return muonkit.orthogonalize(X, "polar_express", steps)
+
+
+@pytest.mark.parametrize("orthogonalizer", ["polar_express", "svd", _callable], ids=["fused", "svd", "callable"])
+@pytest.mark.parametrize("variant", ["normuon", "adamuon"])
+def test_second_moment_range_is_recorded_on_every_path(variant, orthogonalizer):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(12, 8))
+    opt = muonkit.Muon([("w", p)], lr=0.01, variant=variant, orthogonalizer=orthogonalizer, diagnostics=True)
+    for _ in range(2):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    v = opt.state[p]["second_moment"]
+    assert opt.last_stats["w"]["second_moment_min"] == v.min().item()
+    assert opt.last_stats["w"]["second_moment_max"] == v.max().item()
+
+
+def test_unnamed_statistics_are_labelled_by_their_place_in_the_group():
+    """"group{g}.param{i}": i is the parameter's index in its group, also when earlier parameters
+    have no gradient this step."""
+    first, second = torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(5, 5))
+    bias = torch.nn.Parameter(torch.randn(3))
+    opt = muonkit.Muon([{"params": [first, second]}, {"params": [bias], "use_muon": False}], diagnostics=True)
+    second.grad = torch.randn_like(second)
+    bias.grad = torch.randn_like(bias)
+    opt.step()
+    assert set(opt.last_stats) == {"group0.param1", "group1.param0"}
+    assert opt.last_stats["group0.param1"]["grad_rms"] == pytest.approx(second.grad.pow(2).mean().sqrt().item())
+
+
+def test_a_skipped_step_leaves_no_statistics_of_an_earlier_step():
+    p = torch.nn.Parameter(torch.randn(6, 4))
+    opt = muonkit.Muon([("w", p)], diagnostics=True, nonfinite="skip")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert "w" in opt.last_stats
+    p.grad = torch.full_like(p, float("nan"))
+    opt.step()
+    assert opt.skipped_steps == 1
+    assert opt.last_stats == {}
+
+
+def test_a_failed_step_does_not_count_towards_orthogonality_every():
+    def failing(X, steps):
+        raise RuntimeError("boom")
+
+    p = torch.nn.Parameter(torch.randn(6, 4))
+    opt = muonkit.Muon([("w", p)], diagnostics=True, orthogonality_every=2)
+    copy_of = copy.deepcopy(opt)
+    q = copy_of.param_groups[0]["params"][0]
+    p.grad = torch.randn_like(p)
+    q.grad = p.grad.clone()
+    opt.param_groups[0]["orthogonalizer"] = failing
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step()
+    opt.param_groups[0]["orthogonalizer"] = "polar_express"
+    for _ in range(2):
+        opt.step()
+        copy_of.step()
+        assert opt.last_stats == copy_of.last_stats
+
+
+def test_statistics_of_an_empty_fsdp_shard_are_recorded_without_a_second_moment_range():
+    """With FSDP2 a rank may hold an empty slice of a parameter (3 rows on 4 ranks): the held step's
+    apply records its statistics without min/max of an empty second moment (which raises)."""
+    from muonkit import functional
+    from muonkit.layout import resolve
+
+    local = torch.empty(0, 6)
+    v = torch.empty(0, 1)
+    stats = [{}]
+    pending = functional.muon(
+        [local], [torch.empty(0, 6)], [torch.empty(0, 6)], [resolve(None, 2)], lr=0.1, momentum=0.9, nesterov=True,
+        weight_decay=0.1, scale="moonlight", rms=0.2, orthogonalizer="polar_express", ns_steps=5, ns_dtype=None,
+        variant="normuon", second_moments=[v], update_many=lambda us, vs, layouts: ([torch.empty(0, 6)], [torch.empty(0, 1)]),
+        shapes=[torch.Size((3, 6))], stats=stats, hold=True,
+    )
+    pending.apply_()
+    assert set(stats[0]) == {"grad_rms", "momentum_rms", "update_rms"}

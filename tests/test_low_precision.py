@@ -95,6 +95,7 @@ def train(dtype, *, state_dtype=None, stochastic_rounding=False, steps=150, lr=3
     return [p.detach().double() for p in model.parameters()], opt
 
 
+@pytest.mark.slow
 def test_float32_state_and_stochastic_rounding_follow_the_float32_run():
     """At a small lr most bf16 updates are below half an ulp: round-to-nearest in bf16 arithmetic
     loses them, float32 state plus stochastic rounding keeps their average."""

@@ -11,10 +11,13 @@ import math
 
 import pytest
 import torch
+from torch import nn
+
 from hypothesis import given
 from hypothesis import strategies as st
 
 import muonkit
+from muonkit.layout import resolve, to_matrices
 from reference import (
     ReferenceMuon,
     matrices_of,
@@ -138,7 +141,7 @@ def test_polar_express_within_band_of_reference(scale, nesterov, kind):
 
     With the same momentum on both sides, each step's update differs by lr*scale*(O_pe - O) and
     ||O_pe - O||_2 = max_i |p(x_i) - 1| <= delta = 0.154 whenever every normalized singular value
-    x_i of the Nesterov/momentum matrix is >= 1e-3 (its band, REFERENCE.md section 3; asserted
+    x_i of the Nesterov/momentum matrix is >= 1e-3 (its band, docs/references.md section 3; asserted
     below). Decay only shrinks old differences, so per matrix
     ||W_muonkit - W_ref||_2 <= sum_t lr*scale*delta, plus FP32_SLACK-sized round-off per step.
     """
@@ -310,7 +313,7 @@ def test_default_layout_of_3d_is_stacked():
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("rows,cols", [(4, 16), (16, 4), (9, 9), (1, 5), (3, 1)])
 def test_update_scale_function(scale, rows, cols):
-    """muonkit.update_scale(scale, rows, cols, rms) equals REFERENCE.md section 2 (1e-12: float
+    """muonkit.update_scale(scale, rows, cols, rms) equals docs/references.md section 2 (1e-12: float
     round-off of a square root)."""
     want = update_scale(scale, rows, cols, 0.2)
     assert math.isclose(muonkit.update_scale(scale, rows, cols, 0.2), want, rel_tol=1e-12)
@@ -401,3 +404,140 @@ def test_property_svd_muon_matches_reference(shape, scale, nesterov, momentum, w
                 weight_decay=weight_decay, scale=scale, orthogonalizer="svd",
                 ns_dtype=torch.float64)
     assert (p - ref.params[0]).abs().max().item() <= 1e-10
+
+
+# From an adversarial review of the variants, low-precision writes, diagnostics and layouts against
+# docs/API.md; each test failed before its fix.
+
+
+def _three_groups(muon_options, adamw_options):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(8, 6))]
+    opt = muonkit.Muon([{"params": [params[0]], "use_muon": False, "cautious_weight_decay": True, **adamw_options},
+                        {"params": [params[1]], **muon_options},
+                        {"params": [params[2]], "orthogonalizer": "svd", "variant": "normuon", **muon_options}], lr=0.02)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return params
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)], ids=["0d", "1", "1x1"])
+@pytest.mark.parametrize("key, value", [("momentum", 0.9), ("weight_decay", 0.3), ("rms", 0.3), ("beta2", 0.9),
+                                        ("variant_eps", 1e-8), ("adamw weight_decay", 0.3)])
+def test_one_element_tensor_hyperparameters_step_as_their_value(key, value, shape):
+    """The checks accept any one-element tensor as a number; the step must use its value (a [1]
+    momentum crashed in torch._foreach_lerp_ after earlier groups had moved)."""
+    muon_key = key.removeprefix("adamw ")
+    as_tensor = torch.tensor(value, dtype=torch.float64).reshape(shape)
+    muon, adamw = ({}, {muon_key: as_tensor}) if key.startswith("adamw") else ({muon_key: as_tensor}, {})
+    got = _three_groups(muon, adamw)
+    muon, adamw = ({}, {muon_key: value}) if key.startswith("adamw") else ({muon_key: value}, {})
+    expected = _three_groups(muon, adamw)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+# Defects found in other Muon implementations (the peers of docs/references.md section 10); each
+# test names the peer and the defect it guards against, so that muonkit never has it.
+
+
+def _polar64(X: torch.Tensor) -> torch.Tensor:
+    U, _, Vh = torch.linalg.svd(X.double(), full_matrices=False)
+    return U @ Vh
+
+
+def _one_step_update(p: torch.Tensor, g: torch.Tensor, **options) -> torch.Tensor:
+    """The change muonkit makes to p in one step with lr=1, no decay, no momentum."""
+    p = p.clone().requires_grad_()
+    p.grad = g.clone()
+    opt = muonkit.Muon([p], lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.0,
+                       orthogonalizer="svd", **options)
+    before = p.detach().clone()
+    opt.step()
+    return p.detach() - before
+
+
+def test_conv_scale_uses_flattened_matrix_shape():
+    # torch.optim.Muon's _adjust_lr reads shape[:2] = (out, in) of a conv filter; the matrix that
+    # is orthogonalized is out x (in*kh*kw), and the scale must come from that shape.
+    g = torch.randn(8, 4, 3, 3, dtype=torch.float64)
+    delta = _one_step_update(torch.zeros_like(g), g, scale="keller_jordan")
+    rows, cols = 8, 4 * 9
+    expected = -math.sqrt(max(1, rows / cols)) * _polar64(g.reshape(rows, cols)).reshape(g.shape)
+    torch.testing.assert_close(delta, expected, rtol=1e-9, atol=1e-12)
+    # With torch's reading (8 x 4) the scale would be sqrt(2); it must be 1 here.
+    assert math.sqrt(max(1, rows / cols)) == 1.0
+
+
+def test_momentum_buffer_not_normalized_in_place_without_nesterov():
+    # torch 2.13's Muon normalizes its bf16 momentum buffer in place when nesterov=False.
+    p = torch.zeros(16, 32, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(16, 32).to(torch.bfloat16) * 10
+    p.grad = g.clone()
+    opt = muonkit.Muon([p], lr=0.1, momentum=0.9, nesterov=False, ns_dtype=torch.bfloat16)
+    opt.step()
+    expected = torch.zeros_like(g).lerp_(g, 0.1)
+    assert torch.equal(opt.state[p]["momentum_buffer"], expected)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_grad_never_modified(nesterov):
+    # The seed notebook's muon_update does grad.lerp_(momentum, beta): it overwrites p.grad.
+    p = torch.randn(12, 20, requires_grad=True)
+    g = torch.randn(12, 20)
+    p.grad = g.clone()
+    opt = muonkit.Muon([p], nesterov=nesterov)
+    opt.step()
+    opt.step()
+    assert torch.equal(p.grad, g)
+
+
+def test_param_without_grad_is_not_decayed_or_moved():
+    # The seed notebook replaces a missing grad with zeros, so unused weights still decay.
+    used = torch.randn(8, 8, requires_grad=True)
+    unused = torch.randn(8, 8, requires_grad=True)
+    before = unused.detach().clone()
+    used.grad = torch.randn(8, 8)
+    opt = muonkit.Muon([used, unused], weight_decay=0.5, lr=0.1)
+    opt.step()
+    assert torch.equal(unused.detach(), before)
+    assert torch.count_nonzero(opt.state[unused]["momentum_buffer"]) == 0
+
+
+def test_stacked_experts_are_orthogonalized_one_by_one():
+    # peer 001 flattens any 3D tensor to (dim0, rest), mixing experts into one matrix, and
+    # normalizes by the norm of the whole stack.
+    g = torch.randn(4, 6, 10, dtype=torch.float64)
+    g[0] *= 100.0  # one loud expert must not drown the others
+    delta = _one_step_update(torch.zeros_like(g), g, scale="naive")
+    for e in range(4):
+        torch.testing.assert_close(delta[e], -_polar64(g[e]), rtol=1e-9, atol=1e-12)
+
+
+def test_stacked_experts_scale_from_each_matrix():
+    g = torch.randn(3, 6, 10, dtype=torch.float64)
+    delta = _one_step_update(torch.zeros_like(g), g, scale="moonlight", rms=0.2)
+    expected = -0.2 * math.sqrt(10) * torch.stack([_polar64(m) for m in g])
+    torch.testing.assert_close(delta, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_layout_is_declared_not_guessed_from_shape():
+    # Keras discussion (peer 002): "keller_jordan" and "mup" depend on which side is fan_out, so
+    # a tensor stored (in, out) must be declared; muonkit never swaps sides on its own.
+    w_in_out = torch.randn(10, 40, dtype=torch.float64)  # stored (in=10, out=40)
+    transposed = muonkit.Layout(rows=(1,), cols=(0,))
+    delta = _one_step_update(torch.zeros_like(w_in_out), w_in_out, scale="mup", layout=transposed)
+    expected = -math.sqrt(40 / 10) * _polar64(w_in_out)
+    torch.testing.assert_close(delta, expected, rtol=1e-9, atol=1e-12)
+    view = to_matrices(w_in_out, resolve(transposed, 2))
+    assert view.shape == (1, 40, 10)
+
+
+def test_conv1d_filter_is_one_matrix_when_declared_conv():
+    # A Conv1d filter (out, in, k) is 3D; read as "stacked" it would be `out` matrices of in x k.
+    conv = nn.Conv1d(6, 8, 3)
+    groups = muonkit.param_groups(nn.Sequential(nn.Linear(4, 6), conv, nn.Linear(8, 2)))
+    conv_group = next(g for g in groups if g["use_muon"] and conv.weight in g["params"])
+    assert conv_group["layout"] == "conv"

@@ -2,7 +2,7 @@
 
 Contract (docs/API.md): batched over leading dims, same shape and dtype out as in, never modifies
 its input, zero in -> zero out, steps=None means 5. Each Newton-Schulz schedule must map the
-normalized singular values sigma/||X||_F of its band to the image REFERENCE.md section 3 gives;
+normalized singular values sigma/||X||_F of its band to the image docs/references.md section 3 gives;
 "svd" is the exact polar factor; "gram" is algebraically the same iteration as polar_express.
 """
 
@@ -30,7 +30,7 @@ NS_METHODS = ["keller_jordan", "polar_express", "you"]
 ALL_METHODS = ["polar_express", "keller_jordan", "you", "gram", "svd"]
 
 # Band of each schedule: (lowest normalized input sigma/||X||_F the band is stated for,
-# the image of [lo, 1] stated in REFERENCE.md section 3).
+# the image of [lo, 1] stated in docs/references.md section 3).
 BAND_INPUT_LO = {"keller_jordan": 1e-3, "polar_express": 1e-3, "you": 1e-2, "gram": 1e-3}
 STATED_BANDS = {
     "keller_jordan": (0.47, 1.21),
@@ -41,7 +41,7 @@ STATED_BANDS = {
 # fp32 round-off (eps 6e-8, matrices <= 16 wide, so ~1e-6 per step) amplified through 5 steps by
 # at most the product of the leading coefficients (~1.2e3 for polar_express): <= 2e-3.
 FP32_SLACK = 2e-3
-# Reading the stated bands off REFERENCE.md to 2-3 digits.
+# Reading the stated bands off docs/references.md to 2-3 digits.
 STATED_SLACK = 5e-3
 
 SHAPES = [(1, 8), (8, 1), (6, 6), (4, 16), (16, 4), (3, 2, 5, 9)]
@@ -80,7 +80,7 @@ def global_sup(method):
 
 
 def test_band_oracle_matches_reference_md():
-    """The bands computed from the coefficients agree with the numbers REFERENCE.md states."""
+    """The bands computed from the coefficients agree with the numbers docs/references.md states."""
     for method, (lo, hi) in STATED_BANDS.items():
         got_lo, got_hi = scalar_image(method, BAND_INPUT_LO[method])
         assert abs(got_lo - lo) < 0.01 and abs(got_hi - hi) < 0.01, (method, got_lo, got_hi)
@@ -218,7 +218,7 @@ def test_gram_equals_polar_express_in_float64():
 @pytest.mark.parametrize("conditioning", ["random", "lowrank_noise"])
 @pytest.mark.parametrize("shape", [(4, 16), (16, 4), (6, 6), (8, 24), (2, 3, 5, 12)], ids=str)
 def test_gram_equals_polar_express_in_float32(shape, conditioning):
-    """In fp32 they differ only by round-off: REFERENCE.md measured ~1e-5; both are within
+    """In fp32 they differ only by round-off: docs/references.md measured ~1e-5; both are within
     FP32_SLACK of the exact image, so 2 * FP32_SLACK bounds the difference."""
     G = make_matrix(shape, conditioning, seed=8)
     a = muonkit.orthogonalize(G, "gram")
@@ -378,7 +378,7 @@ def test_svd_with_bfloat16_compute_dtype():
 
 @pytest.mark.parametrize("method,eps", [("polar_express", 1e-6), ("keller_jordan", 1e-7), ("you", 1e-7)])
 def test_normalization_eps_is_the_schedules_own(method, eps):
-    """Y / (||Y||_F * s + eps) for Y = X / 2^floor(log2 max|x|), with REFERENCE.md section 3's eps
+    """Y / (||Y||_F * s + eps) for Y = X / 2^floor(log2 max|x|), with docs/references.md section 3's eps
     per schedule (Polar Express 1e-6): a float64 iteration written here with that eps is the
     oracle to 1e-12, and the other schedules' eps would miss it by more than 1e-9 (so the eps is
     seen)."""

@@ -50,6 +50,7 @@ def built(tmp_path_factory) -> tuple[Path, Path, set[str]]:
     return next(out.glob("*.tar.gz")), next(out.glob("*.whl")), expected
 
 
+@pytest.mark.slow
 def test_sdist_holds_the_tests_and_what_they_read(built):
     sdist, _, expected = built
     with tarfile.open(sdist) as tar:
@@ -61,6 +62,7 @@ def test_sdist_holds_the_tests_and_what_they_read(built):
     assert "License-Expression: MIT" in pkg_info and "License-File: LICENSE" in pkg_info
 
 
+@pytest.mark.slow
 def test_wheel_ships_py_typed_and_the_license(built):
     _, wheel, _ = built
     with zipfile.ZipFile(wheel) as whl:
@@ -70,3 +72,53 @@ def test_wheel_ships_py_typed_and_the_license(built):
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "License-Expression: MIT" in metadata
     assert not any(n.startswith("tests/") for n in names)
+
+
+# Run with numpy, matplotlib and tqdm made unimportable (a None entry in sys.modules raises ImportError),
+# as in an environment that installed muonkit without the `bench` extra.
+WITHOUT_BENCH = "import sys\nfor m in ('numpy', 'matplotlib', 'tqdm'):\n    sys.modules[m] = None\n"
+
+
+def run_without_bench(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WITHOUT_BENCH + code], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_the_library_imports_and_steps_with_torch_alone():
+    code = (
+        "import torch, muonkit\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))\n"
+        "for variant in ('muon', 'normuon', 'adamuon'):\n"
+        "    opt = muonkit.Muon(muonkit.param_groups(model), variant=variant, orthogonalizer='svd')\n"
+        "    model(torch.randn(3, 8)).sum().backward(); opt.step(); opt.zero_grad()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'matplotlib', 'tqdm')\n"
+        "             and sys.modules[m] is not None))\n"
+    )
+    result = run_without_bench(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.slow
+def test_the_command_line_without_the_bench_extra_says_what_to_install():
+    result = run_without_bench("from muonkit.cli import main\nraise SystemExit(main(['bench']))")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("muonkit")]
+    assert len(lines) == 1 and "pip install 'muonkit[bench]'" in lines[0], result.stderr
+
+
+def test_citations_name_sections_of_docs_references_and_no_path_outside_the_repository():
+    """Code, tests, benchmarks and docs cite docs/references.md by section, and every cited section
+    exists; none names an absolute path (a file outside the repository a reader cannot open)."""
+    import re
+
+    sections = {int(n) for n in re.findall(r"^## (\d+)\.", (ROOT / "docs" / "references.md").read_text(), re.M)}
+    cited, outside = set(), []
+    files = [p for top in ("src", "tests", "benchmarks", "docs", "examples") for p in (ROOT / top).rglob("*")
+             if p.suffix in (".py", ".md") and p.is_file()] + [ROOT / "README.md"]
+    for path in files:
+        text = path.read_text()
+        cited |= {int(n) for n in re.findall(r"docs/references\.md,? sections? (\d+)", text)}
+        outside += [f"{path.relative_to(ROOT)}: {m}" for m in re.findall(r"(?<![\w.])/(?:work|home|shared)/\S*", text)]
+    assert cited and cited <= sections, sorted(cited - sections)
+    assert not outside, outside

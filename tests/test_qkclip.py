@@ -482,6 +482,7 @@ def two_ranks(tmp_path_factory):
     return results
 
 
+@pytest.mark.slow
 def test_distributed_maxima_are_all_reduced_so_every_rank_rescales_alike(two_ranks):
     """Each rank observes part of the maxima; both end with the single-process result of observing all."""
     want = worker.qkclip_reference()
@@ -492,6 +493,7 @@ def test_distributed_maxima_are_all_reduced_so_every_rank_rescales_alike(two_ran
             assert torch.equal(got["weights"][name], want["weights"][name]), name
 
 
+@pytest.mark.slow
 def test_fsdp2_sharded_weights_rescale_their_local_rows(two_ranks):
     """Shard(0) over 2 ranks splits head 1's rows (15 rows: 8 + 7); the gathered weights equal the
     single-process clip bit for bit, and the next FSDP2 forward pass uses them."""

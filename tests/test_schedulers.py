@@ -91,3 +91,20 @@ def test_zero_lr_freezes_both_groups():
         opt.step()
         sched.step()
     assert torch.equal(W, W0) and torch.equal(b, b0)
+
+
+# Defects found in other Muon implementations (the peers of docs/references.md section 10); each
+# test names the peer and the defect it guards against, so that muonkit never has it.
+
+
+def test_lr_ratio_kept_under_a_scheduler():
+    # peer 004 (Optimisers.jl): adjusting the lr must keep the Muon/AdamW ratio.
+    w = torch.randn(8, 8, requires_grad=True)
+    b = torch.randn(8, requires_grad=True)
+    opt = muonkit.Muon([{"params": [w]}, {"params": [b], "use_muon": False}], lr=0.02, adamw_lr=0.002)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    for _ in range(4):
+        w.grad, b.grad = torch.randn(8, 8), torch.randn(8)
+        opt.step()
+        sched.step()
+        assert opt.param_groups[0]["lr"] / opt.param_groups[1]["lr"] == pytest.approx(10.0)

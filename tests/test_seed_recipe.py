@@ -1,6 +1,6 @@
 """The seed notebook's recipe, reproduced with one muonkit.Muon and one OneCycleLR.
 
-Oracle (tests/seed_net.py, copied from /work/shared/seeds/000_*.txt): the notebook's Muon class
+Oracle (tests/seed_net.py, the seed notebook of docs/references.md section 9): the notebook's Muon class
 (bf16 Keller Jordan Newton-Schulz, Moonlight scale 0.2*sqrt(max(rows, cols))) on the 4D conv
 weights except the stem, torch.optim.AdamW on everything else, each with its own OneCycleLR.
 muonkit: a single Muon(..., orthogonalizer="keller_jordan", scale="moonlight",

@@ -215,6 +215,7 @@ def test_divergence_ends_the_run():
     assert run.diverged and len(run.loss) < 50 and math.isnan(run.evals[-1][2])
 
 
+@pytest.mark.slow
 def test_modular_stops_at_target(monkeypatch):
     task = get_task("modular")
     monkeypatch.setattr(type(task), "target", 0.0)

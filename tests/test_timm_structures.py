@@ -281,3 +281,26 @@ def test_disagreement_with_timm_is_the_stem_the_head_and_depthwise_filters(built
     assert timm[STEMS[name]] == timm[HEADS[name]] == "muon"
     assert all(timm[n] == "adamw" and ours[n] == "muon" for n in depthwise)
     assert {d.name for d in decisions if d.no_decay} == timm_no_decay(model)
+
+
+# Defects found in other Muon implementations (the peers of docs/references.md section 10); each
+# test names the peer and the defect it guards against, so that muonkit never has it.
+
+
+def test_routing_does_not_use_name_substrings():
+    # peer 001 routes by "embed" in the name: a Linear named "embedder_proj" went to AdamW and an
+    # nn.Embedding named "tokens" went to Muon.
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tokens = nn.Embedding(100, 32)
+            self.embedder_proj = nn.Linear(32, 32)
+            self.out = nn.Linear(32, 100)
+
+        def forward(self, x):
+            return self.out(self.embedder_proj(self.tokens(x)))
+
+    route = {d.name: d.optimizer for d in muonkit.route(Model())}
+    assert route["tokens.weight"] == "adamw"
+    assert route["embedder_proj.weight"] == "muon"
+    assert route["out.weight"] == "adamw"

@@ -83,7 +83,7 @@ def test_matches_torch_muon_bf16_vs_bf16(shape, adjust, nesterov):
 
 
 def test_torch_muon_nesterov_false_buffer_not_modified_by_us():
-    """REFERENCE.md: torch normalizes a bf16 momentum buffer in place when nesterov=False. muonkit
+    """docs/references.md section 3: torch normalizes a bf16 momentum buffer in place when nesterov=False. muonkit
     must not: after a step with a bf16 parameter the buffer is the plain EMA (1-beta)*G."""
     W = torch.randn(6, 10).bfloat16()
     G = torch.randn(6, 10).bfloat16()

@@ -1,5 +1,5 @@
 """NorMuon, AdaMuon, cautious weight decay and per-head (blocked) matrices against float64 references
-written here from their definitions (issue 10; REFERENCE.md section 6), not from muonkit's code.
+written here from their definitions (issue 10; docs/references.md section 6), not from muonkit's code.
 
 With float64 parameters and the exact SVD orthogonalizer, muonkit and the reference differ only by
 round-off, so they must agree to 1e-10. The gradients are a fixed sequence (open loop), scaled over
@@ -300,3 +300,90 @@ def test_per_head_layout_orthogonalizes_each_head_on_its_own():
         assert torch.allclose(-p.detach()[block], polar_factor(g[block]), atol=1e-12)
     whole = polar_factor(g)
     assert (-p.detach() - whole).abs().max().item() > 0.1
+
+
+# From an adversarial review of the variants, low-precision writes, diagnostics and layouts against
+# docs/API.md; each test failed before its fix.
+
+
+@pytest.mark.parametrize("dtype, eps", [(torch.float16, 1e-10), (torch.float32, 0.0)], ids=["float16", "eps0"])
+@pytest.mark.parametrize("orthogonalizer", ["polar_express", "svd"])
+@pytest.mark.parametrize("variant", ["normuon", "adamuon"])
+def test_variants_keep_a_zero_gradient_row_finite(variant, orthogonalizer, dtype, eps):
+    """A row with zero gradient has O = 0 there and v = 0; H = 0 / (0 + eps) must be 0 even when
+    eps is 0 or below float16's smallest number (1e-10): the row only decays, the others move."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 16).to(dtype))
+    before = p.detach().clone()
+    opt = muonkit.Muon([p], lr=0.01, weight_decay=0.1, variant=variant, orthogonalizer=orthogonalizer,
+                       stochastic_rounding=False, variant_eps=eps)
+    g = torch.randn(8, 16).to(dtype)
+    g[0] = 0
+    p.grad = g
+    opt.step()
+    assert p.isfinite().all()
+    assert torch.equal(p.detach()[0], before[0] * (1 - 0.01 * 0.1))
+    assert (p.detach()[1:] != before[1:] * (1 - 0.01 * 0.1)).any()
+
+
+def _fresh_twin(opt, p, variant):
+    """A new optimizer of `variant` over a copy of p, holding the same momentum as opt."""
+    q = torch.nn.Parameter(p.detach().clone())
+    twin = muonkit.Muon([q], lr=0.02, variant=variant, orthogonalizer="svd")
+    twin.state[q]["momentum_buffer"].copy_(opt.state[p]["momentum_buffer"])
+    return q, twin
+
+
+@pytest.mark.parametrize("path", [["normuon", "adamuon"], ["adamuon", "normuon"], ["normuon", "muon", "normuon"]],
+                         ids="->".join)
+def test_a_changed_variant_starts_its_second_moment_from_zero(path):
+    """docs/API.md: a group whose variant is changed later gets its second_moment (zeros) at the next
+    step; the step then equals a fresh optimizer of that variant with the same momentum."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 6, dtype=torch.float64))
+    opt = muonkit.Muon([p], lr=0.02, variant=path[0], orthogonalizer="svd")
+    for variant in path[1:]:
+        for _ in range(2):
+            p.grad = torch.randn_like(p)
+            opt.step()
+        opt.param_groups[0]["variant"] = variant
+    q, twin = _fresh_twin(opt, p, path[-1])
+    p.grad = torch.randn_like(p)
+    q.grad = p.grad.clone()
+    opt.step()
+    twin.step()
+    assert torch.equal(p, q)
+    assert torch.equal(opt.state[p]["second_moment"], twin.state[q]["second_moment"])
+
+
+def test_a_state_dict_saved_after_switching_to_plain_muon_loads_back():
+    p, idle = torch.nn.Parameter(torch.randn(8, 6)), torch.nn.Parameter(torch.randn(4, 4))
+    opt = muonkit.Muon([p, idle], variant="normuon")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    opt.param_groups[0]["variant"] = "muon"
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    assert all("second_moment" not in state for state in saved["state"].values())
+    opt.load_state_dict(saved)
+    opt.step()
+
+
+def test_a_state_dict_saved_right_after_a_variant_switch_loads_and_continues_alike():
+    """Saved between the switch and the next step: the loaded optimizer starts the new variant's
+    second moment from zero, as the original does at that step."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 6))
+    opt = muonkit.Muon([p], variant="normuon")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    opt.param_groups[0]["variant"] = "adamuon"
+    saved = copy.deepcopy(opt.state_dict())
+    q = torch.nn.Parameter(p.detach().clone())
+    loaded = muonkit.Muon([q], variant="normuon")
+    loaded.load_state_dict(saved)
+    q.grad = p.grad.clone()
+    opt.step()
+    loaded.step()
+    assert torch.equal(p, q)
+    assert torch.equal(opt.state[p]["second_moment"], loaded.state[q]["second_moment"])

@@ -7,7 +7,9 @@
     muonkit explain TASK [--data-dir DIR] [--text FILE] [--hf-config NAME_OR_PATH] [--per-head]
     muonkit ns [--size ROWSxCOLS] [--seed S] [--repeats N] [--out DIR]
 
-Bad input prints one line naming the problem and the fix to stderr and returns 2.
+Bad input prints one line naming the problem and the fix to stderr and returns 2. The commands need
+the `bench` extra (numpy, matplotlib, tqdm), which the library itself never imports: without it,
+every command prints one line saying what to install and returns 2.
 """
 
 from __future__ import annotations
@@ -23,9 +25,18 @@ from pathlib import Path
 import torch
 
 import muonkit
-from muonkit.tasks import TASKS, DataOptions, Task, TaskError, get_task
-from muonkit.tasks.charlm import per_head_routing
-from muonkit.tasks.optimizers import OPTIMIZERS, base_name, lr_for
+
+# The modules of the `bench` extra, which the tasks import.
+BENCH_MODULES = ("numpy", "matplotlib", "tqdm")
+_missing: str | None = None
+try:
+    from muonkit.tasks import TASKS, DataOptions, Task, TaskError, get_task
+    from muonkit.tasks.charlm import per_head_routing
+    from muonkit.tasks.optimizers import OPTIMIZERS, base_name, lr_for
+except ImportError as err:
+    if err.name not in BENCH_MODULES:
+        raise
+    _missing = err.name
 
 DATA_DIR_TASKS = ("fashion-mnist", "cifar10")
 TEXT_TASKS = ("charlm", "hf-lm")
@@ -342,6 +353,10 @@ def _ns(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for bad input, with a one-line message)."""
+    if _missing is not None:
+        print(f"muonkit: error: the command line needs {', '.join(BENCH_MODULES)} ({_missing} is missing); "
+              "install them with: pip install 'muonkit[bench]'", file=sys.stderr)
+        return 2
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -35,9 +35,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .functional import UpdateMany, Variant, local_update_many
+from .dtensor import is_dtensor, is_sharded
+from .functional import UpdateMany, local_update_many
 from .layout import Layout, matrix_shape
 from .orthogonalize import Orthogonalizer
+from .variants import Variant
 
 SUPPORTED = (
     "muonkit supports plain (replicated) tensors and DTensors on a 1D device mesh with placement "
@@ -47,7 +49,7 @@ SUPPORTED = (
 
 def newton_schulz_flops(batch: int, rows: int, cols: int) -> float:
     """FLOPs of one quintic Newton-Schulz step on `batch` rows x cols matrices: batch (4 m^2 n + 2 m^3)
-    with m = min(rows, cols), n = max(rows, cols) (REFERENCE.md section 3, leading order)."""
+    with m = min(rows, cols), n = max(rows, cols) (docs/references.md section 3, leading order)."""
     m, n = min(rows, cols), max(rows, cols)
     return float(batch) * (4.0 * m * m * n + 2.0 * m**3)
 
@@ -85,17 +87,6 @@ def shard_sizes(length: int, world_size: int) -> list[int]:
     slices, then the remainder, then empty ones). 33 rows on 2 ranks: [17, 16]; 3 on 4: [1, 1, 1, 0]."""
     chunk = -(-length // world_size) if length else 0
     return [max(0, min(chunk, length - r * chunk)) for r in range(world_size)]
-
-
-def _dtensor_type() -> type | None:
-    import torch.distributed.tensor as dtensor
-
-    return dtensor.DTensor
-
-
-def _is_sharded(t: Tensor) -> bool:
-    """Whether `t` is a DTensor sharded along dim 0 (not a replicated one)."""
-    return isinstance(t, _dtensor_type()) and t.placements[0].is_shard()
 
 
 @dataclass(frozen=True)
@@ -160,7 +151,7 @@ class DistributedOrthogonalizer:
 
     def check_param(self, p: Tensor, where: str) -> None:
         """Raise ValueError if `p` is a DTensor this class cannot orthogonalize; `where` names it."""
-        if not isinstance(p, _dtensor_type()):
+        if not is_dtensor(p):
             return
         mesh, placements = p.device_mesh, tuple(p.placements)
         if mesh.ndim != 1:
@@ -187,7 +178,7 @@ class DistributedOrthogonalizer:
         steps: int,
         dtype: torch.dtype | None,
         params: Sequence[Tensor],
-        variant: Variant = "muon",
+        variant: Variant | str,
         beta2: float = 0.95,
         eps: float = 1e-10,
         second_moments: Sequence[Tensor | None] | None = None,
@@ -195,7 +186,7 @@ class DistributedOrthogonalizer:
         """The `update_many` of one step's Muon group, split across the ranks.
 
         Each tensor's owner runs `functional.local_update_many` (orthogonalize the matrix views,
-        then NorMuon / AdaMuon normalization with the second moment) on the full tensor, exactly
+        then the variant's transform with the second moment) on the full tensor, exactly
         as a single process would; the second moments travel to the owner and back with it.
 
         Args:
@@ -226,7 +217,7 @@ class DistributedOrthogonalizer:
 
     def _entry(self, local: Tensor, full: Tensor | None, layout: Layout) -> _Entry:
         """`local` is this rank's part of `full` (a Shard(0) DTensor) or all of it."""
-        if full is not None and _is_sharded(full):
+        if full is not None and is_sharded(full):
             slices = tuple(shard_sizes(full.shape[0], self.world_size))
             if tuple(local.shape) != (slices[self.rank], *full.shape[1:]):
                 raise RuntimeError(
@@ -488,7 +479,7 @@ def _check_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
             holder = _parent(state, path)
         except KeyError:
             continue
-        if isinstance(holder.get(last), _dtensor_type()):
+        if is_dtensor(holder.get(last)):
             continue
         if key in saved:
             holder[last] = torch.empty(saved[key], dtype=tensors[key].properties.dtype)

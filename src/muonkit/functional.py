@@ -1,28 +1,23 @@
 """One optimizer step over lists of tensors: the Muon math and the AdamW math.
 
-The optimizer class gathers tensors and state and calls these. A Muon step has two halves:
-
-- directions: momentum lookahead U, O = orthogonalize(U), and for the NorMuon / AdaMuon variants the
-  normalized H with its new second moment. Nothing the caller owns is modified.
-- apply: the momentum and second-moment buffers take their new values, weight decay (plain or
-  cautious) and W <- W - lr * scale * H. Only arithmetic on checked tensors: it cannot fail.
-
-`muon` runs both. With a built-in Newton-Schulz orthogonalizer and no `update_many` it fuses them one
-stack of same-shaped matrices at a time (U written straight into the kernel's work buffer, each
-stack applied as soon as it is orthogonalized), which holds the fewest temporaries; the kernels
-cannot fail on checked input, so nothing is lost. Callers that must not change anything until every
-group's directions exist (a user's orthogonalizer or the SVD can raise; collectives can fail) call
-`muon_directions` first and `apply_muon_` later. Batching and distribution plug in through
-`update_many`, the one seam where matrices become their updates.
+The optimizer class gathers tensors and state and calls these. Every Muon step, in every mode,
+runs one per-stack driver (`_stack_updates`): same-shaped matrices are stacked, the momentum
+update U is written straight into the stack, orthogonalized, and transformed by the group's
+variant (muonkit.variants). `muon` then either applies each stack at once (the fast path: the
+fewest temporaries) or holds the results in a `Pending` that the caller applies when every group
+is ready (all or nothing: a user's orthogonalizer or the SVD can raise, collectives can fail).
+Applying is only arithmetic on checked tensors, and both modes apply through the same
+`_apply_moments_` and `_apply_params_`.
+Distribution plugs in through `update_many`, the one seam where matrices become their updates.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,11 +25,18 @@ from torch.optim.adam import adam as _torch_adam
 from torch.optim.optimizer import _get_capturable_supported_devices
 
 from .layout import Layout, from_matrices, matrix_shape, to_matrices
-from .orthogonalize import SCHEDULES, Orthogonalizer, empty_work, orthogonalize, orthogonalize_, svd_polar, working_dtype
+from .orthogonalize import (
+    SCHEDULES,
+    NsDtype,
+    Orthogonalizer,
+    empty_work,
+    orthogonalize,
+    orthogonalize_,
+    svd_polar,
+    working_dtype,
+)
 from .scaling import Scale, update_scale
-
-Variant = Literal["muon", "normuon", "adamuon"]
-VARIANTS: tuple[str, ...] = ("muon", "normuon", "adamuon")
+from .variants import VARIANTS, Variant
 
 # (momentum updates U, their second moments or None, their layouts) -> (updates H, new second
 # moments or None), each tensor in its parameter's (or state's) own shape: the seam distributed
@@ -129,127 +131,119 @@ def batched_orthogonalize(
 
     Every operation of the kernels acts on each matrix on its own, so the result equals calling
     `orthogonalize` on each one bit for bit (tests/test_speed_contracts.py); stacking only removes
-    per-matrix overhead. A callable without `batched = True` is called on each 2D matrix.
+    per-matrix overhead. A callable without `batched = True` is called on each 2D matrix. This is
+    the step driver (`_stack_updates`) with plain Muon's identity transform.
     """
-    out: list[Tensor | None] = [None] * len(matrices)
-    if not _takes_batches(method):
-        for i, m in enumerate(matrices):
-            out[i] = torch.stack([orthogonalize(x, method, steps, dtype=dtype) for x in m]) if len(m) else m.clone()
-        return out  # type: ignore[return-value]
-    keys = [(m.shape[-2:], m.dtype, working_dtype(m, dtype), m.device) for m in matrices]
-    if not runs_in_place(method):
-        for run in _stacks(keys, [0] * len(matrices), [0] * len(matrices)):
-            members = [matrices[i] for i in run]
-            stacked = members[0] if len(members) == 1 else torch.cat(members)
-            result = orthogonalize(stacked, method, steps, dtype=dtype)
-            for i, part in zip(run, result.split([m.size(0) for m in members])):
-                out[i] = part
-        return out  # type: ignore[return-value]
-    numel = [m.numel() for m in matrices]
-    for run in _stacks(keys, numel, [m.size(-2) * m.size(-1) for m in matrices], [m.size(0) for m in matrices]):
-        first = matrices[run[0]]
-        sizes = [matrices[i].size(0) for i in run]
-        X = empty_work(sum(sizes), *first.shape[-2:], dtype=working_dtype(first, dtype), device=first.device)
-        for i, part in zip(run, X.split(sizes)):
-            part.copy_(matrices[i])
-        for i, part in zip(run, orthogonalize_(X, method, steps).split(sizes)):  # type: ignore[arg-type]
-            out[i] = part.to(matrices[i].dtype)
-    return out  # type: ignore[return-value]
+    out: list[Tensor] = [m for m in matrices]
+    for i, result, _ in _stack_updates(
+        matrices, [m.shape for m in matrices], lambda i, part: part.copy_(matrices[i]), [None] * len(matrices),
+        method=method, steps=steps, dtype=dtype, variant=VARIANTS["muon"], beta2=0.0, eps=0.0, keep_inputs=False,
+    ):
+        out[i] = result.update
+    return out
 
 
-# ------------------------------------------------------------------------------------ variants
+# ------------------------------------------------------------------------- the step driver
 
 
-def second_moment_shape(shape: torch.Size | Sequence[int], layout: Layout, variant: Variant) -> tuple[int, ...] | None:
-    """The shape of a parameter's second-moment state for `variant` (None for plain Muon).
+@dataclass
+class _StackResult:
+    """One tensor's share of an orthogonalized stack, as (batch, rows, cols) matrices."""
 
-    NorMuon keeps one value per row of each matrix: the parameter's shape with every column axis
-    cut to its block count (1 when not cut), so the state reads through the same layout as a
-    (batch, rows, 1) view and shards along dim 0 as the parameter does. AdaMuon keeps one value
-    per element: the parameter's shape.
+    update: Tensor  # H: the variant's transform of O
+    second_moment: Tensor | None  # the variant's new second moment (None: it keeps none)
+    ortho: Tensor  # O, in U's dtype
+    inputs: Tensor | None  # U as the orthogonalizer got it (kept for the orthogonality statistics)
+
+
+def _stack_updates(
+    like: Sequence[Tensor],
+    views: Sequence[Sequence[int]],
+    fill: Callable[[int, Tensor], Any],
+    moments: Sequence[Tensor | None],
+    *,
+    method: Orthogonalizer,
+    steps: int,
+    dtype: NsDtype,
+    variant: Variant,
+    beta2: float,
+    eps: float,
+    keep_inputs: bool,
+) -> Iterator[tuple[int, _StackResult, list[int] | None]]:
+    """The per-stack step driver every Muon step runs: orthogonalize, then transform by the variant.
+
+    Tensor i has U in `like[i]`'s dtype and on its device, a (batch, rows, cols) matrix view of
+    shape `views[i]`, and its variant's second moment as matrices in `moments[i]` (read, never
+    written). Same-shaped matrices are stacked (`_stacks`); `fill(i, out)` writes tensor i's U
+    into its part of the stack. Yields (i, tensor i's result, the stack's indices after its last
+    tensor, else None) as soon as each is done, so that a caller either applies them at once (the
+    fused step: a stack's temporaries are freed before the next one is made) or holds them until
+    every group is ready (all-or-nothing).
+
+    The built-in Newton-Schulz kernels run in place on a work buffer in their working dtype (U is
+    written straight into it); any other orthogonalizer (the SVD, a callable) gets U in its own
+    dtype, as a stack if it takes batches, else one matrix at a time.
     """
-    if variant == "muon":
-        return None
-    if variant == "adamuon":
-        return tuple(shape)
-    ndim = len(shape)
-    counts = {axis % ndim: count for axis, count in layout.blocks}
-    cols = {a % ndim for a in layout.cols}
-    return tuple(counts.get(a, 1) if a in cols else size for a, size in enumerate(shape))
-
-
-def normalize_update(
-    O: Tensor, second_moment: Tensor, *, variant: Variant, beta2: float, eps: float
-) -> tuple[Tensor, Tensor]:
-    """NorMuon / AdaMuon: (H, new second moment) from orthogonalized (batch, rows, cols) matrices O.
-
-    With q = mean over the columns of O*O (NorMuon, shape (batch, rows, 1)) or O*O (AdaMuon):
-        v <- beta2 v + (1 - beta2) q;   H = O / (sqrt(v) + eps);   H <- H ||O||_F / ||H||_F
-    per matrix. `second_moment` is not modified. Computed in the widest of O's and v's dtypes and
-    float32; H comes out in O's dtype, v in its own.
-
-    References:
-        Li et al., "NorMuon: Making Muon more efficient and scalable", arXiv:2510.05491 (and the
-        official normuon.py: v has one entry per row, starts at 0, no bias correction).
-        Si et al., "AdaMuon: Adaptive Muon Optimizer", arXiv:2507.11005.
-    """
-    # At least float32: in float16, eps = 1e-10 rounds to 0 and a zero row of O would give 0 / 0.
-    given = O.dtype
-    dtype = torch.promote_types(torch.promote_types(given, second_moment.dtype), torch.float32)
-    O = O.to(dtype)
-    squares = O * O
-    q = squares.mean(-1, keepdim=True) if variant == "normuon" else squares
-    v = torch.lerp(second_moment.to(dtype), q, 1.0 - beta2)
-    # v = 0 only where O is 0 (a zero row or entry); with eps = 0 that would be 0 / 0, so the
-    # denominator is kept >= the smallest normal number (a no-op for any eps above it).
-    H = O / v.sqrt().add_(eps).clamp_(min=torch.finfo(dtype).tiny)
-    norm_o = torch.linalg.vector_norm(O, dim=(-2, -1), keepdim=True)
-    norm_h = torch.linalg.vector_norm(H, dim=(-2, -1), keepdim=True)
-    # A zero O gives a zero H; the ratio is then 0 rather than 0 / 0.
-    H.mul_(torch.where(norm_h > 0, norm_o / norm_h, torch.zeros_like(norm_h)))
-    return H.to(given), v.to(second_moment.dtype)
+    in_place, batches = runs_in_place(method), _takes_batches(method)
+    work = [working_dtype(t, dtype) for t in like]
+    keys = [(v[1], v[2], t.dtype, w, t.device) for t, v, w in zip(like, views, work)]
+    # Only in-place kernels are cut into runs of bounded size (their temporaries are the stack's);
+    # other orthogonalizers get every same-shaped matrix in one call.
+    sizes = [math.prod(v) if in_place else 0 for v in views]
+    matrix_numel = [v[1] * v[2] if in_place else 0 for v in views]
+    for run in _stacks(keys, sizes, matrix_numel, [v[0] for v in views]):
+        counts = [views[i][0] for i in run]
+        _, rows, cols = views[run[0]]
+        first = like[run[0]]
+        if in_place:
+            X = empty_work(sum(counts), rows, cols, dtype=work[run[0]], device=first.device)
+        else:
+            X = torch.empty(sum(counts), rows, cols, dtype=first.dtype, device=first.device)
+        for i, part in zip(run, X.split(counts)):
+            fill(i, part)
+        inputs = X.clone().split(counts) if keep_inputs else [None] * len(run)
+        if in_place:
+            O = orthogonalize_(X, method, steps)  # type: ignore[arg-type]
+        elif batches:
+            O = orthogonalize(X, method, steps, dtype=dtype)
+        else:
+            O = torch.stack([orthogonalize(x, method, steps, dtype=dtype) for x in X]) if len(X) else X.clone()
+        for k, (i, o, u) in enumerate(zip(run, O.split(counts), inputs)):
+            o = o.to(like[i].dtype)
+            h, v = variant.transform(o, moments[i], beta2=beta2, eps=eps)
+            yield i, _StackResult(h, v, o, u), run if k == len(run) - 1 else None
 
 
 def local_update_many(
-    *, method: Orthogonalizer, steps: int, dtype: torch.dtype | None, variant: Variant, beta2: float, eps: float
+    *, method: Orthogonalizer, steps: int, dtype: NsDtype, variant: Variant | str, beta2: float, eps: float
 ) -> UpdateMany:
-    """The single-process `update_many`: orthogonalize the matrix views (stacking same shapes), then
-    normalize each parameter's matrices on their own for NorMuon / AdaMuon. Distributed training
-    runs this same function on each tensor's owner rank."""
+    """An `update_many` on this process: the step driver on given momentum updates U (each in its
+    tensor's own shape). Distributed training runs it on each tensor's owner rank."""
+    chosen = VARIANTS[variant] if isinstance(variant, str) else variant
 
     def update_many(
         tensors: Sequence[Tensor], second_moments: Sequence[Tensor | None], layouts: Sequence[Layout]
     ) -> tuple[list[Tensor], list[Tensor | None]]:
         matrices = [to_matrices(t, layout) for t, layout in zip(tensors, layouts)]
-        ortho = batched_orthogonalize(matrices, method=method, steps=steps, dtype=dtype)
-        updates, new_moments = [], []
-        for t, o, v, layout in zip(tensors, ortho, second_moments, layouts):
-            if variant != "muon":
-                assert v is not None
-                o, new_v = normalize_update(o, to_matrices(v, layout), variant=variant, beta2=beta2, eps=eps)
-                new_moments.append(from_matrices(new_v, layout, v.shape))
-            else:
-                new_moments.append(None)
-            updates.append(from_matrices(o, layout, t.shape))
+        moments = [None if v is None else to_matrices(v, layout) for v, layout in zip(second_moments, layouts)]
+        updates: list[Tensor] = list(tensors)
+        new_moments: list[Tensor | None] = [None] * len(tensors)
+        for i, r, _ in _stack_updates(
+            tensors, [m.shape for m in matrices], lambda i, part: part.copy_(matrices[i]), moments,
+            method=method, steps=steps, dtype=dtype, variant=chosen, beta2=beta2, eps=eps, keep_inputs=False,
+        ):
+            updates[i] = from_matrices(r.update, layouts[i], tensors[i].shape)
+            v = second_moments[i]
+            if r.second_moment is not None and v is not None:
+                new_moments[i] = from_matrices(r.second_moment, layouts[i], v.shape)
         return updates, new_moments
 
     return update_many
 
 
-# -------------------------------------------------------------------------------------- Muon
-
-
-@dataclass
-class Directions:
-    """The result of `muon_directions`: each parameter's update H (its own shape, before lr and
-    scale) and new second moment (None for plain Muon)."""
-
-    updates: list[Tensor]
-    second_moments: list[Tensor | None]
-
-
 def _lookahead(grad: Tensor, buffer: Tensor, *, momentum: float, nesterov: bool, sign: bool, out: Tensor | None = None) -> Tensor:
-    """U = lerp(G, M, momentum) if nesterov else M, from the already-updated buffer M; sign(U) for AdaMuon."""
+    """U = lerp(G, M, momentum) if nesterov else M, from the already-updated buffer M; sign(U) when
+    the variant orthogonalizes signs."""
     # Writing into `out` saves a temporary in eager mode; under torch.compile, which cannot trace
     # out= into a strided view, the copy below is fused instead.
     direct = out is not None and not torch.compiler.is_compiling()
@@ -273,91 +267,61 @@ def _as_buffer_dtype(grads: Sequence[Tensor], buffers: Sequence[Tensor]) -> list
     return [g if g.dtype == b.dtype else g.to(b.dtype) for g, b in zip(grads, buffers)]
 
 
-def muon_directions(
-    grads: Sequence[Tensor],
-    momentum_buffers: Sequence[Tensor],
-    layouts: Sequence[Layout],
-    *,
-    momentum: float,
-    nesterov: bool,
-    update_many: UpdateMany,
-    variant: Variant = "muon",
-    second_moments: Sequence[Tensor | None] | None = None,
-    stats: Sequence[Stats] | None = None,
-    orthogonality: bool = False,
-    orthogonalizer: Orthogonalizer = "polar_express",
-    ns_steps: int = 5,
-    ns_dtype: torch.dtype | None = None,
-) -> Directions:
-    """The first half of a Muon step: every parameter's update, with nothing modified.
+@dataclass
+class Pending:
+    """A Muon step computed and held: `apply_` writes it. Until then nothing the caller owns has
+    changed; `apply_` is arithmetic on checked tensors and cannot fail.
 
-    M' = lerp(M, G, 1 - momentum) is formed out of place; U = lerp(G, M', momentum) (nesterov) or
-    M'; sign(U) for AdaMuon; then `update_many` maps U (and the second moments) to the updates H
-    (and the new second moments). With `stats` and `orthogonality`, the orthogonalizer
-    (`orthogonalizer`, `ns_steps`, `ns_dtype`) runs once more on U to measure its output.
-    """
-    second_moments = list(second_moments) if second_moments is not None else [None] * len(grads)
-    grads = _as_buffer_dtype(grads, momentum_buffers)
-    new_buffers = list(torch._foreach_lerp(list(momentum_buffers), grads, 1.0 - momentum)) if grads else []
-    lookaheads = [
-        _lookahead(g, m, momentum=momentum, nesterov=nesterov, sign=variant == "adamuon")
-        for g, m in zip(grads, new_buffers)
-    ]
-    updates, new_moments = update_many(lookaheads, second_moments, layouts)
-    if stats is not None:
-        for i in range(len(grads)):
-            _record_inputs(stats[i], grads[i], new_buffers[i])
-        if orthogonality:
-            matrices = [to_matrices(u, layout) for u, layout in zip(lookaheads, layouts)]
-            ortho = batched_orthogonalize(matrices, method=orthogonalizer, steps=ns_steps, dtype=ns_dtype)
-            for s, u, o in zip(stats, matrices, ortho):
-                _record_orthogonality(s, u, o)
-    return Directions(list(updates), list(new_moments))
+    Each list has one entry per parameter: its update H and new second moment (None where the
+    variant keeps none), in the parameter's and the state's own shapes."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    momentum_buffers: list[Tensor]
+    second_moments: list[Tensor | None]
+    updates: list[Tensor | None]  # None once applied
+    new_second_moments: list[Tensor | None]  # None once applied (or where the variant keeps none)
+    factors: list[float]
+    momentum: float
+    lr: float | Tensor
+    weight_decay: float
+    cautious_weight_decay: bool
+    rounding_seeds: list[int | None]
+    stats: list[Stats] | None
+
+    def apply_(self) -> None:
+        """M <- lerp(M, G, 1 - momentum) in place (the bits the held step computed out of place),
+        then the second moments and the parameters, as the fast path applies them."""
+        if self.params:
+            torch._foreach_lerp_(self.momentum_buffers, _as_buffer_dtype(self.grads, self.momentum_buffers),
+                                 1.0 - self.momentum)
+        _apply_moments_(self, range(len(self.params)))
+        _apply_params_(self, range(len(self.params)))
 
 
-def apply_muon_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    momentum_buffers: Sequence[Tensor],
-    layouts: Sequence[Layout],
-    directions: Directions,
-    *,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    scale: Scale,
-    rms: float,
-    cautious_weight_decay: bool = False,
-    second_moments: Sequence[Tensor | None] | None = None,
-    shapes: Sequence[torch.Size] | None = None,
-    rounding_seeds: Sequence[int | None] | None = None,
-    stats: Sequence[Stats] | None = None,
-) -> None:
-    """The second half of a Muon step: buffers take their new values, then decay and the update.
-
-    M <- lerp(M, G, 1 - momentum) in place (the same bits `muon_directions` computed out of place),
-    v <- its new value, and per matrix W <- W - lr (lambda D(W) + scale(rows, cols) H) with
-    D(W) = W, or W * 1[H * W >= 0] for cautious weight decay (see `write_updates_` for how a
-    low-precision parameter is written). `stats` receive "update_rms" and, for NorMuon / AdaMuon,
-    the range of the new second moment.
-    """
-    if not params:
-        return
-    shapes = [p.shape for p in params] if shapes is None else shapes
-    torch._foreach_lerp_(list(momentum_buffers), _as_buffer_dtype(grads, momentum_buffers), 1.0 - momentum)
-    for v, new in zip(second_moments or [], directions.second_moments):
+def _apply_moments_(step: Pending, indices: Iterable[int]) -> None:
+    """For the parameters at `indices`: v <- its new value (where the variant keeps one)."""
+    for i in indices:
+        v, new = step.second_moments[i], step.new_second_moments[i]
         if v is not None and new is not None:
             v.copy_(new)
-    factors = [update_scale(scale, *matrix_shape(shape, layout)[1:], rms) for shape, layout in zip(shapes, layouts)]
+
+
+def _apply_params_(step: Pending, indices: Iterable[int]) -> None:
+    """For the parameters at `indices`: W <- W - lr (lambda D(W) + factor H) (`write_updates_`), and
+    their update statistics (with the second moments' new range)."""
+    indices = list(indices)
     write_updates_(
-        params, directions.updates, factors, [m.dtype for m in momentum_buffers], lr=lr, weight_decay=weight_decay,
-        cautious_weight_decay=cautious_weight_decay, rounding_seeds=rounding_seeds,
+        [step.params[i] for i in indices], [step.updates[i] for i in indices], [step.factors[i] for i in indices],
+        [step.momentum_buffers[i].dtype for i in indices], lr=step.lr, weight_decay=step.weight_decay,
+        cautious_weight_decay=step.cautious_weight_decay, rounding_seeds=[step.rounding_seeds[i] for i in indices],
     )
-    if stats is not None:
-        for s, h, factor, v in zip(stats, directions.updates, factors, second_moments or [None] * len(params)):
-            s["update_rms"] = _rms(h) * factor
+    if step.stats is not None:
+        for i in indices:
+            step.stats[i]["update_rms"] = _rms(step.updates[i]) * step.factors[i]
+            v = step.second_moments[i]
             if v is not None:
-                _record_second_moment(s, v)
+                _record_second_moment(step.stats[i], v)
 
 
 def write_updates_(
@@ -499,7 +463,7 @@ def muon(
     momentum_buffers: Sequence[Tensor],
     layouts: Sequence[Layout],
     *,
-    lr: float,
+    lr: float | Tensor,
     momentum: float,
     nesterov: bool,
     weight_decay: float,
@@ -507,8 +471,8 @@ def muon(
     rms: float,
     orthogonalizer: Orthogonalizer,
     ns_steps: int,
-    ns_dtype: torch.dtype | None,
-    variant: Variant = "muon",
+    ns_dtype: NsDtype,
+    variant: Variant | str = "muon",
     beta2: float = 0.95,
     variant_eps: float = 1e-10,
     second_moments: Sequence[Tensor | None] | None = None,
@@ -518,130 +482,103 @@ def muon(
     rounding_seeds: Sequence[int | None] | None = None,
     stats: Sequence[Stats] | None = None,
     orthogonality: bool = False,
-) -> None:
-    """One Muon step for a list of parameters.
+    hold: bool = False,
+) -> Pending | None:
+    """One Muon step for a list of parameters, applied now or (with `hold`) returned to apply later.
 
     For each matrix W (rows x cols) of each parameter's matrix view:
         M <- beta M + (1 - beta) G;   U <- (1 - beta) G + beta M  (nesterov) or M
-        O <- orthogonalize(U)   (orthogonalize(sign(U)) for AdaMuon)
-        H <- O, or for NorMuon / AdaMuon: v <- beta2 v + (1 - beta2) q(O), H = O / (sqrt(v) + eps),
-             H <- H ||O||_F / ||H||_F   (q: row means of O*O, or O*O; see `normalize_update`)
+        O <- orthogonalize(U)   (orthogonalize(sign(U)) for a variant with `signs_input`)
+        H, v <- variant.transform(O, v)   (H = O for plain Muon; see muonkit.variants)
         W <- W - lr (lambda D(W) + scale(rows, cols) H),   D(W) = W or W * 1[H * W >= 0] (cautious)
 
+    Both modes run the same driver (`_stack_updates`), one stack of same-shaped matrices at a time
+    with U written straight into the stack. Without `hold` each stack is applied as soon as it is
+    orthogonalized (the fewest temporaries; used when nothing can fail: a built-in kernel on one
+    process). With `hold` nothing is modified and the returned `Pending` applies the step; a
+    caller that must not change anything until every group is ready (a user's orthogonalizer or
+    the SVD can raise; collectives can fail) applies it last.
+
     Args:
-        second_moments: one buffer per parameter (shape `second_moment_shape`) for NorMuon/AdaMuon.
-        update_many: maps matrix views of U and of the second moments to (H, new second moments);
-            None means `local_update_many` on this process. Distributed training passes one that
-            splits the work across ranks.
+        variant: a muonkit.variants.Variant or its name in muonkit.variants.VARIANTS.
+        second_moments: one buffer per parameter (its variant's `second_moment_shape`), or None
+            for a variant that keeps none.
+        update_many: maps the momentum updates U and the second moments, each in its tensor's own
+            shape, to (H, new second moments); None means the driver on this process.
+            Distributed training passes one that splits the work across ranks.
         shapes: the full shape of each parameter when `params` are local slices of sharded ones
             (FSDP2); the scale is computed from the full matrix view. None means params' shapes.
         rounding_seeds: per parameter, None (round to nearest) or the seed of its stochastic
             rounding this step (see `write_updates_`).
         stats: one dict per parameter to receive 0-d tensors "grad_rms", "momentum_rms",
-            "update_rms" and, with `orthogonality`, "orthogonality_error",
-            "singular_min", "singular_max"; "second_moment_min"/"_max" for NorMuon/AdaMuon.
+            "update_rms" and, with `orthogonality`, "orthogonality_error", "singular_min",
+            "singular_max"; "second_moment_min"/"_max" for a variant with a second moment.
+        hold: compute without modifying anything and return the step as a `Pending`.
     """
-    if not params:
-        return
-    if second_moments is None:
-        second_moments = [None] * len(params)
-    if variant != "muon" and any(v is None for v in second_moments):
-        raise ValueError(f"variant {variant!r} needs a second-moment buffer for every parameter")
-    if update_many is None and runs_in_place(orthogonalizer):
-        _fused_muon_(
-            params, grads, momentum_buffers, second_moments, layouts, shapes or [p.shape for p in params],
-            lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, scale=scale, rms=rms,
-            orthogonalizer=orthogonalizer, ns_steps=ns_steps, ns_dtype=ns_dtype, variant=variant, beta2=beta2,  # type: ignore[arg-type]
-            eps=variant_eps, cautious_weight_decay=cautious_weight_decay, rounding_seeds=rounding_seeds, stats=stats,
-            orthogonality=orthogonality,
-        )
-        return
-    if update_many is None:
-        update_many = local_update_many(method=orthogonalizer, steps=ns_steps, dtype=ns_dtype, variant=variant,
-                                        beta2=beta2, eps=variant_eps)
-    directions = muon_directions(
-        grads, momentum_buffers, layouts, momentum=momentum, nesterov=nesterov, update_many=update_many,
-        variant=variant, second_moments=second_moments, stats=stats, orthogonality=orthogonality,
-        orthogonalizer=orthogonalizer, ns_steps=ns_steps, ns_dtype=ns_dtype,
+    chosen = VARIANTS[variant] if isinstance(variant, str) else variant
+    moments = list(second_moments) if second_moments is not None else [None] * len(params)
+    if any(v is None for v in moments) and any(chosen.second_moment_shape(p.shape, layout) is not None
+                                                for p, layout in zip(params, layouts)):
+        raise ValueError(f"variant {chosen.name!r} needs a second-moment buffer for every parameter")
+    buffers = list(momentum_buffers)
+    grads = _as_buffer_dtype(grads, buffers)
+    # The momentum buffer's new value: in place now, or out of place when held (`Pending.apply_`
+    # writes the same bits into the buffer).
+    if hold:
+        new_buffers = list(torch._foreach_lerp(buffers, grads, 1.0 - momentum)) if grads else []
+    else:
+        if grads:
+            torch._foreach_lerp_(buffers, grads, 1.0 - momentum)
+        new_buffers = buffers
+    full = list(shapes) if shapes is not None else [p.shape for p in params]
+    step = Pending(
+        list(params), grads, buffers, moments, [None] * len(params), [None] * len(params),
+        [update_scale(scale, *matrix_shape(s, layout)[1:], rms) for s, layout in zip(full, layouts)],
+        momentum, lr, weight_decay, cautious_weight_decay,
+        list(rounding_seeds) if rounding_seeds is not None else [None] * len(params),
+        list(stats) if stats is not None else None,
     )
-    apply_muon_(
-        params, grads, momentum_buffers, layouts, directions, lr=lr, momentum=momentum, weight_decay=weight_decay,
-        scale=scale, rms=rms, cautious_weight_decay=cautious_weight_decay, second_moments=second_moments,
-        shapes=shapes, rounding_seeds=rounding_seeds, stats=stats,
-    )
-
-
-def _fused_muon_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    momentum_buffers: Sequence[Tensor],
-    second_moments: Sequence[Tensor | None],
-    layouts: Sequence[Layout],
-    shapes: Sequence[torch.Size],
-    *,
-    lr: float,
-    momentum: float,
-    nesterov: bool,
-    weight_decay: float,
-    scale: Scale,
-    rms: float,
-    orthogonalizer: str,
-    ns_steps: int,
-    ns_dtype: torch.dtype | None,
-    variant: Variant,
-    beta2: float,
-    eps: float,
-    cautious_weight_decay: bool,
-    rounding_seeds: Sequence[int | None] | None,
-    stats: Sequence[Stats] | None,
-    orthogonality: bool,
-) -> None:
-    """`muon` for the built-in kernels, one stack of same-shaped matrices at a time.
-
-    U is written straight into the stack's work buffer and the update is read from the kernel's
-    output, so a stack holds about three matrix-sized temporaries per matrix and nothing else.
-    """
-    grads = _as_buffer_dtype(grads, momentum_buffers)
-    torch._foreach_lerp_(list(momentum_buffers), grads, 1.0 - momentum)
-    seeds = list(rounding_seeds) if rounding_seeds is not None else [None] * len(params)
+    if stats is not None:
+        for s, g, m in zip(stats, grads, new_buffers):
+            _record_inputs(s, g, m)
+    if update_many is not None:
+        lookaheads = [_lookahead(g, m, momentum=momentum, nesterov=nesterov, sign=chosen.signs_input)
+                      for g, m in zip(grads, new_buffers)]
+        updates, new_moments = update_many(lookaheads, moments, layouts)
+        step.updates, step.new_second_moments = list(updates), list(new_moments)
+        if hold:
+            return step
+        _apply_moments_(step, range(len(params)))
+        _apply_params_(step, range(len(params)))
+        return None
     views = [matrix_shape(p.shape, layout) for p, layout in zip(params, layouts)]
-    # Keyed by the state's dtype, the dtype of U: the same working dtype as `orthogonalize(U)` on the
-    # two-phase path, so that both paths give the same bits.
-    keys = [(rows, cols, working_dtype(m, ns_dtype), p.device) for p, m, (_, rows, cols) in zip(params, momentum_buffers, views)]
-    for run in _stacks(keys, [p.numel() for p in params], [rows * cols for _, rows, cols in views],
-                       [batch for batch, _, _ in views]):
-        _, rows, cols = views[run[0]]
-        sizes = [views[i][0] for i in run]
-        X = empty_work(sum(sizes), rows, cols, dtype=keys[run[0]][2], device=params[run[0]].device)
-        for i, part in zip(run, X.split(sizes)):
-            _lookahead(to_matrices(grads[i], layouts[i]), to_matrices(momentum_buffers[i], layouts[i]),
-                       momentum=momentum, nesterov=nesterov, sign=variant == "adamuon", out=part)
-        inputs = X.clone() if stats is not None and orthogonality else None
-        ortho = orthogonalize_(X, orthogonalizer, ns_steps)  # type: ignore[arg-type]
-        updates, factors = [], []
-        for k, (i, o) in enumerate(zip(run, ortho.split(sizes))):
-            # O in U's dtype, as `orthogonalize` returns it on the two-phase path.
-            o = o.to(momentum_buffers[i].dtype)
-            if variant != "muon":
-                v = second_moments[i]
-                h, new_v = normalize_update(o, to_matrices(v, layouts[i]), variant=variant, beta2=beta2, eps=eps)  # type: ignore[arg-type]
-                v.copy_(from_matrices(new_v, layouts[i], v.shape))  # type: ignore[union-attr]
-            else:
-                h = o
-            updates.append(from_matrices(h, layouts[i], params[i].shape))
-            factors.append(update_scale(scale, *matrix_shape(shapes[i], layouts[i])[1:], rms))
-            if stats is not None:
-                _record_inputs(stats[i], grads[i], momentum_buffers[i])
-                stats[i]["update_rms"] = _rms(h) * factors[-1]
-                if inputs is not None:
-                    _record_orthogonality(stats[i], inputs.split(sizes)[k], o)
-                if second_moments[i] is not None:
-                    _record_second_moment(stats[i], second_moments[i])  # type: ignore[arg-type]
-        write_updates_(
-            [params[i] for i in run], updates, factors, [momentum_buffers[i].dtype for i in run], lr=lr,
-            weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay,
-            rounding_seeds=[seeds[i] for i in run],
-        )
+
+    def fill(i: int, out: Tensor) -> None:
+        _lookahead(to_matrices(grads[i], layouts[i]), to_matrices(new_buffers[i], layouts[i]),
+                   momentum=momentum, nesterov=nesterov, sign=chosen.signs_input, out=out)
+
+    for i, r, run in _stack_updates(
+        new_buffers, views, fill, [None if v is None else to_matrices(v, layout) for v, layout in zip(moments, layouts)],
+        method=orthogonalizer, steps=ns_steps, dtype=ns_dtype, variant=chosen, beta2=beta2, eps=variant_eps,
+        keep_inputs=stats is not None and orthogonality,
+    ):
+        step.updates[i] = from_matrices(r.update, layouts[i], params[i].shape)
+        v = moments[i]
+        if r.second_moment is not None and v is not None:
+            step.new_second_moments[i] = from_matrices(r.second_moment, layouts[i], v.shape)
+        if stats is not None and r.inputs is not None:
+            _record_orthogonality(stats[i], r.inputs, r.ortho)
+        if hold:
+            continue
+        # Applied now: the second moment at once and the stack's parameters after its last tensor,
+        # each result released once written, so that a step holds one stack's temporaries at a time.
+        _apply_moments_(step, [i])
+        step.new_second_moments[i] = None
+        if run is not None:
+            _apply_params_(step, run)
+            for j in run:
+                step.updates[j] = None
+    return step if hold else None
 
 
 # ---------------------------------------------------------------------------------- statistics

@@ -1,8 +1,9 @@
 """The matrix view of a parameter: which axes are rows, which are columns, which are a batch.
 
 Muon orthogonalizes matrices, and the "keller_jordan" and "mup" scales depend on which side is
-fan_out. A general-purpose optimizer must not guess this from a shape (seeds/002), so the view is
-declared: by PyTorch's storage conventions (the default), or by an explicit `Layout`.
+fan_out. A general-purpose optimizer must not guess this from a shape (docs/references.md section 10,
+peer 002), so the view is declared: by PyTorch's storage conventions (the default), or by an
+explicit `Layout`.
 
 Default views by number of dims:
     2D (out, in)                         -> one out x in matrix

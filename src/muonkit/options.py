@@ -9,17 +9,46 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-import sys
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Union
 
 import torch
 from torch import Tensor
 
-from .functional import VARIANTS
+from .dtensor import is_dtensor
 from .layout import LAYOUT_NAMES, Layout, matrix_shape, resolve
 from .orthogonalize import ORTHOGONALIZERS, check_ns_dtype
 from .scaling import SCALES
+from .variants import OPTIONS as VARIANT_OPTIONS
+from .variants import check_options as check_variant_options
+
+# The constructor's defaults, the one table of them: Muon(...)'s signature reads it, and so do
+# groups added later and the AdamW groups (under the adamw_* keys, see ADAMW_FROM).
+DEFAULTS: dict[str, Any] = {
+    "lr": 1e-3,
+    "momentum": 0.95,
+    "nesterov": True,
+    "weight_decay": 0.1,
+    "scale": "moonlight",
+    "rms": 0.2,
+    "orthogonalizer": "polar_express",
+    "ns_steps": 5,
+    "ns_dtype": None,
+    "layout": None,
+    "variant": "muon",
+    **VARIANT_OPTIONS,
+    "cautious_weight_decay": False,
+    "state_dtype": None,
+    "stochastic_rounding": True,
+    "adamw_lr": None,  # None: lr
+    "adamw_betas": (0.9, 0.999),
+    "adamw_eps": 1e-8,
+    "adamw_weight_decay": None,  # None: weight_decay
+    "nonfinite": "propagate",
+    "diagnostics": False,
+    "orthogonality_every": 0,
+    "capturable": False,
+}
 
 MUON_KEYS = (
     "lr",
@@ -42,6 +71,17 @@ MUON_KEYS = (
 
 ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "cautious_weight_decay", "state_dtype", "stochastic_rounding")
 
+# An AdamW group's key -> the optimizer default it takes when missing.
+ADAMW_FROM = {
+    "lr": "adamw_lr",
+    "betas": "adamw_betas",
+    "eps": "adamw_eps",
+    "weight_decay": "adamw_weight_decay",
+    "cautious_weight_decay": "cautious_weight_decay",
+    "state_dtype": "state_dtype",
+    "stochastic_rounding": "stochastic_rounding",
+}
+
 # Options of the whole optimizer: kept in `defaults` (so they survive deepcopy and pickling), never
 # in a param group.
 GLOBAL_KEYS = ("nonfinite", "diagnostics", "orthogonality_every", "capturable")
@@ -59,16 +99,54 @@ Nonfinite = Literal["propagate", "skip", "raise"]
 SKIPPED = "skipped_steps"
 
 
-def is_dtensor(t: Tensor) -> bool:
-    # Looked up, not imported: with process_group=None nothing touches torch.distributed, and no
-    # tensor can be a DTensor before torch.distributed.tensor has been imported.
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
+class MuonGroup(TypedDict, total=False):
+    """A Muon param group as the optimizer holds it (every key filled; see Muon's Args)."""
+
+    params: list[Tensor]
+    param_names: list[str]
+    use_muon: Literal[True]
+    lr: float | Tensor
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    scale: str
+    rms: float
+    orthogonalizer: Any
+    ns_steps: int
+    ns_dtype: Any
+    layout: Any
+    variant: str
+    beta2: float
+    variant_eps: float
+    cautious_weight_decay: bool
+    state_dtype: torch.dtype | None
+    stochastic_rounding: bool
+    skipped_steps: int
 
 
-def local_parts(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """Each DTensor's local slice (a view: updating it updates the DTensor); other tensors as they are."""
-    return [t.to_local() if is_dtensor(t) else t for t in tensors]
+class AdamWGroup(TypedDict, total=False):
+    """An AdamW param group as the optimizer holds it (torch.optim.AdamW's keys and muonkit's)."""
+
+    params: list[Tensor]
+    param_names: list[str]
+    use_muon: Literal[False]
+    lr: float | Tensor
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float | Tensor
+    cautious_weight_decay: bool
+    state_dtype: torch.dtype | None
+    stochastic_rounding: bool
+    skipped_steps: int
+
+
+Group = Union[MuonGroup, AdamWGroup]
+
+
+def fill_defaults(group: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Fill the keys a group of its kind lacks from the optimizer's `defaults`."""
+    for key in MUON_KEYS if group["use_muon"] else ADAMW_KEYS:
+        group.setdefault(key, defaults[key if group["use_muon"] else ADAMW_FROM[key]])
 
 
 def split_names(group: dict[str, Any]) -> None:
@@ -181,12 +259,7 @@ def check_muon_options(options: dict[str, Any], where: str, *, read_lr: bool = T
         raise ValueError(
             f"{where}: unknown layout {layout!r}; use None, 'conv', 'stacked' or a muonkit.Layout"
         )
-    if options["variant"] not in VARIANTS:
-        raise ValueError(f"{where}: unknown variant {options['variant']!r}; choose one of {', '.join(VARIANTS)}")
-    if not 0.0 <= number(options["beta2"], "beta2", where) < 1.0:
-        raise ValueError(f"{where}: beta2 must be in [0, 1), got {options['beta2']!r}")
-    if number(options["variant_eps"], "variant_eps", where) < 0:
-        raise ValueError(f"{where}: variant_eps must be >= 0, got {options['variant_eps']!r}")
+    check_variant_options(options, where)
     _check_cautious(options, where)
 
 

@@ -61,7 +61,7 @@ SCHEDULES: dict[str, tuple[Coefficients, ...]] = {
 # Divide by ||X||_F * safety (after scaling max |x| into [1, 2), see `_normalize_`): Polar Express was tuned
 # for inputs with spectral norm <= 1/1.02, which leaves room for bf16 round-off.
 SAFETY: dict[str, float] = {"keller_jordan": 1.0, "polar_express": 1.02, "you": 1.0}
-# ... + eps: Keller Jordan's 1e-7, Polar Express's 1e-6 (its paper's reference code; REFERENCE.md
+# ... + eps: Keller Jordan's 1e-7, Polar Express's 1e-6 (its paper's reference code; docs/references.md
 # section 3). After that scaling the norm is at least 1, so eps shifts the normalized singular
 # values by at most this much, relatively.
 EPS: dict[str, float] = {"keller_jordan": 1e-7, "polar_express": 1e-6, "you": 1e-7}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +23,8 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+from .dtensor import is_dtensor
 
 SharedKeys = Literal["query", "group"]
 _SHARED_KEYS = ("query", "group")
@@ -381,16 +382,9 @@ def _scale_rows_(rows: _Rows, q_factors: dict[int, float], k_factors: dict[int, 
             local[lo - offset:hi - offset].mul_(factor)
 
 
-def _dtensor_type() -> type | None:
-    # Looked up, not imported: without torch.distributed.tensor loaded no tensor can be a DTensor.
-    module = sys.modules.get("torch.distributed.tensor")
-    return None if module is None else module.DTensor
-
-
 def _local(t: Tensor) -> tuple[Tensor, int]:
     """This rank's rows of `t` (a view) and the index of its first row in the full tensor."""
-    dtensor = _dtensor_type()
-    if dtensor is None or not isinstance(t, dtensor):
+    if not is_dtensor(t):
         return t, 0
     local = t.to_local()
     if t.placements[0].is_replicate():
@@ -404,8 +398,7 @@ def _local(t: Tensor) -> tuple[Tensor, int]:
 
 
 def _check_dtensor(t: Tensor, name: str) -> bool:
-    dtensor = _dtensor_type()
-    if dtensor is None or not isinstance(t, dtensor):
+    if not is_dtensor(t):
         return False
     placements = tuple(t.placements)
     if t.device_mesh.ndim != 1:

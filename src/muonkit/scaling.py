@@ -15,7 +15,8 @@ References:
     Keller Jordan, "Muon" (2024): keller_jordan.
     Bernstein et al., spectral condition / muP: mup.
     Liu et al., "Muon is Scalable for LLM Training" (Moonlight), arXiv:2502.16982: moonlight.
-    Su Jianlin, "A Guide to the Muon Optimizer" (seeds/002): the four versions side by side.
+    Su Jianlin, "A Guide to the Muon Optimizer" and the Keras pull request (docs/references.md
+    section 10, peer 002): the four versions side by side.
 """
 
 from __future__ import annotations

@@ -1,0 +1,125 @@
+"""Muon's variants as objects: what state each keeps and how it turns the orthogonalized update O
+into the applied update H. The step driver (muonkit.functional) calls these and names none.
+
+Adding a variant is one class here and one line in VARIANTS. A variant declares:
+
+- `second_moment_shape(shape, layout)`: the shape of its per-parameter `second_moment` state, or
+  None when it keeps none;
+- `signs_input`: whether it orthogonalizes sign(U) instead of the momentum update U;
+- `transform(O, v, beta2, eps)`: (H, new second moment) from O's (batch, rows, cols) matrices.
+
+Its options (`beta2`, `variant_eps`) are keys of every Muon group, checked by `check_options`
+whatever the group's variant, so that switching a group's variant never meets an unchecked value.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .layout import Layout
+
+# The options every variant reads from its group, with their defaults (docs/references.md, NorMuon).
+OPTIONS: dict[str, float] = {"beta2": 0.95, "variant_eps": 1e-10}
+
+
+def _number(value: Any, name: str, where: str) -> float:
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{where}: {name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_options(options: dict[str, Any], where: str) -> None:
+    """ValueError naming `where` for an unknown variant or a bad beta2 / variant_eps."""
+    if not isinstance(options["variant"], str) or options["variant"] not in VARIANTS:
+        raise ValueError(f"{where}: unknown variant {options['variant']!r}; choose one of {', '.join(VARIANTS)}")
+    if not 0.0 <= _number(options["beta2"], "beta2", where) < 1.0:
+        raise ValueError(f"{where}: beta2 must be in [0, 1), got {options['beta2']!r}")
+    if _number(options["variant_eps"], "variant_eps", where) < 0:
+        raise ValueError(f"{where}: variant_eps must be >= 0, got {options['variant_eps']!r}")
+
+
+class Variant:
+    """Plain Muon: H = O, no second moment (Keller Jordan, 2024; docs/references.md, Muon)."""
+
+    name: ClassVar[str] = "muon"
+    signs_input: ClassVar[bool] = False
+
+    def second_moment_shape(self, shape: Sequence[int], layout: Layout) -> tuple[int, ...] | None:
+        return None
+
+    def transform(self, O: Tensor, second_moment: Tensor | None, *, beta2: float, eps: float) -> tuple[Tensor, Tensor | None]:
+        return O, None
+
+
+class _Normalized(Variant):
+    """A variant that divides O by the root of a second moment of O and restores O's Frobenius norm:
+
+        v <- beta2 v + (1 - beta2) q(O);   H = O / (sqrt(v) + eps);   H <- H ||O||_F / ||H||_F
+
+    per matrix, with q(O) the subclass's `squares`. `second_moment` is not modified. Computed in the
+    widest of O's and v's dtypes and float32; H comes out in O's dtype, v in its own.
+    """
+
+    def squares(self, O: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def transform(self, O: Tensor, second_moment: Tensor | None, *, beta2: float, eps: float) -> tuple[Tensor, Tensor | None]:
+        assert second_moment is not None
+        # At least float32: in float16, eps = 1e-10 rounds to 0 and a zero row of O would give 0 / 0.
+        given = O.dtype
+        dtype = torch.promote_types(torch.promote_types(given, second_moment.dtype), torch.float32)
+        O = O.to(dtype)
+        v = torch.lerp(second_moment.to(dtype), self.squares(O), 1.0 - beta2)
+        # v = 0 only where O is 0 (a zero row or entry); with eps = 0 that would be 0 / 0, so the
+        # denominator is kept >= the smallest normal number (a no-op for any eps above it).
+        H = O / v.sqrt().add_(eps).clamp_(min=torch.finfo(dtype).tiny)
+        norm_o = torch.linalg.vector_norm(O, dim=(-2, -1), keepdim=True)
+        norm_h = torch.linalg.vector_norm(H, dim=(-2, -1), keepdim=True)
+        # A zero O gives a zero H; the ratio is then 0 rather than 0 / 0.
+        H.mul_(torch.where(norm_h > 0, norm_o / norm_h, torch.zeros_like(norm_h)))
+        return H.to(given), v.to(second_moment.dtype)
+
+
+class NorMuon(_Normalized):
+    """One second moment per row of each matrix, q = the row means of O*O; starts at 0, no bias
+    correction (Li et al., arXiv:2510.05491, and its official normuon.py; docs/references.md).
+
+    The state has the parameter's shape with every column axis cut to its block count (1 when not
+    cut), so that it reads through the same layout as a (batch, rows, 1) view and shards along
+    dim 0 as the parameter does."""
+
+    name = "normuon"
+
+    def second_moment_shape(self, shape: Sequence[int], layout: Layout) -> tuple[int, ...] | None:
+        ndim = len(shape)
+        counts = {axis % ndim: count for axis, count in layout.blocks}
+        cols = {a % ndim for a in layout.cols}
+        return tuple(counts.get(a, 1) if a in cols else size for a, size in enumerate(shape))
+
+    def squares(self, O: Tensor) -> Tensor:
+        return (O * O).mean(-1, keepdim=True)
+
+
+class AdaMuon(_Normalized):
+    """Orthogonalizes sign(U); one second moment per entry, q = O*O (Si et al., arXiv:2507.11005;
+    docs/references.md)."""
+
+    name = "adamuon"
+    signs_input = True
+
+    def second_moment_shape(self, shape: Sequence[int], layout: Layout) -> tuple[int, ...] | None:
+        return tuple(shape)
+
+    def squares(self, O: Tensor) -> Tensor:
+        return O * O
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (Variant(), NorMuon(), AdaMuon())}

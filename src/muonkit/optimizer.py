@@ -38,7 +38,8 @@ from .options import (
 )
 from .orthogonalize import NsDtype, Orthogonalizer
 from .scaling import Scale
-from .state import check_state, drop_unused, missing_state, rounds_stochastically, state_shapes
+from .quantize import dequantize, quantize_into_
+from .state import check_state, drop_unused, missing_state, momentum_dtype, rounds_stochastically, state_shapes
 
 
 @dataclass
@@ -55,6 +56,26 @@ class _GroupStep:
     positions: list[int]  # each parameter's place in the optimizer's order (seeds its rounding)
     seeds: list[int | None] | None = None
     stats: list[dict[str, Tensor]] | None = None
+    momenta: list[Tensor] | None = None  # 8-bit momentum dequantized for this step (local parts)
+
+    def momentum(self) -> list[Tensor]:
+        """Each parameter's momentum buffer as the step updates it (local parts): the buffer
+        itself, or with momentum_bits=8 its dequantized values, which `requantize_` writes back."""
+        if self.group["momentum_bits"] != 8:
+            return local_parts(self.state("momentum_buffer"))
+        codes, scales = local_parts(self.state("momentum_codes")), local_parts(self.state("momentum_scales"))
+        self.momenta = [dequantize(c, s, momentum_dtype(p, self.group))
+                        for p, c, s in zip(self.params, codes, scales)]
+        return self.momenta
+
+    def requantize_(self) -> None:
+        """With momentum_bits=8, the step's updated momentum written back as codes and scales."""
+        if self.momenta is None:
+            return
+        codes, scales = local_parts(self.state("momentum_codes")), local_parts(self.state("momentum_scales"))
+        for m, c, s in zip(self.momenta, codes, scales):
+            quantize_into_(m, c, s)
+        self.momenta = None
 
     def state(self, key: str) -> list[Tensor]:
         """`key` of each stepping parameter's state, whether already held or created this step."""
@@ -158,8 +179,12 @@ class Muon(torch.optim.Optimizer):
         variant: str = DEFAULTS["variant"],
         beta2: float = DEFAULTS["beta2"],
         variant_eps: float = DEFAULTS["variant_eps"],
+        fraction: float = DEFAULTS["fraction"],
+        ef_decay: float = DEFAULTS["ef_decay"],
+        selection: str = DEFAULTS["selection"],
         cautious_weight_decay: bool = DEFAULTS["cautious_weight_decay"],
         state_dtype: torch.dtype | None = DEFAULTS["state_dtype"],
+        momentum_bits: int = DEFAULTS["momentum_bits"],
         stochastic_rounding: bool = DEFAULTS["stochastic_rounding"],
         adamw_lr: float | None = DEFAULTS["adamw_lr"],
         adamw_betas: tuple[float, float] = DEFAULTS["adamw_betas"],
@@ -349,6 +374,7 @@ class Muon(torch.optim.Optimizer):
                 self._muon_step(item, orthogonality, hold=False)
             else:
                 pending.apply_()
+            item.requantize_()
             for p, seed in zip(item.params, item.seeds or []):
                 if seed is not None:
                     self.state[p]["step"] += 1
@@ -377,7 +403,7 @@ class Muon(torch.optim.Optimizer):
                 second_moments=moments,
             )
         return functional.muon(
-            local_parts(item.params), local_parts(item.grads), local_parts(item.state("momentum_buffer")),
+            local_parts(item.params), local_parts(item.grads), item.momentum(),
             [resolve(group["layout"], p.ndim) for p in item.params],
             lr=float(group["lr"]), momentum=float(group["momentum"]), nesterov=group["nesterov"],
             weight_decay=float(group["weight_decay"]), scale=group["scale"], rms=float(group["rms"]),

@@ -25,7 +25,11 @@ from torch import Tensor
 from .layout import Layout
 
 # The options every variant reads from its group, with their defaults (docs/references.md, NorMuon).
-OPTIONS: dict[str, float] = {"beta2": 0.95, "variant_eps": 1e-10}
+# Dion2's (docs/references.md, Dion2): the fraction of rows or columns each step orthogonalizes, the
+# error-feedback decay of their momentum, and where the top rows are chosen under FSDP2 sharding.
+OPTIONS: dict[str, Any] = {"beta2": 0.95, "variant_eps": 1e-10, "fraction": 0.25, "ef_decay": 0.95, "selection": "local"}
+
+SELECTIONS = ("local", "global")
 
 
 def _number(value: Any, name: str, where: str) -> float:
@@ -37,13 +41,20 @@ def _number(value: Any, name: str, where: str) -> float:
 
 
 def check_options(options: dict[str, Any], where: str) -> None:
-    """ValueError naming `where` for an unknown variant or a bad beta2 / variant_eps."""
+    """ValueError naming `where` for an unknown variant or a bad beta2, variant_eps, fraction,
+    ef_decay or selection."""
     if not isinstance(options["variant"], str) or options["variant"] not in VARIANTS:
         raise ValueError(f"{where}: unknown variant {options['variant']!r}; choose one of {', '.join(VARIANTS)}")
     if not 0.0 <= _number(options["beta2"], "beta2", where) < 1.0:
         raise ValueError(f"{where}: beta2 must be in [0, 1), got {options['beta2']!r}")
     if _number(options["variant_eps"], "variant_eps", where) < 0:
         raise ValueError(f"{where}: variant_eps must be >= 0, got {options['variant_eps']!r}")
+    if not 0.0 < _number(options["fraction"], "fraction", where) <= 1.0:
+        raise ValueError(f"{where}: fraction must be in (0, 1], got {options['fraction']!r}")
+    if not 0.0 <= _number(options["ef_decay"], "ef_decay", where) <= 1.0:
+        raise ValueError(f"{where}: ef_decay must be in [0, 1], got {options['ef_decay']!r}")
+    if not isinstance(options["selection"], str) or options["selection"] not in SELECTIONS:
+        raise ValueError(f"{where}: selection must be one of {', '.join(SELECTIONS)}, got {options['selection']!r}")
 
 
 class Variant:

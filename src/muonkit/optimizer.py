@@ -409,7 +409,7 @@ class Muon(torch.optim.Optimizer):
             weight_decay=float(group["weight_decay"]), scale=group["scale"], rms=float(group["rms"]),
             orthogonalizer=group["orthogonalizer"], ns_steps=group["ns_steps"], ns_dtype=group["ns_dtype"],
             variant=group["variant"], beta2=float(group["beta2"]), variant_eps=float(group["variant_eps"]),
-            second_moments=local_parts(moments), cautious_weight_decay=group["cautious_weight_decay"],
+            fraction=float(group["fraction"]), ef_decay=float(group["ef_decay"]), second_moments=local_parts(moments), cautious_weight_decay=group["cautious_weight_decay"],
             update_many=update_many, shapes=[p.shape for p in item.params], rounding_seeds=item.seeds,
             stats=item.stats, orthogonality=orthogonality, hold=hold,
         )

@@ -6,9 +6,15 @@ Adding a variant is one class here and one line in VARIANTS. A variant declares:
 - `second_moment_shape(shape, layout)`: the shape of its per-parameter `second_moment` state, or
   None when it keeps none;
 - `signs_input`: whether it orthogonalizes sign(U) instead of the momentum update U;
-- `transform(O, v, beta2, eps)`: (H, new second moment) from O's (batch, rows, cols) matrices.
+- `transform(O, v, beta2, eps)`: (H, new second moment) from O's (batch, rows, cols) matrices;
+- `accumulates`: whether its momentum is a plain sum M <- M + G (then U = M, and `momentum` and
+  `nesterov` are not read) rather than Muon's M <- beta M + (1 - beta) G;
+- `selects` and `select(M, fraction)`: None (every matrix whole), or the `Selection` of the rows
+  or columns of each (batch, rows, cols) matrix of M that the step orthogonalizes and updates; the
+  driver orthogonalizes and transforms only those slices (and the second moment's matching rows),
+  and multiplies the selected slices of M by `ef_decay` (error feedback).
 
-Its options (`beta2`, `variant_eps`) are keys of every Muon group, checked by `check_options`
+Its options (`beta2`, `variant_eps`, `fraction`, `ef_decay`, `selection`) are keys of every Muon group, checked by `check_options`
 whatever the group's variant, so that switching a group's variant never meets an unchecked value.
 """
 
@@ -17,6 +23,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -57,13 +64,53 @@ def check_options(options: dict[str, Any], where: str) -> None:
         raise ValueError(f"{where}: selection must be one of {', '.join(SELECTIONS)}, got {options['selection']!r}")
 
 
+@dataclass
+class Selection:
+    """The top slices of each matrix of a (batch, rows, cols) stack: rows (`dim` = -2) or columns
+    (`dim` = -1), `indices` of shape (batch, k) (in no particular order)."""
+
+    dim: int
+    indices: Tensor
+
+    def _index(self, X: Tensor) -> Tensor:
+        if self.dim == -2:
+            return self.indices.unsqueeze(-1).expand(*self.indices.shape, X.shape[-1])
+        return self.indices.unsqueeze(-2).expand(X.shape[0], X.shape[-2], self.indices.shape[-1])
+
+    def gather(self, X: Tensor) -> Tensor:
+        """The selected slices of X, (batch, k, cols) or (batch, rows, k)."""
+        return torch.gather(X, self.dim, self._index(X))
+
+    def scatter(self, part: Tensor, into: Tensor) -> Tensor:
+        """`into` with its selected slices replaced by `part` (out of place)."""
+        return into.scatter(self.dim, self._index(into), part)
+
+    def scaled(self, X: Tensor, factor: float) -> Tensor:
+        """X with its selected slices multiplied by `factor` (out of place)."""
+        index = self._index(X)
+        return X.scatter(self.dim, index, torch.gather(X, self.dim, index) * factor)
+
+
+def top_slices(M: Tensor, fraction: float, dim: int) -> Selection:
+    """The ceil(fraction * n) slices along `dim` (of n) of each matrix with the largest L1 norms."""
+    n = M.shape[dim]
+    k = max(1, math.ceil(fraction * n))
+    norms = torch.linalg.vector_norm(M, ord=1, dim=-1 if dim == -2 else -2)
+    return Selection(dim, torch.topk(norms, k, dim=-1, sorted=False).indices)
+
+
 class Variant:
     """Plain Muon: H = O, no second moment (Keller Jordan, 2024; docs/references.md, Muon)."""
 
     name: ClassVar[str] = "muon"
     signs_input: ClassVar[bool] = False
+    accumulates: ClassVar[bool] = False
+    selects: ClassVar[bool] = False  # whether `select` can return a Selection
 
     def second_moment_shape(self, shape: Sequence[int], layout: Layout) -> tuple[int, ...] | None:
+        return None
+
+    def select(self, M: Tensor, fraction: float) -> Selection | None:
         return None
 
     def transform(self, O: Tensor, second_moment: Tensor | None, *, beta2: float, eps: float) -> tuple[Tensor, Tensor | None]:
@@ -133,4 +180,35 @@ class AdaMuon(_Normalized):
         return O * O
 
 
-VARIANTS: dict[str, Variant] = {v.name: v for v in (Variant(), NorMuon(), AdaMuon())}
+class Dion2(Variant):
+    """Orthogonalizes a fraction of each matrix's momentum (Ahn et al., arXiv:2512.16928, and the
+    official microsoft/dion dion/dion2.py; docs/references.md, Dion2). Per matrix:
+
+        M <- M + G;   S = the ceil(fraction k) rows, or columns, with the largest L1 norms, of the
+        shorter side's k (rows when rows <= cols);   O_S = orthogonalize(M_S);   M_S <- ef_decay M_S;
+        H = O_S on S and 0 elsewhere
+
+    so that W decays whole and moves only on S. No second moment."""
+
+    name = "dion2"
+    accumulates = True
+    selects = True
+
+    def select(self, M: Tensor, fraction: float) -> Selection | None:
+        return top_slices(M, fraction, -2 if M.shape[-2] <= M.shape[-1] else -1)
+
+
+class NorDion2(NorMuon):
+    """Dion2 with NorMuon's per-row normalization of the selected rows: always rows (whole rows
+    keep the per-row second moment meaningful), and v updated on the selected rows only
+    (microsoft/dion dion/nordion2.py; docs/references.md, Dion2)."""
+
+    name = "nordion2"
+    accumulates = True
+    selects = True
+
+    def select(self, M: Tensor, fraction: float) -> Selection | None:
+        return top_slices(M, fraction, -2)
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (Variant(), NorMuon(), AdaMuon(), Dion2(), NorDion2())}

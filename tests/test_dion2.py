@@ -291,3 +291,52 @@ def test_bad_options_are_refused_naming_the_group_and_value_before_anything_chan
         opt.step()
     assert torch.equal(p, snapshot[0])
     assert torch.equal(opt.state[p]["momentum_buffer"], snapshot[1]["state"][0]["momentum_buffer"])
+
+
+# ------------------------------------------------------------------- under process_group
+
+import distributed_worker as worker  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dion2")
+    jobs = ["replicated_dion2", "replicated_nordion2", "bytes_variants", "fsdp_dion2_refused"]
+    return {world: worker.spawn(world, jobs, tmp, 300.0) for world in (2, 4)}
+
+
+def _per_rank(spawned, world, job):
+    results = [r[job] for r in spawned[world]]
+    for value in results:
+        if isinstance(value, Exception):
+            pytest.fail(f"{job} on {world} ranks raised:\n{value}")
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("variant", ["dion2", "nordion2"])
+def test_replicated_equals_one_process_bit_for_bit(spawned, world, variant):
+    want = worker.reference(True, variant=variant)
+    for got in _per_rank(spawned, world, f"replicated_{variant}"):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_only_the_selected_slices_travel(spawned, world):
+    """bytes_sent of one step: Dion2 sends the selected quarter of each matrix's slices (plus
+    NorDion2's second moment of the selected rows), not the whole matrices Muon sends."""
+    for sent in _per_rank(spawned, world, "bytes_variants"):
+        assert sent["muon"] > 0
+        assert sent["dion2"] < 0.45 * sent["muon"]
+        assert sent["nordion2"] < 0.5 * sent["muon"]
+
+
+@pytest.mark.slow
+def test_sharded_parameters_are_refused_before_anything_changes(spawned):
+    for message, unchanged in _per_rank(spawned, 2, "fsdp_dion2_refused"):
+        assert "variant 'dion2' selects rows of whole matrices" in message and "is sharded" in message
+        assert unchanged

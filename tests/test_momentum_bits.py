@@ -229,3 +229,62 @@ def test_bad_momentum_bits_is_refused_naming_the_group_and_value(bits):
     with pytest.raises(ValueError, match=r"Muon group 0: momentum_bits must be 8 or 32"):
         opt.step()
     assert torch.equal(p, before) and not any(opt.state[p]["momentum_buffer"].flatten())
+
+
+# ---------------------------------------------------------------- FSDP2 shards and DCP resharding
+
+import distributed_worker as worker  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """{world: per-rank results} of the 8-bit jobs on 2 and 4 gloo ranks; the 1-process checkpoint
+    is saved here first, the 2-rank one by the 2-rank run, and each world resumes from both."""
+    from muonkit.distributed import save_checkpoint
+
+    tmp = tmp_path_factory.mktemp("momentum_bits")
+    for v in ("muon8bit", "normuon8bit"):
+        model = worker.make_model()
+        opt = worker.make_optimizer(model, variant=v)
+        worker.train_fixed(model, opt, range(worker.STEPS))
+        save_checkpoint(tmp / worker.checkpoint_name(1, v), model, opt)
+    jobs = {2: [f"{kind}_{v}" for v in ("muon8bit", "normuon8bit") for kind in ("replicated", "fsdp", "checkpoint_save")]
+            + [f"resume_{v}_from_1" for v in ("muon8bit", "normuon8bit")],
+            4: [f"{kind}_{v}" for v in ("muon8bit", "normuon8bit") for kind in ("replicated", "fsdp")]
+            + [f"resume_{v}_from_{s}" for v in ("muon8bit", "normuon8bit") for s in (1, 2)]}
+    return {world: worker.spawn(world, jobs[world], tmp, 300.0) for world in (2, 4)}
+
+
+def _per_rank(spawned, world, job):
+    results = [r[job] for r in spawned[world]]
+    for value in results:
+        if isinstance(value, Exception):
+            pytest.fail(f"{job} on {world} ranks raised:\n{value}")
+    return results
+
+
+def _assert_snapshots_equal(got, want):
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key].dtype == want[key].dtype, key
+        assert torch.equal(got[key], want[key]), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["muon8bit", "normuon8bit"])
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("kind", ["replicated", "fsdp"])
+def test_sharded_and_replicated_8bit_momentum_equals_one_process_bit_for_bit(spawned, kind, world, variant):
+    want = worker.reference(True, variant=variant)
+    assert any(key.endswith("momentum_codes") for key in want)
+    for got in _per_rank(spawned, world, f"{kind}_{variant}"):
+        _assert_snapshots_equal(got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["muon8bit", "normuon8bit"])
+@pytest.mark.parametrize("world, source", [(2, 1), (4, 1), (4, 2)])
+def test_8bit_checkpoint_reshards_through_dcp(spawned, world, source, variant):
+    want = worker.reference(True, steps=2 * worker.STEPS, variant=variant)
+    for got in _per_rank(spawned, world, f"resume_{variant}_from_{source}"):
+        _assert_snapshots_equal(got, want)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import checkpoint, functional
-from .dtensor import is_dtensor, local_parts
+from .dtensor import is_dtensor, is_sharded, local_parts
 from .layout import LayoutSpec, resolve
 from .options import (
     ADAMW_FROM,
@@ -37,6 +37,7 @@ from .options import (
     split_names,
 )
 from .orthogonalize import NsDtype, Orthogonalizer
+from .variants import VARIANTS
 from .scaling import Scale
 from .quantize import dequantize, quantize_into_
 from .state import check_state, drop_unused, missing_state, momentum_dtype, rounds_stochastically, state_shapes
@@ -462,6 +463,12 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], che
             check_param(p, name, group, where)
             if not state and group["use_muon"] and is_dtensor(p):
                 check_dtensor(p, name, where)
+            if group["use_muon"] and VARIANTS[group["variant"]].selects and is_sharded(p):
+                raise ValueError(
+                    f"{where}: parameter '{name}' is sharded (a Shard(0) DTensor); variant {group['variant']!r} "
+                    "selects rows of whole matrices and runs on unsharded or replicated parameters only "
+                    "(use variant 'muon' or 'normuon' for FSDP2-sharded ones)"
+                )
             check_grad(p, name, where)
             new = missing_state(p, state, group)
             check_state(p, {**state, **new}, group, name, where)

@@ -130,11 +130,19 @@ class Muon(torch.optim.Optimizer):
             whose class says what state it keeps and how it transforms O.
         beta2: the variants' second-moment decay in [0, 1) (default 0.95).
         variant_eps: the variants' eps in H = O / (sqrt(v) + eps) (default 1e-10).
+        fraction: Dion2's and NorDion2's share of each matrix's rows (or columns) orthogonalized and
+            updated per step, in (0, 1] (default 0.25).
+        ef_decay: Dion2's error-feedback decay of the selected momentum, in [0, 1] (default 0.95).
+        selection: "local" (default) or "global": where Dion2 picks the top slices of a sharded
+            matrix; the same on unsharded and replicated parameters (the only ones Dion2 takes).
         cautious_weight_decay: decay only where the decay and the update agree in sign (both kinds
             of group; default False).
         state_dtype: dtype of the optimizer state (momentum, second moments, AdamW's moments) and
             of the update arithmetic; None (default) means the parameter's dtype. float32 for
             bfloat16 parameters keeps small updates from vanishing in the state.
+        momentum_bits: 32 (default: the momentum in the state dtype) or 8 (int8 blocks of at most
+            2048 elements of a dim-0 slice with one float32 scale each; muonkit.quantize): about a
+            quarter of float32 momentum's bytes.
         stochastic_rounding: write bfloat16/float16 parameters by unbiased stochastic rounding of
             the update computed in float32 (default True; no effect on float32/float64 parameters);
             without it updates below half a bf16 ulp are lost (benchmarks/RESULTS.md, bfloat16).
@@ -159,6 +167,7 @@ class Muon(torch.optim.Optimizer):
         Liu et al., "Muon is Scalable for LLM Training" (Moonlight), arXiv:2502.16982.
         Loshchilov and Hutter, "Decoupled Weight Decay Regularization" (AdamW), arXiv:1711.05101.
         Chen et al., "Cautious Weight Decay", arXiv:2510.12402. The variants' papers: muonkit.variants.
+        8-bit momentum: arXiv:2509.23106 (blockwise linear quantization of Muon's momentum).
         Formulas and coefficients in the package's docs/references.md.
     """
 

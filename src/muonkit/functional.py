@@ -519,7 +519,7 @@ def muon(
     selections = ([chosen.select(to_matrices(m, layout), fraction) for m, layout in zip(new_buffers, layouts)]
                   if chosen.selects else [None] * len(params))
     step = Pending(
-        list(params), grads, buffers, moments, list(params), [None] * len(params),
+        list(params), grads, buffers, moments, [None] * len(params), [None] * len(params),
         [update_scale(scale, *matrix_shape(s, layout)[1:], rms) for s, layout in zip(full, layouts)],
         momentum, lr, weight_decay, cautious_weight_decay,
         list(rounding_seeds) if rounding_seeds is not None else [None] * len(params),

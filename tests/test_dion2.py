@@ -340,3 +340,19 @@ def test_sharded_parameters_are_refused_before_anything_changes(spawned):
     for message, unchanged in _per_rank(spawned, 2, "fsdp_dion2_refused"):
         assert "variant 'dion2' selects rows of whole matrices" in message and "is sharded" in message
         assert unchanged
+
+
+def test_local_and_global_selection_agree_on_whole_matrices():
+    """On one process (and on replicated parameters) every rank sees the whole matrix, so the
+    per-shard and the whole-matrix selection are the same rows."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(16, 40))
+    b = torch.nn.Parameter(a.detach().clone())
+    opt_a = muonkit.Muon([a], lr=0.05, variant="dion2", selection="local")
+    opt_b = muonkit.Muon([b], lr=0.05, variant="dion2", selection="global")
+    for _ in range(3):
+        a.grad = torch.randn(16, 40)
+        b.grad = a.grad.clone()
+        opt_a.step()
+        opt_b.step()
+    assert torch.equal(a, b)

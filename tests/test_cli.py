@@ -152,18 +152,16 @@ def routing_table(text: str) -> dict[str, str]:
     return {m[1]: m[2] for m in rows if m}
 
 
-def test_explain_cifar10_is_the_notebook_table_but_depthwise(capsys):
-    """The notebook's split (every 4D filter but the stem to Muon), except the depthwise filters
-    (groups=96), which muonkit reads as 96 matrices of 1 x 9 and sends to AdamW."""
+def test_explain_cifar10_is_the_notebook_table(capsys):
+    """The notebook's split: every 4D filter but the stem to Muon, the depthwise filters (groups=96,
+    one 96 x 9 matrix each) included."""
     code, out, err = run(["explain", "cifar10"], capsys)
     assert code == 0, err
     from muonkit.tasks.vision import Net
     model = Net(10, width=96)
-    depthwise = {f"{n}.weight" for n, m in model.named_modules() if getattr(m, "groups", 1) > 1}
-    assert len(depthwise) == 7
-    expected = {n: ("Muon" if p.ndim == 4 and n != "0.weight" and n not in depthwise else "AdamW")
-                for n, p in model.named_parameters()}
+    expected = {n: ("Muon" if p.ndim == 4 and n != "0.weight" else "AdamW") for n, p in model.named_parameters()}
     assert routing_table(out) == expected
+    assert "depthwise conv filter (groups=96) 96x9" in out
 
 
 def test_explain_charlm_routes_embeddings_and_head_to_adamw(capsys, text_file):

@@ -1,7 +1,6 @@
 """muonkit.route / param_groups / explain: which parameter goes to Muon or AdamW, and why.
 
-Oracles: the seed notebook's explicit split on its own network (but its depthwise filters, see
-muonkit_split), and the roles of API.md
+Oracles: the seed notebook's explicit split on its own network, and the roles of API.md
 (embeddings, tied weights, output layer, input stem, 0D/1D and thin matrices -> AdamW; other
 Linear/Conv weights and >=2D parameters -> Muon), written out by hand per model.
 """
@@ -117,36 +116,27 @@ MODELS = {
 
 # ---- routing --------------------------------------------------------------------------------
 
-def muonkit_split(model):
-    """The notebook's split, except its depthwise filters (96, 1, 3, 3): the notebook sends them
-    to Muon as one 96 x 9 matrix, muonkit reads a conv with groups=96 as 96 matrices of 1 x 9,
-    too small to orthogonalize, and sends them to AdamW (as timm and dion do)."""
-    muon_names, adamw_names = notebook_split(model)
-    depthwise = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
-    depthwise = {f"{n}.weight" for n in depthwise}
-    assert len(depthwise) == 7 and depthwise <= set(muon_names)
-    return [n for n in muon_names if n not in depthwise], adamw_names + sorted(depthwise)
-
-
 @pytest.mark.parametrize("with_inputs", [False, True], ids=["registration", "execution"])
-def test_seed_net_routing_is_the_notebooks_but_depthwise(with_inputs):
-    """Muon for every 4D conv weight except the stem '0.weight' and the depthwise filters; AdamW
+def test_seed_net_routing_is_the_notebooks(with_inputs):
+    """Muon for every 4D conv weight except the stem '0.weight', the depthwise filters included (one
+    96 x 9 matrix each, the notebook's reading, chosen by training: benchmarks/RESULTS.md); AdamW
     for everything else, including the ECA Conv1d (1, 1, 3) weights and the head '8.4.weight'."""
     model = seed_net()
     kw = {"example_inputs": MODELS["seed_net"][1]} if with_inputs else {}
     decisions = {d.name: d for d in muonkit.route(model, **kw)}
-    muon_names, adamw_names = muonkit_split(model)
+    muon_names, adamw_names = notebook_split(model)
     expected = {**{n: "muon" for n in muon_names}, **{n: "adamw" for n in adamw_names}}
     assert {n: d.optimizer for n, d in decisions.items()} == expected
     assert decisions["1.residual.3.conv.weight"].optimizer == "adamw"
     assert decisions["8.4.weight"].optimizer == "adamw"
-    depthwise = decisions["1.residual.1.weight"].reason
-    assert "depthwise" in depthwise and "96 matrices 1x9" in depthwise and "couple independent channels" in depthwise
+    depthwise = decisions["1.residual.1.weight"]
+    assert depthwise.layout == "conv"
+    assert "depthwise" in depthwise.reason and "96x9" in depthwise.reason and "measured" in depthwise.reason
 
 
-def test_seed_net_param_groups_equal_muonkit_split():
+def test_seed_net_param_groups_equal_notebook_split():
     model = seed_net()
-    muon_names, adamw_names = muonkit_split(model)
+    muon_names, adamw_names = notebook_split(model)
     groups = muonkit.param_groups(model)
     muon = [n for g in groups if g["use_muon"] for n in g["param_names"]]
     adamw = [n for g in groups if not g["use_muon"] for n in g["param_names"]]
@@ -154,7 +144,7 @@ def test_seed_net_param_groups_equal_muonkit_split():
     assert sorted(adamw) == sorted(adamw_names)
     for g in groups:
         if g["use_muon"]:
-            assert g["layout"] == "conv"  # all 4D filters with groups=1
+            assert g["layout"] == "conv"  # every 4D filter, depthwise or not, is out x in/groups*kernel
 
 
 @pytest.mark.parametrize("with_inputs", [False, True], ids=["registration", "execution"])
@@ -646,44 +636,77 @@ def polar64(m):
     return u @ vh
 
 
-def test_grouped_convolutions_are_one_matrix_per_group():
-    """A conv with groups=g is g matrices (out/g) x (in/g*kernel); a ConvTranspose (stored
-    (in, out/g, *kernel)) is g matrices (out/g) x (in/g*kernel) cut along its in axis; a
-    depthwise conv is C matrices 1 x kernel -> AdamW. Oracle: one Muon step (exact polar factor,
-    "mup" scale sqrt(rows/cols), which tells rows from cols) against float64 per-group polar
-    factors written from those definitions."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 32, 3, groups=4), nn.ConvTranspose2d(32, 16, 3, groups=2),
-                          nn.Conv2d(16, 16, 3, groups=16), nn.Conv2d(16, 16, 1), nn.Linear(16, 2))
-    decisions = {d.name: d for d in muonkit.route(model)}
-    assert decisions["1.weight"].optimizer == decisions["2.weight"].optimizer == "muon"
-    assert decisions["1.weight"].layout == muonkit.Layout.per_block(4, 4)
-    assert "4 matrices 8x36" in decisions["1.weight"].reason
-    assert "2 matrices 8x144" in decisions["2.weight"].reason
-    assert decisions["3.weight"].optimizer == "adamw" and "16 matrices 1x9" in decisions["3.weight"].reason
-    assert decisions["4.weight"].optimizer == "muon" and decisions["4.weight"].layout == "conv"
-
-    groups = muonkit.param_groups(model, muon_options={"scale": "mup", "orthogonalizer": "svd"})
+def _conv_step(model, **routing):
+    """One Muon step (exact polar factor, "mup" scale sqrt(rows/cols), which tells rows from cols) on
+    random gradients of model[1] (a conv) and model[2] (a ConvTranspose): {weight: (grad, update / lr)}."""
+    groups = muonkit.param_groups(model, muon_options={"scale": "mup", "orthogonalizer": "svd"}, **routing)
     opt = muonkit.Muon(groups, lr=0.01, weight_decay=0.0)
-    conv, convt = model[1].weight, model[2].weight
-    grads = {p: torch.randn_like(p) for p in (conv, convt)}
-    before = {p: p.detach().clone() for p in grads}
+    weights = (model[1].weight, model[2].weight)
+    grads = {p: torch.randn_like(p) for p in weights}
+    before = {p: p.detach().clone() for p in weights}
     for p, g in grads.items():
         p.grad = g.clone()
     opt.step()
+    return {p: (grads[p], (before[p] - p.detach()).double() / 0.01) for p in weights}
 
+
+def _grouped_convs():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 32, 3, groups=4), nn.ConvTranspose2d(32, 16, 3, groups=2),
+                         nn.Conv2d(16, 16, 3, groups=16), nn.Conv2d(16, 16, 1), nn.Linear(16, 2))
+
+
+def _convtranspose_per_group(grad):
+    expected = torch.empty_like(grad, dtype=torch.float64)
+    for j in range(2):  # in axis blocks of 16: rows out/g = 8, cols 16 * 3 * 3
+        block = grad[16 * j:16 * j + 16].permute(1, 0, 2, 3).reshape(8, 144)
+        expected[16 * j:16 * j + 16] = (polar64(block) * (8 / 144) ** 0.5).reshape(8, 16, 3, 3).permute(1, 0, 2, 3)
+    return expected
+
+
+def test_grouped_and_depthwise_convolutions_are_one_matrix():
+    """A conv with groups=g, depthwise included, is one out x (in/g*kernel) matrix (Keller Jordan's
+    flattening, the reading training chose: benchmarks/RESULTS.md); a ConvTranspose (stored
+    (in, out/g, *kernel)) is g matrices (out/g) x (in/g*kernel) cut along its in axis. Oracle: one
+    Muon step against float64 polar factors written from those definitions."""
+    model = _grouped_convs()
+    decisions = {d.name: d for d in muonkit.route(model)}
+    assert decisions["1.weight"].optimizer == decisions["2.weight"].optimizer == "muon"
+    assert decisions["1.weight"].layout == "conv" and "32x36" in decisions["1.weight"].reason
+    assert "grouped conv filter (groups=4)" in decisions["1.weight"].reason
+    assert "2 matrices 8x144" in decisions["2.weight"].reason
+    assert decisions["3.weight"].optimizer == "muon" and decisions["3.weight"].layout == "conv"
+    assert "depthwise conv filter (groups=16) 16x9" in decisions["3.weight"].reason
+    assert decisions["4.weight"].optimizer == "muon" and decisions["4.weight"].layout == "conv"
+
+    (conv, conv_step), (convt, convt_step) = _conv_step(model).items()
+    expected = (polar64(conv_step[0].reshape(32, 36)) * (32 / 36) ** 0.5).reshape(32, 4, 3, 3)
+    torch.testing.assert_close(conv_step[1], expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(convt_step[1], _convtranspose_per_group(convt_step[0]), rtol=0, atol=1e-5)
+
+
+def test_grouped_convolutions_per_group_or_adamw_by_predicate():
+    """The other readings stay one predicate away: Layout.per_block(groups, ndim) gives g matrices
+    (out/g) x (in/g*kernel) (a depthwise filter: C matrices 1 x kernel), "adamw" sends the filter to
+    AdamW. Oracle: float64 per-group polar factors."""
+    def per_group(name, p, module):
+        if isinstance(module, nn.Conv2d) and module.groups > 1 and p.ndim == 4:
+            return muonkit.Layout.per_block(module.groups, p.ndim)
+        return None
+
+    model = _grouped_convs()
+    decisions = {d.name: d for d in muonkit.route(model, predicate=per_group)}
+    assert "4 matrices 8x36" in decisions["1.weight"].reason and "16 matrices 1x9" in decisions["3.weight"].reason
+    (conv, conv_step), _ = _conv_step(model, predicate=per_group).items()
     expected = torch.empty_like(conv, dtype=torch.float64)
     for j in range(4):  # out axis blocks of 8: rows 8, cols 4 * 3 * 3
-        block = grads[conv][8 * j:8 * j + 8].reshape(8, 36)
+        block = conv_step[0][8 * j:8 * j + 8].reshape(8, 36)
         expected[8 * j:8 * j + 8] = (polar64(block) * (8 / 36) ** 0.5).reshape(8, 4, 3, 3)
-    torch.testing.assert_close((before[conv] - conv.detach()).double() / 0.01, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(conv_step[1], expected, rtol=0, atol=1e-5)
 
-    expected = torch.empty_like(convt, dtype=torch.float64)
-    for j in range(2):  # in axis blocks of 16: rows out/g = 8, cols 16 * 3 * 3
-        block = grads[convt][16 * j:16 * j + 16].permute(1, 0, 2, 3).reshape(8, 144)
-        update = (polar64(block) * (8 / 144) ** 0.5).reshape(8, 16, 3, 3).permute(1, 0, 2, 3)
-        expected[16 * j:16 * j + 16] = update
-    torch.testing.assert_close((before[convt] - convt.detach()).double() / 0.01, expected, rtol=0, atol=1e-5)
+    to_adamw = {d.name: d.optimizer for d in muonkit.route(
+        model, predicate=lambda n, p, m: "adamw" if isinstance(m, nn.Conv2d) and m.groups > 1 and p.ndim == 4 else None)}
+    assert to_adamw["1.weight"] == to_adamw["3.weight"] == "adamw" and to_adamw["4.weight"] == "muon"
 
 
 def test_free_grouped_convolution_is_read_from_the_call():
@@ -698,7 +721,7 @@ def test_free_grouped_convolution_is_read_from_the_call():
             return self.head(nn.functional.conv2d(self.stem(x), self.filt, groups=2).mean((2, 3)))
 
     d = {d.name: d for d in muonkit.route(Grouped(), example_inputs=(torch.randn(1, 3, 9, 9),))}["filt"]
-    assert d.optimizer == "muon" and d.layout == muonkit.Layout.per_block(2, 4) and "2 matrices 8x36" in d.reason
+    assert d.optimizer == "muon" and d.layout == "conv" and "16x36" in d.reason and "in/groups*kernel" in d.reason
 
 
 def test_multihead_attention_in_proj_is_q_k_and_v():

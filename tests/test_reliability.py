@@ -473,3 +473,217 @@ def test_ns_with_an_allocation_that_fails_prints_one_line_and_exits_2(tmp_path, 
     monkeypatch.setattr(nscompare, "memory_available", lambda: 1 << 62)
     err = _one_line_exit_2(["ns", "--size", "1000000x1000000", "--out", str(tmp_path / "ns")], capsys)
     assert "an allocation failed" in err
+
+
+# ------------------------------------------------------------- issue 18: seven more defects
+
+
+def snapshot(opt):
+    """Every parameter and state tensor of `opt`, cloned, in a fixed order."""
+    params = params_of(opt)
+    return [p.detach().clone() for p in params] + [
+        (i, k, v.clone()) for i, p in enumerate(params) for k, v in sorted(opt.state.get(p, {}).items())
+        if isinstance(v, torch.Tensor)]
+
+
+def assert_unchanged(opt, before):
+    after = snapshot(opt)
+    assert len(after) == len(before)
+    for a, b in zip(after, before):
+        if isinstance(a, tuple):
+            assert a[:2] == b[:2] and torch.equal(a[2], b[2]), a[:2]
+        else:
+            assert torch.equal(a, b)
+
+
+def test_qkclip_leaves_a_head_with_an_infinite_max_logit_as_it_is_counts_and_warns_once():
+    """Issue 18.1: gamma = tau / inf = 0 would zero the head's query and key rows for good. The head
+    with +inf (and one with NaN) keeps its rows bit for bit; the finite head over tau is still clipped
+    by Kimi K2's rule; the count is kept and the warning comes once."""
+    from muonkit.qkclip import QKClip
+
+    g = torch.Generator().manual_seed(0)
+    q, k = nn.Parameter(torch.randn(12, 5, generator=g)), nn.Parameter(torch.randn(12, 5, generator=g))
+    q0, k0 = q.detach().clone(), k.detach().clone()
+    clip = QKClip([(q, k)], heads=3, tau=10.0)
+    clip.observe(0, torch.tensor([math.inf, 40.0, 1.0]))
+    with pytest.warns(RuntimeWarning, match="NaN or \\+inf"):
+        clip.step()
+    assert torch.equal(q[:4], q0[:4]) and torch.equal(k[:4], k0[:4])  # head 0: untouched
+    root = math.sqrt(10.0 / 40.0)
+    assert torch.equal(q[4:8], q0[4:8] * root) and torch.equal(k[4:8], k0[4:8] * root)
+    assert torch.equal(q[8:], q0[8:]) and torch.equal(k[8:], k0[8:])
+    assert clip.nonfinite_maxima == 1
+    clip.observe(0, torch.tensor([math.nan, math.inf, 1.0]))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        clip.step()
+    assert clip.nonfinite_maxima == 3
+    assert torch.equal(q[:4], q0[:4]) and torch.equal(q[4:8], q0[4:8] * root)
+
+
+@pytest.mark.parametrize("key", ["eps", "weight_decay"])
+@pytest.mark.parametrize("shape", [(1,), (1, 1)], ids=["1", "1x1"])
+def test_tensor_eps_and_weight_decay_of_one_element_step_an_adamw_group_like_torch(key, shape):
+    """Issue 18.2: an AdamW group's eps or weight_decay as a one-element tensor (torch.optim.AdamW takes
+    shape [1]) steps exactly as torch.optim.AdamW given its 0-d value, on muonkit's foreach path for
+    float32 groups, and after the Muon group moved nothing fails."""
+    value = torch.full(shape, 0.01 if key == "eps" else 0.1)
+    ours, opt = mixed()
+    opt.param_groups[1][key] = value
+    theirs = [p.detach().clone().requires_grad_() for p in ours[2:]]
+    torch_adamw = torch.optim.AdamW(theirs, lr=3e-3, foreach=False, **{"weight_decay": 0.1, key: value.reshape(())})
+    for t in range(3):
+        step(opt, ours, t)
+        for p, g in zip(theirs, grads_for(ours, t)[2:]):
+            p.grad = g
+        torch_adamw.step()
+    for a, b in zip(ours[2:], theirs):
+        assert torch.equal(a, b)
+    assert opt.param_groups[1][key] is value
+
+
+def test_a_variant_switch_leaves_parameters_without_a_gradient_loadable_by_both_paths(tmp_path):
+    """Issue 18.3: after NorMuon -> AdaMuon mid-run, a parameter that got no gradient had kept NorMuon's
+    per-row second moment, and load_checkpoint refused the checkpoint for an AdaMuon optimizer while
+    load_state_dict loaded it. Now the switch gives every parameter of the group AdaMuon's (zeros), and
+    a checkpoint with the old moment (as written before the fix) loads through both paths alike."""
+
+    def build(variant):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.Linear(6, 4, bias=False))
+        return model, muonkit.Muon([{"params": list(model.parameters()), "variant": variant}], lr=0.02)
+
+    model, opt = build("normuon")
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.param_groups[0]["variant"] = "adamuon"
+    model[1].weight.grad = None
+    opt.step()
+    idle = model[1].weight
+    assert opt.state[idle]["second_moment"].shape == idle.shape and not opt.state[idle]["second_moment"].any()
+    save_checkpoint(tmp_path / "now", model, opt)
+    model_b, opt_b = build("adamuon")
+    load_checkpoint(tmp_path / "now", model_b, opt_b)
+    assert_same(opt.state_dict(), opt_b.state_dict())
+
+    opt.state[idle]["second_moment"] = torch.rand(4, 1)  # what the step left before the fix
+    save_checkpoint(tmp_path / "stale", model, opt)
+    model_c, opt_c = build("adamuon")
+    model_d, opt_d = build("adamuon")
+    load_checkpoint(tmp_path / "stale", model_c, opt_c)
+    model_d.load_state_dict(model.state_dict())
+    opt_d.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert_same(opt_c.state_dict(), opt_d.state_dict())
+    assert not opt_c.state[model_c[1].weight]["second_moment"].any()
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: torch.optim.SGD([p], lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.1),
+    lambda p: torch.optim.RMSprop([p], lr=0.01, momentum=0.9),
+    lambda p: torch.optim.RAdam([p]),
+    lambda p: torch.optim.NAdam([p]),
+    lambda p: torch.optim.Adagrad([p]),
+], ids=["SGD", "RMSprop", "RAdam", "NAdam", "Adagrad"])
+@pytest.mark.parametrize("use_muon", [True, False], ids=["muon", "adamw"])
+def test_a_state_dict_of_another_torch_optimizer_is_refused_by_name_and_changes_nothing(make, use_muon):
+    """Issue 18.4: torch.optim.SGD's state dict loaded into a Muon group (its L2 decay read as decoupled,
+    dampening ignored, its buffer read as Muon's). Only muonkit's, torch AdamW/Adam's and torch Muon's
+    load; any other optimizer's is refused, naming it, before anything changes."""
+    params, opt = mixed()
+    step(opt, params, 0)
+    target = params[0] if use_muon else params[2]
+    other = nn.Parameter(target.detach().clone())
+    foreign = make(other)
+    other.grad = torch.randn_like(other)
+    foreign.step()
+    sd = opt.state_dict()
+    group = 0 if use_muon else 1
+    sd["param_groups"][group] = {**foreign.state_dict()["param_groups"][0],
+                                 "params": sd["param_groups"][group]["params"]}
+    sd["state"][sd["param_groups"][group]["params"][0]] = foreign.state_dict()["state"][0]
+    name = {"RAdam": "RAdam, Adamax", "Adagrad": "torch.optim.Adagrad's"}.get(type(foreign).__name__, type(foreign).__name__)
+    before, groups = snapshot(opt), copy.deepcopy(opt.param_groups)
+    with pytest.raises(ValueError, match=rf"load_state_dict: \w+ group {group}: .*{name}"):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, before)
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == [
+        {k: v for k, v in g.items() if k != "params"} for g in groups]
+
+
+@pytest.mark.parametrize("orthogonalizer", ["polar_express", "svd"])
+def test_a_parameter_that_overlaps_itself_is_refused_where_it_enters(orthogonalizer):
+    """Issue 18.5: nn.Parameter(row.expand(6, 8)) failed its in-place update only after earlier groups
+    moved. Refused at construction, in add_param_group and (appended to a group) at step(), naming it,
+    with nothing changed; views that do not overlap (transposed, strided) are accepted."""
+    row = torch.randn(8)
+    params, opt = mixed()
+    with pytest.raises(ValueError, match="parameter 'bad' with shape \\(6, 8\\) and strides \\(0, 1\\)"):
+        muonkit.Muon([("ok", params[0]), ("bad", nn.Parameter(row.expand(6, 8)))], orthogonalizer=orthogonalizer)
+    with pytest.raises(ValueError, match="AdamW group 2: parameter '#0'"):
+        opt.add_param_group({"params": [nn.Parameter(row.expand(3, 8))], "use_muon": False})
+    assert len(opt.param_groups) == 2
+    opt.param_groups[0]["orthogonalizer"] = orthogonalizer
+    bad = nn.Parameter(row.expand(6, 8))
+    opt.param_groups[1]["params"].append(bad)
+    for p, g in zip(params, grads_for(params, 0)):
+        p.grad = g
+    bad.grad = torch.randn(6, 8)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="AdamW group 1: parameter '#2'.*share memory"):
+        opt.step()
+    assert_unchanged(opt, before)
+    base = torch.randn(8, 12)
+    fine = [nn.Parameter(base.t()), nn.Parameter(base[:, ::3]), nn.Parameter(base[::2, 1:])]
+    muonkit.Muon(fine)
+
+
+@pytest.mark.parametrize("value, error, words", [
+    (False, ValueError, "use_muon is False but the group has no 'betas', 'eps'"),
+    (1, TypeError, "use_muon must be True or False, got 1"),
+    (None, TypeError, "use_muon must be True or False, got None"),
+])
+def test_editing_use_muon_names_the_group_and_key_and_changes_nothing(value, error, words):
+    """Issue 18.6: a bare KeyError('betas') / KeyError('momentum') at the next step."""
+    params, opt = mixed()
+    step(opt, params, 0)
+    opt.param_groups[0]["use_muon"] = value
+    before = snapshot(opt)
+    with pytest.raises(error, match=re.escape(words)):
+        step(opt, params, 1)
+    assert_unchanged(opt, before)
+    opt.param_groups[0]["use_muon"] = True
+    opt.param_groups[1]["use_muon"] = True
+    with pytest.raises(ValueError, match="Muon group 1: use_muon is True but the group has no 'momentum'"):
+        step(opt, params, 1)
+    assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["ns", "--seed", "100000000000000000000"], "argument --seed: expected an integer in [-2**63, 2**64)"),
+    (["ns", "--seed", "-9223372036854775809"], "argument --seed"),
+    (["bench", "regression", "--threads", "99999999999"], "argument --threads: expected a positive integer of at most"),
+])
+def test_cli_integers_beyond_torchs_range_print_one_line_exit_2_and_write_nothing(tmp_path, capsys, argv, words):
+    """Issue 18.7: a traceback and exit 1, and `ns` had already made its --out directory."""
+    err = _one_line_exit_2([*argv, "--out", str(tmp_path / "out")], capsys)
+    assert words in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("shape, state_dtype", [((1,), torch.float64), ((1, 1), None)], ids=["1-float64-state", "1x1"])
+def test_tensor_betas_with_cautious_weight_decay_step_like_float_betas(shape, state_dtype):
+    """Found by tests/test_properties.py: an AdamW group with tensor betas and cautious weight decay
+    failed after the Muon group moved (float32 beta1 mixed into float64 moments; a [1, 1] beta1
+    broadcast a 1-D moment to 2-D). It steps as with the betas' values as floats."""
+    runs = []
+    for betas in [(torch.full(shape, 0.9), torch.full(shape, 0.99)), (0.9, 0.99)]:
+        params, opt = mixed()
+        opt.param_groups[1].update(betas=betas, cautious_weight_decay=True, state_dtype=state_dtype)
+        for t in range(2):
+            step(opt, params, t)
+        runs.append(params)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -4,8 +4,10 @@ Oracle (tests/seed_net.py, the seed notebook of docs/references.md section 9): t
 (bf16 Keller Jordan Newton-Schulz, Moonlight scale 0.2*sqrt(max(rows, cols))) on the 4D conv
 weights except the stem, torch.optim.AdamW on everything else, each with its own OneCycleLR.
 muonkit: a single Muon(..., orthogonalizer="keller_jordan", scale="moonlight",
-ns_dtype=torch.bfloat16) with a Muon and an AdamW group, driven by ONE OneCycleLR whose max_lr is a
-per-group list.
+ns_dtype=torch.bfloat16) on muonkit.param_groups(model) - muonkit's own routing, which is the
+notebook's split: every 4D filter but the stem to Muon as one out x (in/groups * kernel) matrix, the
+depthwise (96, 1, 3, 3) filters included (the reading training chose over one matrix per channel and
+over AdamW, benchmarks/RESULTS.md) - driven by ONE OneCycleLR whose max_lr is a per-group list.
 
 cycle_momentum=False on both sides: OneCycleLR cycles a single key per optimizer ("betas" if the
 optimizer's defaults have it, else "momentum"), so the notebook's two schedulers would cycle the
@@ -80,16 +82,28 @@ def run_notebook(batches):
     return model
 
 
-def run_muonkit(batches):
-    """The notebook's explicit split, given as groups (muonkit.param_groups differs from it on the
-    depthwise filters: tests/test_partition.py, muonkit_split)."""
+def muonkit_groups(model):
+    """muonkit's routing, every parameter decayed as the notebook decays them."""
+    return muonkit.param_groups(model, exclude_from_decay=False)
+
+
+def test_muonkit_routing_is_the_notebook_split():
+    """The rule after the measurement: muonkit.param_groups sends exactly the notebook's Muon
+    parameters to Muon, each read as the notebook reads it (out x in/groups*kernel: "conv")."""
     model = make_model()
     muon_names, adamw_names = notebook_split(model)
-    params = dict(model.named_parameters())
-    groups = [
-        {"params": [params[n] for n in muon_names]},
-        {"params": [params[n] for n in adamw_names], "use_muon": False},
-    ]
+    groups = muonkit_groups(model)
+    assert sorted(n for g in groups if g["use_muon"] for n in g["param_names"]) == sorted(muon_names)
+    assert sorted(n for g in groups if not g["use_muon"] for n in g["param_names"]) == sorted(adamw_names)
+    assert all(g["layout"] == "conv" for g in groups if g["use_muon"])
+    depthwise = {d.name: d for d in muonkit.route(model)}["1.residual.1.weight"]
+    assert depthwise.optimizer == "muon" and "96x9" in depthwise.reason
+
+
+def run_muonkit(batches):
+    """muonkit.param_groups' own routing (the notebook's split, test_muonkit_routing_is_the_notebook_split)."""
+    model = make_model()
+    groups = muonkit_groups(model)
     opt = muonkit.Muon(
         groups, lr=LEARNING_RATE, momentum=0.95, nesterov=True, weight_decay=WEIGHT_DECAY,
         scale="moonlight", rms=0.2, orthogonalizer="keller_jordan", ns_steps=5,

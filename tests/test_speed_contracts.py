@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -25,12 +26,14 @@ from muonkit import functional
 from muonkit.diagnostics import LiveBytes
 from muonkit.layout import from_matrices, to_matrices
 from muonkit.orthogonalize import EPS, SAFETY, coefficient_schedule, newton_schulz, orthogonalize, uses_gram
+from torch.utils._python_dispatch import TorchDispatchMode
 
 IN_PLACE_METHODS = ["polar_express", "keller_jordan", "you", "gram"]
 # square, wide (Gram for the default), wide below the Gram threshold, tall, tiny, conv-like tall,
-# larger ones (standard and Gram), and two above functional.STACK_MATRIX_NUMEL (batched one
-# per thread)
-SHAPES = [(48, 48), (64, 256), (40, 72), (200, 64), (3, 5), (32, 9), (256, 300), (600, 256), (520, 520), (320, 1024)]
+# larger ones (standard and Gram), two above functional.STACK_MATRIX_NUMEL (batched one
+# per thread), and per-channel depthwise filters (torch's batched loop for tiny products)
+SHAPES = [(48, 48), (64, 256), (40, 72), (200, 64), (3, 5), (32, 9), (256, 300), (600, 256), (520, 520), (320, 1024),
+          (1, 9), (49, 1), (2, 49)]  # tiny products: one batched call (issue 25)
 
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
@@ -177,6 +180,63 @@ def test_large_matrices_run_alone_off_cpu_and_in_float16(device, dtype, monkeypa
 def test_gram_threshold():
     assert not uses_gram(64, 64) and not uses_gram(100, 150) and not uses_gram(32, 1024)
     assert uses_gram(64, 128) and uses_gram(3072, 768) and uses_gram(768, 3072)
+
+
+_PRODUCTS = frozenset({"mm", "bmm", "addmm", "baddbmm", "matmul"})
+
+
+class ProductCalls(TorchDispatchMode):
+    """Counts the ATen matrix-product calls made inside the block, by op name."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in _PRODUCTS:
+            self.calls[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def product_calls(fn) -> Counter:
+    with ProductCalls() as counter:
+        fn()
+    return counter.calls
+
+
+def _muon_step_products(shape, layout=None) -> Counter:
+    p = torch.nn.Parameter(torch.randn(shape))
+    opt = muonkit.Muon([{"params": [p], "layout": layout}], lr=0.02)
+    p.grad = torch.randn(shape)
+    opt.step()  # state exists before counting
+    return product_calls(opt.step)
+
+
+@pytest.mark.parametrize("method", IN_PLACE_METHODS)
+@pytest.mark.parametrize("shape", [(96, 9), (7, 96, 9), (49, 24), (672, 9, 1), (200, 64)], ids=str)
+def test_tall_matrices_take_the_path_of_their_transpose(method, shape):
+    """Issue 25: a tall matrix (a depthwise 96 x 3 x 3 filter read as one 96 x 9 matrix) is
+    orthogonalized through its wide transpose: the same product calls as the transpose itself,
+    alone and in a Muon step."""
+    G = torch.randn(shape)
+    assert product_calls(lambda: orthogonalize(G, method)) == product_calls(lambda: orthogonalize(G.mT, method))
+    if len(shape) == 2:
+        assert _muon_step_products(shape) == _muon_step_products(shape[::-1])
+
+
+@pytest.mark.parametrize("shape", [(1, 9), (9, 1), (1, 49), (2, 49), (3, 5)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_tiny_matrices_run_as_one_batch(shape, dtype):
+    """Issue 25: matrices whose products are tiny (m^2 n < 400 multiply-adds in the wide
+    orientation, torch's own batch-invariant loop) run as one batched product per Newton-Schulz
+    product whatever the batch: a depthwise filter read per channel (C matrices 1 x 9) made
+    ~1,400 single-matrix products per filter and step before. Bits: test_stacked_equals_one_at_a_time_bit_for_bit."""
+    one = product_calls(lambda: orthogonalize(torch.randn(1, *shape, dtype=dtype)))
+    many = product_calls(lambda: orthogonalize(torch.randn(96, *shape, dtype=dtype)))
+    assert one == many and sum(one.values()) == 15  # 5 steps x 3 products
+    per_channel = muonkit.Layout.per_block(96, 4)
+    assert _muon_step_products((96, 1, 3, 3), per_channel) == _muon_step_products((1, 1, 3, 3), muonkit.Layout.per_block(1, 4))
 
 
 def test_muon_state_is_one_buffer_per_matrix():

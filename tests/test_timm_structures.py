@@ -206,16 +206,19 @@ HEADS = {"resnet18": "fc.weight", "vit_tiny_patch16_224": "head.weight",
 
 
 def muonkit_expected(model_name: str, model: nn.Module) -> dict[str, str]:
-    """docs/API.md's roles: hidden Linear/conv weights -> muon; the stem, the head, depthwise
-    filters, ViT's token and position tables, norms, biases and layer scales -> adamw."""
+    """docs/API.md's roles: hidden Linear/conv weights, depthwise filters included -> muon; the
+    stem, the head, ViT's token and position tables, norms, biases and layer scales -> adamw."""
     expected = {}
     for name, p in model.named_parameters():
         module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         hidden = isinstance(module, (nn.Linear, nn.Conv2d)) and name.endswith(".weight")
-        depthwise = isinstance(module, nn.Conv2d) and module.groups > 1
         edge = name in (STEMS[model_name], HEADS[model_name])
-        expected[name] = "muon" if hidden and not depthwise and not edge else "adamw"
+        expected[name] = "muon" if hidden and not edge else "adamw"
     return expected
+
+
+def depthwise_filters(model: nn.Module) -> set[str]:
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
 
 
 def timm_suitable_for_muon(p: torch.Tensor, min_dim: int = 4, max_aspect: float = 128.0) -> bool:
@@ -259,21 +262,24 @@ def test_vit_tables_go_to_adamw_for_their_use():
 
 
 @pytest.mark.parametrize("conv_mlp", [True, False])
-def test_depthwise_convnext_filters_are_too_small(conv_mlp):
+def test_depthwise_convnext_filters_are_one_matrix(conv_mlp):
     d = {d.name: d for d in muonkit.route(ConvNeXtAtto(conv_mlp=conv_mlp))}["stages.2.blocks.0.conv_dw.weight"]
-    assert d.optimizer == "adamw" and "depthwise" in d.reason and "160 matrices 1x49" in d.reason
+    assert d.optimizer == "muon" and d.layout == "conv" and "depthwise" in d.reason and "160x49" in d.reason
 
 
-def test_disagreement_with_timm_is_the_stem_and_the_head(built):
+def test_disagreement_with_timm_is_the_stem_the_head_and_depthwise_filters(built):
     """docs/API.md: timm's create_optimizer_v2(model, "muon") decides by shape and sends the stem
-    and the classifier head to Muon; muonkit sends both to AdamW. Everything else agrees, and so
-    do the weight-decay exclusions (no parameter here is a >=2D bias)."""
+    and the classifier head to Muon and depthwise filters (a unit second dim) to AdamW; muonkit does
+    the opposite on all three. Everything else agrees, and so do the weight-decay exclusions (no
+    parameter here is a >=2D bias)."""
     name, model, inputs = built
     decisions = muonkit.route(model, example_inputs=inputs)
     ours = {d.name: d.optimizer for d in decisions}
     timm = {n: "muon" if timm_suitable_for_muon(p) else "adamw" for n, p in model.named_parameters()}
-    assert {n for n in ours if ours[n] != timm[n]} == {STEMS[name], HEADS[name]}
+    depthwise = depthwise_filters(model)
+    assert {n for n in ours if ours[n] != timm[n]} == {STEMS[name], HEADS[name]} | depthwise
     assert timm[STEMS[name]] == timm[HEADS[name]] == "muon"
+    assert all(timm[n] == "adamw" and ours[n] == "muon" for n in depthwise)
     assert {d.name for d in decisions if d.no_decay} == timm_no_decay(model)
 
 

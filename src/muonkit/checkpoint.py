@@ -6,6 +6,9 @@ Muon.load_state_dict and Muon.__setstate__ call these. Every group and its param
 checked against the optimizer's groups before anything changes; a state dict that does not fit
 raises ValueError naming the group and leaves the optimizer as it was:
 
+- only state dicts whose meaning muonkit knows load: its own (groups with ``use_muon``),
+  torch.optim.AdamW's / Adam's (``betas`` and ``amsgrad``) and torch.optim.Muon's
+  (``ns_coefficients``); any other optimizer's (SGD, RMSprop, RAdam, ...) is refused, named;
 - a group keeps its kind: a loaded group is an AdamW group if its ``use_muon`` is False, or,
   without ``use_muon`` (torch's optimizers), if it has ``betas``; else a Muon group;
 - each parameter's state holds its kind's keys (Muon ``momentum_buffer``, or
@@ -53,6 +56,7 @@ ADDED_LATER: dict[str, Any] = {
     "nonfinite": "propagate",
     "diagnostics": False,
     "orthogonality_every": 0,
+    "capturable": False,
 }
 
 # Keys of torch.optim.AdamW / Adam groups that pick an implementation (muonkit has one) or are checked
@@ -69,6 +73,47 @@ _TORCH_MUON_KEYS = ("adjust_lr_fn", "ns_coefficients", "eps")
 _ADJUST_LR_FN_TO_SCALE = {None: "keller_jordan", "original": "keller_jordan", "match_rms_adamw": "moonlight"}
 
 _TORCH_MUON_RMS = 0.2
+
+
+# Group keys that only other torch.optim optimizers save, and which one: their state dicts mean something
+# muonkit does not implement (SGD's L2 decay and dampening, RMSprop's square average, ...).
+_FOREIGN_KEYS = {
+    "dampening": "torch.optim.SGD", "centered": "torch.optim.RMSprop", "alpha": "torch.optim.RMSprop or ASGD",
+    "lambd": "torch.optim.ASGD", "lr_decay": "torch.optim.Adagrad", "initial_accumulator_value": "torch.optim.Adagrad",
+    "rho": "torch.optim.Adadelta", "momentum_decay": "torch.optim.NAdam", "etas": "torch.optim.Rprop",
+    "step_sizes": "torch.optim.Rprop", "max_iter": "torch.optim.LBFGS", "beta2_decay": "torch.optim.Adafactor",
+}
+
+
+# Keys only muonkit's groups have.
+_MUONKIT_KEYS = ("skipped_steps", "scale", "orthogonalizer", "variant", "layout", "state_dtype", "stochastic_rounding")
+
+
+def check_known(group: dict[str, Any], where: str) -> None:
+    """Refuse a loaded group of an optimizer whose state muonkit cannot read with its meaning: one
+    without `use_muon` (so not muonkit's) must be torch.optim.AdamW's or Adam's (`betas` and `amsgrad`)
+    or torch.optim.Muon's (`ns_coefficients`)."""
+    if "use_muon" in group:
+        return
+    foreign = sorted({name for key, name in _FOREIGN_KEYS.items() if key in group})
+    if foreign:
+        what = f"the state dict is {' / '.join(foreign)}'s"
+    elif any(key in group for key in _MUONKIT_KEYS):
+        return  # muonkit's own, without use_muon: its kind is judged by the caller
+    elif "betas" in group and "amsgrad" not in group:
+        what = ("the state dict's group has betas but no amsgrad, so it is not torch.optim.AdamW's or Adam's "
+                "(torch.optim.RAdam, Adamax and SparseAdam groups look like this)")
+    elif "betas" not in group and "ns_coefficients" not in group:
+        what = ("the state dict's group has neither betas (torch.optim.AdamW / Adam) nor ns_coefficients "
+                "(torch.optim.Muon), so it is another optimizer's")
+    else:
+        return
+    keys = sorted(key for key in group if key not in ("params", "param_names"))
+    raise ValueError(
+        f"{where}: {what} (group keys {keys}); muonkit loads only its own state dicts, torch.optim.AdamW / "
+        "Adam's and torch.optim.Muon's, whose meaning it knows. Keep training with that optimizer, or start "
+        "muonkit's state fresh (load the model's weights only)"
+    )
 
 
 def fill_unpickled(defaults: dict[str, Any], groups: list[dict[str, Any]]) -> None:
@@ -106,6 +151,7 @@ def loaded(
         group = dict(saved)
         use_muon = current["use_muon"]
         where = f"load_state_dict: {'Muon' if use_muon else 'AdamW'} group {index}"
+        check_known(group, where)
         saved_kind = group.get("use_muon", "betas" not in group)
         if not isinstance(saved_kind, bool):
             raise ValueError(f"{where}: use_muon must be True or False, got {saved_kind!r}")
@@ -119,21 +165,22 @@ def loaded(
                 "same groups as the one that saved the state dict"
             )
         group["use_muon"] = use_muon
-        for key in GLOBAL_KEYS:
-            if key in group:
-                raise ValueError(f"{where}: {key} is an option of the whole optimizer, not of a param group")
         group.setdefault(SKIPPED, 0)
         if use_muon:
             from_torch_muon(group, where)
         else:
-            from_torch_adamw(group, where)
+            from_torch_adamw(group, where)  # drops torch.optim.AdamW's own "capturable" flag
+        for key in GLOBAL_KEYS:
+            if key in group:
+                raise ValueError(f"{where}: {key} is an option of the whole optimizer, not of a param group")
         fill_defaults(group, defaults)
         check_options(group, where)
         check_params(group, where)
         names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
         for name, p in zip(names, group["params"]):
             loaded_state = uncast(state.get(p, {}), as_saved.get(id(p), {}), p, group)
-            new_state[p] = checked_state(loaded_state, p, group, f"{where}: parameter '{name}'")
+            new_state[p] = checked_state(loaded_state, p, group, f"{where}: parameter '{name}'",
+                                         capturable=defaults["capturable"])
         new_groups.append(group)
     return {"state": new_state, "param_groups": new_groups}
 

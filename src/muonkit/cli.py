@@ -50,6 +50,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}; see `{self.prog} --help`")
 
 
+_C_INT_MAX = 2**31 - 1  # torch.set_num_threads takes a C int
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -57,6 +60,23 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _thread_count(text: str) -> int:
+    value = _positive_int(text)
+    if value > _C_INT_MAX:
+        raise argparse.ArgumentTypeError(f"expected a positive integer of at most {_C_INT_MAX} (torch's limit), got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer in [-2**63, 2**64) (a torch seed), got {text!r}")
     return value
 
 
@@ -119,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "statistics (orthogonality error, ...); needs the tensorboard package")
     bench.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     bench.add_argument("--out", type=Path, help="output directory (default ./muonkit-runs/<task>-<time>)")
-    bench.add_argument("--threads", type=_positive_int,
+    bench.add_argument("--threads", type=_thread_count,
                        help="torch CPU threads (default: the cores the load average leaves idle, at least 1)")
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
     bench.set_defaults(func=_bench)
@@ -134,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     ns = commands.add_parser("ns", help="compare the orthogonalizers with the exact SVD polar factor")
     ns.add_argument("--size", default="128x512", help="ROWSxCOLS of the test matrices (default 128x512); a size "
                                                     "whose run would not fit in the available memory is refused")
-    ns.add_argument("--seed", type=int, default=0)
+    ns.add_argument("--seed", type=_seed, default=0, help="seed of the test matrices (default 0)")
     ns.add_argument("--repeats", type=_positive_int, default=5, help="timing repeats; the median is shown")
     ns.add_argument("--out", type=Path, help="output directory (default ./muonkit-runs/ns-<time>)")
     ns.set_defaults(func=_ns)

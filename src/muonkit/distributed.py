@@ -465,10 +465,28 @@ def _check_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         raise FileNotFoundError(f"no checkpoint at {os.fspath(path)!r} (expected a save_checkpoint directory)") from None
     except Exception as err:
         raise RuntimeError(f"cannot read the metadata of checkpoint {os.fspath(path)!r}: {err}") from err
-    saved = {
-        key: tuple(md.size) for key, md in metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)
-    }
+    tensors = {key: md for key, md in metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
+    saved = {key: tuple(md.size) for key, md in tensors.items()}
     expected = dict(_tensor_shapes(state))
+    # Second moments are read as saved and judged by load_state_dict (through set_state_dict), so that
+    # both load paths accept the same: the group's saved variant decides which one it keeps, another
+    # variant's starts from zeros, and none is made fresh (sharded ones must still fit).
+    for key in {*expected, *saved}:
+        if not key.startswith("optim.state.") or not key.endswith(".second_moment") or saved.get(key) == expected.get(key):
+            continue
+        *path, last = key.split(".")
+        try:
+            holder = _parent(state, path)
+        except KeyError:
+            continue
+        if is_dtensor(holder.get(last)):
+            continue
+        if key in saved:
+            holder[last] = torch.empty(saved[key], dtype=tensors[key].properties.dtype)
+            expected[key] = saved[key]
+        else:
+            del holder[last]
+            del expected[key]
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
     wrong = [f"{key}: checkpoint {saved[key]}, model {expected[key]}" for key in expected if key in saved and saved[key] != expected[key]]
@@ -483,6 +501,22 @@ def _check_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         raise ValueError(
             f"checkpoint {os.fspath(path)!r} was saved from a different model or optimizer: " + "; ".join(problems)
         )
+
+
+def _parent(state: dict[str, Any], path: list[str]) -> dict[str, Any]:
+    """The dict that holds the entry at dotted `path` + one more key of a nested state dict (keys as
+    DCP flattens them: a parameter's name holds dots itself, so the path is matched greedily)."""
+    node: Any = state
+    i = 0
+    while i < len(path):
+        for j in range(len(path), i, -1):
+            key = ".".join(path[i:j])
+            if key in node:
+                node, i = node[key], j
+                break
+        else:
+            raise KeyError(".".join(path))
+    return node
 
 
 def _tensor_shapes(state: Any, prefix: str = "") -> list[tuple[str, tuple[int, ...]]]:

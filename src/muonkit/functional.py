@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
+from torch.optim.optimizer import _get_capturable_supported_devices
 
 from .layout import Layout, from_matrices, matrix_shape, resolve, to_matrices
 from .orthogonalize import (
@@ -45,6 +46,11 @@ UpdateMany = Callable[
 ]
 # Per-parameter statistics of a step: 0-d tensors under the keys of Muon.last_stats.
 Stats = dict[str, Tensor]
+
+# A rounding seed meaning "draw from the device's default generator" rather than from a generator
+# seeded on the host: CUDA graphs capture the default generator (each replay draws new numbers),
+# so a capturable step rounds with it. Host seeds are >= 0.
+DEFAULT_GENERATOR = -1
 
 # Same-shaped matrices are orthogonalized together in stacks of at most this many elements (or
 # one matrix, if larger): enough to amortize the per-call overhead of small matrices (200 of
@@ -277,7 +283,7 @@ class Pending:
     new_second_moments: list[Tensor | None]  # None once applied (or where the variant keeps none)
     factors: list[float]
     momentum: float
-    lr: float
+    lr: float | Tensor
     weight_decay: float
     cautious_weight_decay: bool
     rounding_seeds: list[int | None]
@@ -347,7 +353,7 @@ def write_updates_(
     factors: Sequence[float],
     compute_dtypes: Sequence[torch.dtype],
     *,
-    lr: float,
+    lr: float | Tensor,
     weight_decay: float,
     cautious_weight_decay: bool,
     rounding_seeds: Sequence[int | None] | None = None,
@@ -359,8 +365,14 @@ def write_updates_(
     compute dtype from a widened copy and written back once: round-to-nearest, or, with a
     rounding seed, stochastically rounded (`stochastic_round`), so that updates smaller than
     half a bf16 ulp still move it on average.
+
+    A tensor lr (a capturable step's) is read on its device: `_write_updates_at_tensor_lr_`.
     """
     seeds = list(rounding_seeds) if rounding_seeds is not None else [None] * len(params)
+    if isinstance(lr, Tensor):
+        _write_updates_at_tensor_lr_(params, updates, factors, compute_dtypes, seeds, lr=lr, weight_decay=weight_decay,
+                                     cautious_weight_decay=cautious_weight_decay)
+        return
     direct, wide = [], []
     for i, p in enumerate(params):
         (direct if p.dtype == compute_dtypes[i] and seeds[i] is None else wide).append(i)
@@ -388,19 +400,49 @@ def write_updates_(
         p.copy_(w if seeds[i] is None else stochastic_round(w, p.dtype, seeds[i]))
 
 
+def _write_updates_at_tensor_lr_(
+    params: Sequence[Tensor],
+    updates: Sequence[Tensor],
+    factors: Sequence[float],
+    compute_dtypes: Sequence[torch.dtype],
+    seeds: Sequence[int | None],
+    *,
+    lr: Tensor,
+    weight_decay: float,
+    cautious_weight_decay: bool,
+) -> None:
+    """`write_updates_` with a one-element tensor lr, which only device arithmetic reads (addcmul with
+    the 0-d lr where the float path adds with alpha): the same rule, rounded differently. 16-bit
+    parameters are computed in float32 and rounded once, so that lr itself is never rounded to 16
+    bits (the float path's alpha is not either)."""
+    lr = lr.reshape(())
+    for p, h, factor, dtype, seed in zip(params, updates, factors, compute_dtypes, seeds):
+        widen = p.dtype != dtype or seed is not None or p.dtype.itemsize < 4
+        w = p.to(torch.promote_types(dtype, torch.float32)) if widen else p
+        if weight_decay != 0.0:
+            if cautious_weight_decay:
+                _cautious_decay_(w, h, lr * weight_decay)
+            else:
+                w.mul_(1.0 - lr * weight_decay)
+        w.addcmul_(h.to(w.dtype), lr.to(w.dtype), value=-factor)
+        if widen:
+            p.copy_(w if seed is None else stochastic_round(w, p.dtype, seed))
+
+
 def stochastic_round(x: Tensor, dtype: torch.dtype, seed: int) -> Tensor:
     """x rounded to `dtype` up or down at random, so that E[result] = x: the neighbour on x's
     side of round-to-nearest is taken with probability (distance to nearest) / (gap between them).
 
     The random numbers come from a generator seeded with `seed` on x's device (the global RNG is
-    left alone, and every process of a data-parallel job rounds alike). float32 to bfloat16, the
+    left alone, and every process of a data-parallel job rounds alike), or with seed
+    DEFAULT_GENERATOR from the device's default generator (capturable steps). float32 to bfloat16, the
     common case, takes the bit path (`_stochastic_round_to_bfloat16`); other pairs the general one.
 
     References:
         Gupta et al., "Deep Learning with Limited Numerical Precision", ICML 2015.
         Zamirai et al., "Revisiting BFloat16 Training", arXiv:2010.06192.
     """
-    generator = torch.Generator(device=x.device).manual_seed(seed)
+    generator = None if seed == DEFAULT_GENERATOR else torch.Generator(device=x.device).manual_seed(seed)
     if x.dtype == torch.float32 and dtype == torch.bfloat16:
         rounded = _stochastic_round_to_bfloat16(x, generator)
     else:
@@ -415,7 +457,7 @@ def stochastic_round(x: Tensor, dtype: torch.dtype, seed: int) -> Tensor:
     return torch.where(rounded.isinf() & x.isfinite(), x.to(dtype), rounded)
 
 
-def _stochastic_round_to_bfloat16(x: Tensor, generator: torch.Generator) -> Tensor:
+def _stochastic_round_to_bfloat16(x: Tensor, generator: torch.Generator | None) -> Tensor:
     """float32 -> bfloat16 by stochastic rounding on the bits: bfloat16 is the upper 16 bits of
     float32, so adding a uniform random integer in [0, 2^16) to the lower 16 bits carries into the
     upper half with probability (lower bits) / 2^16 = (|x| - |down|) / (|up| - |down|), and dropping
@@ -428,9 +470,14 @@ def _stochastic_round_to_bfloat16(x: Tensor, generator: torch.Generator) -> Tens
     return torch.where(x.isnan(), x.to(torch.bfloat16), rounded)
 
 
-def _cautious_decay_(p: Tensor, update: Tensor, amount: float) -> None:
-    """W <- W - amount * W * 1[u * W >= 0]: decay only where it agrees with the update u."""
-    p.sub_(torch.where(update * p >= 0, p, 0.0), alpha=amount)
+def _cautious_decay_(p: Tensor, update: Tensor, amount: float | Tensor) -> None:
+    """W <- W - amount * W * 1[u * W >= 0]: decay only where it agrees with the update u (a tensor
+    amount, from a capturable step's tensor lr, is read on the device)."""
+    agreeing = torch.where(update * p >= 0, p, 0.0)
+    if isinstance(amount, Tensor):
+        p.addcmul_(agreeing, amount.to(p.dtype), value=-1.0)
+    else:
+        p.sub_(agreeing, alpha=amount)
 
 
 def muon(
@@ -439,7 +486,7 @@ def muon(
     momentum_buffers: Sequence[Tensor],
     layouts: Sequence[Layout],
     *,
-    lr: float,
+    lr: float | Tensor,
     momentum: float,
     nesterov: bool,
     weight_decay: float,
@@ -663,6 +710,18 @@ def _adamw_foreach(params: Sequence[Tensor], lr: Any, beta1: Any, beta2: Any) ->
     return True if all(p.dtype in (torch.float32, torch.float64) for p in params) else None
 
 
+def _capturable_adam_flags(device: torch.device, capturable: bool) -> dict[str, bool]:
+    """torch's adam functional flags for a step with no host read. Its single-tensor capturable
+    branch (`if capturable or differentiable:` in torch/optim/adam.py) is one branch for both
+    flags; capturable=True also asserts a device type it supports (cuda, xpu, ...), which CPU is not,
+    so on CPU the same branch is reached with differentiable=True (whose only other change there,
+    a clone of exp_avg before addcdiv_, leaves the values as they are)."""
+    if not capturable:
+        return {"capturable": False, "differentiable": False}
+    supported = device.type in _get_capturable_supported_devices()
+    return {"capturable": supported, "differentiable": not supported}
+
+
 def adamw(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -670,7 +729,7 @@ def adamw(
     exp_avg_sqs: Sequence[Tensor],
     steps: Sequence[Tensor],
     *,
-    lr: float,
+    lr: float | Tensor,
     beta1: float,
     beta2: float,
     eps: float,
@@ -678,6 +737,7 @@ def adamw(
     cautious_weight_decay: bool = False,
     rounding_seeds: Sequence[int | None] | None = None,
     stats: Sequence[Stats] | None = None,
+    capturable: bool = False,
 ) -> None:
     """One AdamW step (decoupled weight decay), by the same functional torch.optim.AdamW calls,
     so that muonkit's AdamW groups equal torch.optim.AdamW bit for bit; see `_adamw_foreach` for which
@@ -690,6 +750,9 @@ def adamw(
     A parameter whose moments are kept in a wider dtype than its own, or that has a rounding seed,
     is stepped as a widened copy and written back once (round-to-nearest, or stochastically
     rounded with its seed; see `write_updates_`).
+
+    With `capturable`, `steps` are on the parameters' device and torch's capturable arithmetic runs
+    (bias corrections as device tensors, no host read; single-tensor, `_capturable_adam_flags`).
     """
     if not params:
         return
@@ -712,9 +775,8 @@ def adamw(
         list(exp_avg_sqs),
         [],
         list(steps),
-        foreach=_adamw_foreach(params, lr, beta1, beta2),
-        capturable=False,
-        differentiable=False,
+        foreach=False if capturable else _adamw_foreach(params, lr, beta1, beta2),
+        **_capturable_adam_flags(params[0].device, capturable),
         fused=None,
         grad_scale=None,
         found_inf=None,

@@ -9,7 +9,7 @@ muonkit.checkpoint's.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from .options import (
     Group,
     Nonfinite,
     check_adamw_options,
+    check_capturable,
     check_global_options,
     check_grad,
     check_muon_options,
@@ -57,6 +58,9 @@ class _GroupStep:
     positions: list[int]  # each parameter's place in the optimizer's order (seeds its rounding)
     seeds: list[int | None] | None = None
     stats: list[dict[str, Tensor]] | None = None
+    # State of the group's parameters without a gradient that a changed variant, state_dtype or
+    # stochastic_rounding replaces (so that every parameter's state is the group's, and loads back).
+    idle: list[tuple[Tensor, dict[str, Tensor]]] = field(default_factory=list)
     momenta: list[Tensor] | None = None  # 8-bit momentum dequantized for this step (local parts)
 
     def momentum(self) -> list[Tensor]:
@@ -155,6 +159,12 @@ class Muon(torch.optim.Optimizer):
         diagnostics: record per-parameter statistics of every step in ``last_stats`` (default False).
         orthogonality_every: with diagnostics, every this many steps also measure the
             orthogonalizer's distance from the exact polar factor (an SVD per matrix; 0 = never).
+        capturable: make the step safe to capture in a CUDA graph, as torch.optim's capturable mode
+            (default False): step counts on the parameters' device, a tensor lr read there, no host
+            read; every parameter needs a gradient at every step (else ValueError naming it); needs
+            nonfinite="propagate", diagnostics=False, no process_group and Python-number
+            hyperparameters besides lr; stochastic rounding draws from the device's default
+            generator (docs/API.md, "Capturable steps").
         process_group: a torch.distributed process group to share the Newton-Schulz work; None
             (default) means no torch.distributed call at all.
 
@@ -203,6 +213,7 @@ class Muon(torch.optim.Optimizer):
         nonfinite: Nonfinite = DEFAULTS["nonfinite"],
         diagnostics: bool = DEFAULTS["diagnostics"],
         orthogonality_every: int = DEFAULTS["orthogonality_every"],
+        capturable: bool = DEFAULTS["capturable"],
         process_group: Any = None,
     ) -> None:
         given = locals()
@@ -238,6 +249,8 @@ class Muon(torch.optim.Optimizer):
     def diagnostics(self, on: bool) -> None:
         if not isinstance(on, bool):
             raise TypeError(f"Muon.diagnostics must be True or False, got {on!r}")
+        if on and self.defaults["capturable"]:
+            raise ValueError("Muon.diagnostics cannot be switched on with capturable=True (the statistics are copied to the host)")
         self.defaults["diagnostics"] = on
 
     @property
@@ -270,7 +283,7 @@ class Muon(torch.optim.Optimizer):
         for key in set(self.defaults) - set(own) - given:
             del added[key]
         for p in added["params"]:
-            self.state[p].update(missing_state(p, self.state.get(p, {}), added))
+            self.state[p].update(missing_state(p, self.state.get(p, {}), added, capturable=self.defaults["capturable"]))
 
     def _check_params(self, group: dict[str, Any], where: str) -> None:
         names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
@@ -323,9 +336,10 @@ class Muon(torch.optim.Optimizer):
         anything changes; a state dict that does not fit raises ValueError naming the group and
         leaves the optimizer as it was. In short:
 
-        a group keeps its kind, each parameter's state holds its kind's keys in the shapes the step
-        needs, torch.optim.AdamW's and torch.optim.Muon's keys are translated or refused: the rules
-        are listed in muonkit.checkpoint.
+        only state dicts whose meaning muonkit knows load (its own, torch.optim.AdamW's / Adam's and
+        torch.optim.Muon's; any other optimizer's is refused, named), a group keeps its kind, each
+        parameter's state holds its kind's keys in the shapes the step needs, torch's keys are
+        translated or refused: the rules are listed in muonkit.checkpoint.
 
         Example:
             >>> opt = muonkit.Muon([{"params": model.parameters(), "use_muon": False}])
@@ -354,7 +368,7 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plan = _plan(self.param_groups, self.state, self._check_dtensor)
+        plan = _plan(self.param_groups, self.state, self._check_dtensor, self.defaults["capturable"])
         if self.defaults["nonfinite"] != "propagate" and not _all_finite(plan, self._distributed):
             if self.defaults["nonfinite"] == "raise":
                 raise RuntimeError(
@@ -367,22 +381,24 @@ class Muon(torch.optim.Optimizer):
             if self.defaults["diagnostics"]:
                 self.last_stats = {}  # no parameter stepped
             return loss
-        orthogonality = self._diagnose(plan)
+        orthogonality = _diagnose(plan, self.defaults, self._diagnosed_steps)
         fuses = [item.group["use_muon"] and self._distributed is None
                  and functional.runs_in_place(item.group["orthogonalizer"]) for item in plan]
         held = [self._muon_step(item, orthogonality, hold=True) if item.group["use_muon"] and not fused else None
                 for item, fused in zip(plan, fuses)]
         for item, fused, pending in zip(plan, fuses, held):
-            for p, state in zip(item.params, item.states):
+            for p, state in [*zip(item.params, item.states), *item.idle]:
                 self.state[p].update(state)
             for p in item.group["params"]:
                 drop_unused(self.state[p], p, item.group)
+            item.seeds = _rounding_seeds(item, self.defaults["capturable"])  # only once nothing can fail
             if not item.group["use_muon"]:
                 self._adamw_step(item)
                 continue
             if fused:
                 self._muon_step(item, orthogonality, hold=False)
             else:
+                pending.rounding_seeds = item.seeds or [None] * len(item.params)
                 pending.apply_()
             item.requantize_()
             for p, seed in zip(item.params, item.seeds or []):
@@ -392,16 +408,6 @@ class Muon(torch.optim.Optimizer):
             self._diagnosed_steps += 1
             self.last_stats = _collect(plan)
         return loss
-
-    def _diagnose(self, plan: list[_GroupStep]) -> bool:
-        """Prepare each group's statistics dicts; True when this step measures orthogonality."""
-        if not self.defaults["diagnostics"]:
-            return False
-        for item in plan:
-            item.stats = [{} for _ in item.params]
-        every = self.defaults["orthogonality_every"]
-        # The count moves when the step has applied (a step that raises is not counted).
-        return every > 0 and (self._diagnosed_steps + 1) % every == 0
 
     def _muon_step(self, item: _GroupStep, orthogonality: bool, *, hold: bool) -> functional.Pending | None:
         group, moments = item.group, item.moments()
@@ -415,7 +421,7 @@ class Muon(torch.optim.Optimizer):
         return functional.muon(
             local_parts(item.params), local_parts(item.grads), item.momentum(),
             [resolve(group["layout"], p.ndim) for p in item.params],
-            lr=float(group["lr"]), momentum=float(group["momentum"]), nesterov=group["nesterov"],
+            lr=_lr(group, self.defaults["capturable"]), momentum=float(group["momentum"]), nesterov=group["nesterov"],
             weight_decay=float(group["weight_decay"]), scale=group["scale"], rms=float(group["rms"]),
             orthogonalizer=group["orthogonalizer"], ns_steps=group["ns_steps"], ns_dtype=group["ns_dtype"],
             variant=group["variant"], beta2=float(group["beta2"]), variant_eps=float(group["variant_eps"]),
@@ -428,20 +434,24 @@ class Muon(torch.optim.Optimizer):
         group = item.group
         beta1, beta2 = group["betas"]
         cautious = group["cautious_weight_decay"]
-        # torch's AdamW functional gets lr as torch.optim.AdamW passes it (a tensor lr as given, so
-        # that the group equals torch.optim.AdamW bit for bit with it too); cautious weight decay
-        # computes with floats.
-        lr = group["lr"] if isinstance(group["lr"], Tensor) and not cautious else float(group["lr"])
+        # torch's AdamW functional gets lr, betas and weight_decay as torch.optim.AdamW passes them (a
+        # tensor as given, so that the group equals torch.optim.AdamW bit for bit with it too; eps and
+        # weight_decay as 0-d views, which every path of it takes); cautious weight decay computes with
+        # plain numbers (a tensor of another dtype or of shape [1, 1] would not fit the moments).
+        lr, decay = group["lr"] if isinstance(group["lr"], Tensor) else float(group["lr"]), _scalar(group["weight_decay"])
+        if cautious:
+            lr, decay, beta1, beta2 = _lr(group, self.defaults["capturable"]), float(decay), float(beta1), float(beta2)
         functional.adamw(
             local_parts(item.params), local_parts(item.grads), local_parts(item.state("exp_avg")),
             local_parts(item.state("exp_avg_sq")), item.state("step"), lr=lr, beta1=beta1, beta2=beta2,
-            eps=group["eps"], weight_decay=float(group["weight_decay"]) if cautious else group["weight_decay"],
-            cautious_weight_decay=cautious, rounding_seeds=item.seeds, stats=item.stats,
+            eps=_scalar(group["eps"]), weight_decay=decay, cautious_weight_decay=cautious, rounding_seeds=item.seeds,
+            stats=item.stats, capturable=self.defaults["capturable"],
         )
 
 
-def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], check_dtensor: Any) -> list[_GroupStep]:
-    """Each group's share of a step, with its rounding seeds.
+def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], check_dtensor: Any,
+          capturable: bool) -> list[_GroupStep]:
+    """Each group's share of a step.
 
     Everything is checked, for all groups, before anything changes, so an error leaves no
     partial step: options edited through param_groups since construction, parameters appended
@@ -452,8 +462,8 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], che
     position = -1
     seen: dict[int, str] = {}  # id of each parameter -> where it is (a parameter steps once)
     for index, group in enumerate(param_groups):
-        where = f"{'Muon' if group['use_muon'] else 'AdamW'} group {index}"
-        check_options(group, where)
+        where = f"{'Muon' if group.get('use_muon') else 'AdamW'} group {index}"
+        check_options(group, where, read_lr=not capturable)
         names = group.get("param_names") or []
         given = len(names)
         names = names + [f"#{i}" for i in range(given, len(group["params"]))]
@@ -466,10 +476,24 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], che
                     "once (remove the one appended to param_groups[...]['params'])"
                 )
             seen[id(p)] = f"parameter '{name}' of {where}"
-            if p.grad is None:
-                continue
             state = held_state.get(p, {})
+            if p.grad is None:
+                if capturable:
+                    raise ValueError(
+                        f"{where}: parameter '{name}' has no gradient; with capturable=True every parameter "
+                        "steps at every step (a captured graph cannot skip one, and its replays would not "
+                        "see a gradient that appears later): give it a gradient (zero_grad(set_to_none=False) "
+                        "keeps zeros) or leave it out of the optimizer"
+                    )
+                if state:
+                    check_param(p, name, group, where)
+                    new = missing_state(p, state, group)
+                    if new:
+                        item.idle.append((p, new))
+                continue
             check_param(p, name, group, where)
+            if capturable:
+                check_capturable(group, p.device, where)
             if not state and group["use_muon"] and is_dtensor(p):
                 check_dtensor(p, name, where)
             if group["use_muon"] and VARIANTS[group["variant"]].selects and is_sharded(p):
@@ -479,7 +503,7 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], che
                     "(use variant 'muon' or 'normuon' for FSDP2-sharded ones)"
                 )
             check_grad(p, name, where)
-            new = missing_state(p, state, group)
+            new = missing_state(p, state, group, capturable=capturable)
             check_state(p, {**state, **new}, group, name, where)
             item.params.append(p)
             item.names.append(name)
@@ -488,15 +512,39 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], che
             item.held.append(state)
             item.grads.append(p.grad)
             item.positions.append(position)
-        item.seeds = _rounding_seeds(item)
         plan.append(item)
     return plan
 
 
-def _rounding_seeds(item: _GroupStep) -> list[int | None] | None:
+def _lr(group: dict[str, Any], capturable: bool) -> float | Tensor:
+    """A group's lr as a float, or with capturable=True a tensor lr as it is, read on its device."""
+    lr = group["lr"]
+    return lr if capturable and isinstance(lr, Tensor) else float(lr)
+
+
+def _diagnose(plan: list[_GroupStep], defaults: dict[str, Any], diagnosed_steps: int) -> bool:
+    """Prepare each group's statistics dicts; True when this step measures orthogonality."""
+    if not defaults["diagnostics"]:
+        return False
+    for item in plan:
+        item.stats = [{} for _ in item.params]
+    every = defaults["orthogonality_every"]
+    # The count moves when the step has applied (a step that raises is not counted).
+    return every > 0 and (diagnosed_steps + 1) % every == 0
+
+
+def _scalar(x: Any) -> Any:
+    """A one-element tensor hyperparameter as a 0-d view of it (the same value), as every path of
+    torch's AdamW functional takes eps and weight_decay (its foreach path refuses shape [1], and an
+    [1, 1] eps would broadcast a 1-D parameter's update to 2-D); other values as they are."""
+    return x.reshape(()) if isinstance(x, Tensor) else x
+
+
+def _rounding_seeds(item: _GroupStep, capturable: bool) -> list[int | None] | None:
     """Per parameter, the seed of this step's stochastic rounding (None: round to nearest), from
     its step count and place, so that a resumed run and every rank round alike. Muon parameters
-    that round stochastically keep a `step` count for it (AdamW ones have one)."""
+    that round stochastically keep a `step` count for it (AdamW ones have one). A capturable step
+    reads no count: it draws from the device's default generator."""
     if not item.group["stochastic_rounding"]:
         return None
     seeds: list[int | None] = []
@@ -504,8 +552,13 @@ def _rounding_seeds(item: _GroupStep) -> list[int | None] | None:
         if not rounds_stochastically(p, item.group):
             seeds.append(None)
             continue
+        if capturable:
+            seeds.append(functional.DEFAULT_GENERATOR)
+            continue
         step = new["step"] if "step" in new else held["step"]
         if item.group["use_muon"]:
+            # In place: with the step's own += 1 a Muon count moves by two per step. Kept as it has
+            # always been, since the seeds (so the bits) and the saved counts depend on it.
             step += 1
         seeds.append((int(step) * 1_000_003 + position) % (1 << 62))
     return seeds

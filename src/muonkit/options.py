@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "nonfinite": "propagate",
     "diagnostics": False,
     "orthogonality_every": 0,
+    "capturable": False,
 }
 
 MUON_KEYS = (
@@ -91,7 +92,7 @@ ADAMW_FROM = {
 
 # Options of the whole optimizer: kept in `defaults` (so they survive deepcopy and pickling), never
 # in a param group.
-GLOBAL_KEYS = ("nonfinite", "diagnostics", "orthogonality_every")
+GLOBAL_KEYS = ("nonfinite", "diagnostics", "orthogonality_every", "capturable")
 
 # torch.optim.AdamW / SGD options that change the update and that muonkit does not implement: a
 # group asking for them is refused rather than silently stepped without them.
@@ -204,23 +205,42 @@ def check_unsupported(group: dict[str, Any], where: str) -> None:
             )
 
 
-def check_options(group: dict[str, Any], where: str) -> None:
+def check_options(group: dict[str, Any], where: str, *, read_lr: bool = True) -> None:
+    """Check a group's options; with read_lr=False a tensor lr is checked without reading its value
+    (the step of a capturable optimizer makes no host read; its value was checked when set)."""
+    kind = group.get("use_muon")
+    if not isinstance(kind, bool):
+        raise TypeError(f"{where}: use_muon must be True or False, got {kind!r}")
+    missing = [key for key in (MUON_KEYS if kind else ADAMW_KEYS) if key not in group]
+    if missing:
+        # A group's kind is fixed when it is added: its keys and its parameters' state are that kind's.
+        raise ValueError(
+            f"{where}: use_muon is {kind} but the group has no {', '.join(map(repr, missing))} "
+            f"({'a Muon' if kind else 'an AdamW'} group's option{'s' if len(missing) > 1 else ''}); was use_muon "
+            "edited? A group keeps the kind it was built with: set use_muon back, or move the parameters "
+            "to a group of the other kind (a new optimizer, or opt.add_param_group({'params': [...], "
+            f"'use_muon': {kind}}}))"
+        )
     check_unsupported(group, where)
     if group["use_muon"]:
-        check_muon_options(group, where)
+        check_muon_options(group, where, read_lr=read_lr)
     else:
-        check_adamw_options(group, where)
+        check_adamw_options(group, where, read_lr=read_lr)
 
 
-def _check_lr_wd(options: dict[str, Any], where: str) -> None:
-    if number(options["lr"], "lr", where) < 0:
+def _check_lr_wd(options: dict[str, Any], where: str, *, read_lr: bool = True) -> None:
+    lr = options["lr"]
+    if not read_lr and isinstance(lr, Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point() or lr.is_complex():
+            raise ValueError(f"{where}: lr must be a one-element real floating tensor, got {lr!r}")
+    elif number(lr, "lr", where) < 0:
         raise ValueError(f"{where}: lr must be >= 0, got {options['lr']!r}")
     if number(options["weight_decay"], "weight_decay", where) < 0:
         raise ValueError(f"{where}: weight_decay must be >= 0, got {options['weight_decay']!r}")
 
 
-def check_muon_options(options: dict[str, Any], where: str) -> None:
-    _check_lr_wd(options, where)
+def check_muon_options(options: dict[str, Any], where: str, *, read_lr: bool = True) -> None:
+    _check_lr_wd(options, where, read_lr=read_lr)
     momentum = number(options["momentum"], "momentum", where)
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"{where}: momentum must be in [0, 1), got {options['momentum']!r}")
@@ -287,10 +307,46 @@ def check_global_options(options: dict[str, Any], process_group: Any) -> None:
             "Muon: orthogonality_every is measured on one process only; with a process_group, set it to 0 "
             "(the per-parameter RMS statistics still work)"
         )
+    if not isinstance(options["capturable"], bool):
+        raise TypeError(f"Muon: capturable must be True or False, got {options['capturable']!r}")
+    if options["capturable"]:
+        # Each of these reads tensor values on the host during the step.
+        for key, allowed, why in (
+            ("nonfinite", "propagate", "deciding to skip or raise reads the gradients' finiteness"),
+            ("diagnostics", False, "the statistics are copied to the host"),
+        ):
+            if options[key] != allowed:
+                raise ValueError(f"Muon: capturable=True needs {key}={allowed!r} ({why}), got {options[key]!r}")
+        if process_group is not None:
+            raise ValueError("Muon: capturable=True is for one process; pass process_group=None")
 
 
-def check_adamw_options(options: dict[str, Any], where: str) -> None:
-    _check_lr_wd(options, where)
+# Hyperparameters a capturable step reads as Python numbers (constants of a captured graph); only lr
+# may be a tensor, which the step then reads on the device.
+CAPTURABLE_NUMBERS = ("momentum", "weight_decay", "rms", "beta2", "variant_eps", "eps")
+
+
+def check_capturable(group: dict[str, Any], device: torch.device, where: str) -> None:
+    """A capturable step reads a tensor lr on the parameters' device and every other hyperparameter
+    as a Python number: anything else would be a host read (or a copy) inside the step."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor) and lr.device != device:
+        raise ValueError(
+            f"{where}: capturable=True needs a tensor lr on the parameters' device {device}, got one on {lr.device} "
+            f"(torch.tensor(lr, device='{device}'))"
+        )
+    values = [(key, group[key]) for key in CAPTURABLE_NUMBERS if key in group]
+    values += [(f"betas[{i}]", beta) for i, beta in enumerate(group.get("betas", ()))]
+    for key, value in values:
+        if isinstance(value, Tensor):
+            raise ValueError(
+                f"{where}: capturable=True reads {key} as a Python number (only lr may be a tensor), got {value!r}; "
+                f"pass {key}={value.item()!r}"
+            )
+
+
+def check_adamw_options(options: dict[str, Any], where: str, *, read_lr: bool = True) -> None:
+    _check_lr_wd(options, where, read_lr=read_lr)
     betas = options["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
@@ -310,6 +366,12 @@ def check_param(p: Tensor, name: str, group: dict[str, Any], where: str) -> None
         )
     if not p.is_floating_point():
         raise TypeError(f"{where}: parameter '{name}' has dtype {p.dtype}; it must be floating point")
+    if overlaps_itself(p):
+        raise ValueError(
+            f"{where}: parameter '{name}' with shape {tuple(p.shape)} and strides {p.stride()} has elements that "
+            "share memory (e.g. made by expand()), so an in-place update cannot be applied to it; make it "
+            "its own memory with nn.Parameter(t.clone())"
+        )
     if not group["use_muon"]:
         return
     if p.ndim < 2:
@@ -325,6 +387,22 @@ def check_param(p: Tensor, name: str, group: dict[str, Any], where: str) -> None
     _, rows, cols = matrix_shape(p.shape, layout)
     if rows == 0 or cols == 0:
         raise ValueError(f"{where}: parameter '{name}' has an empty matrix view {rows} x {cols}")
+
+
+def overlaps_itself(t: Tensor) -> bool:
+    """Whether two elements of `t` may share memory: with the axes of more than one element sorted by
+    stride, each stride must step past the farthest offset the smaller ones reach (every view torch's
+    own operations make of unshared memory does)."""
+    if is_dtensor(t):
+        t = t.to_local()
+    if t.layout != torch.strided:
+        return False
+    reach = 0
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
 
 
 def check_grad(p: Tensor, name: str, where: str) -> None:

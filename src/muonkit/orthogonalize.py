@@ -84,6 +84,13 @@ GRAM_MIN_SIDE = 64
 # and per-matrix paths must agree bit for bit (tests/test_speed_contracts.py).
 _LOOP_BELOW = 16
 _ALIGN_BYTES = 64
+# ... except where torch's batched product is its own plain loop: in float32 and float64, below this
+# many multiply-adds per matrix (contraction * rows * cols, ATen's bmm_out_or_baddbmm_), bmm and
+# baddbmm compute each matrix of the batch with the same scalar loop, so the bits do not depend on
+# the batch, and one call replaces one per matrix (ATen offers 16-bit products to oneDNN first,
+# and a bfloat16 batch of 2 x 49 matrices did change bits). A depthwise filter read per channel (96 matrices of 1 x 9) ran ~10,000
+# single-matrix products per step for its 7 filters (benchmarks/bench_small_matrices.py).
+_TINY_PRODUCT = 400
 
 
 def coefficient_schedule(name: str, steps: int) -> list[Coefficients]:
@@ -211,9 +218,15 @@ def _looped_baddbmm(c: Tensor, a: Tensor, b: Tensor, *, beta: float = 1.0, alpha
     return out
 
 
-def _products(m: int) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
-    """(bmm, baddbmm) for a wide batch with m rows: torch's batched kernels, or loops."""
-    return (_looped_bmm, _looped_baddbmm) if m < _LOOP_BELOW else (torch.bmm, torch.baddbmm)
+def _products(m: int, n: int, dtype: torch.dtype) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+    """(bmm, baddbmm) for a wide batch of m x n matrices: torch's batched kernels, or loops.
+
+    The largest product of either kernel is (m x m) @ (m x n): below _TINY_PRODUCT multiply-adds
+    every product is tiny, and in float32/float64 torch's batched kernels are batch-invariant."""
+    tiny = m * m * n < _TINY_PRODUCT and dtype in (torch.float32, torch.float64)
+    if m >= _LOOP_BELOW or tiny:
+        return torch.bmm, torch.baddbmm
+    return _looped_bmm, _looped_baddbmm
 
 
 def _carve(buffer: Tensor, count: int, m: int) -> list[Tensor]:
@@ -232,7 +245,7 @@ def _newton_schulz_(X: Tensor, schedule: Sequence[Coefficients]) -> Tensor:
     A = X X^T until B = b A + c A^2 has been formed) and B; 2 + m/n matrix sizes.
     """
     m, n = X.size(-2), X.size(-1)
-    bmm, baddbmm = _products(m)
+    bmm, baddbmm = _products(m, n, X.dtype)
     B = _like(X, m, m)
     Y = _like(X, m, n)
     own_A = _like(X, m, m) if m < _LOOP_BELOW else None
@@ -253,7 +266,7 @@ def _gram_newton_schulz_(X: Tensor, schedule: Sequence[Coefficients]) -> Tensor:
     3 for n = 2m.
     """
     m, n = X.size(-2), X.size(-1)
-    bmm, baddbmm = _products(m)
+    bmm, baddbmm = _products(m, n, X.dtype)
     Y = _like(X, m, n)
     Q = _like(X, m, m)
     carved = 0 if m < _LOOP_BELOW else min(3, n // m)

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+from .dtensor import is_dtensor
 
 SharedKeys = Literal["query", "group"]
 _SHARED_KEYS = ("query", "group")
@@ -232,6 +234,8 @@ class QKClip:
             raise ValueError("QKClip: some weights are DTensors (sharded by FSDP2); pass process_group= (e.g. "
                              "device_mesh.get_group()) so that every rank rescales with the same maxima")
         self._maxima: list[Tensor | None] = [None] * len(self._layers)
+        # Heads left untouched because their maximum was NaN or +inf, over all steps (see step()).
+        self.nonfinite_maxima = 0
 
     def __len__(self) -> int:
         return len(self._layers)
@@ -302,13 +306,24 @@ class QKClip:
     def step(self) -> list[Tensor | None]:
         """Rescale the heads whose observed max logit exceeds tau, then forget the maxima.
 
-        A NaN maximum never clips. Returns, per layer, the maxima acted on (float64, shape
-        (heads,), on the CPU; all-reduced over the process group first), or None for a layer that
-        no rank observed since the last step."""
+        A NaN or +inf maximum never clips (tau / inf = 0 would erase the head's query and key rows
+        for good): its head is left as it is, counted in `nonfinite_maxima`, and the first one
+        warns. Returns, per layer, the maxima acted on (float64, shape (heads,), on the CPU;
+        all-reduced over the process group first), or None for a layer that no rank observed since
+        the last step."""
         maxima = self._gather()
         self._maxima = [None] * len(self._layers)
         if maxima is None:
             return [None] * len(self._layers)
+        nonfinite = int((maxima.isnan() | maxima.isposinf()).sum())
+        if nonfinite:
+            if not self.nonfinite_maxima and self.tau < math.inf:  # tau=inf only records
+                warnings.warn(
+                    f"QKClip: {nonfinite} observed max logit(s) are NaN or +inf (e.g. logits that overflow "
+                    "float16); those heads are left unclipped (counted in QKClip.nonfinite_maxima; this "
+                    "warning is shown once)", RuntimeWarning, stacklevel=3,
+                )
+            self.nonfinite_maxima += nonfinite
         out: list[Tensor | None] = []
         for layer, layer_max in zip(self._layers, maxima):
             out.append(layer_max if bool((~torch.isneginf(layer_max)).any()) else None)
@@ -336,7 +351,7 @@ class QKClip:
 
     def _factors(self, maxima: list[float]) -> tuple[dict[int, float], dict[int, float]]:
         """{query head: factor} and {key head: factor} for the heads to rescale (factors < 1)."""
-        gammas = [self.tau / s if s > self.tau else 1.0 for s in maxima]
+        gammas = [self.tau / s if self.tau < s < math.inf else 1.0 for s in maxima]
         group = self.heads // self.kv_heads
         q: dict[int, float] = {}
         k: dict[int, float] = {}
@@ -367,16 +382,9 @@ def _scale_rows_(rows: _Rows, q_factors: dict[int, float], k_factors: dict[int, 
             local[lo - offset:hi - offset].mul_(factor)
 
 
-def _dtensor_type() -> type | None:
-    # Looked up, not imported: without torch.distributed.tensor loaded no tensor can be a DTensor.
-    module = sys.modules.get("torch.distributed.tensor")
-    return None if module is None else module.DTensor
-
-
 def _local(t: Tensor) -> tuple[Tensor, int]:
     """This rank's rows of `t` (a view) and the index of its first row in the full tensor."""
-    dtensor = _dtensor_type()
-    if dtensor is None or not isinstance(t, dtensor):
+    if not is_dtensor(t):
         return t, 0
     local = t.to_local()
     if t.placements[0].is_replicate():
@@ -390,8 +398,7 @@ def _local(t: Tensor) -> tuple[Tensor, int]:
 
 
 def _check_dtensor(t: Tensor, name: str) -> bool:
-    dtensor = _dtensor_type()
-    if dtensor is None or not isinstance(t, dtensor):
+    if not is_dtensor(t):
         return False
     placements = tuple(t.placements)
     if t.device_mesh.ndim != 1:

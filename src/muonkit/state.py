@@ -48,9 +48,15 @@ def rounds_stochastically(p: Tensor, group: dict[str, Any]) -> bool:
     return group["stochastic_rounding"] and p.dtype.itemsize < 4
 
 
-def missing_state(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> dict[str, Tensor]:
-    """The state entries `group` needs for `p` that `state` lacks or holds in another dtype: new
-    zeros, or the held values converted.
+def step_device(p: Tensor, capturable: bool) -> torch.device:
+    """Where a `step` count lives: on the host, as torch.optim keeps it, or with capturable=True on
+    the parameter's device, so that a captured step counts on the device."""
+    return p.device if capturable else torch.device("cpu")
+
+
+def missing_state(p: Tensor, state: dict[str, Any], group: dict[str, Any], *, capturable: bool = False) -> dict[str, Tensor]:
+    """The state entries `group` needs for `p` that `state` lacks or holds in another dtype or on
+    another device: new zeros, or the held values converted (a `step` goes to `step_device`).
 
     State exists from construction (so that every process has the same state_dict keys); entries
     appear later only for parameters appended to a group, groups whose variant, state_dtype or
@@ -78,8 +84,11 @@ def missing_state(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> di
             new[key] = zeros_like_sharded(p, shape, dtype)
         elif isinstance(held, Tensor) and held.is_floating_point() and held.dtype != dtype:
             new[key] = held.to(dtype)
-    if "step" not in state and (not group["use_muon"] or rounds_stochastically(p, group)):
-        new["step"] = torch.tensor(0.0, dtype=torch.float32)
+    step = state.get("step")
+    if step is None and (not group["use_muon"] or rounds_stochastically(p, group)):
+        new["step"] = torch.tensor(0.0, dtype=torch.float32, device=step_device(p, capturable))
+    elif isinstance(step, Tensor) and step.device != step_device(p, capturable):
+        new["step"] = step.to(step_device(p, capturable))
     return new
 
 
@@ -156,7 +165,7 @@ def _kind(key: str) -> str:
     return f"a {_QUANTIZED_DTYPES[key]} tensor" if key in QUANTIZED_STATE else "a floating tensor"
 
 
-def checked_state(state: dict[str, Any], p: Tensor, group: dict[str, Any], where: str) -> dict[str, Any]:
+def checked_state(state: dict[str, Any], p: Tensor, group: dict[str, Any], where: str, *, capturable: bool = False) -> dict[str, Any]:
     """A loaded parameter's state, checked against its group's kind and its shape: the kind's keys
     (all of them once there is any state), missing ones (a variant's second moment, or no state at
     all) freshly made; a plain-number AdamW step becomes a float32 tensor, as torch.optim.AdamW
@@ -183,7 +192,7 @@ def checked_state(state: dict[str, Any], p: Tensor, group: dict[str, Any], where
     step = state.get("step")
     if step is not None and not isinstance(step, Tensor):
         state["step"] = torch.tensor(number(step, "step", where), dtype=torch.float32)
-    state.update(missing_state(p, state, group))
+    state.update(missing_state(p, state, group, capturable=capturable))
     for key, shape in shapes.items():
         value = state[key]
         if not _fits(key, value, shape):

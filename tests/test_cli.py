@@ -261,7 +261,7 @@ def bad_inputs(tmp: Path, cifar_dir: Path, text_file: Path) -> list[tuple[list[s
         (["bench", "fashion-mnist", "--data-dir", str(a_file)], "is a file, not a directory"),
         (["bench", "charlm", "--steps", "0"], "expected a positive integer"),
         (["bench", "charlm", "--steps", "2", "--epochs", "1"], "not allowed with argument"),
-        (["bench", "modular", "--text", str(text_file)], "--text is for charlm only"),
+        (["bench", "modular", "--text", str(text_file)], "--text is for charlm and hf-lm only"),
         (["bench", "regression", "--data-dir", str(tmp)], "--data-dir is for"),
         (["explain", "nosuchtask"], "unknown task"),
         (["ns", "--size", "12"], "bad --size '12'"),

@@ -70,14 +70,15 @@ def test_conv1d_is_read_as_stored_in_out():
 
 def test_gpt2_routing():
     """Embeddings and the tied head -> AdamW; every Conv1D (attention and MLP) -> Muon with the
-    (in, out) layout; norms and biases -> AdamW without decay."""
+    (in, out) layout, the fused c_attn cut into q, k and v; norms and biases -> AdamW without decay."""
     model = tiny_gpt2()
     decisions = muonkit.route(model, example_inputs=(torch.randint(0, VOCAB, (2, CONTEXT)),))
     for d in decisions:
         is_conv1d = d.name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
         assert d.optimizer == ("muon" if is_conv1d else "adamw"), d
         if is_conv1d:
-            assert d.layout == muonkit.Layout(rows=(1,), cols=(0,)), d
+            blocks = ((1, 3),) if d.name.endswith("c_attn.weight") else ()
+            assert d.layout == muonkit.Layout(rows=(1,), cols=(0,), blocks=blocks), d
         assert (d.no_decay == "1D") == (len(d.shape) == 1), d
     assert {d.name for d in decisions} >= {"transformer.wte.weight", "transformer.wpe.weight"}
 
@@ -145,7 +146,7 @@ def test_hf_trainer_with_muon_as_a_class_fails_loudly(tmp_path):
     biases included, without routing: Muon refuses the first 1D one instead of misusing it."""
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     trainer = Trainer(model=tiny_gpt2(), args=args, optimizer_cls_and_kwargs=(muonkit.Muon, {"lr": 3e-3}))
-    with pytest.raises(ValueError, match="Muon needs a matrix"):
+    with pytest.raises(ValueError, match=r"Muon needs a matrix .*optimizer_cls_and_kwargs=\(muonkit.MuonFactory, kwargs\)"):
         trainer.create_optimizer()
 
 

@@ -8,6 +8,7 @@ Linear/Conv weights and >=2D parameters -> Muon), written out by hand per model.
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -729,3 +730,24 @@ def test_multihead_attention_in_proj_is_q_k_and_v():
     d = {d.name: d for d in muonkit.route(model)}["1.in_proj_weight"]
     assert d.optimizer == "muon" and d.layout == muonkit.Layout.per_block(3)
     assert muonkit.layout.matrix_shape((48, 16), d.layout) == (3, 16, 16)
+
+
+def test_free_parameters_are_stem_and_output_by_what_they_read_and_write():
+    """The forward pass is the evidence for free matrices too: no order fallback, no warning."""
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w_in = nn.Parameter(torch.randn(8, 16))
+            self.hidden = nn.Linear(16, 16)
+            self.w_out = nn.Parameter(torch.randn(4, 16))
+
+        def forward(self, x):
+            return nn.functional.linear(torch.relu(self.hidden(x @ self.w_in)), self.w_out)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decisions = {d.name: d for d in muonkit.route(Functional(), example_inputs=(torch.randn(3, 8),))}
+    evidence = "in the forward pass over example_inputs"
+    assert decisions["w_in"].reason == f"input stem (Functional): it reads the model's input {evidence}"
+    assert decisions["w_out"].reason == f"output layer (Functional): its output is the model's output {evidence}"

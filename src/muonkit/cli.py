@@ -1,10 +1,10 @@
 """The `muonkit` command: argument parsing and printing only; the work lives in muonkit.tasks.
 
     muonkit bench [TASK] [--optimizers muon,adamw,...] [--steps N | --epochs N] [--seeds K] [--eval-every N]
-                  [--lr OPT=VALUE ...] [--lr-sweep] [--data-dir DIR] [--text FILE]
+                  [--lr OPT=VALUE ...] [--lr-sweep] [--data-dir DIR] [--text FILE] [--hf-config NAME_OR_PATH]
                   [--qk-clip TAU] [--per-head] [--tensorboard DIR]
                   [--device cpu|cuda] [--out DIR] [--threads N] [--quiet]
-    muonkit explain TASK [--data-dir DIR] [--text FILE] [--per-head]
+    muonkit explain TASK [--data-dir DIR] [--text FILE] [--hf-config NAME_OR_PATH] [--per-head]
     muonkit ns [--size ROWSxCOLS] [--seed S] [--repeats N] [--out DIR]
 
 Bad input prints one line naming the problem and the fix to stderr and returns 2. The commands need
@@ -39,6 +39,7 @@ except ImportError as err:
     _missing = err.name
 
 DATA_DIR_TASKS = ("fashion-mnist", "cifar10")
+TEXT_TASKS = ("charlm", "hf-lm")
 
 
 class UsageError(Exception):
@@ -125,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "task's sweep steps unless --steps/--epochs)")
     bench.add_argument("--data-dir", type=Path, help="data directory (fashion-mnist: IDX files; cifar10: "
                                                      "cifar-10-batches-py)")
-    bench.add_argument("--text", type=Path, help="charlm: a UTF-8 text file (default: the standard library's source)")
+    bench.add_argument("--text", type=Path, help="charlm, hf-lm: a UTF-8 text file (default: the standard library's source)")
+    bench.add_argument("--hf-config", metavar="NAME_OR_PATH",
+                       help="hf-lm: a tiny preset (llama, qwen2, qwen3-moe, gpt2; default llama) or a transformers "
+                            "config.json (needs muonkit[hf])")
     bench.add_argument("--qk-clip", type=_tau, metavar="TAU",
                        help="QK-Clip (Kimi K2) for tasks with attention (charlm, modular): after each step, "
                             "shrink the query and key rows of every head whose largest attention logit exceeded "
@@ -147,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain = commands.add_parser("explain", help="print which parameters of a task's model go to Muon or AdamW")
     explain.add_argument("task", help=f"one of: {', '.join(TASKS)}")
     explain.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
-    explain.add_argument("--text", type=Path, help="charlm: the corpus that sets the vocabulary size")
+    explain.add_argument("--text", type=Path, help="charlm, hf-lm: the corpus that sets the vocabulary size")
+    explain.add_argument("--hf-config", metavar="NAME_OR_PATH", help="hf-lm: as `muonkit bench hf-lm --hf-config`")
     explain.add_argument("--per-head", action="store_true", help="as `muonkit bench --per-head`: qkv weights per head")
     explain.set_defaults(func=_explain)
 
@@ -216,11 +221,13 @@ def _check_lr_names(pairs: list[tuple[str, float]], optimizers: tuple[str, ...])
 
 
 def _data_options(args: argparse.Namespace, task_name: str) -> DataOptions:
-    if args.text is not None and task_name != "charlm":
-        raise UsageError(f"--text is for charlm only, not {task_name}; drop it")
+    if args.text is not None and task_name not in TEXT_TASKS:
+        raise UsageError(f"--text is for {' and '.join(TEXT_TASKS)} only, not {task_name}; drop it")
     if args.data_dir is not None and task_name not in DATA_DIR_TASKS:
         raise UsageError(f"--data-dir is for {' and '.join(DATA_DIR_TASKS)} only, not {task_name}; drop it")
-    return DataOptions(data_dir=args.data_dir, text=args.text)
+    if args.hf_config is not None and task_name != "hf-lm":
+        raise UsageError(f"--hf-config is for hf-lm only, not {task_name}; drop it")
+    return DataOptions(data_dir=args.data_dir, text=args.text, hf_config=args.hf_config)
 
 
 def _check_attention(task: Task, flag: str, used: bool) -> None:

@@ -377,7 +377,9 @@ def check_param(p: Tensor, name: str, group: dict[str, Any], where: str) -> None
     if p.ndim < 2:
         raise ValueError(
             f"{where}: parameter '{name}' has shape {tuple(p.shape)}; Muon needs a matrix - "
-            "route it to AdamW with muonkit.param_groups(model) or a group with use_muon=False"
+            "route it to AdamW with muonkit.param_groups(model) or a group with use_muon=False (with the "
+            "transformers Trainer: optimizer_cls_and_kwargs=(muonkit.MuonFactory, kwargs), which routes the "
+            "model, instead of (muonkit.Muon, kwargs), which gets the Trainer's unrouted groups)"
         )
     try:
         layout = resolve(group["layout"], p.ndim)

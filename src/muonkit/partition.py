@@ -13,6 +13,12 @@ in its module's type, so it is read from how one forward pass over `example_inpu
 matrix product or a convolution -> Muon; added, concatenated, indexed, multiplied elementwise or
 fed as the input of a layer -> AdamW. Without example inputs a free parameter goes to AdamW, and
 its reason says how to send it to Muon.
+
+Some roles are read from structure that libraries define: transformers' expert modules (one
+matrix per expert, gate and up apart) and the MoE router beside them, GPT-2's fused c_attn, PEFT's
+LoRA adapters, and the evidence that a layer is an output layer (its output is the model's output,
+its out size is the config's vocabulary or label count, it ends a head attribute at the top). Only
+where no evidence exists does order decide, and then a warning says so.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import sys
-from collections.abc import Callable, Collection, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TextIO, Union
 
@@ -32,6 +39,12 @@ from torch.utils._pytree import tree_leaves
 from .layout import Layout, LayoutSpec, matrix_shape, resolve
 
 Choice = Literal["muon", "adamw"]
+
+LORA_ADAPTERS: Choice = "adamw"
+"""Where PEFT LoRA adapters go (lora_A, lora_B). Measured by benchmarks/lora_rule.py (a tiny Llama
+pretrained on Python source, LoRA r=8 on prose, 100 steps, 3 seeds, lr 1e-3..3e-2): the best lr of
+each gave equal loss (Muon 1.877 +- 0.011, AdamW 1.880 +- 0.011 at lr 1e-2), and at lr 1e-3 (muonkit's
+default) and 3e-3 AdamW was clearly ahead (1.970 vs 2.077, 1.890 vs 1.917): AdamW is the safer rule."""
 PredicateResult = Union[None, Choice, Layout, tuple[Literal["muon"], LayoutSpec]]
 Predicate = Callable[[str, nn.Parameter, nn.Module], PredicateResult]
 
@@ -54,6 +67,7 @@ _ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_pro
 _MATRIX_OPERANDS: dict[str, dict[int, str]] = {
     "mm": {0: "left", 1: "right"},
     "bmm": {0: "left", 1: "right"},
+    "_grouped_mm": {0: "left", 1: "right"},
     "matmul": {0: "left", 1: "right"},
     "mv": {0: "left"},
     "addmm": {1: "left", 2: "right"},
@@ -66,6 +80,10 @@ _MATRIX_OPERANDS: dict[str, dict[int, str]] = {
 # Ops whose output is the same values as their input (dtype casts, contiguous copies): a later
 # use of the output is a use of the parameter it came from.
 _COPIES = frozenset({"clone", "_to_copy", "contiguous", "_unsafe_view", "lift_fresh_copy"})
+# Ops that pick whole entries of a stacked (>=3D) parameter along its leading axis, such as the
+# weights of the experts a token was routed to (`experts.gate_up_proj[expert_ids]`): the result
+# holds matrices of the parameter, so its uses are the parameter's uses.
+_PICKS = frozenset({"index", "index_select"})
 
 
 @dataclass(frozen=True)
@@ -197,7 +215,172 @@ def _known_weight(module: nn.Module, local_name: str, p: nn.Parameter) -> _Known
         return _Known("MultiheadAttention in_proj_weight", Layout.per_block(3), " (q, k and v: 3 matrices)")
     if local_name in _ATTENTION_WEIGHTS and isinstance(module, nn.MultiheadAttention):
         return _Known(f"MultiheadAttention {local_name}", "stacked")
-    return None
+    return _expert_weight(module, local_name, p)
+
+
+# ------------------------------------------------------- roles read from the model's structure
+
+def _expert_weight(module: nn.Module, local_name: str, p: nn.Parameter) -> _Known | None:
+    """A weight of transformers' expert modules (classes decorated with use_experts_implementation,
+    e.g. Qwen3MoeExperts, MixtralExperts), recognized by their contract without importing
+    transformers: an int `num_experts`, a bool `is_transposed`, and (num_experts, out, in)
+    tensors `gate_up_proj` / `up_proj` / `down_proj` ((num_experts, in, out) when transposed).
+
+    One matrix per expert; a fused gate_up_proj stores the gate rows then the up rows
+    (`is_concatenated`, the default), read as two matrices per expert. Interleaved gate/up rows
+    (is_concatenated=False, GPT-OSS) cannot be cut into two blocks: one matrix per expert.
+    """
+    experts = getattr(module, "num_experts", None)
+    transposed = getattr(module, "is_transposed", None)
+    if not (isinstance(experts, int) and isinstance(transposed, bool) and p.ndim == 3 and p.shape[0] == experts
+            and local_name in ("gate_up_proj", "up_proj", "down_proj")):
+        return None
+    out_axis, in_axis = (2, 1) if transposed else (1, 2)
+    stored = "; stored (experts, in, out)" if transposed else ""
+    what = f"{type(module).__name__} expert weights"
+    if local_name == "gate_up_proj" and getattr(module, "is_concatenated", True) is True:
+        layout = Layout(rows=(out_axis,), cols=(in_axis,), batch=(0,), blocks=((out_axis, 2),))
+        return _Known(what, layout, f" (gate and up apart: 2 matrices per expert{stored})")
+    interleaved = ", gate and up rows interleaved" if local_name == "gate_up_proj" else ""
+    layout = Layout(rows=(out_axis,), cols=(in_axis,), batch=(0,)) if transposed else "stacked"
+    return _Known(what, layout, f" (one matrix per expert{interleaved}{stored})")
+
+
+def _routers(model: nn.Module) -> dict[int, str]:
+    """{id(weight): reason} for MoE routers: a matrix with one row per expert held by a sibling of
+    an expert module (see _expert_weight) in the same MoE block: Qwen3-MoE's and Mixtral's `gate`."""
+    found: dict[int, str] = {}
+    for block in model.modules():
+        children = list(block.children())
+        for experts in children:
+            count = getattr(experts, "num_experts", None)
+            if not (isinstance(count, int) and isinstance(getattr(experts, "is_transposed", None), bool)):
+                continue
+            for sibling in children:
+                if sibling is experts:
+                    continue
+                for p in sibling.parameters(recurse=False):
+                    if p.ndim == 2 and p.shape[0] == count:
+                        found[id(p)] = (f"MoE router of {type(block).__name__} ({count} experts x {p.shape[1]}): "
+                                        "it scores the experts like an output layer scores classes, so AdamW, "
+                                        "with or without example_inputs")
+    return found
+
+
+def _fused_qkv(module: nn.Module, local_name: str, parent: nn.Module | None) -> _Known | None:
+    """GPT-2's fused attention projection: the Conv1D `c_attn` of a module with `split_size`,
+    nf = 3 * split_size (q, k, v) or 2 * split_size (k, v of cross-attention), read as 3 (or 2)
+    matrices split_size x in, as MultiheadAttention's in_proj_weight is."""
+    split = getattr(parent, "split_size", None)
+    if (local_name != "weight" or parent is None or getattr(parent, "c_attn", None) is not module
+            or not _is_hf_conv1d(module) or not isinstance(split, int) or split <= 0):
+        return None
+    count, rest = divmod(module.nf, split)
+    if rest or count not in (2, 3):
+        return None
+    parts = "q, k and v" if count == 3 else "k and v"
+    return _Known("fused attention weight (transformers Conv1D c_attn)",
+                  Layout(rows=(1,), cols=(0,), blocks=((1, count),)),
+                  f" ({parts}: {count} matrices out x in; stored (in, {count} * out))")
+
+
+def _lora_adapters(model: nn.Module) -> dict[int, str]:
+    """{id(module): "A" | "B"} for PEFT LoRA adapter layers: the entries of the `lora_A` / `lora_B`
+    ModuleDicts of a layer that wraps a `base_layer` (peft.tuners.lora.LoraLayer's structure)."""
+    found: dict[int, str] = {}
+    for layer in model.modules():
+        if not isinstance(getattr(layer, "base_layer", None), nn.Module):
+            continue
+        for which in ("A", "B"):
+            table = getattr(layer, f"lora_{which}", None)
+            if isinstance(table, nn.ModuleDict):
+                for adapter in table.values():
+                    found[id(adapter)] = which
+    return found
+
+
+# Names of a model's head at its top (outside numbered blocks): transformers' lm_head,
+# classifier, score and qa_outputs; timm's head; torchvision's fc and classifier; the plain
+# output / out of hand-written models.
+_HEAD_NAMES = frozenset({"lm_head", "head", "heads", "classifier", "score", "qa_outputs", "fc", "output", "out"})
+
+
+def _in_blocks(name: str) -> bool:
+    """Whether a module name runs through a numbered container (the blocks of a backbone)."""
+    return any(part.isdigit() for part in name.split("."))
+
+
+def _out_size(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    return module.nf if _is_hf_conv1d(module) else None
+
+
+def _config_sizes(model: nn.Module) -> tuple[dict[int, str], bool]:
+    """({size: "config.vocab_size" | "config.num_labels"}, whether any module has a config)."""
+    sizes: dict[int, str] = {}
+    configured = False
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is None or isinstance(config, (dict, str)):
+            continue
+        configured = True
+        for key in ("vocab_size", "num_labels"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                sizes.setdefault(value, f"config.{key}")
+    return sizes, configured
+
+
+def _output_layers(
+    model: nn.Module, seen: _Observation | None, adapters: dict[int, str]
+) -> tuple[dict[int, str], bool]:
+    """({id(layer): the evidence that it is an output layer}, whether order may stand in).
+
+    Evidence: the forward pass (its output is the model's output), a layer outside the numbered
+    blocks whose out size equals the config's vocab_size or num_labels, the last layer of a head
+    attribute (_HEAD_NAMES) of the model itself or of a module with a config (a transformers
+    model inside a wrapper such as PEFT's). A model with a transformers-style config and none of this
+    is a backbone without a head: no output layer, and order may not stand in.
+    """
+    layers = [(n, m) for n, m in model.named_modules() if _is_weight_layer(m) and id(m) not in adapters]
+    found: dict[int, str] = {}
+    if seen is not None:
+        for u in [m for _, m in layers] + [p for p in model.parameters() if id(p) in seen.uses]:
+            if id(u) in seen.outputs:
+                found[id(u)] = "its output is the model's output in the forward pass over example_inputs"
+    sizes, configured = _config_sizes(model)
+    for n, m in layers:
+        size = _out_size(m)
+        if not _in_blocks(n) and size in sizes:
+            found.setdefault(id(m), f"outside the blocks, out size {size} = {sizes[size]}")
+    tops = [("", model)] + [(f"{n}.", m) for n, m in model.named_modules() if n and hasattr(m, "config")]
+    for prefix, top in tops:
+        for child_name, head in top.named_children():
+            name = prefix + child_name
+            if child_name in _HEAD_NAMES and not _in_blocks(name) and id(head) not in adapters:
+                inside = [x for x in head.modules() if _is_weight_layer(x) and id(x) not in adapters]
+                if inside:
+                    found.setdefault(id(inside[-1]), f"the last layer of the head '{name}'")
+    return found, not found and not configured and not (seen is not None and seen.outputs)
+
+
+def _input_stems(
+    order: list[Any], seen: _Observation | None, outputs: Collection[int], order_source: str
+) -> dict[int, str]:
+    """{id(layer or free parameter): why it is the input stem}: the layers that read the model's
+    input in the forward pass; else (or without example_inputs) the first in order, unless that
+    is an embedding or an output layer."""
+    candidates = [u for u in order if id(u) not in outputs]
+    if seen is not None:
+        reading = {id(m): "it reads the model's input in the forward pass over example_inputs"
+                   for m in candidates if id(m) in seen.stems and not isinstance(m, _EMBEDDINGS)}
+        if reading:
+            return reading
+    if not candidates or isinstance(candidates[0], _EMBEDDINGS):
+        return {}
+    kind = type(candidates[0]).__name__ if isinstance(candidates[0], nn.Module) else "matrix"
+    return {id(candidates[0]): f"the first {kind} {order_source}"}
 
 
 # ------------------------------------------------------------------ observing one forward pass
@@ -223,6 +406,21 @@ class _Observation:
     """Known layers (modules) and free parameters, in the order the forward pass first runs them."""
     uses: dict[int, list[_Use]] = field(default_factory=dict)
     """Free parameter id -> how the forward pass consumed it, in order."""
+    reads: dict[int, set[int]] = field(default_factory=dict)
+    """Id of a known layer or of a free parameter used as a matrix -> storages of its inputs."""
+    writes: dict[int, set[int]] = field(default_factory=dict)
+    """Id of a known layer or of a free parameter used as a matrix -> storages of its outputs."""
+    outputs: set[int] = field(default_factory=set)
+    """Ids of those whose output is (a view or a copy of) an output of the model."""
+    stems: set[int] = field(default_factory=set)
+    """Ids of those whose input is (a view or a copy of) an input of the model."""
+
+
+def _storage(t: Any) -> int | None:
+    """The storage address of a strided tensor on a real device, else None."""
+    if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.device.type == "meta":
+        return None
+    return t.untyped_storage().data_ptr()
 
 
 class _UseRecorder(TorchDispatchMode):
@@ -240,11 +438,29 @@ class _UseRecorder(TorchDispatchMode):
         self.source: dict[int, int] = {}
         """Storage address -> id of the parameter whose values it holds."""
         self.keep: list[torch.Tensor] = []
-        """Copies of parameters, kept alive so that no other tensor reuses their addresses."""
+        """Copies of parameters and other copies, kept alive so that no other tensor reuses their addresses."""
+        self.copies: dict[int, int] = {}
+        """Storage address of a copy (a dtype cast, a contiguous copy) -> that of its input."""
 
     def watch(self, p: nn.Parameter) -> None:
         if p.numel() and p.layout == torch.strided and p.device.type != "meta":
             self.source[p.untyped_storage().data_ptr()] = id(p)
+
+    def root(self, address: int) -> int:
+        """The storage whose values a copy (or a copy of a copy) holds."""
+        while address in self.copies:
+            address = self.copies[address]
+        return address
+
+    def _picks(self, op: str, args: tuple, pid: int) -> bool:
+        """Whether `op` picks whole matrices of a stacked free parameter along its leading axis."""
+        p = self.free.get(pid)
+        if p is None or p.ndim < 3 or op not in _PICKS:
+            return False
+        if op == "index_select":
+            return int(args[1]) == 0
+        indices = args[1]
+        return len(indices) >= 1 and indices[0] is not None and all(i is None for i in indices[1:])
 
     def _origin(self, t: Any) -> int | None:
         if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.device.type == "meta":
@@ -261,10 +477,14 @@ class _UseRecorder(TorchDispatchMode):
         operands += [(None, leaf) for leaf in tree_leaves(kwargs)]
         origins = [(i, self._origin(t)) for i, t in operands]
         factors = _MATRIX_OPERANDS.get(op, {})
+        copied, copy = (_storage(operands[0][1]) if operands else None), _storage(out)
+        if op in _COPIES and copied is not None and copy is not None and copy != copied:
+            self.copies.setdefault(copy, self.root(copied))
+            self.keep.append(out)
         for (position, operand), (_, pid) in zip(operands, origins):
             if pid is None:
                 continue
-            if op in _COPIES:
+            if op in _COPIES or (position == 0 and self._picks(op, args, pid)):
                 for t in tree_leaves(out):
                     if isinstance(t, torch.Tensor) and t.layout == torch.strided:
                         self.source.setdefault(t.untyped_storage().data_ptr(), pid)
@@ -288,6 +508,14 @@ class _UseRecorder(TorchDispatchMode):
             uses = self.seen.uses.setdefault(pid, [])
             if matrix and feeds is None and not any(u.matrix and u.feeds is None for u in uses):
                 self.seen.order.append(p)
+            if matrix and feeds is None:
+                # Like a layer's hooks: what the product reads and writes, for the stem and the output.
+                self.seen.reads.setdefault(pid, set()).update(
+                    a for (i, t), (_, other) in zip(operands, origins) if i != position and other is None
+                    for a in [_storage(t)] if a is not None)
+                self.seen.writes.setdefault(pid, set()).update(
+                    a for a in map(_storage, tree_leaves(out)) if a is not None)
+                self.keep.append(out)
             uses.append(_Use(op, matrix, layout, feeds))
         return out
 
@@ -302,14 +530,23 @@ def _observe(
     parameters used as matrices, and every use of each free parameter."""
     seen = _Observation()
     visited: set[int] = set()
+    reads, writes = seen.reads, seen.writes
+    alive: list[Any] = []
 
-    def record(module: nn.Module, _inputs: Any) -> None:
+    def record(module: nn.Module, inputs: Any) -> None:
         if id(module) not in visited:
             visited.add(id(module))
             seen.order.append(module)
+        reads.setdefault(id(module), set()).update(a for a in map(_storage, _tensors(inputs)) if a is not None)
+        alive.append(inputs)
+
+    def produced(module: nn.Module, _inputs: Any, output: Any) -> None:
+        writes.setdefault(id(module), set()).update(a for a in map(_storage, _tensors(output)) if a is not None)
+        alive.append(output)
 
     layers = [m for m in model.modules() if isinstance(m, _EMBEDDINGS) or _is_weight_layer(m)]
     handles = [m.register_forward_pre_hook(record) for m in layers]
+    handles += [m.register_forward_hook(produced) for m in layers]
     recorder = _UseRecorder(free, weights, seen)
     params = {id(p): p for p in model.parameters()}
     for pid in (*free, *weights):
@@ -319,15 +556,30 @@ def _observe(
         model.eval()
         with torch.no_grad(), recorder:
             if isinstance(example_inputs, Mapping):
-                model(**example_inputs)
+                result = model(**example_inputs)
             else:
-                model(*example_inputs)
+                result = model(*example_inputs)
     finally:
         for m, training in modes:
             m.training = training
         for h in handles:
             h.remove()
+    roots = lambda tensors: {recorder.root(a) for a in map(_storage, tensors) if a is not None}  # noqa: E731
+    model_outputs, model_inputs = roots(_tensors(result)), roots(_tensors(example_inputs))
+    seen.outputs = {m for m, written in writes.items() if {recorder.root(a) for a in written} & model_outputs}
+    seen.stems = {m for m, read in reads.items() if {recorder.root(a) for a in read} & model_inputs}
     return seen
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in nested tuples, lists and mappings (transformers' ModelOutput is a mapping)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
 # ------------------------------------------------------------------------------ weight decay
@@ -373,6 +625,7 @@ def route(
     example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
     min_size: int = 2,
     exclude_from_decay: bool = True,
+    only: Iterable[torch.Tensor | str] | None = None,
 ) -> list[Decision]:
     """Decide Muon or AdamW for every parameter of `model`, with a reason for each.
 
@@ -392,10 +645,15 @@ def route(
             registration order (the order of model.modules()) stands in for execution order and
             free parameters go to AdamW.
         min_size: matrices whose matrix view has a side shorter than this go to AdamW.
-        exclude_from_decay: True (default): 0D/1D parameters and the names a module lists in its
+        exclude_from_decay: True (default): 0D/1D parameters, the names a module lists in its
             `no_weight_decay()` method (timm's convention: names, fnmatch patterns or module
-            prefixes, relative to that module) get weight_decay 0 (Decision.no_decay says why).
-            False: every parameter gets its group's weight decay.
+            prefixes, relative to that module), and free tensors with a leading axis of 1 that go
+            to AdamW (learned tokens and position tables: ViT's cls_token and position_embeddings,
+            timm's pos_embed) get weight_decay 0 (Decision.no_decay says why). nn.Embedding tables,
+            position embeddings included (GPT-2's wpe, BERT's position_embeddings), keep the group's
+            weight decay. False: every parameter gets its group's weight decay.
+        only: parameters (tensors or names) to decide, each judged in the whole model; the others
+            are left out of the result. None (default): every parameter.
 
     Example:
         >>> for d in muonkit.route(model, example_inputs=(x,)):
@@ -415,16 +673,21 @@ def route(
             f"inputs, got {type(example_inputs).__name__}"
         )
 
+    selected = None if only is None else _selected(model, only)
+
     owner: dict[int, tuple[str, nn.Module]] = {}
     owners_of: dict[int, list[nn.Module]] = {}
     known: dict[int, _Known] = {}
+    parent_of = {id(child): m for m in model.modules() for child in m.children()}
+    adapters = _lora_adapters(model)
     for module_name, module in model.named_modules(remove_duplicate=False):
         for local_name, p in module.named_parameters(recurse=False):
             owner.setdefault(id(p), (module_name, module))
             owners_of.setdefault(id(p), []).append(module)
-            role = _known_weight(module, local_name, p)
+            role = _fused_qkv(module, local_name, parent_of.get(id(module))) or _known_weight(module, local_name, p)
             if role is not None:
                 known.setdefault(id(p), role)
+    routers = _routers(model)
     embedding_weights = {
         id(m.weight): name for name, m in model.named_modules() if isinstance(m, _EMBEDDINGS)
     }
@@ -432,20 +695,30 @@ def route(
     free = {id(p): p for p in model.parameters() if p.ndim >= 2 and id(p) not in known}
 
     uses: dict[int, list[_Use]] | None = None
+    seen: _Observation | None = None
+    is_layer = lambda m: (isinstance(m, _EMBEDDINGS) or _is_weight_layer(m)) and id(m) not in adapters  # noqa: E731
     if example_inputs is not None:
         weights = {pid: names_of[pid] for pid in known}
         seen = _observe(model, example_inputs, free, weights)
-        order, uses = seen.order, seen.uses
+        order, uses = [u for u in seen.order if not isinstance(u, nn.Module) or is_layer(u)], seen.uses
         order_source = "in the forward pass"
     else:
-        order = [m for m in model.modules() if isinstance(m, _EMBEDDINGS) or _is_weight_layer(m)]
+        order = [m for m in model.modules() if is_layer(m)]
         order_source = "in registration order"
-    first = order[0] if order and not isinstance(order[0], _EMBEDDINGS) else None
-    last = order[-1] if order and not isinstance(order[-1], _EMBEDDINGS) else None
+    outputs, order_may_decide = _output_layers(model, seen, adapters)
+    by_order = order_may_decide and bool(order) and not isinstance(order[-1], _EMBEDDINGS)
+    if by_order:
+        kind = type(order[-1]).__name__ if isinstance(order[-1], nn.Module) else "matrix"
+        outputs = {id(order[-1]): (f"the last {kind} {order_source}; no other evidence (no head attribute, no "
+                                   "config size, no layer whose output is the model's output), so only order is "
+                                   "left: name it in adamw= or muon= to decide")}
+    stems = _input_stems(order, seen, outputs, order_source)
     no_decay_entries = _no_decay_names(model) if exclude_from_decay else {}
 
     decisions = []
     for name, p in model.named_parameters():
+        if selected is not None and name not in selected:
+            continue
         module_name, module = owner[id(p)]
         shape = tuple(p.shape)
         if not p.requires_grad:
@@ -457,16 +730,38 @@ def route(
             known=known.get(id(p)),
             uses=None if uses is None or id(p) not in free else uses.get(id(p), []),
             tied_to=embedding_weights.get(id(p)) if not isinstance(module, _EMBEDDINGS) else None,
-            is_stem=any(u is first for u in units),
-            is_output=any(u is last for u in units),
-            order_source=order_source,
+            stem=next((stems[id(u)] for u in units if id(u) in stems), None),
+            output=next((outputs[id(u)] for u in units if id(u) in outputs), None),
+            lora=adapters.get(id(module)),
+            router=routers.get(id(p)),
         )
         choice, reason, layout = rule.decide(muon=muon, adamw=adamw, predicate=predicate, min_size=min_size)
         no_decay = None
         if exclude_from_decay:
             no_decay = f"{p.ndim}D" if p.ndim < 2 else _listed(name, no_decay_entries)
+            if no_decay is None and id(p) in free and p.shape[0] == 1 and choice == "adamw":
+                no_decay = "learned token or position table: a free tensor with a leading axis of 1"
         decisions.append(Decision(name, shape, choice, reason, layout if choice == "muon" else None, no_decay))
+        if by_order and rule.output is not None and choice == "adamw" and reason.startswith("output layer"):
+            warnings.warn(f"muonkit: {type(model).__name__} '{name}': output layer decided by order alone ({reason})",
+                          stacklevel=3)
     return decisions
+
+
+def _selected(model: nn.Module, only: Iterable[torch.Tensor | str] | torch.Tensor | str) -> set[str]:
+    """The names of the parameters `only=` lists (tensors or names); ValueError for one not in the model."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    every = set(names.values())
+    selected = set()
+    for item in [only] if isinstance(only, (str, torch.Tensor)) else only:
+        name = item if isinstance(item, str) else names.get(id(item)) if isinstance(item, torch.Tensor) else None
+        if name is None or name not in every:
+            shown = (item if isinstance(item, str) else
+                     f"a tensor of shape {tuple(item.shape)}" if isinstance(item, torch.Tensor) else repr(item))
+            raise ValueError(f"only=: {shown} is not a parameter of the model (add the new module to the model "
+                             "first, then route its parameters)")
+        selected.add(name)
+    return selected
 
 
 @dataclass
@@ -480,9 +775,14 @@ class _Rule:
     uses: list[_Use] | None
     """How the forward pass used a free parameter; None without example_inputs or when not free."""
     tied_to: str | None
-    is_stem: bool
-    is_output: bool
-    order_source: str
+    stem: str | None
+    """Why the parameter's layer is the input stem; None when it is not."""
+    output: str | None
+    """The evidence that the parameter's layer is an output layer; None when it is not."""
+    lora: str | None
+    """"A" or "B" for the weight of a PEFT LoRA adapter layer."""
+    router: str | None
+    """The reason of an MoE router's weight."""
 
     @property
     def default_layout(self) -> LayoutSpec:
@@ -516,14 +816,18 @@ class _Rule:
             return "adamw", f"embedding ({kind}): a lookup table, not a dense linear map", None
         if self.tied_to is not None:
             return "adamw", f"tied to embedding '{self.tied_to}'", None
+        if self.lora is not None and self.p.ndim == 2:
+            return self._lora()
+        if self.router is not None:
+            return "adamw", self.router, None
         if self.known is None:
             verdict = self._free()
             if verdict is not None:
                 return "adamw", verdict, None
-        if self.is_output:
-            return "adamw", f"output layer: the last {kind} {self.order_source}", None
-        if self.is_stem:
-            return "adamw", f"input stem: the first {kind} {self.order_source}", None
+        if self.output is not None:
+            return "adamw", f"output layer ({kind}): {self.output}", None
+        if self.stem is not None:
+            return "adamw", f"input stem ({kind}): {self.stem}", None
         layout = self.default_layout
         batch, rows, cols = matrix_shape(p.shape, resolve(layout, p.ndim))
         view = f"{batch} matrices {rows}x{cols}" if batch > 1 else f"{rows}x{cols}"
@@ -541,7 +845,17 @@ class _Rule:
         else:
             reading = "read as (..., out, in)"
         return "muon", (f"free parameter of {kind}, a matrix operand of {', '.join(ops)} "
-                        f"{self.order_source}: {view}, {reading}"), layout
+                        f"in the forward pass: {view}, {reading}"), layout
+
+    def _lora(self) -> tuple[Choice, str, LayoutSpec]:
+        """A PEFT LoRA adapter: lora_A (r x in) or lora_B (out x r), by the rule measured in
+        benchmarks/lora_rule.py (RESULTS.md, "LoRA adapters")."""
+        rows, cols = self.p.shape
+        what = f"LoRA adapter lora_{self.lora} ({rows}x{cols}, " + ("r x in" if self.lora == "A" else "out x r") + ")"
+        if LORA_ADAPTERS == "adamw":
+            return "adamw", (f"{what}: AdamW, as measured (benchmarks/lora_rule.py): Muon on the adapters was no "
+                             "better at the best lr and worse below it; muon= or a predicate sends them to Muon"), None
+        return "muon", f"{what}: Muon, as measured (benchmarks/lora_rule.py)", "stacked"
 
     def _free(self) -> str | None:
         """The AdamW reason of a free parameter that is not used as a matrix, else None."""
@@ -606,6 +920,7 @@ def param_groups(
     exclude_from_decay: bool = True,
     muon_options: dict[str, Any] | None = None,
     adamw_options: dict[str, Any] | None = None,
+    only: Iterable[torch.Tensor | str] | None = None,
 ) -> list[dict[str, Any]]:
     """Param groups for muonkit.Muon: Muon groups by matrix layout, AdamW groups, split by decay.
 
@@ -616,12 +931,19 @@ def param_groups(
     options nor Muon(weight_decay=...) change; the other groups take the weight decay of the options
     or of Muon's constructor.
 
+    `only=` (parameters or names) returns the groups of just those parameters, each judged in the
+    whole model (a new head is an output layer, a new block's Linear a hidden one): the groups of a
+    module added after the optimizer was built, ready for `opt.add_param_group`.
+
     Example:
         >>> opt = muonkit.Muon(muonkit.param_groups(model), lr=1e-3, weight_decay=0.1)
+        >>> model.head = nn.Linear(768, 10)          # later: a new head
+        >>> for group in muonkit.param_groups(model, only=model.head.parameters()):
+        ...     opt.add_param_group(group)
     """
     decisions = route(
         model, muon=muon, adamw=adamw, predicate=predicate,
-        example_inputs=example_inputs, min_size=min_size, exclude_from_decay=exclude_from_decay,
+        example_inputs=example_inputs, min_size=min_size, exclude_from_decay=exclude_from_decay, only=only,
     )
     params = dict(model.named_parameters())
     groups: dict[Any, dict[str, Any]] = {}

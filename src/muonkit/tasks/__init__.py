@@ -9,10 +9,11 @@ from muonkit.tasks.base import DataOptions, Task, TaskError
 from muonkit.tasks.charlm import CharLM
 from muonkit.tasks.cifar10 import CIFAR10
 from muonkit.tasks.fashion_mnist import FashionMNIST
+from muonkit.tasks.hflm import HFLM
 from muonkit.tasks.modular import Modular
 from muonkit.tasks.regression import Regression
 
-TASKS: dict[str, Task] = {task.name: task for task in (CharLM(), FashionMNIST(), CIFAR10(), Modular(), Regression())}
+TASKS: dict[str, Task] = {task.name: task for task in (CharLM(), HFLM(), FashionMNIST(), CIFAR10(), Modular(), Regression())}
 
 
 def get_task(name: str) -> Task:

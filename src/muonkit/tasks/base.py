@@ -23,6 +23,8 @@ class DataOptions:
 
     data_dir: Path | None = None
     text: Path | None = None
+    hf_config: str | None = None
+    """hf-lm: a built-in preset name or the path of a transformers config.json."""
 
 
 class Task:

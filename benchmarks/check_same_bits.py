@@ -1,0 +1,81 @@
+"""Train charlm 100 steps with muon, normuon, adamuon, muon+cwd and adamw at this tree and at another
+commit, and say whether the final parameters and every training loss are the same bits.
+
+Run:
+    python benchmarks/check_same_bits.py [--base e43b6fd] [--steps 100]
+
+Each side runs in its own process (1 torch thread) with its own src/ on PYTHONPATH (the base commit
+extracted with `git archive`): the charlm task's model and data, seed 0, batches from a generator
+seeded 1, the optimizers as `muonkit bench` builds them at the task's lrs. Prints one line per
+optimizer: "same bits", or the largest parameter difference and the first differing step, so that
+a change meant to keep behaviour (a refactor) is checked end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+OPTIMIZERS = ("muon", "normuon", "adamuon", "muon+cwd", "adamw")
+
+TRAIN = """
+import sys, torch
+from muonkit.tasks.base import DataOptions
+from muonkit.tasks.charlm import CharLM
+from muonkit.tasks.optimizers import build_optimizers
+torch.set_num_threads(1)
+task = CharLM()
+data = task.load(DataOptions(), torch.device("cpu"))
+out = {}
+for name in sys.argv[2].split(","):
+    torch.manual_seed(0)
+    model = task.model(data)
+    opts, _ = build_optimizers(name, model, task.lrs[name.removesuffix("+cwd")], adamw_lr=task.lrs["adamw"],
+                               weight_decay=task.weight_decay, routing={})
+    generator = torch.Generator().manual_seed(1)
+    losses = []
+    for step in range(int(sys.argv[3])):
+        x, y = task.batch(data, step, generator)
+        loss = task.loss(model, x, y)
+        loss.backward()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+        losses.append(loss.item())
+    out[name] = {"params": {k: v.detach().clone() for k, v in model.state_dict().items()}, "losses": losses}
+torch.save(out, sys.argv[1])
+"""
+
+
+def train(src: str, path: str, steps: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": src}
+    subprocess.run([sys.executable, "-c", TRAIN, path, ",".join(OPTIMIZERS), str(steps)], env=env, check=True)
+    return torch.load(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="e43b6fd", help="the commit to compare with")
+    parser.add_argument("--steps", type=int, default=100)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "-C", ROOT, "archive", args.base, "src"], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        before = train(os.path.join(tmp, "src"), os.path.join(tmp, "before.pt"), args.steps)
+        after = train(os.path.join(ROOT, "src"), os.path.join(tmp, "after.pt"), args.steps)
+    for name in OPTIMIZERS:
+        a, b = before[name], after[name]
+        diff = max((a["params"][k].double() - b["params"][k].double()).abs().max().item() for k in a["params"])
+        first = next((i for i, (x, y) in enumerate(zip(a["losses"], b["losses"])) if x != y), None)
+        verdict = "same bits" if diff == 0 and first is None else f"max |param diff| {diff:.3g}, first differing loss at step {first}"
+        print(f"{name:9s} {verdict} (final loss {b['losses'][-1]:.6f})")
+
+
+if __name__ == "__main__":
+    main()

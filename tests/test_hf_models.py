@@ -1,0 +1,636 @@
+"""Routing of real transformers (5.x) and peft models built from configs (no downloads).
+
+For each model the whole routing table (optimizer, number of matrices, decay) is checked against
+a table written here, with and without example inputs; then the MoE expert reading (gate and up
+apart, every way torch multiplies by a stacked weight), output layers by evidence, `only=` for
+later additions, LoRA adapters and GPT-2's fused c_attn.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import muonkit
+from muonkit.layout import matrix_shape, resolve, to_matrices
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny(name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A one-block model of each family and the inputs of one forward pass."""
+    T = transformers
+    torch.manual_seed(0)
+    ids = {"input_ids": torch.randint(0, 64, (2, 8))}
+    if name in ("llama", "llama-tied", "llama-model"):
+        cfg = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=name == "llama-tied")
+        return (T.LlamaModel if name == "llama-model" else T.LlamaForCausalLM)(cfg), ids
+    if name == "qwen2":
+        cfg = T.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2)
+        return T.Qwen2ForCausalLM(cfg), ids
+    if name == "qwen3-moe":
+        cfg = T.Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                               num_experts_per_tok=2, head_dim=8)
+        return T.Qwen3MoeForCausalLM(cfg), ids
+    if name == "mixtral":
+        cfg = T.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+        return T.MixtralForCausalLM(cfg), ids
+    if name in ("gpt2", "gpt2-model"):
+        cfg = T.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16, bos_token_id=0, eos_token_id=0)
+        return (T.GPT2Model if name == "gpt2-model" else T.GPT2LMHeadModel)(cfg), ids
+    if name == "bert":
+        cfg = T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=48, max_position_embeddings=16, num_labels=3)
+        return T.BertForSequenceClassification(cfg), ids
+    if name == "t5":
+        cfg = T.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_decoder_layers=1, num_heads=4)
+        return T.T5ForConditionalGeneration(cfg), {**ids, "decoder_input_ids": ids["input_ids"][:, :4]}
+    pixels = {"pixel_values": torch.randn(2, 3, 16, 16)}
+    if name in ("vit", "vit-model"):
+        cfg = T.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                          intermediate_size=48, num_labels=5)
+        return (T.ViTModel if name == "vit-model" else T.ViTForImageClassification)(cfg), pixels
+    if name == "convnext":
+        cfg = T.ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5,
+                               image_size=16)
+        return T.ConvNextForImageClassification(cfg), pixels
+    raise KeyError(name)
+
+
+def table(model: nn.Module, **routing) -> str:
+    """One line per parameter: name, optimizer, number of matrices (Muon) or '-', decay."""
+    rows = []
+    for d in muonkit.route(model, **routing):
+        count = matrix_shape(d.shape, resolve(d.layout, len(d.shape)))[0] if d.optimizer == "muon" else "-"
+        rows.append(f"{d.name} {d.optimizer} {count} {'default' if d.no_decay is None else 0}")
+    return "\n".join(rows) + "\n"
+
+
+EXPECTED = {
+    "llama": """\
+model.embed_tokens.weight adamw - default
+model.layers.0.self_attn.q_proj.weight muon 1 default
+model.layers.0.self_attn.k_proj.weight muon 1 default
+model.layers.0.self_attn.v_proj.weight muon 1 default
+model.layers.0.self_attn.o_proj.weight muon 1 default
+model.layers.0.mlp.gate_proj.weight muon 1 default
+model.layers.0.mlp.up_proj.weight muon 1 default
+model.layers.0.mlp.down_proj.weight muon 1 default
+model.layers.0.input_layernorm.weight adamw - 0
+model.layers.0.post_attention_layernorm.weight adamw - 0
+model.norm.weight adamw - 0
+lm_head.weight adamw - default
+""",
+    "llama-tied": """\
+model.embed_tokens.weight adamw - default
+model.layers.0.self_attn.q_proj.weight muon 1 default
+model.layers.0.self_attn.k_proj.weight muon 1 default
+model.layers.0.self_attn.v_proj.weight muon 1 default
+model.layers.0.self_attn.o_proj.weight muon 1 default
+model.layers.0.mlp.gate_proj.weight muon 1 default
+model.layers.0.mlp.up_proj.weight muon 1 default
+model.layers.0.mlp.down_proj.weight muon 1 default
+model.layers.0.input_layernorm.weight adamw - 0
+model.layers.0.post_attention_layernorm.weight adamw - 0
+model.norm.weight adamw - 0
+""",
+    "llama-model": """\
+embed_tokens.weight adamw - default
+layers.0.self_attn.q_proj.weight muon 1 default
+layers.0.self_attn.k_proj.weight muon 1 default
+layers.0.self_attn.v_proj.weight muon 1 default
+layers.0.self_attn.o_proj.weight muon 1 default
+layers.0.mlp.gate_proj.weight muon 1 default
+layers.0.mlp.up_proj.weight muon 1 default
+layers.0.mlp.down_proj.weight muon 1 default
+layers.0.input_layernorm.weight adamw - 0
+layers.0.post_attention_layernorm.weight adamw - 0
+norm.weight adamw - 0
+""",
+    "qwen2": """\
+model.embed_tokens.weight adamw - default
+model.layers.0.self_attn.q_proj.weight muon 1 default
+model.layers.0.self_attn.q_proj.bias adamw - 0
+model.layers.0.self_attn.k_proj.weight muon 1 default
+model.layers.0.self_attn.k_proj.bias adamw - 0
+model.layers.0.self_attn.v_proj.weight muon 1 default
+model.layers.0.self_attn.v_proj.bias adamw - 0
+model.layers.0.self_attn.o_proj.weight muon 1 default
+model.layers.0.mlp.gate_proj.weight muon 1 default
+model.layers.0.mlp.up_proj.weight muon 1 default
+model.layers.0.mlp.down_proj.weight muon 1 default
+model.layers.0.input_layernorm.weight adamw - 0
+model.layers.0.post_attention_layernorm.weight adamw - 0
+model.norm.weight adamw - 0
+lm_head.weight adamw - default
+""",
+    "qwen3-moe": """\
+model.embed_tokens.weight adamw - default
+model.layers.0.self_attn.q_proj.weight muon 1 default
+model.layers.0.self_attn.k_proj.weight muon 1 default
+model.layers.0.self_attn.v_proj.weight muon 1 default
+model.layers.0.self_attn.o_proj.weight muon 1 default
+model.layers.0.self_attn.q_norm.weight adamw - 0
+model.layers.0.self_attn.k_norm.weight adamw - 0
+model.layers.0.mlp.experts.gate_up_proj muon 8 default
+model.layers.0.mlp.experts.down_proj muon 4 default
+model.layers.0.mlp.gate.weight adamw - default
+model.layers.0.input_layernorm.weight adamw - 0
+model.layers.0.post_attention_layernorm.weight adamw - 0
+model.norm.weight adamw - 0
+lm_head.weight adamw - default
+""",
+    "mixtral": """\
+model.embed_tokens.weight adamw - default
+model.layers.0.self_attn.q_proj.weight muon 1 default
+model.layers.0.self_attn.k_proj.weight muon 1 default
+model.layers.0.self_attn.v_proj.weight muon 1 default
+model.layers.0.self_attn.o_proj.weight muon 1 default
+model.layers.0.mlp.gate.weight adamw - default
+model.layers.0.mlp.experts.gate_up_proj muon 8 default
+model.layers.0.mlp.experts.down_proj muon 4 default
+model.layers.0.input_layernorm.weight adamw - 0
+model.layers.0.post_attention_layernorm.weight adamw - 0
+model.norm.weight adamw - 0
+lm_head.weight adamw - default
+""",
+    "gpt2": """\
+transformer.wte.weight adamw - default
+transformer.wpe.weight adamw - default
+transformer.h.0.ln_1.weight adamw - 0
+transformer.h.0.ln_1.bias adamw - 0
+transformer.h.0.attn.c_attn.weight muon 3 default
+transformer.h.0.attn.c_attn.bias adamw - 0
+transformer.h.0.attn.c_proj.weight muon 1 default
+transformer.h.0.attn.c_proj.bias adamw - 0
+transformer.h.0.ln_2.weight adamw - 0
+transformer.h.0.ln_2.bias adamw - 0
+transformer.h.0.mlp.c_fc.weight muon 1 default
+transformer.h.0.mlp.c_fc.bias adamw - 0
+transformer.h.0.mlp.c_proj.weight muon 1 default
+transformer.h.0.mlp.c_proj.bias adamw - 0
+transformer.ln_f.weight adamw - 0
+transformer.ln_f.bias adamw - 0
+""",
+    "gpt2-model": """\
+wte.weight adamw - default
+wpe.weight adamw - default
+h.0.ln_1.weight adamw - 0
+h.0.ln_1.bias adamw - 0
+h.0.attn.c_attn.weight muon 3 default
+h.0.attn.c_attn.bias adamw - 0
+h.0.attn.c_proj.weight muon 1 default
+h.0.attn.c_proj.bias adamw - 0
+h.0.ln_2.weight adamw - 0
+h.0.ln_2.bias adamw - 0
+h.0.mlp.c_fc.weight muon 1 default
+h.0.mlp.c_fc.bias adamw - 0
+h.0.mlp.c_proj.weight muon 1 default
+h.0.mlp.c_proj.bias adamw - 0
+ln_f.weight adamw - 0
+ln_f.bias adamw - 0
+""",
+    "bert": """\
+bert.embeddings.word_embeddings.weight adamw - default
+bert.embeddings.position_embeddings.weight adamw - default
+bert.embeddings.token_type_embeddings.weight adamw - default
+bert.embeddings.LayerNorm.weight adamw - 0
+bert.embeddings.LayerNorm.bias adamw - 0
+bert.encoder.layer.0.attention.self.query.weight muon 1 default
+bert.encoder.layer.0.attention.self.query.bias adamw - 0
+bert.encoder.layer.0.attention.self.key.weight muon 1 default
+bert.encoder.layer.0.attention.self.key.bias adamw - 0
+bert.encoder.layer.0.attention.self.value.weight muon 1 default
+bert.encoder.layer.0.attention.self.value.bias adamw - 0
+bert.encoder.layer.0.attention.output.dense.weight muon 1 default
+bert.encoder.layer.0.attention.output.dense.bias adamw - 0
+bert.encoder.layer.0.attention.output.LayerNorm.weight adamw - 0
+bert.encoder.layer.0.attention.output.LayerNorm.bias adamw - 0
+bert.encoder.layer.0.intermediate.dense.weight muon 1 default
+bert.encoder.layer.0.intermediate.dense.bias adamw - 0
+bert.encoder.layer.0.output.dense.weight muon 1 default
+bert.encoder.layer.0.output.dense.bias adamw - 0
+bert.encoder.layer.0.output.LayerNorm.weight adamw - 0
+bert.encoder.layer.0.output.LayerNorm.bias adamw - 0
+bert.pooler.dense.weight muon 1 default
+bert.pooler.dense.bias adamw - 0
+classifier.weight adamw - default
+classifier.bias adamw - 0
+""",
+    "t5": """\
+shared.weight adamw - default
+encoder.block.0.layer.0.SelfAttention.q.weight muon 1 default
+encoder.block.0.layer.0.SelfAttention.k.weight muon 1 default
+encoder.block.0.layer.0.SelfAttention.v.weight muon 1 default
+encoder.block.0.layer.0.SelfAttention.o.weight muon 1 default
+encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight adamw - default
+encoder.block.0.layer.0.layer_norm.weight adamw - 0
+encoder.block.0.layer.1.DenseReluDense.wi.weight muon 1 default
+encoder.block.0.layer.1.DenseReluDense.wo.weight muon 1 default
+encoder.block.0.layer.1.layer_norm.weight adamw - 0
+encoder.final_layer_norm.weight adamw - 0
+decoder.block.0.layer.0.SelfAttention.q.weight muon 1 default
+decoder.block.0.layer.0.SelfAttention.k.weight muon 1 default
+decoder.block.0.layer.0.SelfAttention.v.weight muon 1 default
+decoder.block.0.layer.0.SelfAttention.o.weight muon 1 default
+decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight adamw - default
+decoder.block.0.layer.0.layer_norm.weight adamw - 0
+decoder.block.0.layer.1.EncDecAttention.q.weight muon 1 default
+decoder.block.0.layer.1.EncDecAttention.k.weight muon 1 default
+decoder.block.0.layer.1.EncDecAttention.v.weight muon 1 default
+decoder.block.0.layer.1.EncDecAttention.o.weight muon 1 default
+decoder.block.0.layer.1.layer_norm.weight adamw - 0
+decoder.block.0.layer.2.DenseReluDense.wi.weight muon 1 default
+decoder.block.0.layer.2.DenseReluDense.wo.weight muon 1 default
+decoder.block.0.layer.2.layer_norm.weight adamw - 0
+decoder.final_layer_norm.weight adamw - 0
+""",
+    "vit": """\
+vit.embeddings.cls_token adamw - 0
+vit.embeddings.position_embeddings adamw - 0
+vit.embeddings.patch_embeddings.projection.weight adamw - default
+vit.embeddings.patch_embeddings.projection.bias adamw - 0
+vit.layers.0.attention.q_proj.weight muon 1 default
+vit.layers.0.attention.q_proj.bias adamw - 0
+vit.layers.0.attention.k_proj.weight muon 1 default
+vit.layers.0.attention.k_proj.bias adamw - 0
+vit.layers.0.attention.v_proj.weight muon 1 default
+vit.layers.0.attention.v_proj.bias adamw - 0
+vit.layers.0.attention.o_proj.weight muon 1 default
+vit.layers.0.attention.o_proj.bias adamw - 0
+vit.layers.0.layernorm_before.weight adamw - 0
+vit.layers.0.layernorm_before.bias adamw - 0
+vit.layers.0.layernorm_after.weight adamw - 0
+vit.layers.0.layernorm_after.bias adamw - 0
+vit.layers.0.mlp.fc1.weight muon 1 default
+vit.layers.0.mlp.fc1.bias adamw - 0
+vit.layers.0.mlp.fc2.weight muon 1 default
+vit.layers.0.mlp.fc2.bias adamw - 0
+vit.layernorm.weight adamw - 0
+vit.layernorm.bias adamw - 0
+classifier.weight adamw - default
+classifier.bias adamw - 0
+""",
+    "vit-model": """\
+embeddings.cls_token adamw - 0
+embeddings.position_embeddings adamw - 0
+embeddings.patch_embeddings.projection.weight adamw - default
+embeddings.patch_embeddings.projection.bias adamw - 0
+layers.0.attention.q_proj.weight muon 1 default
+layers.0.attention.q_proj.bias adamw - 0
+layers.0.attention.k_proj.weight muon 1 default
+layers.0.attention.k_proj.bias adamw - 0
+layers.0.attention.v_proj.weight muon 1 default
+layers.0.attention.v_proj.bias adamw - 0
+layers.0.attention.o_proj.weight muon 1 default
+layers.0.attention.o_proj.bias adamw - 0
+layers.0.layernorm_before.weight adamw - 0
+layers.0.layernorm_before.bias adamw - 0
+layers.0.layernorm_after.weight adamw - 0
+layers.0.layernorm_after.bias adamw - 0
+layers.0.mlp.fc1.weight muon 1 default
+layers.0.mlp.fc1.bias adamw - 0
+layers.0.mlp.fc2.weight muon 1 default
+layers.0.mlp.fc2.bias adamw - 0
+layernorm.weight adamw - 0
+layernorm.bias adamw - 0
+pooler.dense.weight muon 1 default
+pooler.dense.bias adamw - 0
+""",
+    "convnext": """\
+convnext.embeddings.patch_embeddings.weight adamw - default
+convnext.embeddings.patch_embeddings.bias adamw - 0
+convnext.embeddings.layernorm.weight adamw - 0
+convnext.embeddings.layernorm.bias adamw - 0
+convnext.encoder.stages.0.layers.0.layer_scale_parameter adamw - 0
+convnext.encoder.stages.0.layers.0.dwconv.weight muon 1 default
+convnext.encoder.stages.0.layers.0.dwconv.bias adamw - 0
+convnext.encoder.stages.0.layers.0.layernorm.weight adamw - 0
+convnext.encoder.stages.0.layers.0.layernorm.bias adamw - 0
+convnext.encoder.stages.0.layers.0.pwconv1.weight muon 1 default
+convnext.encoder.stages.0.layers.0.pwconv1.bias adamw - 0
+convnext.encoder.stages.0.layers.0.pwconv2.weight muon 1 default
+convnext.encoder.stages.0.layers.0.pwconv2.bias adamw - 0
+convnext.encoder.stages.1.downsampling_layer.0.weight adamw - 0
+convnext.encoder.stages.1.downsampling_layer.0.bias adamw - 0
+convnext.encoder.stages.1.downsampling_layer.1.weight muon 1 default
+convnext.encoder.stages.1.downsampling_layer.1.bias adamw - 0
+convnext.encoder.stages.1.layers.0.layer_scale_parameter adamw - 0
+convnext.encoder.stages.1.layers.0.dwconv.weight muon 1 default
+convnext.encoder.stages.1.layers.0.dwconv.bias adamw - 0
+convnext.encoder.stages.1.layers.0.layernorm.weight adamw - 0
+convnext.encoder.stages.1.layers.0.layernorm.bias adamw - 0
+convnext.encoder.stages.1.layers.0.pwconv1.weight muon 1 default
+convnext.encoder.stages.1.layers.0.pwconv1.bias adamw - 0
+convnext.encoder.stages.1.layers.0.pwconv2.weight muon 1 default
+convnext.encoder.stages.1.layers.0.pwconv2.bias adamw - 0
+convnext.layernorm.weight adamw - 0
+convnext.layernorm.bias adamw - 0
+classifier.weight adamw - default
+classifier.bias adamw - 0
+""",}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_routing_table_with_and_without_example_inputs(name):
+    model, inputs = tiny(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # evidence decides every one of these models: no order warning
+        assert table(model) == EXPECTED[name]
+        assert table(model, example_inputs=inputs) == EXPECTED[name]
+
+
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm", "grouped_mm"])
+@pytest.mark.parametrize("name", ["qwen3-moe", "mixtral"])
+def test_experts_are_recognized_whatever_runs_them(name, implementation):
+    model, inputs = tiny(name)
+    model.set_experts_implementation(implementation)  # eager: F.linear on w[e]; batched_mm: bmm; grouped_mm
+    assert table(model, example_inputs=inputs) == EXPECTED[name]
+    reasons = {d.name: d.reason for d in muonkit.route(model, example_inputs=inputs)}
+    assert "gate and up apart: 2 matrices per expert" in reasons["model.layers.0.mlp.experts.gate_up_proj"]
+    assert reasons["model.layers.0.mlp.gate.weight"].startswith("MoE router")
+
+
+def test_fused_gate_up_is_gate_and_up_apart_per_expert():
+    model, _ = tiny("qwen3-moe")
+    experts = model.model.layers[0].mlp.experts
+    decision = next(d for d in muonkit.route(model) if d.name.endswith("experts.gate_up_proj"))
+    w = experts.gate_up_proj.detach()
+    matrices = to_matrices(w, resolve(decision.layout, 3))
+    inter = w.shape[1] // 2
+    expected = [w[e, :inter] for e in range(4)] + [w[e, inter:] for e in range(4)]  # gates, then ups
+    assert torch.equal(matrices, torch.stack(expected))
+
+
+class _Experts(nn.Module):
+    """Stacked expert weights (experts, out, in) multiplied the way `how` says."""
+
+    def __init__(self, how: str, experts: int = 4, d: int = 16, hidden: int = 24):
+        super().__init__()
+        self.how = how
+        self.w_in = nn.Parameter(torch.randn(experts, hidden, d) / d**0.5)
+        self.w_out = nn.Parameter(torch.randn(experts, d, hidden) / hidden**0.5)
+        self.bias = nn.Parameter(torch.zeros(experts, 1, hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (experts, tokens, d)
+        if self.how == "bmm":
+            h = torch.bmm(x, self.w_in.transpose(1, 2))
+            return torch.bmm(h.relu(), self.w_out.transpose(1, 2))
+        if self.how == "baddbmm":
+            h = torch.baddbmm(self.bias, x, self.w_in.transpose(1, 2))
+            return torch.bmm(h.relu(), self.w_out.transpose(1, 2))
+        if self.how == "einsum":
+            h = torch.einsum("etd,ehd->eth", x, self.w_in)
+            return torch.einsum("eth,edh->etd", h.relu(), self.w_out)
+        if self.how == "linear-on-slice":
+            outs = []
+            for e in range(x.shape[0]):
+                index = torch.tensor(e)
+                h = nn.functional.linear(x[e], self.w_in[index]).relu()
+                outs.append(nn.functional.linear(h, self.w_out[index]))
+            return torch.stack(outs)
+        if self.how == "index-bmm":  # each token picks its expert's matrices (transformers' batched_mm)
+            experts, tokens, d = x.shape
+            ids = torch.arange(experts).repeat_interleave(tokens)
+            h = torch.bmm(self.w_in[ids], x.reshape(-1, d, 1)).relu()
+            return torch.bmm(self.w_out[ids], h).reshape(experts, tokens, d)
+        if self.how == "grouped_mm":
+            tokens = x.reshape(-1, x.shape[-1])
+            offsets = torch.arange(1, x.shape[0] + 1, dtype=torch.int32) * x.shape[1]
+            h = torch._grouped_mm(tokens, self.w_in.transpose(1, 2), offs=offsets).relu()
+            return torch._grouped_mm(h, self.w_out.transpose(1, 2), offs=offsets)
+        raise KeyError(self.how)
+
+
+@pytest.mark.parametrize("how", ["bmm", "baddbmm", "einsum", "linear-on-slice", "index-bmm", "grouped_mm"])
+def test_every_way_to_multiply_by_stacked_experts_is_observed(how):
+    model = nn.Sequential(nn.Linear(16, 16), _Experts(how), nn.Linear(16, 8))
+    decisions = {d.name: d for d in muonkit.route(model, example_inputs=(torch.randn(4, 5, 16),))}
+    for name, rows, cols in (("1.w_in", 24, 16), ("1.w_out", 16, 24)):
+        d = decisions[name]
+        assert d.optimizer == "muon", d.reason
+        assert matrix_shape(d.shape, resolve(d.layout, 3)) == (4, rows, cols), d.reason
+    assert decisions["1.bias"].optimizer == "adamw"
+    without = {d.name: d.optimizer for d in muonkit.route(model)}
+    assert without["1.w_in"] == "adamw"  # a custom module's free tensor needs example_inputs
+
+
+def test_headless_backbone_keeps_its_last_block_and_no_warning():
+    for name, last in (("llama-model", "layers.0.mlp.down_proj.weight"), ("gpt2-model", "h.0.mlp.c_proj.weight"),
+                       ("vit-model", "layers.0.mlp.fc2.weight")):
+        model, inputs = tiny(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for routing in ({}, {"example_inputs": inputs}):
+                d = next(d for d in muonkit.route(model, **routing) if d.name == last)
+                assert d.optimizer == "muon" and d.reason.startswith("hidden"), (name, d.reason)
+
+
+class _HeadFirst(nn.Module):
+    """A wrapper that registers its head before the backbone."""
+
+    def __init__(self, head_name: str):
+        super().__init__()
+        self.head_name = head_name
+        setattr(self, head_name, nn.Linear(32, 3))
+        self.backbone = tiny("llama-model")[0]
+
+    def forward(self, input_ids):
+        hidden = self.backbone(input_ids=input_ids).last_hidden_state
+        return getattr(self, self.head_name)(hidden[:, -1])
+
+
+@pytest.mark.parametrize("head_name", ["head", "proj"])
+def test_a_head_registered_before_the_backbone(head_name):
+    model = _HeadFirst(head_name)
+    inputs = (torch.randint(0, 64, (2, 8)),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        routes = [muonkit.route(model, example_inputs=inputs)]
+        if head_name == "head":  # a known head attribute: evidence without example_inputs too
+            routes.append(muonkit.route(model))
+    for decisions in routes:
+        by_name = {d.name: d for d in decisions}
+        assert by_name[f"{head_name}.weight"].optimizer == "adamw"
+        assert by_name[f"{head_name}.weight"].reason.startswith("output layer"), by_name[f"{head_name}.weight"].reason
+        assert by_name["backbone.layers.0.mlp.down_proj.weight"].optimizer == "muon"
+        assert not any(d.reason.startswith("input stem") for d in decisions)
+
+
+def test_order_alone_warns_once_and_says_so():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.warns(UserWarning, match="order alone") as caught:
+        text = muonkit.explain(model, file=None)
+    assert len(caught) == 1
+    assert "only order is left" in text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decisions = muonkit.route(model, example_inputs=(torch.randn(2, 8),))  # the forward pass is evidence
+    assert decisions[2].reason == ("output layer (Linear): its output is the model's output in the forward pass "
+                                   "over example_inputs")
+
+
+def test_only_routes_a_later_addition_judged_in_the_whole_model():
+    model, inputs = tiny("llama-model")
+    opt = muonkit.Muon(muonkit.param_groups(model), lr=1e-3)
+    model.head = nn.Linear(32, 5)
+    model.adapter = nn.Linear(32, 32)
+    groups = muonkit.param_groups(model, only=[*model.head.parameters(), *model.adapter.parameters()])
+    assert sorted(n for g in groups for n in g["param_names"]) == ["adapter.bias", "adapter.weight", "head.bias",
+                                                                  "head.weight"]
+    by_name = {d.name: d for d in muonkit.route(model, only=model.head.parameters())}
+    assert set(by_name) == {"head.weight", "head.bias"}
+    assert by_name["head.weight"].reason == "output layer (Linear): the last layer of the head 'head'"
+    adapter = muonkit.route(model, only=["adapter.weight"])[0]
+    assert adapter.optimizer == "muon" and adapter.reason == "hidden Linear weight 32x32"
+    for g in groups:
+        opt.add_param_group(g)
+    model.head(model(**inputs).last_hidden_state).sum().backward()
+    opt.step()
+    text = muonkit.explain(model, only=model.head.parameters(), file=None)
+    assert "head.weight" in text and "layers.0" not in text
+    with pytest.raises(ValueError, match=r"only=: a tensor of shape \(3, 3\) is not a parameter of the model"):
+        muonkit.param_groups(model, only=[nn.Parameter(torch.zeros(3, 3))])
+
+
+def test_lora_adapters_are_recognized_and_routed_by_the_measured_rule():
+    peft = pytest.importorskip("peft")
+    model, inputs = tiny("llama")
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for routing in ({}, {"example_inputs": inputs}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            decisions = muonkit.route(model, **routing)
+        trained = {d.name: d for d in decisions if d.optimizer != "frozen"}
+        assert sorted(trained) == sorted(
+            f"base_model.model.model.layers.0.{m}.lora_{ab}.default.weight"
+            for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj") for ab in "AB")
+        for name, d in trained.items():
+            assert d.optimizer == muonkit.partition.LORA_ADAPTERS
+            assert d.reason.startswith(f"LoRA adapter lora_{'A' if '.lora_A.' in name else 'B'}"), d.reason
+        frozen = [d.name for d in decisions if d.optimizer == "frozen"]
+        assert "base_model.model.lm_head.weight" in frozen
+    groups = muonkit.param_groups(model)
+    opt = muonkit.Muon(groups, lr=1e-2)
+    model(**inputs).logits.sum().backward()
+    opt.step()
+
+
+def test_gpt2_c_attn_is_q_k_and_v_apart():
+    model, _ = tiny("gpt2-model")
+    d = next(d for d in muonkit.route(model) if d.name == "h.0.attn.c_attn.weight")
+    assert d.reason == ("hidden fused attention weight (transformers Conv1D c_attn) 3 matrices 32x32 (q, k and v: "
+                        "3 matrices out x in; stored (in, 3 * out))")
+    w = model.h[0].attn.c_attn.weight.detach()  # (in, 3 * out)
+    matrices = to_matrices(w, resolve(d.layout, 2))
+    for i in range(3):
+        assert torch.equal(matrices[i], w[:, 32 * i: 32 * (i + 1)].T)
+
+
+def test_bench_hf_lm_end_to_end(tmp_path, capsys):
+    import json
+
+    from muonkit.cli import main
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+    assert main(["bench", "hf-lm", "--hf-config", "qwen3-moe", "--text", str(text), "--steps", "3", "--quiet",
+                 "--threads", "1", "--out", str(tmp_path / "run")]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert sorted(results["summary"]) == ["adamw", "muon", "normuon"]
+    assert "| muon |" in capsys.readouterr().out
+    assert main(["explain", "hf-lm", "--hf-config", "gpt2", "--text", str(text)]) == 0
+    out = capsys.readouterr().out
+    assert "transformer.h.0.attn.c_attn.weight" in out and "3 matrices" in out
+    assert "lm_head" not in out  # GPT-2 ties its head to the token embedding
+
+
+def test_bench_hf_lm_config_path_and_errors(tmp_path, capsys, monkeypatch):
+    from muonkit.cli import main
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("abcdefgh " * 400, encoding="utf-8")
+    config = tmp_path / "config.json"
+    config.write_text('{"model_type": "llama", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,'
+                      ' "num_attention_heads": 4}', encoding="utf-8")
+    assert main(["explain", "hf-lm", "--hf-config", str(config), "--text", str(text)]) == 0
+    assert "model.layers.0.mlp.down_proj.weight" in capsys.readouterr().out
+    assert main(["explain", "hf-lm", "--hf-config", "nope"]) == 2
+    assert "neither a preset (llama, qwen2, qwen3-moe, gpt2) nor a config.json file" in capsys.readouterr().err
+    assert main(["explain", "charlm", "--hf-config", "llama"]) == 2
+    assert "--hf-config is for hf-lm only" in capsys.readouterr().err
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # as if it were not installed
+    assert main(["bench", "hf-lm", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err == "muonkit: error: hf-lm needs transformers: pip install 'muonkit[hf]'\n"
+
+
+def test_a_head_name_below_the_top_is_not_a_head():
+    class Body(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.fc = nn.Linear(8, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(self.inp(x).relu()).relu()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.out = Body(), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.out(self.body(x))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decisions = {d.name: d for d in muonkit.route(Net(), example_inputs=(torch.randn(2, 8),))}
+    assert decisions["body.fc.weight"].optimizer == "muon", decisions["body.fc.weight"].reason
+    assert decisions["out.weight"].reason.startswith("output layer")
+    assert decisions["body.inp.weight"].reason == (
+        "input stem (Linear): it reads the model's input in the forward pass over example_inputs")
+
+
+def polar64(m: torch.Tensor) -> torch.Tensor:
+    u, _, vh = torch.linalg.svd(m.double(), full_matrices=False)
+    return u @ vh
+
+
+def test_one_muon_step_on_experts_and_c_attn_against_per_matrix_polar_factors():
+    """Oracle: one Muon step (exact polar factor, "mup" scale sqrt(rows/cols), which tells rows from
+    cols) equals float64 polar factors of each expert's gate, up and down matrices and of GPT-2's
+    q, k, v blocks, written here from the transformers storage conventions."""
+    moe, _ = tiny("qwen3-moe")
+    gpt2, _ = tiny("gpt2-model")
+    experts, attn = moe.model.layers[0].mlp.experts, gpt2.h[0].attn.c_attn
+    params = (experts.gate_up_proj, experts.down_proj, attn.weight)
+    opts = [muonkit.Muon(muonkit.param_groups(m, muon_options={"scale": "mup", "orthogonalizer": "svd"}),
+                         lr=0.01, weight_decay=0.0) for m in (moe, gpt2)]
+    grads = {p: torch.randn_like(p) for p in params}
+    before = {p: p.detach().clone() for p in params}
+    for p, g in grads.items():
+        p.grad = g.clone()
+    for opt in opts:
+        opt.step()
+    step = {p: (before[p] - p.detach()).double() / 0.01 for p in params}
+
+    inter = experts.gate_up_proj.shape[1] // 2  # (experts, 2 * inter, hidden): gate rows, then up rows
+    for e in range(4):
+        for rows in (slice(0, inter), slice(inter, 2 * inter)):
+            g = grads[experts.gate_up_proj][e, rows]
+            torch.testing.assert_close(step[experts.gate_up_proj][e, rows], polar64(g) * (inter / g.shape[1]) ** 0.5,
+                                       rtol=0, atol=1e-5)
+        g = grads[experts.down_proj][e]  # (hidden, inter)
+        torch.testing.assert_close(step[experts.down_proj][e], polar64(g) * (g.shape[0] / g.shape[1]) ** 0.5,
+                                   rtol=0, atol=1e-5)
+    for i in range(3):  # (in, 3 * out): q, k, v columns; each matrix out x in
+        cols = slice(32 * i, 32 * (i + 1))
+        g = grads[attn.weight][:, cols].T
+        torch.testing.assert_close(step[attn.weight][:, cols], polar64(g).T, rtol=0, atol=1e-5)

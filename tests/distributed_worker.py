@@ -67,6 +67,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "muon": {},
     "normuon": dict(variant="normuon", cautious_weight_decay=True),
     "adamuon": dict(variant="adamuon", beta2=0.9),
+    # issue 23: 8-bit momentum (FSDP2 shards hold whole blocks) and Dion2 (replicated only).
+    "muon8bit": dict(momentum_bits=8),
+    "normuon8bit": dict(variant="normuon", momentum_bits=8),
+    "dion2": dict(variant="dion2"),
+    "nordion2": dict(variant="nordion2", momentum_bits=8),
 }
 
 
@@ -181,6 +186,29 @@ def job_bytes(rank: int, world: int, tmp: Path) -> Any:
     out["muon_bytes"] = sum(4 * p.numel() for g in groups if g["use_muon"] for p in g["params"])
     out["no_group"] = make_optimizer(make_model()).bytes_sent
     return out
+
+
+def job_bytes_variants(rank: int, world: int, tmp: Path) -> Any:
+    """Muon.bytes_sent of one replicated step for muon, dion2 and nordion2 (issue 23)."""
+    out = {}
+    for variant in ("muon", "dion2", "nordion2"):
+        model = make_model()
+        opt = make_optimizer(model, dist.group.WORLD, variant)
+        train_fixed(model, opt, range(1))
+        out[variant] = opt.bytes_sent
+    return out
+
+
+def job_fsdp_dion2_refused(rank: int, world: int, tmp: Path) -> Any:
+    model = shard(make_model())
+    opt = make_optimizer(model, dist.group.WORLD, "dion2")
+    set_grads(model, fixed_grads(model, 0))
+    before = snapshot(model, opt)
+    try:
+        opt.step()
+    except ValueError as err:
+        return str(err), all(torch.equal(a, b) for a, b in zip(before.values(), snapshot(model, opt).values()))
+    return "no error", False
 
 
 def job_fsdp(rank: int, world: int, tmp: Path, variant: str = "muon") -> Any:
@@ -367,6 +395,12 @@ JOBS: dict[str, Callable[[int, int, Path], Any]] = {
     **{f"{kind}_{v}": _variant(job, v) for v in ("normuon", "adamuon")
        for kind, job in (("replicated", job_replicated), ("fsdp", job_fsdp))},
     "checkpoint_save_normuon": _variant(job_checkpoint_save, "normuon"),
+    **{f"{kind}_{v}": _variant(job, v) for v in ("muon8bit", "normuon8bit")
+       for kind, job in (("replicated", job_replicated), ("fsdp", job_fsdp), ("checkpoint_save", job_checkpoint_save))},
+    **{f"resume_{v}_from_{source}": _resume(source, v) for v in ("muon8bit", "normuon8bit") for source in (1, 2)},
+    **{f"replicated_{v}": _variant(job_replicated, v) for v in ("dion2", "nordion2")},
+    "bytes_variants": job_bytes_variants,
+    "fsdp_dion2_refused": job_fsdp_dion2_refused,
     "resume_normuon_from_2": _resume(2, "normuon"),
     "qkclip_replicated": job_qkclip_replicated,
     "qkclip_fsdp": job_qkclip_fsdp,

@@ -11,7 +11,8 @@ raises ValueError naming the group and leaves the optimizer as it was:
   (``ns_coefficients``); any other optimizer's (SGD, RMSprop, RAdam, ...) is refused, named;
 - a group keeps its kind: a loaded group is an AdamW group if its ``use_muon`` is False, or,
   without ``use_muon`` (torch's optimizers), if it has ``betas``; else a Muon group;
-- each parameter's state holds its kind's keys (Muon ``momentum_buffer``, and
+- each parameter's state holds its kind's keys (Muon ``momentum_buffer``, or
+  ``momentum_codes`` and ``momentum_scales`` with momentum_bits=8, taken as saved, and
   ``second_moment`` with a variant; AdamW ``step``, ``exp_avg``, ``exp_avg_sq``) with the
   shapes the step needs; missing state (torch creates it lazily) is made fresh; a
   plain-number AdamW ``step`` (torch's older format) becomes a float32 tensor, as
@@ -37,7 +38,7 @@ from torch import Tensor
 
 from .options import GLOBAL_KEYS, SKIPPED, check_options, check_unsupported, fill_defaults, number
 from .orthogonalize import EPS, SCHEDULES
-from .state import checked_state, state_dtype
+from .state import QUANTIZED_STATE, checked_state, state_dtype
 
 # Keys added to muonkit.Muon since its first release, with the values that keep an optimizer pickled
 # before them behaving as it did (not the defaults: an old pickle had no stochastic rounding).
@@ -45,8 +46,12 @@ ADDED_LATER: dict[str, Any] = {
     "variant": "muon",
     "beta2": 0.95,
     "variant_eps": 1e-10,
+    "fraction": 0.25,
+    "ef_decay": 0.95,
+    "selection": "local",
     "cautious_weight_decay": False,
     "state_dtype": None,
+    "momentum_bits": 32,
     "stochastic_rounding": False,
     "nonfinite": "propagate",
     "diagnostics": False,
@@ -183,12 +188,18 @@ def loaded(
 def uncast(loaded: dict[str, Any], saved: dict[str, Any], p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
     """A loaded state with its floating tensors (but `step`) taken from the `saved` values, in the
     group's state dtype, where that differs from the parameter's dtype that torch cast them to."""
+    loaded = dict(loaded)
+    # 8-bit momentum keeps its own dtypes (int8 codes, float32 scales) whatever the parameter's.
+    for key in QUANTIZED_STATE:
+        value = saved.get(key)
+        if key in loaded and isinstance(value, Tensor):
+            loaded[key] = value.to(device=p.device)
     dtype = state_dtype(p, group)
     if dtype == p.dtype:
         return loaded
-    loaded = dict(loaded)
     for key, value in saved.items():
-        if key in loaded and key != "step" and isinstance(value, Tensor) and value.is_floating_point():
+        if (key in loaded and key != "step" and key not in QUANTIZED_STATE and isinstance(value, Tensor)
+                and value.is_floating_point()):
             loaded[key] = value.to(dtype=dtype, device=p.device)
     return loaded
 

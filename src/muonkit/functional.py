@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
 from torch.optim.optimizer import _get_capturable_supported_devices
 
-from .layout import Layout, from_matrices, matrix_shape, to_matrices
+from .layout import Layout, from_matrices, matrix_shape, resolve, to_matrices
 from .orthogonalize import (
     SCHEDULES,
     NsDtype,
@@ -36,7 +36,7 @@ from .orthogonalize import (
     working_dtype,
 )
 from .scaling import Scale, update_scale
-from .variants import VARIANTS, Variant
+from .variants import VARIANTS, Selection, Variant
 
 # (momentum updates U, their second moments or None, their layouts) -> (updates H, new second
 # moments or None), each tensor in its parameter's (or state's) own shape: the seam distributed
@@ -288,15 +288,38 @@ class Pending:
     cautious_weight_decay: bool
     rounding_seeds: list[int | None]
     stats: list[Stats] | None
+    accumulates: bool = False  # M <- M + G (the variant's `accumulates`) instead of the lerp
+    selections: list[Selection | None] | None = None  # the slices each matrix view updates (Dion2)
+    ef_decay: float = 1.0
+    layouts: list[Layout] | None = None
 
     def apply_(self) -> None:
-        """M <- lerp(M, G, 1 - momentum) in place (the bits the held step computed out of place),
-        then the second moments and the parameters, as the fast path applies them."""
+        """M <- lerp(M, G, 1 - momentum) (or M + G) in place (the bits the held step computed out of
+        place) and the selected slices' error-feedback decay, then the second moments and the
+        parameters, as the fast path applies them."""
         if self.params:
-            torch._foreach_lerp_(self.momentum_buffers, _as_buffer_dtype(self.grads, self.momentum_buffers),
-                                 1.0 - self.momentum)
+            _momentum_(self.momentum_buffers, _as_buffer_dtype(self.grads, self.momentum_buffers), self.momentum,
+                       self.accumulates)
+        for i in range(len(self.params)):
+            _decay_selected_(self, i)
         _apply_moments_(self, range(len(self.params)))
         _apply_params_(self, range(len(self.params)))
+
+
+def _momentum_(buffers: list[Tensor], grads: list[Tensor], momentum: float, accumulates: bool) -> None:
+    if accumulates:
+        torch._foreach_add_(buffers, grads)
+    else:
+        torch._foreach_lerp_(buffers, grads, 1.0 - momentum)
+
+
+def _decay_selected_(step: Pending, i: int) -> None:
+    """M_S <- ef_decay M_S on the slices S a selecting variant updated (error feedback)."""
+    selection = step.selections[i] if step.selections is not None else None
+    if selection is not None and step.ef_decay != 1.0 and step.layouts is not None:
+        # Out of place and copied back: a layout that permutes axes has no matrix view of M.
+        buffer, layout = step.momentum_buffers[i], step.layouts[i]
+        buffer.copy_(from_matrices(selection.scaled(to_matrices(buffer, layout), step.ef_decay), layout, buffer.shape))
 
 
 def _apply_moments_(step: Pending, indices: Iterable[int]) -> None:
@@ -475,6 +498,8 @@ def muon(
     variant: Variant | str = "muon",
     beta2: float = 0.95,
     variant_eps: float = 1e-10,
+    fraction: float = 0.25,
+    ef_decay: float = 0.95,
     second_moments: Sequence[Tensor | None] | None = None,
     cautious_weight_decay: bool = False,
     update_many: UpdateMany | None = None,
@@ -513,6 +538,8 @@ def muon(
         stats: one dict per parameter to receive 0-d tensors "grad_rms", "momentum_rms",
             "update_rms" and, with `orthogonality`, "orthogonality_error", "singular_min",
             "singular_max"; "second_moment_min"/"_max" for a variant with a second moment.
+        fraction, ef_decay: a selecting variant's (Dion2's) share of slices orthogonalized per
+            matrix and the decay of their momentum (muonkit.variants.Dion2).
         hold: compute without modifying anything and return the step as a `Pending`.
     """
     chosen = VARIANTS[variant] if isinstance(variant, str) else variant
@@ -525,53 +552,89 @@ def muon(
     # The momentum buffer's new value: in place now, or out of place when held (`Pending.apply_`
     # writes the same bits into the buffer).
     if hold:
-        new_buffers = list(torch._foreach_lerp(buffers, grads, 1.0 - momentum)) if grads else []
+        if not grads:
+            new_buffers = []
+        elif chosen.accumulates:
+            new_buffers = list(torch._foreach_add(buffers, grads))
+        else:
+            new_buffers = list(torch._foreach_lerp(buffers, grads, 1.0 - momentum))
     else:
         if grads:
-            torch._foreach_lerp_(buffers, grads, 1.0 - momentum)
+            _momentum_(buffers, grads, momentum, chosen.accumulates)
         new_buffers = buffers
     full = list(shapes) if shapes is not None else [p.shape for p in params]
+    selections = ([chosen.select(to_matrices(m, layout), fraction) for m, layout in zip(new_buffers, layouts)]
+                  if chosen.selects else [None] * len(params))
     step = Pending(
         list(params), grads, buffers, moments, [None] * len(params), [None] * len(params),
         [update_scale(scale, *matrix_shape(s, layout)[1:], rms) for s, layout in zip(full, layouts)],
         momentum, lr, weight_decay, cautious_weight_decay,
         list(rounding_seeds) if rounding_seeds is not None else [None] * len(params),
         list(stats) if stats is not None else None,
+        chosen.accumulates, selections, ef_decay, list(layouts),
     )
     if stats is not None:
         for s, g, m in zip(stats, grads, new_buffers):
             _record_inputs(s, g, m)
+    if chosen.accumulates:
+        nesterov = False  # U = M: a summed momentum has no lookahead
+    # A selecting variant orthogonalizes and transforms the selected slices only (of U and of the
+    # second moment's matching rows); `_selected` gives them, `_unselected` puts the results back.
+    matrix_moments = [None if v is None else to_matrices(v, layout) for v, layout in zip(moments, layouts)]
+    part_moments = [v if sel is None or v is None else sel.gather(v) for v, sel in zip(matrix_moments, selections)]
     if update_many is not None:
         lookaheads = [_lookahead(g, m, momentum=momentum, nesterov=nesterov, sign=chosen.signs_input)
                       for g, m in zip(grads, new_buffers)]
-        updates, new_moments = update_many(lookaheads, moments, layouts)
-        step.updates, step.new_second_moments = list(updates), list(new_moments)
+        if chosen.selects:
+            parts = [sel.gather(to_matrices(u, layout)) for u, sel, layout in zip(lookaheads, selections, layouts)]
+            stacked = [resolve("stacked", 3)] * len(parts)
+            part_updates, part_new = update_many(parts, part_moments, stacked)
+            for i, sel in enumerate(selections):
+                step.updates[i], step.new_second_moments[i] = _unselected(
+                    sel, part_updates[i], part_new[i], params[i], matrix_moments[i], moments[i], layouts[i])
+        else:
+            updates, new_moments = update_many(lookaheads, moments, layouts)
+            step.updates, step.new_second_moments = list(updates), list(new_moments)
         if hold:
             return step
+        for i in range(len(params)):
+            _decay_selected_(step, i)
         _apply_moments_(step, range(len(params)))
         _apply_params_(step, range(len(params)))
         return None
     views = [matrix_shape(p.shape, layout) for p, layout in zip(params, layouts)]
+    if chosen.selects:
+        views = [tuple(sel.gather(to_matrices(m, layout)).shape) if sel is not None else view
+                 for sel, m, layout, view in zip(selections, new_buffers, layouts, views)]
 
     def fill(i: int, out: Tensor) -> None:
+        if selections[i] is not None:
+            out.copy_(selections[i].gather(to_matrices(new_buffers[i], layouts[i])))
+            return
         _lookahead(to_matrices(grads[i], layouts[i]), to_matrices(new_buffers[i], layouts[i]),
                    momentum=momentum, nesterov=nesterov, sign=chosen.signs_input, out=out)
 
     for i, r, run in _stack_updates(
-        new_buffers, views, fill, [None if v is None else to_matrices(v, layout) for v, layout in zip(moments, layouts)],
+        new_buffers, views, fill, part_moments,
         method=orthogonalizer, steps=ns_steps, dtype=ns_dtype, variant=chosen, beta2=beta2, eps=variant_eps,
         keep_inputs=stats is not None and orthogonality,
     ):
-        step.updates[i] = from_matrices(r.update, layouts[i], params[i].shape)
-        v = moments[i]
-        if r.second_moment is not None and v is not None:
-            step.new_second_moments[i] = from_matrices(r.second_moment, layouts[i], v.shape)
+        if selections[i] is not None:
+            step.updates[i], step.new_second_moments[i] = _unselected(
+                selections[i], r.update, r.second_moment, params[i], matrix_moments[i], moments[i], layouts[i])
+        else:
+            step.updates[i] = from_matrices(r.update, layouts[i], params[i].shape)
+            v = moments[i]
+            if r.second_moment is not None and v is not None:
+                step.new_second_moments[i] = from_matrices(r.second_moment, layouts[i], v.shape)
         if stats is not None and r.inputs is not None:
             _record_orthogonality(stats[i], r.inputs, r.ortho)
         if hold:
             continue
-        # Applied now: the second moment at once and the stack's parameters after its last tensor,
-        # each result released once written, so that a step holds one stack's temporaries at a time.
+        # Applied now: the momentum's error feedback (its slices were read into the stack) and the
+        # second moment at once, the stack's parameters after its last tensor, each result released
+        # once written, so that a step holds one stack's temporaries at a time.
+        _decay_selected_(step, i)
         _apply_moments_(step, [i])
         step.new_second_moments[i] = None
         if run is not None:
@@ -579,6 +642,25 @@ def muon(
             for j in run:
                 step.updates[j] = None
     return step if hold else None
+
+
+def _unselected(
+    selection: Selection | None,
+    update: Tensor,
+    second_moment: Tensor | None,
+    param: Tensor,
+    matrix_moment: Tensor | None,
+    moment: Tensor | None,
+    layout: Layout,
+) -> tuple[Tensor, Tensor | None]:
+    """A selecting variant's results on the selected slices, put back in the parameter's and the
+    second moment's shapes: H is 0 off the selection, v keeps its values there."""
+    assert selection is not None
+    matrices = selection.scatter(update, update.new_zeros(matrix_shape(param.shape, layout)))
+    new_moment = None
+    if second_moment is not None and moment is not None and matrix_moment is not None:
+        new_moment = from_matrices(selection.scatter(second_moment.to(matrix_moment.dtype), matrix_moment), layout, moment.shape)
+    return from_matrices(matrices, layout, param.shape), new_moment
 
 
 # ---------------------------------------------------------------------------------- statistics

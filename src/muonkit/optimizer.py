@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import checkpoint, functional
-from .dtensor import is_dtensor, local_parts
+from .dtensor import is_dtensor, is_sharded, local_parts
 from .layout import LayoutSpec, resolve
 from .options import (
     ADAMW_FROM,
@@ -38,8 +38,10 @@ from .options import (
     split_names,
 )
 from .orthogonalize import NsDtype, Orthogonalizer
+from .variants import VARIANTS
 from .scaling import Scale
-from .state import check_state, drop_unused, missing_state, rounds_stochastically, state_shapes
+from .quantize import dequantize, quantize_into_
+from .state import check_state, drop_unused, missing_state, momentum_dtype, rounds_stochastically, state_shapes
 
 
 @dataclass
@@ -59,6 +61,26 @@ class _GroupStep:
     # State of the group's parameters without a gradient that a changed variant, state_dtype or
     # stochastic_rounding replaces (so that every parameter's state is the group's, and loads back).
     idle: list[tuple[Tensor, dict[str, Tensor]]] = field(default_factory=list)
+    momenta: list[Tensor] | None = None  # 8-bit momentum dequantized for this step (local parts)
+
+    def momentum(self) -> list[Tensor]:
+        """Each parameter's momentum buffer as the step updates it (local parts): the buffer
+        itself, or with momentum_bits=8 its dequantized values, which `requantize_` writes back."""
+        if self.group["momentum_bits"] != 8:
+            return local_parts(self.state("momentum_buffer"))
+        codes, scales = local_parts(self.state("momentum_codes")), local_parts(self.state("momentum_scales"))
+        self.momenta = [dequantize(c, s, momentum_dtype(p, self.group))
+                        for p, c, s in zip(self.params, codes, scales)]
+        return self.momenta
+
+    def requantize_(self) -> None:
+        """With momentum_bits=8, the step's updated momentum written back as codes and scales."""
+        if self.momenta is None:
+            return
+        codes, scales = local_parts(self.state("momentum_codes")), local_parts(self.state("momentum_scales"))
+        for m, c, s in zip(self.momenta, codes, scales):
+            quantize_into_(m, c, s)
+        self.momenta = None
 
     def state(self, key: str) -> list[Tensor]:
         """`key` of each stepping parameter's state, whether already held or created this step."""
@@ -112,11 +134,19 @@ class Muon(torch.optim.Optimizer):
             whose class says what state it keeps and how it transforms O.
         beta2: the variants' second-moment decay in [0, 1) (default 0.95).
         variant_eps: the variants' eps in H = O / (sqrt(v) + eps) (default 1e-10).
+        fraction: Dion2's and NorDion2's share of each matrix's rows (or columns) orthogonalized and
+            updated per step, in (0, 1] (default 0.25).
+        ef_decay: Dion2's error-feedback decay of the selected momentum, in [0, 1] (default 0.95).
+        selection: "local" (default) or "global": where Dion2 picks the top slices of a sharded
+            matrix; the same on unsharded and replicated parameters (the only ones Dion2 takes).
         cautious_weight_decay: decay only where the decay and the update agree in sign (both kinds
             of group; default False).
         state_dtype: dtype of the optimizer state (momentum, second moments, AdamW's moments) and
             of the update arithmetic; None (default) means the parameter's dtype. float32 for
             bfloat16 parameters keeps small updates from vanishing in the state.
+        momentum_bits: 32 (default: the momentum in the state dtype) or 8 (int8 blocks of at most
+            2048 elements of a dim-0 slice with one float32 scale each; muonkit.quantize): about a
+            quarter of float32 momentum's bytes.
         stochastic_rounding: write bfloat16/float16 parameters by unbiased stochastic rounding of
             the update computed in float32 (default True; no effect on float32/float64 parameters);
             without it updates below half a bf16 ulp are lost (benchmarks/RESULTS.md, bfloat16).
@@ -147,6 +177,7 @@ class Muon(torch.optim.Optimizer):
         Liu et al., "Muon is Scalable for LLM Training" (Moonlight), arXiv:2502.16982.
         Loshchilov and Hutter, "Decoupled Weight Decay Regularization" (AdamW), arXiv:1711.05101.
         Chen et al., "Cautious Weight Decay", arXiv:2510.12402. The variants' papers: muonkit.variants.
+        8-bit momentum: arXiv:2509.23106 (blockwise linear quantization of Muon's momentum).
         Formulas and coefficients in the package's docs/references.md.
     """
 
@@ -168,8 +199,12 @@ class Muon(torch.optim.Optimizer):
         variant: str = DEFAULTS["variant"],
         beta2: float = DEFAULTS["beta2"],
         variant_eps: float = DEFAULTS["variant_eps"],
+        fraction: float = DEFAULTS["fraction"],
+        ef_decay: float = DEFAULTS["ef_decay"],
+        selection: str = DEFAULTS["selection"],
         cautious_weight_decay: bool = DEFAULTS["cautious_weight_decay"],
         state_dtype: torch.dtype | None = DEFAULTS["state_dtype"],
+        momentum_bits: int = DEFAULTS["momentum_bits"],
         stochastic_rounding: bool = DEFAULTS["stochastic_rounding"],
         adamw_lr: float | None = DEFAULTS["adamw_lr"],
         adamw_betas: tuple[float, float] = DEFAULTS["adamw_betas"],
@@ -365,6 +400,7 @@ class Muon(torch.optim.Optimizer):
             else:
                 pending.rounding_seeds = item.seeds or [None] * len(item.params)
                 pending.apply_()
+            item.requantize_()
             for p, seed in zip(item.params, item.seeds or []):
                 if seed is not None:
                     self.state[p]["step"] += 1
@@ -383,13 +419,13 @@ class Muon(torch.optim.Optimizer):
                 second_moments=moments,
             )
         return functional.muon(
-            local_parts(item.params), local_parts(item.grads), local_parts(item.state("momentum_buffer")),
+            local_parts(item.params), local_parts(item.grads), item.momentum(),
             [resolve(group["layout"], p.ndim) for p in item.params],
             lr=_lr(group, self.defaults["capturable"]), momentum=float(group["momentum"]), nesterov=group["nesterov"],
             weight_decay=float(group["weight_decay"]), scale=group["scale"], rms=float(group["rms"]),
             orthogonalizer=group["orthogonalizer"], ns_steps=group["ns_steps"], ns_dtype=group["ns_dtype"],
             variant=group["variant"], beta2=float(group["beta2"]), variant_eps=float(group["variant_eps"]),
-            second_moments=local_parts(moments), cautious_weight_decay=group["cautious_weight_decay"],
+            fraction=float(group["fraction"]), ef_decay=float(group["ef_decay"]), second_moments=local_parts(moments), cautious_weight_decay=group["cautious_weight_decay"],
             update_many=update_many, shapes=[p.shape for p in item.params], rounding_seeds=item.seeds,
             stats=item.stats, orthogonality=orthogonality, hold=hold,
         )
@@ -460,6 +496,12 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], che
                 check_capturable(group, p.device, where)
             if not state and group["use_muon"] and is_dtensor(p):
                 check_dtensor(p, name, where)
+            if group["use_muon"] and VARIANTS[group["variant"]].selects and is_sharded(p):
+                raise ValueError(
+                    f"{where}: parameter '{name}' is sharded (a Shard(0) DTensor); variant {group['variant']!r} "
+                    "selects rows of whole matrices and runs on unsharded or replicated parameters only "
+                    "(use variant 'muon' or 'normuon' for FSDP2-sharded ones)"
+                )
             check_grad(p, name, where)
             new = missing_state(p, state, group, capturable=capturable)
             check_state(p, {**state, **new}, group, name, where)

@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     **VARIANT_OPTIONS,
     "cautious_weight_decay": False,
     "state_dtype": None,
+    "momentum_bits": 32,
     "stochastic_rounding": True,
     "adamw_lr": None,  # None: lr
     "adamw_betas": (0.9, 0.999),
@@ -64,10 +65,17 @@ MUON_KEYS = (
     "variant",
     "beta2",
     "variant_eps",
+    "fraction",
+    "ef_decay",
+    "selection",
     "cautious_weight_decay",
     "state_dtype",
+    "momentum_bits",
     "stochastic_rounding",
 )
+
+# A Muon group's momentum is kept in its state dtype (32) or as 8-bit blocks (muonkit.quantize).
+MOMENTUM_BITS = (8, 32)
 
 ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "cautious_weight_decay", "state_dtype", "stochastic_rounding")
 
@@ -118,8 +126,12 @@ class MuonGroup(TypedDict, total=False):
     variant: str
     beta2: float
     variant_eps: float
+    fraction: float
+    ef_decay: float
+    selection: str
     cautious_weight_decay: bool
     state_dtype: torch.dtype | None
+    momentum_bits: int
     stochastic_rounding: bool
     skipped_steps: int
 
@@ -260,6 +272,9 @@ def check_muon_options(options: dict[str, Any], where: str, *, read_lr: bool = T
             f"{where}: unknown layout {layout!r}; use None, 'conv', 'stacked' or a muonkit.Layout"
         )
     check_variant_options(options, where)
+    bits = options["momentum_bits"]
+    if isinstance(bits, bool) or bits not in MOMENTUM_BITS:
+        raise ValueError(f"{where}: momentum_bits must be 8 or 32, got {bits!r}")
     _check_cautious(options, where)
 
 

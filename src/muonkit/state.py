@@ -1,7 +1,8 @@
 """Optimizer state: what each parameter's state holds, how it is created, converted and checked.
 
-Muon groups keep `momentum_buffer` (and `second_moment` where the group's variant keeps one, and a
-float32 `step` where 16-bit parameters round stochastically); AdamW groups keep torch.optim.AdamW's
+Muon groups keep `momentum_buffer` (with momentum_bits=8: `momentum_codes`, int8 of the parameter's
+shape, and `momentum_scales`, float32, one per block; muonkit.quantize), and `second_moment` where
+the group's variant keeps one, and a float32 `step` where 16-bit parameters round stochastically; AdamW groups keep torch.optim.AdamW's
 `step`, `exp_avg`, `exp_avg_sq`. Loading a state dict (muonkit's or torch's) is muonkit.checkpoint.
 """
 
@@ -12,14 +13,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .dtensor import zeros_like_sharded
+from .dtensor import local_parts, zeros_like_sharded
 from .layout import resolve
 from .options import number
+from .quantize import dequantize, quantize, scales_shape
 from .variants import VARIANTS
 
 # The per-parameter state a kind of group always holds once it has any (torch.optim.Muon's and
 # torch.optim.AdamW's keys); Muon groups with a variant also hold "second_moment".
 MUON_STATE = ("momentum_buffer",)
+
+# The 8-bit momentum's entries (momentum_bits=8), in the dtypes they are always kept in.
+QUANTIZED_STATE = ("momentum_codes", "momentum_scales")
+_QUANTIZED_DTYPES = {"momentum_codes": torch.int8, "momentum_scales": torch.float32}
+
+# A Muon group's entries that a switch of its variant or momentum_bits may leave unused.
+_SWITCHABLE = ("second_moment", "momentum_buffer", *QUANTIZED_STATE)
 
 ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
 
@@ -27,6 +36,11 @@ ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
 def state_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
     """The dtype `group` keeps the state of `p` in."""
     return group["state_dtype"] or p.dtype
+
+
+def momentum_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
+    """The dtype 8-bit momentum is dequantized to and updated in: the state dtype, at least float32."""
+    return torch.promote_types(state_dtype(p, group), torch.float32)
 
 
 def rounds_stochastically(p: Tensor, group: dict[str, Any]) -> bool:
@@ -58,9 +72,15 @@ def missing_state(p: Tensor, state: dict[str, Any], group: dict[str, Any], *, ca
     new: dict[str, Tensor] = {}
     for key, shape in shapes.items():
         held = state.get(key)
+        if key in QUANTIZED_STATE:
+            if held is None and key not in new:
+                new.update(_quantized_from(p, state.get("momentum_buffer")))
+            continue
         # Another variant's second moment (the group's variant was changed) starts again from zero.
-        if held is None or (key == "second_moment" and isinstance(held, Tensor) and tuple(held.shape) != shape
-                            and tuple(held.shape) in switched):
+        if held is None and key == "momentum_buffer" and isinstance(state.get("momentum_codes"), Tensor):
+            new[key] = _dequantized_from(p, state["momentum_codes"], state["momentum_scales"], dtype)
+        elif held is None or (key == "second_moment" and isinstance(held, Tensor) and tuple(held.shape) != shape
+                              and tuple(held.shape) in switched):
             new[key] = zeros_like_sharded(p, shape, dtype)
         elif isinstance(held, Tensor) and held.is_floating_point() and held.dtype != dtype:
             new[key] = held.to(dtype)
@@ -72,18 +92,47 @@ def missing_state(p: Tensor, state: dict[str, Any], group: dict[str, Any], *, ca
     return new
 
 
+def _quantized_from(p: Tensor, buffer: Any) -> dict[str, Tensor]:
+    """8-bit momentum entries for `p`: zeros, or `buffer` (a momentum_buffer held from before the
+    group's momentum_bits was set to 8) quantized."""
+    codes = zeros_like_sharded(p, tuple(p.shape), torch.int8)
+    scales = zeros_like_sharded(p, scales_shape(p.shape), torch.float32)
+    if isinstance(buffer, Tensor) and tuple(buffer.shape) == tuple(p.shape):
+        local_codes, local_scales = quantize(local_parts([buffer])[0])
+        local_parts([codes])[0].copy_(local_codes)
+        local_parts([scales])[0].copy_(local_scales)
+    return {"momentum_codes": codes, "momentum_scales": scales}
+
+
+def _dequantized_from(p: Tensor, codes: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """A momentum_buffer in `dtype` from 8-bit momentum held from before momentum_bits was set to 32."""
+    buffer = zeros_like_sharded(p, tuple(p.shape), dtype)
+    if tuple(codes.shape) == tuple(p.shape) and tuple(scales.shape) == scales_shape(p.shape):
+        local = local_parts([codes, scales])
+        local_parts([buffer])[0].copy_(dequantize(local[0], local[1], torch.promote_types(dtype, torch.float32)))
+    return buffer
+
+
 def drop_unused(state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
-    """A Muon group whose variant keeps no second moment (it was switched) drops the one it held,
-    so that its state is its kind's (and loads back) and a later switch starts it from zero."""
-    if group["use_muon"] and "second_moment" in state and "second_moment" not in state_shapes(p, group):
-        del state["second_moment"]
+    """A Muon group whose variant keeps no second moment, or whose momentum_bits changed (it was
+    switched), drops the entries it no longer reads, so that its state is its kind's (and loads
+    back) and a later switch starts it from zero."""
+    if not group["use_muon"]:
+        return
+    shapes = state_shapes(p, group)
+    for key in _SWITCHABLE:
+        if key in state and key not in shapes:
+            del state[key]
 
 
 def state_shapes(p: Tensor, group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """The shape of each state entry `group` keeps for `p`."""
     if not group["use_muon"]:
         return {"step": (), "exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
-    shapes = {"momentum_buffer": tuple(p.shape)}
+    if group["momentum_bits"] == 8:
+        shapes = {"momentum_codes": tuple(p.shape), "momentum_scales": scales_shape(p.shape)}
+    else:
+        shapes = {"momentum_buffer": tuple(p.shape)}
     second = VARIANTS[group["variant"]].second_moment_shape(p.shape, resolve(group["layout"], p.ndim))
     if second is not None:
         shapes["second_moment"] = tuple(second)
@@ -96,14 +145,24 @@ def check_state(p: Tensor, state: dict[str, Any], group: dict[str, Any], name: s
     """The state a step will read must fit the parameter (a loaded state dict may not)."""
     for key, shape in state_shapes(p, group).items():
         value = state.get(key)
-        if not isinstance(value, Tensor) or tuple(value.shape) != shape or not value.is_floating_point():
+        if not _fits(key, value, shape):
             got = f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}" if isinstance(value, Tensor) else repr(value)
             raise RuntimeError(
-                f"{where}: the state {key!r} of parameter '{name}' should be a floating tensor of shape {shape}, "
+                f"{where}: the state {key!r} of parameter '{name}' should be {_kind(key)} of shape {shape}, "
                 f"got {got} (was a state dict of another model or optimizer loaded?)"
             )
         if key != "step" and value.device != p.device:
             raise RuntimeError(f"{where}: the state {key!r} of parameter '{name}' is on {value.device}, not {p.device}")
+
+
+def _fits(key: str, value: Any, shape: tuple[int, ...]) -> bool:
+    if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+        return False
+    return value.dtype == _QUANTIZED_DTYPES[key] if key in QUANTIZED_STATE else value.is_floating_point()
+
+
+def _kind(key: str) -> str:
+    return f"a {_QUANTIZED_DTYPES[key]} tensor" if key in QUANTIZED_STATE else "a floating tensor"
 
 
 def checked_state(state: dict[str, Any], p: Tensor, group: dict[str, Any], where: str, *, capturable: bool = False) -> dict[str, Any]:
@@ -116,8 +175,13 @@ def checked_state(state: dict[str, Any], p: Tensor, group: dict[str, Any], where
     # A Muon group keeps a step count only to seed stochastic rounding of 16-bit parameters; one
     # saved with bfloat16 parameters may be loaded for float32 ones, which do not read it. A plain
     # Muon group drops a second moment left by a variant it was switched from.
-    unknown = sorted(set(state) - set(shapes) - ({"step", "second_moment"} if group["use_muon"] else set()))
-    if unknown or (state and not set(required) <= set(state)):
+    # momentum_bits may differ from the saving group's: either form of the momentum is converted.
+    unknown = sorted(set(state) - set(shapes) - ({"step", *_SWITCHABLE} if group["use_muon"] else set()))
+    if group["use_muon"]:
+        complete = "momentum_buffer" in state or set(QUANTIZED_STATE) <= set(state)
+    else:
+        complete = set(required) <= set(state)
+    if unknown or (state and not complete):
         raise ValueError(
             f"{where}: state has keys {sorted(state)}, but {'a Muon' if group['use_muon'] else 'an AdamW'} group's "
             f"state is {list(shapes)}; was the state dict saved from a different optimizer or group?"
@@ -131,7 +195,10 @@ def checked_state(state: dict[str, Any], p: Tensor, group: dict[str, Any], where
     state.update(missing_state(p, state, group, capturable=capturable))
     for key, shape in shapes.items():
         value = state[key]
-        if not isinstance(value, Tensor) or tuple(value.shape) != shape or not value.is_floating_point():
+        if not _fits(key, value, shape):
             got = f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}" if isinstance(value, Tensor) else repr(value)
-            raise ValueError(f"{where}: {key} should be a floating tensor of shape {shape}, got {got}")
+            raise ValueError(f"{where}: {key} should be {_kind(key)} of shape {shape}, got {got}")
+    for key in _SWITCHABLE:
+        if key in state and key not in shapes:
+            del state[key]
     return state

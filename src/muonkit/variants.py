@@ -6,9 +6,15 @@ Adding a variant is one class here and one line in VARIANTS. A variant declares:
 - `second_moment_shape(shape, layout)`: the shape of its per-parameter `second_moment` state, or
   None when it keeps none;
 - `signs_input`: whether it orthogonalizes sign(U) instead of the momentum update U;
-- `transform(O, v, beta2, eps)`: (H, new second moment) from O's (batch, rows, cols) matrices.
+- `transform(O, v, beta2, eps)`: (H, new second moment) from O's (batch, rows, cols) matrices;
+- `accumulates`: whether its momentum is a plain sum M <- M + G (then U = M, and `momentum` and
+  `nesterov` are not read) rather than Muon's M <- beta M + (1 - beta) G;
+- `selects` and `select(M, fraction)`: None (every matrix whole), or the `Selection` of the rows
+  or columns of each (batch, rows, cols) matrix of M that the step orthogonalizes and updates; the
+  driver orthogonalizes and transforms only those slices (and the second moment's matching rows),
+  and multiplies the selected slices of M by `ef_decay` (error feedback).
 
-Its options (`beta2`, `variant_eps`) are keys of every Muon group, checked by `check_options`
+Its options (`beta2`, `variant_eps`, `fraction`, `ef_decay`, `selection`) are keys of every Muon group, checked by `check_options`
 whatever the group's variant, so that switching a group's variant never meets an unchecked value.
 """
 
@@ -17,6 +23,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -25,7 +32,11 @@ from torch import Tensor
 from .layout import Layout
 
 # The options every variant reads from its group, with their defaults (docs/references.md, NorMuon).
-OPTIONS: dict[str, float] = {"beta2": 0.95, "variant_eps": 1e-10}
+# Dion2's (docs/references.md, Dion2): the fraction of rows or columns each step orthogonalizes, the
+# error-feedback decay of their momentum, and where the top rows are chosen under FSDP2 sharding.
+OPTIONS: dict[str, Any] = {"beta2": 0.95, "variant_eps": 1e-10, "fraction": 0.25, "ef_decay": 0.95, "selection": "local"}
+
+SELECTIONS = ("local", "global")
 
 
 def _number(value: Any, name: str, where: str) -> float:
@@ -37,13 +48,55 @@ def _number(value: Any, name: str, where: str) -> float:
 
 
 def check_options(options: dict[str, Any], where: str) -> None:
-    """ValueError naming `where` for an unknown variant or a bad beta2 / variant_eps."""
+    """ValueError naming `where` for an unknown variant or a bad beta2, variant_eps, fraction,
+    ef_decay or selection."""
     if not isinstance(options["variant"], str) or options["variant"] not in VARIANTS:
         raise ValueError(f"{where}: unknown variant {options['variant']!r}; choose one of {', '.join(VARIANTS)}")
     if not 0.0 <= _number(options["beta2"], "beta2", where) < 1.0:
         raise ValueError(f"{where}: beta2 must be in [0, 1), got {options['beta2']!r}")
     if _number(options["variant_eps"], "variant_eps", where) < 0:
         raise ValueError(f"{where}: variant_eps must be >= 0, got {options['variant_eps']!r}")
+    if not 0.0 < _number(options["fraction"], "fraction", where) <= 1.0:
+        raise ValueError(f"{where}: fraction must be in (0, 1], got {options['fraction']!r}")
+    if not 0.0 <= _number(options["ef_decay"], "ef_decay", where) <= 1.0:
+        raise ValueError(f"{where}: ef_decay must be in [0, 1], got {options['ef_decay']!r}")
+    if not isinstance(options["selection"], str) or options["selection"] not in SELECTIONS:
+        raise ValueError(f"{where}: selection must be one of {', '.join(SELECTIONS)}, got {options['selection']!r}")
+
+
+@dataclass
+class Selection:
+    """The top slices of each matrix of a (batch, rows, cols) stack: rows (`dim` = -2) or columns
+    (`dim` = -1), `indices` of shape (batch, k) (in no particular order)."""
+
+    dim: int
+    indices: Tensor
+
+    def _index(self, X: Tensor) -> Tensor:
+        if self.dim == -2:
+            return self.indices.unsqueeze(-1).expand(*self.indices.shape, X.shape[-1])
+        return self.indices.unsqueeze(-2).expand(X.shape[0], X.shape[-2], self.indices.shape[-1])
+
+    def gather(self, X: Tensor) -> Tensor:
+        """The selected slices of X, (batch, k, cols) or (batch, rows, k)."""
+        return torch.gather(X, self.dim, self._index(X))
+
+    def scatter(self, part: Tensor, into: Tensor) -> Tensor:
+        """`into` with its selected slices replaced by `part` (out of place)."""
+        return into.scatter(self.dim, self._index(into), part)
+
+    def scaled(self, X: Tensor, factor: float) -> Tensor:
+        """X with its selected slices multiplied by `factor` (out of place)."""
+        index = self._index(X)
+        return X.scatter(self.dim, index, torch.gather(X, self.dim, index) * factor)
+
+
+def top_slices(M: Tensor, fraction: float, dim: int) -> Selection:
+    """The ceil(fraction * n) slices along `dim` (of n) of each matrix with the largest L1 norms."""
+    n = M.shape[dim]
+    k = max(1, math.ceil(fraction * n))
+    norms = torch.linalg.vector_norm(M, ord=1, dim=-1 if dim == -2 else -2)
+    return Selection(dim, torch.topk(norms, k, dim=-1, sorted=False).indices)
 
 
 class Variant:
@@ -51,8 +104,13 @@ class Variant:
 
     name: ClassVar[str] = "muon"
     signs_input: ClassVar[bool] = False
+    accumulates: ClassVar[bool] = False
+    selects: ClassVar[bool] = False  # whether `select` can return a Selection
 
     def second_moment_shape(self, shape: Sequence[int], layout: Layout) -> tuple[int, ...] | None:
+        return None
+
+    def select(self, M: Tensor, fraction: float) -> Selection | None:
         return None
 
     def transform(self, O: Tensor, second_moment: Tensor | None, *, beta2: float, eps: float) -> tuple[Tensor, Tensor | None]:
@@ -122,4 +180,35 @@ class AdaMuon(_Normalized):
         return O * O
 
 
-VARIANTS: dict[str, Variant] = {v.name: v for v in (Variant(), NorMuon(), AdaMuon())}
+class Dion2(Variant):
+    """Orthogonalizes a fraction of each matrix's momentum (Ahn et al., arXiv:2512.16928, and the
+    official microsoft/dion dion/dion2.py; docs/references.md, Dion2). Per matrix:
+
+        M <- M + G;   S = the ceil(fraction k) rows, or columns, with the largest L1 norms, of the
+        shorter side's k (rows when rows <= cols);   O_S = orthogonalize(M_S);   M_S <- ef_decay M_S;
+        H = O_S on S and 0 elsewhere
+
+    so that W decays whole and moves only on S. No second moment."""
+
+    name = "dion2"
+    accumulates = True
+    selects = True
+
+    def select(self, M: Tensor, fraction: float) -> Selection | None:
+        return top_slices(M, fraction, -2 if M.shape[-2] <= M.shape[-1] else -1)
+
+
+class NorDion2(NorMuon):
+    """Dion2 with NorMuon's per-row normalization of the selected rows: always rows (whole rows
+    keep the per-row second moment meaningful), and v updated on the selected rows only
+    (microsoft/dion dion/nordion2.py; docs/references.md, Dion2)."""
+
+    name = "nordion2"
+    accumulates = True
+    selects = True
+
+    def select(self, M: Tensor, fraction: float) -> Selection | None:
+        return top_slices(M, fraction, -2)
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (Variant(), NorMuon(), AdaMuon(), Dion2(), NorDion2())}

@@ -11,6 +11,10 @@
   the rest (at the task's AdamW lr), as torch's documentation pairs them. torch.optim.Muon accepts
   only 2D parameters, so conv filters go to AdamW and a note says so.
 - normuon, adamuon: muon with variant="normuon" / "adamuon" (muonkit's defaults otherwise).
+- dion2, nordion2: muon with variant="dion2" / "nordion2" (fraction 0.25, ef_decay 0.95); a task
+  without their own lrs uses muon's / normuon's.
+- muon-8bit: muon with momentum_bits=8 (int8 blocks with a float32 scale each); a task without its
+  own lr uses muon's.
 - NAME+cwd: NAME with cautious weight decay (decay only where it agrees in sign with the update),
   for every optimizer above except torch-muon (torch.optim.Muon has no such option). adamw+cwd is
   muonkit.Muon with AdamW groups only, which equals torch.optim.AdamW when cautious decay is off.
@@ -31,8 +35,11 @@ from torch import nn
 import muonkit
 
 BASE_OPTIMIZERS = ("muon", "muon-kj", "normuon", "adamuon", "adamw", "sgd", "torch-muon")
+
+# Optimizers a task may leave out of its lrs: they take the lr of the one they vary (issue 23).
+LR_FROM = {"muon-8bit": "muon", "dion2": "muon", "nordion2": "normuon"}
 CAUTIOUS = "+cwd"
-OPTIMIZERS = BASE_OPTIMIZERS + tuple(name + CAUTIOUS for name in BASE_OPTIMIZERS if name != "torch-muon")
+OPTIMIZERS = BASE_OPTIMIZERS + tuple(name + CAUTIOUS for name in BASE_OPTIMIZERS if name != "torch-muon") + tuple(LR_FROM)
 
 
 def base_name(name: str) -> str:
@@ -41,8 +48,12 @@ def base_name(name: str) -> str:
 
 
 def lr_for(name: str, lrs: dict[str, float]) -> float:
-    """A task's lr for an optimizer: its own entry, else (for NAME+cwd) NAME's."""
-    return lrs[name] if name in lrs else lrs[base_name(name)]
+    """A task's lr for an optimizer: its own entry, else (for NAME+cwd) NAME's, else (LR_FROM) the
+    lr of the optimizer it varies."""
+    for candidate in (name, base_name(name), LR_FROM.get(base_name(name))):
+        if candidate in lrs:
+            return lrs[candidate]
+    return lrs[LR_FROM.get(base_name(name), base_name(name))]
 
 ORTHOGONALITY_EVERY = 5
 """With statistics, muonkit optimizers also measure the orthogonality error (an SVD per matrix) on
@@ -57,10 +68,11 @@ def build_optimizers(name: str, model: nn.Module, lr: float, *, adamw_lr: float,
     every ORTHOGONALITY_EVERY diagnosed steps) for `--tensorboard`; torch's optimizers are unchanged."""
     diagnostics = dict(diagnostics=True, orthogonality_every=ORTHOGONALITY_EVERY) if statistics else {}
     base, cautious = base_name(name), name.endswith(CAUTIOUS)
-    if base in ("muon", "normuon", "adamuon"):
+    if base in ("muon", "normuon", "adamuon", "dion2", "nordion2", "muon-8bit"):
         groups = muonkit.param_groups(model, **routing)
-        return [muonkit.Muon(groups, lr=lr, weight_decay=weight_decay, variant=base, cautious_weight_decay=cautious,
-                             **diagnostics)], []
+        bits = 8 if base == "muon-8bit" else 32
+        return [muonkit.Muon(groups, lr=lr, weight_decay=weight_decay, variant="muon" if bits == 8 else base,
+                             momentum_bits=bits, cautious_weight_decay=cautious, **diagnostics)], []
     if base == "muon-kj":
         groups = muonkit.param_groups(model, **routing)
         return [muonkit.Muon(groups, lr=lr, weight_decay=weight_decay, orthogonalizer="keller_jordan",

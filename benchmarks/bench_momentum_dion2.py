@@ -1,0 +1,158 @@
+"""8-bit momentum and Dion2 (issue 23): state bytes, step and Newton-Schulz time, bytes sent.
+
+Run:
+    python benchmarks/bench_momentum_dion2.py [--threads 2] [--repeats 5] [--write-results]
+
+Prints three Markdown tables:
+- state: bytes of the Muon groups' momentum state, momentum_bits=8 (int8 codes and float32
+  scales) over float32 momentum, on GPT-2 small (12 blocks of width 768, every matrix on Muon but
+  the embeddings) and on the charlm task's GPT (muonkit.param_groups);
+- time: one optimizer step of 4 GPT-2-small blocks with muon, dion2, nordion2, muon 8-bit, and the
+  orthogonalization alone (polar_express, 5 steps, float32) of every matrix whole vs of its
+  selected quarter (Dion2's rows of the shorter side), timed round-robin in one process;
+- bytes: Muon.bytes_sent per step on 2 and 4 gloo ranks (process_group=WORLD, replicated
+  parameters, one GPT-2-small block), muon vs dion2 vs nordion2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from common import median_ratio, setup, table, time_interleaved, write_results
+
+import muonkit
+
+FRACTION = 0.25
+
+
+def gpt2_small_matrices(blocks: int = 12) -> nn.Module:
+    layers = []
+    for _ in range(blocks):
+        layers += [nn.Linear(768, 2304), nn.Linear(768, 768), nn.Linear(768, 3072), nn.Linear(3072, 768)]
+    return nn.Sequential(*layers)
+
+
+def charlm_model() -> nn.Module:
+    from muonkit.tasks.charlm import GPT
+
+    return GPT(vocab=100, context=64)
+
+
+def momentum_bytes(model: nn.Module, bits: int) -> tuple[int, int]:
+    """(bytes of the Muon groups' momentum state, Muon parameters' float32 bytes)."""
+    groups = muonkit.param_groups(model) if not isinstance(model, nn.Sequential) else [
+        {"params": [p for p in model.parameters() if p.ndim == 2]}]
+    opt = muonkit.Muon(groups, momentum_bits=bits)
+    keys = {"momentum_buffer", "momentum_codes", "momentum_scales"}
+    muon = [p for g in opt.param_groups if g["use_muon"] for p in g["params"]]
+    state = sum(t.numel() * t.element_size() for p in muon for k, t in opt.state[p].items() if k in keys)
+    return state, sum(4 * p.numel() for p in muon)
+
+
+def state_table() -> str:
+    rows = []
+    for name, make in (("GPT-2 small (12 x 768)", gpt2_small_matrices), ("charlm GPT (4 x 128)", charlm_model)):
+        model = make()
+        full, params = momentum_bytes(model, 32)
+        eight, _ = momentum_bytes(model, 8)
+        rows.append([name, f"{params / 1e6:.2f} MB", f"{full / 1e6:.2f} MB", f"{eight / 1e6:.3f} MB", f"{eight / full:.4f}"])
+    return table(["model (Muon matrices)", "params (fp32)", "momentum fp32", "momentum 8-bit", "8-bit / fp32"], rows)
+
+
+def time_table(repeats: int) -> str:
+    torch.manual_seed(0)
+    shapes = [(768, 768)] * 4 + [(3072, 768), (768, 3072)]
+    shapes = shapes * 4
+    options = {"muon": {}, "dion2": dict(variant="dion2"), "nordion2": dict(variant="nordion2"),
+               "muon 8-bit": dict(momentum_bits=8)}
+    steps = {}
+    for name, extra in options.items():
+        params = [nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = muonkit.Muon(params, lr=0.02, **extra)
+        steps[name] = opt.step
+    matrices = [torch.randn(s) for s in shapes]
+    selected = [m[: math.ceil(FRACTION * m.shape[0])] if m.shape[0] <= m.shape[1] else m[:, : math.ceil(FRACTION * m.shape[1])]
+                for m in matrices]
+    ns = {"NS whole matrices": lambda: [muonkit.orthogonalize(m, "polar_express") for m in matrices],
+          "NS selected quarter": lambda: [muonkit.orthogonalize(m, "polar_express") for m in selected]}
+    timings = time_interleaved({**steps, **ns}, repeats=repeats)
+    rows = []
+    for name, t in timings.items():
+        base = "muon" if name in steps else "NS whole matrices"
+        rows.append([name, f"{t.median * 1e3:.1f} ms", f"{median_ratio(t, timings[base]):.2f}x {base}"])
+    return table(["4 GPT-2-small blocks (24 matrices)", "median", "ratio"], rows)
+
+
+def _bytes_rank(rank: int, world: int, path: str, queue) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    out = {}
+    for name, extra in (("muon", {}), ("dion2", dict(variant="dion2")), ("nordion2", dict(variant="nordion2"))):
+        torch.manual_seed(0)
+        model = gpt2_small_matrices(1)
+        opt = muonkit.Muon([{"params": [p for p in model.parameters() if p.ndim == 2]}], lr=0.02,
+                           process_group=dist.group.WORLD, **extra)
+        per_step = []
+        for _ in range(2):
+            for p in model.parameters():
+                p.grad = torch.ones_like(p) if p.ndim < 2 else torch.randn(p.shape, generator=torch.Generator().manual_seed(1))
+            before = opt.bytes_sent
+            opt.step()
+            per_step.append(opt.bytes_sent - before)
+        out[name] = per_step[-1]
+    if rank == 0:
+        queue.put(out)
+    dist.destroy_process_group()
+
+
+def bytes_table() -> str:
+    import torch.multiprocessing as mp
+
+    rows = []
+    for world in (2, 4):
+        context = mp.get_context("spawn")
+        queue = context.Queue()
+        path = os.path.join(tempfile.mkdtemp(), "rendezvous")
+        procs = [context.Process(target=_bytes_rank, args=(r, world, path, queue)) for r in range(world)]
+        for p in procs:
+            p.start()
+        result = queue.get(timeout=600)
+        for p in procs:
+            p.join()
+        for name in ("muon", "dion2", "nordion2"):
+            rows.append([world, name, f"{result[name] / 1e6:.3f} MB", f"{result[name] / result['muon']:.3f}"])
+    return table(["ranks", "variant", "bytes_sent per step (rank 0)", "/ muon"], rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--write-results", action="store_true")
+    args = parser.parse_args(argv)
+    machine = setup(args.threads)
+    parts = [f"Measured: {machine}; command: python benchmarks/bench_momentum_dion2.py --threads {args.threads} "
+             f"--repeats {args.repeats}",
+             "\nMomentum state of the Muon groups\n\n" + state_table(),
+             "\nStep and Newton-Schulz time (Dion2 fraction 0.25)\n\n" + time_table(args.repeats),
+             "\nBytes sent per step under process_group (one GPT-2-small block, replicated)\n\n" + bytes_table()]
+    text = "\n".join(parts)
+    print(text)
+    if args.write_results:
+        write_results("MOMENTUM-DION2-BENCH", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

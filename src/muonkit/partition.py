@@ -191,7 +191,7 @@ def _conv_kind(module: nn.Module, transposed: bool) -> _Known:
         if groups == 1:
             return _Known(name, layout, f" (out x in*kernel{stored})")
         return _Known(f"grouped {name} (groups={groups})", layout,
-                      f" (one (out/groups) x (in*kernel) matrix per group{stored})")
+                      f" (one (out/groups) x (in/groups*kernel) matrix per group{stored})")
     if groups == 1:
         return _Known(name, layout, " (out x in*kernel)")
     what = "depthwise" if groups == module.in_channels else "grouped"

@@ -149,7 +149,9 @@ def check_state(p: Tensor, state: dict[str, Any], group: dict[str, Any], name: s
             got = f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}" if isinstance(value, Tensor) else repr(value)
             raise RuntimeError(
                 f"{where}: the state {key!r} of parameter '{name}' should be {_kind(key)} of shape {shape}, "
-                f"got {got} (was a state dict of another model or optimizer loaded?)"
+                f"got {got} (was the group's layout edited since the state was made, or a state dict of another "
+                "model or optimizer loaded? A changed layout needs new state: move the parameter to a new "
+                "optimizer or group)"
             )
         if key != "step" and value.device != p.device:
             raise RuntimeError(f"{where}: the state {key!r} of parameter '{name}' is on {value.device}, not {p.device}")

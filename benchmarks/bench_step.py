@@ -58,6 +58,7 @@ from common import (
     bf16_slowdown,
     device_sync,
     environment,
+    keller_jordan_ns5,
     median_ratio,
     polar_factor,
     setup,
@@ -167,18 +168,7 @@ def set_grads(case: Case, params: list[nn.Parameter], seed: int = 1) -> None:
 
 def newton_schulz5(G: torch.Tensor) -> torch.Tensor:
     """Keller Jordan's zeropower_via_newtonschulz5, in float32: the textbook orthogonalizer."""
-    a, b, c = (3.4445, -4.7750, 2.0315)
-    X = G.float()
-    if G.size(-2) > G.size(-1):
-        X = X.mT
-    X = X / (X.norm() + 1e-7)
-    for _ in range(5):
-        A = X @ X.mT
-        B = b * A + c * A @ A
-        X = a * X + B @ X
-    if G.size(-2) > G.size(-1):
-        X = X.mT
-    return X
+    return keller_jordan_ns5(G, torch.float32)
 
 
 def textbook_step(case: Case, momentum: float = 0.95, weight_decay: float = WD) -> Callable[[], None]:

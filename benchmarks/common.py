@@ -159,3 +159,20 @@ def write_results(key: str, text: str, path: str = RESULTS) -> None:
         content = content.rstrip() + ("\n\n" if content.strip() else "") + block + "\n"
     with open(path, "w") as f:
         f.write(content)
+
+
+def keller_jordan_ns5(G: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Keller Jordan's zeropower_via_newtonschulz5 in `dtype`: the loop a user writes by hand (five
+    quintic steps with his coefficients, docs/references.md), the textbook baseline of the benchmarks."""
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    X = G.to(dtype)
+    if G.size(-2) > G.size(-1):
+        X = X.mT
+    X = X / (X.norm() + 1e-7)
+    for _ in range(5):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    if G.size(-2) > G.size(-1):
+        X = X.mT
+    return X

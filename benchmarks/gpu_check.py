@@ -66,7 +66,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common import environment, table
+from common import environment, keller_jordan_ns5, table
 
 import muonkit
 from muonkit import functional
@@ -198,18 +198,7 @@ def step_cases(quick: bool) -> dict[str, tuple[list[tuple[int, ...]], list[tuple
 
 def textbook_ns(G: torch.Tensor) -> torch.Tensor:
     """Keller Jordan's zeropower_via_newtonschulz5 in bfloat16: the loop a user writes by hand."""
-    a, b, c = (3.4445, -4.7750, 2.0315)
-    X = G.bfloat16()
-    if G.size(-2) > G.size(-1):
-        X = X.mT
-    X = X / (X.norm() + 1e-7)
-    for _ in range(5):
-        A = X @ X.mT
-        B = b * A + c * A @ A
-        X = a * X + B @ X
-    if G.size(-2) > G.size(-1):
-        X = X.mT
-    return X
+    return keller_jordan_ns5(G, torch.bfloat16)
 
 
 def _matrices(t: torch.Tensor) -> torch.Tensor:

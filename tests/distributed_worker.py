@@ -200,15 +200,83 @@ def job_bytes_variants(rank: int, world: int, tmp: Path) -> Any:
 
 
 def job_fsdp_dion2_refused(rank: int, world: int, tmp: Path) -> Any:
-    model = shard(make_model())
-    opt = make_optimizer(model, dist.group.WORLD, "dion2")
-    set_grads(model, fixed_grads(model, 0))
-    before = snapshot(model, opt)
-    try:
+    """The shardings a selecting variant refuses, each before anything changes: dim 0 read as
+    columns (a transposed layout), and selection="global" on a row-sharded stack of matrices."""
+    out = {}
+    for key, ndim, layout, selection in (("columns", 2, muonkit.Layout(rows=(1,), cols=(0,)), "local"),
+                                         ("global_stack", 4, muonkit.Layout(rows=(0,), cols=(2, 3), batch=(1,)), "global")):
+        model = shard(make_model())
+        groups = muonkit.param_groups(model)
+        target = next(g for g in groups if g["use_muon"] and g["params"][0].ndim == ndim)
+        target["layout"] = layout
+        opt = muonkit.Muon(groups, lr=LR, adamw_lr=0.01, process_group=dist.group.WORLD, variant="dion2",
+                           selection=selection)
+        set_grads(model, fixed_grads(model, 0))
+        before = snapshot(model, opt)
+        try:
+            opt.step()
+            out[key] = ("no error", False)
+        except ValueError as err:
+            out[key] = (str(err), all(torch.equal(a, b) for a, b in zip(before.values(), snapshot(model, opt).values())))
+    return out
+
+
+# ---------------------------------------------------- Dion2 on FSDP2 (tests/test_dion2.py)
+
+# Parameters of every kind a selecting variant takes sharded: row-sharded matrices (wide, tall,
+# 33 rows in uneven blocks, 2 rows that leave empty blocks on 4 ranks, a conv filter) and a
+# batch-sharded stack of 5 matrices (each rank holds whole ones).
+DION2_SHAPES = {"wide": (12, 40), "tall": (40, 12), "odd": (33, 20), "tiny": (2, 20), "conv": (8, 3, 2, 2),
+                "stack": (5, 6, 10)}
+DION2_STEPS = 3
+DION2_OPTIONS = dict(lr=0.05, weight_decay=0.1, fraction=0.25, ef_decay=0.9, beta2=0.8, scale="moonlight",
+                     orthogonalizer="svd")
+
+
+class Dion2Params(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        for name, shape in DION2_SHAPES.items():
+            self.register_parameter(name, nn.Parameter(0.5 * torch.randn(shape, generator=g, dtype=torch.float64)))
+
+
+def dion2_grads(step: int) -> dict[str, torch.Tensor]:
+    """float64 gradients whose rows grow in norm with their index (x1 to x4), so that a whole
+    matrix's top rows crowd into the last blocks while every block still has its own top rows."""
+    out = {}
+    for index, (name, shape) in enumerate(DION2_SHAPES.items()):
+        g = torch.Generator().manual_seed(100 * step + index)
+        rows = shape[0] if name != "stack" else shape[1]
+        growth = 1.0 + 3.0 * torch.arange(rows, dtype=torch.float64) / rows
+        growth = growth.reshape(rows, *([1] * (len(shape) - 1))) if name != "stack" else growth.reshape(1, rows, 1)
+        out[name] = torch.randn(shape, generator=g, dtype=torch.float64) * growth
+    return out
+
+
+def job_fsdp_dion2(rank: int, world: int, tmp: Path, variant: str, selection: str) -> Any:
+    """DION2_STEPS steps of a selecting variant on FSDP2-sharded float64 parameters; the full
+    parameters and state, and this rank's bytes_sent per step."""
+    model = shard(Dion2Params())
+    opt = muonkit.Muon([{"params": list(model.parameters()), "param_names": list(DION2_SHAPES)}],
+                       variant=variant, selection=selection, process_group=dist.group.WORLD, **DION2_OPTIONS)
+    for step in range(DION2_STEPS):
+        set_grads(model, dion2_grads(step))
         opt.step()
-    except ValueError as err:
-        return str(err), all(torch.equal(a, b) for a, b in zip(before.values(), snapshot(model, opt).values()))
-    return "no error", False
+    return snapshot(model, opt)
+
+
+def job_bytes_fsdp_variants(rank: int, world: int, tmp: Path) -> Any:
+    """Muon.bytes_sent of one FSDP2 step of the standard model for muon, dion2 (local and global
+    selection) and nordion2 (issue 23)."""
+    out = {}
+    for variant, selection in (("muon", "local"), ("dion2", "local"), ("dion2", "global"), ("nordion2", "local")):
+        model = shard(make_model())
+        opt = muonkit.Muon(muonkit.param_groups(model), lr=LR, weight_decay=0.1, adamw_lr=0.01,
+                           process_group=dist.group.WORLD, variant=variant, selection=selection)
+        train_fixed(model, opt, range(1))
+        out[f"{variant}_{selection}"] = opt.bytes_sent
+    return out
 
 
 def job_fsdp(rank: int, world: int, tmp: Path, variant: str = "muon") -> Any:
@@ -401,6 +469,9 @@ JOBS: dict[str, Callable[[int, int, Path], Any]] = {
     **{f"replicated_{v}": _variant(job_replicated, v) for v in ("dion2", "nordion2")},
     "bytes_variants": job_bytes_variants,
     "fsdp_dion2_refused": job_fsdp_dion2_refused,
+    **{f"fsdp_{v}_{sel}": (lambda v, sel: lambda rank, world, tmp: job_fsdp_dion2(rank, world, tmp, v, sel))(v, sel)
+       for v in ("dion2", "nordion2") for sel in ("local", "global")},
+    "bytes_fsdp_variants": job_bytes_fsdp_variants,
     "resume_normuon_from_2": _resume(2, "normuon"),
     "qkclip_replicated": job_qkclip_replicated,
     "qkclip_fsdp": job_qkclip_fsdp,

@@ -336,10 +336,148 @@ def test_only_the_selected_slices_travel(spawned, world):
 
 
 @pytest.mark.slow
-def test_sharded_parameters_are_refused_before_anything_changes(spawned):
-    for message, unchanged in _per_rank(spawned, 2, "fsdp_dion2_refused"):
-        assert "variant 'dion2' selects rows of whole matrices" in message and "is sharded" in message
+def test_shardings_it_cannot_select_along_are_refused_before_anything_changes(spawned):
+    for refused in _per_rank(spawned, 2, "fsdp_dion2_refused"):
+        message, unchanged = refused["columns"]
+        assert message.startswith("Muon group 3: parameter 'narrow.weight' is sharded along dim 0, which its layout")
+        assert "reads as columns" in message and "variant 'dion2' selects rows along the shard dimension" in message
         assert unchanged
+        message, unchanged = refused["global_stack"]
+        assert message.startswith("Muon group 2: parameter 'conv.weight' is sharded along its rows and holds 3 matrices")
+        assert "selection='local'" in message
+        assert unchanged
+
+
+# ------------------------------------------------------------------ on FSDP2-sharded parameters
+
+
+def row_blocks(rows: int, world: int) -> list[range]:
+    """The rows each rank holds under Shard(0): blocks of ceil(rows / world), the last ones shorter
+    or empty (torch.chunk's split)."""
+    chunk = -(-rows // world)
+    return [range(min(rows, r * chunk), min(rows, (r + 1) * chunk)) for r in range(world)]
+
+
+def top_rows(norms: torch.Tensor, rows, count: int) -> list[int]:
+    rows = list(rows)
+    order = sorted(rows, key=lambda i: -norms[i].item())
+    return order[: min(count, len(rows))]
+
+
+class ReferenceRowSharded:
+    """Dion2 / NorDion2 on a parameter sharded along its rows (a matrix, or a conv filter read as
+    out x (in * kernel)), float64, from the definition (microsoft/dion dion/dion2.py selects along
+    the shard dimension):
+
+        local:  S = the union over ranks of the top ceil(fraction * ceil(rows / world)) rows (by L1
+                norm of M) of each rank's block (all of a shorter block's rows);
+        global: S = the top ceil(fraction * rows) rows of the whole matrix;
+
+    then, as on one process: O_S = polar(M_S) of the rows S as one matrix, M_S <- ef_decay M_S,
+    NorDion2's normalization, W <- W (1 - lr wd) - lr scale(rows, cols) H on S. Rows, never columns,
+    even on a tall matrix: they are the shard dimension."""
+
+    def __init__(self, W, *, variant, scale, world, selection, eps=1e-10):
+        self.W = W.detach().double().clone()
+        self.variant, self.scale, self.world, self.selection, self.eps = variant, scale, world, selection, eps
+        self.M = torch.zeros_like(self.W)
+        self.v = torch.zeros(W.shape[0], 1, dtype=torch.float64)
+        self.selected: list[int] = []
+
+    def step(self, G):
+        self.M += G.double()
+        self.W *= 1 - LR * WD
+        A, B = self.M.reshape(self.M.shape[0], -1), self.W.reshape(self.W.shape[0], -1)
+        rows, cols = A.shape
+        norms = A.abs().sum(dim=1)
+        if self.selection == "local":
+            quota = max(1, math.ceil(FRACTION * -(-rows // self.world)))
+            S = [i for block in row_blocks(rows, self.world) for i in top_rows(norms, block, quota)]
+        else:
+            S = top_rows(norms, range(rows), max(1, math.ceil(FRACTION * rows)))
+        S = sorted(S)
+        self.selected = S
+        O = polar_factor(A[S].clone())
+        A[S] *= EF_DECAY
+        if self.variant == "nordion2":
+            self.v[S] = BETA2 * self.v[S] + (1 - BETA2) * (O * O).mean(dim=1, keepdim=True)
+            H = O / (self.v[S].sqrt() + self.eps)
+            O = H * (O.norm() / H.norm())
+        B[S] -= LR * update_scale(self.scale, rows, cols) * O
+
+
+def sharded_references(world, variant, selection):
+    W0 = worker.Dion2Params()
+    refs = {}
+    for name, p in W0.named_parameters():
+        if name == "stack":  # batch-sharded: every rank holds whole matrices
+            refs[name] = ReferenceDion2(p, "stacked", variant=variant, scale="moonlight")
+        else:
+            refs[name] = ReferenceRowSharded(p, variant=variant, scale="moonlight", world=world, selection=selection)
+    for step in range(worker.DION2_STEPS):
+        grads = worker.dion2_grads(step)
+        for name, ref in refs.items():
+            ref.step(grads[name])
+    return refs
+
+
+FSDP_JOBS = [f"fsdp_{v}_{sel}" for v in ("dion2", "nordion2") for sel in ("local", "global")]
+
+
+@pytest.fixture(scope="module")
+def spawned_fsdp(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dion2_fsdp")
+    return {world: worker.spawn(world, [*FSDP_JOBS, "bytes_fsdp_variants"], tmp, 300.0) for world in (2, 4)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("selection", ["local", "global"])
+@pytest.mark.parametrize("variant", ["dion2", "nordion2"])
+def test_fsdp_equals_the_float64_reference_of_its_selection(spawned_fsdp, world, variant, selection):
+    refs = sharded_references(world, variant, selection)
+    for got in _per_rank(spawned_fsdp, world, f"fsdp_{variant}_{selection}"):
+        for name, ref in refs.items():
+            assert (got[name] - ref.W).abs().max().item() < 1e-10, name
+            assert (got[f"{name}.momentum_buffer"] - ref.M).abs().max().item() < 1e-12, name
+            if variant == "nordion2":
+                want = torch.cat(ref.v) if name == "stack" else ref.v
+                assert (got[f"{name}.second_moment"].reshape(-1) - want.reshape(-1)).abs().max().item() < 1e-10, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_local_and_global_selection_differ_on_row_shards_only(spawned_fsdp, world):
+    """On rows whose norms grow with their index, the whole matrix's top rows crowd into the last
+    blocks, while local selection takes its quota from every block: the two select different rows
+    (in the references and in the runs) of every row-sharded matrix with more than one row per
+    selection, and the same matrices of the batch-sharded stack."""
+    local, whole = sharded_references(world, "dion2", "local"), sharded_references(world, "dion2", "global")
+    for name in ("wide", "tall", "odd", "conv"):
+        assert local[name].selected != whole[name].selected, name
+    # On the wide matrix, global selection is one process's Dion2 (rows are its shorter side).
+    one = ReferenceDion2(worker.Dion2Params().wide, "matrix", variant="dion2", scale="moonlight")
+    for step in range(worker.DION2_STEPS):
+        one.step(worker.dion2_grads(step)["wide"])
+    assert (one.W - whole["wide"].W).abs().max().item() < 1e-12
+    for got_local, got_global in zip(_per_rank(spawned_fsdp, world, "fsdp_dion2_local"),
+                                     _per_rank(spawned_fsdp, world, "fsdp_dion2_global")):
+        for name in ("wide", "tall", "odd", "conv"):
+            assert (got_local[name] - got_global[name]).abs().max().item() > 1e-3, name
+        assert torch.equal(got_local["stack"], got_global["stack"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_only_the_selected_rows_of_sharded_parameters_travel(spawned_fsdp, world):
+    """bytes_sent of one FSDP2 step of the standard model: Dion2 sends its selected rows (local:
+    each rank's quota; global: the whole matrix's top rows, plus every row's L1 norm), not the
+    row blocks Muon sends to each matrix's owner and back."""
+    for sent in _per_rank(spawned_fsdp, world, "bytes_fsdp_variants"):
+        assert sent["muon_local"] > 0
+        assert sent["dion2_local"] < 0.45 * sent["muon_local"]
+        assert sent["dion2_global"] < 0.45 * sent["muon_local"]
+        assert sent["nordion2_local"] < 0.5 * sent["muon_local"]
 
 
 def test_local_and_global_selection_agree_on_whole_matrices():

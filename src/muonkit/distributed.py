@@ -199,11 +199,16 @@ class DistributedOrthogonalizer:
         moments = list(second_moments) if second_moments is not None else [None] * len(params)
 
         def update_many(
-            tensors: Sequence[Tensor], states: Sequence[Tensor | None], layouts: Sequence[Layout]
+            tensors: Sequence[Tensor],
+            states: Sequence[Tensor | None],
+            layouts: Sequence[Layout],
+            slices: Sequence[tuple[int, ...] | None] | None = None,
         ) -> tuple[list[Tensor], list[Tensor | None]]:
-            entries = [self._entry(t, p, layout) for t, p, layout in zip(tensors, params, layouts)]
+            given = list(slices) if slices is not None else [None] * len(tensors)
+            entries = [self._entry(t, p, layout, n) for t, p, layout, n in zip(tensors, params, layouts, given)]
             state_entries = [
-                None if s is None else self._entry(s, v, layout) for s, v, layout in zip(states, moments, layouts)
+                None if s is None else self._entry(s, v, layout, n)
+                for s, v, layout, n in zip(states, moments, layouts, given)
             ]
             return self._exchange(list(tensors), entries, list(states), state_entries, list(layouts), local)
 
@@ -215,8 +220,41 @@ class DistributedOrthogonalizer:
         dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.group)
         return value[0] > 0
 
-    def _entry(self, local: Tensor, full: Tensor | None, layout: Layout) -> _Entry:
-        """`local` is this rank's part of `full` (a Shard(0) DTensor) or all of it."""
+    def gather_rows(self, tensors: Sequence[Tensor], sizes: Sequence[Sequence[int]]) -> list[Tensor]:
+        """Each tensor whole, from this rank's dim-0 slice of it (`sizes[i]`: its dim-0 size on
+        every rank): one all_gather of a padded flat buffer per dtype (`_all_gather`'s pattern).
+        Dion2's selection="global" gathers the row norms of sharded matrices with it."""
+        out: list[Tensor] = [t for t in tensors]
+        for dtype in sorted({t.dtype for t in tensors}, key=str):
+            items = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+            inner = {i: math.prod(tensors[i].shape[1:]) for i in items}
+            lengths = [sum(sizes[i][r] * inner[i] for i in items) for r in range(self.world_size)]
+            length = max(lengths)
+            buffer = torch.zeros(length, dtype=dtype, device=tensors[items[0]].device)
+            if lengths[self.rank]:
+                torch.cat([tensors[i].reshape(-1) for i in items], out=buffer[: lengths[self.rank]])
+            gathered = torch.empty(self.world_size * length, dtype=dtype, device=buffer.device)
+            dist.all_gather_single(gathered, buffer, group=self.group)
+            self.bytes_sent += (self.world_size - 1) * length * buffer.element_size()
+            pieces: dict[int, list[Tensor]] = {i: [] for i in items}
+            for r in range(self.world_size):
+                offset = r * length
+                for i in items:
+                    n = sizes[i][r] * inner[i]
+                    pieces[i].append(gathered[offset : offset + n].view(sizes[i][r], *tensors[i].shape[1:]))
+                    offset += n
+            for i in items:
+                out[i] = torch.cat(pieces[i])
+        return out
+
+    def _entry(self, local: Tensor, full: Tensor | None, layout: Layout, slices: tuple[int, ...] | None = None) -> _Entry:
+        """`local` is this rank's part of `full` (a Shard(0) DTensor) or all of it; or, given
+        `slices` (dim-0 sizes on every rank), this rank's slice of a tensor that is no parameter."""
+        if slices is not None:
+            if local.shape[0] != slices[self.rank]:
+                raise RuntimeError(f"a slice of shape {tuple(local.shape)} on rank {self.rank}; expected {slices[self.rank]} rows")
+            shape = torch.Size((sum(slices), *local.shape[1:]))
+            return _Entry(shape, *matrix_shape(shape, layout), local.dtype, tuple(slices))
         if full is not None and is_sharded(full):
             slices = tuple(shard_sizes(full.shape[0], self.world_size))
             if tuple(local.shape) != (slices[self.rank], *full.shape[1:]):

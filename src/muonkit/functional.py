@@ -17,7 +17,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -36,14 +36,31 @@ from .orthogonalize import (
     working_dtype,
 )
 from .scaling import Scale, update_scale
-from .variants import VARIANTS, Selection, Variant
+from .variants import VARIANTS, Selection, Shard, Variant, global_rows, local_rows, slice_norms
 
-# (momentum updates U, their second moments or None, their layouts) -> (updates H, new second
-# moments or None), each tensor in its parameter's (or state's) own shape: the seam distributed
-# training replaces (it hands each tensor to an owner rank, which calls the local one).
-UpdateMany = Callable[
-    [Sequence[Tensor], Sequence["Tensor | None"], Sequence[Layout]], "tuple[list[Tensor], list[Tensor | None]]"
-]
+
+
+class UpdateMany(Protocol):
+    """(momentum updates U, their second moments or None, their layouts) -> (updates H, new second
+    moments or None), each tensor in its parameter's (or state's) own shape: the seam distributed
+    training replaces (it hands each tensor to an owner rank, which calls the local one).
+
+    `slices`, where not None, says that tensor i is this rank's dim-0 slice of a tensor that is
+    not a parameter, and how many dim-0 entries every rank holds of it: a selecting variant's
+    selected rows of an FSDP2-sharded parameter. A single process never gets one."""
+
+    def __call__(
+        self,
+        tensors: Sequence[Tensor],
+        second_moments: Sequence[Tensor | None],
+        layouts: Sequence[Layout],
+        slices: Sequence[tuple[int, ...] | None] | None = None,
+    ) -> tuple[list[Tensor], list[Tensor | None]]: ...
+
+
+# Every rank's dim-0 slices of tensors, concatenated in rank order: given this rank's slice of
+# each tensor and the dim-0 sizes on every rank (a collective: every rank calls it alike).
+GatherRows = Callable[[Sequence[Tensor], Sequence[Sequence[int]]], list[Tensor]]
 # Per-parameter statistics of a step: 0-d tensors under the keys of Muon.last_stats.
 Stats = dict[str, Tensor]
 
@@ -222,8 +239,12 @@ def local_update_many(
     chosen = VARIANTS[variant] if isinstance(variant, str) else variant
 
     def update_many(
-        tensors: Sequence[Tensor], second_moments: Sequence[Tensor | None], layouts: Sequence[Layout]
+        tensors: Sequence[Tensor],
+        second_moments: Sequence[Tensor | None],
+        layouts: Sequence[Layout],
+        slices: Sequence[tuple[int, ...] | None] | None = None,
     ) -> tuple[list[Tensor], list[Tensor | None]]:
+        assert slices is None or all(s is None for s in slices), "one process holds whole tensors"
         matrices = [to_matrices(t, layout) for t, layout in zip(tensors, layouts)]
         moments = [None if v is None else to_matrices(v, layout) for v, layout in zip(second_moments, layouts)]
         updates: list[Tensor] = list(tensors)
@@ -500,9 +521,12 @@ def muon(
     variant_eps: float = 1e-10,
     fraction: float = 0.25,
     ef_decay: float = 0.95,
+    selection: str = "local",
     second_moments: Sequence[Tensor | None] | None = None,
     cautious_weight_decay: bool = False,
     update_many: UpdateMany | None = None,
+    shards: Sequence[Shard | None] | None = None,
+    gather_rows: GatherRows | None = None,
     shapes: Sequence[torch.Size] | None = None,
     rounding_seeds: Sequence[int | None] | None = None,
     stats: Sequence[Stats] | None = None,
@@ -540,6 +564,13 @@ def muon(
             "singular_max"; "second_moment_min"/"_max" for a variant with a second moment.
         fraction, ef_decay: a selecting variant's (Dion2's) share of slices orthogonalized per
             matrix and the decay of their momentum (muonkit.variants.Dion2).
+        selection: where a selecting variant picks the rows of a row-sharded parameter: "local"
+            (the top rows of each rank's block, `muonkit.variants.local_rows`) or "global" (the top
+            rows of the whole matrix, `muonkit.variants.global_rows`); whole matrices are the same
+            either way.
+        shards: per parameter, None (this process holds all of it) or how it is sharded (FSDP2:
+            `params` are local slices, `shapes` the full shapes); only with `update_many`.
+        gather_rows: the collective that gathers every rank's row norms for selection="global".
         hold: compute without modifying anything and return the step as a `Pending`.
     """
     chosen = VARIANTS[variant] if isinstance(variant, str) else variant
@@ -563,8 +594,8 @@ def muon(
             _momentum_(buffers, grads, momentum, chosen.accumulates)
         new_buffers = buffers
     full = list(shapes) if shapes is not None else [p.shape for p in params]
-    selections = ([chosen.select(to_matrices(m, layout), fraction) for m, layout in zip(new_buffers, layouts)]
-                  if chosen.selects else [None] * len(params))
+    shards = list(shards) if shards is not None else [None] * len(params)
+    selections, part_slices = _selections(chosen, new_buffers, layouts, fraction, selection, shards, gather_rows)
     step = Pending(
         list(params), grads, buffers, moments, [None] * len(params), [None] * len(params),
         [update_scale(scale, *matrix_shape(s, layout)[1:], rms) for s, layout in zip(full, layouts)],
@@ -586,12 +617,19 @@ def muon(
         lookaheads = [_lookahead(g, m, momentum=momentum, nesterov=nesterov, sign=chosen.signs_input)
                       for g, m in zip(grads, new_buffers)]
         if chosen.selects:
-            parts = [sel.gather(to_matrices(u, layout)) for u, sel, layout in zip(lookaheads, selections, layouts)]
-            stacked = [resolve("stacked", 3)] * len(parts)
-            part_updates, part_new = update_many(parts, part_moments, stacked)
+            # The selected rows of a row-sharded parameter travel rows first, (rows, batch, cols), so
+            # that every rank's rows are a dim-0 slice of the one matrix their owner orthogonalizes.
+            by_rows = [shard is not None and shard.axis == "rows" for shard in shards]
+            parts = [_rows_first(sel.gather(to_matrices(u, layout)), rows)
+                     for u, sel, layout, rows in zip(lookaheads, selections, layouts, by_rows)]
+            part_moments = [None if v is None else _rows_first(v, rows) for v, rows in zip(part_moments, by_rows)]
+            part_layouts = [_ROWS_FIRST if rows else resolve("stacked", 3) for rows in by_rows]
+            part_updates, part_new = update_many(parts, part_moments, part_layouts, part_slices)
             for i, sel in enumerate(selections):
+                new = part_new[i]
                 step.updates[i], step.new_second_moments[i] = _unselected(
-                    sel, part_updates[i], part_new[i], params[i], matrix_moments[i], moments[i], layouts[i])
+                    sel, _rows_first(part_updates[i], by_rows[i]), None if new is None else _rows_first(new, by_rows[i]),
+                    params[i], matrix_moments[i], moments[i], layouts[i])
         else:
             updates, new_moments = update_many(lookaheads, moments, layouts)
             step.updates, step.new_second_moments = list(updates), list(new_moments)
@@ -642,6 +680,54 @@ def muon(
             for j in run:
                 step.updates[j] = None
     return step if hold else None
+
+
+# The layout of a selected part sent rows first: (rows, batch, cols).
+_ROWS_FIRST = Layout(rows=(0,), cols=(2,), batch=(1,))
+
+
+def _rows_first(part: Tensor, rows: bool) -> Tensor:
+    """(batch, rows, cols) <-> (rows, batch, cols) for the parts of row-sharded parameters."""
+    return part.transpose(0, 1) if rows else part
+
+
+def _selections(
+    variant: Variant,
+    buffers: Sequence[Tensor],
+    layouts: Sequence[Layout],
+    fraction: float,
+    selection: str,
+    shards: Sequence[Shard | None],
+    gather_rows: GatherRows | None,
+) -> tuple[list[Selection | None], list[tuple[int, ...] | None]]:
+    """Each parameter's Selection (None for a variant that selects nothing), and for a sharded one
+    the dim-0 size of its selected part on every rank (its rows per rank when row-sharded, its
+    matrices per rank when batch-sharded).
+
+    A row-sharded parameter's rows are chosen along the shard dimension (microsoft/dion dion2.py
+    aligns its selection with the shard dimension), per rank's block or over the whole matrix
+    (`selection`); a batch-sharded one's ranks hold whole matrices, selected as on one process."""
+    selections: list[Selection | None] = [None] * len(buffers)
+    slices: list[tuple[int, ...] | None] = [None] * len(buffers)
+    if not variant.selects:
+        return selections, slices
+    matrices = [to_matrices(m, layout) for m, layout in zip(buffers, layouts)]
+    whole = [i for i, shard in enumerate(shards) if shard is not None and shard.axis == "rows" and selection == "global"]
+    if whole:
+        assert gather_rows is not None and all(matrices[i].shape[0] == 1 for i in whole)
+        norms = gather_rows([slice_norms(matrices[i], -2).reshape(-1).double() for i in whole],
+                            [shards[i].sizes for i in whole])  # type: ignore[union-attr]
+        for i, n in zip(whole, norms):
+            selections[i], slices[i] = global_rows(n, fraction, shards[i])  # type: ignore[arg-type]
+    for i, (M, shard) in enumerate(zip(matrices, shards)):
+        if i in whole:
+            continue
+        if shard is not None and shard.axis == "rows":
+            selections[i], slices[i] = local_rows(M, fraction, shard)
+        else:
+            selections[i] = variant.select(M, fraction)
+            slices[i] = None if shard is None else shard.sizes
+    return selections, slices
 
 
 def _unselected(

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import checkpoint, functional
 from .dtensor import is_dtensor, is_sharded, local_parts
-from .layout import LayoutSpec, resolve
+from .layout import Layout, LayoutSpec, matrix_shape, resolve
 from .options import (
     ADAMW_FROM,
     ADAMW_KEYS,
@@ -38,7 +38,7 @@ from .options import (
     split_names,
 )
 from .orthogonalize import NsDtype, Orthogonalizer
-from .variants import VARIANTS
+from .variants import VARIANTS, Shard
 from .scaling import Scale
 from .quantize import dequantize, quantize_into_
 from .state import check_state, drop_unused, missing_state, momentum_dtype, rounds_stochastically, state_shapes
@@ -137,8 +137,11 @@ class Muon(torch.optim.Optimizer):
         fraction: Dion2's and NorDion2's share of each matrix's rows (or columns) orthogonalized and
             updated per step, in (0, 1] (default 0.25).
         ef_decay: Dion2's error-feedback decay of the selected momentum, in [0, 1] (default 0.95).
-        selection: "local" (default) or "global": where Dion2 picks the top slices of a sharded
-            matrix; the same on unsharded and replicated parameters (the only ones Dion2 takes).
+        selection: "local" (default) or "global": where Dion2 and NorDion2 pick the rows of an
+            FSDP2-sharded parameter whose dim 0 is its matrices' rows: the top rows of each rank's
+            block (ceil(fraction * ceil(rows / world)) per rank; only those travel) or of the whole
+            matrix (every rank's row norms travel, then only the selected rows). The same on
+            unsharded, replicated and batch-sharded parameters (each rank sees whole matrices).
         cautious_weight_decay: decay only where the decay and the update agree in sign (both kinds
             of group; default False).
         state_dtype: dtype of the optimizer state (momentum, second moments, AdamW's moments) and
@@ -418,15 +421,21 @@ class Muon(torch.optim.Optimizer):
                 variant=group["variant"], beta2=float(group["beta2"]), eps=float(group["variant_eps"]),
                 second_moments=moments,
             )
+        layouts = [resolve(group["layout"], p.ndim) for p in item.params]
+        shards = gather_rows = None
+        if self._distributed is not None and VARIANTS[group["variant"]].selects:
+            shards = [_shard(p, layout, self._distributed.world_size, self._distributed.rank)
+                      for p, layout in zip(item.params, layouts)]
+            gather_rows = self._distributed.gather_rows
         return functional.muon(
-            local_parts(item.params), local_parts(item.grads), item.momentum(),
-            [resolve(group["layout"], p.ndim) for p in item.params],
+            local_parts(item.params), local_parts(item.grads), item.momentum(), layouts,
             lr=_lr(group, self.defaults["capturable"]), momentum=float(group["momentum"]), nesterov=group["nesterov"],
             weight_decay=float(group["weight_decay"]), scale=group["scale"], rms=float(group["rms"]),
             orthogonalizer=group["orthogonalizer"], ns_steps=group["ns_steps"], ns_dtype=group["ns_dtype"],
             variant=group["variant"], beta2=float(group["beta2"]), variant_eps=float(group["variant_eps"]),
-            fraction=float(group["fraction"]), ef_decay=float(group["ef_decay"]), second_moments=local_parts(moments), cautious_weight_decay=group["cautious_weight_decay"],
-            update_many=update_many, shapes=[p.shape for p in item.params], rounding_seeds=item.seeds,
+            fraction=float(group["fraction"]), ef_decay=float(group["ef_decay"]), selection=group["selection"],
+            second_moments=local_parts(moments), cautious_weight_decay=group["cautious_weight_decay"],
+            update_many=update_many, shards=shards, gather_rows=gather_rows, shapes=[p.shape for p in item.params], rounding_seeds=item.seeds,
             stats=item.stats, orthogonality=orthogonality, hold=hold,
         )
 
@@ -497,11 +506,7 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], che
             if not state and group["use_muon"] and is_dtensor(p):
                 check_dtensor(p, name, where)
             if group["use_muon"] and VARIANTS[group["variant"]].selects and is_sharded(p):
-                raise ValueError(
-                    f"{where}: parameter '{name}' is sharded (a Shard(0) DTensor); variant {group['variant']!r} "
-                    "selects rows of whole matrices and runs on unsharded or replicated parameters only "
-                    "(use variant 'muon' or 'normuon' for FSDP2-sharded ones)"
-                )
+                _check_selectable(p, resolve(group["layout"], p.ndim), group, name, where)
             check_grad(p, name, where)
             new = missing_state(p, state, group, capturable=capturable)
             check_state(p, {**state, **new}, group, name, where)
@@ -514,6 +519,52 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], che
             item.positions.append(position)
         plan.append(item)
     return plan
+
+
+def _shard_axis(layout: Layout, ndim: int) -> str | None:
+    """How a Shard(0) parameter's matrix view is cut: "rows" when dim 0 is its first row axis,
+    "batch" when it is its first batch axis (with no blocks either way), else None."""
+    if layout.blocks:
+        return None
+    if layout.rows[0] % ndim == 0:
+        return "rows"
+    if layout.batch and layout.batch[0] % ndim == 0:
+        return "batch"
+    return None
+
+
+def _shard(p: Tensor, layout: Layout, world: int, rank: int) -> Shard | None:
+    """A sharded parameter's `muonkit.variants.Shard` (its rows or matrices on every rank), else None."""
+    if not is_sharded(p):
+        return None
+    from .distributed import shard_sizes
+
+    axis = _shard_axis(layout, p.ndim)
+    assert axis is not None  # _check_selectable refused the others
+    batch, rows, _ = matrix_shape(p.shape, layout)
+    per_slice = (rows if axis == "rows" else batch) // p.shape[0]
+    return Shard(axis, tuple(size * per_slice for size in shard_sizes(p.shape[0], world)), rank)
+
+
+def _check_selectable(p: Tensor, layout: Layout, group: dict[str, Any], name: str, where: str) -> None:
+    """ValueError naming the parameter unless a selecting variant can step this Shard(0) parameter:
+    dim 0 must be its matrices' first row axis or first batch axis, and selection="global" on
+    row-sharded parameters needs one matrix per parameter (its ranks' counts of rows then agree)."""
+    axis = _shard_axis(layout, p.ndim)
+    variant = group["variant"]
+    if axis is None:
+        raise ValueError(
+            f"{where}: parameter '{name}' is sharded along dim 0, which its layout {layout} reads as "
+            f"{'cut into blocks' if layout.blocks else 'columns (or an inner axis)'}; variant {variant!r} selects "
+            "rows along the shard dimension, so it needs dim 0 to be the first row axis or the first batch "
+            "axis (use variant 'muon' or 'normuon' for this parameter's group)"
+        )
+    if axis == "rows" and group["selection"] == "global" and matrix_shape(p.shape, layout)[0] > 1:
+        raise ValueError(
+            f"{where}: parameter '{name}' is sharded along its rows and holds {matrix_shape(p.shape, layout)[0]} "
+            f"matrices; variant {variant!r} with selection='global' picks each matrix's rows over all ranks "
+            "for one matrix per parameter only (use selection='local')"
+        )
 
 
 def _lr(group: dict[str, Any], capturable: bool) -> float | Tensor:

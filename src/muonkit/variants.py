@@ -91,12 +91,65 @@ class Selection:
         return X.scatter(self.dim, index, torch.gather(X, self.dim, index) * factor)
 
 
-def top_slices(M: Tensor, fraction: float, dim: int) -> Selection:
-    """The ceil(fraction * n) slices along `dim` (of n) of each matrix with the largest L1 norms."""
+def top_slices(M: Tensor, fraction: float, dim: int, count: int | None = None) -> Selection:
+    """The ceil(fraction * n) slices along `dim` (of n) of each matrix with the largest L1 norms, or
+    the top min(count, n) when `count` is given."""
     n = M.shape[dim]
-    k = max(1, math.ceil(fraction * n))
-    norms = torch.linalg.vector_norm(M, ord=1, dim=-1 if dim == -2 else -2)
-    return Selection(dim, torch.topk(norms, k, dim=-1, sorted=False).indices)
+    k = max(1, math.ceil(fraction * n)) if count is None else min(count, n)
+    return Selection(dim, torch.topk(slice_norms(M, dim), k, dim=-1, sorted=False).indices)
+
+
+def slice_norms(M: Tensor, dim: int) -> Tensor:
+    """The L1 norm of each slice along `dim` of each matrix of a (batch, rows, cols) stack."""
+    return torch.linalg.vector_norm(M, ord=1, dim=-1 if dim == -2 else -2)
+
+
+# ------------------------------------------------------------ Dion2 on sharded parameters
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's part of a parameter sharded along its dim 0 (FSDP2's Shard(0)), as its matrix
+    view sees it: `axis` "rows" when dim 0 is the view's first row axis (each rank holds a block of
+    consecutive rows of every matrix), "batch" when it is the first batch axis (each rank holds
+    whole matrices); `sizes` are the rows (or matrices) each rank holds, `rank` this one."""
+
+    axis: str
+    sizes: tuple[int, ...]
+    rank: int
+
+    @property
+    def offset(self) -> int:
+        return sum(self.sizes[: self.rank])
+
+
+def shard_quota(rows: int, world: int, fraction: float) -> int:
+    """Rows every rank selects from its block under selection="local": ceil(fraction * ceil(rows /
+    world)), at least 1, the same on every rank (a shorter block gives all of its rows); microsoft/dion
+    dion/dion2.py derives its per-rank count so, for a uniform exchange."""
+    return max(1, math.ceil(fraction * -(-rows // world)))
+
+
+def local_rows(M: Tensor, fraction: float, shard: Shard) -> tuple[Selection, tuple[int, ...]]:
+    """selection="local" on a row-sharded parameter: the top `shard_quota` rows of this rank's
+    block of each matrix (M: its (batch, block rows, cols) momentum), and how many rows each rank
+    selects. The step then orthogonalizes the union of the ranks' rows as one matrix."""
+    quota = shard_quota(sum(shard.sizes), len(shard.sizes), fraction)
+    return top_slices(M, fraction, -2, quota), tuple(min(quota, size) for size in shard.sizes)
+
+
+def global_rows(norms: Tensor, fraction: float, shard: Shard) -> tuple[Selection, tuple[int, ...]]:
+    """selection="global" on a row-sharded parameter with one matrix: the ceil(fraction * rows) rows
+    of the whole matrix with the largest L1 norms (`norms`: every row's, gathered from all ranks,
+    the same on every rank), as this rank's Selection of its block, and how many fall in each block."""
+    rows = norms.shape[-1]
+    chosen = torch.topk(norms.reshape(rows), max(1, math.ceil(fraction * rows)), sorted=False).indices
+    edges = [0]
+    for size in shard.sizes:
+        edges.append(edges[-1] + size)
+    counts = tuple(int(((chosen >= lo) & (chosen < hi)).sum()) for lo, hi in zip(edges, edges[1:]))
+    mine = chosen[(chosen >= edges[shard.rank]) & (chosen < edges[shard.rank + 1])] - edges[shard.rank]
+    return Selection(-2, mine.unsqueeze(0)), counts
 
 
 class Variant:

@@ -10,8 +10,11 @@ Prints three Markdown tables:
 - time: one optimizer step of 4 GPT-2-small blocks with muon, dion2, nordion2, muon 8-bit, and the
   orthogonalization alone (polar_express, 5 steps, float32) of every matrix whole vs of its
   selected quarter (Dion2's rows of the shorter side), timed round-robin in one process;
-- bytes: Muon.bytes_sent per step on 2 and 4 gloo ranks (process_group=WORLD, replicated
-  parameters, one GPT-2-small block), muon vs dion2 vs nordion2.
+- bytes: Muon.bytes_sent per step on 2 and 4 gloo ranks (process_group=WORLD, one GPT-2-small
+  block), muon vs dion2 vs nordion2, with replicated parameters and with FSDP2-sharded ones
+  (fully_shard; Dion2 with selection "local" and "global").
+
+`--tables bytes` (or any comma-separated subset of state,time,bytes) runs only those.
 """
 
 from __future__ import annotations
@@ -94,23 +97,49 @@ def time_table(repeats: int) -> str:
     return table(["4 GPT-2-small blocks (24 matrices)", "median", "ratio"], rows)
 
 
+VARIANTS = {"muon": {}, "dion2": dict(variant="dion2"), "dion2 global": dict(variant="dion2", selection="global"),
+            "nordion2": dict(variant="nordion2")}
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    """A fixed full gradient, or this rank's Shard(0) rows of it for an FSDP2 parameter."""
+    from torch.distributed.tensor import DTensor
+
+    g = torch.randn(p.shape, generator=torch.Generator().manual_seed(1))
+    if not isinstance(p, DTensor):
+        return g
+    rows = muonkit.distributed.shard_sizes(p.shape[0], p.device_mesh.size())
+    rank = p.device_mesh.get_local_rank()
+    local = g[sum(rows[:rank]) : sum(rows[: rank + 1])].contiguous()
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=g.shape, stride=g.stride())
+
+
 def _bytes_rank(rank: int, world: int, path: str, queue) -> None:
+    from torch.distributed.fsdp import fully_shard
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world, timeout=timedelta(seconds=300))
     out = {}
-    for name, extra in (("muon", {}), ("dion2", dict(variant="dion2")), ("nordion2", dict(variant="nordion2"))):
-        torch.manual_seed(0)
-        model = gpt2_small_matrices(1)
-        opt = muonkit.Muon([{"params": [p for p in model.parameters() if p.ndim == 2]}], lr=0.02,
-                           process_group=dist.group.WORLD, **extra)
-        per_step = []
-        for _ in range(2):
-            for p in model.parameters():
-                p.grad = torch.ones_like(p) if p.ndim < 2 else torch.randn(p.shape, generator=torch.Generator().manual_seed(1))
-            before = opt.bytes_sent
-            opt.step()
-            per_step.append(opt.bytes_sent - before)
-        out[name] = per_step[-1]
+    for kind in ("replicated", "FSDP2"):
+        for name, extra in VARIANTS.items():
+            if kind == "replicated" and name == "dion2 global":
+                continue  # whole matrices on every rank: the same rows as "local"
+            torch.manual_seed(0)
+            model = gpt2_small_matrices(1)
+            if kind == "FSDP2":
+                for layer in model:
+                    fully_shard(layer)
+                fully_shard(model)
+            opt = muonkit.Muon([{"params": [p for p in model.parameters() if p.ndim == 2]}], lr=0.02,
+                               process_group=dist.group.WORLD, **extra)
+            per_step = []
+            for _ in range(2):
+                for p in model.parameters():
+                    p.grad = _grad(p)
+                before = opt.bytes_sent
+                opt.step()
+                per_step.append(opt.bytes_sent - before)
+            out[kind, name] = per_step[-1]
     if rank == 0:
         queue.put(out)
     dist.destroy_process_group()
@@ -130,23 +159,30 @@ def bytes_table() -> str:
         result = queue.get(timeout=600)
         for p in procs:
             p.join()
-        for name in ("muon", "dion2", "nordion2"):
-            rows.append([world, name, f"{result[name] / 1e6:.3f} MB", f"{result[name] / result['muon']:.3f}"])
-    return table(["ranks", "variant", "bytes_sent per step (rank 0)", "/ muon"], rows)
+        for (kind, name), sent in result.items():
+            muon = result[kind, "muon"]
+            rows.append([world, kind, name, f"{sent / 1e6:.3f} MB", f"{sent / muon:.3f}"])
+    return table(["ranks", "parameters", "variant", "bytes_sent per step (rank 0)", "/ muon"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tables", default="state,time,bytes", help="comma-separated subset of state,time,bytes")
     parser.add_argument("--write-results", action="store_true")
     args = parser.parse_args(argv)
+    chosen = args.tables.split(",")
     machine = setup(args.threads)
     parts = [f"Measured: {machine}; command: python benchmarks/bench_momentum_dion2.py --threads {args.threads} "
-             f"--repeats {args.repeats}",
-             "\nMomentum state of the Muon groups\n\n" + state_table(),
-             "\nStep and Newton-Schulz time (Dion2 fraction 0.25)\n\n" + time_table(args.repeats),
-             "\nBytes sent per step under process_group (one GPT-2-small block, replicated)\n\n" + bytes_table()]
+             f"--repeats {args.repeats}" + ("" if args.tables == "state,time,bytes" else f" --tables {args.tables}")]
+    if "state" in chosen:
+        parts.append("\nMomentum state of the Muon groups\n\n" + state_table())
+    if "time" in chosen:
+        parts.append("\nStep and Newton-Schulz time (Dion2 fraction 0.25)\n\n" + time_table(args.repeats))
+    if "bytes" in chosen:
+        parts.append("\nBytes sent per step under process_group (one GPT-2-small block: replicated, and FSDP2-sharded "
+                     "with fully_shard)\n\n" + bytes_table())
     text = "\n".join(parts)
     print(text)
     if args.write_results:

@@ -12,7 +12,9 @@ Adding a variant is one class here and one line in VARIANTS. A variant declares:
 - `selects` and `select(M, fraction)`: None (every matrix whole), or the `Selection` of the rows
   or columns of each (batch, rows, cols) matrix of M that the step orthogonalizes and updates; the
   driver orthogonalizes and transforms only those slices (and the second moment's matching rows),
-  and multiplies the selected slices of M by `ef_decay` (error feedback).
+  and multiplies the selected slices of M by `ef_decay` (error feedback). On an FSDP2-sharded
+  parameter whose ranks hold blocks of rows, the driver selects rows along the shard dimension
+  instead, per block or over the whole matrix (`local_rows`, `global_rows`; option `selection`).
 
 Its options (`beta2`, `variant_eps`, `fraction`, `ef_decay`, `selection`) are keys of every Muon group, checked by `check_options`
 whatever the group's variant, so that switching a group's variant never meets an unchecked value.

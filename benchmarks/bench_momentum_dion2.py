@@ -14,7 +14,10 @@ Prints three Markdown tables:
   block), muon vs dion2 vs nordion2, with replicated parameters and with FSDP2-sharded ones
   (fully_shard; Dion2 with selection "local" and "global").
 
-`--tables bytes` (or any comma-separated subset of state,time,bytes) runs only those.
+- tasks: on the training tasks' models (charlm's GPT, hf-lm's qwen3-moe preset): one step of muon
+  and dion2, the Newton-Schulz work whole vs Dion2's selected slices, momentum bytes at 32 and 8 bits.
+
+`--tables tasks,bytes` (any comma-separated subset of state,time,tasks,bytes) runs only those.
 """
 
 from __future__ import annotations
@@ -114,6 +117,57 @@ def _grad(p: torch.Tensor) -> torch.Tensor:
     return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=g.shape, stride=g.stride())
 
 
+def qwen3_moe_model() -> nn.Module:
+    """`muonkit bench hf-lm --hf-config qwen3-moe`'s model (its tiny preset, a 100-symbol vocabulary)."""
+    import transformers
+
+    from muonkit.tasks.hflm import PRESETS
+
+    config = transformers.AutoConfig.for_model(**{**PRESETS["qwen3-moe"], "vocab_size": 100})
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def task_table(repeats: int) -> str:
+    """On the training tasks' models (their Muon groups by muonkit.param_groups): one optimizer step
+    of muon and dion2, the Newton-Schulz work alone (every Muon matrix whole vs Dion2's selected
+    slices, polar_express, 5 steps), and the Muon groups' momentum bytes at 32 and 8 bits."""
+    from muonkit.layout import resolve, to_matrices
+    from muonkit.variants import VARIANTS
+
+    makers = {"charlm GPT": charlm_model}
+    try:
+        import transformers  # noqa: F401
+
+        makers["hf-lm qwen3-moe"] = qwen3_moe_model
+    except ImportError:
+        pass
+    rows = []
+    for label, make in makers.items():
+        torch.manual_seed(0)
+        steps, matrices = {}, []
+        for name, extra in (("muon", {}), ("dion2", dict(variant="dion2"))):
+            model = make()
+            groups = muonkit.param_groups(model)
+            for p in model.parameters():
+                p.grad = torch.randn_like(p) * 0.01
+            steps[name] = muonkit.Muon(groups, lr=0.01, **extra).step
+        for g in groups:
+            if g["use_muon"]:
+                matrices += [to_matrices(p.detach(), resolve(g.get("layout"), p.ndim)).clone() for p in g["params"]]
+        selected = [VARIANTS["dion2"].select(m, FRACTION).gather(m) for m in matrices]
+        ns = {"NS whole": lambda: [muonkit.orthogonalize(m, "polar_express") for m in matrices],
+              "NS selected": lambda: [muonkit.orthogonalize(m, "polar_express") for m in selected]}
+        t = time_interleaved({**steps, **ns}, repeats=repeats)
+        full, _ = momentum_bytes(make(), 32)
+        eight, _ = momentum_bytes(make(), 8)
+        rows.append([label, len(matrices), f"{t['muon'].median * 1e3:.1f} ms", f"{t['dion2'].median * 1e3:.1f} ms",
+                     f"{median_ratio(t['dion2'], t['muon']):.2f}x", f"{t['NS whole'].median * 1e3:.1f} ms",
+                     f"{t['NS selected'].median * 1e3:.1f} ms", f"{median_ratio(t['NS selected'], t['NS whole']):.2f}x",
+                     f"{full / 1e6:.3f} MB", f"{eight / 1e6:.3f} MB", f"{eight / full:.3f}"])
+    return table(["model", "Muon tensors", "muon step", "dion2 step", "dion2 / muon", "NS whole", "NS selected",
+                  "selected / whole", "momentum fp32", "momentum 8-bit", "8-bit / fp32"], rows)
+
+
 def _bytes_rank(rank: int, world: int, path: str, queue) -> None:
     from torch.distributed.fsdp import fully_shard
 
@@ -169,17 +223,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--tables", default="state,time,bytes", help="comma-separated subset of state,time,bytes")
+    parser.add_argument("--tables", default="state,time,tasks,bytes", help="comma-separated subset of state,time,tasks,bytes")
     parser.add_argument("--write-results", action="store_true")
     args = parser.parse_args(argv)
     chosen = args.tables.split(",")
     machine = setup(args.threads)
     parts = [f"Measured: {machine}; command: python benchmarks/bench_momentum_dion2.py --threads {args.threads} "
-             f"--repeats {args.repeats}" + ("" if args.tables == "state,time,bytes" else f" --tables {args.tables}")]
+             f"--repeats {args.repeats}" + ("" if args.tables == "state,time,tasks,bytes" else f" --tables {args.tables}")]
     if "state" in chosen:
         parts.append("\nMomentum state of the Muon groups\n\n" + state_table())
     if "time" in chosen:
         parts.append("\nStep and Newton-Schulz time (Dion2 fraction 0.25)\n\n" + time_table(args.repeats))
+    if "tasks" in chosen:
+        parts.append("\nThe training tasks' models: step, Newton-Schulz work and momentum bytes (Dion2 fraction 0.25)\n\n"
+                     + task_table(args.repeats))
     if "bytes" in chosen:
         parts.append("\nBytes sent per step under process_group (one GPT-2-small block: replicated, and FSDP2-sharded "
                      "with fully_shard)\n\n" + bytes_table())

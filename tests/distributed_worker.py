@@ -266,6 +266,19 @@ def job_fsdp_dion2(rank: int, world: int, tmp: Path, variant: str, selection: st
     return snapshot(model, opt)
 
 
+def job_fsdp_dion2_rows_8bit(rank: int, world: int, tmp: Path) -> Any:
+    """One step of Dion2 with 8-bit momentum and no weight decay on the sharded standard model:
+    per Muon parameter, its full shape and the rows of this rank's block that moved."""
+    model = shard(make_model())
+    opt = muonkit.Muon(muonkit.param_groups(model), lr=LR, weight_decay=0.0, adamw_lr=0.01,
+                       process_group=dist.group.WORLD, variant="dion2", momentum_bits=8)
+    params = [(name, p) for g in opt.param_groups if g["use_muon"] for name, p in zip(g["param_names"], g["params"])]
+    before = {name: p.to_local().detach().clone() for name, p in params}
+    train_fixed(model, opt, range(1))
+    return {name: (tuple(p.shape), (p.to_local().detach() != before[name]).reshape(before[name].shape[0], -1).any(-1).sum().item())
+            for name, p in params}
+
+
 def job_bytes_fsdp_variants(rank: int, world: int, tmp: Path) -> Any:
     """Muon.bytes_sent of one FSDP2 step of the standard model for muon, dion2 (local and global
     selection) and nordion2 (issue 23)."""
@@ -472,6 +485,7 @@ JOBS: dict[str, Callable[[int, int, Path], Any]] = {
     **{f"fsdp_{v}_{sel}": (lambda v, sel: lambda rank, world, tmp: job_fsdp_dion2(rank, world, tmp, v, sel))(v, sel)
        for v in ("dion2", "nordion2") for sel in ("local", "global")},
     "bytes_fsdp_variants": job_bytes_fsdp_variants,
+    "fsdp_dion2_rows_8bit": job_fsdp_dion2_rows_8bit,
     "resume_normuon_from_2": _resume(2, "normuon"),
     "qkclip_replicated": job_qkclip_replicated,
     "qkclip_fsdp": job_qkclip_fsdp,

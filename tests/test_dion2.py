@@ -427,7 +427,8 @@ FSDP_JOBS = [f"fsdp_{v}_{sel}" for v in ("dion2", "nordion2") for sel in ("local
 @pytest.fixture(scope="module")
 def spawned_fsdp(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dion2_fsdp")
-    return {world: worker.spawn(world, [*FSDP_JOBS, "bytes_fsdp_variants"], tmp, 300.0) for world in (2, 4)}
+    return {world: worker.spawn(world, [*FSDP_JOBS, "bytes_fsdp_variants", "fsdp_dion2_rows_8bit"], tmp, 300.0)
+            for world in (2, 4)}
 
 
 @pytest.mark.slow
@@ -494,3 +495,17 @@ def test_local_and_global_selection_agree_on_whole_matrices():
         opt_a.step()
         opt_b.step()
     assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_sharded_step_with_8bit_momentum_moves_each_blocks_quota_of_rows(spawned_fsdp, world):
+    """Without weight decay, selection="local" moves min(q, block rows) rows of each rank's block of
+    a row-sharded matrix, q = ceil(0.25 * ceil(rows / world)); 8-bit momentum (blocks inside each
+    shard) changes nothing of that."""
+    for rank, moved in enumerate(_per_rank(spawned_fsdp, world, "fsdp_dion2_rows_8bit")):
+        assert moved, "no Muon parameter"
+        for name, (shape, rows_moved) in moved.items():
+            block = len(row_blocks(shape[0], world)[rank])
+            quota = math.ceil(0.25 * -(-shape[0] // world))
+            assert rows_moved == min(quota, block), (name, rank)

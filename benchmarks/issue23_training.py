@@ -1,0 +1,111 @@
+"""Issue 23's training records: small summaries of `muonkit bench` runs and the Markdown for RESULTS.md.
+
+Run (after the runs below, from the repository root):
+    python benchmarks/issue23_training.py --runs muonkit-runs/i23 --logs muonkit-runs/chain-*.log
+
+where muonkit-runs/i23/<task>/results.json came from
+    muonkit bench charlm --optimizers muon,muon-8bit,normuon,dion2,nordion2 --lr dion2=0.04 nordion2=0.01 \
+        --seeds 3 --steps 200 --threads 1
+    muonkit bench fashion-mnist --optimizers muon,muon-8bit,normuon,dion2,nordion2 --lr dion2=0.01 nordion2=0.03 \
+        --seeds 3 --threads 1
+    muonkit bench hf-lm --hf-config qwen3-moe --optimizers muon,muon-8bit,normuon,dion2,nordion2 --seeds 3 --threads 1
+and the logs hold the lr-sweep lines ("sweep dion2 lr=0.02 seed 0: val_loss 2.201") of
+    muonkit bench TASK --lr-sweep --optimizers dion2,nordion2 --lr dion2=... --seeds 1 --threads 1
+
+Writes benchmarks/task-runs/issue23/<run>.json (the CLI's table, per-seed finals, per-optimizer
+timings and state; no per-step curves) and sweeps.json, and prints per task: the table, whether
+8-bit momentum lands within one standard deviation of float32 momentum (|mean difference| <= the
+float32 runs' std over seeds), and Dion2's gap to Muon (NorDion2's to NorMuon).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "task-runs" / "issue23"
+SWEEP_LINE = re.compile(r"^sweep (\S+) lr=(\S+) seed (\d+): (\S+) (\S+)$")
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    env = data["environment"]
+    return {"task": data["task"], "metric": data["metric"], "higher_is_better": data["higher_is_better"],
+            "steps": data["steps"], "seeds": data["seeds"], "wall_seconds": data["wall_seconds"],
+            "command": "muonkit " + " ".join(env["argv"][1:]), "date": env["date"], "finished": data["finished"],
+            "machine": f"{env['cpu']} ({', '.join(env['cpu_flags'])}), {env['cpu_count']} CPUs, "
+                       f"{env['torch_threads']} torch thread(s), torch {env['torch']}",
+            "load_average_at_start": env["load_average"], "summary": data["summary"], "table": data["table"]}
+
+
+def report(run: dict) -> str:
+    s, metric = run["summary"], run["metric"]
+    sign = 1.0 if run["higher_is_better"] else -1.0  # > 0: better than the reference
+    lines = [f"`{run['command'].replace(' --quiet', '').split(' --out ')[0]}` ({run['steps']} steps, {run['seeds']} seed(s); "
+             f"{run['date']} to {run['finished']}, {run['wall_seconds'] / 60:.0f} min wall; {run['machine']}; "
+             f"load average at the start {', '.join(f'{x:.1f}' for x in run['load_average_at_start'])})", "",
+             run["table"], ""]
+    stats = {name: _mean_std(v["final"]) for name, v in s.items()}
+    if "muon" in stats and "muon-8bit" in stats:
+        (m32, s32), (m8, s8) = stats["muon"], stats["muon-8bit"]
+        within = abs(m8 - m32) <= s32
+        lines.append(f"- 8-bit momentum within one std of float32 momentum: **{'yes' if within else 'no'}** "
+                     f"(final {metric} {m8:.4f} ± {s8:.4f} vs {m32:.4f} ± {s32:.4f}; difference {m8 - m32:+.4f}); "
+                     f"optimizer state {s['muon-8bit']['optimizer_state_mb']:.2f} MB vs {s['muon']['optimizer_state_mb']:.2f} MB.")
+    for variant, base in (("dion2", "muon"), ("nordion2", "normuon")):
+        if variant in stats and base in stats:
+            (mv, sv), (mb, sb) = stats[variant], stats[base]
+            verdict = "better" if sign * (mv - mb) > 0 else "worse"
+            lines.append(f"- {variant} (lr {s[variant]['lr']:g}) vs {base} (lr {s[base]['lr']:g}): {mv:.4f} ± {sv:.4f} vs "
+                         f"{mb:.4f} ± {sb:.4f}, gap {mv - mb:+.4f} ({verdict}); optimizer step "
+                         f"{s[variant]['opt_step_ms']:.1f} vs {s[base]['opt_step_ms']:.1f} ms.")
+    return "\n".join(lines)
+
+
+def sweeps(logs: list[Path]) -> dict:
+    """{task: {optimizer: {lr: [(seed, metric, value)]}}} from the lr-sweep lines of the logs."""
+    out: dict = {}
+    for log in logs:
+        task = None
+        for line in log.read_text().splitlines():
+            if line.startswith("muonkit lr sweep "):
+                task = line.split()[3].rstrip(":")
+            match = SWEEP_LINE.match(line.strip())
+            if match and task:
+                name, lr, seed, metric, value = match.groups()
+                out.setdefault(task, {}).setdefault(name, {}).setdefault(lr, []).append([int(seed), metric, float(value)])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=Path("muonkit-runs/i23"))
+    parser.add_argument("--logs", type=Path, nargs="*", default=[])
+    args = parser.parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    for path in sorted(args.runs.glob("*/results.json")):
+        run = summarize(path)
+        (OUT / f"{path.parent.name}.json").write_text(json.dumps(run, indent=1) + "\n")
+        print(f"### {path.parent.name}\n\n{report(run)}\n")
+    found = sweeps(args.logs)
+    if found:
+        (OUT / "sweeps.json").write_text(json.dumps(found, indent=1) + "\n")
+        print("### lr sweeps (1 seed, the task's sweep budget)\n")
+        print("| task | optimizer | metric at each lr |\n|---|---|---|")
+        for task, by_name in found.items():
+            for name, by_lr in by_name.items():
+                cells = ", ".join(f"{lr}: {v[0][2]:.4g}" for lr, v in sorted(by_lr.items(), key=lambda kv: float(kv[0])))
+                print(f"| {task} | {name} | {cells} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -275,7 +275,7 @@ def job_fsdp_dion2_rows_8bit(rank: int, world: int, tmp: Path) -> Any:
     params = [(name, p) for g in opt.param_groups if g["use_muon"] for name, p in zip(g["param_names"], g["params"])]
     before = {name: p.to_local().detach().clone() for name, p in params}
     train_fixed(model, opt, range(1))
-    return {name: (tuple(p.shape), (p.to_local().detach() != before[name]).reshape(before[name].shape[0], -1).any(-1).sum().item())
+    return {name: (tuple(p.shape), (p.to_local().detach() != before[name]).flatten(1).any(-1).sum().item())
             for name, p in params}
 
 

@@ -46,10 +46,28 @@ def summarize(path: Path) -> dict:
             "load_average_at_start": env["load_average"], "summary": data["summary"], "table": data["table"]}
 
 
+ORDER = ("muon", "muon-8bit", "normuon", "dion2", "nordion2")
+
+
+def merge(runs: list[dict]) -> dict:
+    """One task's invocations as one run: their summaries and table rows (muon, muon-8bit,
+    normuon, dion2, nordion2 first), commands joined, the earliest date and latest finish."""
+    if len(runs) == 1:
+        return runs[0]
+    summary = {name: v for run in runs for name, v in run["summary"].items()}
+    rows = {line.split("|")[1].strip(): line for run in runs for line in run["table"].splitlines()[2:]}
+    names = sorted(rows, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
+    table = "\n".join(runs[0]["table"].splitlines()[:2] + [rows[n] for n in names])
+    return {**runs[0], "summary": summary, "table": table,
+            "command": "; ".join(r["command"] for r in runs), "date": min(r["date"] for r in runs),
+            "finished": max(r["finished"] for r in runs), "wall_seconds": sum(r["wall_seconds"] for r in runs)}
+
+
 def report(run: dict) -> str:
     s, metric = run["summary"], run["metric"]
     sign = 1.0 if run["higher_is_better"] else -1.0  # > 0: better than the reference
-    lines = [f"`{run['command'].replace(' --quiet', '').split(' --out ')[0]}` ({run['steps']} steps, {run['seeds']} seed(s); "
+    commands = "; ".join(f"`{c.replace(' --quiet', '').split(' --out ')[0]}`" for c in run["command"].split("; "))
+    lines = [f"{commands} ({run['steps']} steps, {run['seeds']} seed(s); "
              f"{run['date']} to {run['finished']}, {run['wall_seconds'] / 60:.0f} min wall; {run['machine']}; "
              f"load average at the start {', '.join(f'{x:.1f}' for x in run['load_average_at_start'])})", "",
              run["table"], ""]
@@ -91,10 +109,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logs", type=Path, nargs="*", default=[])
     args = parser.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
+    by_task: dict[str, list[dict]] = {}
     for path in sorted(args.runs.glob("*/results.json")):
         run = summarize(path)
         (OUT / f"{path.parent.name}.json").write_text(json.dumps(run, indent=1) + "\n")
-        print(f"### {path.parent.name}\n\n{report(run)}\n")
+        by_task.setdefault(run["task"] + (" " + run["command"].split("--hf-config ")[1].split()[0]
+                                          if "--hf-config" in run["command"] else ""), []).append(run)
+    for task, runs in by_task.items():
+        print(f"### {task}\n")
+        if len(runs) > 1:
+            print(f"The optimizers ran in {len(runs)} invocations, one after another (each writes its results when "
+                  "all its runs are done):\n")
+        merged = merge(runs)
+        print(f"{report(merged)}\n")
     found = sweeps(args.logs)
     if found:
         (OUT / "sweeps.json").write_text(json.dumps(found, indent=1) + "\n")

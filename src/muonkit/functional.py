@@ -39,7 +39,6 @@ from .scaling import Scale, update_scale
 from .variants import VARIANTS, Selection, Shard, Variant, global_rows, local_rows, slice_norms
 
 
-
 class UpdateMany(Protocol):
     """(momentum updates U, their second moments or None, their layouts) -> (updates H, new second
     moments or None), each tensor in its parameter's (or state's) own shape: the seam distributed

@@ -120,10 +120,6 @@ class Shard:
     sizes: tuple[int, ...]
     rank: int
 
-    @property
-    def offset(self) -> int:
-        return sum(self.sizes[: self.rank])
-
 
 def shard_quota(rows: int, world: int, fraction: float) -> int:
     """Rows every rank selects from its block under selection="local": ceil(fraction * ceil(rows /

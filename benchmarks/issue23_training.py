@@ -54,10 +54,16 @@ def merge(runs: list[dict]) -> dict:
     normuon, dion2, nordion2 first), commands joined, the earliest date and latest finish."""
     if len(runs) == 1:
         return runs[0]
-    summary = {name: v for run in runs for name, v in run["summary"].items()}
-    rows = {line.split("|")[1].strip(): line for run in runs for line in run["table"].splitlines()[2:]}
-    names = sorted(rows, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
-    table = "\n".join(runs[0]["table"].splitlines()[:2] + [rows[n] for n in names])
+    summary: dict = {}
+    rows: list[tuple[str, str]] = []
+    for run in runs:  # an optimizer run again (at another lr) keeps both rows; the later one's summary counts
+        for name, v in run["summary"].items():
+            if name in summary:
+                summary[f"{name}@{summary[name]['lr']:g}"] = summary[name]
+            summary[name] = v
+        rows += [(line.split("|")[1].strip(), line) for line in run["table"].splitlines()[2:]]
+    rows.sort(key=lambda row: ORDER.index(row[0]) if row[0] in ORDER else len(ORDER))
+    table = "\n".join(runs[0]["table"].splitlines()[:2] + [line for _, line in rows])
     return {**runs[0], "summary": summary, "table": table,
             "command": "; ".join(r["command"] for r in runs), "date": min(r["date"] for r in runs),
             "finished": max(r["finished"] for r in runs), "wall_seconds": sum(r["wall_seconds"] for r in runs)}
@@ -118,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     for task, runs in by_task.items():
         print(f"### {task}\n")
         if len(runs) > 1:
-            print(f"The optimizers ran in {len(runs)} invocations, one after another (each writes its results when "
-                  "all its runs are done):\n")
+            print(f"The optimizers ran in {len(runs)} invocations (each writes its results when all its runs are done):\n")
         merged = merge(runs)
         print(f"{report(merged)}\n")
     found = sweeps(args.logs)

@@ -3,14 +3,19 @@
 Run (after the runs below, from the repository root):
     python benchmarks/issue23_training.py --runs muonkit-runs/i23 --logs muonkit-runs/chain-*.log
 
-where muonkit-runs/i23/<task>/results.json came from
-    muonkit bench charlm --optimizers muon,muon-8bit,normuon,dion2,nordion2 --lr dion2=0.04 nordion2=0.01 \
-        --seeds 3 --steps 200 --threads 1
-    muonkit bench fashion-mnist --optimizers muon,muon-8bit,normuon,dion2,nordion2 --lr dion2=0.01 nordion2=0.03 \
-        --seeds 3 --threads 1
+where muonkit-runs/i23/<name>/results.json came from (2026-12-07; each invocation writes its
+results when all its runs are done, so the optimizers were split to keep what finished):
+    muonkit bench charlm --optimizers dion2,muon --lr dion2=0.04 --seeds 3 --steps 100 --threads 1
+    muonkit bench charlm --optimizers muon-8bit --seeds 3 --steps 100 --threads 1
+    muonkit bench charlm --optimizers normuon,nordion2 --lr nordion2=0.01 --seeds 3 --steps 100 --threads 1
     muonkit bench hf-lm --hf-config qwen3-moe --optimizers muon,muon-8bit,normuon,dion2,nordion2 --seeds 3 --threads 1
+    muonkit bench hf-lm --hf-config qwen3-moe --optimizers dion2 --lr dion2=0.01 --seeds 3 --threads 1
+    muonkit bench hf-lm --hf-config qwen3-moe --optimizers nordion2 --lr nordion2=0.01 --seeds 3 --threads 1
 and the logs hold the lr-sweep lines ("sweep dion2 lr=0.02 seed 0: val_loss 2.201") of
-    muonkit bench TASK --lr-sweep --optimizers dion2,nordion2 --lr dion2=... --seeds 1 --threads 1
+    muonkit bench charlm --lr-sweep --optimizers dion2 --lr dion2=0.005 dion2=0.01 dion2=0.02 dion2=0.04 --seeds 1 --threads 1
+    muonkit bench charlm --lr-sweep --optimizers dion2 --lr dion2=0.08 --seeds 1 --threads 1
+    muonkit bench fashion-mnist --lr-sweep --optimizers dion2 --lr dion2=0.01 dion2=0.03 --seeds 1 --threads 1
+    muonkit bench hf-lm --hf-config qwen3-moe --lr-sweep --optimizers dion2 --lr dion2=0.01 dion2=0.1 --seeds 1 --steps 200 --threads 1
 
 Writes benchmarks/task-runs/issue23/<run>.json (the CLI's table, per-seed finals, per-optimizer
 timings and state; no per-step curves) and sweeps.json, and prints per task: the table, whether

@@ -12,9 +12,11 @@ results when all its runs are done, so the optimizers were split to keep what fi
     muonkit bench hf-lm --hf-config qwen3-moe --optimizers dion2 --lr dion2=0.01 --seeds 3 --threads 1
     muonkit bench hf-lm --hf-config qwen3-moe --optimizers nordion2 --lr nordion2=0.01 --seeds 3 --threads 1
 and the logs hold the lr-sweep lines ("sweep dion2 lr=0.02 seed 0: val_loss 2.201") of
-    muonkit bench charlm --lr-sweep --optimizers dion2 --lr dion2=0.005 dion2=0.01 dion2=0.02 dion2=0.04 --seeds 1 --threads 1
+    muonkit bench charlm --lr-sweep --optimizers dion2,nordion2 --lr dion2=0.005 dion2=0.01 dion2=0.02 dion2=0.04 \
+        nordion2=0.01 nordion2=0.02 nordion2=0.04 --seeds 1 --threads 1   (stopped after dion2's points)
     muonkit bench charlm --lr-sweep --optimizers dion2 --lr dion2=0.08 --seeds 1 --threads 1
-    muonkit bench fashion-mnist --lr-sweep --optimizers dion2 --lr dion2=0.01 dion2=0.03 --seeds 1 --threads 1
+    muonkit bench fashion-mnist --lr-sweep --optimizers dion2,nordion2 --lr dion2=0.01 dion2=0.03 dion2=0.1 \
+        nordion2=0.01 nordion2=0.03 nordion2=0.1 --seeds 1 --threads 1   (stopped after two points)
     muonkit bench hf-lm --hf-config qwen3-moe --lr-sweep --optimizers dion2 --lr dion2=0.01 dion2=0.1 --seeds 1 --steps 200 --threads 1
 
 Writes benchmarks/task-runs/issue23/<run>.json (the CLI's table, per-seed finals, per-optimizer

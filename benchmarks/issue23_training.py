@@ -8,6 +8,7 @@ results when all its runs are done, so the optimizers were split to keep what fi
     muonkit bench charlm --optimizers dion2,muon --lr dion2=0.04 --seeds 3 --steps 100 --threads 1
     muonkit bench charlm --optimizers muon-8bit --seeds 3 --steps 100 --threads 1
     muonkit bench charlm --optimizers normuon,nordion2 --lr nordion2=0.01 --seeds 3 --steps 100 --threads 1
+    muonkit bench charlm --optimizers dion2,muon --lr dion2=0.04 --seeds 3 --steps 200 --threads 1   (charlm-200-dion2-muon)
     muonkit bench hf-lm --hf-config qwen3-moe --optimizers muon,muon-8bit,normuon,dion2,nordion2 --seeds 3 --threads 1
     muonkit bench hf-lm --hf-config qwen3-moe --optimizers dion2 --lr dion2=0.01 --seeds 3 --threads 1
     muonkit bench hf-lm --hf-config qwen3-moe --optimizers nordion2 --lr nordion2=0.01 --seeds 3 --threads 1
@@ -126,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in sorted(args.runs.glob("*/results.json")):
         run = summarize(path)
         (OUT / f"{path.parent.name}.json").write_text(json.dumps(run, indent=1) + "\n")
-        by_task.setdefault(run["task"] + (" " + run["command"].split("--hf-config ")[1].split()[0]
-                                          if "--hf-config" in run["command"] else ""), []).append(run)
+        config = " " + run["command"].split("--hf-config ")[1].split()[0] if "--hf-config" in run["command"] else ""
+        by_task.setdefault(f"{run['task']}{config}, {run['steps']} steps", []).append(run)
     for task, runs in by_task.items():
         print(f"### {task}\n")
         if len(runs) > 1:

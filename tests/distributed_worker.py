@@ -184,6 +184,11 @@ def job_bytes(rank: int, world: int, tmp: Path) -> Any:
         out[kind] = per_step
     groups = muonkit.param_groups(make_model())
     out["muon_bytes"] = sum(4 * p.numel() for g in groups if g["use_muon"] for p in g["params"])
+    # The exchange's minimum for Shard(0) pieces: the owner holds a largest slice and receives the
+    # rest, then returns every other rank its slice: 2 (N - largest slice) elements per tensor.
+    out["fsdp_minimum"] = sum(
+        8 * (p.numel() - muonkit.distributed.shard_sizes(p.shape[0], world)[0] * p[0].numel())
+        for g in groups if g["use_muon"] for p in g["params"])
     out["no_group"] = make_optimizer(make_model()).bytes_sent
     return out
 

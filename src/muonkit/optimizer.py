@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import checkpoint, functional
-from .dtensor import is_dtensor, is_sharded, local_parts
+from .dtensor import is_dtensor, is_sharded, local_parts, placements_of
 from .layout import LayoutSpec, resolve
 from .options import (
     ADAMW_FROM,
@@ -38,6 +38,7 @@ from .options import (
     split_names,
 )
 from .orthogonalize import NsDtype, Orthogonalizer
+from .plan import is_local
 from .variants import VARIANTS
 from .scaling import Scale
 from .quantize import dequantize, quantize_into_
@@ -165,8 +166,11 @@ class Muon(torch.optim.Optimizer):
             nonfinite="propagate", diagnostics=False, no process_group and Python-number
             hyperparameters besides lr; stochastic rounding draws from the device's default
             generator (docs/API.md, "Capturable steps").
-        process_group: a torch.distributed process group to share the Newton-Schulz work; None
-            (default) means no torch.distributed call at all.
+        process_group: a torch.distributed ProcessGroup or DeviceMesh (any number of dims: FSDP, HSDP,
+            FSDP + TP, expert parallel) to share the Newton-Schulz work; None (default) means no
+            torch.distributed call at all (muonkit.distributed).
+        exchange_dtype: None (default: each update travels in its own dtype, equal to one process)
+            or torch.bfloat16 / torch.float16: half the bytes, the updates rounded once.
 
     Example:
         >>> opt = Muon(muonkit.param_groups(model), lr=1e-3, weight_decay=0.1)
@@ -215,6 +219,7 @@ class Muon(torch.optim.Optimizer):
         orthogonality_every: int = DEFAULTS["orthogonality_every"],
         capturable: bool = DEFAULTS["capturable"],
         process_group: Any = None,
+        exchange_dtype: torch.dtype | None = None,
     ) -> None:
         given = locals()
         defaults = {key: given[key] for key in DEFAULTS}
@@ -223,12 +228,12 @@ class Muon(torch.optim.Optimizer):
         defaults["adamw_weight_decay"] = weight_decay if adamw_weight_decay is None else adamw_weight_decay
         check_muon_options(defaults, "Muon")
         check_adamw_options({key: defaults[source] for key, source in ADAMW_FROM.items()}, "Muon (adamw_* arguments)")
-        check_global_options(defaults, process_group)
+        check_global_options(defaults, process_group, exchange_dtype)
         self._distributed = None
         if process_group is not None:
             from .distributed import DistributedOrthogonalizer
 
-            self._distributed = DistributedOrthogonalizer(process_group)
+            self._distributed = DistributedOrthogonalizer(process_group, exchange_dtype)
         self.last_stats: dict[str, dict[str, float]] = {}
         self._diagnosed_steps = 0
         super().__init__(params, defaults)
@@ -369,7 +374,7 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         plan = _plan(self.param_groups, self.state, self._check_dtensor, self.defaults["capturable"])
-        if self.defaults["nonfinite"] != "propagate" and not _all_finite(plan, self._distributed):
+        if not _agreed_finite(plan, self._distributed, self.defaults["nonfinite"]):
             if self.defaults["nonfinite"] == "raise":
                 raise RuntimeError(
                     "a gradient holds NaN or Inf (Muon(nonfinite='raise')); no parameter or state was changed: "
@@ -410,17 +415,16 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _muon_step(self, item: _GroupStep, orthogonality: bool, *, hold: bool) -> functional.Pending | None:
-        group, moments = item.group, item.moments()
+        group, moments, layouts = item.group, item.moments(), [resolve(item.group["layout"], p.ndim) for p in item.params]
         update_many = None
         if self._distributed is not None:
             update_many = self._distributed.bind(
                 method=group["orthogonalizer"], steps=group["ns_steps"], dtype=group["ns_dtype"], params=item.params,
                 variant=group["variant"], beta2=float(group["beta2"]), eps=float(group["variant_eps"]),
-                second_moments=moments,
+                second_moments=moments, layouts=layouts,
             )
         return functional.muon(
-            local_parts(item.params), local_parts(item.grads), item.momentum(),
-            [resolve(group["layout"], p.ndim) for p in item.params],
+            local_parts(item.params), local_parts(item.grads), item.momentum(), layouts,
             lr=_lr(group, self.defaults["capturable"]), momentum=float(group["momentum"]), nesterov=group["nesterov"],
             weight_decay=float(group["weight_decay"]), scale=group["scale"], rms=float(group["rms"]),
             orthogonalizer=group["orthogonalizer"], ns_steps=group["ns_steps"], ns_dtype=group["ns_dtype"],
@@ -496,11 +500,11 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], che
                 check_capturable(group, p.device, where)
             if not state and group["use_muon"] and is_dtensor(p):
                 check_dtensor(p, name, where)
-            if group["use_muon"] and VARIANTS[group["variant"]].selects and is_sharded(p):
+            if group["use_muon"] and VARIANTS[group["variant"]].selects and is_sharded(p) and not _whole_matrices(p, group):
                 raise ValueError(
-                    f"{where}: parameter '{name}' is sharded (a Shard(0) DTensor); variant {group['variant']!r} "
-                    "selects rows of whole matrices and runs on unsharded or replicated parameters only "
-                    "(use variant 'muon' or 'normuon' for FSDP2-sharded ones)"
+                    f"{where}: parameter '{name}' is sharded (a DTensor with placements {tuple(p.placements)}); variant "
+                    f"{group['variant']!r} selects rows of whole matrices and runs on unsharded or replicated parameters, "
+                    "or on ones sharded along a batch axis only (expert parallel); use variant 'muon' or 'normuon' here"
                 )
             check_grad(p, name, where)
             new = missing_state(p, state, group, capturable=capturable)
@@ -564,24 +568,52 @@ def _rounding_seeds(item: _GroupStep, capturable: bool) -> list[int | None] | No
     return seeds
 
 
-def _all_finite(plan: list[_GroupStep], distributed: Any) -> bool:
-    """Whether every gradient of the step is finite (on every rank, with a process group)."""
+def _whole_matrices(p: Tensor, group: dict[str, Any]) -> bool:
+    """Whether a sharded DTensor holds whole matrices of its view on every rank (expert parallel)."""
+    try:
+        return is_local(p.shape, placements_of(p), resolve(group["layout"], p.ndim))
+    except ValueError:
+        return False
+
+
+def _finite(plan: list[_GroupStep]) -> Tensor | None:
+    """Whether every local gradient of the step is finite (a 0-d bool tensor; None without any)."""
     # A tensor is finite when its largest and smallest entries are (both are NaN if any entry
     # is): plain reductions, ~3x faster on CPU than the inf-norm. Empty shards have neither.
     every = local_parts([g for item in plan for g in item.grads])
     if not every:
-        return True
+        return None
     grads = [g for g in every if g.numel()]
-    if grads:
-        foreach_max = getattr(torch, "_foreach_max", None)  # not in every torch >= 2.5
-        highs = foreach_max(grads) if foreach_max is not None else [g.amax() for g in grads]
-        finite = torch.stack([*highs, *(g.amin() for g in grads)]).isfinite().all()
-    else:
-        finite = torch.ones((), dtype=torch.bool, device=every[0].device)
-    if distributed is not None:
-        # Sharded gradients differ between ranks: every rank must take the same decision.
-        finite = distributed.all_true(finite)
-    return bool(finite)
+    if not grads:
+        return torch.ones((), dtype=torch.bool, device=every[0].device)
+    foreach_max = getattr(torch, "_foreach_max", None)  # not in every torch >= 2.5
+    highs = foreach_max(grads) if foreach_max is not None else [g.amax() for g in grads]
+    return torch.stack([*highs, *(g.amin() for g in grads)]).isfinite().all()
+
+
+def _agreed_finite(plan: list[_GroupStep], distributed: Any, nonfinite: str) -> bool:
+    """Whether the step goes ahead: every gradient finite (on every rank), or nonfinite="propagate".
+
+    With a process group one all_reduce makes every rank decide alike (sharded gradients differ
+    between ranks), and a Muon parameter with a gradient on some ranks but not on others raises
+    ValueError on every rank before anything changes (the ranks would exchange different lists)."""
+    finite = _finite(plan) if nonfinite != "propagate" else None
+    if distributed is None:
+        return finite is None or bool(finite)
+    params = [(index, name, p) for index, item in enumerate(plan) if item.group["use_muon"]
+              for name, p in zip(item.group.get("param_names") or [f"#{i}" for i in range(len(item.group["params"]))],
+                                 item.group["params"])]
+    device = params[0][2].device if params else torch.device("cpu")
+    mixed, all_finite = distributed.agree([p.grad is not None for *_, p in params], finite, device)
+    if mixed:
+        named = ", ".join(f"'{params[i][1]}' of Muon group {params[i][0]} (here: {'a' if params[i][2].grad is not None else 'no'} "
+                          "gradient)" for i in mixed[:5])
+        raise ValueError(
+            f"parameters with a gradient on some ranks of the process group and not on others: {named}; every rank "
+            "must step the same Muon parameters (give an unused one a zero gradient, e.g. zero_grad(set_to_none=False)); "
+            "nothing was changed"
+        )
+    return all_finite
 
 
 def _collect(plan: list[_GroupStep]) -> dict[str, dict[str, float]]:

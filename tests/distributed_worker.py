@@ -413,6 +413,16 @@ JOBS: dict[str, Callable[[int, int, Path], Any]] = {
 }
 
 
+def job(name: str) -> Callable[[int, int, Path], Any]:
+    """The job called `name`: one of JOBS, or "module:function" of another worker module."""
+    if ":" in name:
+        import importlib
+
+        module, function = name.split(":")
+        return getattr(importlib.import_module(module), function)
+    return JOBS[name]
+
+
 def spawn(world: int, jobs: list[str], tmp: Path, timeout: float) -> list[dict]:
     """Run `jobs` on `world` spawned gloo ranks (`run` below); each rank's {job: result or error}.
     Ranks still alive after `timeout` seconds are killed and TimeoutError is raised."""
@@ -446,7 +456,7 @@ def run(rank: int, world: int, tmp: str, jobs: list[str]) -> None:
         for name in jobs:
             start = time.perf_counter()
             try:
-                results[name] = JOBS[name](rank, world, path)
+                results[name] = job(name)(rank, world, path)
             except Exception:
                 results[name] = RuntimeError(traceback.format_exc())
             results[f"{name}.seconds"] = time.perf_counter() - start

@@ -147,7 +147,7 @@ class DistributedOrthogonalizer:
         self.bytes_sent = 0
         self.plans_built = 0
         self._plans: dict[tuple, ExchangePlan] = {}
-        self._meshes: dict[int, tuple[Any, Tensor]] = {}  # id(mesh) -> (mesh, its ranks as group ranks)
+        self._meshes: dict[int, tuple[Any, Tensor, Any]] = {}  # id(mesh) -> (mesh, _mesh_ranks(mesh))
         self._pieces: dict[tuple, tuple[Piece, ...]] = {}
         self._device: torch.device | None = None  # where this step's tensors live (the buffers' device)
 
@@ -158,16 +158,51 @@ class DistributedOrthogonalizer:
         if not is_dtensor(p):
             return
         try:
-            placements_of(p)
+            self._placed(p)
         except ValueError as err:
-            raise ValueError(f"{where} is a DTensor with {err}; {SUPPORTED}") from None
-        mesh_ranks = sorted(p.device_mesh.mesh.flatten().tolist())  # type: ignore[attr-defined]
-        if mesh_ranks != sorted(self.ranks):
-            raise ValueError(
-                f"{where} is a DTensor on a device mesh of ranks {mesh_ranks}, but Muon's process_group has "
-                f"ranks {sorted(self.ranks)}; pass process_group=<that mesh> (Muon accepts a DeviceMesh of "
-                "any number of dims) or its group"
-            )
+            raise ValueError(f"{where} is a DTensor {err}; {SUPPORTED}") from None
+
+    def _placed(self, p: Tensor) -> tuple[int, tuple[tuple, ...]]:
+        """(the id of p's mesh, p's placements on the mesh of the group's ranks). A DTensor on a
+        sub-mesh (FSDP2's dp mesh under tensor parallelism, for parameters left out of it) is
+        replicated along the other dims of its root mesh, whose ranks must be the group's."""
+        mesh = p.device_mesh  # type: ignore[attr-defined]
+        try:
+            placements = placements_of(p)
+        except ValueError as err:
+            raise ValueError(f"with {err}") from None
+        if id(mesh) not in self._meshes:
+            self._meshes[id(mesh)] = (mesh, *self._mesh_ranks(mesh))
+        _, ranks, dims = self._meshes[id(mesh)]
+        if dims is None:
+            return id(mesh), placements
+        on_root: list[tuple] = [("R",)] * ranks.ndim
+        for dim, placement in zip(dims, placements):
+            on_root[dim] = placement
+        return id(mesh), tuple(on_root)
+
+    def _mesh_ranks(self, mesh: Any) -> tuple[Tensor, tuple[int, ...] | None]:
+        """The group ranks of `mesh` (or of its root mesh) as a tensor of the mesh's shape, and the
+        root dim of each of its dims (None: the mesh itself spans the group)."""
+        group = sorted(self.ranks)
+        ranks = sorted(mesh.mesh.flatten().tolist())
+        target, dims = mesh, None
+        if ranks != group:
+            root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else None
+            names = mesh.mesh_dim_names or ()
+            root_names = getattr(root, "mesh_dim_names", None) or ()
+            if (root is None or not names or any(name not in root_names for name in names)
+                    or sorted(root.mesh.flatten().tolist()) != group or root.ndim != len(root_names)):
+                raise ValueError(
+                    f"on a device mesh of ranks {ranks}, but Muon's process_group has ranks {group}; pass "
+                    "process_group=<the mesh> (Muon accepts a DeviceMesh of any number of dims) or its group, or "
+                    "the root mesh whose named sub-mesh it is"
+                )
+            target, dims = root, tuple(root_names.index(name) for name in names)
+            if list(dims) != sorted(dims):
+                raise ValueError(f"on a sub-mesh {names} whose dims are not in the order of its root mesh {root_names}")
+        flat = torch.tensor([dist.get_group_rank(self.group, g) for g in target.mesh.flatten().tolist()])
+        return flat.view(target.mesh.shape), dims
 
     def agree(self, has_grad: Sequence[bool], finite: Tensor | None, device: torch.device) -> tuple[list[int], bool]:
         """One all_reduce: which parameters have a gradient on some ranks but not on all (their
@@ -247,12 +282,8 @@ class DistributedOrthogonalizer:
         DTensor its full shape, placements and mesh."""
         placement = None
         if p is not None and is_sharded(p):
-            mesh = p.device_mesh  # type: ignore[attr-defined]
-            if id(mesh) not in self._meshes:
-                ranks = torch.tensor([dist.get_group_rank(self.group, g) for g in mesh.mesh.flatten().tolist()])
-                self._meshes[id(mesh)] = (mesh, ranks.view(mesh.mesh.shape))
-            placements = placements_of(p)
-            placement = (tuple(p.shape), placements, id(mesh), is_local(p.shape, placements, layout))
+            mesh_id, placements = self._placed(p)
+            placement = (tuple(p.shape), placements, mesh_id, is_local(p.shape, placements, layout))
         return (tuple(t.shape), t.dtype, wire or t.dtype, view, placement)
 
     def _spec(self, t: Tensor, p: Tensor | None, key: tuple, *, local: bool | None = None) -> Spec:

@@ -263,18 +263,24 @@ def job_param_groups(rank: int, world: int, tmp: Path) -> Any:
 
 
 def job_errors(rank: int, world: int, tmp: Path) -> Any:
-    """The messages of the errors for unsupported shardings."""
+    """The messages of the errors for unsupported placements and groups (None: accepted)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import DTensor, Partial, Shard
 
     messages = {}
     # FSDP2 allows other dims only for even splits; None keeps its default Shard(0).
     dim1 = shard(make_model(), shard_placement_fn=lambda p: Shard(1) if p.ndim == 2 and p.shape[1] % world == 0 else None)
     mesh_2d = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
     hsdp = shard(make_model(), mesh=mesh_2d)
-    for key, model in (("dim1", dim1), ("mesh2d", hsdp)):
+    replicas = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
+    partial = make_model()
+    partial.sq1.weight = nn.Parameter(DTensor.from_local(partial.sq1.weight.detach(), replicas["replicate"], [Partial()]))
+    cases = (("dim1", dim1, dist.group.WORLD), ("mesh2d", hsdp, dist.group.WORLD), ("mesh2d_as_mesh", hsdp, mesh_2d),
+             ("other_group", shard(make_model(), mesh=replicas), replicas["shard"].get_group()),
+             ("partial", partial, dist.group.WORLD))
+    for key, model, group in cases:
         try:
-            make_optimizer(model, dist.group.WORLD)
+            make_optimizer(model, group)
             messages[key] = None
         except ValueError as err:
             messages[key] = str(err)

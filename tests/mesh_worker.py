@@ -301,6 +301,35 @@ def safety(rank: int, world: int, tmp: Path) -> Any:
     return out
 
 
+def qkclip_fsdp_tp(rank: int, world: int, tmp: Path) -> Any:
+    """QK-Clip on q and k projections placed colwise on "tp" and fully_shard on "dp" (uneven
+    (_StridedShard(0), Shard(0)) pieces of 15 rows); each rank observes part of the maxima."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    mesh = mesh_2d(("dp", "tp"))
+    model = worker._qk_model()
+    parallelize_module(model, mesh["tp"], {"q": ColwiseParallel(), "k": ColwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    clip = muonkit.QKClip([(model.q.weight, model.k.weight, model.q.bias, model.k.bias)], heads=worker.QK_HEADS,
+                          tau=worker.QK_TAU, process_group=mesh)
+    clip.observe(0, worker.QK_OBSERVED[rank % 2])
+    (acted_on,) = clip.step()
+    return {"maxima": acted_on.tolist(), "weights": {n: worker.full(p) for n, p in model.named_parameters()},
+            "placements": [repr(tuple(p.placements)) for p in model.parameters()]}
+
+
+def muon8bit_rowwise_refused(rank: int, world: int, tmp: Path) -> Any:
+    """momentum_bits=8 on a rowwise (Shard(1)) piece: refused at construction, naming it."""
+    model = make_model()
+    mesh = place_fsdp_tp(model)
+    try:
+        make_optimizer(model, mesh, "muon8bit")
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 KINDS = {"hsdp", "fsdp_tp", "ep", "fsdp"}
 
 

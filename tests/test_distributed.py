@@ -286,9 +286,12 @@ def test_param_groups_on_fsdp_model(runs):
 
 @pytest.mark.slow
 def test_unsupported_sharding_errors(runs):
+    """Shard(1) and 2D meshes are supported (issue 21); a Partial placement and a group other than the
+    mesh's ranks are refused at construction, naming the parameter."""
     messages = _result(runs, 2, "errors")[0]
-    assert messages["dim1"] is not None and "Shard(dim=1)" in messages["dim1"] and "Shard(0)" in messages["dim1"]
-    assert messages["mesh2d"] is not None and "2D device mesh" in messages["mesh2d"] and "1D" in messages["mesh2d"]
+    assert messages["dim1"] is None and messages["mesh2d"] is None and messages["mesh2d_as_mesh"] is None
+    assert "'sq1.weight'" in messages["partial"] and "Partial" in messages["partial"]
+    assert "device mesh of ranks [0, 1]" in messages["other_group"] and "has ranks [0]" in messages["other_group"]
     member, outsider = _result(runs, 2, "errors")
     assert member["non_member"] is None
     assert outsider["non_member"] is not None and "not a member" in outsider["non_member"]

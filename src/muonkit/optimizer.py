@@ -229,19 +229,14 @@ class Muon(torch.optim.Optimizer):
         check_muon_options(defaults, "Muon")
         check_adamw_options({key: defaults[source] for key, source in ADAMW_FROM.items()}, "Muon (adamw_* arguments)")
         check_global_options(defaults, process_group, exchange_dtype)
-        self._distributed = None
-        if process_group is not None:
-            from .distributed import DistributedOrthogonalizer
-
-            self._distributed = DistributedOrthogonalizer(process_group, exchange_dtype)
+        self._distributed = _distributed(process_group, exchange_dtype)
         self.last_stats: dict[str, dict[str, float]] = {}
         self._diagnosed_steps = 0
         super().__init__(params, defaults)
 
     @property
     def bytes_sent(self) -> int:
-        """Bytes this rank has sent exchanging Muon updates since construction (0 without a
-        process_group); an all-gather counts as a ring, (world - 1) times this rank's part."""
+        """Bytes this rank has sent to other ranks exchanging Muon updates (0 without a process_group)."""
         return 0 if self._distributed is None else self._distributed.bytes_sent
 
     @property
@@ -295,15 +290,7 @@ class Muon(torch.optim.Optimizer):
         for name, p in zip(names, group["params"]):
             check_param(p, name, group, where)
             if group["use_muon"] and is_dtensor(p):
-                self._check_dtensor(p, name, where)
-
-    def _check_dtensor(self, p: Tensor, name: str, where: str) -> None:
-        if self._distributed is None:
-            raise ValueError(
-                f"{where}: parameter '{name}' is a DTensor (e.g. sharded by FSDP2's fully_shard); "
-                "pass process_group=<the group it is sharded over> to Muon"
-            )
-        self._distributed.check_param(p, f"{where}: parameter '{name}'")
+                _check_dtensor(self._distributed, p, name, where)
 
     # ------------------------------------------------------------------ copies and checkpoints
 
@@ -373,7 +360,7 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plan = _plan(self.param_groups, self.state, self._check_dtensor, self.defaults["capturable"])
+        plan = _plan(self.param_groups, self.state, self._distributed, self.defaults["capturable"])
         if not _agreed_finite(plan, self._distributed, self.defaults["nonfinite"]):
             if self.defaults["nonfinite"] == "raise":
                 raise RuntimeError(
@@ -453,7 +440,26 @@ class Muon(torch.optim.Optimizer):
         )
 
 
-def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], check_dtensor: Any,
+def _distributed(process_group: Any, exchange_dtype: torch.dtype | None) -> Any:
+    """The optimizer's muonkit.distributed.DistributedOrthogonalizer (None without a process group;
+    torch.distributed is then never imported)."""
+    if process_group is None:
+        return None
+    from .distributed import DistributedOrthogonalizer
+
+    return DistributedOrthogonalizer(process_group, exchange_dtype)
+
+
+def _check_dtensor(distributed: Any, p: Tensor, name: str, where: str) -> None:
+    if distributed is None:
+        raise ValueError(
+            f"{where}: parameter '{name}' is a DTensor (e.g. sharded by FSDP2's fully_shard); "
+            "pass process_group=<its device mesh, or the group it is sharded over> to Muon"
+        )
+    distributed.check_param(p, f"{where}: parameter '{name}'")
+
+
+def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], distributed: Any,
           capturable: bool) -> list[_GroupStep]:
     """Each group's share of a step.
 
@@ -499,7 +505,7 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], che
             if capturable:
                 check_capturable(group, p.device, where)
             if not state and group["use_muon"] and is_dtensor(p):
-                check_dtensor(p, name, where)
+                _check_dtensor(distributed, p, name, where)
             if group["use_muon"] and VARIANTS[group["variant"]].selects and is_sharded(p) and not _whole_matrices(p, group):
                 raise ValueError(
                     f"{where}: parameter '{name}' is sharded (a DTensor with placements {tuple(p.placements)}); variant "

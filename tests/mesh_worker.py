@@ -220,18 +220,26 @@ def minimum_bytes(model: nn.Module, opt: muonkit.Muon) -> int:
 # ------------------------------------------------------------------------------------ jobs
 
 
-def _run(kind: str, variant: str = "muon", **options: Any) -> dict[str, Any]:
+def _run(kind: str, variant: str = "muon", bucket_bytes: int | None = None, **options: Any) -> dict[str, Any]:
     model = make_model()
     mesh = PLACE[kind](model)
     opt = make_optimizer(model, mesh, variant, **options)
+    if bucket_bytes is not None:
+        opt._distributed.bucket_bytes = bucket_bytes
     sent = train_fixed(model, opt, range(STEPS))
     return {"snapshot": worker.snapshot(model, opt), "sent": sent, "minimum": minimum_bytes(model, opt),
             "plans_built": opt._distributed.plans_built,
+            "buckets": [len(plan.buckets) for plan in opt._distributed._plans.values()],
             "placements": {n: repr(tuple(p.placements)) for n, p in model.named_parameters() if hasattr(p, "placements")}}
 
 
 def job(kind: str, rank: int, world: int, tmp: Path, variant: str = "muon") -> Any:
     return _run(kind, variant)
+
+
+def buckets(rank: int, world: int, tmp: Path) -> Any:
+    """FSDP + TP with 4 KiB buckets: many exchanges in flight, overlapped with the owners' work."""
+    return _run("fsdp_tp", bucket_bytes=4096)
 
 
 def bf16(rank: int, world: int, tmp: Path) -> Any:

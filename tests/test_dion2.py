@@ -328,11 +328,14 @@ def test_replicated_equals_one_process_bit_for_bit(spawned, world, variant):
 @pytest.mark.parametrize("world", [2, 4])
 def test_only_the_selected_slices_travel(spawned, world):
     """bytes_sent of one step: Dion2 sends the selected quarter of each matrix's slices (plus
-    NorDion2's second moment of the selected rows), not the whole matrices Muon sends."""
-    for sent in _per_rank(spawned, world, "bytes_variants"):
-        assert sent["muon"] > 0
-        assert sent["dion2"] < 0.45 * sent["muon"]
-        assert sent["nordion2"] < 0.5 * sent["muon"]
+    NorDion2's second moment of the selected rows), not the whole matrices Muon sends. All ranks
+    together: each owner sends its results to the others, so one rank's share depends on which
+    matrices it owns (issue 21)."""
+    per_rank = _per_rank(spawned, world, "bytes_variants")
+    total = {variant: sum(sent[variant] for sent in per_rank) for variant in ("muon", "dion2", "nordion2")}
+    assert total["muon"] > 0
+    assert total["dion2"] < 0.45 * total["muon"]
+    assert total["nordion2"] < 0.5 * total["muon"]
 
 
 @pytest.mark.slow

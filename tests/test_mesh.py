@@ -18,7 +18,12 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,7 +52,7 @@ VARIANT_JOBS = ["hsdp__normuon", "fsdp_tp__normuon", "fsdp_tp__adamuon", "ep__di
                 "ep__normuon8bit"]
 CHECKPOINTS = ["checkpoint_save_hsdp", "checkpoint_save_fsdp_tp", "resume_fsdp_from_hsdp", "resume_hsdp_from_fsdp_tp",
                "resume_fsdp_tp_from_one", "resume_ep_from_hsdp"]
-JOBS = [*KINDS, *VARIANT_JOBS, "bf16", "safety", "qkclip_fsdp_tp", "muon8bit_rowwise_refused", *CHECKPOINTS]
+JOBS = [*KINDS, *VARIANT_JOBS, "buckets", "bf16", "safety", "qkclip_fsdp_tp", "muon8bit_rowwise_refused", *CHECKPOINTS]
 
 
 # --------------------------------------------------------------------------------- pieces (pure)
@@ -314,6 +319,17 @@ def test_bytes_sent_equal_the_minimum(runs, kind):
 
 
 @pytest.mark.slow
+def test_small_buckets_overlap_and_change_nothing(runs, reference):
+    """4 KiB buckets: each bucket's gather is started before the previous bucket's matrices are
+    orthogonalized, and its return left in flight; the result and the bytes are the same."""
+    per_rank = _result(runs, "buckets")
+    for result in per_rank:
+        assert result["buckets"][0] >= 10, result["buckets"]
+        _assert_equal(result["snapshot"], reference)
+    assert [sum(r["sent"][s] for r in per_rank) for s in range(mesh_worker.STEPS)] == [per_rank[0]["minimum"]] * 3
+
+
+@pytest.mark.slow
 def test_experts_are_orthogonalized_where_they_live(runs):
     """Expert parallel: only the plain (replicated) matrices travel; the experts add nothing."""
     per_rank = _result(runs, "ep")
@@ -402,3 +418,45 @@ def test_mesh_checkpoints_resume_on_one_process(runs, reference_resumed, source)
 def test_spawned_mesh_jobs_are_quick(runs):
     for name in JOBS:
         assert max(r[f"mesh_worker:{name}.seconds"] for r in runs["ranks"]) < 40.0, name
+
+
+# ---------------------------------------------------------------------- the torchrun example
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_distributed.py"
+
+
+def _torchrun(tmp_path: Path, processes: int, *args: str) -> str:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               str(EXAMPLE), "--log-every", "1", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _losses(output: str) -> dict[int, float]:
+    return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"step\s+(\d+)\s+train loss ([\d.]+)", output)}
+
+
+@pytest.mark.slow
+def test_torchrun_llama_fsdp_tp_trains_and_resumes_across_a_reshard(tmp_path):
+    """torchtitan's recipe on (dp 2, tp 2), then the checkpoint resharded onto HSDP (2 x 2) and onto
+    one process; the loss falls and each resumed run starts at step 5."""
+    checkpoint = tmp_path / "llama"
+    first = _torchrun(tmp_path, 4, "--mesh", "fsdp+tp", "--steps", "4", "--checkpoint", str(checkpoint))
+    losses = _losses(first)
+    assert "llama, fsdp+tp, 4 processes" in first and sorted(losses) == [1, 2, 3, 4], first
+    assert losses[4] < losses[1] - 0.1, losses
+    for processes, mesh in ((4, "hsdp"), (1, "fsdp")):
+        resumed = _losses(_torchrun(tmp_path, processes, "--mesh", mesh, "--steps", "6", "--resume", str(checkpoint)))
+        assert sorted(resumed) == [5, 6] and max(resumed.values()) < losses[1] - 0.1, (mesh, resumed)
+
+
+@pytest.mark.slow
+def test_torchrun_llama_expert_parallel_resumes_on_one_process(tmp_path):
+    checkpoint = tmp_path / "moe"
+    first = _torchrun(tmp_path, 2, "--mesh", "ep", "--steps", "3", "--checkpoint", str(checkpoint))
+    losses = _losses(first)
+    assert "llama, ep, 2 processes" in first and losses[3] < losses[1], losses
+    resumed = _losses(_torchrun(tmp_path, 1, "--mesh", "ep", "--steps", "5", "--resume", str(checkpoint)))
+    assert sorted(resumed) == [4, 5] and max(resumed.values()) < losses[1], resumed

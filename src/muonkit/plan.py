@@ -324,8 +324,10 @@ def _largest_holders(specs: Sequence[Spec], world_size: int) -> list[int] | None
 
 
 def _senders(spec: Spec, owner: int, sent: list[int]) -> dict[Piece, int]:
-    """For each non-empty piece the owner lacks, the holder that sends it: the one that has sent the
-    least so far (then the lowest rank); `sent` is updated."""
+    """For each non-empty piece the owner lacks, the holder that sends it: the one nearest the owner
+    by rank (launchers number the ranks of a node consecutively, and meshes put the sharded dim
+    innermost: HSDP's owner gets the piece from its own shard group), then the one that has sent the
+    least so far, then the lowest rank; `sent` is updated."""
     mine = spec.pieces[owner]
     holders: dict[Piece, list[int]] = {}
     for r, piece in enumerate(spec.pieces):
@@ -333,7 +335,7 @@ def _senders(spec: Spec, owner: int, sent: list[int]) -> dict[Piece, int]:
             holders.setdefault(piece, []).append(r)
     out = {}
     for piece, ranks in holders.items():
-        rank = min(ranks, key=lambda r: (sent[r], r))
+        rank = min(ranks, key=lambda r: (abs(r - owner), sent[r], r))
         out[piece] = rank
         sent[rank] += piece_numel(piece)
     return out

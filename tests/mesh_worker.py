@@ -338,6 +338,28 @@ def muon8bit_rowwise_refused(rank: int, world: int, tmp: Path) -> Any:
     return None
 
 
+def row_slices(rank: int, world: int, tmp: Path) -> Any:
+    """The bound update_many with `slices`: each rank holds dim-0 slices (3, 0, 5, 2 rows) of
+    tensors that are no parameter (the selected rows of sharded ones); its results must be its
+    rows of the single-process results."""
+    from muonkit.distributed import DistributedOrthogonalizer
+    from muonkit.functional import local_update_many
+    from muonkit.layout import resolve
+
+    sizes = (3, 0, 5, 2)
+    start = sum(sizes[:rank])
+    full = [torch.randn(10, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    parts = [f[start:start + sizes[rank]].clone() for f in full]
+    layouts = [resolve(None, 2)] * 3
+    exchange = DistributedOrthogonalizer(dist.group.WORLD)
+    bound = exchange.bind(method="polar_express", steps=5, dtype=None, params=parts, variant="muon")
+    got, _ = bound(parts, [None] * 3, layouts, [sizes] * 3)
+    want, _ = local_update_many(method="polar_express", steps=5, dtype=None, variant="muon", beta2=0.95,
+                                eps=1e-10)(full, [None] * 3, layouts)
+    return {"equal": all(torch.equal(g, w[start:start + sizes[rank]]) for g, w in zip(got, want)),
+            "sent": exchange.bytes_sent}
+
+
 KINDS = {"hsdp", "fsdp_tp", "ep", "fsdp"}
 
 

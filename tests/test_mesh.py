@@ -32,6 +32,7 @@ import torch.distributed as dist
 import distributed_worker as worker
 import mesh_worker
 import muonkit
+import muonkit.plan
 from muonkit.distributed import load_checkpoint, save_checkpoint
 from muonkit.layout import resolve
 from muonkit.plan import (
@@ -52,7 +53,7 @@ VARIANT_JOBS = ["hsdp__normuon", "fsdp_tp__normuon", "fsdp_tp__adamuon", "ep__di
                 "ep__normuon8bit"]
 CHECKPOINTS = ["checkpoint_save_hsdp", "checkpoint_save_fsdp_tp", "resume_fsdp_from_hsdp", "resume_hsdp_from_fsdp_tp",
                "resume_fsdp_tp_from_one", "resume_ep_from_hsdp"]
-JOBS = [*KINDS, *VARIANT_JOBS, "buckets", "bf16", "safety", "qkclip_fsdp_tp", "muon8bit_rowwise_refused", *CHECKPOINTS]
+JOBS = [*KINDS, *VARIANT_JOBS, "buckets", "bf16", "safety", "qkclip_fsdp_tp", "muon8bit_rowwise_refused", "row_slices", *CHECKPOINTS]
 
 
 # --------------------------------------------------------------------------------- pieces (pure)
@@ -210,6 +211,19 @@ def test_plan_sends_the_minimum_and_balances():
     small = build_plan(specs, [None] * len(specs), 4, bucket_bytes=1)
     assert sorted(i for b in small.buckets for i in b) == [0, 1, 2, 3, 4] and len(small.buckets) == 5
     assert small.owners == plan.owners and small.sent_elements == plan.sent_elements
+
+
+def test_hsdp_pieces_come_from_the_owners_own_replica():
+    """HSDP, 2 replicas x 4 shards (shard innermost: ranks 0-3 are replica 0, one node): the owner
+    gets every piece it lacks from its own replica, even when a rank of the other replica is nearer
+    by number (owner 3: piece 0 from rank 0, not rank 4)."""
+    by_rank = pieces_of((64, 32), torch.arange(8).view(2, 4), (("R",), ("S", 0)))
+    spec = _spec((64, 32), [by_rank[r] for r in range(8)])
+    for owner in range(8):
+        senders = muonkit.plan._senders(spec, owner, [0] * 8)
+        assert len(senders) == 3 and all(r // 4 == owner // 4 for r in senders.values()), (owner, senders)
+    plan = build_plan([spec], [None], 8)
+    assert all(r // 4 == plan.owners[0] // 4 for r in plan.senders[0].values())
 
 
 def test_full_piece_and_empty_dims():
@@ -377,6 +391,15 @@ def test_every_rank_takes_the_same_decision(runs):
         assert ("here: no gradient" if rank == 1 else "here: a gradient") in result["missing"], rank
         assert result["unchanged"], rank
         assert result["rebuilt"] == 1 and result["reused_old"] == 1, rank
+
+
+@pytest.mark.slow
+def test_dim0_slices_of_tensors_that_are_no_parameter(runs):
+    """update_many(..., slices): one owner assembles 10 rows from slices of 3, 0, 5 and 2 and returns
+    each rank its rows; sent: 2 (10 - 5) rows of 16 floats per tensor, 3 tensors."""
+    per_rank = _result(runs, "row_slices")
+    assert all(r["equal"] for r in per_rank)
+    assert sum(r["sent"] for r in per_rank) == 3 * 2 * (10 - 5) * 16 * 4
 
 
 @pytest.mark.slow

@@ -247,23 +247,29 @@ class DistributedOrthogonalizer:
         moments = list(second_moments) if second_moments is not None else [None] * len(params)
 
         def update_many(
-            tensors: Sequence[Tensor], states: Sequence[Tensor | None], views: Sequence[Layout]
+            tensors: Sequence[Tensor], states: Sequence[Tensor | None], views: Sequence[Layout],
+            slices: Sequence[tuple[int, ...] | None] | None = None,
         ) -> tuple[list[Tensor], list[Tensor | None]]:
             if not tensors:
                 return [], []
             own = list(layouts) if layouts is not None else list(views)
-            plan = self.plan(tensors, states, params, moments, own, views)
+            plan = self.plan(tensors, states, params, moments, own, views, slices)
             return self._exchange(plan, list(tensors), list(states), list(views), local)
 
         return update_many
 
     def plan(self, tensors: Sequence[Tensor], states: Sequence[Tensor | None], params: Sequence[Tensor],
-             moments: Sequence[Tensor | None], layouts: Sequence[Layout], views: Sequence[Layout]) -> ExchangePlan:
+             moments: Sequence[Tensor | None], layouts: Sequence[Layout], views: Sequence[Layout],
+             slices: Sequence[tuple[int, ...] | None] | None = None) -> ExchangePlan:
         """The cached plan of a step with these tensors (built when their shapes, placements, dtypes
-        or layouts are new)."""
-        keys = [self._key(t, p, layout, view, self.exchange_dtype) for t, p, layout, view in zip(tensors, params, layouts, views)]
-        moment_keys = [None if s is None else self._key(s, v, layout, view, None)
-                       for s, v, layout, view in zip(states, moments, layouts, views)]
+        or layouts are new). `slices[i]`, if given, says tensor i (and its state) is this rank's
+        dim-0 slice of a tensor that is no parameter, with one dim-0 size per group rank in rank
+        order (the selected rows of a sharded parameter)."""
+        rows = list(slices) if slices is not None else [None] * len(tensors)
+        keys = [self._key(t, p, layout, view, self.exchange_dtype, r)
+                for t, p, layout, view, r in zip(tensors, params, layouts, views, rows)]
+        moment_keys = [None if s is None else self._key(s, v, layout, view, None, r)
+                       for s, v, layout, view, r in zip(states, moments, layouts, views, rows)]
         key = (tuple(keys), tuple(moment_keys))
         plan = self._plans.get(key)
         if plan is None:
@@ -277,11 +283,14 @@ class DistributedOrthogonalizer:
             self.plans_built += 1
         return plan
 
-    def _key(self, t: Tensor, p: Tensor | None, layout: Layout, view: Layout, wire: torch.dtype | None) -> tuple:
+    def _key(self, t: Tensor, p: Tensor | None, layout: Layout, view: Layout, wire: torch.dtype | None,
+             rows: tuple[int, ...] | None = None) -> tuple:
         """What a tensor's spec depends on: its local shape and dtype, its view, and for a sharded
-        DTensor its full shape, placements and mesh."""
+        DTensor its full shape, placements and mesh (or the dim-0 sizes `rows` of its slices)."""
         placement = None
-        if p is not None and is_sharded(p):
+        if rows is not None:
+            placement = ("rows", tuple(rows))
+        elif p is not None and is_sharded(p):
             mesh_id, placements = self._placed(p)
             placement = (tuple(p.shape), placements, mesh_id, is_local(p.shape, placements, layout))
         return (tuple(t.shape), t.dtype, wire or t.dtype, view, placement)
@@ -291,6 +300,15 @@ class DistributedOrthogonalizer:
         if placement is None:
             pieces = (full_piece(shape),) * self.world_size
             return Spec(shape, wire, pieces, *matrix_shape(shape, view), local=False)
+        if placement[0] == "rows":
+            sizes = placement[1]
+            full = (sum(sizes), *shape[1:])
+            if len(sizes) != self.world_size or sizes[self.rank] != shape[0]:
+                raise RuntimeError(f"dim-0 slices {sizes} do not fit a local part of shape {shape} on rank {self.rank}")
+            starts = [sum(sizes[:r]) for r in range(self.world_size)]
+            rest = full_piece(shape[1:])
+            pieces = tuple((((a, a + n),) if n else (), *rest) for a, n in zip(starts, sizes))
+            return Spec(full, wire, pieces, *matrix_shape(full, view), local=False)
         full, placements, mesh_id, whole = placement
         if local is None:
             local = whole

@@ -324,18 +324,20 @@ def _largest_holders(specs: Sequence[Spec], world_size: int) -> list[int] | None
 
 
 def _senders(spec: Spec, owner: int, sent: list[int]) -> dict[Piece, int]:
-    """For each non-empty piece the owner lacks, the holder that sends it: the one nearest the owner
-    by rank (launchers number the ranks of a node consecutively, and meshes put the sharded dim
-    innermost: HSDP's owner gets the piece from its own shard group), then the one that has sent the
-    least so far, then the lowest rank; `sent` is updated."""
+    """For each non-empty piece the owner lacks, the holder that sends it: one in the owner's block
+    of D consecutive ranks if any (D = the number of distinct pieces: launchers number a node's
+    ranks consecutively and meshes put the sharded dims innermost, so HSDP's owner gets the piece
+    from its own replica, on its own node), then the one that has sent the least so far, then the
+    lowest rank; `sent` is updated."""
     mine = spec.pieces[owner]
     holders: dict[Piece, list[int]] = {}
     for r, piece in enumerate(spec.pieces):
         if piece != mine and piece_numel(piece):
             holders.setdefault(piece, []).append(r)
+    block = max(1, len({p for p in spec.pieces if piece_numel(p)}))
     out = {}
     for piece, ranks in holders.items():
-        rank = min(ranks, key=lambda r: (abs(r - owner), sent[r], r))
+        rank = min(ranks, key=lambda r: (r // block != owner // block, sent[r], r))
         out[piece] = rank
         sent[rank] += piece_numel(piece)
     return out

@@ -22,6 +22,7 @@ exchange.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
@@ -124,12 +125,13 @@ def _length(ranges: Sequence[Range]) -> int:
     return sum(hi - lo for lo, hi in ranges)
 
 
-def _chunks(ranges: Sequence[Range], count: int) -> list[tuple[Range, ...]]:
-    """`ranges` cut as torch.chunk cuts a dim into `count` (ceil-sized chunks, then empty ones)."""
+def _chunk(ranges: Sequence[Range], count: int, index: int) -> tuple[Range, ...]:
+    """Chunk `index` of `ranges` cut as torch.chunk cuts a dim into `count` (ceil-sized chunks, then
+    the remainder, then empty ones)."""
     length = _length(ranges)
-    offsets = itertools.accumulate(shard_sizes(length, count), initial=0)
-    bounds = list(offsets)
-    return [_take(ranges, bounds[k], bounds[k + 1]) for k in range(count)]
+    size = -(-length // count) if length else 0
+    start = min(index * size, length)
+    return _take(ranges, start, min(start + size, length))
 
 
 def _concat(parts: Sequence[tuple[Range, ...]]) -> tuple[Range, ...]:
@@ -156,9 +158,10 @@ def pieces_of(shape: Sequence[int], mesh: torch.Tensor | Sequence, placements: S
                 continue
             dim = placement[1]
             if placement[0] == "S":
-                piece[dim] = _chunks(piece[dim], size)[index]
+                piece[dim] = _chunk(piece[dim], size, index)
             elif placement[0] == "SS":
-                piece[dim] = _concat([_chunks(part, size)[index] for part in _chunks(piece[dim], placement[2])])
+                parts = [_chunk(piece[dim], placement[2], j) for j in range(placement[2])]
+                piece[dim] = _concat([_chunk(part, size, index) for part in parts])
             else:
                 raise ValueError(f"unknown placement {placement!r}")
         pieces[int(mesh[coordinate])] = tuple(piece)
@@ -169,10 +172,13 @@ def full_piece(shape: Sequence[int]) -> Piece:
     return tuple(((0, int(n)),) if n else () for n in shape)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def piece_shape(piece: Piece) -> tuple[int, ...]:
+    # Cached: a plan on many ranks asks for the same few pieces' sizes again and again.
     return tuple(_length(ranges) for ranges in piece)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def piece_numel(piece: Piece) -> int:
     return math.prod(piece_shape(piece))
 
@@ -319,7 +325,8 @@ def _largest_holders(specs: Sequence[Spec], world_size: int) -> list[int] | None
     allowed = set(range(world_size))
     for s in specs:
         sizes = [piece_numel(p) for p in s.pieces]
-        allowed &= {r for r, size in enumerate(sizes) if size == max(sizes)}
+        largest = max(sizes)
+        allowed &= {r for r, size in enumerate(sizes) if size == largest}
     return sorted(allowed) if allowed and len(allowed) < world_size else None
 
 

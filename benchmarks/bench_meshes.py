@@ -4,6 +4,7 @@ one bucket.
 
     python benchmarks/bench_meshes.py                      # width 256, 2 layers, 7 repeats
     python benchmarks/bench_meshes.py --width 512 --repeats 5
+    python benchmarks/bench_meshes.py --plan-ranks 512     # the plan's cost alone (no processes)
 
 Spawns 4 CPU processes (gloo, one thread each) holding a Llama-like stack per layer: wq, wk, wv, wo
 (w x w), w1, w3 (4w x w), w2 (w x 4w) and 8 stacked experts (8, w, w), placed as:
@@ -170,12 +171,54 @@ def worker(rank: int, port: int, args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
+def plan_timing(world: int) -> None:
+    """The plan of a Llama-1B-like model (16 layers of 2048 x 2048 q, o; 512 x 2048 k, v; 8192 x 2048 w1,
+    w3; 2048 x 8192 w2) under FSDP on `world` ranks: build time (once per run), and the owner assignment
+    with the heap against the scan over every rank it replaced (the same owners). No processes."""
+    from muonkit.plan import Spec, assign_owners, build_plan, newton_schulz_flops, pieces_of
+
+    shapes = [(2048, 2048), (512, 2048), (512, 2048), (2048, 2048), (8192, 2048), (2048, 8192), (8192, 2048)] * 16
+    start = time.perf_counter()
+    pieces = {}
+    for shape in set(shapes):
+        by_rank = pieces_of(shape, torch.arange(world), [("S", 0)])
+        pieces[shape] = tuple(by_rank[r] for r in range(world))
+    specs = [Spec(shape, torch.float32, pieces[shape], 1, *shape, False) for shape in shapes]
+    plan = build_plan(specs, [None] * len(specs), world)
+    built = time.perf_counter() - start
+    costs = [newton_schulz_flops(1, *shape) for shape in shapes]
+
+    def scan() -> list[int]:
+        loads, counts, owners = [0.0] * world, [0] * world, [0] * len(costs)
+        for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+            rank = min(range(world), key=lambda r: (loads[r], counts[r], r))
+            owners[i], loads[rank], counts[rank] = rank, loads[rank] + costs[i], counts[rank] + 1
+        return owners
+
+    timings = {}
+    for name, fn in (("scan", scan), ("heap", lambda: assign_owners(costs, world))):
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            owners = fn()
+            times.append(time.perf_counter() - t)
+        timings[name] = (statistics.median(times), owners)
+    assert timings["scan"][1] == timings["heap"][1]
+    print(f"Llama-1B-like, {len(shapes)} matrices, FSDP on {world} ranks: plan built once in {built:.2f} s; "
+          f"owners: scan {1e3 * timings['scan'][0]:.2f} ms, heap {1e3 * timings['heap'][0]:.2f} ms (same owners); "
+          f"bytes per step, all ranks: {4 * sum(plan.sent_elements)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--plan-ranks", type=int, default=0, help="only time the plan of a Llama-1B on this many ranks")
     args = parser.parse_args(argv)
+    if args.plan_ranks:
+        plan_timing(args.plan_ranks)
+        return 0
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

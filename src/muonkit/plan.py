@@ -310,9 +310,8 @@ def build_plan(
         for spec in (specs[i], moments[i]):
             if spec is None:
                 continue
-            for r, piece in enumerate(spec.pieces):
-                if r != owners[i]:
-                    sent[owners[i]] += piece_numel(piece)
+            sizes = _holdings(spec.pieces)[0]
+            sent[owners[i]] += sum(sizes) - sizes[owners[i]]
     buckets = _buckets(exchanged, items, specs, moments, bucket_bytes)
     plan = ExchangePlan(world_size, list(specs), list(moments), owners, buckets, local, senders, moment_senders,
                         sent, loads)
@@ -320,11 +319,23 @@ def build_plan(
     return plan
 
 
+@functools.lru_cache(maxsize=256)
+def _holdings(pieces: tuple[Piece, ...]) -> tuple[tuple[int, ...], dict[Piece, list[int]]]:
+    """(each rank's piece size, the ranks holding each non-empty piece) of one placement: read once
+    per distinct placement (tensors of one shape and placement share their pieces)."""
+    sizes = tuple(piece_numel(p) for p in pieces)
+    holders: dict[Piece, list[int]] = {}
+    for r, (piece, size) in enumerate(zip(pieces, sizes)):
+        if size:
+            holders.setdefault(piece, []).append(r)
+    return sizes, holders
+
+
 def _largest_holders(specs: Sequence[Spec], world_size: int) -> list[int] | None:
     """The ranks that hold a largest piece of every one of `specs` (None: any rank)."""
     allowed = set(range(world_size))
     for s in specs:
-        sizes = [piece_numel(p) for p in s.pieces]
+        sizes = _holdings(s.pieces)[0]
         largest = max(sizes)
         allowed &= {r for r, size in enumerate(sizes) if size == largest}
     return sorted(allowed) if allowed and len(allowed) < world_size else None
@@ -337,14 +348,13 @@ def _senders(spec: Spec, owner: int, sent: list[int]) -> dict[Piece, int]:
     from its own replica, on its own node), then the one that has sent the least so far, then the
     lowest rank; `sent` is updated."""
     mine = spec.pieces[owner]
-    holders: dict[Piece, list[int]] = {}
-    for r, piece in enumerate(spec.pieces):
-        if piece != mine and piece_numel(piece):
-            holders.setdefault(piece, []).append(r)
-    block = max(1, len({p for p in spec.pieces if piece_numel(p)}))
+    holders = _holdings(spec.pieces)[1]
+    block = max(1, len(holders))
     out = {}
     for piece, ranks in holders.items():
-        rank = min(ranks, key=lambda r: (r // block != owner // block, sent[r], r))
+        if piece == mine:
+            continue
+        rank = ranks[0] if len(ranks) == 1 else min(ranks, key=lambda r: (r // block != owner // block, sent[r], r))
         out[piece] = rank
         sent[rank] += piece_numel(piece)
     return out
@@ -379,7 +389,8 @@ def _traffic(plan: ExchangePlan, bucket: list[int]) -> dict[tuple[str, torch.dty
             if spec is None:
                 continue
             gather = sum(piece_numel(p) for p in senders)
-            back = sum(piece_numel(p) for r, p in enumerate(spec.pieces) if r != owner)
+            sizes = _holdings(spec.pieces)[0]
+            back = sum(sizes) - sizes[owner]
             out[("gather", spec.dtype)] = out.get(("gather", spec.dtype), 0) + gather
             out[("return", spec.dtype)] = out.get(("return", spec.dtype), 0) + back
     return out

@@ -1,0 +1,124 @@
+"""benchmarks/cost_model.py (docs/scaling.md's tables) against hand computations on tiny shapes, and
+against the bytes muonkit's optimizer sends on 2 and 4 gloo ranks."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from muonkit.distributed import assign_owners, newton_schulz_flops
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import cost_model as cm  # noqa: E402
+
+
+def test_two_by_two_hsdp_of_two_matrices_by_hand():
+    """(Replicate, Shard(0)) on ranks [[0, 1], [2, 3]], two ranks per node. A (16 x 8, 5 x 5120 FLOPs)
+    goes to rank 0, B (8 x 8, 5 x 3072) to the least-loaded rank 1. Each rank holds half the rows.
+    A: rank 1 sends its 64 elements to 0; 0 sends a 64-element piece to each of 1, 2, 3.
+    B: rank 0 sends its 32 to 1; 1 sends a 32-element piece to each of 0, 2, 3."""
+    a, b = cm.Weight("a", (16, 8)), cm.Weight("b", (8, 8))
+    step = cm.plan([a, b], cm.Mesh("hsdp", 4, inner=2, gpus_per_node=2))
+    assert step.owners == [0, 1]
+    assert step.ns_load.tolist() == [5 * 5120, 5 * 3072, 0, 0]
+    assert step.bytes_sent(4).tolist() == [4 * (3 * 64 + 32), 4 * (64 + 3 * 32), 0, 0]
+    assert step.bytes_sent(2).tolist() == [2 * 224, 2 * 160, 0, 0]
+    gather, scatter = step.phases["gather"], step.phases["scatter"]
+    assert gather.sent_intra.tolist() == [32, 64, 0, 0] and not gather.sent_inter.any()
+    # The owners' pieces for the other node cross it; the one for the shard-group peer stays inside.
+    assert scatter.sent_intra.tolist() == [64, 32, 0, 0]
+    assert scatter.sent_inter.tolist() == [128, 64, 0, 0]
+    assert scatter.recv_inter.tolist() == [0, 0, 96, 96]
+    # The interface's formula: (R S + S - 2) / S N elements per matrix, all ranks together.
+    assert step.bytes_sent(1).sum() == (4 + 2 - 2) / 2 * (128 + 64)
+    # The relay sends the same bytes, from the shard group instead of from the owner alone.
+    relay = cm.plan([a, b], cm.Mesh("hsdp", 4, inner=2, gpus_per_node=2, relay=True))
+    assert relay.bytes_sent(1).tolist() == [64 + 32 + 64 + 32, 64 + 32 + 64 + 32, 0, 0]
+
+
+def test_fsdp_two_ranks_and_uneven_rows_by_hand():
+    """33 x 8 on 2 ranks: rows 17 + 16. The owner must hold a largest piece (rank 0); rank 1 sends
+    its 16 x 8, rank 0 returns 16 x 8."""
+    step = cm.plan([cm.Weight("w", (33, 8))], cm.Mesh("fsdp", 2))
+    assert step.owners == [0]
+    assert step.bytes_sent(4).tolist() == [4 * 128, 4 * 128]
+    # 3 rows on 4 ranks: [1, 1, 1, 0]; an empty rank sends and receives nothing.
+    step = cm.plan([cm.Weight("w", (3, 8))], cm.Mesh("fsdp", 4))
+    assert step.bytes_sent(1).tolist() == [2 * 8, 8, 8, 0]
+
+
+def test_fsdp_plus_tp_pieces_by_hand():
+    """2 x 2 (dp x tp): colwise shards rows over tp, then each tp shard's rows over dp; rowwise
+    shards columns over tp and rows over dp. Rank = dp index * 2 + tp index."""
+    mesh = cm.Mesh("fsdp+tp", 4, inner=2)
+    assert cm.pieces(cm.Weight("c", (6, 8), "colwise"), mesh).tolist() == [2 * 8, 2 * 8, 1 * 8, 1 * 8]
+    assert cm.pieces(cm.Weight("r", (6, 10), "rowwise"), mesh).tolist() == [3 * 5, 3 * 5, 3 * 5, 3 * 5]
+    step = cm.plan([cm.Weight("c", (8, 8)), cm.Weight("r", (8, 8), "rowwise")], mesh)
+    # Each matrix: 3 pieces of 16 to its owner and 3 back: 2 (W - 1) / W N.
+    assert step.bytes_sent(1).sum() == 2 * (2 * 3 / 4 * 64)
+
+
+def test_experts_under_ep_are_orthogonalized_where_they_live():
+    experts = cm.Weight("e", (4, 8, 16), "none", expert=True)
+    dense = cm.Weight("d", (16, 8))
+    step = cm.plan([experts, dense], cm.Mesh("ep", 2))
+    assert step.owners == [-1, 0]
+    per_expert = 5 * newton_schulz_flops(1, 8, 16)
+    assert step.ns_load.tolist() == [2 * per_expert + 5 * newton_schulz_flops(1, 16, 8), 2 * per_expert]
+    assert step.bytes_sent(1).tolist() == [64, 64]
+    # Beyond the experts' count, each replica computes its experts again, with no bytes.
+    wide = cm.plan([experts], cm.Mesh("ep", 8))
+    assert wide.ns_load.tolist() == [per_expert] * 8 and not wide.bytes_sent().any()
+    # Before issue 21 the stack went whole to one owner: 3 ranks' 8 x 16 slices there and back.
+    before = cm.plan([experts], cm.Mesh("fsdp", 4), today=True)
+    assert before.bytes_sent(1).sum() == 2 * 3 * 128
+    assert before.load_balance() == 4.0
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8, 64])
+def test_owner_rule_is_assign_owners_when_every_rank_may_own(world):
+    rng = random.Random(world)
+    costs = [float(rng.choice([1, 2, 3, 5, 8])) for _ in range(3 * world + 1)]
+    owners, loads = cm.owners_by_load(costs, [np.arange(world)] * len(costs), np.zeros(world))
+    assert owners == assign_owners(costs, world)
+    assert loads.sum() == sum(costs)
+
+
+@pytest.mark.parametrize("kind, formula", [
+    ("fsdp", lambda W, S, N: 2 * (W - 1) / W * N),
+    ("fsdp+tp", lambda W, S, N: 2 * (W - 1) / W * N),
+    ("hsdp", lambda W, S, N: (W + S - 2) / S * N),
+])
+@pytest.mark.parametrize("world", [8, 64])
+def test_total_bytes_follow_the_interface_formula(kind, formula, world):
+    """Shapes that divide evenly (Llama-1B's): the total over ranks is the per-matrix formula."""
+    weights = cm.MODELS["llama-1b"].block()
+    step = cm.plan(weights, cm.Mesh(kind, world))
+    want = sum(formula(world, 8, w.numel) for w in weights)
+    assert step.bytes_sent(1).sum() == pytest.approx(want, rel=1e-12)
+
+
+def test_published_parameter_counts():
+    """The shapes reproduce each model's published parameter count (its model card)."""
+    counts = {"gpt2": 124_439_808, "llama-1b": 1_235_814_400, "llama-8b": 8_030_261_248,
+              "llama-70b": 70_553_706_496, "moe-30b-a3b": 30_532_122_624}
+    for key, count in counts.items():
+        assert cm.MODELS[key].params() == count, key
+
+
+def test_training_step_and_shares_by_hand():
+    hw = cm.Hardware()
+    model = cm.MODELS["llama-8b"]
+    want = 6 * 8_030_261_248 * 4 * 2**20 / (64 * 0.4 * 989e12)
+    assert hw.training_step(model, 64) == pytest.approx(want)
+    c = cm.cell(model, cm.Mesh("fsdp", 64), hw)
+    assert c.share == pytest.approx((c.ns + c.exchange + c.elementwise) / want)
+    # 224 matrices on 64 ranks, FLOPs balanced: the busiest rank within 4/3 of the mean.
+    assert 1.0 <= c.load_balance <= 4 / 3
+    assert c.exchange_bf16 == pytest.approx(c.exchange / 2)

@@ -18,9 +18,10 @@ every other holder its piece of the result, sum_{r != o} p_r (scatter). Per mesh
 
 - fsdp: Shard(0) over W ranks; 2 (W - 1) / W N per tensor over all ranks.
 - fsdp+tp: FSDP over W / T ranks x tensor parallel over the T ranks of a node; the same bytes, W pieces.
-- hsdp: Replicate over R nodes x Shard(0) over the S ranks of a node; the owner gathers from its own
-  shard group and sends a piece to every other rank, (R S + S - 2) / S N. With `relay` the owner
-  sends only to its shard group, which forwards to the replicas (the same bytes, spread over S ranks).
+- hsdp: Replicate over R nodes x Shard(0) over the S ranks of a node; the owner gathers the S - 1
+  pieces it lacks (each from one replica) and sends a piece to every other rank, (R S + S - 2) / S N.
+  With `relay` the owner sends only to its shard group, which forwards to the replicas (the same
+  bytes, spread over S ranks).
 - ep: fsdp for the tensors that are not experts; a stack of experts sharded on its expert axis (over
   min(W, experts) ranks, replicated beyond) is orthogonalized where it lives: no bytes.
 """
@@ -327,8 +328,8 @@ def plan(weights: Sequence[Weight], mesh: Mesh, steps: int = NS_STEPS, *, today:
 
     One owner per tensor over all W ranks, among the ranks holding a largest piece, by Newton-Schulz
     FLOPs on top of each rank's local expert work. The owner receives every piece it lacks (one
-    holder sends each: in hsdp the holder in the owner's shard group) and sends every other holder its
-    piece of the result (in hsdp with `mesh.relay`, the shard group forwards the pieces to its replicas
+    holder sends each: in hsdp the replica that has sent the least so far) and sends every other
+    holder its piece of the result (in hsdp with `mesh.relay`, the shard group forwards the pieces to its replicas
     instead). `today=True`: muonkit before issue 21 (muonkit.distributed.assign_owners over all ranks,
     experts shipped whole; its 1D Shard(0) path, so only for fsdp meshes).
     """
@@ -336,6 +337,11 @@ def plan(weights: Sequence[Weight], mesh: Mesh, steps: int = NS_STEPS, *, today:
         raise ValueError(f"before issue 21 muonkit refused {mesh.kind} meshes; today=True needs kind 'fsdp'")
     W, node = mesh.world, mesh.gpus_per_node
     weights = list(weights)
+    for w in weights:
+        if math.gcd(*w.shape[-2:]) % 8:
+            # muonkit owns the tensors of such a shape together (muonkit.distributed); the model does not.
+            raise ValueError(f"{w.name}: the model owns each tensor alone, which needs gcd(rows, cols) % 8 == 0; "
+                             f"got {w.shape}")
     load = np.zeros(W)
     local = np.zeros(W, dtype=np.int64)
     for w in weights:
@@ -361,9 +367,13 @@ def plan(weights: Sequence[Weight], mesh: Mesh, steps: int = NS_STEPS, *, today:
         local += p
         everyone = np.array([r for r in range(W) if r != owner and p[r]], dtype=np.int64)
         if mesh.kind == "hsdp":
-            start = owner - owner % mesh.inner
-            group = np.array([r for r in range(start, start + mesh.inner) if r != owner and p[r]], dtype=np.int64)
-            gather.add_many(group, owner, p[group], node)
+            # Each shard index's piece the owner lacks comes from the holder (one per replica) that
+            # has sent the least gather payload so far, then the lowest rank: muonkit.plan's rule.
+            S, start = mesh.inner, owner - owner % mesh.inner
+            senders = np.array([min(range(j, W, S), key=lambda r: (int(gather.sent[r]), r))
+                                for j in range(S) if j != owner % S and p[j]], dtype=np.int64)
+            gather.add_many(senders, owner, p[senders], node)
+            group = np.array([r for r in range(start, start + S) if r != owner and p[r]], dtype=np.int64)
             if mesh.relay:
                 scatter.add_from(owner, group, p[group], node)
                 for j in range(start, start + mesh.inner):  # each shard-group rank to its replicas

@@ -42,15 +42,17 @@ def test_two_by_two_hsdp_of_two_matrices_by_hand():
     assert relay.bytes_sent(1).tolist() == [64 + 32 + 64 + 32, 64 + 32 + 64 + 32, 0, 0]
 
 
-def test_fsdp_two_ranks_and_uneven_rows_by_hand():
-    """33 x 8 on 2 ranks: rows 17 + 16. The owner must hold a largest piece (rank 0); rank 1 sends
-    its 16 x 8, rank 0 returns 16 x 8."""
-    step = cm.plan([cm.Weight("w", (33, 8))], cm.Mesh("fsdp", 2))
+def test_fsdp_uneven_and_empty_shards_by_hand():
+    """40 x 8 on 3 ranks: rows 14 + 14 + 12. The owner holds a largest piece (rank 0); ranks 1 and 2
+    send theirs (112 and 96 elements) and rank 0 returns both."""
+    step = cm.plan([cm.Weight("w", (40, 8))], cm.Mesh("fsdp", 3))
     assert step.owners == [0]
-    assert step.bytes_sent(4).tolist() == [4 * 128, 4 * 128]
-    # 3 rows on 4 ranks: [1, 1, 1, 0]; an empty rank sends and receives nothing.
-    step = cm.plan([cm.Weight("w", (3, 8))], cm.Mesh("fsdp", 4))
-    assert step.bytes_sent(1).tolist() == [2 * 8, 8, 8, 0]
+    assert step.bytes_sent(4).tolist() == [4 * 208, 4 * 112, 4 * 96]
+    # 8 rows on 5 ranks: [2, 2, 2, 2, 0]; the empty rank sends and receives nothing.
+    step = cm.plan([cm.Weight("w", (8, 8))], cm.Mesh("fsdp", 5))
+    assert step.bytes_sent(1).tolist() == [48, 16, 16, 16, 0]
+    with pytest.raises(ValueError, match="gcd"):
+        cm.plan([cm.Weight("w", (33, 8))], cm.Mesh("fsdp", 2))
 
 
 def test_fsdp_plus_tp_pieces_by_hand():
@@ -122,3 +124,57 @@ def test_training_step_and_shares_by_hand():
     # 224 matrices on 64 ranks, FLOPs balanced: the busiest rank within 4/3 of the mean.
     assert 1.0 <= c.load_balance <= 4 / 3
     assert c.exchange_bf16 == pytest.approx(c.exchange / 2)
+
+
+# ------------------------------------------------------------------ against the library (issue 21)
+
+
+def _library_plan(weights, mesh):
+    """muonkit.plan.build_plan (issue 21) for the same tensors placed as the model places them."""
+    plan = pytest.importorskip("muonkit.plan", reason="muonkit.plan (issue 21's N-D meshes) is not in this checkout")
+    import torch
+
+    W, ranks = mesh.world, torch.arange(mesh.world)
+    specs = []
+    for w in weights:
+        local = cm.in_place(w, mesh)
+        if local:
+            ep = min(W, w.shape[0])
+            grid, placements = ranks.reshape(W // ep, ep), [("R",), ("S", 0)]
+        elif mesh.kind in ("fsdp", "ep"):
+            grid, placements = ranks, [("S", 0)]
+        elif mesh.kind == "hsdp":
+            grid, placements = ranks.reshape(W // mesh.inner, mesh.inner), [("R",), ("S", 0)]
+        else:  # parallelize_module's Colwise / Rowwise on tp, then fully_shard on dp
+            grid = ranks.reshape(W // mesh.inner, mesh.inner)
+            placements = [("SS", 0, mesh.inner), ("S", 0)] if w.tp == "colwise" else [("S", 0), ("S", 1)]
+        held = plan.pieces_of(w.shape, grid, placements)
+        specs.append(plan.Spec(w.shape, torch.float32, tuple(held[r] for r in range(W)), w.batch, *w.shape[-2:], local))
+    return plan.build_plan(specs, [None] * len(specs), W)
+
+
+LIBRARY_CASES = [
+    ("hsdp", 4, 2, [cm.Weight("a", (16, 8)), cm.Weight("b", (8, 8)), cm.Weight("c", (24, 16)), cm.Weight("d", (8, 32))]),
+    ("fsdp", 4, 8, [cm.Weight("a", (40, 8)), cm.Weight("b", (8, 8)), cm.Weight("c", (24, 16))]),
+    ("fsdp+tp", 4, 2, [cm.Weight("a", (16, 8)), cm.Weight("b", (8, 16), "rowwise"), cm.Weight("c", (24, 16))]),
+    ("ep", 4, 8, [cm.Weight("e", (8, 8, 16), "none", expert=True), cm.Weight("a", (16, 8)), cm.Weight("b", (8, 8))]),
+    ("ep", 8, 8, [cm.Weight("e", (4, 8, 16), "none", expert=True), cm.Weight("a", (16, 8))]),
+]
+
+
+@pytest.mark.parametrize("kind, world, inner, weights", LIBRARY_CASES)
+def test_model_equals_the_library_plan_on_small_shapes(kind, world, inner, weights):
+    mesh = cm.Mesh(kind, world, inner=inner, gpus_per_node=2)
+    step, library = cm.plan(weights, mesh), _library_plan(weights, mesh)
+    assert library.owners == step.owners
+    assert library.sent_elements == step.bytes_sent(1).tolist()
+    np.testing.assert_allclose(np.array(library.loads) * cm.NS_STEPS, step.ns_load, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["fsdp", "hsdp", "fsdp+tp"])
+def test_model_equals_the_library_plan_on_llama_1b_at_64_ranks(kind):
+    weights = cm.MODELS["llama-1b"].weights()[:14]  # two blocks
+    mesh = cm.Mesh(kind, 64)
+    step, library = cm.plan(weights, mesh), _library_plan(weights, mesh)
+    assert library.owners == step.owners
+    assert library.sent_elements == step.bytes_sent(1).tolist()

@@ -20,8 +20,9 @@ every other holder its piece of the result, sum_{r != o} p_r (scatter). Per mesh
 - fsdp+tp: FSDP over W / T ranks x tensor parallel over the T ranks of a node; the same bytes, W pieces.
 - hsdp: Replicate over R nodes x Shard(0) over the S ranks of a node; the owner gathers the S - 1
   pieces it lacks (each from one replica) and sends a piece to every other rank, (R S + S - 2) / S N.
-  With `relay` the owner sends only to its shard group, which forwards to the replicas (the same
-  bytes, spread over S ranks).
+  With `relay` (not muonkit's exchange: what would spread it) the owner sends only to its shard
+  group, and each rank passes the updated pieces of its shard around the ring of its R replicas (the
+  same bytes in all; each rank sends about N / S per step whichever nodes own the matrices).
 - ep: fsdp for the tensors that are not experts; a stack of experts sharded on its expert axis (over
   min(W, experts) ranks, replicated beyond) is orthogonalized where it lives: no bytes.
 """
@@ -360,7 +361,7 @@ def plan(weights: Sequence[Weight], mesh: Mesh, steps: int = NS_STEPS, *, today:
         chosen, load = owners_by_load(costs, candidates, load)
     owners = [-1] * len(weights)
     gather, scatter = Traffic.zeros(W), Traffic.zeros(W)
-    relay = Traffic.zeros(W)
+    owned_in_node = np.zeros((W // mesh.inner, mesh.inner), dtype=np.int64)  # hsdp relay: [replica, shard]
     for i, owner in zip(shared, chosen):
         owners[i] = owner
         p = held[i]
@@ -376,9 +377,7 @@ def plan(weights: Sequence[Weight], mesh: Mesh, steps: int = NS_STEPS, *, today:
             group = np.array([r for r in range(start, start + S) if r != owner and p[r]], dtype=np.int64)
             if mesh.relay:
                 scatter.add_from(owner, group, p[group], node)
-                for j in range(start, start + mesh.inner):  # each shard-group rank to its replicas
-                    replicas = np.array([r for r in range(j % mesh.inner, W, mesh.inner) if r != j], dtype=np.int64)
-                    relay.add_from(j, replicas, p[replicas], node)
+                owned_in_node[owner // S] += p[:S]
             else:
                 scatter.add_from(owner, everyone, p[everyone], node)
         else:
@@ -386,8 +385,22 @@ def plan(weights: Sequence[Weight], mesh: Mesh, steps: int = NS_STEPS, *, today:
             scatter.add_from(owner, everyone, p[everyone], node)
     phases = {"gather": gather, "scatter": scatter}
     if mesh.kind == "hsdp" and mesh.relay:
-        phases["relay"] = relay
+        phases["relay"] = _ring(owned_in_node, mesh)
     return Step(mesh, weights, owners, load, local, phases)
+
+
+def _ring(owned: np.ndarray, mesh: Mesh) -> Traffic:
+    """hsdp relay: shard j's updated elements go around the ring of its R replicas, (a, j) -> (a + 1, j).
+    `owned[a, j]`: elements of shard j updated in replica a. Each chunk travels R - 1 hops, so rank
+    (a, j) forwards every chunk but its successor's, and receives every chunk but its own."""
+    R, S = owned.shape
+    total = owned.sum(axis=0)
+    traffic = Traffic.zeros(mesh.world)
+    for a in range(R):
+        for j in range(S):
+            src, dst = a * S + j, ((a + 1) % R) * S + j
+            traffic.add_from(src, np.array([dst]), np.array([total[j] - owned[(a + 1) % R, j]]), mesh.gpus_per_node)
+    return traffic
 
 
 # ------------------------------------------------------------------------------------ tables
@@ -490,6 +503,27 @@ def moe_bytes_table(model: Model, worlds: Sequence[int]) -> str:
                     rows)
 
 
+def remedies_table(cells: Sequence[Cell], hw: Hardware) -> str:
+    """For each cell above 3%: its share with a bfloat16 exchange, with the exchange overlapped with
+    Newton-Schulz, and (hsdp) with the relay, also on a shard group of 64 ranks (8 nodes, R = W / 64)."""
+    rows = []
+    for c in cells:
+        if c.share <= 0.03:
+            continue
+        row = [c.model.name, c.mesh.world, c.mesh.label(), f"{100 * c.share:.2f}%", f"{100 * c.share_bf16:.2f}%",
+               f"{100 * c.share_bf16_overlapped:.2f}%"]
+        if c.mesh.kind == "hsdp":
+            relay = cell(c.model, replace(c.mesh, relay=True), hw)
+            wide = cell(c.model, replace(c.mesh, inner=64, relay=True), hw)
+            row += [f"{100 * relay.share:.2f}%", f"{100 * relay.share_bf16_overlapped:.2f}%",
+                    f"{100 * wide.share:.2f}%", f"{100 * wide.share_bf16_overlapped:.2f}%"]
+        else:
+            row += ["-"] * 4
+        rows.append(row)
+    return markdown(["model", "GPUs", "mesh", "float32", "bf16 exchange", "bf16 + overlap", "relay", "relay, bf16 + overlap",
+                     "relay, shard group 64", "relay, shard group 64, bf16 + overlap"], rows)
+
+
 def report(hw: Hardware, worlds: Sequence[int] = (8, 64, 512)) -> str:
     dense = [MODELS[k] for k in ("llama-1b", "llama-8b", "llama-70b")]
     moe = MODELS["moe-30b-a3b"]
@@ -502,6 +536,7 @@ def report(hw: Hardware, worlds: Sequence[int] = (8, 64, 512)) -> str:
         f"Cells above 3% (float32, serial): {len(over)} of {len(cells)}"
         + (": " + "; ".join(f"{c.model.name} {c.mesh.label()} on {c.mesh.world}: {100 * c.share:.1f}%" for c in over)
            if over else "") + ".",
+        "### What brings the cells above 3% under it\n\n" + remedies_table(cells, hw),
         f"### MoE ({moe.name}): bytes the mesh sends per step, float32\n\n" + moe_bytes_table(moe, worlds),
     ]
     return "\n\n".join(parts)

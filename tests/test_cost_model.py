@@ -37,9 +37,13 @@ def test_two_by_two_hsdp_of_two_matrices_by_hand():
     assert scatter.recv_inter.tolist() == [0, 0, 96, 96]
     # The interface's formula: (R S + S - 2) / S N elements per matrix, all ranks together.
     assert step.bytes_sent(1).sum() == (4 + 2 - 2) / 2 * (128 + 64)
-    # The relay sends the same bytes, from the shard group instead of from the owner alone.
+    # The relay: the owners return pieces inside their shard group (A's 64 to rank 1, B's 32 to
+    # rank 0), then ranks 0 and 1 each pass their 96 updated elements to their replica (2, 3).
     relay = cm.plan([a, b], cm.Mesh("hsdp", 4, inner=2, gpus_per_node=2, relay=True))
-    assert relay.bytes_sent(1).tolist() == [64 + 32 + 64 + 32, 64 + 32 + 64 + 32, 0, 0]
+    assert relay.phases["scatter"].sent.tolist() == [64, 32, 0, 0]
+    assert relay.phases["relay"].sent_inter.tolist() == [96, 96, 0, 0]
+    assert relay.phases["relay"].recv_inter.tolist() == [0, 0, 96, 96]
+    assert relay.bytes_sent(1).sum() == step.bytes_sent(1).sum()
 
 
 def test_fsdp_uneven_and_empty_shards_by_hand():

@@ -13,7 +13,7 @@ muonkit.distributed.newton_schulz_flops, owners follow the rule of muonkit.distr
 (muonkit.distributed.shard_sizes), so the model counts what the library schedules.
 
 The exchange, per Muon tensor of N elements held as pieces p_r on W ranks, one owner o over all
-ranks (the counting of /work/notes/issue-21-interface.md, which muonkit's `bytes_sent` follows):
+ranks (muonkit.plan's counting, which `Muon.bytes_sent` follows since issue 21):
 the owner receives the pieces it lacks, N - p_o elements, each from one holder (gather), and sends
 every other holder its piece of the result, sum_{r != o} p_r (scatter). Per mesh kind:
 

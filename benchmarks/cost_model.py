@@ -20,7 +20,7 @@ every other holder its piece of the result, sum_{r != o} p_r (scatter). Per mesh
 - fsdp: Shard(0) over W ranks; 2 (W - 1) / W N per tensor over all ranks.
 - fsdp+tp: FSDP over W / T ranks x tensor parallel over the T ranks of a node; the same bytes, W pieces.
 - hsdp: Replicate over R nodes x Shard(0) over the S ranks of a node; the owner gathers the S - 1
-  pieces it lacks (each from the replica nearest it by rank) and sends a piece to every other rank,
+  pieces it lacks (from its own replica, its node) and sends a piece to every other rank,
   (R S + S - 2) / S N.
   With `relay` (not muonkit's exchange: what would spread it) the owner sends only to its shard
   group, and each rank passes the updated pieces of its shard around the ring of its R replicas (the
@@ -334,8 +334,7 @@ def plan(weights: Sequence[Weight], mesh: Mesh, steps: int = NS_STEPS, *, today:
 
     One owner per tensor over all W ranks, among the ranks holding a largest piece, by Newton-Schulz
     FLOPs on top of each rank's local expert work. The owner receives every piece it lacks (one
-    holder sends each: in hsdp the replica nearest the owner by rank, then the one that has sent the
-    least so far) and sends every other holder its piece of the result (in hsdp with `mesh.relay`, the shard group forwards the pieces to its replicas
+    holder sends each: in hsdp the owner's own replica, then the one that has sent the least so far) and sends every other holder its piece of the result (in hsdp with `mesh.relay`, the shard group forwards the pieces to its replicas
     instead). `today=True`: muonkit before issue 21 (muonkit.distributed.assign_owners over all ranks,
     experts shipped whole; its 1D Shard(0) path, so only for fsdp meshes).
     """
@@ -375,10 +374,12 @@ def plan(weights: Sequence[Weight], mesh: Mesh, steps: int = NS_STEPS, *, today:
         everyone = everyone[everyone != owner]
         if mesh.kind == "hsdp":
             # Each shard index's piece the owner lacks comes from one of its holders (one per
-            # replica): the nearest to the owner by rank, then the one that has sent the least gather
+            # replica): one in the owner's block of D consecutive ranks (D = the number of distinct
+            # non-empty pieces; the owner's own replica), then the one that has sent the least gather
             # payload so far, then the lowest rank (muonkit.plan's rule).
             S, start = mesh.inner, owner - owner % mesh.inner
-            senders = np.array([_nearest(np.arange(j, W, S), owner, gather.sent) for j in range(S)
+            block = max(1, int(np.count_nonzero(p[:S])))
+            senders = np.array([_sender(np.arange(j, W, S), owner, block, gather.sent) for j in range(S)
                                 if j != owner % S and p[j]], dtype=np.int64)
             gather.add_many(senders, owner, p[senders], node)
             group = start + np.flatnonzero(p[start : start + S])
@@ -397,9 +398,10 @@ def plan(weights: Sequence[Weight], mesh: Mesh, steps: int = NS_STEPS, *, today:
     return Step(mesh, weights, owners, load, local, phases)
 
 
-def _nearest(holders: np.ndarray, owner: int, sent: np.ndarray) -> int:
-    """The holder that sends a piece to `owner`: nearest by rank, then least sent, then lowest rank."""
-    return int(holders[np.lexsort((holders, sent[holders], np.abs(holders - owner)))[0]])
+def _sender(holders: np.ndarray, owner: int, block: int, sent: np.ndarray) -> int:
+    """The holder that sends a piece to `owner`: one in the owner's block of `block` consecutive ranks,
+    then the least sent so far, then the lowest rank."""
+    return int(holders[np.lexsort((holders, sent[holders], holders // block != owner // block))[0]])
 
 
 def _ring(owned: np.ndarray, mesh: Mesh) -> Traffic:

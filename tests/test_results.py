@@ -76,7 +76,7 @@ def test_merging_a_rerun_replaces_its_rows_and_keeps_the_others(tmp_path, monkey
     assert entry["optimizers"] == ["muon"] and entry["environment"]["date"] == "2026-02-02 00:00:00"
     assert entry["command"] == "muonkit bench fashion-mnist --lr-sweep --optimizers muon"
     note = "\n".join(bench_tasks.sweep_section("sweep-fashion-mnist", merged))
-    assert "Rerun rows (muon)" in note and "2026-02-02" in note
+    assert "Rows rerun since (muon)" in note and "2026-02-02" in note
 
 
 def _full_run(optimizer: str, seed: int, rng) -> dict:
@@ -144,4 +144,4 @@ def test_merging_rerun_rows_into_a_results_record(tmp_path, monkeypatch):
     assert merged["summary"]["normuon"]["opt_step_ms"] == before["normuon"]["opt_step_ms"]
     assert merged["reruns"][0]["environment"]["date"] == "2026-02-02 00:00:00"
     assert (tmp_path / "fashion-mnist" / "curves.png").is_file()
-    assert "Rerun rows (muon)" in "\n".join(bench_tasks.bench_section("fashion-mnist", merged))
+    assert "Rows rerun since (muon)" in "\n".join(bench_tasks.bench_section("fashion-mnist", merged))

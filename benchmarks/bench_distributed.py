@@ -2,6 +2,15 @@
 
     python benchmarks/bench_distributed.py                 # 2 ranks, width 384, depth 4, 7 repeats
     python benchmarks/bench_distributed.py --world 4 --width 256 --repeats 5
+    python benchmarks/bench_distributed.py --computed      # only the computed tables (no processes)
+
+The computed tables (printed after the measured one; alone with --computed) give, for GPT-2 small,
+Llama-1B and a 128-expert MoE at their real shapes on 8, 64 and 512 ranks, the bytes each rank
+sends per step and the Newton-Schulz load max/mean, before issue 21 (1D FSDP only, owners over all
+ranks, stacked experts shipped whole to one owner and back) and after (HSDP and FSDP + TP8 meshes,
+owners among the ranks holding a largest piece, experts orthogonalized where they live under expert
+parallelism). They come from benchmarks/cost_model.py, which counts bytes as Muon.bytes_sent does
+(tests/test_cost_model.py checks it against muonkit's plan and against gloo runs).
 
 Spawns --world CPU processes (gloo, one thread each) holding the Muon matrices of a GPT-like model
 (per block: qkv 3w x w, proj w x w, fc 4w x w, fc_proj w x 4w). Prints one table:
@@ -110,6 +119,32 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) ->
         dist.destroy_process_group()
 
 
+def computed_tables(worlds: tuple[int, ...] = (8, 64, 512)) -> str:
+    """Bytes per rank per step (float32 payload) and NS load max/mean, before and after issue 21."""
+    import cost_model as cm
+
+    def mb(values) -> str:
+        return f"{values.mean() / 1e6:.1f} / {values.max() / 1e6:.1f}"
+
+    rows = []
+    for key, kinds in (("gpt2", ("fsdp", "hsdp")), ("llama-1b", ("fsdp", "hsdp", "fsdp+tp")), ("moe-30b-a3b", ("ep",))):
+        model = cm.MODELS[key]
+        weights = model.weights()
+        for world in worlds:
+            before = cm.plan(weights, cm.Mesh("fsdp", world), today=True)
+            for kind in kinds:
+                mesh = cm.Mesh(kind, world)
+                after = cm.plan(weights, mesh)
+                old = kind in ("fsdp", "ep")  # what muonkit ran before issue 21 (1D Shard(0))
+                rows.append([model.name, world, mesh.label(),
+                             mb(before.bytes_sent()) if old else "refused",
+                             f"{before.load_balance():.2f}" if old else "refused",
+                             mb(after.bytes_sent()), mb(after.bytes_sent(2)), f"{after.load_balance():.2f}"])
+    return cm.markdown(["model", "ranks", "mesh (after)", "before: MB sent/rank, mean / max",
+                        "before: NS max/mean", "after: MB sent/rank, mean / max",
+                        "after, bf16 exchange: MB mean / max", "after: NS max/mean"], rows)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -122,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=384)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--computed", action="store_true", help="print only the computed tables")
     args = parser.parse_args(argv)
+    if args.computed:
+        print(f"# bench_distributed --computed: benchmarks/cost_model.py's plans, {datetime.date.today()}")
+        print(computed_tables())
+        return 0
 
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
@@ -151,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| Muon step, {name} | {seconds * 1e3:.1f} ms |")
         print(f"| bytes sent per rank per step, {name} | {sent / 1e6:.2f} MB ({sent / all_reduce:.2f}x the all-reduce) |")
     print(f"| ring all-reduce of the same gradients (fp32) | {all_reduce / 1e6:.2f} MB |")
+    print()
+    print(computed_tables())
     return 0
 
 

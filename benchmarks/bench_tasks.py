@@ -5,12 +5,19 @@ Run (from the repository root; about 1.5 hours on 2 CPU cores for every stage, o
     python benchmarks/bench_tasks.py                       # every stage, then RESULTS.md
     python benchmarks/bench_tasks.py --stages charlm       # one stage (see STAGES), then RESULTS.md
     python benchmarks/bench_tasks.py --report-only         # RESULTS.md from the saved JSON only
+    python benchmarks/bench_tasks.py --stages fashion-mnist --only muon   # rerun some rows of a stage
 
 Each stage calls the command line in-process (muonkit.cli.main) and keeps its results.json /
 sweep.json / ns.json under benchmarks/task-runs/<stage>/, so the report can be rebuilt without
 retraining; the "default" stage runs ./scripts/bench.sh as a user would and times it. Every record
 carries the machine, date and command it was measured with, and the report prints them beside
-each table.
+each table. `--only` reruns some optimizers of a sweep or bench stage (after their lr or grid
+changed) and keeps the stored rows of the others; the record and the report say which rows were
+rerun, when and how.
+
+A results.json is stored slim (`slim_results`): the per-step lists (loss, times) of each run
+become its step count, the summary keeps their medians, and the update-RMS curves the plot draws
+(seed 0) are thinned to CURVE_POINTS points; per-step JSON of every run would be megabytes.
 It prints each stage's table, and writes the section between the TASKS markers in RESULTS.md
 (creating the file if needed). Nothing here types a number by hand: every figure is read from the
 JSON that the runs wrote.
@@ -23,8 +30,10 @@ import json
 import statistics
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +45,8 @@ from muonkit.tasks import get_task  # noqa: E402
 from muonkit.tasks.bench import best_lr  # noqa: E402
 from muonkit.tasks.optimizers import lr_for  # noqa: E402
 from muonkit.tasks.nscompare import format_table as ns_table  # noqa: E402
-from muonkit.tasks.report import add_steps_to_reference, format_table, memory_note, summarize  # noqa: E402
+from muonkit.tasks.report import (add_steps_to_reference, format_table, memory_note, plot, summarize,  # noqa: E402
+                                  write_json_atomic)
 from muonkit.tasks.training import RunResult  # noqa: E402
 
 RUNS = ROOT / "benchmarks" / "task-runs"
@@ -61,6 +71,10 @@ STAGES: dict[str, tuple[str, list[str]]] = {
     "sweep-fashion-mnist-variants": ("sweep", ["fashion-mnist", "--lr-sweep", "--optimizers",
                                                "normuon,adamuon,muon+cwd,normuon+cwd"]),
     "sweep-modular-variants": ("sweep", ["modular", "--lr-sweep", "--optimizers", "normuon,adamuon,muon+cwd,normuon+cwd"]),
+    # Muon's three best lrs of sweep-fashion-mnist (seed 0) on 3 seeds (2026-12-07), as the results table
+    # (200 steps, 3 seeds) had lr 0.1 no better than 0.01: 0.1 is still best here, by 0.003.
+    "sweep-fashion-mnist-muon-3-seeds": ("sweep", ["fashion-mnist", "--lr-sweep", "--optimizers", "muon", "--lr",
+                                                   "muon=0.01", "muon=0.03", "muon=0.1", "--seeds", "3"]),
     # Regression runs take a second: 3 seeds.
     "sweep-regression": ("sweep", ["regression", "--lr-sweep", "--optimizers", "muon,muon-kj,adamw,sgd,torch-muon",
                                    "--seeds", "3"]),
@@ -79,6 +93,14 @@ STAGES: dict[str, tuple[str, list[str]]] = {
 }
 # The "default" stage: the README's main-job command, as a user runs it (--out keeps the record here).
 DEFAULT_COMMAND = ["./scripts/bench.sh", "--out", "benchmarks/task-runs/default"]
+# Where each kind of stage keeps its rows, one per optimizer (what --only merges into).
+RECORD_FILE = {"sweep": "sweep.json", "bench": "results.json"}
+# The per-step lists of a run that a stored results.json leaves out (slim_run), and the points it
+# keeps of each update-RMS curve.
+PER_STEP = ("loss", "data_s", "fwd_bwd_s", "opt_s", "max_logit", "diagnosed_steps")
+CURVE_POINTS = 40
+# Summary entries that depend on the record's other optimizers (AdamW's final): recomputed on load.
+REFERENCE_KEYS = ("reference", "steps_to_reference", "reference_step_ratio")
 # Records written before runs recorded their CPU (2026-11-23) ran on a machine of which the Speed
 # summary in RESULTS.md records the features; the report names it from there.
 UNRECORDED_CPU = {"2026-11-23": "AMD EPYC, AVX2 only (per the Speed summary; not in the record)"}
@@ -93,9 +115,33 @@ def wait_for_idle(limit: float = 600.0, below: float = 0.5) -> None:
         time.sleep(10)
 
 
-def run_stage(name: str) -> None:
+def run_stage(name: str, only: list[str] | None = None) -> None:
+    """Run a stage into benchmarks/task-runs/<name>/; with `only`, run those optimizers of a sweep or
+    bench stage and merge their rows into the stored record (`merge`)."""
     kind, argv = STAGES[name]
     out = RUNS / name
+    if only:
+        if kind not in RECORD_FILE:
+            raise SystemExit(f"--only {','.join(only)}: stage {name} is a {kind} stage; only sweep and bench "
+                             "stages keep one row per optimizer")
+        unknown = [o for o in only if o not in stage_optimizers(argv)]
+        if unknown:
+            raise SystemExit(f"--only: {', '.join(unknown)} not among stage {name}'s optimizers "
+                             f"({', '.join(stage_optimizers(argv))})")
+        if not (out / RECORD_FILE[kind]).is_file():
+            raise SystemExit(f"--only: stage {name} has no stored {RECORD_FILE[kind]} to keep the other rows of; "
+                             "run the stage whole")
+        narrowed = restrict(argv, only)
+        # Kept if the merge fails, so that the rerun need not be trained again (merge() takes it).
+        partial = Path(tempfile.mkdtemp(prefix=f"bench-tasks-{name}-"))
+        code = main(["bench", *narrowed, "--quiet", "--out", str(partial)])
+        if code != 0:
+            raise SystemExit(f"stage {name} --only {','.join(only)} failed with exit code {code}; "
+                             "the stored record is unchanged")
+        print(f"merging {partial} into {out}", flush=True)
+        merge(name, partial, narrowed)
+        shutil.rmtree(partial)
+        return
     if kind == "timed":
         # A separate process, as a user runs it: the time includes the script's set-up check,
         # interpreter start-up and imports.
@@ -109,6 +155,7 @@ def run_stage(name: str) -> None:
             raise SystemExit(f"stage {name} failed with exit code {done.returncode}:\n{done.stderr}")
         (out / "timing.json").write_text(json.dumps({"command": " ".join(DEFAULT_COMMAND), "seconds": seconds,
                                                      "start": before}, indent=1))
+        slim_results("default")
         return
     if kind == "ns":
         wait_for_idle()  # its table is mostly timings
@@ -117,24 +164,132 @@ def run_stage(name: str) -> None:
         code = main(["bench", *argv, "--quiet", "--out", str(out)])
     if code != 0:
         raise SystemExit(f"stage {name} failed with exit code {code}")
+    if kind == "bench":
+        slim_results(name)
+
+
+def stage_optimizers(argv: list[str]) -> list[str]:
+    """The optimizers a stage's argv names after --optimizers."""
+    return argv[argv.index("--optimizers") + 1].split(",")
+
+
+def restrict(argv: list[str], only: list[str]) -> list[str]:
+    """A stage's argv for the optimizers in `only`: --optimizers narrowed to them (in the stage's
+    order), and the --lr values of the others dropped (with --lr itself when none is left)."""
+    out: list[str] = []
+    option = None
+    for arg in argv:
+        if arg.startswith("--"):
+            option = arg
+            out.append(arg)
+        elif option == "--optimizers":
+            out.append(",".join(n for n in arg.split(",") if n in only))
+        elif option != "--lr" or arg.split("=")[0] in only:
+            out.append(arg)
+    return [a for i, a in enumerate(out) if a != "--lr" or (i + 1 < len(out) and not out[i + 1].startswith("--"))]
+
+
+def merge(stage: str, partial: Path, argv: list[str]) -> None:
+    """Put the rows of a partial run in `partial` (its command: `muonkit bench` + `argv`, the stage's
+    own narrowed by --only) into the stage's stored record, in place of the same optimizers' rows.
+    The other rows keep theirs; the record lists the rerun (which rows, its machine, date and
+    command) under "reruns", which the report prints beside the table."""
+    kind = STAGES[stage][0]
+    file = RECORD_FILE[kind]
+    old = json.loads((RUNS / stage / file).read_text())
+    new = json.loads((partial / file).read_text())
+    for key in ("task", "steps", "seeds") + (("score",) if kind == "sweep" else ("metric", "weight_decay")):
+        if old.get(key) != new.get(key):
+            raise SystemExit(f"--only: the rerun's {key} {new.get(key)!r} differs from the stored {stage} record's "
+                             f"{old.get(key)!r}; rerun the stage whole")
+    rerun = stage_optimizers(argv)
+    order = [n for n in stage_optimizers(STAGES[stage][1]) if n in rerun or n in old.get("best", old.get("summary"))]
+    entry = {"optimizers": rerun, "command": "muonkit bench " + " ".join(argv),
+             "environment": new["environment"], "finished": new["finished"]}
+    # An earlier rerun still stands for the rows this one leaves alone.
+    earlier = [{**r, "optimizers": [o for o in r["optimizers"] if o not in rerun]} for r in old.get("reruns", [])]
+    merged = {**old, "reruns": [r for r in earlier if r["optimizers"]] + [entry]}
+    if kind == "sweep":
+        entry["adamw_lr_for_hybrids"] = new["adamw_lr_for_hybrids"]
+        for key in ("results", "final_metric", "best"):
+            merged[key] = {n: (new if n in rerun else old)[key][n] for n in order}
+        rows = {}
+        for record in (old, new):  # the rerun's rows win
+            rows.update({row.split("|")[1].strip(): row for row in record["table"].splitlines()[2:]})
+        merged["table"] = "\n".join(new["table"].splitlines()[:2] + [rows[n] for n in order])
+        write_json_atomic(RUNS / stage / file, merged)
+        return
+    entry["wall_seconds"] = new["wall_seconds"]
+    # The rerun's runs still have their per-step lists: slim_results summarizes them.
+    merged["summary"] = {n: old["summary"][n] for n in order if n not in rerun}
+    merged["runs"] = sorted([r for r in old["runs"] if r["optimizer"] not in rerun] + new["runs"],
+                            key=lambda r: (order.index(r["optimizer"]), r["seed"]))
+    write_json_atomic(RUNS / stage / file, merged)
+    slim_results(stage)
+    plot(get_task(merged["task"]), runs_of(load(stage, file)), RUNS / stage / "curves.png")
+
+
+def _three_digits(value: float | None) -> float | None:
+    return None if value is None else float(f"{value:.3g}")
+
+
+def slim_run(run: dict) -> dict:
+    """A run as stored: its per-step lists (PER_STEP) become `steps_run`, the steps it trained; seed
+    0's update-RMS curves, the ones the plot draws, keep CURVE_POINTS evenly spaced points to 3
+    significant digits, the other seeds' none. A slim run is returned as it is."""
+    if "steps_run" in run:
+        return run
+    slim = {k: v for k, v in run.items() if k not in PER_STEP + ("update_rms", "update_rms_steps")}
+    slim["steps_run"] = len(run["loss"])
+    steps = run.get("update_rms_steps", [])
+    if run["seed"] == 0 and steps:
+        last = len(steps) - 1
+        keep = sorted({round(i * last / (CURVE_POINTS - 1)) for i in range(CURVE_POINTS)}) if last >= CURVE_POINTS else range(last + 1)
+        slim["update_rms_steps"] = [steps[i] for i in keep]
+        slim["update_rms"] = {name: [_three_digits(values[i]) for i in keep if i < len(values)]
+                              for name, values in run["update_rms"].items()}
+    return slim
+
+
+def slim_results(stage: str) -> None:
+    """Rewrite a stage's results.json slim (slim_run), its summary as today's report computes it
+    from the full runs: the table it gives stays the same, to the digit."""
+    path = RUNS / stage / "results.json"
+    record = load(stage, "results.json")
+    if record is None:
+        return
+    record["runs"] = [slim_run(r) for r in record["runs"]]
+    write_json_atomic(path, record)
+
+
+def runs_of(record: dict) -> dict[str, list[RunResult]]:
+    """A results.json's runs by optimizer. A slim run has no per-step lists: its loss is `steps_run`
+    NaNs, as only its length is read (add_steps_to_reference: the steps the reference trained)."""
+    runs: dict[str, list[RunResult]] = {}
+    for run in record["runs"]:
+        fields = {k: v for k, v in run.items() if k in RunResult.__dataclass_fields__}
+        fields["evals"] = [(s, t, math.nan if v is None else v) for s, t, v in fields.get("evals", [])]
+        if "steps_run" in run:
+            fields["loss"] = [math.nan] * run["steps_run"]
+        runs.setdefault(run["optimizer"], []).append(RunResult(**fields))
+    return runs
 
 
 def load(name: str, file: str) -> dict | None:
-    """A saved record; a results.json gets its summary and table rebuilt from its runs by today's
-    muonkit.tasks.report, so that every column is computed the same way in every table."""
+    """A saved record; a results.json gets its summary and table rebuilt by today's
+    muonkit.tasks.report, so that every column is computed the same way in every table: from the
+    runs where they kept their per-step lists, else (slim runs) from the summary stored with them,
+    computed by that code when they were slimmed. The columns against AdamW are always recomputed."""
     path = RUNS / name / file
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
     if file == "results.json":
         task = get_task(record["task"])
-        runs: dict[str, list[RunResult]] = {}
-        for run in record["runs"]:
-            fields = {k: v for k, v in run.items() if k in RunResult.__dataclass_fields__}
-            fields["evals"] = [tuple(e) for e in fields.get("evals", [])]
-            fields["evals"] = [(s, t, math.nan if v is None else v) for s, t, v in fields["evals"]]
-            runs.setdefault(run["optimizer"], []).append(RunResult(**fields))
-        summaries = {name: summarize(task, rs) for name, rs in runs.items()}
+        runs = runs_of(record)
+        slim = {run["optimizer"] for run in record["runs"] if "steps_run" in run}
+        summaries = {n: {k: v for k, v in record["summary"][n].items() if k not in REFERENCE_KEYS} if n in slim
+                     else summarize(task, rs) for n, rs in runs.items()}
         add_steps_to_reference(task, runs, summaries)
         record["summary"], record["table"] = summaries, format_table(task, summaries)
     return record
@@ -260,7 +415,8 @@ def bench_section(stage: str, result: dict) -> list[str]:
     env = result["environment"]
     lines = [f"{result['seeds']} seeds x {result['steps']} steps, each optimizer at its default lr (weight "
              f"decay {result['weight_decay']:g} for all); mean ± std over seeds, medians for times. "
-             + measured(result, "muonkit bench " + " ".join(STAGES[stage][1])), "", result["table"], ""]
+             + measured(result, "muonkit bench " + " ".join(STAGES[stage][1])), ""]
+    lines += reruns_note(stage, result) + [result["table"], ""]
     lines += [comparison(result), ""]
     if all("peak_memory_kind" in r for r in result["runs"]):
         lines += [memory_note(result["summary"]), ""]
@@ -287,13 +443,25 @@ def sweep_section(stage: str, sweep: dict) -> list[str]:
     return [f"lr sweep, {seeds}, {sweep['steps']} steps, scored by {sweep['score']}; hybrids (torch-muon, "
             f"muon-kj) keep AdamW at lr {sweep['adamw_lr_for_hybrids']:g} on their non-matrix parameters. "
             + measured(sweep, "muonkit bench " + " ".join(STAGES[stage][1])), "",
-            sweep["table"], ""]
+            *reruns_note(stage, sweep), sweep["table"], ""]
+
+
+def reruns_note(stage: str, record: dict) -> list[str]:
+    """A paragraph per `--only` rerun merged into a record: which rows, machine, date, command."""
+    lines = []
+    for rerun in record.get("reruns", []):
+        rows = ", ".join(rerun["optimizers"])
+        lines += [f"Rows rerun since ({rows}), in place of the run above's, as `python benchmarks/bench_tasks.py "
+                  f"--stages {stage} --only {','.join(rerun['optimizers'])}` reruns them (finished "
+                  f"{rerun['finished']}). " + measured(rerun, rerun["command"]) + "."
+                  + (" Times compare only rows of one run." if "runs" in record else ""), ""]
+    return lines
 
 
 def report() -> str:
     lines = [BEGIN, "## Tasks (`muonkit bench`)", "",
              "Regenerated by `python benchmarks/bench_tasks.py` (`--stages NAME,...` reruns some stages, "
-             "`--report-only` rebuilds this section from the records in benchmarks/task-runs/). Each table "
+             "`--only OPT,...` only those optimizers' rows of them, `--report-only` rebuilds this section from the records in benchmarks/task-runs/). Each table "
              "gives the machine, date and command of its own run: the records come from three machines, "
              "2026-11-23 and 2026-11-30 (AMD EPYC, AVX2 only, where bf16 matrix products are 50-100x slower "
              "than fp32) and 2026-11-24 (AMD EPYC with AVX-512 BF16, where they are ~2.3x faster). The "
@@ -362,16 +530,23 @@ def write_results(section: str) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated from: {', '.join(STAGES)}")
+    parser.add_argument("--only", help="comma-separated optimizers: rerun only their rows of each sweep or "
+                        "bench stage, keeping the other rows stored")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--slim", action="store_true",
+                        help="rewrite every stored results.json slim (per-step lists dropped), then the report")
     return parser.parse_args()
 
 
 if __name__ == "__main__":
     args = parse_args()
-    if not args.report_only:
+    if args.slim:
+        for stage in ("default", *(name for name, (kind, _) in STAGES.items() if kind == "bench")):
+            slim_results(stage)
+    elif not args.report_only:
         for stage in args.stages.split(","):
-            print(f"== {stage}", flush=True)
-            run_stage(stage)
+            print(f"== {stage}" + (f" (only {args.only})" if args.only else ""), flush=True)
+            run_stage(stage, args.only.split(",") if args.only else None)
     section = report()
     write_results(section)
     print(section)

@@ -184,6 +184,11 @@ def job_bytes(rank: int, world: int, tmp: Path) -> Any:
         out[kind] = per_step
     groups = muonkit.param_groups(make_model())
     out["muon_bytes"] = sum(4 * p.numel() for g in groups if g["use_muon"] for p in g["params"])
+    # The exchange's minimum for Shard(0) pieces: the owner holds a largest slice and receives the
+    # rest, then returns every other rank its slice: 2 (N - largest slice) elements per tensor.
+    out["fsdp_minimum"] = sum(
+        8 * (p.numel() - muonkit.distributed.shard_sizes(p.shape[0], world)[0] * p[0].numel())
+        for g in groups if g["use_muon"] for p in g["params"])
     out["no_group"] = make_optimizer(make_model()).bytes_sent
     return out
 
@@ -266,6 +271,24 @@ def job_fsdp_dion2(rank: int, world: int, tmp: Path, variant: str, selection: st
     return snapshot(model, opt)
 
 
+def job_hsdp_dion2(rank: int, world: int, tmp: Path, variant: str, selection: str) -> Any:
+    """job_fsdp_dion2 on HSDP: a (2, world / 2) (replicate, shard) mesh passed as process_group,
+    so each parameter is (Replicate(), Shard(0)): world / 2 blocks of rows, each held by 2 replicas."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    model = shard(Dion2Params(), mesh)
+    opt = muonkit.Muon([{"params": list(model.parameters()), "param_names": list(DION2_SHAPES)}],
+                       variant=variant, selection=selection, process_group=mesh, **DION2_OPTIONS)
+    for step in range(DION2_STEPS):
+        grads = dion2_grads(step)
+        for name, p in model.named_parameters():  # torch's own split of the full gradient
+            p.grad = distribute_tensor(grads[name], p.device_mesh, p.placements, src_data_rank=None)
+        opt.step()
+    return snapshot(model, opt)
+
+
 def job_fsdp_dion2_rows_8bit(rank: int, world: int, tmp: Path) -> Any:
     """One step of Dion2 with 8-bit momentum and no weight decay on the sharded standard model:
     per Muon parameter, its full shape and the rows of this rank's block that moved."""
@@ -339,18 +362,24 @@ def job_param_groups(rank: int, world: int, tmp: Path) -> Any:
 
 
 def job_errors(rank: int, world: int, tmp: Path) -> Any:
-    """The messages of the errors for unsupported shardings."""
+    """The messages of the errors for unsupported placements and groups (None: accepted)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import DTensor, Partial, Shard
 
     messages = {}
     # FSDP2 allows other dims only for even splits; None keeps its default Shard(0).
     dim1 = shard(make_model(), shard_placement_fn=lambda p: Shard(1) if p.ndim == 2 and p.shape[1] % world == 0 else None)
     mesh_2d = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
     hsdp = shard(make_model(), mesh=mesh_2d)
-    for key, model in (("dim1", dim1), ("mesh2d", hsdp)):
+    replicas = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
+    partial = make_model()
+    partial.sq1.weight = nn.Parameter(DTensor.from_local(partial.sq1.weight.detach(), replicas["replicate"], [Partial()]))
+    cases = (("dim1", dim1, dist.group.WORLD), ("mesh2d", hsdp, dist.group.WORLD), ("mesh2d_as_mesh", hsdp, mesh_2d),
+             ("other_group", shard(make_model(), mesh=replicas), replicas["shard"].get_group()),
+             ("partial", partial, dist.group.WORLD))
+    for key, model, group in cases:
         try:
-            make_optimizer(model, dist.group.WORLD)
+            make_optimizer(model, group)
             messages[key] = None
         except ValueError as err:
             messages[key] = str(err)
@@ -484,6 +513,8 @@ JOBS: dict[str, Callable[[int, int, Path], Any]] = {
     "fsdp_dion2_refused": job_fsdp_dion2_refused,
     **{f"fsdp_{v}_{sel}": (lambda v, sel: lambda rank, world, tmp: job_fsdp_dion2(rank, world, tmp, v, sel))(v, sel)
        for v in ("dion2", "nordion2") for sel in ("local", "global")},
+    **{f"hsdp_{v}_{sel}": (lambda v, sel: lambda rank, world, tmp: job_hsdp_dion2(rank, world, tmp, v, sel))(v, sel)
+       for v in ("dion2", "nordion2") for sel in ("local", "global")},
     "bytes_fsdp_variants": job_bytes_fsdp_variants,
     "fsdp_dion2_rows_8bit": job_fsdp_dion2_rows_8bit,
     "resume_normuon_from_2": _resume(2, "normuon"),
@@ -491,6 +522,16 @@ JOBS: dict[str, Callable[[int, int, Path], Any]] = {
     "qkclip_fsdp": job_qkclip_fsdp,
     "fsdp_nonfinite_skip": job_fsdp_nonfinite_skip,
 }
+
+
+def job(name: str) -> Callable[[int, int, Path], Any]:
+    """The job called `name`: one of JOBS, or "module:function" of another worker module."""
+    if ":" in name:
+        import importlib
+
+        module, function = name.split(":")
+        return getattr(importlib.import_module(module), function)
+    return JOBS[name]
 
 
 def spawn(world: int, jobs: list[str], tmp: Path, timeout: float) -> list[dict]:
@@ -526,7 +567,7 @@ def run(rank: int, world: int, tmp: str, jobs: list[str]) -> None:
         for name in jobs:
             start = time.perf_counter()
             try:
-                results[name] = JOBS[name](rank, world, path)
+                results[name] = job(name)(rank, world, path)
             except Exception:
                 results[name] = RuntimeError(traceback.format_exc())
             results[f"{name}.seconds"] = time.perf_counter() - start

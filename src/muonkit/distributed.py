@@ -1,24 +1,31 @@
-"""Sharing Muon's orthogonalization across the ranks of a process group: who owns which matrix, and
-the collectives. No math lives here; the owner of a matrix calls
-`muonkit.functional.batched_orthogonalize` exactly as a single process would.
+"""Sharing Muon's orthogonalization across the ranks of a process group or device mesh: the
+collectives. Who owns which matrix and who sends what is muonkit.plan's (pure); no math lives here:
+the owner of a matrix calls `muonkit.functional.local_update_many` exactly as a single process would.
 
-Two kinds of parameters, both handled in one exchange per Muon group and step:
+Parameters may be plain tensors (replicated, as under DDP, whose gradients are already averaged) or
+DTensors on a mesh of any number of dims whose ranks are the group's, with Replicate(), Shard(d)
+and _StridedShard(d) placements: FSDP2 (Shard(0)), HSDP (Replicate(), Shard(0)), FSDP2 over tensor
+parallelism (as `parallelize_module` then `fully_shard` make them), expert parallelism (stacked
+experts sharded on the expert axis), and mixes of them in one group. Each matrix has one owner
+among all ranks; the owner receives the pieces it lacks (each distinct piece once), assembles the
+full tensor, orthogonalizes it, and returns every rank that holds a piece (replicas included) its
+piece of the result. A tensor sharded along batch axes only (every rank holds whole matrices) is
+orthogonalized where it lives, with no exchange.
 
-- replicated (plain tensors, as under DDP, whose gradients are already averaged; or DTensors with
-  placement Replicate()): every rank holds every full momentum update. Each parameter has one
-  owner rank (`assign_owners`, balanced by Newton-Schulz FLOPs); the owner orthogonalizes it and
-  one all_gather of a flat buffer per dtype hands every result to every rank.
-- sharded (DTensors with placement Shard(0) on a 1D mesh, as made by FSDP2's `fully_shard`):
-  every rank holds a dim-0 slice (possibly empty). One all_to_all sends every slice to the owner,
-  which assembles the full tensor and orthogonalizes its matrix view; a second all_to_all returns
-  the slices.
+The exchange runs in buckets (muonkit.plan.BUCKET_BYTES): one all_to_all per bucket and wire dtype
+brings the pieces to their owners, started while the previous bucket is orthogonalized, and one
+returns the results, left in flight until the step's last bucket is done. Every rank issues the
+same collectives in the same order (the plan is the same on every rank); each handle is kept with
+its buffers until it completes.
 
 Equality with a single process: the owner runs the same kernels on the same data, so results are
 bit-for-bit equal when the kernels also see the same memory alignment. CPU GEMM kernels give
 alignment-dependent round-off for small matrices, so a parameter is owned on its own only when
 gcd(rows, cols) is a multiple of 8 (then every matrix of a batch starts 64-byte aligned, in any
 batch position, for 2-byte and wider dtypes); the parameters of any other matrix shape are owned
-together, in the single process's batch order.
+together, in the single process's batch order. With `exchange_dtype=torch.bfloat16` the pieces and
+the results travel in bfloat16 (half the bytes); every holder of a piece, the owner included,
+then applies the same rounded update.
 """
 
 from __future__ import annotations
@@ -26,99 +33,86 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .dtensor import is_dtensor, is_sharded
+from .dtensor import is_dtensor, is_sharded, placements_of
 from .functional import UpdateMany, local_update_many
 from .layout import Layout, matrix_shape
 from .orthogonalize import Orthogonalizer
+from .plan import (
+    BUCKET_BYTES,
+    ExchangePlan,
+    Piece,
+    Spec,
+    assign_owners,
+    blocks,
+    build_plan,
+    full_piece,
+    is_local,
+    newton_schulz_flops,
+    piece_numel,
+    piece_shape,
+    pieces_of,
+    shard_sizes,
+)
 from .variants import Variant
 
+__all__ = ["DistributedOrthogonalizer", "assign_owners", "newton_schulz_flops", "shard_sizes", "save_checkpoint",
+           "load_checkpoint"]
+
 SUPPORTED = (
-    "muonkit supports plain (replicated) tensors and DTensors on a 1D device mesh with placement "
-    "Shard(0) (FSDP2's fully_shard default) or Replicate()"
+    "muonkit supports plain (replicated) tensors and DTensors with placements Replicate(), Shard(dim) or "
+    "_StridedShard(dim) on a device mesh of any number of dims whose ranks are the process group's"
 )
+PLANS_KEPT = 16  # plans cached per optimizer (one per group and set of stepping parameters, usually)
+EXCHANGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def newton_schulz_flops(batch: int, rows: int, cols: int) -> float:
-    """FLOPs of one quintic Newton-Schulz step on `batch` rows x cols matrices: batch (4 m^2 n + 2 m^3)
-    with m = min(rows, cols), n = max(rows, cols) (docs/references.md section 3, leading order)."""
-    m, n = min(rows, cols), max(rows, cols)
-    return float(batch) * (4.0 * m * m * n + 2.0 * m**3)
-
-
-def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
-    """The rank that owns each item: largest cost first, each onto the least-loaded rank.
-
-    Deterministic (ties: the earlier item first; among equally loaded ranks the one with fewer
-    items, then the lower rank), so every rank computes the same assignment from the same costs. Greedy longest-processing-time scheduling: the busiest
-    rank's load is at most 4/3 of the optimum (Graham, 1969), and at most the average load plus
-    the largest cost.
-
-    Example:
-        >>> assign_owners([4.0, 3.0, 3.0, 2.0], 2)
-        [0, 1, 1, 0]
-    """
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-    for i, cost in enumerate(costs):
-        if not (math.isfinite(cost) and cost >= 0):
-            raise ValueError(f"costs[{i}] must be a finite number >= 0, got {cost!r}")
-    loads = [0.0] * world_size
-    counts = [0] * world_size
-    owners = [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        rank = min(range(world_size), key=lambda r: (loads[r], counts[r], r))
-        owners[i] = rank
-        loads[rank] += costs[i]
-        counts[rank] += 1
-    return owners
-
-
-def shard_sizes(length: int, world_size: int) -> list[int]:
-    """Dim-0 sizes of the slices of Shard(0) on `world_size` ranks (torch.chunk's split: ceil-sized
-    slices, then the remainder, then empty ones). 33 rows on 2 ranks: [17, 16]; 3 on 4: [1, 1, 1, 0]."""
-    chunk = -(-length // world_size) if length else 0
-    return [max(0, min(chunk, length - r * chunk)) for r in range(world_size)]
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One tensor of a step (a momentum update or a second moment): its full shape, its matrix
-    view's size (for the cost), and its dim-0 slices if it is sharded."""
-
-    shape: torch.Size  # the full tensor's shape
-    batch: int
-    rows: int
-    cols: int
-    dtype: torch.dtype
-    slices: tuple[int, ...] | None  # dim-0 size on each rank; None when replicated
-
-    @property
-    def inner(self) -> int:
-        return math.prod(self.shape[1:])
+def process_group_of(process_group: Any) -> tuple[Any, Any]:
+    """(the ProcessGroup, the DeviceMesh or None) of Muon's `process_group=` argument: a ProcessGroup
+    as it is; a 1D DeviceMesh's group; an N-D mesh's ranks as one group (the default group when the
+    mesh spans every rank, else the mesh flattened)."""
+    mesh_module = sys.modules.get("torch.distributed.device_mesh")
+    if mesh_module is None or not isinstance(process_group, mesh_module.DeviceMesh):
+        return process_group, None
+    mesh = process_group
+    if mesh.get_coordinate() is None:
+        raise ValueError("this process is not a member of Muon's device mesh; pass process_group=None here")
+    if mesh.ndim == 1:
+        return mesh.get_group(), mesh
+    if sorted(mesh.mesh.flatten().tolist()) == list(range(dist.get_world_size())):
+        return dist.group.WORLD, mesh
+    return mesh._flatten().get_group(), mesh
 
 
 class DistributedOrthogonalizer:
     """Splits the orthogonalization of a Muon group's updates across the ranks of `process_group`.
 
     `Muon(..., process_group=pg)` creates one and calls `bind` on every step of every Muon group;
-    the bound function maps the list of (batch, rows, cols) matrix views of the momentum updates
-    (the same parameters, in the same order, on every rank) to their orthogonalized versions.
+    the bound function maps the list of momentum updates (the same parameters, in the same order,
+    on every rank) to their orthogonalized versions. The plan of a step (muonkit.plan) is cached per
+    group's shapes, placements, dtypes and layouts and rebuilt when any of them changes.
+
+    Args:
+        process_group: a ProcessGroup or a DeviceMesh (any number of dims).
+        exchange_dtype: None (each tensor travels in its own dtype; equal to one process) or a
+            16-bit dtype for the momentum updates and the results (half the bytes of float32).
+        bucket_bytes: payload per bucket of the overlapped exchange.
 
     Attributes:
-        bytes_sent: bytes this rank has sent so far (all_gather counted as a ring: (W-1) times its
-            padded buffer; all_to_all as the slices it sends to other ranks).
+        bytes_sent: bytes this rank has sent to other ranks so far.
+        plans_built: how many plans were built (a step that reuses its plan builds none).
     """
 
-    def __init__(self, process_group: Any) -> None:
+    def __init__(self, process_group: Any, exchange_dtype: torch.dtype | None = None,
+                 bucket_bytes: int = BUCKET_BYTES) -> None:
         if not dist.is_available():
             raise RuntimeError("Muon(process_group=...) needs torch.distributed, which this PyTorch build lacks")
         if not dist.is_initialized():
@@ -127,25 +121,36 @@ class DistributedOrthogonalizer:
                 "torch.distributed.init_process_group(...) before creating the optimizer, or pass "
                 "process_group=None to train on one process"
             )
-        if process_group is dist.GroupMember.NON_GROUP_MEMBER:
+        if exchange_dtype is not None and exchange_dtype not in EXCHANGE_DTYPES:
+            raise ValueError(f"Muon: exchange_dtype must be None or one of {EXCHANGE_DTYPES}, got {exchange_dtype!r}")
+        group, self.mesh = process_group_of(process_group)
+        if group is dist.GroupMember.NON_GROUP_MEMBER:
             # What dist.new_group(ranks) returns on a process not in `ranks`.
             raise ValueError(
                 "this process is not a member of Muon's process_group (dist.new_group returned "
                 "GroupMember.NON_GROUP_MEMBER here); create the optimizer with process_group=None on "
                 "processes outside the group, or with a group that contains this rank"
             )
-        if not isinstance(process_group, dist.ProcessGroup):
+        if not isinstance(group, dist.ProcessGroup):
             raise TypeError(
-                f"process_group must be a torch.distributed.ProcessGroup (e.g. torch.distributed.group.WORLD "
-                f"or device_mesh.get_group()), got {type(process_group).__name__}"
+                f"process_group must be a torch.distributed.ProcessGroup (e.g. torch.distributed.group.WORLD) "
+                f"or a DeviceMesh, got {type(process_group).__name__}"
             )
-        rank = dist.get_rank(process_group)
+        rank = dist.get_rank(group)
         if rank < 0:
             raise ValueError("this process is not a member of Muon's process_group")
-        self.group = process_group
+        self.group = group
         self.rank = rank
-        self.world_size = dist.get_world_size(process_group)
+        self.world_size = dist.get_world_size(group)
+        self.ranks = dist.get_process_group_ranks(group)
+        self.exchange_dtype = exchange_dtype
+        self.bucket_bytes = bucket_bytes
         self.bytes_sent = 0
+        self.plans_built = 0
+        self._plans: dict[tuple, ExchangePlan] = {}
+        self._meshes: dict[int, tuple[Any, Tensor, Any]] = {}  # id(mesh) -> (mesh, _mesh_ranks(mesh))
+        self._pieces: dict[tuple, tuple[Piece, ...]] = {}
+        self._device: torch.device | None = None  # where this step's tensors live (the buffers' device)
 
     # ------------------------------------------------------------------------------ checks
 
@@ -153,21 +158,62 @@ class DistributedOrthogonalizer:
         """Raise ValueError if `p` is a DTensor this class cannot orthogonalize; `where` names it."""
         if not is_dtensor(p):
             return
-        mesh, placements = p.device_mesh, tuple(p.placements)
-        if mesh.ndim != 1:
-            raise ValueError(
-                f"{where} is a DTensor on a {mesh.ndim}D device mesh (placements {placements}); {SUPPORTED}"
-            )
-        placement = placements[0]
-        if not (placement.is_replicate() or (placement.is_shard() and placement.dim == 0)):
-            raise ValueError(f"{where} is a DTensor with placement {placement!r}; {SUPPORTED}")
-        mesh_ranks = mesh.mesh.flatten().tolist()
-        group_ranks = dist.get_process_group_ranks(self.group)
-        if mesh_ranks != group_ranks:
-            raise ValueError(
-                f"{where} is sharded over ranks {mesh_ranks}, but Muon's process_group has ranks "
-                f"{group_ranks}; pass process_group=device_mesh.get_group()"
-            )
+        try:
+            self._placed(p)
+        except ValueError as err:
+            raise ValueError(f"{where} is a DTensor {err}; {SUPPORTED}") from None
+
+    def _placed(self, p: Tensor) -> tuple[int, tuple[tuple, ...]]:
+        """(the id of p's mesh, p's placements on the mesh of the group's ranks). A DTensor on a
+        sub-mesh (FSDP2's dp mesh under tensor parallelism, for parameters left out of it) is
+        replicated along the other dims of its root mesh, whose ranks must be the group's."""
+        mesh = p.device_mesh  # type: ignore[attr-defined]
+        try:
+            placements = placements_of(p)
+        except ValueError as err:
+            raise ValueError(f"with {err}") from None
+        if id(mesh) not in self._meshes:
+            self._meshes[id(mesh)] = (mesh, *self._mesh_ranks(mesh))
+        _, ranks, dims = self._meshes[id(mesh)]
+        if dims is None:
+            return id(mesh), placements
+        on_root: list[tuple] = [("R",)] * ranks.ndim
+        for dim, placement in zip(dims, placements):
+            on_root[dim] = placement
+        return id(mesh), tuple(on_root)
+
+    def _mesh_ranks(self, mesh: Any) -> tuple[Tensor, tuple[int, ...] | None]:
+        """The group ranks of `mesh` (or of its root mesh) as a tensor of the mesh's shape, and the
+        root dim of each of its dims (None: the mesh itself spans the group)."""
+        group = sorted(self.ranks)
+        ranks = sorted(mesh.mesh.flatten().tolist())
+        target, dims = mesh, None
+        if ranks != group:
+            root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else None
+            names = mesh.mesh_dim_names or ()
+            root_names = getattr(root, "mesh_dim_names", None) or ()
+            if (root is None or not names or any(name not in root_names for name in names)
+                    or sorted(root.mesh.flatten().tolist()) != group or root.ndim != len(root_names)):
+                raise ValueError(
+                    f"on a device mesh of ranks {ranks}, but Muon's process_group has ranks {group}; pass "
+                    "process_group=<the mesh> (Muon accepts a DeviceMesh of any number of dims) or its group, or "
+                    "the root mesh whose named sub-mesh it is"
+                )
+            target, dims = root, tuple(root_names.index(name) for name in names)
+            if list(dims) != sorted(dims):
+                raise ValueError(f"on a sub-mesh {names} whose dims are not in the order of its root mesh {root_names}")
+        flat = torch.tensor([dist.get_group_rank(self.group, g) for g in target.mesh.flatten().tolist()])
+        return flat.view(target.mesh.shape), dims
+
+    def agree(self, has_grad: Sequence[bool], finite: Tensor | None, device: torch.device) -> tuple[list[int], bool]:
+        """One all_reduce: which parameters have a gradient on some ranks but not on all (their
+        indices in `has_grad`), and whether every rank's gradients are finite (`finite` None: True)."""
+        flags = torch.tensor([*(not h for h in has_grad), *has_grad, 0 if finite is None else int(not bool(finite))],
+                             dtype=torch.int32, device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        n = len(has_grad)
+        mixed = [i for i in range(n) if flags[i] and flags[n + i]]
+        return mixed, not bool(flags[-1])
 
     # ------------------------------------------------------------------------------ the step
 
@@ -182,6 +228,7 @@ class DistributedOrthogonalizer:
         beta2: float = 0.95,
         eps: float = 1e-10,
         second_moments: Sequence[Tensor | None] | None = None,
+        layouts: Sequence[Layout] | None = None,
     ) -> UpdateMany:
         """The `update_many` of one step's Muon group, split across the ranks.
 
@@ -190,237 +237,313 @@ class DistributedOrthogonalizer:
         as a single process would; the second moments travel to the owner and back with it.
 
         Args:
-            method, steps, dtype, variant, beta2, eps: passed to local_update_many on the owner rank.
+            method, steps, dtype, variant, beta2, eps: passed to local_update_many.
             params: the parameters (DTensors when sharded) whose local momentum updates the bound
                 function receives, in the same order on every rank.
             second_moments: the parameters' second-moment state tensors (DTensors when sharded).
+            layouts: the parameters' layouts (which axes are batch axes decides whether a sharded
+                tensor holds whole matrices); None: the layouts the bound function gets.
         """
         local = local_update_many(method=method, steps=steps, dtype=dtype, variant=variant, beta2=beta2, eps=eps)
         moments = list(second_moments) if second_moments is not None else [None] * len(params)
 
         def update_many(
-            tensors: Sequence[Tensor],
-            states: Sequence[Tensor | None],
-            layouts: Sequence[Layout],
+            tensors: Sequence[Tensor], states: Sequence[Tensor | None], views: Sequence[Layout],
             slices: Sequence[tuple[int, ...] | None] | None = None,
         ) -> tuple[list[Tensor], list[Tensor | None]]:
-            given = list(slices) if slices is not None else [None] * len(tensors)
-            entries = [self._entry(t, p, layout, n) for t, p, layout, n in zip(tensors, params, layouts, given)]
-            state_entries = [
-                None if s is None else self._entry(s, v, layout, n)
-                for s, v, layout, n in zip(states, moments, layouts, given)
-            ]
-            return self._exchange(list(tensors), entries, list(states), state_entries, list(layouts), local)
+            if not tensors:
+                return [], []
+            own = list(layouts) if layouts is not None else list(views)
+            plan = self.plan(tensors, states, params, moments, own, views, slices)
+            return self._exchange(plan, list(tensors), list(states), list(views), local)
 
         return update_many
 
-    def all_true(self, flag: Tensor) -> Tensor:
-        """Whether a boolean is true on every rank (one all_reduce)."""
-        value = flag.to(torch.int32).reshape(1)
-        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.group)
-        return value[0] > 0
+    def plan(self, tensors: Sequence[Tensor], states: Sequence[Tensor | None], params: Sequence[Tensor],
+             moments: Sequence[Tensor | None], layouts: Sequence[Layout], views: Sequence[Layout],
+             slices: Sequence[tuple[int, ...] | None] | None = None) -> ExchangePlan:
+        """The cached plan of a step with these tensors (built when their shapes, placements, dtypes
+        or layouts are new). `slices[i]`, if given, says tensor i (and its state) is this rank's
+        dim-0 slice of a tensor that is no parameter, with one dim-0 size per group rank in rank
+        order, or one (start, stop) dim-0 range per group rank (replicas hold equal ranges): the
+        selected rows of a row-sharded parameter. They are part of the cache key."""
+        rows = list(slices) if slices is not None else [None] * len(tensors)
+        keys = [self._key(t, p, layout, view, self.exchange_dtype, r)
+                for t, p, layout, view, r in zip(tensors, params, layouts, views, rows)]
+        moment_keys = [None if s is None else self._key(s, v, layout, view, None, r)
+                       for s, v, layout, view, r in zip(states, moments, layouts, views, rows)]
+        key = (tuple(keys), tuple(moment_keys))
+        plan = self._plans.get(key)
+        if plan is None:
+            specs = [self._spec(t, p, k) for t, p, k in zip(tensors, params, keys)]
+            moment_specs = [None if s is None else self._spec(s, v, k, local=spec.local)  # type: ignore[arg-type]
+                            for s, v, k, spec in zip(states, moments, moment_keys, specs)]
+            plan = build_plan(specs, moment_specs, self.world_size, bucket_bytes=self.bucket_bytes)
+            if len(self._plans) >= PLANS_KEPT:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = plan
+            self.plans_built += 1
+        return plan
 
-    def gather_rows(self, tensors: Sequence[Tensor], sizes: Sequence[Sequence[int]]) -> list[Tensor]:
-        """Each tensor whole, from this rank's dim-0 slice of it (`sizes[i]`: its dim-0 size on
-        every rank): one all_gather of a padded flat buffer per dtype (`_all_gather`'s pattern).
-        Dion2's selection="global" gathers the row norms of sharded matrices with it."""
-        out: list[Tensor] = [t for t in tensors]
+    def gather_rows(self, tensors: Sequence[Tensor], ranges: Sequence[Sequence[tuple[int, int]]]) -> list[Tensor]:
+        """Each tensor whole, from this rank's dim-0 slice of it (`ranges[i]`: per group rank, the
+        (start, stop) dim-0 range it holds; replicas hold equal ranges): one all_gather of a padded
+        flat buffer per dtype. Dion2's selection="global" gathers the row norms of sharded matrices
+        with it (a few bytes per row; not an owner exchange, so it is not part of the plan)."""
+        out: list[Tensor] = list(tensors)
         for dtype in sorted({t.dtype for t in tensors}, key=str):
             items = [i for i, t in enumerate(tensors) if t.dtype == dtype]
             inner = {i: math.prod(tensors[i].shape[1:]) for i in items}
-            lengths = [sum(sizes[i][r] * inner[i] for i in items) for r in range(self.world_size)]
+            lengths = [sum((ranges[i][r][1] - ranges[i][r][0]) * inner[i] for i in items) for r in range(self.world_size)]
             length = max(lengths)
             buffer = torch.zeros(length, dtype=dtype, device=tensors[items[0]].device)
             if lengths[self.rank]:
                 torch.cat([tensors[i].reshape(-1) for i in items], out=buffer[: lengths[self.rank]])
             gathered = torch.empty(self.world_size * length, dtype=dtype, device=buffer.device)
-            dist.all_gather_single(gathered, buffer, group=self.group)
+            dist.all_gather_into_tensor(gathered, buffer, group=self.group)
             self.bytes_sent += (self.world_size - 1) * length * buffer.element_size()
-            pieces: dict[int, list[Tensor]] = {i: [] for i in items}
+            for i in items:
+                whole = tensors[i].new_empty((max(stop for _, stop in ranges[i]), *tensors[i].shape[1:]))
+                out[i] = whole
             for r in range(self.world_size):
                 offset = r * length
                 for i in items:
-                    n = sizes[i][r] * inner[i]
-                    pieces[i].append(gathered[offset : offset + n].view(sizes[i][r], *tensors[i].shape[1:]))
+                    start, stop = ranges[i][r]
+                    n = (stop - start) * inner[i]
+                    out[i][start:stop] = gathered[offset : offset + n].view(stop - start, *tensors[i].shape[1:])
                     offset += n
-            for i in items:
-                out[i] = torch.cat(pieces[i])
         return out
 
-    def _entry(self, local: Tensor, full: Tensor | None, layout: Layout, slices: tuple[int, ...] | None = None) -> _Entry:
-        """`local` is this rank's part of `full` (a Shard(0) DTensor) or all of it; or, given
-        `slices` (dim-0 sizes on every rank), this rank's slice of a tensor that is no parameter."""
-        if slices is not None:
-            if local.shape[0] != slices[self.rank]:
-                raise RuntimeError(f"a slice of shape {tuple(local.shape)} on rank {self.rank}; expected {slices[self.rank]} rows")
-            shape = torch.Size((sum(slices), *local.shape[1:]))
-            return _Entry(shape, *matrix_shape(shape, layout), local.dtype, tuple(slices))
-        if full is not None and is_sharded(full):
-            slices = tuple(shard_sizes(full.shape[0], self.world_size))
-            if tuple(local.shape) != (slices[self.rank], *full.shape[1:]):
-                raise RuntimeError(
-                    f"a tensor of shape {tuple(full.shape)} has a local slice of shape {tuple(local.shape)} on "
-                    f"rank {self.rank}; Shard(0) should give {slices[self.rank]} rows (sizes {list(slices)})"
-                )
-            return _Entry(full.shape, *matrix_shape(full.shape, layout), local.dtype, slices)
-        return _Entry(local.shape, *matrix_shape(local.shape, layout), local.dtype, None)
+    def row_ranges(self, p: Tensor) -> tuple[tuple[int, int], ...]:
+        """Per group rank, the (start, stop) range of dim 0 that rank holds of the DTensor `p`,
+        from `muonkit.plan.pieces_of` (replicas hold equal ranges; a rank holding no row has an
+        empty range). ValueError unless every rank holds one range of dim 0 and all of the other dims
+        (FSDP2's and HSDP's Shard(0), on a mesh of any number of dims)."""
+        mesh_id, placements = self._placed(p)
+        by_rank = pieces_of(tuple(p.shape), self._meshes[mesh_id][1], placements)
+        rest = full_piece(p.shape[1:])
+        ranges = []
+        for r in range(self.world_size):
+            first, *others = by_rank[r]
+            if tuple(others) != rest and piece_numel(by_rank[r]):
+                raise ValueError(f"with placements {placements} cuts dims other than dim 0 (rank {r} holds {by_rank[r]})")
+            if len(first) > 1:
+                raise ValueError(f"with placements {placements} gives rank {r} several ranges of dim 0: {first}")
+            ranges.append(first[0] if first and piece_numel(by_rank[r]) else None)
+        if any(r is None for r in ranges) and any(r is not None for r in ranges):
+            end = max(r[1] for r in ranges if r is not None)
+            ranges = [(end, end) if r is None else r for r in ranges]
+        return tuple(ranges)  # type: ignore[arg-type]
 
-    def _owners(self, entries: Sequence[_Entry]) -> list[int]:
-        groups: dict[tuple, list[int]] = {}
-        for i, e in enumerate(entries):
-            groups.setdefault((e.rows, e.cols, e.dtype), []).append(i)
-        items: list[list[int]] = []
-        for (rows, cols, _), members in groups.items():
-            if math.gcd(rows, cols) % 8 == 0:
-                items.extend([i] for i in members)
-            else:
-                items.append(members)
-        costs = [sum(newton_schulz_flops(entries[i].batch, entries[i].rows, entries[i].cols) for i in item) for item in items]
-        owners = [0] * len(entries)
-        for item, owner in zip(items, assign_owners(costs, self.world_size)):
-            for i in item:
-                owners[i] = owner
-        return owners
+    def _key(self, t: Tensor, p: Tensor | None, layout: Layout, view: Layout, wire: torch.dtype | None,
+             rows: tuple[int, ...] | None = None) -> tuple:
+        """What a tensor's spec depends on: its local shape and dtype, its view, and for a sharded
+        DTensor its full shape, placements and mesh (or the dim-0 sizes `rows` of its slices)."""
+        placement = None
+        if rows is not None:
+            placement = ("rows", tuple(rows))
+        elif p is not None and is_sharded(p):
+            mesh_id, placements = self._placed(p)
+            placement = (tuple(p.shape), placements, mesh_id, is_local(p.shape, placements, layout))
+        return (tuple(t.shape), t.dtype, wire or t.dtype, view, placement)
+
+    def _spec(self, t: Tensor, p: Tensor | None, key: tuple, *, local: bool | None = None) -> Spec:
+        shape, _, wire, view, placement = key
+        if placement is None:
+            pieces = (full_piece(shape),) * self.world_size
+            return Spec(shape, wire, pieces, *matrix_shape(shape, view), local=False)
+        if placement[0] == "rows":
+            ranges = _ranges(placement[1])
+            full = (max(stop for _, stop in ranges), *shape[1:])
+            if len(ranges) != self.world_size or ranges[self.rank][1] - ranges[self.rank][0] != shape[0]:
+                raise RuntimeError(f"dim-0 slices {placement[1]} do not fit a local part of shape {shape} on rank {self.rank}")
+            rest = full_piece(shape[1:])
+            pieces = tuple((((a, b),) if b > a else (), *rest) for a, b in ranges)
+            return Spec(full, wire, pieces, *matrix_shape(full, view), local=False)
+        full, placements, mesh_id, whole = placement
+        if local is None:
+            local = whole
+        if local and t.shape != p.to_local().shape:  # type: ignore[union-attr]
+            # Expert parallel: whole matrices here; the pieces are the parameter's (for the loads), the
+            # same on every rank. A selecting variant's part of them (fewer rows or columns of the same
+            # matrices) is read as the parameter with those matrices, when its dim 0 is the parameter's.
+            lead = p.to_local().shape[0]  # type: ignore[union-attr]
+            full = (full[0], *shape[1:]) if len(shape) == len(full) and shape[0] == lead else tuple(full)
+        cache_key = (full, placements, mesh_id)
+        pieces = self._pieces.get(cache_key)
+        if pieces is None:
+            by_rank = pieces_of(full, self._meshes[mesh_id][1], placements)
+            pieces = tuple(by_rank[r] for r in range(self.world_size))
+            self._pieces[cache_key] = pieces
+        if piece_shape(pieces[self.rank]) != tuple(t.shape) and not local:
+            raise RuntimeError(
+                f"a tensor of shape {full} with placements {placements} has a local part of shape {tuple(t.shape)} on "
+                f"rank {self.rank}; muonkit.plan.pieces_of gives {piece_shape(pieces[self.rank])}"
+            )
+        return Spec(tuple(full), wire, pieces, *matrix_shape(full, view), local=local)
+
+    # ------------------------------------------------------------------------------ the exchange
 
     def _exchange(
         self,
+        plan: ExchangePlan,
         tensors: list[Tensor],
-        entries: list[_Entry],
         states: list[Tensor | None],
-        state_entries: list[_Entry | None],
         layouts: list[Layout],
         local: UpdateMany,
     ) -> tuple[list[Tensor], list[Tensor | None]]:
-        if not tensors:
-            return [], []
-        device = tensors[0].device
-        owners = self._owners(entries)
-        n = len(entries)
-        sharded = [i for i, e in enumerate(entries) if e.slices is not None]
-        replicated = [i for i, e in enumerate(entries) if e.slices is None]
-        with_state = [i for i, e in enumerate(state_entries) if e is not None]
-        state_sharded = [i for i in with_state if state_entries[i].slices is not None]  # type: ignore[union-attr]
-        state_replicated = [i for i in with_state if state_entries[i].slices is None]  # type: ignore[union-attr]
-        full = self._gather_slices(tensors, entries, owners, sharded, device)
-        full_states = self._gather_slices(states, state_entries, owners, state_sharded, device)  # type: ignore[arg-type]
-        mine = [i for i in range(n) if owners[i] == self.rank]
-        for i in mine:
-            if entries[i].slices is None:
-                full[i] = tensors[i]
-            if i in state_replicated:
-                full_states[i] = states[i]  # type: ignore[assignment]
-        updates, new_states = local([full[i] for i in mine], [full_states.get(i) for i in mine], [layouts[i] for i in mine])
-        results = dict(zip(mine, updates))
-        state_results = {i: v for i, v in zip(mine, new_states) if v is not None}
+        n = len(tensors)
+        self._device = tensors[0].device
         out: list[Tensor | None] = [None] * n
         state_out: list[Tensor | None] = [None] * n
-        self._scatter_slices(results, entries, owners, sharded, out, device)
-        self._scatter_slices(state_results, state_entries, owners, state_sharded, state_out, device)  # type: ignore[arg-type]
-        self._all_gather(results, entries, owners, replicated, out, device)
-        self._all_gather(state_results, state_entries, owners, state_replicated, state_out, device)  # type: ignore[arg-type]
+        gathering = self._start_gather(plan, 0, tensors, states) if plan.buckets else None
+        if plan.local:
+            updates, new_states = local([tensors[i] for i in plan.local], [states[i] for i in plan.local],
+                                        [layouts[i] for i in plan.local])
+            for i, u, v in zip(plan.local, updates, new_states):
+                out[i], state_out[i] = u, v
+        returning = []
+        for b, bucket in enumerate(plan.buckets):
+            assert gathering is not None
+            full, full_states = self._finish_gather(plan, bucket, gathering, tensors, states)
+            gathering = self._start_gather(plan, b + 1, tensors, states) if b + 1 < len(plan.buckets) else None
+            mine = [i for i in bucket if plan.owners[i] == self.rank]
+            updates, new_states = local([full[i] for i in mine], [full_states.get(i) for i in mine],
+                                        [layouts[i] for i in mine])
+            results = dict(zip(mine, updates))
+            state_results = {i: v for i, v in zip(mine, new_states) if v is not None}
+            returning.append(self._start_return(plan, b, results, state_results, tensors, states, out, state_out))
+        for handles in returning:
+            self._finish_return(handles, out, state_out)
         return out, state_out  # type: ignore[return-value]
 
-    # ------------------------------------------------------------------------------ collectives
+    def _payloads(self, plan: ExchangePlan, i: int, tensors: list[Tensor], states: list[Tensor | None]):
+        """Tensor i's payloads: (its spec, the senders of its pieces, this rank's part, its dtype)."""
+        yield plan.specs[i], plan.senders[i], tensors[i], tensors[i].dtype, True
+        spec, state = plan.moments[i], states[i]
+        if spec is not None and state is not None:
+            yield spec, plan.moment_senders[i], state, state.dtype, False
 
-    def _gather_slices(
-        self, tensors: list[Tensor], entries: list[_Entry], owners: list[int], sharded: list[int], device: torch.device
-    ) -> dict[int, Tensor]:
-        """all_to_all: every rank's slice of each sharded tensor to its owner; returns the owner's
-        full tensors."""
+    def _start_gather(self, plan: ExchangePlan, b: int, tensors: list[Tensor], states: list[Tensor | None]) -> list:
+        """Start the all_to_alls that bring bucket b's pieces to their owners (one per wire dtype)."""
+        me, bucket = self.rank, plan.buckets[b]
+        sends: dict[torch.dtype, list[list[Tensor]]] = {}
+        receives: dict[torch.dtype, list[list[tuple[int, bool, Piece]]]] = {}
+        for i in bucket:
+            owner = plan.owners[i]
+            for spec, senders, part, _, is_update in self._payloads(plan, i, tensors, states):
+                send = sends.setdefault(spec.dtype, [[] for _ in range(self.world_size)])
+                receive = receives.setdefault(spec.dtype, [[] for _ in range(self.world_size)])
+                if owner != me and senders.get(spec.pieces[me]) == me:
+                    send[owner].append(part.reshape(-1).to(spec.dtype))
+                if owner == me:
+                    for piece, sender in senders.items():
+                        receive[sender].append((i, is_update, piece))
+        return self._all_to_alls(plan.traffic[b], "gather", sends, receives)
+
+    def _finish_gather(self, plan: ExchangePlan, bucket: list[int], handles: list, tensors: list[Tensor],
+                       states: list[Tensor | None]) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+        """Wait for bucket's pieces and assemble the full tensors this rank owns."""
+        me = self.rank
         full: dict[int, Tensor] = {}
-        for dtype in _dtypes(entries, sharded):
-            items = [i for i in sharded if entries[i].dtype == dtype]
-            sends = [[tensors[i] for i in items if owners[i] == dst] for dst in range(self.world_size)]
-            owned = [i for i in items if owners[i] == self.rank]
-            recv_sizes = [sum(entries[i].slices[src] * entries[i].inner for i in owned) for src in range(self.world_size)]
-            received = self._all_to_all(sends, recv_sizes, dtype, device)
-            pieces: dict[int, list[Tensor]] = {i: [] for i in owned}
-            for src, buffer in enumerate(received):
+        full_states: dict[int, Tensor] = {}
+        for i in bucket:
+            if plan.owners[i] != me:
+                continue
+            for spec, _, part, dtype, is_update in self._payloads(plan, i, tensors, states):
+                target = full if is_update else full_states
+                if spec.pieces[me] == full_piece(spec.shape):
+                    target[i] = part
+                    continue
+                target[i] = torch.empty(spec.shape, dtype=dtype, device=part.device)
+                _insert_(target[i], spec.pieces[me], part)
+        for work, _, received, layout in handles:
+            work.wait()
+            for src, entries in enumerate(layout):
                 offset = 0
-                for i in owned:
-                    size = entries[i].slices[src] * entries[i].inner
-                    pieces[i].append(buffer[offset : offset + size].view(_slice_shape(entries[i], src)))
+                buffer = received[src]
+                for i, is_update, piece in entries:
+                    size = piece_numel(piece)
+                    target = full if is_update else full_states
+                    _insert_(target[i], piece, buffer[offset : offset + size].view(piece_shape(piece)))
                     offset += size
-            for i in owned:
-                full[i] = torch.cat(pieces[i])
-        return full
+        return full, full_states
 
-    def _scatter_slices(
-        self,
-        results: dict[int, Tensor],
-        entries: list[_Entry],
-        owners: list[int],
-        sharded: list[int],
-        out: list[Tensor | None],
-        device: torch.device,
-    ) -> None:
-        """all_to_all: each owner returns every rank its slice of each result of a sharded tensor."""
-        for dtype in _dtypes(entries, sharded):
-            items = [i for i in sharded if entries[i].dtype == dtype]
-            owned = [i for i in items if owners[i] == self.rank]
-            parts = {i: results[i].split(list(entries[i].slices)) for i in owned}
-            sends = [[parts[i][dst] for i in owned] for dst in range(self.world_size)]
-            recv_sizes = [
-                sum(entries[i].slices[self.rank] * entries[i].inner for i in items if owners[i] == src)
-                for src in range(self.world_size)
-            ]
-            received = self._all_to_all(sends, recv_sizes, dtype, device)
-            for src, buffer in enumerate(received):
+    def _start_return(self, plan: ExchangePlan, b: int, results: dict[int, Tensor], state_results: dict[int, Tensor],
+                      tensors: list[Tensor], states: list[Tensor | None], out: list, state_out: list) -> list:
+        """Start the all_to_alls that return each rank its pieces of bucket b's results; this rank's
+        own pieces of its results are written to `out` / `state_out` now."""
+        me, bucket = self.rank, plan.buckets[b]
+        sends: dict[torch.dtype, list[list[Tensor]]] = {}
+        receives: dict[torch.dtype, list[list[tuple[int, bool, Piece]]]] = {}
+        for i in bucket:
+            owner = plan.owners[i]
+            for spec, _, part, dtype, is_update in self._payloads(plan, i, tensors, states):
+                send = sends.setdefault(spec.dtype, [[] for _ in range(self.world_size)])
+                receive = receives.setdefault(spec.dtype, [[] for _ in range(self.world_size)])
+                target = out if is_update else state_out
+                if owner == me:
+                    result = (results if is_update else state_results)[i]
+                    for dst, piece in enumerate(spec.pieces):
+                        if dst != me and piece_numel(piece):
+                            send[dst].append(_extract(result, piece).reshape(-1).to(spec.dtype))
+                    mine = _extract(result, spec.pieces[me])
+                    # Rounded like every other holder's copy (the same bits on every replica).
+                    target[i] = mine.to(spec.dtype).to(dtype) if spec.dtype != dtype else mine
+                elif piece_numel(spec.pieces[me]):
+                    receive[owner].append((i, is_update, spec.pieces[me]))
+                else:
+                    target[i] = part.new_empty(part.shape)
+        return [(*handle, tensors, states) for handle in self._all_to_alls(plan.traffic[b], "return", sends, receives)]
+
+    def _finish_return(self, handles: list, out: list, state_out: list) -> None:
+        for work, _, received, layout, tensors, states in handles:
+            work.wait()
+            for src, entries in enumerate(layout):
                 offset = 0
-                for i in items:
-                    if owners[i] != src:
-                        continue
-                    shape = _slice_shape(entries[i], self.rank)
-                    out[i] = buffer[offset : offset + shape.numel()].view(shape)
-                    offset += shape.numel()
+                for i, is_update, piece in entries:
+                    size = piece_numel(piece)
+                    dtype = (tensors[i] if is_update else states[i]).dtype
+                    value = received[src][offset : offset + size].view(piece_shape(piece))
+                    (out if is_update else state_out)[i] = value.to(dtype) if value.dtype != dtype else value
+                    offset += size
 
-    def _all_gather(
-        self,
-        results: dict[int, Tensor],
-        entries: list[_Entry],
-        owners: list[int],
-        replicated: list[int],
-        out: list[Tensor | None],
-        device: torch.device,
-    ) -> None:
-        """all_gather of one padded flat buffer per dtype: every owner's results to every rank."""
-        for dtype in _dtypes(entries, replicated):
-            items = [i for i in replicated if entries[i].dtype == dtype]
-            sizes = [sum(entries[i].shape.numel() for i in items if owners[i] == r) for r in range(self.world_size)]
-            length = max(sizes)
-            own = [results[i].reshape(-1) for i in items if owners[i] == self.rank]
-            buffer = torch.zeros(length, dtype=dtype, device=device)
-            if own:
-                torch.cat(own, out=buffer[: sizes[self.rank]])
-            gathered = torch.empty(self.world_size * length, dtype=dtype, device=device)
-            dist.all_gather_single(gathered, buffer, group=self.group)
-            self.bytes_sent += (self.world_size - 1) * length * buffer.element_size()
-            offsets = [r * length for r in range(self.world_size)]
-            for i in items:
-                r, n = owners[i], entries[i].shape.numel()
-                out[i] = gathered[offsets[r] : offsets[r] + n].view(entries[i].shape)
-                offsets[r] += n
-
-    def _all_to_all(
-        self, sends: list[list[Tensor]], recv_sizes: list[int], dtype: torch.dtype, device: torch.device
-    ) -> list[Tensor]:
-        send_sizes = [sum(t.numel() for t in ts) for ts in sends]
-        flat = [t.reshape(-1) for ts in sends for t in ts]
-        send = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
-        recv = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
-        dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=self.group)
-        self.bytes_sent += (sum(send_sizes) - send_sizes[self.rank]) * recv.element_size()
-        return list(recv.split(recv_sizes))
+    def _all_to_alls(self, traffic: dict, phase: str, sends: dict, receives: dict) -> list:
+        """One asynchronous all_to_all per wire dtype that carries anything on some rank (the plan's
+        `traffic`, the same on every rank), in a fixed dtype order. Returns (work, send buffer, the
+        received pieces per source, what each source's pieces are) per collective, kept together
+        so that no buffer is freed while its collective runs."""
+        handles = []
+        for dtype in sorted(sends, key=str):
+            if not traffic.get((phase, dtype)):
+                continue
+            flat = [t for parts in sends[dtype] for t in parts]
+            send_sizes = [sum(t.numel() for t in parts) for parts in sends[dtype]]
+            recv_sizes = [sum(piece_numel(piece) for _, _, piece in entries) for entries in receives[dtype]]
+            device = flat[0].device if flat else torch.device("cpu")
+            send = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
+            recv = torch.empty(sum(recv_sizes), dtype=dtype, device=self._device or device)
+            work = dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=self.group, async_op=True)
+            self.bytes_sent += sum(send_sizes) * send.element_size()
+            handles.append((work, send, list(recv.split(recv_sizes)), receives[dtype]))
+        return handles
 
 
-def _dtypes(entries: Sequence[_Entry], indices: Sequence[int]) -> list[torch.dtype]:
-    """The dtypes among `indices`, in an order every rank agrees on."""
-    return sorted({entries[i].dtype for i in indices}, key=str)
+def _insert_(full: Tensor, piece: Piece, part: Tensor) -> None:
+    """Write `part` (a rank's piece) into its place in `full`."""
+    for global_slices, local_slices in blocks(piece):
+        full[global_slices].copy_(part[local_slices])
 
 
-def _slice_shape(entry: _Entry, rank: int) -> torch.Size:
-    assert entry.slices is not None
-    return torch.Size((entry.slices[rank], *entry.shape[1:]))
+def _extract(full: Tensor, piece: Piece) -> Tensor:
+    """A rank's piece of `full`: a view when it is one block, else a copy."""
+    parts = blocks(piece)
+    if len(parts) == 1:
+        return full[parts[0][0]]
+    out = full.new_empty(piece_shape(piece))
+    for global_slices, local_slices in parts:
+        out[local_slices].copy_(full[global_slices])
+    return out
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -564,3 +687,12 @@ def _tensor_shapes(state: Any, prefix: str = "") -> list[tuple[str, tuple[int, .
     if isinstance(state, dict):
         return [item for key, value in state.items() for item in _tensor_shapes(value, f"{prefix}.{key}" if prefix else str(key))]
     return []
+
+
+def _ranges(slices: Sequence[int | tuple[int, int]]) -> list[tuple[int, int]]:
+    """The `slices` of the bound update_many as (start, stop) dim-0 ranges per rank: sizes are
+    consecutive slices in rank order; ranges are as given (replicas hold equal ones)."""
+    if all(isinstance(n, int) for n in slices):
+        starts = [sum(slices[:r]) for r in range(len(slices))]  # type: ignore[arg-type]
+        return [(a, a + n) for a, n in zip(starts, slices)]  # type: ignore[operator]
+    return [(int(a), int(b)) for a, b in slices]  # type: ignore[misc]

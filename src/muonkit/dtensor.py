@@ -21,8 +21,26 @@ def is_dtensor(t: Tensor) -> bool:
 
 
 def is_sharded(t: Tensor) -> bool:
-    """Whether `t` is a DTensor sharded along a dim (not a replicated one)."""
-    return is_dtensor(t) and t.placements[0].is_shard()  # type: ignore[attr-defined]
+    """Whether `t` is a DTensor sharded along a dim on some mesh dim (not a replicated one)."""
+    return is_dtensor(t) and any(not p.is_replicate() for p in t.placements)  # type: ignore[attr-defined]
+
+
+def placements_of(t: Tensor) -> tuple[tuple, ...]:
+    """A DTensor's placements as plain data (muonkit.plan.Placement): ("R",) for Replicate(),
+    ("S", dim) for Shard(dim), ("SS", dim, split_factor) for _StridedShard (FSDP2 over tensor
+    parallelism). Raises ValueError for any other placement (Partial: a pending reduction)."""
+    out = []
+    for p in t.placements:  # type: ignore[attr-defined]
+        if p.is_replicate():
+            out.append(("R",))
+        elif type(p).__name__ == "_StridedShard":  # its is_shard() is False (torch 2.13)
+            out.append(("SS", p.dim % t.ndim, int(p.split_factor)))
+        elif p.is_shard() and type(p).__name__ == "Shard":
+            out.append(("S", p.dim % t.ndim))
+        else:
+            raise ValueError(f"placement {p!r} (of placements {tuple(t.placements)}) is not Replicate(), "  # type: ignore[attr-defined]
+                             "Shard(dim) or _StridedShard(dim)")
+    return tuple(out)
 
 
 def local_parts(tensors: Sequence[Tensor]) -> list[Tensor]:

@@ -45,21 +45,23 @@ class UpdateMany(Protocol):
     training replaces (it hands each tensor to an owner rank, which calls the local one).
 
     `slices`, where not None, says that tensor i is this rank's dim-0 slice of a tensor that is
-    not a parameter, and how many dim-0 entries every rank holds of it: a selecting variant's
-    selected rows of an FSDP2-sharded parameter. A single process never gets one."""
+    not a parameter, and which dim-0 entries every group rank holds of it: one size per rank
+    (consecutive slices in rank order) or one (start, stop) range per rank (replicas hold equal
+    ranges): a selecting variant's selected rows of a row-sharded parameter. A single process
+    never gets one."""
 
     def __call__(
         self,
         tensors: Sequence[Tensor],
         second_moments: Sequence[Tensor | None],
         layouts: Sequence[Layout],
-        slices: Sequence[tuple[int, ...] | None] | None = None,
+        slices: Sequence[tuple | None] | None = None,
     ) -> tuple[list[Tensor], list[Tensor | None]]: ...
 
 
-# Every rank's dim-0 slices of tensors, concatenated in rank order: given this rank's slice of
-# each tensor and the dim-0 sizes on every rank (a collective: every rank calls it alike).
-GatherRows = Callable[[Sequence[Tensor], Sequence[Sequence[int]]], list[Tensor]]
+# Tensors whole from every rank's dim-0 slice of them: given this rank's slice of each tensor and
+# the (start, stop) dim-0 range every group rank holds (a collective: every rank calls it alike).
+GatherRows = Callable[[Sequence[Tensor], Sequence[Sequence[tuple[int, int]]]], list[Tensor]]
 # Per-parameter statistics of a step: 0-d tensors under the keys of Muon.last_stats.
 Stats = dict[str, Tensor]
 
@@ -715,14 +717,16 @@ def _selections(
     if whole:
         assert gather_rows is not None and all(matrices[i].shape[0] == 1 for i in whole)
         norms = gather_rows([slice_norms(matrices[i], -2).reshape(-1).double() for i in whole],
-                            [shards[i].sizes for i in whole])  # type: ignore[union-attr]
+                            [shards[i].ranges(shards[i].sizes) for i in whole])  # type: ignore[union-attr]
         for i, n in zip(whole, norms):
-            selections[i], slices[i] = global_rows(n, fraction, shards[i])  # type: ignore[arg-type]
+            selections[i], counts = global_rows(n, fraction, shards[i])  # type: ignore[arg-type]
+            slices[i] = shards[i].ranges(counts)  # type: ignore[union-attr]
     for i, (M, shard) in enumerate(zip(matrices, shards)):
         if i in whole:
             continue
         if shard is not None and shard.axis == "rows":
-            selections[i], slices[i] = local_rows(M, fraction, shard)
+            selections[i], counts = local_rows(M, fraction, shard)
+            slices[i] = shard.ranges(counts)
         else:
             selections[i] = variant.select(M, fraction)
             slices[i] = None if shard is None else shard.sizes

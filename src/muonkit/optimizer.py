@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import checkpoint, functional
-from .dtensor import is_dtensor, is_sharded, local_parts
+from .dtensor import is_dtensor, is_sharded, local_parts, placements_of
 from .layout import Layout, LayoutSpec, matrix_shape, resolve
 from .options import (
     ADAMW_FROM,
@@ -38,6 +38,7 @@ from .options import (
     split_names,
 )
 from .orthogonalize import NsDtype, Orthogonalizer
+from .plan import is_local
 from .variants import VARIANTS, Shard
 from .scaling import Scale
 from .quantize import dequantize, quantize_into_
@@ -137,11 +138,9 @@ class Muon(torch.optim.Optimizer):
         fraction: Dion2's and NorDion2's share of each matrix's rows (or columns) orthogonalized and
             updated per step, in (0, 1] (default 0.25).
         ef_decay: Dion2's error-feedback decay of the selected momentum, in [0, 1] (default 0.95).
-        selection: "local" (default) or "global": where Dion2 and NorDion2 pick the rows of an
-            FSDP2-sharded parameter whose dim 0 is its matrices' rows: the top rows of each rank's
-            block (ceil(fraction * ceil(rows / world)) per rank; only those travel) or of the whole
-            matrix (every rank's row norms travel, then only the selected rows). The same on
-            unsharded, replicated and batch-sharded parameters (each rank sees whole matrices).
+        selection: "local" (default) or "global": where Dion2 and NorDion2 pick the rows of a row-sharded
+            parameter (FSDP2/HSDP Shard(0), any mesh): each block's top ceil(fraction * ceil(rows / blocks)), or the
+            whole matrix's (row norms travel); only those rows travel. Elsewhere ranks see whole matrices.
         cautious_weight_decay: decay only where the decay and the update agree in sign (both kinds
             of group; default False).
         state_dtype: dtype of the optimizer state (momentum, second moments, AdamW's moments) and
@@ -168,8 +167,11 @@ class Muon(torch.optim.Optimizer):
             nonfinite="propagate", diagnostics=False, no process_group and Python-number
             hyperparameters besides lr; stochastic rounding draws from the device's default
             generator (docs/API.md, "Capturable steps").
-        process_group: a torch.distributed process group to share the Newton-Schulz work; None
-            (default) means no torch.distributed call at all.
+        process_group: a torch.distributed ProcessGroup or DeviceMesh (any number of dims: FSDP, HSDP,
+            FSDP + TP, expert parallel) to share the Newton-Schulz work; None (default) means no
+            torch.distributed call at all (muonkit.distributed).
+        exchange_dtype: None (default: each update travels in its own dtype, equal to one process)
+            or torch.bfloat16 / torch.float16: half the bytes, the updates rounded once.
 
     Example:
         >>> opt = Muon(muonkit.param_groups(model), lr=1e-3, weight_decay=0.1)
@@ -218,6 +220,7 @@ class Muon(torch.optim.Optimizer):
         orthogonality_every: int = DEFAULTS["orthogonality_every"],
         capturable: bool = DEFAULTS["capturable"],
         process_group: Any = None,
+        exchange_dtype: torch.dtype | None = None,
     ) -> None:
         given = locals()
         defaults = {key: given[key] for key in DEFAULTS}
@@ -226,20 +229,15 @@ class Muon(torch.optim.Optimizer):
         defaults["adamw_weight_decay"] = weight_decay if adamw_weight_decay is None else adamw_weight_decay
         check_muon_options(defaults, "Muon")
         check_adamw_options({key: defaults[source] for key, source in ADAMW_FROM.items()}, "Muon (adamw_* arguments)")
-        check_global_options(defaults, process_group)
-        self._distributed = None
-        if process_group is not None:
-            from .distributed import DistributedOrthogonalizer
-
-            self._distributed = DistributedOrthogonalizer(process_group)
+        check_global_options(defaults, process_group, exchange_dtype)
+        self._distributed = _distributed(process_group, exchange_dtype)
         self.last_stats: dict[str, dict[str, float]] = {}
         self._diagnosed_steps = 0
         super().__init__(params, defaults)
 
     @property
     def bytes_sent(self) -> int:
-        """Bytes this rank has sent exchanging Muon updates since construction (0 without a
-        process_group); an all-gather counts as a ring, (world - 1) times this rank's part."""
+        """Bytes this rank has sent to other ranks exchanging Muon updates (0 without a process_group)."""
         return 0 if self._distributed is None else self._distributed.bytes_sent
 
     @property
@@ -293,15 +291,7 @@ class Muon(torch.optim.Optimizer):
         for name, p in zip(names, group["params"]):
             check_param(p, name, group, where)
             if group["use_muon"] and is_dtensor(p):
-                self._check_dtensor(p, name, where)
-
-    def _check_dtensor(self, p: Tensor, name: str, where: str) -> None:
-        if self._distributed is None:
-            raise ValueError(
-                f"{where}: parameter '{name}' is a DTensor (e.g. sharded by FSDP2's fully_shard); "
-                "pass process_group=<the group it is sharded over> to Muon"
-            )
-        self._distributed.check_param(p, f"{where}: parameter '{name}'")
+                _check_dtensor(self._distributed, p, name, where)
 
     # ------------------------------------------------------------------ copies and checkpoints
 
@@ -371,8 +361,8 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plan = _plan(self.param_groups, self.state, self._check_dtensor, self.defaults["capturable"])
-        if self.defaults["nonfinite"] != "propagate" and not _all_finite(plan, self._distributed):
+        plan = _plan(self.param_groups, self.state, self._distributed, self.defaults["capturable"])
+        if not _agreed_finite(plan, self._distributed, self.defaults["nonfinite"]):
             if self.defaults["nonfinite"] == "raise":
                 raise RuntimeError(
                     "a gradient holds NaN or Inf (Muon(nonfinite='raise')); no parameter or state was changed: "
@@ -413,20 +403,14 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _muon_step(self, item: _GroupStep, orthogonality: bool, *, hold: bool) -> functional.Pending | None:
-        group, moments = item.group, item.moments()
+        group, moments, layouts = item.group, item.moments(), [resolve(item.group["layout"], p.ndim) for p in item.params]
         update_many = None
         if self._distributed is not None:
             update_many = self._distributed.bind(
                 method=group["orthogonalizer"], steps=group["ns_steps"], dtype=group["ns_dtype"], params=item.params,
                 variant=group["variant"], beta2=float(group["beta2"]), eps=float(group["variant_eps"]),
-                second_moments=moments,
+                second_moments=moments, layouts=layouts,
             )
-        layouts = [resolve(group["layout"], p.ndim) for p in item.params]
-        shards = gather_rows = None
-        if self._distributed is not None and VARIANTS[group["variant"]].selects:
-            shards = [_shard(p, layout, self._distributed.world_size, self._distributed.rank)
-                      for p, layout in zip(item.params, layouts)]
-            gather_rows = self._distributed.gather_rows
         return functional.muon(
             local_parts(item.params), local_parts(item.grads), item.momentum(), layouts,
             lr=_lr(group, self.defaults["capturable"]), momentum=float(group["momentum"]), nesterov=group["nesterov"],
@@ -435,7 +419,8 @@ class Muon(torch.optim.Optimizer):
             variant=group["variant"], beta2=float(group["beta2"]), variant_eps=float(group["variant_eps"]),
             fraction=float(group["fraction"]), ef_decay=float(group["ef_decay"]), selection=group["selection"],
             second_moments=local_parts(moments), cautious_weight_decay=group["cautious_weight_decay"],
-            update_many=update_many, shards=shards, gather_rows=gather_rows, shapes=[p.shape for p in item.params], rounding_seeds=item.seeds,
+            update_many=update_many, **_shards(self._distributed, group, item.params, layouts),
+            shapes=[p.shape for p in item.params], rounding_seeds=item.seeds,
             stats=item.stats, orthogonality=orthogonality, hold=hold,
         )
 
@@ -458,7 +443,26 @@ class Muon(torch.optim.Optimizer):
         )
 
 
-def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], check_dtensor: Any,
+def _distributed(process_group: Any, exchange_dtype: torch.dtype | None) -> Any:
+    """The optimizer's muonkit.distributed.DistributedOrthogonalizer (None without a process group;
+    torch.distributed is then never imported)."""
+    if process_group is None:
+        return None
+    from .distributed import DistributedOrthogonalizer
+
+    return DistributedOrthogonalizer(process_group, exchange_dtype)
+
+
+def _check_dtensor(distributed: Any, p: Tensor, name: str, where: str) -> None:
+    if distributed is None:
+        raise ValueError(
+            f"{where}: parameter '{name}' is a DTensor (e.g. sharded by FSDP2's fully_shard); "
+            "pass process_group=<its device mesh, or the group it is sharded over> to Muon"
+        )
+    distributed.check_param(p, f"{where}: parameter '{name}'")
+
+
+def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], distributed: Any,
           capturable: bool) -> list[_GroupStep]:
     """Each group's share of a step.
 
@@ -504,9 +508,9 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], che
             if capturable:
                 check_capturable(group, p.device, where)
             if not state and group["use_muon"] and is_dtensor(p):
-                check_dtensor(p, name, where)
-            if group["use_muon"] and VARIANTS[group["variant"]].selects and is_sharded(p):
-                _check_selectable(p, resolve(group["layout"], p.ndim), group, name, where)
+                _check_dtensor(distributed, p, name, where)
+            if group["use_muon"] and VARIANTS[group["variant"]].selects and is_sharded(p) and not _whole_matrices(p, group):
+                _check_selectable(distributed, p, resolve(group["layout"], p.ndim), group, name, where)
             check_grad(p, name, where)
             new = missing_state(p, state, group, capturable=capturable)
             check_state(p, {**state, **new}, group, name, where)
@@ -533,26 +537,49 @@ def _shard_axis(layout: Layout, ndim: int) -> str | None:
     return None
 
 
-def _shard(p: Tensor, layout: Layout, world: int, rank: int) -> Shard | None:
-    """A sharded parameter's `muonkit.variants.Shard` (its rows or matrices on every rank), else None."""
-    if not is_sharded(p):
+def _shards(distributed: Any, group: dict[str, Any], params: list[Tensor], layouts: list[Layout]) -> dict[str, Any]:
+    """functional.muon's `shards` (per parameter its `muonkit.variants.Shard` or None) and
+    `gather_rows` (the row-norm gather) for a selecting variant's group with a process group."""
+    if distributed is None or not VARIANTS[group["variant"]].selects:
+        return {}
+    return {"shards": [_shard(distributed, p, layout, group) for p, layout in zip(params, layouts)],
+            "gather_rows": distributed.gather_rows}
+
+
+def _shard(distributed: Any, p: Tensor, layout: Layout, group: dict[str, Any]) -> Shard | None:
+    """A row-sharded parameter's `muonkit.variants.Shard`: its blocks of rows, in dim-0 order, from
+    the dim-0 range each group rank holds (on a mesh of any number of dims; replicas hold the same
+    block); None for a parameter this rank holds whole matrices of (unsharded, expert parallel)."""
+    if not is_sharded(p) or _whole_matrices(p, group):
         return None
-    from .distributed import shard_sizes
-
-    axis = _shard_axis(layout, p.ndim)
-    assert axis is not None  # _check_selectable refused the others
+    ranges = distributed.row_ranges(p)
+    first = next(r for r in ranges if r[0] == 0 and r[1] > 0)
+    replicas = ranges.count(first)  # every block is held as often as the first one
+    starts = sorted({a for a, b in ranges if b > a})
+    sizes = [dict(ranges)[a] - a for a in starts]
+    sizes += [0] * (len(ranges) // replicas - len(sizes))
+    blocks = tuple(starts.index(a) if b > a else len(starts) for a, b in ranges)
     batch, rows, _ = matrix_shape(p.shape, layout)
-    per_slice = (rows if axis == "rows" else batch) // p.shape[0]
-    return Shard(axis, tuple(size * per_slice for size in shard_sizes(p.shape[0], world)), rank)
+    per_slice = rows // p.shape[0]
+    return Shard("rows", tuple(n * per_slice for n in sizes), blocks[distributed.rank], blocks)
 
 
-def _check_selectable(p: Tensor, layout: Layout, group: dict[str, Any], name: str, where: str) -> None:
-    """ValueError naming the parameter unless a selecting variant can step this Shard(0) parameter:
-    dim 0 must be its matrices' first row axis or first batch axis, and selection="global" on
-    row-sharded parameters needs one matrix per parameter (its ranks' counts of rows then agree)."""
+def _check_selectable(distributed: Any, p: Tensor, layout: Layout, group: dict[str, Any], name: str, where: str) -> None:
+    """ValueError naming the parameter unless a selecting variant can step this sharded parameter
+    (one holding parts of matrices): every rank must hold one range of dim 0 (Shard(0), replicated
+    or not), dim 0 must be its matrices' first row axis, and selection="global" needs one matrix
+    per parameter (its ranks' counts of rows then agree)."""
     axis = _shard_axis(layout, p.ndim)
     variant = group["variant"]
-    if axis is None:
+    try:
+        distributed.row_ranges(p)
+    except ValueError as err:
+        raise ValueError(
+            f"{where}: parameter '{name}' is a DTensor {err}; variant {variant!r} selects rows along the shard "
+            "dimension, so every rank must hold one range of dim 0 and all of the other dims (FSDP2 or HSDP's "
+            "Shard(0)); use variant 'muon' or 'normuon' for this parameter's group"
+        ) from None
+    if axis != "rows":
         raise ValueError(
             f"{where}: parameter '{name}' is sharded along dim 0, which its layout {layout} reads as "
             f"{'cut into blocks' if layout.blocks else 'columns (or an inner axis)'}; variant {variant!r} selects "
@@ -615,24 +642,52 @@ def _rounding_seeds(item: _GroupStep, capturable: bool) -> list[int | None] | No
     return seeds
 
 
-def _all_finite(plan: list[_GroupStep], distributed: Any) -> bool:
-    """Whether every gradient of the step is finite (on every rank, with a process group)."""
+def _whole_matrices(p: Tensor, group: dict[str, Any]) -> bool:
+    """Whether a sharded DTensor holds whole matrices of its view on every rank (expert parallel)."""
+    try:
+        return is_local(p.shape, placements_of(p), resolve(group["layout"], p.ndim))
+    except ValueError:
+        return False
+
+
+def _finite(plan: list[_GroupStep]) -> Tensor | None:
+    """Whether every local gradient of the step is finite (a 0-d bool tensor; None without any)."""
     # A tensor is finite when its largest and smallest entries are (both are NaN if any entry
     # is): plain reductions, ~3x faster on CPU than the inf-norm. Empty shards have neither.
     every = local_parts([g for item in plan for g in item.grads])
     if not every:
-        return True
+        return None
     grads = [g for g in every if g.numel()]
-    if grads:
-        foreach_max = getattr(torch, "_foreach_max", None)  # not in every torch >= 2.5
-        highs = foreach_max(grads) if foreach_max is not None else [g.amax() for g in grads]
-        finite = torch.stack([*highs, *(g.amin() for g in grads)]).isfinite().all()
-    else:
-        finite = torch.ones((), dtype=torch.bool, device=every[0].device)
-    if distributed is not None:
-        # Sharded gradients differ between ranks: every rank must take the same decision.
-        finite = distributed.all_true(finite)
-    return bool(finite)
+    if not grads:
+        return torch.ones((), dtype=torch.bool, device=every[0].device)
+    foreach_max = getattr(torch, "_foreach_max", None)  # not in every torch >= 2.5
+    highs = foreach_max(grads) if foreach_max is not None else [g.amax() for g in grads]
+    return torch.stack([*highs, *(g.amin() for g in grads)]).isfinite().all()
+
+
+def _agreed_finite(plan: list[_GroupStep], distributed: Any, nonfinite: str) -> bool:
+    """Whether the step goes ahead: every gradient finite (on every rank), or nonfinite="propagate".
+
+    With a process group one all_reduce makes every rank decide alike (sharded gradients differ
+    between ranks), and a Muon parameter with a gradient on some ranks but not on others raises
+    ValueError on every rank before anything changes (the ranks would exchange different lists)."""
+    finite = _finite(plan) if nonfinite != "propagate" else None
+    if distributed is None:
+        return finite is None or bool(finite)
+    params = [(index, name, p) for index, item in enumerate(plan) if item.group["use_muon"]
+              for name, p in zip(item.group.get("param_names") or [f"#{i}" for i in range(len(item.group["params"]))],
+                                 item.group["params"])]
+    device = params[0][2].device if params else torch.device("cpu")
+    mixed, all_finite = distributed.agree([p.grad is not None for *_, p in params], finite, device)
+    if mixed:
+        named = ", ".join(f"'{params[i][1]}' of Muon group {params[i][0]} (here: {'a' if params[i][2].grad is not None else 'no'} "
+                          "gradient)" for i in mixed[:5])
+        raise ValueError(
+            f"parameters with a gradient on some ranks of the process group and not on others: {named}; every rank "
+            "must step the same Muon parameters (give an unused one a zero gradient, e.g. zero_grad(set_to_none=False)); "
+            "nothing was changed"
+        )
+    return all_finite
 
 
 def _collect(plan: list[_GroupStep]) -> dict[str, dict[str, float]]:

@@ -288,7 +288,7 @@ def _check_cautious(options: dict[str, Any], where: str) -> None:
         raise ValueError(f"{where}: state_dtype must be None or a floating torch.dtype, got {dtype!r}")
 
 
-def check_global_options(options: dict[str, Any], process_group: Any) -> None:
+def check_global_options(options: dict[str, Any], process_group: Any, exchange_dtype: Any = None) -> None:
     if options["nonfinite"] not in NONFINITE:
         raise ValueError(f"Muon: nonfinite must be one of {', '.join(NONFINITE)}, got {options['nonfinite']!r}")
     if not isinstance(options["diagnostics"], bool):
@@ -302,6 +302,8 @@ def check_global_options(options: dict[str, Any], process_group: Any) -> None:
         raise ValueError(f"Muon: orthogonality_every must be an int >= 0, got {every!r}")
     if every and not options["diagnostics"]:
         raise ValueError("Muon: orthogonality_every needs diagnostics=True (it adds to the step's statistics)")
+    if exchange_dtype is not None and process_group is None:
+        raise ValueError(f"Muon: exchange_dtype={exchange_dtype!r} is the dtype of the exchange between ranks; it needs a process_group")
     if every and process_group is not None:
         raise ValueError(
             "Muon: orthogonality_every is measured on one process only; with a process_group, set it to 0 "
@@ -389,6 +391,16 @@ def check_param(p: Tensor, name: str, group: dict[str, Any], where: str) -> None
     _, rows, cols = matrix_shape(p.shape, layout)
     if rows == 0 or cols == 0:
         raise ValueError(f"{where}: parameter '{name}' has an empty matrix view {rows} x {cols}")
+    if group["momentum_bits"] == 8 and is_dtensor(p):
+        placements = tuple(p.placements)  # type: ignore[attr-defined]
+        if any(not q.is_replicate() and getattr(q, "dim", 0) % p.ndim != 0 for q in placements):
+            # A block of 8-bit momentum is part of one dim-0 slice: a piece cut along another dim
+            # would quantize in other blocks than the whole tensor (muonkit.quantize).
+            raise ValueError(
+                f"{where}: parameter '{name}' is sharded along a dim other than 0 (placements {placements}); "
+                "momentum_bits=8 needs dim-0 pieces (FSDP2, HSDP, colwise tensor parallelism, experts); "
+                "use momentum_bits=32 for it (a group of its own)"
+            )
 
 
 def overlaps_itself(t: Tensor) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .dtensor import is_dtensor
+from .dtensor import is_dtensor, placements_of
+from .plan import pieces_of
 
 SharedKeys = Literal["query", "group"]
 _SHARED_KEYS = ("query", "group")
@@ -159,8 +161,8 @@ class QKClip:
         pairs: one entry per attention layer. With fused=False: (q_weight, k_weight) or
             (q_weight, k_weight, q_bias, k_bias) (a bias may be None). With fused=True: qkv_weight
             or (qkv_weight, qkv_bias). Weights are (rows, in) matrices, biases (rows,) vectors:
-            plain tensors, or DTensors with placement Shard(0) or Replicate() on a 1D mesh
-            (FSDP2's fully_shard), whose local rows are rescaled.
+            plain tensors, or DTensors (Replicate, Shard, _StridedShard placements on a mesh of any
+            number of dims: FSDP2, HSDP, tensor parallelism), whose local rows are rescaled.
         heads: query heads per layer.
         tau: the logit threshold (default 100.0, Kimi K2's). math.inf records and returns the
             maxima without ever rescaling (Megatron-LM's log_max_only).
@@ -168,7 +170,7 @@ class QKClip:
         head_dim: rows per head (None: q_weight rows / heads; fused: rows / (heads + 2 kv_heads)).
         fused: pairs are fused qkv weights (see above).
         shared_keys: "query" or "group", how a key head shared by several query heads is treated.
-        process_group: a torch.distributed process group; `step()` then all-reduces (MAX) the
+        process_group: a torch.distributed process group or DeviceMesh; `step()` then all-reduces (MAX) the
             maxima over it first, so every rank rescales the same way. Every rank must call
             `step()`. Required when a weight is a DTensor.
 
@@ -227,12 +229,15 @@ class QKClip:
                                      "weights may appear once (fused=True for a qkv weight)")
                 seen[id(r.tensor)] = r.name
                 any_dtensor |= _check_dtensor(r.tensor, r.name)
-        self.process_group = process_group
         if process_group is not None:
             _check_process_group(process_group)
+            from .distributed import process_group_of
+
+            process_group = process_group_of(process_group)[0]
         elif any_dtensor:
             raise ValueError("QKClip: some weights are DTensors (sharded by FSDP2); pass process_group= (e.g. "
-                             "device_mesh.get_group()) so that every rank rescales with the same maxima")
+                             "the device mesh) so that every rank rescales with the same maxima")
+        self.process_group = process_group
         self._maxima: list[Tensor | None] = [None] * len(self._layers)
         # Heads left untouched because their maximum was NaN or +inf, over all steps (see step()).
         self.nonfinite_maxima = 0
@@ -369,45 +374,44 @@ class QKClip:
 
 
 def _scale_rows_(rows: _Rows, q_factors: dict[int, float], k_factors: dict[int, float], head_dim: int) -> None:
-    """Multiply the rows of each listed head by its factor, in the tensor's local slice."""
-    local, offset = _local(rows.tensor)
+    """Multiply the rows of each listed head by its factor, in the tensor's local piece."""
+    local, spans = _local(rows.tensor)
     ranges = []
     if rows.q_start is not None:
         ranges += [(rows.q_start + h * head_dim, f) for h, f in q_factors.items()]
     if rows.k_start is not None:
         ranges += [(rows.k_start + g * head_dim, f) for g, f in k_factors.items()]
     for start, factor in ranges:
-        lo, hi = max(start, offset), min(start + head_dim, offset + local.shape[0])
-        if lo < hi:
-            local[lo - offset:hi - offset].mul_(factor)
+        for first, stop, offset in spans:
+            lo, hi = max(start, first), min(start + head_dim, stop)
+            if lo < hi:
+                local[lo - first + offset:hi - first + offset].mul_(factor)
 
 
-def _local(t: Tensor) -> tuple[Tensor, int]:
-    """This rank's rows of `t` (a view) and the index of its first row in the full tensor."""
+def _local(t: Tensor) -> tuple[Tensor, list[tuple[int, int, int]]]:
+    """This rank's piece of `t` (a view) and the rows it holds: (first, stop, local index of first)
+    per run of consecutive global rows (placements on any mesh: muonkit.plan.pieces_of)."""
     if not is_dtensor(t):
-        return t, 0
-    local = t.to_local()
-    if t.placements[0].is_replicate():
-        return local, 0
-    from .distributed import shard_sizes
+        return t, [(0, t.shape[0], 0)]
+    import torch.distributed as dist
 
-    sizes = shard_sizes(t.shape[0], t.device_mesh.size())
-    rank = t.device_mesh.get_local_rank()
-    assert local.shape[0] == sizes[rank], (tuple(local.shape), sizes, rank)
-    return local, sum(sizes[:rank])
+    local = t.to_local()
+    piece = pieces_of(t.shape, t.device_mesh.mesh, placements_of(t))[dist.get_rank()]
+    spans, offset = [], 0
+    for first, stop in piece[0]:
+        spans.append((first, stop, offset))
+        offset += stop - first
+    assert offset == local.shape[0], (tuple(local.shape), piece)
+    return local, spans
 
 
 def _check_dtensor(t: Tensor, name: str) -> bool:
     if not is_dtensor(t):
         return False
-    placements = tuple(t.placements)
-    if t.device_mesh.ndim != 1:
-        raise ValueError(f"QKClip: {name} is a DTensor on a {t.device_mesh.ndim}D device mesh (placements "
-                         f"{placements}); QKClip supports a 1D mesh with Shard(0) or Replicate()")
-    placement = placements[0]
-    if not (placement.is_replicate() or (placement.is_shard() and placement.dim == 0)):
-        raise ValueError(f"QKClip: {name} is a DTensor with placement {placement!r}; QKClip supports Shard(0) "
-                         "(FSDP2's fully_shard default) or Replicate()")
+    try:
+        placements_of(t)
+    except ValueError as err:
+        raise ValueError(f"QKClip: {name} is a DTensor with {err}") from None
     return True
 
 
@@ -420,8 +424,10 @@ def _check_process_group(group: Any) -> None:
     if group is dist.GroupMember.NON_GROUP_MEMBER:
         raise ValueError("QKClip: this process is not a member of process_group; pass process_group=None here, "
                          "or a group that contains this rank")
-    if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"QKClip: process_group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
+    mesh_module = sys.modules.get("torch.distributed.device_mesh")
+    if not isinstance(group, dist.ProcessGroup) and not (mesh_module and isinstance(group, mesh_module.DeviceMesh)):
+        raise TypeError(f"QKClip: process_group must be a torch.distributed.ProcessGroup or DeviceMesh, got "
+                        f"{type(group).__name__}")
 
 
 def _check_count(name: str, value: Any) -> None:

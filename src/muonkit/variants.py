@@ -111,14 +111,27 @@ def slice_norms(M: Tensor, dim: int) -> Tensor:
 
 @dataclass(frozen=True)
 class Shard:
-    """This rank's part of a parameter sharded along its dim 0 (FSDP2's Shard(0)), as its matrix
-    view sees it: `axis` "rows" when dim 0 is the view's first row axis (each rank holds a block of
-    consecutive rows of every matrix), "batch" when it is the first batch axis (each rank holds
-    whole matrices); `sizes` are the rows (or matrices) each rank holds, `rank` this one."""
+    """This rank's part of a parameter sharded along its dim 0 (FSDP2's or HSDP's Shard(0), on a
+    mesh of any number of dims), as its matrix view sees it: `axis` "rows" (dim 0 is the view's
+    first row axis: each block holds consecutive rows of every matrix); `sizes` the rows of each
+    block in dim-0 order (the distinct pieces; a rank holding no row has an empty block), `rank`
+    the block this rank holds, `blocks` the block of every group rank (None: block r on rank r)."""
 
     axis: str
     sizes: tuple[int, ...]
     rank: int
+    # Per group rank, the index of the block it holds (None: one block per rank, in rank order);
+    # replicas (HSDP) hold the same block and select the same rows.
+    blocks: tuple[int, ...] | None = None
+
+    def ranges(self, counts: Sequence[int]) -> tuple[tuple[int, int], ...]:
+        """Per group rank, the (start, stop) dim-0 range of its block's `counts[block]` entries in
+        the blocks' concatenation (dim-0 order)."""
+        starts = [0]
+        for n in counts:
+            starts.append(starts[-1] + n)
+        blocks = self.blocks if self.blocks is not None else range(len(counts))
+        return tuple((starts[b], starts[b + 1]) for b in blocks)
 
 
 def shard_quota(rows: int, world: int, fraction: float) -> int:

@@ -1,0 +1,591 @@
+"""A cost model of distributed Muon's optimizer step at scale: Newton-Schulz work per owner and the
+bytes of the exchange, as a share of the training step. docs/scaling.md states the assumptions and
+holds the tables this script prints; benchmarks/bench_distributed.py and tests/test_cost_model.py
+use the same functions.
+
+    python benchmarks/cost_model.py                  # docs/scaling.md's tables, in markdown
+    python benchmarks/cost_model.py --write docs/scaling.md   # regenerate them there
+    python benchmarks/cost_model.py --ns-efficiency 0.25 --link-efficiency 0.5   # a pessimistic reading
+
+Pure arithmetic (nothing runs on a GPU or over a network). The Newton-Schulz work of a matrix is
+muonkit.distributed.newton_schulz_flops, owners follow the rule of muonkit.distributed.assign_owners
+(restricted to the ranks holding a largest piece), and shards split as torch.chunk splits them
+(muonkit.distributed.shard_sizes), so the model counts what the library schedules.
+
+The exchange, per Muon tensor of N elements held as pieces p_r on W ranks, one owner o over all
+ranks (muonkit.plan's counting, which `Muon.bytes_sent` follows since issue 21):
+the owner receives the pieces it lacks, N - p_o elements, each from one holder (gather), and sends
+every other holder its piece of the result, sum_{r != o} p_r (scatter). Per mesh kind:
+
+- fsdp: Shard(0) over W ranks; 2 (W - 1) / W N per tensor over all ranks.
+- fsdp+tp: FSDP over W / T ranks x tensor parallel over the T ranks of a node; the same bytes, W pieces.
+- hsdp: Replicate over R nodes x Shard(0) over the S ranks of a node; the owner gathers the S - 1
+  pieces it lacks (from its own replica, its node) and sends a piece to every other rank,
+  (R S + S - 2) / S N.
+  With `relay` (not muonkit's exchange: what would spread it) the owner sends only to its shard
+  group, and each rank passes the updated pieces of its shard around the ring of its R replicas (the
+  same bytes in all; each rank sends about N / S per step whichever nodes own the matrices).
+- ep: fsdp for the tensors that are not experts; a stack of experts sharded on its expert axis (over
+  min(W, experts) ranks, replicated beyond) is orthogonalized where it lives: no bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+
+from muonkit.distributed import assign_owners, newton_schulz_flops, shard_sizes
+
+NS_STEPS = 5  # muonkit's default ns_steps
+BEGIN, END = "<!-- COST-MODEL:BEGIN -->", "<!-- COST-MODEL:END -->"  # the generated block of docs/scaling.md
+MeshKind = Literal["fsdp", "hsdp", "fsdp+tp", "ep"]
+MESH_KINDS = ("fsdp", "hsdp", "fsdp+tp", "ep")
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One Muon tensor at its full shape: (rows, cols), or (experts, rows, cols) for a stack of
+    experts; `tp` says how tensor parallelism splits it (colwise: Shard(0), rowwise: Shard(1))."""
+
+    name: str
+    shape: tuple[int, ...]
+    tp: Literal["colwise", "rowwise", "none"] = "colwise"
+    expert: bool = False
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def batch(self) -> int:
+        return self.shape[0] if len(self.shape) == 3 else 1
+
+    def flops(self, steps: int = NS_STEPS) -> float:
+        """Newton-Schulz FLOPs of one optimizer step on this tensor (`steps` quintic iterations)."""
+        return steps * newton_schulz_flops(self.batch, *self.shape[-2:])
+
+
+@dataclass(frozen=True)
+class Model:
+    """A decoder-only transformer's shapes. Dense Llama-like blocks (q, k, v, o, gate, up, down), a
+    GPT-2 block (fused qkv, proj, fc, fc_proj; `gated=False`), or a mixture of experts (`experts` > 0:
+    attention as Llama's, a router, and stacked gate / up / down experts of width `expert_ffn`)."""
+
+    name: str
+    hidden: int
+    layers: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    gated: bool = True
+    positions: int = 0  # learned position embeddings (GPT-2)
+    experts: int = 0
+    top_k: int = 0
+    expert_ffn: int = 0
+    qk_norm: bool = False
+    source: str = ""
+
+    def block(self) -> list[Weight]:
+        """The Muon tensors of one block."""
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if not self.gated:
+            return [Weight("qkv", (q + 2 * kv, h)), Weight("proj", (h, q), "rowwise"),
+                    Weight("fc", (self.ffn, h)), Weight("fc_proj", (h, self.ffn), "rowwise")]
+        attention = [Weight("q", (q, h)), Weight("k", (kv, h)), Weight("v", (kv, h)), Weight("o", (h, q), "rowwise")]
+        if self.experts:
+            e, f = self.experts, self.expert_ffn
+            return attention + [
+                Weight("router", (e, h), "none"),
+                Weight("experts.gate", (e, f, h), "none", expert=True),
+                Weight("experts.up", (e, f, h), "none", expert=True),
+                Weight("experts.down", (e, h, f), "none", expert=True),
+            ]
+        return attention + [Weight("gate", (self.ffn, h)), Weight("up", (self.ffn, h)),
+                            Weight("down", (h, self.ffn), "rowwise")]
+
+    def weights(self) -> list[Weight]:
+        """Every Muon tensor of the model (embeddings, head, norms and biases go to AdamW)."""
+        return [replace(w, name=f"layers.{i}.{w.name}") for i in range(self.layers) for w in self.block()]
+
+    def params(self) -> int:
+        """All parameters: Muon tensors, embeddings, the head (unless tied), norms and biases."""
+        h = self.hidden
+        if self.gated:
+            norms = self.layers * (2 * h + (2 * self.head_dim if self.qk_norm else 0)) + h
+        else:  # LayerNorm gains and biases, and the Linear biases
+            biases = sum(w.shape[0] for w in self.block())
+            norms = self.layers * (4 * h + biases) + 2 * h
+        embeddings = (self.vocab + self.positions) * h + (0 if self.tied else self.vocab * h)
+        return sum(w.numel for w in self.weights()) + embeddings + norms
+
+    def active_params(self) -> int:
+        """Parameters one token uses: all but the experts it is not routed to."""
+        if not self.experts:
+            return self.params()
+        idle = sum(w.numel for w in self.weights() if w.expert) * (self.experts - self.top_k) // self.experts
+        return self.params() - idle
+
+
+# Real shapes, from each model's published config.json.
+MODELS = {
+    "gpt2": Model("GPT-2 small", hidden=768, layers=12, ffn=3072, heads=12, kv_heads=12, head_dim=64,
+                  vocab=50257, tied=True, gated=False, positions=1024, source="openai-community/gpt2"),
+    "llama-1b": Model("Llama-1B", hidden=2048, layers=16, ffn=8192, heads=32, kv_heads=8, head_dim=64,
+                      vocab=128256, tied=True, source="meta-llama/Llama-3.2-1B"),
+    "llama-8b": Model("Llama-8B", hidden=4096, layers=32, ffn=14336, heads=32, kv_heads=8, head_dim=128,
+                      vocab=128256, tied=False, source="meta-llama/Llama-3.1-8B"),
+    "llama-70b": Model("Llama-70B", hidden=8192, layers=80, ffn=28672, heads=64, kv_heads=8, head_dim=128,
+                       vocab=128256, tied=False, source="meta-llama/Llama-3.1-70B"),
+    "moe-30b-a3b": Model("MoE-30B-A3B", hidden=2048, layers=48, ffn=0, heads=32, kv_heads=4, head_dim=128,
+                         vocab=151936, tied=False, experts=128, top_k=8, expert_ffn=768, qk_norm=True,
+                         source="Qwen/Qwen3-30B-A3B"),
+}
+
+
+# ------------------------------------------------------------------------------------ hardware
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The machine and training-step assumptions (docs/scaling.md, "Assumptions")."""
+
+    peak_flops: float = 989e12  # H100 SXM, dense bfloat16 tensor-core peak
+    ns_efficiency: float = 0.5  # the fraction of peak Newton-Schulz's bf16 GEMMs achieve
+    mfu: float = 0.4  # model FLOPs utilization of the training step
+    nvlink: float = 450e9  # NVLink 4, bytes/s per direction per GPU
+    infiniband: float = 50e9  # one NDR 400 Gb/s port per GPU, bytes/s per direction
+    link_efficiency: float = 0.8  # the fraction of those line rates a collective achieves
+    hbm: float = 3.35e12  # H100 SXM HBM3, bytes/s
+    elementwise_bytes: int = 20  # per Muon element: gradient read, momentum and parameter read + write
+    tokens: int = 4 * 2**20  # a 4M-token batch per step
+
+    def training_step(self, model: Model, world: int) -> float:
+        """Seconds of one training step: 6 N_active tokens FLOPs at `mfu` of every GPU's peak."""
+        return 6 * model.active_params() * self.tokens / (world * self.mfu * self.peak_flops)
+
+
+# ------------------------------------------------------------------------------------ meshes
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """W ranks, `gpus_per_node` consecutive ranks per node. `inner` is the shard group of hsdp and
+    the tensor-parallel size of fsdp+tp, ranks of one node (rank = outer index * inner + inner index)."""
+
+    kind: MeshKind
+    world: int
+    inner: int = 8
+    gpus_per_node: int = 8
+    relay: bool = False  # hsdp: the shard group forwards the result's pieces to its replicas
+
+    def __post_init__(self) -> None:
+        if self.kind not in MESH_KINDS:
+            raise ValueError(f"mesh kind must be one of {', '.join(MESH_KINDS)}, got {self.kind!r}")
+        if self.kind in ("hsdp", "fsdp+tp") and self.world % self.inner:
+            raise ValueError(f"a {self.kind} mesh needs world ({self.world}) divisible by inner ({self.inner})")
+
+    def label(self) -> str:
+        relay = ", relay" if self.relay else ""
+        return {"fsdp": "FSDP", "hsdp": f"HSDP ({self.world // self.inner} x {self.inner}{relay})",
+                "fsdp+tp": f"FSDP + TP{self.inner}", "ep": "FSDP + EP"}[self.kind]
+
+
+def pieces(w: Weight, mesh: Mesh) -> np.ndarray:
+    """Elements of `w` each rank holds (int64, one per rank)."""
+    W, inner_numel = mesh.world, math.prod(w.shape[1:])
+    if mesh.kind in ("fsdp", "ep"):
+        return np.array(shard_sizes(w.shape[0], W), dtype=np.int64) * inner_numel
+    if mesh.kind == "hsdp":
+        sizes = np.array(shard_sizes(w.shape[0], mesh.inner), dtype=np.int64) * inner_numel
+        return np.tile(sizes, W // mesh.inner)
+    # fsdp+tp: tensor parallel over the inner ranks, then FSDP's Shard(0) over the outer ones
+    # (of the tensor-parallel shard: the _StridedShard layout of parallelize_module + fully_shard).
+    T, D = mesh.inner, W // mesh.inner
+    if len(w.shape) != 2 or w.tp not in ("colwise", "rowwise"):
+        raise ValueError(f"fsdp+tp models 2D colwise or rowwise tensors; {w.name} is {w.shape} ({w.tp})")
+    rows, cols = w.shape
+    if w.tp == "colwise":  # [d, t]: dp shard d of tensor-parallel shard t of the rows
+        table = np.array([shard_sizes(part, D) for part in shard_sizes(rows, T)], dtype=np.int64).T * cols
+    else:
+        table = np.outer(shard_sizes(rows, D), shard_sizes(cols, T)).astype(np.int64)
+    return table.reshape(-1)  # rank d * T + t
+
+
+def in_place(w: Weight, mesh: Mesh) -> bool:
+    """Whether `w` is orthogonalized where it lives (experts under expert parallelism)."""
+    return mesh.kind == "ep" and w.expert
+
+
+def local_experts(w: Weight, mesh: Mesh) -> np.ndarray:
+    """Experts of the stack `w` each rank holds under expert parallelism: Shard(0) over
+    ep = min(W, experts) ranks, replicated over the W / ep groups of them."""
+    ep = min(mesh.world, w.shape[0])
+    return np.array([shard_sizes(w.shape[0], ep)[r % ep] for r in range(mesh.world)], dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------------ the step
+
+
+@dataclass
+class Traffic:
+    """Elements each rank sends and receives in one phase, within its node and across nodes."""
+
+    sent_intra: np.ndarray
+    sent_inter: np.ndarray
+    recv_intra: np.ndarray
+    recv_inter: np.ndarray
+
+    @classmethod
+    def zeros(cls, world: int) -> Traffic:
+        return cls(*(np.zeros(world, dtype=np.int64) for _ in range(4)))
+
+    def add_many(self, sources: np.ndarray, dst: int, elements: np.ndarray, node: int) -> None:
+        """sources[k] sends elements[k] to dst."""
+        near = sources // node == dst // node
+        np.add.at(self.sent_intra, sources[near], elements[near])
+        np.add.at(self.sent_inter, sources[~near], elements[~near])
+        self.recv_intra[dst] += int(elements[near].sum())
+        self.recv_inter[dst] += int(elements[~near].sum())
+
+    def add_from(self, src: int, destinations: np.ndarray, elements: np.ndarray, node: int) -> None:
+        """src sends elements[k] to destinations[k]."""
+        near = destinations // node == src // node
+        self.sent_intra[src] += int(elements[near].sum())
+        self.sent_inter[src] += int(elements[~near].sum())
+        np.add.at(self.recv_intra, destinations[near], elements[near])
+        np.add.at(self.recv_inter, destinations[~near], elements[~near])
+
+    @property
+    def sent(self) -> np.ndarray:
+        return self.sent_intra + self.sent_inter
+
+    def seconds(self, hw: Hardware, element_size: int) -> float:
+        """The slowest rank's time, links full duplex: max over ranks of max(send, receive), where
+        each direction moves its intra-node bytes over NVLink and its inter-node bytes over IB."""
+        nv, ib = hw.nvlink * hw.link_efficiency, hw.infiniband * hw.link_efficiency
+        send = self.sent_intra / nv + self.sent_inter / ib
+        recv = self.recv_intra / nv + self.recv_inter / ib
+        return float(np.max(np.maximum(send, recv))) * element_size
+
+
+@dataclass
+class Step:
+    """One optimizer step of `weights` on `mesh`: owners, Newton-Schulz FLOPs per rank, and the
+    elements of each exchange phase (multiply by the payload's element size for bytes)."""
+
+    mesh: Mesh
+    weights: list[Weight]
+    owners: list[int]  # -1: orthogonalized in place
+    ns_load: np.ndarray  # FLOPs per rank
+    local: np.ndarray  # elements of Muon tensors each rank holds (its elementwise work)
+    phases: dict[str, Traffic] = field(default_factory=dict)
+
+    def bytes_sent(self, element_size: int = 4) -> np.ndarray:
+        """Bytes each rank sends in one step, counted as muonkit's `bytes_sent` counts them."""
+        return sum((t.sent for t in self.phases.values()), np.zeros(self.mesh.world, dtype=np.int64)) * element_size
+
+    def load_balance(self) -> float:
+        """The busiest rank's Newton-Schulz FLOPs over the mean."""
+        return float(self.ns_load.max() / self.ns_load.mean()) if self.ns_load.any() else 1.0
+
+    def exchange_seconds(self, hw: Hardware, element_size: int = 4) -> float:
+        return sum(t.seconds(hw, element_size) for t in self.phases.values())
+
+    def ns_seconds(self, hw: Hardware) -> float:
+        return float(self.ns_load.max()) / (hw.ns_efficiency * hw.peak_flops)
+
+    def elementwise_seconds(self, hw: Hardware) -> float:
+        return float(self.local.max()) * hw.elementwise_bytes / hw.hbm
+
+
+def owners_by_load(
+    costs: Sequence[float], candidates: Sequence[np.ndarray], loads: np.ndarray
+) -> tuple[list[int], np.ndarray]:
+    """Each item's owner: largest cost first, onto the least-loaded of its candidate ranks (ties: fewer
+    items, then the lower rank); `loads` are the ranks' loads before (their local experts' work).
+    With every rank a candidate and zero loads this is muonkit.distributed.assign_owners
+    (tests/test_cost_model.py checks that). Returns the owners and the final loads."""
+    loads = np.array(loads, dtype=float)
+    counts = np.zeros(len(loads), dtype=np.int64)
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        ranks = candidates[i]
+        rank = int(ranks[np.lexsort((ranks, counts[ranks], loads[ranks]))[0]])
+        owners[i] = rank
+        loads[rank] += costs[i]
+        counts[rank] += 1
+    return owners, loads
+
+
+def plan(weights: Sequence[Weight], mesh: Mesh, steps: int = NS_STEPS, *, today: bool = False) -> Step:
+    """Owners and the exchange of one step of `weights` on `mesh`.
+
+    One owner per tensor over all W ranks, among the ranks holding a largest piece, by Newton-Schulz
+    FLOPs on top of each rank's local expert work. The owner receives every piece it lacks (one
+    holder sends each: in hsdp the owner's own replica, then the one that has sent the least so far) and sends every other holder its piece of the result (in hsdp with `mesh.relay`, the shard group forwards the pieces to its replicas
+    instead). `today=True`: muonkit before issue 21 (muonkit.distributed.assign_owners over all ranks,
+    experts shipped whole; its 1D Shard(0) path, so only for fsdp meshes).
+    """
+    if today and mesh.kind != "fsdp":
+        raise ValueError(f"before issue 21 muonkit refused {mesh.kind} meshes; today=True needs kind 'fsdp'")
+    W, node = mesh.world, mesh.gpus_per_node
+    weights = list(weights)
+    for w in weights:
+        if math.gcd(*w.shape[-2:]) % 8:
+            # muonkit owns the tensors of such a shape together (muonkit.distributed); the model does not.
+            raise ValueError(f"{w.name}: the model owns each tensor alone, which needs gcd(rows, cols) % 8 == 0; "
+                             f"got {w.shape}")
+    load = np.zeros(W)
+    local = np.zeros(W, dtype=np.int64)
+    for w in weights:
+        if in_place(w, mesh):
+            experts = local_experts(w, mesh)
+            load += experts * (w.flops(steps) / w.batch)
+            local += experts * (w.numel // w.batch)
+    shared = [i for i, w in enumerate(weights) if not in_place(w, mesh)]
+    held = {i: pieces(weights[i], mesh) for i in shared}
+    costs = [weights[i].flops(steps) for i in shared]
+    if today:
+        chosen = assign_owners(costs, W)
+        load += np.bincount(chosen, weights=costs, minlength=W)
+    else:
+        candidates = [np.flatnonzero(held[i] == held[i].max()) for i in shared]
+        chosen, load = owners_by_load(costs, candidates, load)
+    owners = [-1] * len(weights)
+    gather, scatter = Traffic.zeros(W), Traffic.zeros(W)
+    owned_in_node = np.zeros((W // mesh.inner, mesh.inner), dtype=np.int64)  # hsdp relay: [replica, shard]
+    for i, owner in zip(shared, chosen):
+        owners[i] = owner
+        p = held[i]
+        local += p
+        everyone = np.flatnonzero(p)
+        everyone = everyone[everyone != owner]
+        if mesh.kind == "hsdp":
+            # Each shard index's piece the owner lacks comes from one of its holders (one per
+            # replica): one in the owner's block of D consecutive ranks (D = the number of distinct
+            # non-empty pieces; the owner's own replica), then the one that has sent the least gather
+            # payload so far, then the lowest rank (muonkit.plan's rule).
+            S, start = mesh.inner, owner - owner % mesh.inner
+            block = max(1, int(np.count_nonzero(p[:S])))
+            senders = np.array([_sender(np.arange(j, W, S), owner, block, gather.sent) for j in range(S)
+                                if j != owner % S and p[j]], dtype=np.int64)
+            gather.add_many(senders, owner, p[senders], node)
+            group = start + np.flatnonzero(p[start : start + S])
+            group = group[group != owner]
+            if mesh.relay:
+                scatter.add_from(owner, group, p[group], node)
+                owned_in_node[owner // S] += p[:S]
+            else:
+                scatter.add_from(owner, everyone, p[everyone], node)
+        else:
+            gather.add_many(everyone, owner, p[everyone], node)
+            scatter.add_from(owner, everyone, p[everyone], node)
+    phases = {"gather": gather, "scatter": scatter}
+    if mesh.kind == "hsdp" and mesh.relay:
+        phases["relay"] = _ring(owned_in_node, mesh)
+    return Step(mesh, weights, owners, load, local, phases)
+
+
+def _sender(holders: np.ndarray, owner: int, block: int, sent: np.ndarray) -> int:
+    """The holder that sends a piece to `owner`: one in the owner's block of `block` consecutive ranks,
+    then the least sent so far, then the lowest rank."""
+    return int(holders[np.lexsort((holders, sent[holders], holders // block != owner // block))[0]])
+
+
+def _ring(owned: np.ndarray, mesh: Mesh) -> Traffic:
+    """hsdp relay: shard j's updated elements go around the ring of its R replicas, (a, j) -> (a + 1, j).
+    `owned[a, j]`: elements of shard j updated in replica a. Each chunk travels R - 1 hops, so rank
+    (a, j) forwards every chunk but its successor's, and receives every chunk but its own."""
+    R, S = owned.shape
+    total = owned.sum(axis=0)
+    traffic = Traffic.zeros(mesh.world)
+    for a in range(R):
+        for j in range(S):
+            src, dst = a * S + j, ((a + 1) % R) * S + j
+            traffic.add_from(src, np.array([dst]), np.array([total[j] - owned[(a + 1) % R, j]]), mesh.gpus_per_node)
+    return traffic
+
+
+# ------------------------------------------------------------------------------------ tables
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One model on one mesh: seconds of each part of the optimizer step and its share of the step."""
+
+    model: Model
+    mesh: Mesh
+    training_step: float
+    ns: float
+    load_balance: float
+    bytes_sent_max: float  # the busiest rank's bytes per step, float32 payload
+    exchange: float
+    exchange_bf16: float
+    elementwise: float
+
+    @property
+    def optimizer(self) -> float:
+        """Serial: the exchange, Newton-Schulz and the elementwise update one after another."""
+        return self.ns + self.exchange + self.elementwise
+
+    @property
+    def optimizer_bf16_overlapped(self) -> float:
+        """bfloat16 payload, the exchange hidden behind Newton-Schulz as far as it can be."""
+        return max(self.ns, self.exchange_bf16) + self.elementwise
+
+    @property
+    def share(self) -> float:
+        return self.optimizer / self.training_step
+
+    @property
+    def share_bf16(self) -> float:
+        return (self.ns + self.exchange_bf16 + self.elementwise) / self.training_step
+
+    @property
+    def share_bf16_overlapped(self) -> float:
+        return self.optimizer_bf16_overlapped / self.training_step
+
+
+def cell(model: Model, mesh: Mesh, hw: Hardware) -> Cell:
+    step = plan(model.weights(), mesh)
+    return Cell(model, mesh, hw.training_step(model, mesh.world), step.ns_seconds(hw), step.load_balance(),
+                float(step.bytes_sent(4).max()), step.exchange_seconds(hw, 4), step.exchange_seconds(hw, 2),
+                step.elementwise_seconds(hw))
+
+
+def markdown(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}" if seconds < 10 else f"{seconds * 1e3:.0f}"
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def shapes_table(models: Sequence[Model]) -> str:
+    rows = []
+    for m in models:
+        muon = sum(w.numel for w in m.weights())
+        experts = f"{m.experts} (top {m.top_k}, width {m.expert_ffn})" if m.experts else "-"
+        rows.append([m.name, m.source, m.hidden, m.layers, m.ffn or "-", m.heads, m.kv_heads, m.head_dim, m.vocab,
+                     "yes" if m.tied else "no", experts, f"{m.params() / 1e9:.2f} B", f"{m.active_params() / 1e9:.2f} B",
+                     f"{muon / 1e9:.2f} B", len(m.weights())])
+    return markdown(["model", "config", "hidden", "layers", "ffn", "heads", "kv heads", "head dim", "vocab", "tied",
+                     "experts", "params", "active", "Muon params", "Muon tensors"], rows)
+
+
+def share_table(cells: Sequence[Cell]) -> str:
+    rows = [[c.model.name, c.mesh.world, c.mesh.label(), f"{c.training_step:.2f}", f"{c.load_balance:.2f}", _ms(c.ns),
+             _bytes(c.bytes_sent_max), _ms(c.exchange), _ms(c.elementwise), _ms(c.optimizer),
+             f"**{100 * c.share:.2f}%**" if c.share > 0.03 else f"{100 * c.share:.2f}%",
+             f"{100 * c.share_bf16:.2f}%", f"{100 * c.share_bf16_overlapped:.2f}%"] for c in cells]
+    return markdown(["model", "GPUs", "mesh", "training step (s)", "NS max/mean", "NS (ms)", "bytes sent/rank (max)",
+                     "exchange (ms)", "elementwise (ms)", "optimizer (ms)", "share of step",
+                     "share, bf16 exchange", "share, bf16 + overlap"], rows)
+
+
+def moe_bytes_table(model: Model, worlds: Sequence[int]) -> str:
+    """Bytes the whole mesh sends per step (float32): the MoE with experts in place, with experts
+    shipped whole to an owner (today's 1D Shard(0) path), and its non-expert tensors alone."""
+    dense = [w for w in model.weights() if not w.expert]
+    rows = []
+    for world in worlds:
+        after = plan(model.weights(), Mesh("ep", world)).bytes_sent()
+        before = plan(model.weights(), Mesh("fsdp", world)).bytes_sent()
+        base = plan(dense, Mesh("fsdp", world)).bytes_sent()
+        rows.append([world, _bytes(base.sum()), _bytes(after.sum()), f"{after.sum() / base.sum():.2f}",
+                     _bytes(before.sum()), f"{before.sum() / base.sum():.1f}",
+                     _bytes(after.max()), _bytes(before.max())])
+    return markdown(["GPUs", "non-expert tensors alone", "MoE, experts in place (EP)", "ratio (target <= 1.1)",
+                     "MoE, experts shipped to owners (before)", "ratio", "per rank max, EP", "per rank max, before"],
+                    rows)
+
+
+def remedies_table(cells: Sequence[Cell], hw: Hardware) -> str:
+    """For each cell above 3%: its share with a bfloat16 exchange, with the exchange overlapped with
+    Newton-Schulz, and (hsdp) with the relay, also on a shard group of 64 ranks (8 nodes, R = W / 64)."""
+    rows = []
+    for c in cells:
+        if c.share <= 0.03:
+            continue
+        row = [c.model.name, c.mesh.world, c.mesh.label(), f"{100 * c.share:.2f}%", f"{100 * c.share_bf16:.2f}%",
+               f"{100 * c.share_bf16_overlapped:.2f}%"]
+        if c.mesh.kind == "hsdp":
+            relay = cell(c.model, replace(c.mesh, relay=True), hw)
+            wide = cell(c.model, replace(c.mesh, inner=64, relay=True), hw)
+            row += [f"{100 * relay.share:.2f}%", f"{100 * relay.share_bf16_overlapped:.2f}%",
+                    f"{100 * wide.share:.2f}%", f"{100 * wide.share_bf16_overlapped:.2f}%"]
+        else:
+            row += ["-"] * 4
+        rows.append(row)
+    return markdown(["model", "GPUs", "mesh", "float32", "bf16 exchange", "bf16 + overlap", "relay", "relay, bf16 + overlap",
+                     "relay, shard group 64", "relay, shard group 64, bf16 + overlap"], rows)
+
+
+def report(hw: Hardware, worlds: Sequence[int] = (8, 64, 512)) -> str:
+    dense = [MODELS[k] for k in ("llama-1b", "llama-8b", "llama-70b")]
+    moe = MODELS["moe-30b-a3b"]
+    cells = [cell(m, Mesh(kind, world), hw) for m in dense for world in worlds for kind in ("fsdp", "hsdp", "fsdp+tp")]
+    cells += [cell(moe, Mesh("ep", world), hw) for world in worlds]
+    over = [c for c in cells if c.share > 0.03]
+    slow = replace(hw, ns_efficiency=hw.ns_efficiency / 2, link_efficiency=hw.link_efficiency / 2)
+    slow_over = [c for c in (cell(c.model, c.mesh, slow) for c in cells) if c.share > 0.03]
+    parts = [
+        "### Shapes\n\n" + shapes_table([MODELS[k] for k in MODELS]),
+        "### The optimizer step as a share of the training step (float32 exchange unless named)\n\n" + share_table(cells),
+        f"Cells above 3% (float32, serial): {len(over)} of {len(cells)}"
+        + (": " + "; ".join(f"{c.model.name} {c.mesh.label()} on {c.mesh.world}: {100 * c.share:.1f}%" for c in over)
+           if over else "") + ". "
+        + f"At half the Newton-Schulz efficiency ({slow.ns_efficiency:g}) and half the link efficiency "
+        f"({slow.link_efficiency:g}): {len(slow_over)} of {len(cells)}"
+        + (": " + "; ".join(f"{c.model.name} {c.mesh.label()} on {c.mesh.world}: {100 * c.share:.1f}%"
+                            for c in slow_over) if slow_over else "") + ".",
+        "### What brings the cells above 3% under it\n\n" + remedies_table(cells, hw),
+        f"### MoE ({moe.name}): bytes the mesh sends per step, float32\n\n" + moe_bytes_table(moe, worlds),
+    ]
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="the cost model of docs/scaling.md, as markdown tables")
+    defaults = Hardware()
+    for name in ("ns_efficiency", "mfu", "link_efficiency"):
+        parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
+    parser.add_argument("--write", metavar="PATH", help=f"replace the block between {BEGIN} and {END} in PATH")
+    args = parser.parse_args(argv)
+    hw = replace(defaults, ns_efficiency=args.ns_efficiency, mfu=args.mfu, link_efficiency=args.link_efficiency)
+    changed = [name for name in ("ns_efficiency", "mfu", "link_efficiency") if getattr(hw, name) != getattr(defaults, name)]
+    options = "".join(f" --{name.replace('_', '-')} {getattr(hw, name):g}" for name in changed)
+    text = f"Generated by `python benchmarks/cost_model.py{options}`.\n\n{report(hw)}"
+    if args.write is None:
+        print(text)
+        return 0
+    with open(args.write) as f:
+        doc = f.read()
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"{args.write} has no {BEGIN} ... {END} block")
+    head, rest = doc.split(BEGIN, 1)
+    with open(args.write, "w") as f:
+        f.write(f"{head}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

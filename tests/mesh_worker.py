@@ -1,0 +1,376 @@
+"""What the N-D mesh tests run on 4 spawned gloo ranks (tests/test_mesh.py): a tiny Llama-like model
+placed on (2, 2) device meshes as torchtitan places it (HSDP; FSDP2 over tensor parallelism by
+`parallelize_module` then `fully_shard`; expert parallelism), fixed gradients, and per job the full
+parameters and state, the bytes sent per step and the minimum those placements allow.
+
+Job names are "mesh_worker:<kind>" or "mesh_worker:<kind>__<variant>" (tests/distributed_worker.py
+runs them); the variants are tests/distributed_worker.py's VARIANTS.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import distributed_worker as worker
+import muonkit
+from muonkit.distributed import load_checkpoint, save_checkpoint
+
+STEPS = 3
+# Gathering a snapshot of (_StridedShard, Shard) DTensors warns about sequential all_gathers.
+logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+DIM, HIDDEN, KV, EXPERTS, VOCAB = 32, 64, 16, 4, 48
+
+
+class Block(nn.Module):
+    """Attention and MLP projections of a Llama block (no attention math: the tests use fixed
+    gradients), a stack of experts (E, out, in), a 33-row projection (uneven pieces: 9, 9, 9, 6
+    rows on 4 ranks) and a 2-row one (empty pieces on some ranks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(DIM)
+        self.wq = nn.Linear(DIM, DIM, bias=False)
+        self.wk = nn.Linear(DIM, KV, bias=False)
+        self.wv = nn.Linear(DIM, KV, bias=False)
+        self.wo = nn.Linear(DIM, DIM, bias=False)
+        self.ffn_norm = nn.RMSNorm(DIM)
+        self.w1 = nn.Linear(DIM, HIDDEN, bias=False)
+        self.w2 = nn.Linear(HIDDEN, DIM, bias=False)
+        self.w3 = nn.Linear(DIM, HIDDEN, bias=False)
+        self.experts = nn.Parameter(torch.randn(EXPERTS, 16, DIM) / math.sqrt(DIM))
+        self.odd = nn.Linear(DIM, 33, bias=False)
+        self.narrow = nn.Linear(DIM, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.wo(self.wq(self.attention_norm(x)) + F.pad(self.wk(x) + self.wv(x), (0, DIM - KV)))
+        z = self.ffn_norm(h)
+        e = torch.einsum("bd,eod->beo", z, self.experts).mean(1)
+        return h + self.w2(F.silu(self.w1(z)) * self.w3(z)) + F.pad(e, (0, DIM - 16)) + self.odd(z)[:, :DIM] + \
+            F.pad(self.narrow(z), (0, DIM - 2))
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(VOCAB, DIM)
+        self.layers = nn.ModuleList([Block(), Block()])
+        self.norm = nn.RMSNorm(DIM)
+        self.output = nn.Linear(DIM, VOCAB, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h)
+        return self.output(self.norm(h))
+
+
+def make_model() -> Net:
+    torch.manual_seed(0)
+    return Net()
+
+
+def make_optimizer(model: nn.Module, process_group: Any = None, variant: str = "muon", **options: Any) -> muonkit.Muon:
+    return muonkit.Muon(muonkit.param_groups(model), lr=0.05, weight_decay=0.1, adamw_lr=0.01,
+                        process_group=process_group, **{**worker.VARIANTS[variant], **options})
+
+
+def mesh_2d(names: tuple[str, str]) -> Any:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (2, 2), mesh_dim_names=names)
+
+
+# ------------------------------------------------------------------------------- placements
+
+TP_PLAN = {"wq": "colwise", "wk": "colwise", "wv": "colwise", "wo": "rowwise", "w1": "colwise", "w3": "colwise",
+           "w2": "rowwise", "odd": "colwise", "narrow": "colwise"}
+
+
+def place_hsdp(model: Net) -> Any:
+    """HSDP: fully_shard on a (replicate, shard) mesh: (Replicate(), Shard(0))."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = mesh_2d(("replicate", "shard"))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return mesh
+
+
+def place_fsdp_tp(model: Net) -> Any:
+    """torchtitan's recipe: tensor parallelism on "tp" (colwise: Shard(0); rowwise: Shard(1)), then
+    fully_shard on "dp" ((_StridedShard(0), Shard(0)) and (Shard(0), Shard(1))). The experts are
+    left out of tensor parallelism: fully_shard puts them on the dp sub-mesh (Shard(0) over dp,
+    replicated over tp), whole matrices on every rank."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = mesh_2d(("dp", "tp"))
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    for layer in model.layers:
+        parallelize_module(layer, mesh["tp"], {name: styles[style]() for name, style in TP_PLAN.items()})
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    return mesh
+
+
+def place_ep(model: Net) -> Any:
+    """Expert parallelism: layer 0's experts (Replicate(), Shard(0)) on (dp, ep) (2 whole experts a
+    rank), layer 1's (Shard(0), Shard(0)) (1 a rank); every other parameter a plain tensor (DDP)."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = mesh_2d(("dp", "ep"))
+    for layer, placements in zip(model.layers, ([Replicate(), Shard(0)], [Shard(0), Shard(0)])):
+        layer.experts = nn.Parameter(distribute_tensor(layer.experts.detach(), mesh, placements, src_data_rank=None))
+    return mesh
+
+
+def place_fsdp(model: Net) -> Any:
+    """FSDP2 on a 1D mesh of 4, the mesh passed as process_group."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (4,), mesh_dim_names=("dp",))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return mesh
+
+
+PLACE = {"hsdp": place_hsdp, "fsdp_tp": place_fsdp_tp, "ep": place_ep, "fsdp": place_fsdp}
+
+
+# ------------------------------------------------------------------------------- gradients
+
+
+def fixed_grads(model: nn.Module, step: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for index, (name, p) in enumerate(model.named_parameters()):
+        out[name] = torch.randn(p.shape, generator=torch.Generator().manual_seed(1000 * step + index))
+    return out
+
+
+def set_grads(model: nn.Module, grads: dict[str, torch.Tensor]) -> None:
+    """p.grad = the full gradient placed as p is (torch's own split, no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for name, p in model.named_parameters():
+        g = grads[name]
+        if isinstance(p, DTensor):
+            g = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
+        p.grad = g
+
+
+def train_fixed(model: nn.Module, opt: muonkit.Muon, steps: range) -> list[int]:
+    """Fixed-gradient steps; the bytes this rank sent in each."""
+    sent = []
+    for step in steps:
+        set_grads(model, fixed_grads(model, step))
+        before = opt.bytes_sent
+        opt.step()
+        sent.append(opt.bytes_sent - before)
+    return sent
+
+
+def reference(steps: int = STEPS, variant: str = "muon", **options: Any) -> dict[str, torch.Tensor]:
+    model = make_model()
+    opt = make_optimizer(model, variant=variant, **options)
+    train_fixed(model, opt, range(steps))
+    return worker.snapshot(model, opt)
+
+
+def minimum_bytes(model: nn.Module, opt: muonkit.Muon) -> int:
+    """The exchange's minimum for this placement, from each rank's local sizes as torch placed them:
+    per tensor of N elements with p_r on rank r, the owner (a rank with a largest piece) receives
+    the N - p_o it lacks and returns every other rank its piece: N + sum p_r - 2 max p_r elements.
+    Tensors holding whole matrices everywhere (the experts here) send nothing."""
+    from torch.distributed.tensor import DTensor
+
+    sizes = []
+    for group in opt.param_groups:
+        if not group["use_muon"]:
+            continue
+        for p in group["params"]:
+            tensors = [p] + [v for k, v in opt.state[p].items() if k == "second_moment"]
+            for t in tensors:
+                local = t.to_local() if isinstance(t, DTensor) else t
+                sizes.append((t.numel(), local.numel(), local.element_size(), p.ndim == 3 and isinstance(p, DTensor)))
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, sizes)
+    total = 0
+    for per_rank in zip(*every):
+        numel, _, size, whole = per_rank[0]
+        if whole:
+            continue
+        pieces = [local for _, local, _, _ in per_rank]
+        total += size * (numel + sum(pieces) - 2 * max(pieces))
+    return total
+
+
+# ------------------------------------------------------------------------------------ jobs
+
+
+def _run(kind: str, variant: str = "muon", bucket_bytes: int | None = None, **options: Any) -> dict[str, Any]:
+    model = make_model()
+    mesh = PLACE[kind](model)
+    opt = make_optimizer(model, mesh, variant, **options)
+    if bucket_bytes is not None:
+        opt._distributed.bucket_bytes = bucket_bytes
+    sent = train_fixed(model, opt, range(STEPS))
+    return {"snapshot": worker.snapshot(model, opt), "sent": sent, "minimum": minimum_bytes(model, opt),
+            "plans_built": opt._distributed.plans_built,
+            "buckets": [len(plan.buckets) for plan in opt._distributed._plans.values()],
+            "placements": {n: repr(tuple(p.placements)) for n, p in model.named_parameters() if hasattr(p, "placements")}}
+
+
+def job(kind: str, rank: int, world: int, tmp: Path, variant: str = "muon") -> Any:
+    return _run(kind, variant)
+
+
+def buckets(rank: int, world: int, tmp: Path) -> Any:
+    """FSDP + TP with 4 KiB buckets: many exchanges in flight, overlapped with the owners' work."""
+    return _run("fsdp_tp", bucket_bytes=4096)
+
+
+def bf16(rank: int, world: int, tmp: Path) -> Any:
+    """exchange_dtype=torch.bfloat16 on FSDP + TP: each rank's local pieces (replicas must agree)."""
+    from torch.distributed.tensor import DTensor
+
+    out = _run("fsdp_tp", exchange_dtype=torch.bfloat16)
+    model = make_model()
+    mesh = place_hsdp(model)
+    opt = make_optimizer(model, mesh, exchange_dtype=torch.bfloat16)
+    out["hsdp_sent"] = train_fixed(model, opt, range(STEPS))
+    out["hsdp_local"] = {n: p.to_local().clone() for n, p in model.named_parameters() if isinstance(p, DTensor)}
+    out["hsdp_snapshot"] = worker.snapshot(model, opt)
+    return out
+
+
+def checkpoint_save(kind: str, rank: int, world: int, tmp: Path) -> Any:
+    model = make_model()
+    mesh = PLACE[kind](model)
+    opt = make_optimizer(model, mesh)
+    train_fixed(model, opt, range(STEPS))
+    save_checkpoint(tmp / f"mesh_{kind}", model, opt)
+    return True
+
+
+def resume(kind: str, source: str, rank: int, world: int, tmp: Path) -> Any:
+    model = make_model()
+    mesh = PLACE[kind](model)
+    opt = make_optimizer(model, mesh)
+    load_checkpoint(tmp / f"mesh_{source}", model, opt)
+    train_fixed(model, opt, range(STEPS, 2 * STEPS))
+    return worker.snapshot(model, opt)
+
+
+def safety(rank: int, world: int, tmp: Path) -> Any:
+    """Every rank takes the same decision: a NaN in one rank's piece skips the step everywhere; a
+    Muon parameter whose gradient is missing on one rank only raises on every rank, nothing changed;
+    a parameter without a gradient on every rank is left out and the plan rebuilt."""
+    model = make_model()
+    mesh = place_fsdp_tp(model)
+    opt = make_optimizer(model, mesh, nonfinite="skip")
+    out: dict[str, Any] = {}
+    train_fixed(model, opt, range(1))
+    grads = fixed_grads(model, 1)
+    grads["layers.0.wq.weight"][0, 0] = float("nan")  # on the ranks that hold row 0 only
+    set_grads(model, grads)
+    opt.step()
+    out["skipped"] = opt.skipped_steps
+    before = worker.snapshot(model, opt)
+    set_grads(model, fixed_grads(model, 1))
+    if rank == 1:
+        model.layers[1].w2.weight.grad = None
+    try:
+        opt.step()
+        out["missing"] = None
+    except ValueError as err:
+        out["missing"] = str(err)
+    out["unchanged"] = all(torch.equal(a, b) for a, b in zip(before.values(), worker.snapshot(model, opt).values()))
+    built = opt._distributed.plans_built
+    set_grads(model, fixed_grads(model, 1))
+    model.layers[1].w2.weight.grad = None
+    opt.step()
+    out["rebuilt"] = opt._distributed.plans_built - built
+    set_grads(model, fixed_grads(model, 2))
+    opt.step()
+    out["reused_old"] = opt._distributed.plans_built - built
+    return out
+
+
+def qkclip_fsdp_tp(rank: int, world: int, tmp: Path) -> Any:
+    """QK-Clip on q and k projections placed colwise on "tp" and fully_shard on "dp" (uneven
+    (_StridedShard(0), Shard(0)) pieces of 15 rows); each rank observes part of the maxima."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    mesh = mesh_2d(("dp", "tp"))
+    model = worker._qk_model()
+    parallelize_module(model, mesh["tp"], {"q": ColwiseParallel(), "k": ColwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    clip = muonkit.QKClip([(model.q.weight, model.k.weight, model.q.bias, model.k.bias)], heads=worker.QK_HEADS,
+                          tau=worker.QK_TAU, process_group=mesh)
+    clip.observe(0, worker.QK_OBSERVED[rank % 2])
+    (acted_on,) = clip.step()
+    return {"maxima": acted_on.tolist(), "weights": {n: worker.full(p) for n, p in model.named_parameters()},
+            "placements": [repr(tuple(p.placements)) for p in model.parameters()]}
+
+
+def muon8bit_rowwise_refused(rank: int, world: int, tmp: Path) -> Any:
+    """momentum_bits=8 on a rowwise (Shard(1)) piece: refused at construction, naming it."""
+    model = make_model()
+    mesh = place_fsdp_tp(model)
+    try:
+        make_optimizer(model, mesh, "muon8bit")
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def row_slices(rank: int, world: int, tmp: Path) -> Any:
+    """The bound update_many with `slices`: each rank holds dim-0 slices (3, 0, 5, 2 rows) of
+    tensors that are no parameter (the selected rows of sharded ones); its results must be its
+    rows of the single-process results."""
+    from muonkit.distributed import DistributedOrthogonalizer
+    from muonkit.functional import local_update_many
+    from muonkit.layout import resolve
+
+    sizes = (3, 0, 5, 2)
+    start = sum(sizes[:rank])
+    full = [torch.randn(10, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    parts = [f[start:start + sizes[rank]].clone() for f in full]
+    layouts = [resolve(None, 2)] * 3
+    exchange = DistributedOrthogonalizer(dist.group.WORLD)
+    bound = exchange.bind(method="polar_express", steps=5, dtype=None, params=parts, variant="muon")
+    got, _ = bound(parts, [None] * 3, layouts, [sizes] * 3)
+    want, _ = local_update_many(method="polar_express", steps=5, dtype=None, variant="muon", beta2=0.95,
+                                eps=1e-10)(full, [None] * 3, layouts)
+    return {"equal": all(torch.equal(g, w[start:start + sizes[rank]]) for g, w in zip(got, want)),
+            "sent": exchange.bytes_sent}
+
+
+KINDS = {"hsdp", "fsdp_tp", "ep", "fsdp"}
+
+
+def __getattr__(name: str) -> Any:
+    """mesh_worker.<kind>[__<variant>], checkpoint_save_<kind>, resume_<kind>_from_<source>."""
+    if name.startswith("checkpoint_save_"):
+        return functools.partial(checkpoint_save, name.removeprefix("checkpoint_save_"))
+    if name.startswith("resume_"):
+        kind, _, source = name.removeprefix("resume_").partition("_from_")
+        return functools.partial(resume, kind, source)
+    kind, _, variant = name.partition("__")
+    if kind in KINDS:
+        return functools.partial(job, kind, variant=variant or "muon")
+    raise AttributeError(name)

@@ -1,0 +1,485 @@
+"""Contracts of N-D device meshes (issue 21): muonkit.plan (pure: pieces, owners, the byte minimum,
+the cached plan) and 4 gloo ranks on (2, 2) meshes as torchtitan places a model (tests/mesh_worker.py).
+
+Oracles and tolerances:
+- `pieces_of` against torch's own split (each placement's `_split_tensor`, left to right) of an
+  index tensor: the same global indices in the same local order, exactly.
+- Multi-process jobs with the same fixed gradients on every rank equal one process BIT FOR BIT
+  (parameters and optimizer state, gathered on every rank, so every replica group is checked): the
+  owner of each matrix runs the same kernels on the same data; the matrices whose sides are multiples
+  of 8 do not depend on their batch position, the others are owned together.
+- bytes sent per step (all ranks together) equal the minimum computed in the worker from the local
+  sizes torch gave each rank: N + sum p_r - 2 max p_r per exchanged tensor, 0 for whole experts.
+- exchange_dtype=torch.bfloat16: within 2e-2 relative of one process (a bf16 rounding of U and of
+  the update, amplified by 3 orthogonalized steps), and every replica holds the same bits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import distributed_worker as worker
+import mesh_worker
+import muonkit
+import muonkit.plan
+from muonkit.distributed import load_checkpoint, save_checkpoint
+from muonkit.layout import resolve
+from muonkit.plan import (
+    Spec,
+    assign_owners,
+    blocks,
+    build_plan,
+    full_piece,
+    is_local,
+    minimum_elements,
+    piece_numel,
+    pieces_of,
+)
+
+SPAWN_TIMEOUT = 420.0
+KINDS = ["hsdp", "fsdp_tp", "ep", "fsdp"]
+VARIANT_JOBS = ["hsdp__normuon", "fsdp_tp__normuon", "fsdp_tp__adamuon", "ep__dion2", "hsdp__muon8bit",
+                "ep__normuon8bit"]
+CHECKPOINTS = ["checkpoint_save_hsdp", "checkpoint_save_fsdp_tp", "resume_fsdp_from_hsdp", "resume_hsdp_from_fsdp_tp",
+               "resume_fsdp_tp_from_one", "resume_ep_from_hsdp"]
+JOBS = [*KINDS, *VARIANT_JOBS, "buckets", "bf16", "safety", "qkclip_fsdp_tp", "muon8bit_rowwise_refused", "row_slices", *CHECKPOINTS]
+
+
+# --------------------------------------------------------------------------------- pieces (pure)
+
+
+def _torch_indices(shape, mesh_shape, placements, coordinate):
+    """The global flat indices a rank holds, by torch's own split of each placement, left to right."""
+    t = torch.arange(math.prod(shape)).view(shape)
+    for size, index, placement in zip(mesh_shape, coordinate, placements):
+        if placement.is_replicate():
+            continue
+        shards, _ = placement._split_tensor(t, size, with_padding=False)
+        t = shards[index] if index < len(shards) else t.narrow(placement.dim, 0, 0)
+    return t
+
+
+def _plain(placement):
+    name = type(placement).__name__
+    if name == "Replicate":
+        return ("R",)
+    if name == "_StridedShard":
+        return ("SS", placement.dim, placement.split_factor)
+    return ("S", placement.dim)
+
+
+def _indices(shape, piece):
+    full = torch.arange(math.prod(shape)).view(shape)
+    out = torch.empty([sum(b - a for a, b in ranges) for ranges in piece], dtype=torch.long)
+    for global_slices, local_slices in blocks(piece):
+        out[local_slices] = full[global_slices]
+    return out
+
+
+CASES = [  # (shape, mesh shape, placements)
+    ((8, 6), (2, 2), ("R", "S0")),
+    ((33, 6), (2, 2), ("SS0", "S0")),
+    ((15, 6), (2, 2), ("SS0", "S0")),
+    ((8, 6), (2, 2), ("S0", "S1")),
+    ((2, 6), (2, 2), ("SS0", "S0")),
+    ((3, 5), (4,), ("S0",)),
+    ((0, 5), (2, 2), ("S0", "S0")),
+    ((4, 8, 6), (2, 2), ("R", "S0")),
+    ((12, 7), (2, 3), ("SS0", "S0")),
+    ((12, 7), (2, 2, 2), ("R", "SS0", "S1")),
+    ((16, 1), (2, 2), ("S0", "S1")),
+]
+
+
+@pytest.mark.parametrize(("shape", "mesh_shape", "spec"), CASES)
+def test_pieces_follow_torch_placements(shape, mesh_shape, spec):
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    def placement(text):
+        if text == "R":
+            return Replicate()
+        if text.startswith("SS"):
+            return _StridedShard(int(text[2:]), split_factor=math.prod(mesh_shape[len(text):]) or 2)
+        return Shard(int(text[1:]))
+
+    placements = [placement(text) for text in spec]
+    if any(type(p).__name__ == "_StridedShard" for p in placements):
+        # FSDP2 over tensor parallelism: the split factor is the size of the mesh dims after it.
+        placements = [(_StridedShard(p.dim, split_factor=math.prod(mesh_shape[i + 1:]))
+                       if type(p).__name__ == "_StridedShard" else p) for i, p in enumerate(placements)]
+    mesh = torch.arange(math.prod(mesh_shape)).view(mesh_shape)
+    pieces = pieces_of(shape, mesh, [_plain(p) for p in placements])
+    for coordinate in itertools.product(*(range(s) for s in mesh_shape)):
+        want = _torch_indices(shape, mesh_shape, placements, coordinate)
+        got = _indices(shape, pieces[int(mesh[coordinate])])
+        assert got.shape == want.shape and torch.equal(got, want), (coordinate, got, want)
+
+
+def test_minimum_elements_per_mesh_kind():
+    """The formulas of docs/scaling.md per matrix of N elements on W = 4 ranks."""
+    shape, n = (8, 16), 128
+    mesh = torch.arange(4).view(2, 2)
+    kinds = {
+        "replicated": ((("R",), ("R",)), 3 * n),
+        "fsdp": ((("S", 0),), 2 * 3 * n // 4),
+        "hsdp": ((("R",), ("S", 0)), (2 * 2 + 2 - 2) * n // 2),
+        "fsdp_tp": ((("SS", 0, 2), ("S", 0)), 2 * 3 * n // 4),
+        "rowwise_tp": ((("S", 0), ("S", 1)), 2 * 3 * n // 4),
+    }
+    for kind, (placements, want) in kinds.items():
+        on = torch.arange(4) if len(placements) == 1 else mesh
+        pieces = pieces_of(shape, on, placements)
+        assert minimum_elements([pieces[r] for r in range(4)], 0) == want, kind
+
+
+def test_is_local_only_for_batch_axis_shards():
+    stacked, conv = resolve("stacked", 3), resolve(None, 2)
+    assert is_local((8, 16, 32), [("R",), ("S", 0)], stacked)
+    assert is_local((8, 16, 32), [("SS", 0, 2), ("S", 0)], stacked)
+    assert not is_local((8, 16, 32), [("S", 0), ("S", 1)], stacked)
+    assert not is_local((16, 32), [("S", 0)], conv)
+    assert not is_local((8, 16, 32), [("R",), ("R",)], stacked)
+
+
+# ------------------------------------------------------------------------------- owners (pure)
+
+
+def _linear_scan_owners(costs, world):
+    """The owner assignment before the heap (a scan of every rank per item), kept as the oracle."""
+    loads, counts, owners = [0.0] * world, [0] * world, [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world), key=lambda r: (loads[r], counts[r], r))
+        owners[i] = rank
+        loads[rank] += costs[i]
+        counts[rank] += 1
+    return owners
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8, 64, 512])
+@pytest.mark.parametrize("seed", range(4))
+def test_heap_gives_the_same_owners_as_the_linear_scan(world, seed):
+    rng = random.Random(seed)
+    costs = [rng.choice([0.0, 1.0, rng.random(), 4 * rng.random()]) for _ in range(rng.randint(0, 300))]
+    assert assign_owners(costs, world) == _linear_scan_owners(costs, world)
+
+
+def test_owners_respect_candidates_and_initial_loads():
+    owners = assign_owners([5.0, 4.0, 3.0, 2.0], 4, candidates=[[2, 3], None, [0], [3]], loads=[0.0, 0.0, 0.0, 10.0])
+    # Largest first: 5 onto rank 2 (of 2 and 3; 3 starts loaded), 4 onto the idle rank 0 (before 1),
+    # 3 onto rank 0, its only candidate, 2 onto rank 3, its only candidate.
+    assert owners == [2, 0, 0, 3]
+    # A rank already loaded by local work (experts) gets the items last.
+    assert 3 not in assign_owners([1.0] * 3, 4, loads=[0.0, 0.0, 0.0, 100.0])
+
+
+def _spec(shape, pieces, local=False):
+    return Spec(tuple(shape), torch.float32, tuple(pieces), 1, shape[-2], shape[-1], local)
+
+
+def test_plan_sends_the_minimum_and_balances():
+    """A mixed group: replicated, HSDP, FSDP+TP, rowwise TP and an expert stack on 4 ranks."""
+    mesh = torch.arange(4).view(2, 2)
+    tensors = [((64, 32), (("R",), ("R",))), ((64, 32), (("R",), ("S", 0))), ((48, 32), (("SS", 0, 2), ("S", 0))),
+               ((32, 64), (("S", 0), ("S", 1))), ((33, 16), (("SS", 0, 2), ("S", 0)))]
+    specs = []
+    for shape, placements in tensors:
+        by_rank = pieces_of(shape, mesh, placements)
+        specs.append(_spec(shape, [by_rank[r] for r in range(4)]))
+    experts = pieces_of((4, 16, 32), mesh, (("R",), ("S", 0)))
+    specs.append(Spec((4, 16, 32), torch.float32, tuple(experts[r] for r in range(4)), 4, 16, 32, True))
+    plan = build_plan(specs, [None] * len(specs), 4)
+    assert plan.local == [5] and plan.owners[5] == -1
+    for i, spec in enumerate(specs[:5]):
+        sizes = [piece_numel(p) for p in spec.pieces]
+        assert sizes[plan.owners[i]] == max(sizes), i  # the owner holds a largest piece
+    want = sum(minimum_elements(list(s.pieces), plan.owners[i]) for i, s in enumerate(specs[:5]))
+    assert sum(plan.sent_elements) == want
+    assert sum(plan.loads) > 0 and all(load > 0 for load in plan.loads)
+    # Small buckets: every exchanged tensor alone (the 33-row one is its shape's only member).
+    small = build_plan(specs, [None] * len(specs), 4, bucket_bytes=1)
+    assert sorted(i for b in small.buckets for i in b) == [0, 1, 2, 3, 4] and len(small.buckets) == 5
+    assert small.owners == plan.owners and small.sent_elements == plan.sent_elements
+
+
+def test_hsdp_pieces_come_from_the_owners_own_replica():
+    """HSDP, 2 replicas x 4 shards (shard innermost: ranks 0-3 are replica 0, one node): the owner
+    gets every piece it lacks from its own replica, even when a rank of the other replica is nearer
+    by number (owner 3: piece 0 from rank 0, not rank 4)."""
+    by_rank = pieces_of((64, 32), torch.arange(8).view(2, 4), (("R",), ("S", 0)))
+    spec = _spec((64, 32), [by_rank[r] for r in range(8)])
+    for owner in range(8):
+        senders = muonkit.plan._senders(spec, owner, [0] * 8)
+        assert len(senders) == 3 and all(r // 4 == owner // 4 for r in senders.values()), (owner, senders)
+    plan = build_plan([spec], [None], 8)
+    assert all(r // 4 == plan.owners[0] // 4 for r in plan.senders[0].values())
+
+
+def test_full_piece_and_empty_dims():
+    assert full_piece((3, 0)) == (((0, 3),), ())
+    assert piece_numel(full_piece((3, 0))) == 0
+
+
+# ------------------------------------------------------------------------- the cached plan (1 rank)
+
+
+@pytest.fixture
+def one_rank_group():
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_plan_is_reused_and_rebuilt_when_the_step_changes(one_rank_group):
+    model = mesh_worker.make_model()
+    opt = mesh_worker.make_optimizer(model, one_rank_group)
+    mesh_worker.train_fixed(model, opt, range(3))
+    assert opt._distributed.plans_built == 1  # one Muon group, three steps
+    mesh_worker.set_grads(model, mesh_worker.fixed_grads(model, 3))
+    model.layers[0].wq.weight.grad = None  # another list of stepping parameters
+    opt.step()
+    assert opt._distributed.plans_built == 2
+    mesh_worker.train_fixed(model, opt, range(4, 5))  # back to every parameter: the cached plan
+    assert opt._distributed.plans_built == 2
+    for group in opt.param_groups:  # another dtype of the updates
+        group["state_dtype"] = torch.float64
+    mesh_worker.train_fixed(model, opt, range(5, 6))
+    assert opt._distributed.plans_built == 3
+
+
+def test_exchange_dtype_is_checked(one_rank_group):
+    model = mesh_worker.make_model()
+    with pytest.raises(ValueError, match="exchange_dtype"):
+        mesh_worker.make_optimizer(model, one_rank_group, exchange_dtype=torch.int8)
+    with pytest.raises(ValueError, match="exchange_dtype=torch.bfloat16 .* needs a process_group"):
+        mesh_worker.make_optimizer(model, None, exchange_dtype=torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------- 4 gloo ranks
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mesh")
+    model = mesh_worker.make_model()
+    opt = mesh_worker.make_optimizer(model)
+    mesh_worker.train_fixed(model, opt, range(mesh_worker.STEPS))
+    save_checkpoint(tmp / "mesh_one", model, opt)
+    results = worker.spawn(4, [f"mesh_worker:{name}" for name in JOBS], tmp, SPAWN_TIMEOUT)
+    return {"ranks": results, "tmp": tmp}
+
+
+def _result(runs, job):
+    per_rank = [r[f"mesh_worker:{job}"] for r in runs["ranks"]]
+    for value in per_rank:
+        if isinstance(value, Exception):
+            pytest.fail(f"{job} on 4 processes raised:\n{value}")
+    return per_rank
+
+
+def _assert_equal(got, want):
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), f"{key}: max diff {(got[key] - want[key]).abs().max():.3g}"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return mesh_worker.reference()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_mesh_kind_equals_one_process_bit_for_bit(runs, reference, kind):
+    for result in _result(runs, kind):
+        _assert_equal(result["snapshot"], reference)
+
+
+@pytest.mark.slow
+def test_the_placements_are_the_ones_named(runs):
+    hsdp, fsdp_tp, ep = (_result(runs, kind)[0]["placements"] for kind in ("hsdp", "fsdp_tp", "ep"))
+    assert hsdp["layers.0.wq.weight"] == "(Replicate(), Shard(dim=0))"
+    assert fsdp_tp["layers.0.wq.weight"] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
+    assert fsdp_tp["layers.0.wo.weight"] == "(Shard(dim=0), Shard(dim=1))"
+    assert fsdp_tp["layers.0.experts"] == "(Shard(dim=0),)"  # on the dp sub-mesh
+    assert ep == {"layers.0.experts": "(Replicate(), Shard(dim=0))", "layers.1.experts": "(Shard(dim=0), Shard(dim=0))"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", [*KINDS, "hsdp__normuon", "fsdp_tp__normuon", "fsdp_tp__adamuon"])
+def test_bytes_sent_equal_the_minimum(runs, kind):
+    per_rank = _result(runs, kind)
+    for step in range(mesh_worker.STEPS):
+        assert sum(r["sent"][step] for r in per_rank) == per_rank[0]["minimum"], (step, [r["sent"] for r in per_rank])
+    for result in per_rank:
+        assert result["plans_built"] == 1
+    # Balanced: no rank sends more than 1.6x the mean.
+    sent = [r["sent"][0] for r in per_rank]
+    assert max(sent) <= 1.6 * sum(sent) / len(sent), sent
+
+
+@pytest.mark.slow
+def test_small_buckets_overlap_and_change_nothing(runs, reference):
+    """4 KiB buckets: each bucket's gather is started before the previous bucket's matrices are
+    orthogonalized, and its return left in flight; the result and the bytes are the same."""
+    per_rank = _result(runs, "buckets")
+    for result in per_rank:
+        assert result["buckets"][0] >= 10, result["buckets"]
+        _assert_equal(result["snapshot"], reference)
+    assert [sum(r["sent"][s] for r in per_rank) for s in range(mesh_worker.STEPS)] == [per_rank[0]["minimum"]] * 3
+
+
+@pytest.mark.slow
+def test_experts_are_orthogonalized_where_they_live(runs):
+    """Expert parallel: only the plain (replicated) matrices travel; the experts add nothing."""
+    per_rank = _result(runs, "ep")
+    model = mesh_worker.make_model()
+    plain = sum(4 * p.numel() for g in muonkit.param_groups(model) if g["use_muon"] for p in g["params"] if p.ndim == 2)
+    assert sum(r["sent"][0] for r in per_rank) == 3 * plain  # each owner to the 3 other ranks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", VARIANT_JOBS)
+def test_variants_on_new_placements_equal_one_process(runs, job):
+    variant = job.split("__")[1]
+    want = mesh_worker.reference(variant=variant)
+    for result in _result(runs, job):
+        _assert_equal(result["snapshot"], want)
+
+
+@pytest.mark.slow
+def test_8bit_momentum_refuses_rowwise_pieces(runs):
+    for message in _result(runs, "muon8bit_rowwise_refused"):
+        assert message is not None and "wo.weight" in message and "momentum_bits=8" in message and "Shard(dim=1)" in message
+
+
+@pytest.mark.slow
+def test_bfloat16_exchange_halves_the_bytes_and_replicas_agree(runs, reference):
+    per_rank = _result(runs, "bf16")
+    fsdp_tp = _result(runs, "fsdp_tp")
+    assert sum(r["sent"][0] for r in per_rank) * 2 == sum(r["sent"][0] for r in fsdp_tp)
+    for result in per_rank:
+        for snapshot in (result["snapshot"], result["hsdp_snapshot"]):
+            assert any(not torch.equal(snapshot[key], want) for key, want in reference.items())  # rounded
+            for key, want in reference.items():
+                torch.testing.assert_close(snapshot[key], want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    # HSDP replicas: ranks 0 and 2 (and 1 and 3) hold the same pieces, and the same bits.
+    for a, b in ((0, 2), (1, 3)):
+        for name, value in per_rank[a]["hsdp_local"].items():
+            assert torch.equal(value, per_rank[b]["hsdp_local"][name]), name
+
+
+@pytest.mark.slow
+def test_every_rank_takes_the_same_decision(runs):
+    for rank, result in enumerate(_result(runs, "safety")):
+        assert result["skipped"] == 1, rank
+        assert result["missing"] is not None and "'layers.1.w2.weight'" in result["missing"], rank
+        assert ("here: no gradient" if rank == 1 else "here: a gradient") in result["missing"], rank
+        assert result["unchanged"], rank
+        assert result["rebuilt"] == 1 and result["reused_old"] == 1, rank
+
+
+@pytest.mark.slow
+def test_dim0_slices_of_tensors_that_are_no_parameter(runs):
+    """update_many(..., slices): one owner assembles 10 rows from slices of 3, 0, 5 and 2 and returns
+    each rank its rows; sent: 2 (10 - 5) rows of 16 floats per tensor, 3 tensors."""
+    per_rank = _result(runs, "row_slices")
+    assert all(r["equal"] for r in per_rank)
+    assert sum(r["sent"] for r in per_rank) == 3 * 2 * (10 - 5) * 16 * 4
+
+
+@pytest.mark.slow
+def test_qkclip_on_fsdp_over_tensor_parallel_pieces(runs):
+    want = worker.qkclip_reference()
+    for result in _result(runs, "qkclip_fsdp_tp"):
+        assert result["placements"][0] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
+        assert result["maxima"] == want["maxima"]
+        for name, value in want["weights"].items():
+            assert torch.equal(result["weights"][name], value), name
+
+
+@pytest.fixture(scope="module")
+def reference_resumed():
+    return mesh_worker.reference(steps=2 * mesh_worker.STEPS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", [name for name in CHECKPOINTS if name.startswith("resume_")])
+def test_checkpoints_reshard_between_meshes(runs, reference_resumed, job):
+    _result(runs, "checkpoint_save_hsdp")
+    _result(runs, "checkpoint_save_fsdp_tp")
+    for result in _result(runs, job):
+        _assert_equal(result, reference_resumed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["hsdp", "fsdp_tp"])
+def test_mesh_checkpoints_resume_on_one_process(runs, reference_resumed, source):
+    _result(runs, f"checkpoint_save_{source}")
+    model = mesh_worker.make_model()
+    opt = mesh_worker.make_optimizer(model)
+    load_checkpoint(runs["tmp"] / f"mesh_{source}", model, opt)
+    mesh_worker.train_fixed(model, opt, range(mesh_worker.STEPS, 2 * mesh_worker.STEPS))
+    _assert_equal(worker.snapshot(model, opt), reference_resumed)
+
+
+@pytest.mark.slow
+def test_spawned_mesh_jobs_are_quick(runs):
+    for name in JOBS:
+        assert max(r[f"mesh_worker:{name}.seconds"] for r in runs["ranks"]) < 40.0, name
+
+
+# ---------------------------------------------------------------------- the torchrun example
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_distributed.py"
+
+
+def _torchrun(tmp_path: Path, processes: int, *args: str) -> str:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               str(EXAMPLE), "--log-every", "1", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _losses(output: str) -> dict[int, float]:
+    return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"step\s+(\d+)\s+train loss ([\d.]+)", output)}
+
+
+@pytest.mark.slow
+def test_torchrun_llama_fsdp_tp_trains_and_resumes_across_a_reshard(tmp_path):
+    """torchtitan's recipe on (dp 2, tp 2), then the checkpoint resharded onto HSDP (2 x 2) and onto
+    one process; the loss falls and each resumed run starts at step 5."""
+    checkpoint = tmp_path / "llama"
+    first = _torchrun(tmp_path, 4, "--mesh", "fsdp+tp", "--steps", "4", "--checkpoint", str(checkpoint))
+    losses = _losses(first)
+    assert "llama, fsdp+tp, 4 processes" in first and sorted(losses) == [1, 2, 3, 4], first
+    assert losses[4] < losses[1] - 0.1, losses
+    for processes, mesh in ((4, "hsdp"), (1, "fsdp")):
+        resumed = _losses(_torchrun(tmp_path, processes, "--mesh", mesh, "--steps", "6", "--resume", str(checkpoint)))
+        assert sorted(resumed) == [5, 6] and max(resumed.values()) < losses[1] - 0.1, (mesh, resumed)
+
+
+@pytest.mark.slow
+def test_torchrun_llama_expert_parallel_resumes_on_one_process(tmp_path):
+    checkpoint = tmp_path / "moe"
+    first = _torchrun(tmp_path, 2, "--mesh", "ep", "--steps", "3", "--checkpoint", str(checkpoint))
+    losses = _losses(first)
+    assert "llama, ep, 2 processes" in first and losses[3] < losses[1], losses
+    resumed = _losses(_torchrun(tmp_path, 1, "--mesh", "ep", "--steps", "5", "--resume", str(checkpoint)))
+    assert sorted(resumed) == [4, 5] and max(resumed.values()) < losses[1], resumed

@@ -300,7 +300,7 @@ class DistributedOrthogonalizer:
             if lengths[self.rank]:
                 torch.cat([tensors[i].reshape(-1) for i in items], out=buffer[: lengths[self.rank]])
             gathered = torch.empty(self.world_size * length, dtype=dtype, device=buffer.device)
-            dist.all_gather_into_tensor(gathered, buffer, group=self.group)
+            dist.all_gather_single(gathered, buffer, group=self.group)
             self.bytes_sent += (self.world_size - 1) * length * buffer.element_size()
             for i in items:
                 whole = tensors[i].new_empty((max(stop for _, stop in ranges[i]), *tensors[i].shape[1:]))

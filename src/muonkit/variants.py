@@ -139,9 +139,12 @@ class _Normalized(Variant):
         squares = torch.mul(O, O)
         v = torch.lerp(second_moment.to(dtype), self.squares(squares), 1.0 - beta2)
         # v = 0 only where O is 0 (a zero row or entry); with eps = 0 that would be 0 / 0, so the
-        # denominator is kept >= the smallest normal number (a no-op for any eps above it). H is
-        # written over O*O, which is no longer read: one O-sized temporary fewer, the same bits.
-        H = torch.div(O, v.sqrt().add_(eps).clamp_(min=torch.finfo(dtype).tiny), out=squares)
+        # denominator is kept >= the smallest normal number (a no-op for any eps above it).
+        denominator = v.sqrt().add_(eps).clamp_(min=torch.finfo(dtype).tiny)
+        if torch.compiler.is_compiling():  # compile cannot trace out= into a strided tensor; it fuses instead
+            H = O / denominator
+        else:  # written over O*O, which is no longer read: one O-sized temporary fewer, the same bits
+            H = torch.div(O, denominator, out=squares)
         norm_o = torch.linalg.vector_norm(O, dim=(-2, -1), keepdim=True)
         norm_h = torch.linalg.vector_norm(H, dim=(-2, -1), keepdim=True)
         # A zero O gives a zero H; the ratio is then 0 rather than 0 / 0.

@@ -1,5 +1,6 @@
 """Contracts of N-D device meshes (issue 21): muonkit.plan (pure: pieces, owners, the byte minimum,
-the cached plan) and 4 gloo ranks on (2, 2) meshes as torchtitan places a model (tests/mesh_worker.py).
+the cached plan) and 4 gloo ranks on (2, 2) meshes as torchtitan places a model, flattened sub-mesh
+dims included (tests/mesh_worker.py).
 
 Oracles and tolerances:
 - `pieces_of` against torch's own split (each placement's `_split_tensor`, left to right) of an
@@ -49,11 +50,15 @@ from muonkit.plan import (
 
 SPAWN_TIMEOUT = 420.0
 KINDS = ["hsdp", "fsdp_tp", "ep", "fsdp"]
+# Sub-meshes with flattened dims (torchtitan's `_flatten`): FSDP on "dp" = (dp_replicate, dp_shard) of
+# a (2, 2) mesh; HSDP on ("dp_replicate", "dp_shard_cp") of (1, 2, 2) and (2, 1, 2) meshes; FSDP + TP
+# with "dp" flattened from (1, 2) dims and two matrices on "dp" alone (2 of the 4 ranks).
+FLAT_KINDS = ["flat_fsdp", "hsdp_cp", "hsdp_cp_2x2", "flat_fsdp_tp"]
 VARIANT_JOBS = ["hsdp__normuon", "fsdp_tp__normuon", "fsdp_tp__adamuon", "ep__dion2", "hsdp__muon8bit",
                 "ep__normuon8bit"]
 CHECKPOINTS = ["checkpoint_save_hsdp", "checkpoint_save_fsdp_tp", "resume_fsdp_from_hsdp", "resume_hsdp_from_fsdp_tp",
                "resume_fsdp_tp_from_one", "resume_ep_from_hsdp"]
-JOBS = [*KINDS, *VARIANT_JOBS, "buckets", "bf16", "safety", "qkclip_fsdp_tp", "muon8bit_rowwise_refused", "row_slices", *CHECKPOINTS]
+JOBS = [*KINDS, *FLAT_KINDS, *VARIANT_JOBS, "buckets", "bf16", "safety", "qkclip_fsdp_tp", "muon8bit_rowwise_refused", "row_slices", *CHECKPOINTS]
 
 
 # --------------------------------------------------------------------------------- pieces (pure)
@@ -226,6 +231,26 @@ def test_hsdp_pieces_come_from_the_owners_own_replica():
     assert all(r // 4 == plan.owners[0] // 4 for r in plan.senders[0].values())
 
 
+def test_sub_meshes_with_flattened_dims_map_to_their_root_dims():
+    """`_copies_of`: every copy of a sub-mesh in its root mesh, read from the ranks alone. On a
+    (2, 2, 2) root of ranks 0-7 (dims a, b, c), rank 5's sub-meshes: "ac" = (a, c) flattened,
+    ("a", "bc") with "bc" flattened, and "b"."""
+    from muonkit.distributed import _copies_of
+
+    root = torch.arange(8).view(2, 2, 2)
+    assert _copies_of(torch.tensor([0, 1, 4, 5]), root).tolist() == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert _copies_of(torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]]), root).tolist() == [[[0, 1, 2, 3], [4, 5, 6, 7]]]
+    assert _copies_of(torch.tensor([5, 7]), root).tolist() == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    # A flattened dim's pieces are its own chunks: 5 rows on "ac" (4 ranks) are 2, 2, 1, 0 rows, not
+    # chunks of chunks (3 = 2 + 1, 2 = 1 + 1); the copies along b replicate them.
+    copies = _copies_of(torch.tensor([0, 1, 4, 5]), root)
+    pieces = pieces_of((5, 3), copies, (("R",), ("S", 0)))
+    assert [piece_numel(pieces[r]) // 3 for r in (0, 1, 4, 5)] == [2, 2, 1, 0]
+    assert all(pieces[r] == pieces[r - 2] for r in (2, 3, 6, 7))
+    with pytest.raises(ValueError, match="no slice of its root mesh"):
+        _copies_of(torch.tensor([1, 0, 5, 4]), root)  # c before a: not a row-major flattening
+
+
 def test_full_piece_and_empty_dims():
     assert full_piece((3, 0)) == (((0, 3),), ())
     assert piece_numel(full_piece((3, 0))) == 0
@@ -303,7 +328,7 @@ def reference():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, *FLAT_KINDS])
 def test_each_mesh_kind_equals_one_process_bit_for_bit(runs, reference, kind):
     for result in _result(runs, kind):
         _assert_equal(result["snapshot"], reference)
@@ -320,7 +345,23 @@ def test_the_placements_are_the_ones_named(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", [*KINDS, "hsdp__normuon", "fsdp_tp__normuon", "fsdp_tp__adamuon"])
+def test_the_flattened_sub_meshes_are_the_ones_named(runs):
+    """The flattened jobs place parameters on flattened dims (no named root dim of theirs)."""
+    got = {kind: _result(runs, kind)[0] for kind in FLAT_KINDS}
+    assert got["flat_fsdp"]["meshes"]["layers.0.wq.weight"] == ("dp",)
+    assert got["flat_fsdp"]["placements"]["layers.0.wq.weight"] == "(Shard(dim=0),)"
+    for kind in ("hsdp_cp", "hsdp_cp_2x2"):
+        assert got[kind]["meshes"]["layers.0.wq.weight"] == ("dp_replicate", "dp_shard_cp")
+        assert got[kind]["placements"]["layers.0.wq.weight"] == "(Replicate(), Shard(dim=0))"
+    tp = got["flat_fsdp_tp"]
+    assert tp["meshes"]["layers.0.wq.weight"] == ("dp", "tp")
+    assert tp["placements"]["layers.0.wq.weight"] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
+    assert tp["meshes"]["layers.0.odd.weight"] == ("dp",)  # 2 of the 4 ranks: replicated over "tp"
+    assert tp["placements"]["layers.0.odd.weight"] == "(Shard(dim=0),)"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", [*KINDS, *FLAT_KINDS, "hsdp__normuon", "fsdp_tp__normuon", "fsdp_tp__adamuon"])
 def test_bytes_sent_equal_the_minimum(runs, kind):
     per_rank = _result(runs, kind)
     for step in range(mesh_worker.STEPS):

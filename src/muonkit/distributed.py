@@ -147,7 +147,7 @@ class DistributedOrthogonalizer:
         self.bytes_sent = 0
         self.plans_built = 0
         self._plans: dict[tuple, ExchangePlan] = {}
-        self._meshes: dict[int, tuple[Any, Tensor, Any]] = {}  # id(mesh) -> (mesh, _mesh_ranks(mesh))
+        self._meshes: dict[int, tuple[Any, Tensor]] = {}  # id(mesh) -> (mesh, _mesh_ranks(mesh))
         self._pieces: dict[tuple, tuple[Piece, ...]] = {}
         self._device: torch.device | None = None  # where this step's tensors live (the buffers' device)
 
@@ -163,46 +163,39 @@ class DistributedOrthogonalizer:
             raise ValueError(f"{where} is a DTensor {err}; {SUPPORTED}") from None
 
     def _placed(self, p: Tensor) -> tuple[int, tuple[tuple, ...]]:
-        """(the id of p's mesh, p's placements on the mesh of the group's ranks). A DTensor on a
-        sub-mesh (FSDP2's dp mesh under tensor parallelism, for parameters left out of it) is
-        replicated along the other dims of its root mesh, whose ranks must be the group's."""
+        """(the id of p's mesh, p's placements on a mesh of all the group's ranks). A DTensor on a
+        sub-mesh (FSDP2's dp mesh under tensor parallelism, for parameters left out of it; a
+        flattened dim such as torchtitan's "dp_shard_cp") is replicated along the root mesh's other
+        dims, which come first (`_mesh_ranks`)."""
         mesh = p.device_mesh  # type: ignore[attr-defined]
         try:
             placements = placements_of(p)
         except ValueError as err:
             raise ValueError(f"with {err}") from None
         if id(mesh) not in self._meshes:
-            self._meshes[id(mesh)] = (mesh, *self._mesh_ranks(mesh))
-        _, ranks, dims = self._meshes[id(mesh)]
-        if dims is None:
-            return id(mesh), placements
-        on_root: list[tuple] = [("R",)] * ranks.ndim
-        for dim, placement in zip(dims, placements):
-            on_root[dim] = placement
-        return id(mesh), tuple(on_root)
+            self._meshes[id(mesh)] = (mesh, self._mesh_ranks(mesh))
+        ranks = self._meshes[id(mesh)][1]
+        return id(mesh), (("R",),) * (ranks.ndim - len(placements)) + tuple(placements)
 
-    def _mesh_ranks(self, mesh: Any) -> tuple[Tensor, tuple[int, ...] | None]:
-        """The group ranks of `mesh` (or of its root mesh) as a tensor of the mesh's shape, and the
-        root dim of each of its dims (None: the mesh itself spans the group)."""
+    def _mesh_ranks(self, mesh: Any) -> Tensor:
+        """The group ranks of `mesh` as a tensor of shape (*other, *mesh.shape): `mesh` itself when
+        its ranks are the group's; else every copy of the sub-mesh in its root mesh, along the
+        leading dims (the root dims it does not use, along which its DTensors are replicated). A dim
+        of the sub-mesh may span several root dims (a flattened dim: its coordinate runs over them
+        row-major), found from the ranks themselves, so named and flattened dims read alike."""
         group = sorted(self.ranks)
-        ranks = sorted(mesh.mesh.flatten().tolist())
-        target, dims = mesh, None
-        if ranks != group:
+        ranks = mesh.mesh
+        if sorted(ranks.flatten().tolist()) != group:
             root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else None
-            names = mesh.mesh_dim_names or ()
-            root_names = getattr(root, "mesh_dim_names", None) or ()
-            if (root is None or not names or any(name not in root_names for name in names)
-                    or sorted(root.mesh.flatten().tolist()) != group or root.ndim != len(root_names)):
+            if root is None or root is mesh or sorted(root.mesh.flatten().tolist()) != group:
                 raise ValueError(
-                    f"on a device mesh of ranks {ranks}, but Muon's process_group has ranks {group}; pass "
-                    "process_group=<the mesh> (Muon accepts a DeviceMesh of any number of dims) or its group, or "
-                    "the root mesh whose named sub-mesh it is"
+                    f"on a device mesh of ranks {sorted(ranks.flatten().tolist())}, but Muon's process_group has ranks "
+                    f"{group}; pass process_group=<the mesh> (Muon accepts a DeviceMesh of any number of dims) or its "
+                    "group, or the root mesh whose sub-mesh it is"
                 )
-            target, dims = root, tuple(root_names.index(name) for name in names)
-            if list(dims) != sorted(dims):
-                raise ValueError(f"on a sub-mesh {names} whose dims are not in the order of its root mesh {root_names}")
-        flat = torch.tensor([dist.get_group_rank(self.group, g) for g in target.mesh.flatten().tolist()])
-        return flat.view(target.mesh.shape), dims
+            ranks = _copies_of(ranks, root.mesh)
+        flat = torch.tensor([dist.get_group_rank(self.group, g) for g in ranks.flatten().tolist()])
+        return flat.view(ranks.shape)
 
     def agree(self, has_grad: Sequence[bool], finite: Tensor | None, device: torch.device) -> tuple[list[int], bool]:
         """One all_reduce: which parameters have a gradient on some ranks but not on all (their
@@ -473,6 +466,26 @@ class DistributedOrthogonalizer:
             self.bytes_sent += sum(send_sizes) * send.element_size()
             handles.append((work, send, list(recv.split(recv_sizes)), receives[dtype]))
         return handles
+
+
+def _copies_of(sub: Tensor, root: Tensor) -> Tensor:
+    """The ranks of every copy of sub-mesh `sub` (this rank's, as DeviceMesh.mesh gives it) in its
+    root mesh `root`, as a tensor of shape (copies, *sub.shape): each dim of `sub` runs row-major
+    over the root dims along which its ranks move (one for a named dim, several for a flattened
+    one), the copies over the remaining root dims. ValueError if `sub` is no such slice of `root`."""
+    position = {r: i for i, r in enumerate(root.flatten().tolist())}
+    grid = torch.stack(torch.meshgrid(*(torch.arange(n) for n in root.shape), indexing="ij"), -1).reshape(-1, root.ndim)
+    coordinates = grid[[position[r] for r in sub.flatten().tolist()]].view(*sub.shape, root.ndim)
+    spans = [[k for k in range(root.ndim) if bool((coordinates.diff(dim=d)[..., k] != 0).any())]
+             for d in range(sub.ndim)]
+    used = [k for span in spans for k in span]
+    others = [k for k in range(root.ndim) if k not in used]
+    copies = root.permute(*others, *used).reshape(-1, *sub.shape)
+    mine = [bool((copy == sub).all()) for copy in copies]
+    if len(set(used)) != len(used) or sum(mine) != 1:
+        raise ValueError(f"on a device mesh of ranks {sub.tolist()} that is no slice of its root mesh {root.tolist()} "
+                         "(each of its dims one or several root dims, flattened in order)")
+    return copies
 
 
 def _insert_(full: Tensor, piece: Piece, part: Tensor) -> None:

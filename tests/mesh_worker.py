@@ -282,7 +282,7 @@ def _run(kind: str, variant: str = "muon", bucket_bytes: int | None = None, **op
         opt._distributed.bucket_bytes = bucket_bytes
     sent = train_fixed(model, opt, range(STEPS))
     return {"snapshot": worker.snapshot(model, opt), "sent": sent, "minimum": minimum_bytes(model, opt),
-            "plans_built": opt._distributed.plans_built,
+            "plans_built": opt._distributed.plans_built, "plan": next(iter(opt._distributed._plans.values())),
             "buckets": [len(plan.buckets) for plan in opt._distributed._plans.values()],
             "placements": {n: repr(tuple(p.placements)) for n, p in model.named_parameters() if hasattr(p, "placements")},
             "meshes": {n: p.device_mesh.mesh_dim_names for n, p in model.named_parameters() if hasattr(p, "placements")}}
@@ -292,9 +292,13 @@ def job(kind: str, rank: int, world: int, tmp: Path, variant: str = "muon") -> A
     return _run(kind, variant)
 
 
-def buckets(rank: int, world: int, tmp: Path) -> Any:
-    """FSDP + TP with 4 KiB buckets: many exchanges in flight, overlapped with the owners' work."""
-    return _run("fsdp_tp", bucket_bytes=4096)
+def buckets(rank: int, world: int, tmp: Path, kind: str = "fsdp_tp") -> Any:
+    """4 KiB buckets (FSDP + TP; HSDP: each bucket's relays forward its results while the next
+    bucket is orthogonalized): many exchanges in flight, overlapped with the owners' work."""
+    return _run(kind, bucket_bytes=4096)
+
+
+buckets_hsdp = functools.partial(buckets, kind="hsdp")
 
 
 def bf16(rank: int, world: int, tmp: Path) -> Any:
@@ -364,13 +368,17 @@ def safety(rank: int, world: int, tmp: Path) -> Any:
     return out
 
 
-def qkclip_fsdp_tp(rank: int, world: int, tmp: Path) -> Any:
+def qkclip_fsdp_tp(rank: int, world: int, tmp: Path, flat: bool = False) -> Any:
     """QK-Clip on q and k projections placed colwise on "tp" and fully_shard on "dp" (uneven
-    (_StridedShard(0), Shard(0)) pieces of 15 rows); each rank observes part of the maxima."""
+    (_StridedShard(0), Shard(0)) pieces of 15 rows); each rank observes part of the maxima. `flat`:
+    "dp" flattened from ("dp_replicate", "dp_shard") of a (1, 2, 2) mesh."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
-    mesh = mesh_2d(("dp", "tp"))
+    if flat:
+        mesh = _flattened((1, 2, 2), ("dp_replicate", "dp_shard", "tp"), ("dp_replicate", "dp_shard"), "dp")
+    else:
+        mesh = mesh_2d(("dp", "tp"))
     model = worker._qk_model()
     parallelize_module(model, mesh["tp"], {"q": ColwiseParallel(), "k": ColwiseParallel()})
     fully_shard(model, mesh=mesh["dp"])
@@ -380,6 +388,9 @@ def qkclip_fsdp_tp(rank: int, world: int, tmp: Path) -> Any:
     (acted_on,) = clip.step()
     return {"maxima": acted_on.tolist(), "weights": {n: worker.full(p) for n, p in model.named_parameters()},
             "placements": [repr(tuple(p.placements)) for p in model.parameters()]}
+
+
+qkclip_flat_fsdp_tp = functools.partial(qkclip_fsdp_tp, flat=True)
 
 
 def muon8bit_rowwise_refused(rank: int, world: int, tmp: Path) -> Any:

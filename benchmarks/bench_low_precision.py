@@ -85,7 +85,7 @@ def main() -> None:
     reference = results["float32 parameters (reference)"][0]
     lines = [f"charlm GPT, muonkit.Muon lr {lr:g}, {args.steps} steps, mean of {args.seeds} seeds; "
              f"{environment()}, {time.strftime('%Y-%m-%d')}", "",
-             "| parameters and optimizer | final val loss | gap to float32 | entries changed per step (end) | opt ms/step |",
+             "| parameters and optimizer | final val loss (computed in float32) | gap to float32 | entries changed per step (end) | opt ms/step |",
              "|---|---|---|---|---|"]
     for name, (final, changed, ms) in results.items():
         lines.append(f"| {name} | {final:.4f} | {final - reference:+.4f} | {100 * changed:.1f}% | {ms:.1f} |")

@@ -14,17 +14,18 @@ muonkit.distributed.newton_schulz_flops, owners follow the rule of muonkit.distr
 
 The exchange, per Muon tensor of N elements held as pieces p_r on W ranks, one owner o over all
 ranks (muonkit.plan's counting, which `Muon.bytes_sent` follows since issue 21):
-the owner receives the pieces it lacks, N - p_o elements, each from one holder (gather), and sends
-every other holder its piece of the result, sum_{r != o} p_r (scatter). Per mesh kind:
+the owner receives the pieces it lacks, N - p_o elements, each from one holder (gather), and every
+other holder gets its piece of the result, sum_{r != o} p_r (return, relay): the owner sends each
+piece it lacked to the holder that sent it and its own piece to that piece's other holders, and
+each of those senders forwards its piece to the piece's other holders (muonkit.plan.returns). Per
+mesh kind:
 
 - fsdp: Shard(0) over W ranks; 2 (W - 1) / W N per tensor over all ranks.
 - fsdp+tp: FSDP over W / T ranks x tensor parallel over the T ranks of a node; the same bytes, W pieces.
 - hsdp: Replicate over R nodes x Shard(0) over the S ranks of a node; the owner gathers the S - 1
-  pieces it lacks (from its own replica, its node) and sends a piece to every other rank,
-  (R S + S - 2) / S N.
-  With `relay` (not muonkit's exchange: what would spread it) the owner sends only to its shard
-  group, and each rank passes the updated pieces of its shard around the ring of its R replicas (the
-  same bytes in all; each rank sends about N / S per step whichever nodes own the matrices).
+  pieces it lacks (from its own replica, its node), returns them there and its own piece to its R - 1
+  copies, and each rank of its replica forwards its piece to its R - 1 copies: (R S + S - 2) / S N
+  in all, the owner sending N instead of (R S - 1) / S N.
 - ep: fsdp for the tensors that are not experts; a stack of experts sharded on its expert axis (over
   min(W, experts) ranks, replicated beyond) is orthogonalized where it lives: no bytes.
 """
@@ -188,7 +189,6 @@ class Mesh:
     world: int
     inner: int = 8
     gpus_per_node: int = 8
-    relay: bool = False  # hsdp: the shard group forwards the result's pieces to its replicas
 
     def __post_init__(self) -> None:
         if self.kind not in MESH_KINDS:
@@ -197,8 +197,7 @@ class Mesh:
             raise ValueError(f"a {self.kind} mesh needs world ({self.world}) divisible by inner ({self.inner})")
 
     def label(self) -> str:
-        relay = ", relay" if self.relay else ""
-        return {"fsdp": "FSDP", "hsdp": f"HSDP ({self.world // self.inner} x {self.inner}{relay})",
+        return {"fsdp": "FSDP", "hsdp": f"HSDP ({self.world // self.inner} x {self.inner})",
                 "fsdp+tp": f"FSDP + TP{self.inner}", "ep": "FSDP + EP"}[self.kind]
 
 
@@ -334,9 +333,11 @@ def plan(weights: Sequence[Weight], mesh: Mesh, steps: int = NS_STEPS, *, today:
 
     One owner per tensor over all W ranks, among the ranks holding a largest piece, by Newton-Schulz
     FLOPs on top of each rank's local expert work. The owner receives every piece it lacks (one
-    holder sends each: in hsdp the owner's own replica, then the one that has sent the least so far) and sends every other holder its piece of the result (in hsdp with `mesh.relay`, the shard group forwards the pieces to its replicas
-    instead). `today=True`: muonkit before issue 21 (muonkit.distributed.assign_owners over all ranks,
-    experts shipped whole; its 1D Shard(0) path, so only for fsdp meshes).
+    holder sends each: in hsdp the owner's own replica, then the one that has sent the least so far);
+    every other holder gets its piece of the result from the owner ("return") or, in hsdp, from the
+    rank of the owner's replica that holds the same shard ("relay"). `today=True`: muonkit before
+    issue 21 (muonkit.distributed.assign_owners over all ranks, experts shipped whole; its 1D
+    Shard(0) path, so only for fsdp meshes).
     """
     if today and mesh.kind != "fsdp":
         raise ValueError(f"before issue 21 muonkit refused {mesh.kind} meshes; today=True needs kind 'fsdp'")
@@ -364,8 +365,7 @@ def plan(weights: Sequence[Weight], mesh: Mesh, steps: int = NS_STEPS, *, today:
         candidates = [np.flatnonzero(held[i] == held[i].max()) for i in shared]
         chosen, load = owners_by_load(costs, candidates, load)
     owners = [-1] * len(weights)
-    gather, scatter = Traffic.zeros(W), Traffic.zeros(W)
-    owned_in_node = np.zeros((W // mesh.inner, mesh.inner), dtype=np.int64)  # hsdp relay: [replica, shard]
+    gather, back, relay = Traffic.zeros(W), Traffic.zeros(W), Traffic.zeros(W)
     for i, owner in zip(shared, chosen):
         owners[i] = owner
         p = held[i]
@@ -377,24 +377,26 @@ def plan(weights: Sequence[Weight], mesh: Mesh, steps: int = NS_STEPS, *, today:
             # replica): one in the owner's block of D consecutive ranks (D = the number of distinct
             # non-empty pieces; the owner's own replica), then the one that has sent the least gather
             # payload so far, then the lowest rank (muonkit.plan's rule).
-            S, start = mesh.inner, owner - owner % mesh.inner
+            S = mesh.inner
             block = max(1, int(np.count_nonzero(p[:S])))
             senders = np.array([_sender(np.arange(j, W, S), owner, block, gather.sent) for j in range(S)
                                 if j != owner % S and p[j]], dtype=np.int64)
             gather.add_many(senders, owner, p[senders], node)
-            group = start + np.flatnonzero(p[start : start + S])
-            group = group[group != owner]
-            if mesh.relay:
-                scatter.add_from(owner, group, p[group], node)
-                owned_in_node[owner // S] += p[:S]
-            else:
-                scatter.add_from(owner, everyone, p[everyone], node)
+            # The result: each piece the owner lacked back to its sender, the owner's own piece to its
+            # copies in the other replicas; each sender forwards its piece to its copies.
+            copies = np.arange(owner % S, W, S)
+            copies = copies[copies != owner]
+            back.add_from(owner, np.concatenate([senders, copies]), np.concatenate([p[senders], p[copies]]), node)
+            for sender in senders:
+                others = np.arange(sender % S, W, S)
+                others = others[others != sender]
+                relay.add_from(int(sender), others, p[others], node)
         else:
             gather.add_many(everyone, owner, p[everyone], node)
-            scatter.add_from(owner, everyone, p[everyone], node)
-    phases = {"gather": gather, "scatter": scatter}
-    if mesh.kind == "hsdp" and mesh.relay:
-        phases["relay"] = _ring(owned_in_node, mesh)
+            back.add_from(owner, everyone, p[everyone], node)
+    phases = {"gather": gather, "return": back}
+    if relay.sent.any():
+        phases["relay"] = relay
     return Step(mesh, weights, owners, load, local, phases)
 
 
@@ -402,20 +404,6 @@ def _sender(holders: np.ndarray, owner: int, block: int, sent: np.ndarray) -> in
     """The holder that sends a piece to `owner`: one in the owner's block of `block` consecutive ranks,
     then the least sent so far, then the lowest rank."""
     return int(holders[np.lexsort((holders, sent[holders], holders // block != owner // block))[0]])
-
-
-def _ring(owned: np.ndarray, mesh: Mesh) -> Traffic:
-    """hsdp relay: shard j's updated elements go around the ring of its R replicas, (a, j) -> (a + 1, j).
-    `owned[a, j]`: elements of shard j updated in replica a. Each chunk travels R - 1 hops, so rank
-    (a, j) forwards every chunk but its successor's, and receives every chunk but its own."""
-    R, S = owned.shape
-    total = owned.sum(axis=0)
-    traffic = Traffic.zeros(mesh.world)
-    for a in range(R):
-        for j in range(S):
-            src, dst = a * S + j, ((a + 1) % R) * S + j
-            traffic.add_from(src, np.array([dst]), np.array([total[j] - owned[(a + 1) % R, j]]), mesh.gpus_per_node)
-    return traffic
 
 
 # ------------------------------------------------------------------------------------ tables
@@ -520,7 +508,7 @@ def moe_bytes_table(model: Model, worlds: Sequence[int]) -> str:
 
 def remedies_table(cells: Sequence[Cell], hw: Hardware) -> str:
     """For each cell above 3%: its share with a bfloat16 exchange, with the exchange overlapped with
-    Newton-Schulz, and (hsdp) with the relay, also on a shard group of 64 ranks (8 nodes, R = W / 64)."""
+    Newton-Schulz, and (hsdp) on a shard group of 64 ranks (8 nodes, R = W / 64)."""
     rows = []
     for c in cells:
         if c.share <= 0.03:
@@ -528,15 +516,13 @@ def remedies_table(cells: Sequence[Cell], hw: Hardware) -> str:
         row = [c.model.name, c.mesh.world, c.mesh.label(), f"{100 * c.share:.2f}%", f"{100 * c.share_bf16:.2f}%",
                f"{100 * c.share_bf16_overlapped:.2f}%"]
         if c.mesh.kind == "hsdp":
-            relay = cell(c.model, replace(c.mesh, relay=True), hw)
-            wide = cell(c.model, replace(c.mesh, inner=64, relay=True), hw)
-            row += [f"{100 * relay.share:.2f}%", f"{100 * relay.share_bf16_overlapped:.2f}%",
-                    f"{100 * wide.share:.2f}%", f"{100 * wide.share_bf16_overlapped:.2f}%"]
+            wide = cell(c.model, replace(c.mesh, inner=64), hw)
+            row += [f"{100 * wide.share:.2f}%", f"{100 * wide.share_bf16_overlapped:.2f}%"]
         else:
-            row += ["-"] * 4
+            row += ["-"] * 2
         rows.append(row)
-    return markdown(["model", "GPUs", "mesh", "float32", "bf16 exchange", "bf16 + overlap", "relay", "relay, bf16 + overlap",
-                     "relay, shard group 64", "relay, shard group 64, bf16 + overlap"], rows)
+    return markdown(["model", "GPUs", "mesh", "float32", "bf16 exchange", "bf16 + overlap", "shard group 64",
+                     "shard group 64, bf16 + overlap"], rows)
 
 
 def report(hw: Hardware, worlds: Sequence[int] = (8, 64, 512)) -> str:

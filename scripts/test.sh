@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The test suite (CPU), with the extras its tests exercise: the bench extra (numpy, matplotlib, tqdm),
-# pytest and hypothesis, tensorboard, and
+# pytest, pytest-xdist and hypothesis, tensorboard, and
 # transformers, accelerate and lightning (tests/test_integrations.py). Extra arguments pass through to pytest.
+# Two pytest-xdist workers, one per core (each test runs torch on one thread, tests/conftest.py);
+# `--dist loadfile` keeps each file on one worker, so a module-scoped fixture is computed once (the
+# spawned gloo ranks, shared by four files, once per run: tests/conftest.py). `-n 0`: one process.
 extras="bench,test,tensorboard,integrations"
-needed="numpy matplotlib tqdm pytest hypothesis build tensorboard transformers accelerate lightning peft"
+needed="numpy matplotlib tqdm pytest xdist hypothesis build tensorboard transformers accelerate lightning peft"
 source "$(dirname "$0")/setup.sh"
 cd "$root"
-exec python -m pytest -q "$@"
+exec python -m pytest -q -n 2 --dist loadfile "$@"

@@ -29,3 +29,44 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "muonkit"))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# Ranks still running after this are killed (TimeoutError): the whole spawn is ~30-60 s on 2 quiet cores.
+SPAWN_TIMEOUT = 600.0
+
+
+@pytest.fixture(scope="session")
+def spawned(tmp_path_factory):
+    """The jobs of every test module (distributed_worker.SPAWNED_JOBS), run by one spawn of 2 and one
+    of 4 gloo ranks for the whole run: each rank pays its start (a Python process, torch, gloo) once
+    rather than once per module, and a job's failure fails only the tests that read it.
+    {2: [rank 0's {job: result or error}, rank 1's], 4: [...], "tmp": the shared folder}. The
+    1-process checkpoints the resume jobs read are saved here first; the 2-rank ones by the 2-rank
+    spawn, which runs before the 4-rank one.
+
+    Under pytest-xdist (scripts/test.sh) the workers share one spawn: the first to need it runs it
+    while holding a lock in the run's common temporary folder; the others wait, then read its
+    result files (pytest-xdist's documented recipe for a session fixture computed once)."""
+    import fcntl
+
+    import distributed_worker as worker
+    from muonkit.distributed import save_checkpoint
+
+    base = tmp_path_factory.getbasetemp()
+    common = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    tmp = common / "spawned"
+    with open(common / "spawned.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (tmp / "done").exists():
+            tmp.mkdir(exist_ok=True)
+            for variant in ("muon", "muon8bit", "normuon8bit"):
+                model = worker.make_model()
+                opt = worker.make_optimizer(model, variant=variant)
+                worker.train_fixed(model, opt, range(worker.STEPS))
+                save_checkpoint(tmp / worker.checkpoint_name(1, variant), model, opt)
+            for world in (2, 4):
+                worker.spawn(world, worker.SPAWNED_JOBS[world], tmp, SPAWN_TIMEOUT)
+            (tmp / "done").touch()
+    results = {world: worker.load_results(world, tmp) for world in (2, 4)}
+    results["tmp"] = tmp
+    return results

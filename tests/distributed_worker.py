@@ -534,6 +534,35 @@ def job(name: str) -> Callable[[int, int, Path], Any]:
     return JOBS[name]
 
 
+# The jobs the test modules read, in the order each world size runs them (tests/conftest.py `spawned`:
+# one spawn per world size for the whole session). Checkpoint names carry the variant, so every
+# module's jobs share one folder.
+SPAWNED_JOBS = {
+    2: [
+        # test_distributed.py
+        "replicated", "fsdp", "bytes", "ddp_data", "fsdp_data", "param_groups", "errors", "checkpoint_save",
+        "resume_from_1", "replicated_normuon", "fsdp_normuon", "replicated_adamuon", "fsdp_adamuon",
+        "checkpoint_save_normuon", "fsdp_nonfinite_skip",
+        # test_dion2.py
+        "replicated_dion2", "replicated_nordion2", "bytes_variants", "fsdp_dion2_refused",
+        # test_momentum_bits.py
+        *[f"{kind}_{v}" for v in ("muon8bit", "normuon8bit") for kind in ("replicated", "fsdp", "checkpoint_save")],
+        *[f"resume_{v}_from_1" for v in ("muon8bit", "normuon8bit")],
+        # test_qkclip.py
+        "qkclip_replicated", "qkclip_fsdp",
+    ],
+    4: [
+        # test_distributed.py
+        "replicated", "fsdp", "ddp_data", "fsdp_data", "resume_from_2", "fsdp_normuon", "resume_normuon_from_2",
+        # test_dion2.py
+        "replicated_dion2", "replicated_nordion2", "bytes_variants", "fsdp_dion2_refused",
+        # test_momentum_bits.py
+        *[f"{kind}_{v}" for v in ("muon8bit", "normuon8bit") for kind in ("replicated", "fsdp")],
+        *[f"resume_{v}_from_{s}" for v in ("muon8bit", "normuon8bit") for s in (1, 2)],
+    ],
+}
+
+
 def spawn(world: int, jobs: list[str], tmp: Path, timeout: float) -> list[dict]:
     """Run `jobs` on `world` spawned gloo ranks (`run` below); each rank's {job: result or error}.
     Ranks still alive after `timeout` seconds are killed and TimeoutError is raised."""
@@ -549,6 +578,11 @@ def spawn(world: int, jobs: list[str], tmp: Path, timeout: float) -> list[dict]:
         for process in context.processes:
             if process.is_alive():
                 process.kill()
+    return load_results(world, tmp)
+
+
+def load_results(world: int, tmp: Path) -> list[dict]:
+    """Each rank's {job: result or error} of the `world`-rank run that wrote them to `tmp`."""
     return [torch.load(tmp / f"result_{world}_{rank}.pt", weights_only=False) for rank in range(world)]
 
 

@@ -1,6 +1,7 @@
 """What the N-D mesh tests run on 4 spawned gloo ranks (tests/test_mesh.py): a tiny Llama-like model
 placed on (2, 2) device meshes as torchtitan places it (HSDP; FSDP2 over tensor parallelism by
-`parallelize_module` then `fully_shard`; expert parallelism), fixed gradients, and per job the full
+`parallelize_module` then `fully_shard`; expert parallelism; sub-meshes with flattened dims such as
+"dp_shard_cp"), fixed gradients, and per job the full
 parameters and state, the bytes sent per step and the minimum those placements allow.
 
 Job names are "mesh_worker:<kind>" or "mesh_worker:<kind>__<variant>" (tests/distributed_worker.py
@@ -147,7 +148,60 @@ def place_fsdp(model: Net) -> Any:
     return mesh
 
 
-PLACE = {"hsdp": place_hsdp, "fsdp_tp": place_fsdp_tp, "ep": place_ep, "fsdp": place_fsdp}
+def _flattened(shape: tuple[int, ...], names: tuple[str, ...], flatten: tuple[str, ...], name: str) -> Any:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+    mesh[flatten]._flatten(name)
+    return mesh
+
+
+def place_flat_fsdp(model: Net) -> Any:
+    """FSDP2 on "dp", a (2, 2) ("dp_replicate", "dp_shard") mesh flattened (torchtitan without HSDP):
+    Shard(0) over 4 ranks, on a sub-mesh whose one dim spans two root dims."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = _flattened((2, 2), ("dp_replicate", "dp_shard"), ("dp_replicate", "dp_shard"), "dp")
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    return mesh
+
+
+def _place_hsdp_cp(model: Net, shape: tuple[int, int, int]) -> Any:
+    """torchtitan's HSDP with context parallelism: fully_shard on ("dp_replicate", "dp_shard_cp"),
+    "dp_shard_cp" the flattened ("dp_shard", "cp") of a 3-D mesh."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = _flattened(shape, ("dp_replicate", "dp_shard", "cp"), ("dp_shard", "cp"), "dp_shard_cp")
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh["dp_replicate", "dp_shard_cp"])
+    fully_shard(model, mesh=mesh["dp_replicate", "dp_shard_cp"])
+    return mesh
+
+
+def place_flat_fsdp_tp(model: Net) -> Any:
+    """FSDP2 over tensor parallelism with a flattened data-parallel dim: a (1, 2, 2) ("dp_replicate",
+    "dp_shard", "tp") mesh, "dp" = ("dp_replicate", "dp_shard") flattened; tensor parallel on "tp",
+    fully_shard on "dp". `odd` and `narrow` are left out of tensor parallelism (as torchtitan leaves
+    a router): they live on "dp" alone, a flattened sub-mesh of 2 of the 4 ranks."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = _flattened((1, 2, 2), ("dp_replicate", "dp_shard", "tp"), ("dp_replicate", "dp_shard"), "dp")
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    for layer in model.layers:
+        parallelize_module(layer, mesh["tp"], {name: styles[style]() for name, style in TP_PLAN.items()
+                                               if name not in ("odd", "narrow")})
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    return mesh
+
+
+PLACE = {"hsdp": place_hsdp, "fsdp_tp": place_fsdp_tp, "ep": place_ep, "fsdp": place_fsdp, "flat_fsdp": place_flat_fsdp,
+         "hsdp_cp": functools.partial(_place_hsdp_cp, shape=(1, 2, 2)),
+         "hsdp_cp_2x2": functools.partial(_place_hsdp_cp, shape=(2, 1, 2)), "flat_fsdp_tp": place_flat_fsdp_tp}
 
 
 # ------------------------------------------------------------------------------- gradients
@@ -228,18 +282,23 @@ def _run(kind: str, variant: str = "muon", bucket_bytes: int | None = None, **op
         opt._distributed.bucket_bytes = bucket_bytes
     sent = train_fixed(model, opt, range(STEPS))
     return {"snapshot": worker.snapshot(model, opt), "sent": sent, "minimum": minimum_bytes(model, opt),
-            "plans_built": opt._distributed.plans_built,
+            "plans_built": opt._distributed.plans_built, "plan": next(iter(opt._distributed._plans.values())),
             "buckets": [len(plan.buckets) for plan in opt._distributed._plans.values()],
-            "placements": {n: repr(tuple(p.placements)) for n, p in model.named_parameters() if hasattr(p, "placements")}}
+            "placements": {n: repr(tuple(p.placements)) for n, p in model.named_parameters() if hasattr(p, "placements")},
+            "meshes": {n: p.device_mesh.mesh_dim_names for n, p in model.named_parameters() if hasattr(p, "placements")}}
 
 
 def job(kind: str, rank: int, world: int, tmp: Path, variant: str = "muon") -> Any:
     return _run(kind, variant)
 
 
-def buckets(rank: int, world: int, tmp: Path) -> Any:
-    """FSDP + TP with 4 KiB buckets: many exchanges in flight, overlapped with the owners' work."""
-    return _run("fsdp_tp", bucket_bytes=4096)
+def buckets(rank: int, world: int, tmp: Path, kind: str = "fsdp_tp") -> Any:
+    """4 KiB buckets (FSDP + TP; HSDP: each bucket's relays forward its results while the next
+    bucket is orthogonalized): many exchanges in flight, overlapped with the owners' work."""
+    return _run(kind, bucket_bytes=4096)
+
+
+buckets_hsdp = functools.partial(buckets, kind="hsdp")
 
 
 def bf16(rank: int, world: int, tmp: Path) -> Any:
@@ -309,13 +368,17 @@ def safety(rank: int, world: int, tmp: Path) -> Any:
     return out
 
 
-def qkclip_fsdp_tp(rank: int, world: int, tmp: Path) -> Any:
+def qkclip_fsdp_tp(rank: int, world: int, tmp: Path, flat: bool = False) -> Any:
     """QK-Clip on q and k projections placed colwise on "tp" and fully_shard on "dp" (uneven
-    (_StridedShard(0), Shard(0)) pieces of 15 rows); each rank observes part of the maxima."""
+    (_StridedShard(0), Shard(0)) pieces of 15 rows); each rank observes part of the maxima. `flat`:
+    "dp" flattened from ("dp_replicate", "dp_shard") of a (1, 2, 2) mesh."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
-    mesh = mesh_2d(("dp", "tp"))
+    if flat:
+        mesh = _flattened((1, 2, 2), ("dp_replicate", "dp_shard", "tp"), ("dp_replicate", "dp_shard"), "dp")
+    else:
+        mesh = mesh_2d(("dp", "tp"))
     model = worker._qk_model()
     parallelize_module(model, mesh["tp"], {"q": ColwiseParallel(), "k": ColwiseParallel()})
     fully_shard(model, mesh=mesh["dp"])
@@ -325,6 +388,9 @@ def qkclip_fsdp_tp(rank: int, world: int, tmp: Path) -> Any:
     (acted_on,) = clip.step()
     return {"maxima": acted_on.tolist(), "weights": {n: worker.full(p) for n, p in model.named_parameters()},
             "placements": [repr(tuple(p.placements)) for p in model.parameters()]}
+
+
+qkclip_flat_fsdp_tp = functools.partial(qkclip_fsdp_tp, flat=True)
 
 
 def muon8bit_rowwise_refused(rank: int, world: int, tmp: Path) -> Any:
@@ -360,7 +426,7 @@ def row_slices(rank: int, world: int, tmp: Path) -> Any:
             "sent": exchange.bytes_sent}
 
 
-KINDS = {"hsdp", "fsdp_tp", "ep", "fsdp"}
+KINDS = set(PLACE)
 
 
 def __getattr__(name: str) -> Any:
@@ -374,3 +440,4 @@ def __getattr__(name: str) -> Any:
     if kind in KINDS:
         return functools.partial(job, kind, variant=variant or "muon")
     raise AttributeError(name)
+

@@ -21,29 +21,27 @@ import cost_model as cm  # noqa: E402
 def test_two_by_two_hsdp_of_two_matrices_by_hand():
     """(Replicate, Shard(0)) on ranks [[0, 1], [2, 3]], two ranks per node. A (16 x 8, 5 x 5120 FLOPs)
     goes to rank 0, B (8 x 8, 5 x 3072) to the least-loaded rank 1. Each rank holds half the rows.
-    A: rank 1 sends its 64 elements to 0; 0 sends a 64-element piece to each of 1, 2, 3.
-    B: rank 0 sends its 32 to 1; 1 sends a 32-element piece to each of 0, 2, 3."""
+    A: rank 1 sends its 64 elements to 0; 0 returns them to 1 and its own 64 to its copy, rank 2;
+    rank 1 relays its 64 to its copy, rank 3. B: rank 0 sends its 32 to 1; 1 returns them to 0 and
+    its own 32 to rank 3; rank 0 relays its 32 to rank 2."""
     a, b = cm.Weight("a", (16, 8)), cm.Weight("b", (8, 8))
     step = cm.plan([a, b], cm.Mesh("hsdp", 4, inner=2, gpus_per_node=2))
     assert step.owners == [0, 1]
     assert step.ns_load.tolist() == [5 * 5120, 5 * 3072, 0, 0]
-    assert step.bytes_sent(4).tolist() == [4 * (3 * 64 + 32), 4 * (64 + 3 * 32), 0, 0]
-    assert step.bytes_sent(2).tolist() == [2 * 224, 2 * 160, 0, 0]
-    gather, scatter = step.phases["gather"], step.phases["scatter"]
+    assert step.bytes_sent(4).tolist() == [4 * (32 + 128 + 32), 4 * (64 + 64 + 64), 0, 0]
+    assert step.bytes_sent(2).tolist() == [2 * 192, 2 * 192, 0, 0]
+    gather, back, relay = step.phases["gather"], step.phases["return"], step.phases["relay"]
     assert gather.sent_intra.tolist() == [32, 64, 0, 0] and not gather.sent_inter.any()
-    # The owners' pieces for the other node cross it; the one for the shard-group peer stays inside.
-    assert scatter.sent_intra.tolist() == [64, 32, 0, 0]
-    assert scatter.sent_inter.tolist() == [128, 64, 0, 0]
-    assert scatter.recv_inter.tolist() == [0, 0, 96, 96]
-    # The interface's formula: (R S + S - 2) / S N elements per matrix, all ranks together.
-    assert step.bytes_sent(1).sum() == (4 + 2 - 2) / 2 * (128 + 64)
-    # The relay: the owners return pieces inside their shard group (A's 64 to rank 1, B's 32 to
-    # rank 0), then ranks 0 and 1 each pass their 96 updated elements to their replica (2, 3).
-    relay = cm.plan([a, b], cm.Mesh("hsdp", 4, inner=2, gpus_per_node=2, relay=True))
-    assert relay.phases["scatter"].sent.tolist() == [64, 32, 0, 0]
-    assert relay.phases["relay"].sent_inter.tolist() == [96, 96, 0, 0]
-    assert relay.phases["relay"].recv_inter.tolist() == [0, 0, 96, 96]
-    assert relay.bytes_sent(1).sum() == step.bytes_sent(1).sum()
+    # Each owner's piece for its shard-group peer stays inside the node; its own piece's copy and
+    # the relayed pieces cross it.
+    assert back.sent_intra.tolist() == [64, 32, 0, 0]
+    assert back.sent_inter.tolist() == [64, 32, 0, 0]
+    assert back.recv_inter.tolist() == [0, 0, 64, 32]
+    assert relay.sent_inter.tolist() == [32, 64, 0, 0] and not relay.sent_intra.any()
+    assert relay.recv_inter.tolist() == [0, 0, 32, 64]
+    # The interface's formula: (R S + S - 2) / S N elements per matrix, all ranks together, as a
+    # direct return from the owners would send ([224, 160]: the relay evens it out).
+    assert step.bytes_sent(1).sum() == (4 + 2 - 2) / 2 * (128 + 64) == 224 + 160
 
 
 def test_fsdp_uneven_and_empty_shards_by_hand():

@@ -298,11 +298,8 @@ def test_bad_options_are_refused_naming_the_group_and_value_before_anything_chan
 import distributed_worker as worker  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def spawned(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dion2")
-    jobs = ["replicated_dion2", "replicated_nordion2", "bytes_variants", "fsdp_dion2_refused"]
-    return {world: worker.spawn(world, jobs, tmp, 300.0) for world in (2, 4)}
+# `spawned` (tests/conftest.py): the session's 2- and 4-rank runs of distributed_worker.SPAWNED_JOBS,
+# which hold this module's jobs (replicated_dion2, replicated_nordion2, bytes_variants, fsdp_dion2_refused).
 
 
 def _per_rank(spawned, world, job):

@@ -11,8 +11,8 @@ Oracles and tolerances:
   from the single-process full-batch gradient by float32 summation order, so parameters agree to
   atol 1e-5 (a few float32 ulps of the gradient, amplified by 3 orthogonalized steps).
 
-The spawned runs (tests/distributed_worker.py) happen once per module: one 2-process and one
-4-process job list, each ~15-30 s on 2 shared cores.
+The spawned runs (tests/distributed_worker.py) happen once per session for every module
+(tests/conftest.py `spawned`): one 2-process and one 4-process job list.
 """
 
 from __future__ import annotations
@@ -35,12 +35,10 @@ from muonkit.distributed import (
     assign_owners,
     load_checkpoint,
     newton_schulz_flops,
-    save_checkpoint,
     shard_sizes,
 )
 from muonkit.functional import batched_orthogonalize
 
-SPAWN_TIMEOUT = 300.0
 DATA_ATOL = 1e-5
 
 JOBS = {
@@ -166,21 +164,13 @@ def test_no_torch_distributed_call_without_process_group(monkeypatch):
 # ---------------------------------------------------------------------------- multi-process
 
 
-def _spawn(world: int, jobs: list[str], tmp: Path) -> list[dict]:
-    return worker.spawn(world, jobs, tmp, SPAWN_TIMEOUT)
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """{world: [results of rank 0, rank 1, ...]}; the 1-process checkpoint comes from this process."""
-    tmp = tmp_path_factory.mktemp("distributed")
-    model = worker.make_model()
-    opt = worker.make_optimizer(model)
-    worker.train_fixed(model, opt, range(worker.STEPS))
-    save_checkpoint(tmp / "checkpoint_1", model, opt)
-    results = {world: _spawn(world, JOBS[world], tmp) for world in (2, 4)}
-    results["tmp"] = tmp
-    return results
+def runs(spawned):
+    """{world: [results of rank 0, rank 1, ...], "tmp": the checkpoints' folder}: this module's jobs
+    (JOBS) of the session's spawn (tests/conftest.py), the 1-process checkpoint saved there first."""
+    for world, jobs in JOBS.items():
+        assert set(jobs) <= set(worker.SPAWNED_JOBS[world]), (world, sorted(set(jobs) - set(worker.SPAWNED_JOBS[world])))
+    return spawned
 
 
 def _result(runs, world: int, job: str) -> list:
@@ -335,7 +325,7 @@ def test_checkpoint_from_a_different_model(runs):
 def test_spawned_jobs_are_quick(runs):
     """Keeps the multi-process tests small: every job's own time (excluding the spawn) under 20 s."""
     for world in (2, 4):
-        for name in JOBS[world]:
+        for name in worker.SPAWNED_JOBS[world]:
             assert max(r[f"{name}.seconds"] for r in runs[world]) < 20.0, (world, name)
 
 

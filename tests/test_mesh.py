@@ -1,5 +1,6 @@
 """Contracts of N-D device meshes (issue 21): muonkit.plan (pure: pieces, owners, the byte minimum,
-the cached plan) and 4 gloo ranks on (2, 2) meshes as torchtitan places a model (tests/mesh_worker.py).
+the cached plan) and 4 gloo ranks on (2, 2) meshes as torchtitan places a model, flattened sub-mesh
+dims included (tests/mesh_worker.py).
 
 Oracles and tolerances:
 - `pieces_of` against torch's own split (each placement's `_split_tensor`, left to right) of an
@@ -49,11 +50,16 @@ from muonkit.plan import (
 
 SPAWN_TIMEOUT = 420.0
 KINDS = ["hsdp", "fsdp_tp", "ep", "fsdp"]
+# Sub-meshes with flattened dims (torchtitan's `_flatten`): FSDP on "dp" = (dp_replicate, dp_shard) of
+# a (2, 2) mesh; HSDP on ("dp_replicate", "dp_shard_cp") of (1, 2, 2) and (2, 1, 2) meshes; FSDP + TP
+# with "dp" flattened from (1, 2) dims and two matrices on "dp" alone (2 of the 4 ranks).
+FLAT_KINDS = ["flat_fsdp", "hsdp_cp", "hsdp_cp_2x2", "flat_fsdp_tp"]
 VARIANT_JOBS = ["hsdp__normuon", "fsdp_tp__normuon", "fsdp_tp__adamuon", "ep__dion2", "hsdp__muon8bit",
                 "ep__normuon8bit"]
 CHECKPOINTS = ["checkpoint_save_hsdp", "checkpoint_save_fsdp_tp", "resume_fsdp_from_hsdp", "resume_hsdp_from_fsdp_tp",
                "resume_fsdp_tp_from_one", "resume_ep_from_hsdp"]
-JOBS = [*KINDS, *VARIANT_JOBS, "buckets", "bf16", "safety", "qkclip_fsdp_tp", "muon8bit_rowwise_refused", "row_slices", *CHECKPOINTS]
+JOBS = [*KINDS, *FLAT_KINDS, *VARIANT_JOBS, "buckets", "buckets_hsdp", "bf16", "safety", "qkclip_fsdp_tp", "qkclip_flat_fsdp_tp",
+        "muon8bit_rowwise_refused", "row_slices", *CHECKPOINTS]
 
 
 # --------------------------------------------------------------------------------- pieces (pure)
@@ -226,6 +232,66 @@ def test_hsdp_pieces_come_from_the_owners_own_replica():
     assert all(r // 4 == plan.owners[0] // 4 for r in plan.senders[0].values())
 
 
+def test_sub_meshes_with_flattened_dims_map_to_their_root_dims():
+    """`_copies_of`: every copy of a sub-mesh in its root mesh, read from the ranks alone. On a
+    (2, 2, 2) root of ranks 0-7 (dims a, b, c), rank 5's sub-meshes: "ac" = (a, c) flattened,
+    ("a", "bc") with "bc" flattened, and "b"."""
+    from muonkit.distributed import _copies_of
+
+    root = torch.arange(8).view(2, 2, 2)
+    assert _copies_of(torch.tensor([0, 1, 4, 5]), root).tolist() == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert _copies_of(torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]]), root).tolist() == [[[0, 1, 2, 3], [4, 5, 6, 7]]]
+    assert _copies_of(torch.tensor([5, 7]), root).tolist() == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    # A flattened dim's pieces are its own chunks: 5 rows on "ac" (4 ranks) are 2, 2, 1, 0 rows, not
+    # chunks of chunks (3 = 2 + 1, 2 = 1 + 1); the copies along b replicate them.
+    copies = _copies_of(torch.tensor([0, 1, 4, 5]), root)
+    pieces = pieces_of((5, 3), copies, (("R",), ("S", 0)))
+    assert [piece_numel(pieces[r]) // 3 for r in (0, 1, 4, 5)] == [2, 2, 1, 0]
+    assert all(pieces[r] == pieces[r - 2] for r in (2, 3, 6, 7))
+    with pytest.raises(ValueError, match="no slice of its root mesh"):
+        _copies_of(torch.tensor([1, 0, 5, 4]), root)  # c before a: not a row-major flattening
+
+
+def _sends(plan, relay):
+    """Elements each rank sends in one step, from the plan's owners and senders alone: each sender
+    its piece to the owner; then every holder but the owner gets its piece of the result, from the
+    owner (direct), or, with `relay`, from the owner when it holds the owner's piece or sent its
+    piece, else from the rank that sent that piece (which got it from the owner)."""
+    sent = [0] * plan.world_size
+    for i, owner in enumerate(plan.owners):
+        for spec, senders in ((plan.specs[i], plan.senders[i]), (plan.moments[i], plan.moment_senders[i])):
+            if spec is None or owner < 0:
+                continue
+            for piece, rank in senders.items():
+                sent[rank] += piece_numel(piece)
+            for rank, piece in enumerate(spec.pieces):
+                if rank == owner or not piece_numel(piece):
+                    continue
+                direct = not relay or piece == spec.pieces[owner] or senders[piece] == rank
+                sent[owner if direct else senders[piece]] += piece_numel(piece)
+    return sent
+
+
+def test_the_relay_spreads_the_owners_sends():
+    """HSDP, 2 replicas x 4 shards, one 64 x 32 matrix (N = 2048, pieces of 512): the owner sends
+    its replica the 3 pieces it lacked and its own piece to its counterpart: N (direct: (R S - 1)/S N
+    = 3584); each of its replica's ranks sends its piece to the owner and forwards the result's piece
+    to its counterpart: 1024. The total is unchanged (5120)."""
+    by_rank = pieces_of((64, 32), torch.arange(8).view(2, 4), (("R",), ("S", 0)))
+    plan = build_plan([_spec((64, 32), [by_rank[r] for r in range(8)])], [None], 8)
+    assert plan.owners == [0]
+    assert plan.sent_elements == _sends(plan, relay=True) == [2048, 1024, 1024, 1024, 0, 0, 0, 0]
+    assert _sends(plan, relay=False) == [3584, 512, 512, 512, 0, 0, 0, 0]
+    assert plan.traffic == [{("gather", torch.float32): 1536, ("return", torch.float32): 2048,
+                             ("relay", torch.float32): 1536}]
+    # Without replicas (FSDP, FSDP + TP) or with whole copies only (DDP) there is nothing to relay.
+    for mesh, placements in ((torch.arange(8), (("S", 0),)), (torch.arange(8).view(2, 4), (("SS", 0, 4), ("S", 0))),
+                             (torch.arange(8), (("R",),))):
+        by_rank = pieces_of((64, 32), mesh, placements)
+        plan = build_plan([_spec((64, 32), [by_rank[r] for r in range(8)])], [None], 8)
+        assert plan.sent_elements == _sends(plan, relay=False) and ("relay", torch.float32) not in plan.traffic[0]
+
+
 def test_full_piece_and_empty_dims():
     assert full_piece((3, 0)) == (((0, 3),), ())
     assert piece_numel(full_piece((3, 0))) == 0
@@ -303,7 +369,7 @@ def reference():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, *FLAT_KINDS])
 def test_each_mesh_kind_equals_one_process_bit_for_bit(runs, reference, kind):
     for result in _result(runs, kind):
         _assert_equal(result["snapshot"], reference)
@@ -320,7 +386,23 @@ def test_the_placements_are_the_ones_named(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", [*KINDS, "hsdp__normuon", "fsdp_tp__normuon", "fsdp_tp__adamuon"])
+def test_the_flattened_sub_meshes_are_the_ones_named(runs):
+    """The flattened jobs place parameters on flattened dims (no named root dim of theirs)."""
+    got = {kind: _result(runs, kind)[0] for kind in FLAT_KINDS}
+    assert got["flat_fsdp"]["meshes"]["layers.0.wq.weight"] == ("dp",)
+    assert got["flat_fsdp"]["placements"]["layers.0.wq.weight"] == "(Shard(dim=0),)"
+    for kind in ("hsdp_cp", "hsdp_cp_2x2"):
+        assert got[kind]["meshes"]["layers.0.wq.weight"] == ("dp_replicate", "dp_shard_cp")
+        assert got[kind]["placements"]["layers.0.wq.weight"] == "(Replicate(), Shard(dim=0))"
+    tp = got["flat_fsdp_tp"]
+    assert tp["meshes"]["layers.0.wq.weight"] == ("dp", "tp")
+    assert tp["placements"]["layers.0.wq.weight"] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
+    assert tp["meshes"]["layers.0.odd.weight"] == ("dp",)  # 2 of the 4 ranks: replicated over "tp"
+    assert tp["placements"]["layers.0.odd.weight"] == "(Shard(dim=0),)"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", [*KINDS, *FLAT_KINDS, "hsdp__normuon", "fsdp_tp__normuon", "fsdp_tp__adamuon"])
 def test_bytes_sent_equal_the_minimum(runs, kind):
     per_rank = _result(runs, kind)
     for step in range(mesh_worker.STEPS):
@@ -333,14 +415,44 @@ def test_bytes_sent_equal_the_minimum(runs, kind):
 
 
 @pytest.mark.slow
-def test_small_buckets_overlap_and_change_nothing(runs, reference):
+@pytest.mark.parametrize("kind", [*KINDS, *FLAT_KINDS, "hsdp__normuon", "fsdp_tp__normuon", "fsdp_tp__adamuon"])
+def test_each_rank_sends_what_the_plan_says(runs, kind):
+    """Per rank and step, measured bytes_sent = 4 x the plan's sent_elements (float32) = the relayed
+    exchange computed from the plan's owners and senders (`_sends`)."""
+    per_rank = _result(runs, kind)
+    plan = per_rank[0]["plan"]
+    want = [4 * e for e in plan.sent_elements]
+    assert want == [4 * e for e in _sends(plan, relay=True)]
+    for step in range(mesh_worker.STEPS):
+        assert [r["sent"][step] for r in per_rank] == want, step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["hsdp", "hsdp_cp_2x2", "hsdp__normuon", "flat_fsdp_tp"])
+def test_the_relay_lowers_the_busiest_ranks_bytes(runs, kind):
+    """Where pieces have replicas (HSDP 2 x 2; FSDP + TP's matrices on "dp" alone) the relay moves
+    the owners' sends to the replicas' ranks: the busiest rank sends less than with a direct return
+    (computed from the same plan), the total is the same."""
+    per_rank = _result(runs, kind)
+    plan = per_rank[0]["plan"]
+    measured = [r["sent"][0] for r in per_rank]
+    direct = [4 * e for e in _sends(plan, relay=False)]
+    assert sum(measured) == sum(direct) == per_rank[0]["minimum"]
+    assert max(measured) < max(direct), (measured, direct)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("job", "kind"), [("buckets", "fsdp_tp"), ("buckets_hsdp", "hsdp")])
+def test_small_buckets_overlap_and_change_nothing(runs, reference, job, kind):
     """4 KiB buckets: each bucket's gather is started before the previous bucket's matrices are
-    orthogonalized, and its return left in flight; the result and the bytes are the same."""
-    per_rank = _result(runs, "buckets")
+    orthogonalized, and its return left in flight (HSDP: relayed once the next bucket's return is
+    started); the result and every rank's bytes are the same as with one bucket."""
+    per_rank = _result(runs, job)
     for result in per_rank:
         assert result["buckets"][0] >= 10, result["buckets"]
         _assert_equal(result["snapshot"], reference)
     assert [sum(r["sent"][s] for r in per_rank) for s in range(mesh_worker.STEPS)] == [per_rank[0]["minimum"]] * 3
+    assert [r["sent"] for r in per_rank] == [r["sent"] for r in _result(runs, kind)]
 
 
 @pytest.mark.slow
@@ -403,9 +515,10 @@ def test_dim0_slices_of_tensors_that_are_no_parameter(runs):
 
 
 @pytest.mark.slow
-def test_qkclip_on_fsdp_over_tensor_parallel_pieces(runs):
+@pytest.mark.parametrize("job", ["qkclip_fsdp_tp", "qkclip_flat_fsdp_tp"])
+def test_qkclip_on_fsdp_over_tensor_parallel_pieces(runs, job):
     want = worker.qkclip_reference()
-    for result in _result(runs, "qkclip_fsdp_tp"):
+    for result in _result(runs, job):
         assert result["placements"][0] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
         assert result["maxima"] == want["maxima"]
         for name, value in want["weights"].items():

@@ -236,23 +236,9 @@ def test_bad_momentum_bits_is_refused_naming_the_group_and_value(bits):
 import distributed_worker as worker  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def spawned(tmp_path_factory):
-    """{world: per-rank results} of the 8-bit jobs on 2 and 4 gloo ranks; the 1-process checkpoint
-    is saved here first, the 2-rank one by the 2-rank run, and each world resumes from both."""
-    from muonkit.distributed import save_checkpoint
-
-    tmp = tmp_path_factory.mktemp("momentum_bits")
-    for v in ("muon8bit", "normuon8bit"):
-        model = worker.make_model()
-        opt = worker.make_optimizer(model, variant=v)
-        worker.train_fixed(model, opt, range(worker.STEPS))
-        save_checkpoint(tmp / worker.checkpoint_name(1, v), model, opt)
-    jobs = {2: [f"{kind}_{v}" for v in ("muon8bit", "normuon8bit") for kind in ("replicated", "fsdp", "checkpoint_save")]
-            + [f"resume_{v}_from_1" for v in ("muon8bit", "normuon8bit")],
-            4: [f"{kind}_{v}" for v in ("muon8bit", "normuon8bit") for kind in ("replicated", "fsdp")]
-            + [f"resume_{v}_from_{s}" for v in ("muon8bit", "normuon8bit") for s in (1, 2)]}
-    return {world: worker.spawn(world, jobs[world], tmp, 300.0) for world in (2, 4)}
+# `spawned` (tests/conftest.py): the session's 2- and 4-rank runs of distributed_worker.SPAWNED_JOBS,
+# which hold this module's 8-bit jobs; the 1-process checkpoints are saved before the spawn, the
+# 2-rank ones by the 2-rank run, and each world resumes from both.
 
 
 def _per_rank(spawned, world, job):

@@ -14,7 +14,6 @@ Oracles and tolerances:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -465,16 +464,10 @@ def test_qk_clip_needs_attention_blocks():
 
 # ------------------------------------------------------------------------------- distributed
 
-SPAWN_TIMEOUT = 120.0
-
-
-def _spawn(world: int, jobs: list[str], tmp: Path) -> list[dict]:
-    return worker.spawn(world, jobs, tmp, SPAWN_TIMEOUT)
-
-
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    results = _spawn(2, ["qkclip_replicated", "qkclip_fsdp"], tmp_path_factory.mktemp("qkclip"))
+def two_ranks(spawned):
+    """The 2-rank results of the session's spawn (tests/conftest.py), which runs this module's jobs."""
+    results = spawned[2]
     for job in ("qkclip_replicated", "qkclip_fsdp"):
         for rank, result in enumerate(results):
             if isinstance(result[job], Exception):

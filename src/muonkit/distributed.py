@@ -9,14 +9,16 @@ parallelism (as `parallelize_module` then `fully_shard` make them), expert paral
 experts sharded on the expert axis), and mixes of them in one group. Each matrix has one owner
 among all ranks; the owner receives the pieces it lacks (each distinct piece once), assembles the
 full tensor, orthogonalizes it, and returns every rank that holds a piece (replicas included) its
-piece of the result. A tensor sharded along batch axes only (every rank holds whole matrices) is
-orthogonalized where it lives, with no exchange.
+piece of the result: to the rank that sent the piece (in HSDP the owner's own replica), which
+relays it to the piece's other holders (muonkit.plan.returns). A tensor sharded along batch axes
+only (every rank holds whole matrices) is orthogonalized where it lives, with no exchange.
 
 The exchange runs in buckets (muonkit.plan.BUCKET_BYTES): one all_to_all per bucket and wire dtype
 brings the pieces to their owners, started while the previous bucket is orthogonalized, and one
-returns the results, left in flight until the step's last bucket is done. Every rank issues the
-same collectives in the same order (the plan is the same on every rank); each handle is kept with
-its buffers until it completes.
+returns the results; a bucket with pieces to relay is waited for once the next bucket's return is
+started, and its relays' all_to_all started then; the others stay in flight until the step's last
+bucket is done. Every rank issues the same collectives in the same order (the plan is the same on
+every rank); each handle is kept with its buffers until it completes.
 
 Equality with a single process: the owner runs the same kernels on the same data, so results are
 bit-for-bit equal when the kernels also see the same memory alignment. CPU GEMM kernels give
@@ -55,11 +57,13 @@ from .plan import (
     blocks,
     build_plan,
     full_piece,
+    holders,
     is_local,
     newton_schulz_flops,
     piece_numel,
     piece_shape,
     pieces_of,
+    returns,
     shard_sizes,
 )
 from .variants import Variant
@@ -148,7 +152,7 @@ class DistributedOrthogonalizer:
         self.bytes_sent = 0
         self.plans_built = 0
         self._plans: dict[tuple, ExchangePlan] = {}
-        self._meshes: dict[int, tuple[Any, Tensor, Any]] = {}  # id(mesh) -> (mesh, _mesh_ranks(mesh))
+        self._meshes: dict[int, tuple[Any, Tensor]] = {}  # id(mesh) -> (mesh, _mesh_ranks(mesh))
         self._pieces: dict[tuple, tuple[Piece, ...]] = {}
         self._device: torch.device | None = None  # where this step's tensors live (the buffers' device)
 
@@ -164,46 +168,39 @@ class DistributedOrthogonalizer:
             raise ValueError(f"{where} is a DTensor {err}; {SUPPORTED}") from None
 
     def _placed(self, p: Tensor) -> tuple[int, tuple[tuple, ...]]:
-        """(the id of p's mesh, p's placements on the mesh of the group's ranks). A DTensor on a
-        sub-mesh (FSDP2's dp mesh under tensor parallelism, for parameters left out of it) is
-        replicated along the other dims of its root mesh, whose ranks must be the group's."""
+        """(the id of p's mesh, p's placements on a mesh of all the group's ranks). A DTensor on a
+        sub-mesh (FSDP2's dp mesh under tensor parallelism, for parameters left out of it; a
+        flattened dim such as torchtitan's "dp_shard_cp") is replicated along the root mesh's other
+        dims, which come first (`_mesh_ranks`)."""
         mesh = p.device_mesh  # type: ignore[attr-defined]
         try:
             placements = placements_of(p)
         except ValueError as err:
             raise ValueError(f"with {err}") from None
         if id(mesh) not in self._meshes:
-            self._meshes[id(mesh)] = (mesh, *self._mesh_ranks(mesh))
-        _, ranks, dims = self._meshes[id(mesh)]
-        if dims is None:
-            return id(mesh), placements
-        on_root: list[tuple] = [("R",)] * ranks.ndim
-        for dim, placement in zip(dims, placements):
-            on_root[dim] = placement
-        return id(mesh), tuple(on_root)
+            self._meshes[id(mesh)] = (mesh, self._mesh_ranks(mesh))
+        ranks = self._meshes[id(mesh)][1]
+        return id(mesh), (("R",),) * (ranks.ndim - len(placements)) + tuple(placements)
 
-    def _mesh_ranks(self, mesh: Any) -> tuple[Tensor, tuple[int, ...] | None]:
-        """The group ranks of `mesh` (or of its root mesh) as a tensor of the mesh's shape, and the
-        root dim of each of its dims (None: the mesh itself spans the group)."""
+    def _mesh_ranks(self, mesh: Any) -> Tensor:
+        """The group ranks of `mesh` as a tensor of shape (*other, *mesh.shape): `mesh` itself when
+        its ranks are the group's; else every copy of the sub-mesh in its root mesh, along the
+        leading dims (the root dims it does not use, along which its DTensors are replicated). A dim
+        of the sub-mesh may span several root dims (a flattened dim: its coordinate runs over them
+        row-major), found from the ranks themselves, so named and flattened dims read alike."""
         group = sorted(self.ranks)
-        ranks = sorted(mesh.mesh.flatten().tolist())
-        target, dims = mesh, None
-        if ranks != group:
+        ranks = mesh.mesh
+        if sorted(ranks.flatten().tolist()) != group:
             root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else None
-            names = mesh.mesh_dim_names or ()
-            root_names = getattr(root, "mesh_dim_names", None) or ()
-            if (root is None or not names or any(name not in root_names for name in names)
-                    or sorted(root.mesh.flatten().tolist()) != group or root.ndim != len(root_names)):
+            if root is None or root is mesh or sorted(root.mesh.flatten().tolist()) != group:
                 raise ValueError(
-                    f"on a device mesh of ranks {ranks}, but Muon's process_group has ranks {group}; pass "
-                    "process_group=<the mesh> (Muon accepts a DeviceMesh of any number of dims) or its group, or "
-                    "the root mesh whose named sub-mesh it is"
+                    f"on a device mesh of ranks {sorted(ranks.flatten().tolist())}, but Muon's process_group has ranks "
+                    f"{group}; pass process_group=<the mesh> (Muon accepts a DeviceMesh of any number of dims) or its "
+                    "group, or the root mesh whose sub-mesh it is"
                 )
-            target, dims = root, tuple(root_names.index(name) for name in names)
-            if list(dims) != sorted(dims):
-                raise ValueError(f"on a sub-mesh {names} whose dims are not in the order of its root mesh {root_names}")
-        flat = torch.tensor([dist.get_group_rank(self.group, g) for g in target.mesh.flatten().tolist()])
-        return flat.view(target.mesh.shape), dims
+            ranks = _copies_of(ranks, root.mesh)
+        flat = torch.tensor([dist.get_group_rank(self.group, g) for g in ranks.flatten().tolist()])
+        return flat.view(ranks.shape)
 
     def agree(self, has_grad: Sequence[bool], finite: Tensor | None, device: torch.device) -> tuple[list[int], bool]:
         """One all_reduce: which parameters have a gradient on some ranks but not on all (their
@@ -402,7 +399,8 @@ class DistributedOrthogonalizer:
                                         [layouts[i] for i in plan.local])
             for i, u, v in zip(plan.local, updates, new_states):
                 out[i], state_out[i] = u, v
-        returning = []
+        in_flight: list[list] = []  # returns and relays, waited for once the last bucket is done
+        relaying: tuple[int, list] | None = None  # a bucket whose returns its relays forward next
         for b, bucket in enumerate(plan.buckets):
             assert gathering is not None
             full, full_states = self._finish_gather(plan, bucket, gathering, tensors, states)
@@ -412,10 +410,26 @@ class DistributedOrthogonalizer:
                                         [layouts[i] for i in mine])
             results = dict(zip(mine, updates))
             state_results = {i: v for i, v in zip(mine, new_states) if v is not None}
-            returning.append(self._start_return(plan, b, results, state_results, tensors, states, out, state_out))
-        for handles in returning:
+            returned = self._start_return(plan, b, results, state_results, tensors, states, out, state_out)
+            if relaying is not None:  # the previous bucket's relays forward what they received
+                in_flight.append(self._relay(plan, *relaying, tensors, states, out, state_out))
+                relaying = None
+            if any(phase == "relay" for phase, _ in plan.traffic[b]):
+                relaying = (b, returned)
+            else:
+                in_flight.append(returned)
+        if relaying is not None:
+            in_flight.append(self._relay(plan, *relaying, tensors, states, out, state_out))
+        for handles in in_flight:
             self._finish_return(handles, out, state_out)
         return out, state_out  # type: ignore[return-value]
+
+    def _relay(self, plan: ExchangePlan, b: int, returned: list, tensors: list[Tensor], states: list[Tensor | None],
+               out: list, state_out: list) -> list:
+        """Wait for bucket b's returns and start its relays' forwarding."""
+        relayed: dict[tuple[int, bool], Tensor] = {}
+        self._finish_return(returned, out, state_out, relayed)
+        return self._start_relay(plan, b, relayed, tensors, states)
 
     def _payloads(self, plan: ExchangePlan, i: int, tensors: list[Tensor], states: list[Tensor | None]):
         """Tensor i's payloads: (its spec, the senders of its pieces, this rank's part, its dtype)."""
@@ -471,32 +485,62 @@ class DistributedOrthogonalizer:
 
     def _start_return(self, plan: ExchangePlan, b: int, results: dict[int, Tensor], state_results: dict[int, Tensor],
                       tensors: list[Tensor], states: list[Tensor | None], out: list, state_out: list) -> list:
-        """Start the all_to_alls that return each rank its pieces of bucket b's results; this rank's
-        own pieces of its results are written to `out` / `state_out` now."""
+        """Start the all_to_alls that send bucket b's results from their owners to the relays and to
+        the replicas of the owners' own pieces (muonkit.plan.returns); this rank's own pieces of its
+        results are written to `out` / `state_out` now."""
         me, bucket = self.rank, plan.buckets[b]
         sends: dict[torch.dtype, list[list[Tensor]]] = {}
         receives: dict[torch.dtype, list[list[tuple[int, bool, Piece]]]] = {}
         for i in bucket:
             owner = plan.owners[i]
-            for spec, _, part, dtype, is_update in self._payloads(plan, i, tensors, states):
+            for spec, senders, part, dtype, is_update in self._payloads(plan, i, tensors, states):
                 send = sends.setdefault(spec.dtype, [[] for _ in range(self.world_size)])
                 receive = receives.setdefault(spec.dtype, [[] for _ in range(self.world_size)])
                 target = out if is_update else state_out
+                piece = spec.pieces[me]
                 if owner == me:
                     result = (results if is_update else state_results)[i]
-                    for dst, piece in enumerate(spec.pieces):
-                        if dst != me and piece_numel(piece):
-                            send[dst].append(_extract(result, piece).reshape(-1).to(spec.dtype))
-                    mine = _extract(result, spec.pieces[me])
+                    for phase, _, destinations, returned in returns(spec, owner, senders):
+                        if phase == "return":
+                            payload = _extract(result, returned).reshape(-1).to(spec.dtype)
+                            for dst in destinations:
+                                send[dst].append(payload)
+                    mine = _extract(result, piece)
                     # Rounded like every other holder's copy (the same bits on every replica).
                     target[i] = mine.to(spec.dtype).to(dtype) if spec.dtype != dtype else mine
-                elif piece_numel(spec.pieces[me]):
-                    receive[owner].append((i, is_update, spec.pieces[me]))
-                else:
+                elif not piece_numel(piece):
                     target[i] = part.new_empty(part.shape)
+                elif piece == spec.pieces[owner] or senders.get(piece) == me:
+                    receive[owner].append((i, is_update, piece))
         return [(*handle, tensors, states) for handle in self._all_to_alls(plan.traffic[b], "return", sends, receives)]
 
-    def _finish_return(self, handles: list, out: list, state_out: list) -> None:
+    def _start_relay(self, plan: ExchangePlan, b: int, relayed: dict[tuple[int, bool], Tensor],
+                     tensors: list[Tensor], states: list[Tensor | None]) -> list:
+        """Start the all_to_alls in which each relay forwards the pieces of bucket b's results it
+        received from their owners (`relayed`, as they travelled) to the pieces' other holders."""
+        me, bucket = self.rank, plan.buckets[b]
+        sends: dict[torch.dtype, list[list[Tensor]]] = {}
+        receives: dict[torch.dtype, list[list[tuple[int, bool, Piece]]]] = {}
+        for i in bucket:
+            owner = plan.owners[i]
+            for spec, senders, _, _, is_update in self._payloads(plan, i, tensors, states):
+                send = sends.setdefault(spec.dtype, [[] for _ in range(self.world_size)])
+                receive = receives.setdefault(spec.dtype, [[] for _ in range(self.world_size)])
+                piece = spec.pieces[me]
+                if owner == me or not piece_numel(piece) or piece == spec.pieces[owner]:
+                    continue
+                if senders[piece] != me:
+                    receive[senders[piece]].append((i, is_update, piece))
+                    continue
+                for dst in holders(spec.pieces)[piece]:
+                    if dst != me:
+                        send[dst].append(relayed[(i, is_update)])
+        return [(*handle, tensors, states) for handle in self._all_to_alls(plan.traffic[b], "relay", sends, receives)]
+
+    def _finish_return(self, handles: list, out: list, state_out: list,
+                       relayed: dict[tuple[int, bool], Tensor] | None = None) -> None:
+        """Wait for returned pieces and write them to `out` / `state_out`; with `relayed`, also keep
+        each as it travelled (for `_start_relay`)."""
         for work, _, received, layout, tensors, states in handles:
             work.wait()
             for src, entries in enumerate(layout):
@@ -506,6 +550,8 @@ class DistributedOrthogonalizer:
                     dtype = (tensors[i] if is_update else states[i]).dtype
                     value = received[src][offset : offset + size].view(piece_shape(piece))
                     (out if is_update else state_out)[i] = value.to(dtype) if value.dtype != dtype else value
+                    if relayed is not None:
+                        relayed[(i, is_update)] = value.reshape(-1)
                     offset += size
 
     def _all_to_alls(self, traffic: dict, phase: str, sends: dict, receives: dict) -> list:
@@ -527,6 +573,26 @@ class DistributedOrthogonalizer:
             self.bytes_sent += sum(send_sizes) * send.element_size()
             handles.append((work, send, list(recv.split(recv_sizes)), receives[dtype]))
         return handles
+
+
+def _copies_of(sub: Tensor, root: Tensor) -> Tensor:
+    """The ranks of every copy of sub-mesh `sub` (this rank's, as DeviceMesh.mesh gives it) in its
+    root mesh `root`, as a tensor of shape (copies, *sub.shape): each dim of `sub` runs row-major
+    over the root dims along which its ranks move (one for a named dim, several for a flattened
+    one), the copies over the remaining root dims. ValueError if `sub` is no such slice of `root`."""
+    position = {r: i for i, r in enumerate(root.flatten().tolist())}
+    grid = torch.stack(torch.meshgrid(*(torch.arange(n) for n in root.shape), indexing="ij"), -1).reshape(-1, root.ndim)
+    coordinates = grid[[position[r] for r in sub.flatten().tolist()]].view(*sub.shape, root.ndim)
+    spans = [[k for k in range(root.ndim) if bool((coordinates.diff(dim=d)[..., k] != 0).any())]
+             for d in range(sub.ndim)]
+    used = [k for span in spans for k in span]
+    others = [k for k in range(root.ndim) if k not in used]
+    copies = root.permute(*others, *used).reshape(-1, *sub.shape)
+    mine = [bool((copy == sub).all()) for copy in copies]
+    if len(set(used)) != len(used) or sum(mine) != 1:
+        raise ValueError(f"on a device mesh of ranks {sub.tolist()} that is no slice of its root mesh {root.tolist()} "
+                         "(each of its dims one or several root dims, flattened in order)")
+    return copies
 
 
 def _insert_(full: Tensor, piece: Piece, part: Tensor) -> None:

@@ -138,9 +138,8 @@ class Muon(torch.optim.Optimizer):
         fraction: Dion2's and NorDion2's share of each matrix's rows (or columns) orthogonalized and
             updated per step, in (0, 1] (default 0.25).
         ef_decay: Dion2's error-feedback decay of the selected momentum, in [0, 1] (default 0.95).
-        selection: "local" (default) or "global": where Dion2 and NorDion2 pick the rows of a row-sharded
-            parameter (FSDP2/HSDP Shard(0), any mesh): each block's top ceil(fraction * ceil(rows / blocks)), or the
-            whole matrix's (row norms travel); only those rows travel. Elsewhere ranks see whole matrices.
+        selection: "local" (default) or "global": Dion2's rows of a row-sharded parameter (Shard(0), any mesh): each
+            block's top ceil(fraction * ceil(rows / blocks)) or the whole matrix's; only those travel (docs/API.md).
         cautious_weight_decay: decay only where the decay and the update agree in sign (both kinds
             of group; default False).
         state_dtype: dtype of the optimizer state (momentum, second moments, AdamW's moments) and
@@ -233,6 +232,7 @@ class Muon(torch.optim.Optimizer):
         self._distributed = _distributed(process_group, exchange_dtype)
         self.last_stats: dict[str, dict[str, float]] = {}
         self._diagnosed_steps = 0
+        self._plan_cache: _PlanCache | None = _PlanCache()
         super().__init__(params, defaults)
 
     @property
@@ -314,11 +314,14 @@ class Muon(torch.optim.Optimizer):
             # and translated here, before anything of this optimizer changes.
             super().__setstate__(checkpoint.loaded(state["state"], state["param_groups"], self.param_groups,
                                                    self._loading, self.defaults, self._check_params))
+            if self._plan_cache is not None:
+                self._plan_cache = _PlanCache()  # loaded state is checked again at the next step
             return
         # Unpickling (copy.deepcopy, pickle, torch.load): __getstate__ refuses an optimizer that holds
         # a process group, so a copy never has one; keys added to groups since it was saved are filled.
         self._distributed = None
         self.last_stats, self._diagnosed_steps = {}, 0  # pickled before diagnostics existed
+        self._plan_cache = _PlanCache()
         super().__setstate__(state)
         checkpoint.fill_unpickled(self.defaults, self.param_groups)
 
@@ -361,7 +364,7 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plan = _plan(self.param_groups, self.state, self._distributed, self.defaults["capturable"])
+        plan = _plan(self.param_groups, self.state, self._distributed, self.defaults["capturable"], self._plan_cache)
         if not _agreed_finite(plan, self._distributed, self.defaults["nonfinite"]):
             if self.defaults["nonfinite"] == "raise":
                 raise RuntimeError(
@@ -417,10 +420,8 @@ class Muon(torch.optim.Optimizer):
             weight_decay=float(group["weight_decay"]), scale=group["scale"], rms=float(group["rms"]),
             orthogonalizer=group["orthogonalizer"], ns_steps=group["ns_steps"], ns_dtype=group["ns_dtype"],
             variant=group["variant"], beta2=float(group["beta2"]), variant_eps=float(group["variant_eps"]),
-            fraction=float(group["fraction"]), ef_decay=float(group["ef_decay"]), selection=group["selection"],
-            second_moments=local_parts(moments), cautious_weight_decay=group["cautious_weight_decay"],
-            update_many=update_many, **_shards(self._distributed, group, item.params, layouts),
-            shapes=[p.shape for p in item.params], rounding_seeds=item.seeds,
+            fraction=float(group["fraction"]), ef_decay=float(group["ef_decay"]), selection=group["selection"], second_moments=local_parts(moments), cautious_weight_decay=group["cautious_weight_decay"],
+            update_many=update_many, **_shards(self._distributed, group, item.params, layouts), shapes=[p.shape for p in item.params], rounding_seeds=item.seeds,
             stats=item.stats, orthogonality=orthogonality, hold=hold,
         )
 
@@ -462,17 +463,64 @@ def _check_dtensor(distributed: Any, p: Tensor, name: str, where: str) -> None:
     distributed.check_param(p, f"{where}: parameter '{name}'")
 
 
+@dataclass
+class _PlanCache:
+    """The per-parameter part of the last step's plan, kept while nothing it was checked on changes.
+
+    `key` is `_fingerprint` of the step it was made for; `entries` hold, per group, each stepping
+    parameter with its name, its label and its place. It is kept only for a step that created no
+    state (every parameter's state complete, none idle) and has no DTensor (whose checks read the
+    process group's layout)."""
+
+    key: tuple | None = None
+    entries: list[list[tuple[Tensor, str, str, int]]] = field(default_factory=list)
+
+
+def _meta(value: Any) -> Any:
+    """What the checks read of an option or state value: a tensor's kind, dtype, device and shape
+    (its values are checked every step by check_options, or never), anything else itself."""
+    if isinstance(value, Tensor):
+        return (type(value), value.layout, value.dtype, value.device, value.shape)
+    if isinstance(value, (tuple, list)):
+        return tuple(_meta(v) for v in value)
+    return value
+
+
+def _fingerprint(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], capturable: bool) -> tuple:
+    """Everything the per-parameter checks of `_plan` read: each group's options (lr by its kind
+    only: a scheduler changes its value every step, and check_options reads that every step), its
+    parameters in order with their kind, shape, strides, dtype and device, their gradients' and
+    their state entries' kind, shape, dtype and device. Equal fingerprints give equal check results."""
+    parts: list[Any] = [capturable]
+    for group in param_groups:
+        parts.append(tuple((key, type(value) if key == "lr" and not isinstance(value, Tensor) else _meta(value))
+                           for key, value in group.items() if key not in ("params", SKIPPED)))
+        for p in group["params"]:
+            grad, state = p.grad, held_state.get(p)
+            parts.append((id(p), _meta(p), p.stride(), None if grad is None else _meta(grad),
+                          tuple((key, _meta(value)) for key, value in state.items()) if state else None))
+    return tuple(parts)
+
+
 def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], distributed: Any,
-          capturable: bool) -> list[_GroupStep]:
+          capturable: bool, cache: _PlanCache | None = None) -> list[_GroupStep]:
     """Each group's share of a step.
 
     Everything is checked, for all groups, before anything changes, so an error leaves no
     partial step: options edited through param_groups since construction, parameters appended
     to a group's list (they get their checks here and their state when the step applies), grads,
-    and the state a loaded state dict left.
+    and the state a loaded state dict left. With a `cache`, the per-parameter checks of a step
+    whose `_fingerprint` equals the cached one are not run again (their result is the same); the
+    options are checked at every step.
     """
+    key = _fingerprint(param_groups, held_state, capturable) if cache is not None else None
+    if cache is not None and key == cache.key:
+        for index, group in enumerate(param_groups):
+            check_options(group, f"{'Muon' if group.get('use_muon') else 'AdamW'} group {index}", read_lr=not capturable)
+        return [_cached_step(group, entries, held_state) for group, entries in zip(param_groups, cache.entries)]
     plan = []
     position = -1
+    cacheable = cache is not None
     seen: dict[int, str] = {}  # id of each parameter -> where it is (a parameter steps once)
     for index, group in enumerate(param_groups):
         where = f"{'Muon' if group.get('use_muon') else 'AdamW'} group {index}"
@@ -503,17 +551,21 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], dis
                     new = missing_state(p, state, group)
                     if new:
                         item.idle.append((p, new))
+                        cacheable = False
                 continue
             check_param(p, name, group, where)
             if capturable:
                 check_capturable(group, p.device, where)
-            if not state and group["use_muon"] and is_dtensor(p):
-                _check_dtensor(distributed, p, name, where)
+            if is_dtensor(p):
+                cacheable = False
+                if not state and group["use_muon"]:
+                    _check_dtensor(distributed, p, name, where)
             if group["use_muon"] and VARIANTS[group["variant"]].selects and is_sharded(p) and not _whole_matrices(p, group):
                 _check_selectable(distributed, p, resolve(group["layout"], p.ndim), group, name, where)
             check_grad(p, name, where)
             new = missing_state(p, state, group, capturable=capturable)
             check_state(p, {**state, **new}, group, name, where)
+            cacheable = cacheable and not new
             item.params.append(p)
             item.names.append(name)
             item.labels.append(name if i < given else f"group{index}.param{i}")
@@ -522,6 +574,9 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], dis
             item.grads.append(p.grad)
             item.positions.append(position)
         plan.append(item)
+    if cache is not None:
+        cache.key = key if cacheable else None
+        cache.entries = [list(zip(item.params, item.names, item.labels, item.positions)) for item in plan] if cacheable else []
     return plan
 
 
@@ -592,6 +647,22 @@ def _check_selectable(distributed: Any, p: Tensor, layout: Layout, group: dict[s
             f"matrices; variant {variant!r} with selection='global' picks each matrix's rows over all ranks "
             "for one matrix per parameter only (use selection='local')"
         )
+
+
+def _cached_step(group: dict[str, Any], entries: list[tuple[Tensor, str, str, int]],
+                 held_state: dict[Tensor, Any]) -> _GroupStep:
+    """A group's share of a step from a cached plan: its checked parameters with their current
+    gradients and state (complete, so nothing is created)."""
+    item = _GroupStep(group, [], [], [], [], [], [], [])
+    for p, name, label, position in entries:
+        item.params.append(p)
+        item.names.append(name)
+        item.labels.append(label)
+        item.states.append({})
+        item.held.append(held_state.get(p, {}))
+        item.grads.append(p.grad)
+        item.positions.append(position)
+    return item
 
 
 def _lr(group: dict[str, Any], capturable: bool) -> float | Tensor:

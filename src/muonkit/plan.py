@@ -14,7 +14,12 @@ Exchange (per matrix tensor of N elements, owner o, p_r elements on rank r):
     elements sent (all ranks) = (N - p_o) + sum over r != o of p_r
 
 the pieces the owner lacks, each distinct piece sent once by one of its holders, and every other
-rank's piece of the result (`minimum_elements`). The owner is a rank holding a largest piece. A
+rank's piece of the result (`minimum_elements`). The owner is a rank holding a largest piece. The
+result travels back in two hops (a relay): the owner sends each piece it lacked to the holder that
+sent it (in HSDP, the owner's own replica) and its own piece to that piece's other holders; each
+of those holders forwards its piece to the piece's other holders (its counterparts in the other
+replicas). The same bytes as the owner sending every holder its piece, spread over the senders:
+with R replicas of S shards the owner sends N instead of (R S - 1)/S N. A
 tensor sharded only along batch axes of its matrix view (stacked experts sharded on the expert axis:
 expert parallelism) holds whole matrices on every rank: it is orthogonalized where it lives, with no
 exchange.
@@ -238,11 +243,15 @@ class ExchangePlan:
         buckets: the exchanged tensors' indices, bucket by bucket (each bucket's exchange may run
             while the previous bucket's matrices are orthogonalized).
         local: the indices of the tensors every rank orthogonalizes in place (expert parallel).
-        senders: per tensor, {piece: the rank that sends it to the owner} for the pieces the owner lacks.
-        sent_elements: per rank, the elements it sends per step (with `moments`, those too).
+        senders: per tensor, {piece: the rank that sends it to the owner} for the pieces the owner
+            lacks; the same rank is the piece's relay: it receives the piece of the result from the
+            owner and forwards it to the piece's other holders.
+        sent_elements: per rank, the elements it sends per step, all phases (with `moments`, those too).
         loads: per rank, the Newton-Schulz FLOPs it runs per step (owned and local tensors).
-        traffic: per bucket, per phase ("gather", "return"), per wire dtype: elements sent by all ranks
-            (a collective with none is skipped on every rank).
+        traffic: per bucket, per phase ("gather": pieces to the owners; "return": the owners' results
+            to the relays and to the replicas of the owners' own pieces; "relay": the relays' pieces
+            to their other holders), per wire dtype: elements sent by all ranks (a collective with
+            none is skipped on every rank).
     """
 
     world_size: int
@@ -307,11 +316,10 @@ def build_plan(
     moment_senders = [_senders(m, owners[i], sent) if m is not None and owners[i] >= 0 else {}
                       for i, m in enumerate(moments)]
     for i in exchanged:
-        for spec in (specs[i], moments[i]):
-            if spec is None:
-                continue
-            sizes = _holdings(spec.pieces)[0]
-            sent[owners[i]] += sum(sizes) - sizes[owners[i]]
+        for spec, chosen in ((specs[i], senders[i]), (moments[i], moment_senders[i])):
+            if spec is not None:
+                for _, src, dst, piece in returns(spec, owners[i], chosen):
+                    sent[src] += piece_numel(piece) * len(dst)
     buckets = _buckets(exchanged, items, specs, moments, bucket_bytes)
     plan = ExchangePlan(world_size, list(specs), list(moments), owners, buckets, local, senders, moment_senders,
                         sent, loads)
@@ -329,6 +337,32 @@ def _holdings(pieces: tuple[Piece, ...]) -> tuple[tuple[int, ...], dict[Piece, l
         if size:
             holders.setdefault(piece, []).append(r)
     return sizes, holders
+
+
+def holders(pieces: tuple[Piece, ...]) -> dict[Piece, list[int]]:
+    """The ranks holding each distinct non-empty piece, in rank order."""
+    return _holdings(pieces)[1]
+
+
+def returns(spec: Spec, owner: int, senders: dict[Piece, int]) -> list[tuple[str, int, list[int], Piece]]:
+    """How the owner's result goes back to every holder of a piece: (phase, source, destinations,
+    piece) in a fixed order. "return": the owner sends each piece it lacked to its sender (the
+    relay), and its own piece to that piece's other holders; "relay": each relay sends its piece to
+    the piece's other holders. A piece with one holder is returned in one hop."""
+    mine = spec.pieces[owner]
+    out = []
+    for piece, ranks in holders(spec.pieces).items():
+        if piece == mine:
+            others = [r for r in ranks if r != owner]
+            if others:
+                out.append(("return", owner, others, piece))
+            continue
+        relay = senders[piece]
+        out.append(("return", owner, [relay], piece))
+        others = [r for r in ranks if r != relay]
+        if others:
+            out.append(("relay", relay, others, piece))
+    return out
 
 
 def _largest_holders(specs: Sequence[Spec], world_size: int) -> list[int] | None:
@@ -388,9 +422,8 @@ def _traffic(plan: ExchangePlan, bucket: list[int]) -> dict[tuple[str, torch.dty
         for spec, senders in ((plan.specs[i], plan.senders[i]), (plan.moments[i], plan.moment_senders[i])):
             if spec is None:
                 continue
-            gather = sum(piece_numel(p) for p in senders)
-            sizes = _holdings(spec.pieces)[0]
-            back = sum(sizes) - sizes[owner]
-            out[("gather", spec.dtype)] = out.get(("gather", spec.dtype), 0) + gather
-            out[("return", spec.dtype)] = out.get(("return", spec.dtype), 0) + back
+            key = ("gather", spec.dtype)
+            out[key] = out.get(key, 0) + sum(piece_numel(p) for p in senders)
+            for phase, _, dst, piece in returns(spec, owner, senders):
+                out[(phase, spec.dtype)] = out.get((phase, spec.dtype), 0) + piece_numel(piece) * len(dst)
     return out

@@ -186,11 +186,12 @@ class _Normalized(Variant):
 
         v <- beta2 v + (1 - beta2) q(O);   H = O / (sqrt(v) + eps);   H <- H ||O||_F / ||H||_F
 
-    per matrix, with q(O) the subclass's `squares`. `second_moment` is not modified. Computed in the
+    per matrix, with q(O) the subclass's `squares` of O*O. `second_moment` is not modified. Computed in the
     widest of O's and v's dtypes and float32; H comes out in O's dtype, v in its own.
     """
 
-    def squares(self, O: Tensor) -> Tensor:
+    def squares(self, squared: Tensor) -> Tensor:
+        """q(O) from O*O (a temporary that the transform overwrites once v is formed)."""
         raise NotImplementedError
 
     def transform(self, O: Tensor, second_moment: Tensor | None, *, beta2: float, eps: float) -> tuple[Tensor, Tensor | None]:
@@ -199,10 +200,15 @@ class _Normalized(Variant):
         given = O.dtype
         dtype = torch.promote_types(torch.promote_types(given, second_moment.dtype), torch.float32)
         O = O.to(dtype)
-        v = torch.lerp(second_moment.to(dtype), self.squares(O), 1.0 - beta2)
+        squares = torch.mul(O, O)
+        v = torch.lerp(second_moment.to(dtype), self.squares(squares), 1.0 - beta2)
         # v = 0 only where O is 0 (a zero row or entry); with eps = 0 that would be 0 / 0, so the
         # denominator is kept >= the smallest normal number (a no-op for any eps above it).
-        H = O / v.sqrt().add_(eps).clamp_(min=torch.finfo(dtype).tiny)
+        denominator = v.sqrt().add_(eps).clamp_(min=torch.finfo(dtype).tiny)
+        if torch.compiler.is_compiling():  # compile cannot trace out= into a strided tensor; it fuses instead
+            H = O / denominator
+        else:  # written over O*O, which is no longer read: one O-sized temporary fewer, the same bits
+            H = torch.div(O, denominator, out=squares)
         norm_o = torch.linalg.vector_norm(O, dim=(-2, -1), keepdim=True)
         norm_h = torch.linalg.vector_norm(H, dim=(-2, -1), keepdim=True)
         # A zero O gives a zero H; the ratio is then 0 rather than 0 / 0.
@@ -226,8 +232,8 @@ class NorMuon(_Normalized):
         cols = {a % ndim for a in layout.cols}
         return tuple(counts.get(a, 1) if a in cols else size for a, size in enumerate(shape))
 
-    def squares(self, O: Tensor) -> Tensor:
-        return (O * O).mean(-1, keepdim=True)
+    def squares(self, squared: Tensor) -> Tensor:
+        return squared.mean(-1, keepdim=True)
 
 
 class AdaMuon(_Normalized):
@@ -240,8 +246,8 @@ class AdaMuon(_Normalized):
     def second_moment_shape(self, shape: Sequence[int], layout: Layout) -> tuple[int, ...] | None:
         return tuple(shape)
 
-    def squares(self, O: Tensor) -> Tensor:
-        return O * O
+    def squares(self, squared: Tensor) -> Tensor:
+        return squared
 
 
 class Dion2(Variant):

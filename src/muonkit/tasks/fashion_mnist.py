@@ -63,8 +63,8 @@ class FashionMNIST(Task):
     batch_size = 32
     width = 96
     default_optimizers = ("muon", "adamw", "torch-muon")
-    lrs = {"muon": 1e-1, "normuon": 3e-2, "adamuon": 3e-2, "muon+cwd": 3e-2, "normuon+cwd": 1e-2, "muon-kj": 3e-2, "adamw": 1e-2, "sgd": 1.0, "torch-muon": 3e-2}
-    sweep_grid = {"muon": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0), "normuon": (3e-3, 1e-2, 3e-2, 1e-1), "adamuon": (3e-3, 1e-2, 3e-2, 1e-1), "muon-kj": (1e-2, 3e-2, 1e-1), "adamw": (1e-3, 3e-3, 1e-2, 3e-2),
+    lrs = {"muon": 1e-1, "normuon": 3e-2, "adamuon": 1e-1, "muon+cwd": 1e-1, "normuon+cwd": 3e-2, "muon-kj": 3e-2, "adamw": 1e-2, "sgd": 1.0, "torch-muon": 3e-2}
+    sweep_grid = {"muon": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0), "normuon": (3e-3, 1e-2, 3e-2, 1e-1), "adamuon": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1), "muon-kj": (1e-2, 3e-2, 1e-1), "adamw": (1e-3, 3e-3, 1e-2, 3e-2),
                   "sgd": (1e-2, 3e-2, 1e-1, 3e-1), "torch-muon": (3e-2,)}
     # The classifier is named: the network is an nn.Sequential of the notebook's layer names, so
     # nothing but registration order would mark its last Linear as the output layer (param_groups

@@ -31,6 +31,19 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_rank_group():
+    """A real gloo process group of one rank in this process (the two-phase distributed path)."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
 # Ranks still running after this are killed (TimeoutError): the whole spawn is ~30-60 s on 2 quiet cores.
 SPAWN_TIMEOUT = 600.0
 

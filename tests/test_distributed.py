@@ -357,17 +357,6 @@ def test_torchrun_example_trains_checkpoints_and_resumes_on_another_world_size(t
 # docs/API.md; each test failed before its fix.
 
 
-@pytest.fixture
-def one_rank_group():
-    """A real gloo process group of one rank in this process (the two-phase distributed path)."""
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
-
-
 def _run(param_dtype, state_dtype, ns_dtype, variant, process_group=None, steps=3):
     torch.manual_seed(0)
     shapes = [(16, 24), (24, 16), (4, 2, 3, 3)]

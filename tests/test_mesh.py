@@ -28,7 +28,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import distributed_worker as worker
 import mesh_worker
@@ -298,16 +297,6 @@ def test_full_piece_and_empty_dims():
 
 
 # ------------------------------------------------------------------------- the cached plan (1 rank)
-
-
-@pytest.fixture
-def one_rank_group():
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
 
 
 def test_the_plan_is_reused_and_rebuilt_when_the_step_changes(one_rank_group):

@@ -234,75 +234,46 @@ def _gloo_model(kind: str, world: int, inner: int):
     return model, mesh, experts
 
 
-def _gloo_bytes_job(rank: int, world: int, tmp: str, cases: list) -> None:
-    """Muon.bytes_sent of one step, per case; saved to tmp/bytes_{rank}.pt ("error": a traceback)."""
-    import os
-    import traceback
-    from datetime import timedelta
-
+def gloo_bytes_job(rank: int, world: int, tmp) -> dict:
+    """Muon.bytes_sent of one step per case of this world size: a job of distributed_worker.spawn
+    (which sets up the gloo group, its timeout and the barrier after the job)."""
     import torch
     import torch.distributed as dist
     from torch.distributed.tensor import Shard, distribute_tensor
 
     import muonkit
 
-    torch.set_num_threads(1)
-    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    cases = [c for c in GLOO_ALWAYS + (GLOO_MESHES if _has_meshes() else []) if c[1] == world]
     out: dict = {}
-    try:
-        for case in cases:
-            kind, _, inner, exchange, group = case
-            model, mesh, experts = _gloo_model(kind, world, inner)
-            x = torch.randn(4, GLOO_DENSE[0].shape[1], generator=torch.Generator().manual_seed(1))
-            model(x).square().sum().backward()
-            params = list(model.parameters())
-            if experts is not None:
-                experts.grad = distribute_tensor(torch.randn(GLOO_EXPERTS.shape), mesh, [Shard(0)])
-                params = [experts, *params]
-            options = {} if exchange is None else {"exchange_dtype": getattr(torch, exchange)}
-            process_group = dist.group.WORLD if group == "group" else mesh
-            opt = muonkit.Muon(params, lr=0.01, process_group=process_group, **options)
-            opt.step()
-            out[case] = opt.bytes_sent
-    except Exception as err:
-        out["error"] = f"{err!r}\n{traceback.format_exc()}"
-    finally:
-        torch.save(out, f"{tmp}/bytes_{rank}.pt")
-        dist.destroy_process_group()
-
-
-def _spawn_bytes(world: int, cases: list, tmp: Path, timeout: float = 240.0) -> list[dict]:
-    import time
-
-    import torch
-    import torch.multiprocessing as mp
-
-    context = mp.start_processes(_gloo_bytes_job, args=(world, str(tmp), cases), nprocs=world, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + timeout
-    try:
-        while not context.join(timeout=0.5):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{world} gloo processes did not finish in {timeout} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-    return [torch.load(tmp / f"bytes_{rank}.pt", weights_only=False) for rank in range(world)]
+    for case in cases:
+        kind, _, inner, exchange, group = case
+        model, mesh, experts = _gloo_model(kind, world, inner)
+        x = torch.randn(4, GLOO_DENSE[0].shape[1], generator=torch.Generator().manual_seed(1))
+        model(x).square().sum().backward()
+        params = list(model.parameters())
+        if experts is not None:
+            experts.grad = distribute_tensor(torch.randn(GLOO_EXPERTS.shape), mesh, [Shard(0)])
+            params = [experts, *params]
+        options = {} if exchange is None else {"exchange_dtype": getattr(torch, exchange)}
+        process_group = dist.group.WORLD if group == "group" else mesh
+        opt = muonkit.Muon(params, lr=0.01, process_group=process_group, **options)
+        opt.step()
+        out[case] = opt.bytes_sent
+    return out
 
 
 @pytest.fixture(scope="module")
 def gloo_bytes(tmp_path_factory):
     """{world: per rank {case: bytes_sent after one step}}: one spawn per world size."""
-    cases = GLOO_ALWAYS + (GLOO_MESHES if _has_meshes() else [])
+    import distributed_worker as worker
+
     out = {}
     for world in (2, 4):
-        per_rank = _spawn_bytes(world, [c for c in cases if c[1] == world], tmp_path_factory.mktemp(f"gloo{world}"))
-        for result in per_rank:
-            assert "error" not in result, result["error"]
-        out[world] = per_rank
+        results = worker.spawn(world, ["test_cost_model:gloo_bytes_job"], tmp_path_factory.mktemp(f"gloo{world}"),
+                               timeout=420.0)
+        for result in results:
+            assert not isinstance(result["test_cost_model:gloo_bytes_job"], Exception), result
+        out[world] = [result["test_cost_model:gloo_bytes_job"] for result in results]
     return out
 
 

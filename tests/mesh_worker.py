@@ -315,6 +315,33 @@ def bf16(rank: int, world: int, tmp: Path) -> Any:
     return out
 
 
+def make_few() -> nn.Module:
+    """Two matrices (64 x 32 and 32 x 64, equal Newton-Schulz cost) for 4 ranks: fewer matrices than
+    ranks, where the tie order decides the owners."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64, bias=False), nn.Linear(64, 32, bias=False))
+
+
+def reference_few(steps: int = STEPS) -> dict[str, torch.Tensor]:
+    model = make_few()
+    opt = muonkit.Muon(model.parameters(), lr=0.05, weight_decay=0.1)
+    train_fixed(model, opt, range(steps))
+    return worker.snapshot(model, opt)
+
+
+def hsdp_few(rank: int, world: int, tmp: Path) -> Any:
+    """make_few on HSDP 2 x 2: the two owners should sit in different replicas."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_few()
+    mesh = mesh_2d(("replicate", "shard"))
+    fully_shard(model, mesh=mesh)
+    opt = muonkit.Muon(model.parameters(), lr=0.05, weight_decay=0.1, process_group=mesh)
+    sent = train_fixed(model, opt, range(STEPS))
+    return {"snapshot": worker.snapshot(model, opt), "sent": sent, "minimum": minimum_bytes(model, opt),
+            "plan": next(iter(opt._distributed._plans.values()))}
+
+
 def checkpoint_save(kind: str, rank: int, world: int, tmp: Path) -> Any:
     model = make_model()
     mesh = PLACE[kind](model)

@@ -19,29 +19,42 @@ import cost_model as cm  # noqa: E402
 
 
 def test_two_by_two_hsdp_of_two_matrices_by_hand():
-    """(Replicate, Shard(0)) on ranks [[0, 1], [2, 3]], two ranks per node. A (16 x 8, 5 x 5120 FLOPs)
-    goes to rank 0, B (8 x 8, 5 x 3072) to the least-loaded rank 1. Each rank holds half the rows.
-    A: rank 1 sends its 64 elements to 0; 0 returns them to 1 and its own 64 to its copy, rank 2;
-    rank 1 relays its 64 to its copy, rank 3. B: rank 0 sends its 32 to 1; 1 returns them to 0 and
-    its own 32 to rank 3; rank 0 relays its 32 to rank 2."""
+    """(Replicate, Shard(0)) on ranks [[0, 1], [2, 3]], two ranks per node (a node per replica). A
+    (16 x 8, 5 x 5120 FLOPs) goes to rank 0, B (8 x 8, 5 x 3072) to rank 2: ranks 1, 2 and 3 are
+    equally idle and the tie order (bit-reversed rank: 0, 2, 1, 3) puts B in the other replica.
+    Each rank holds half the rows. A: rank 1 sends its 64 elements to 0; 0 returns them to 1 and its
+    own 64 to its copy, rank 2; rank 1 relays its 64 to its copy, rank 3. B: rank 3 (in B's owner's
+    replica) sends its 32 to 2; 2 returns them to 3 and its own 32 to its copy, rank 0; rank 3
+    relays its 32 to rank 1."""
     a, b = cm.Weight("a", (16, 8)), cm.Weight("b", (8, 8))
-    step = cm.plan([a, b], cm.Mesh("hsdp", 4, inner=2, gpus_per_node=2))
-    assert step.owners == [0, 1]
-    assert step.ns_load.tolist() == [5 * 5120, 5 * 3072, 0, 0]
-    assert step.bytes_sent(4).tolist() == [4 * (32 + 128 + 32), 4 * (64 + 64 + 64), 0, 0]
-    assert step.bytes_sent(2).tolist() == [2 * 192, 2 * 192, 0, 0]
+    mesh = cm.Mesh("hsdp", 4, inner=2, gpus_per_node=2)
+    step = cm.plan([a, b], mesh)
+    assert step.owners == [0, 2]
+    assert step.ns_load.tolist() == [5 * 5120, 0, 5 * 3072, 0]
+    assert step.bytes_sent(4).tolist() == [4 * 128, 4 * 128, 4 * 64, 4 * 64]
+    assert step.bytes_sent(2).tolist() == [2 * 128, 2 * 128, 2 * 64, 2 * 64]
     gather, back, relay = step.phases["gather"], step.phases["return"], step.phases["relay"]
-    assert gather.sent_intra.tolist() == [32, 64, 0, 0] and not gather.sent_inter.any()
+    assert gather.sent_intra.tolist() == [0, 64, 0, 32] and not gather.sent_inter.any()
     # Each owner's piece for its shard-group peer stays inside the node; its own piece's copy and
     # the relayed pieces cross it.
-    assert back.sent_intra.tolist() == [64, 32, 0, 0]
-    assert back.sent_inter.tolist() == [64, 32, 0, 0]
-    assert back.recv_inter.tolist() == [0, 0, 64, 32]
-    assert relay.sent_inter.tolist() == [32, 64, 0, 0] and not relay.sent_intra.any()
-    assert relay.recv_inter.tolist() == [0, 0, 32, 64]
-    # The interface's formula: (R S + S - 2) / S N elements per matrix, all ranks together, as a
-    # direct return from the owners would send ([224, 160]: the relay evens it out).
-    assert step.bytes_sent(1).sum() == (4 + 2 - 2) / 2 * (128 + 64) == 224 + 160
+    assert back.sent_intra.tolist() == [64, 0, 32, 0]
+    assert back.sent_inter.tolist() == [64, 0, 32, 0]
+    assert back.recv_inter.tolist() == [32, 0, 64, 0]
+    assert relay.sent_inter.tolist() == [0, 64, 0, 32] and not relay.sent_intra.any()
+    assert relay.recv_inter.tolist() == [0, 32, 0, 64]
+    # The interface's formula: (R S + S - 2) / S N elements per matrix, all ranks together.
+    assert step.bytes_sent(1).sum() == (4 + 2 - 2) / 2 * (128 + 64) == 384
+    # With ties to the lower rank (before the owners were spread) both owners sit in replica 0,
+    # whose two ranks then send every byte: [192, 192, 0, 0].
+    packed = cm.plan([a, b], mesh, spread=False)
+    assert packed.owners == [0, 1]
+    assert packed.bytes_sent(1).tolist() == [192, 192, 0, 0]
+    # Each tensor's chain: A's gather (64 over NVLink), its Newton-Schulz, its return (the owner's
+    # 64 over NVLink then, in the same phase, 64 over InfiniBand) and its relay (64 over InfiniBand).
+    hw = cm.Hardware()
+    nv, ib = hw.nvlink * hw.link_efficiency, hw.infiniband * hw.link_efficiency
+    chain_a = 5 * 5120 / (hw.ns_efficiency * hw.peak_flops) + 4 * (64 / nv + (64 / nv + 64 / ib) + 64 / ib)
+    assert step.chain_seconds(hw, 4) == pytest.approx(chain_a, rel=1e-12)
 
 
 def test_fsdp_uneven_and_empty_shards_by_hand():
@@ -92,6 +105,12 @@ def test_owner_rule_is_assign_owners_when_every_rank_may_own(world):
     owners, loads = cm.owners_by_load(costs, [np.arange(world)] * len(costs), np.zeros(world))
     assert owners == assign_owners(costs, world)
     assert loads.sum() == sum(costs)
+    # With the spread tie order: the rule muonkit.plan.build_plan passes to assign_owners.
+    plan = pytest.importorskip("muonkit.plan", reason="muonkit.plan (issue 21's N-D meshes) is not in this checkout")
+    order = plan.spread_order(world)
+    assert cm.spread_positions(world).tolist() == sorted(range(world), key=order.index)
+    owners, _ = cm.owners_by_load(costs, [np.arange(world)] * len(costs), np.zeros(world), cm.spread_positions(world))
+    assert owners == assign_owners(costs, world, order=order)
 
 
 @pytest.mark.parametrize("kind, formula", [
@@ -171,6 +190,23 @@ def test_model_equals_the_library_plan_on_small_shapes(kind, world, inner, weigh
     assert library.owners == step.owners
     assert library.sent_elements == step.bytes_sent(1).tolist()
     np.testing.assert_allclose(np.array(library.loads) * cm.NS_STEPS, step.ns_load, rtol=1e-12)
+
+
+def test_spread_owners_lower_the_hsdp_bytes_at_512_gpus():
+    """Llama-1B on HSDP 64 x 8: with ties to the lower rank the owners filled nodes 0-13 and the
+    busiest rank sent 4.35 GB per step; spread (muonkit.plan's order) it sends 0.72 GB, the total
+    unchanged; the library's plan has the same owners and bytes."""
+    model = cm.MODELS["llama-1b"]
+    mesh = cm.Mesh("hsdp", 512)
+    packed, spread = cm.plan(model.weights(), mesh, spread=False), cm.plan(model.weights(), mesh)
+    assert sorted({o // 8 for o in packed.owners}) == list(range(14))
+    assert sorted({o // 8 for o in spread.owners}) == list(range(64))
+    assert packed.bytes_sent().sum() == spread.bytes_sent().sum()
+    assert packed.bytes_sent().max() == 4_345_298_944 and spread.bytes_sent().max() == 721_420_288
+    library = _library_plan(model.weights(), mesh)
+    assert library.owners == spread.owners and library.sent_elements == spread.bytes_sent(1).tolist()
+    hw = cm.Hardware()
+    assert cm.hsdp_floor(model, mesh, hw) < cm.cell(model, mesh, hw).share_bf16_overlapped
 
 
 @pytest.mark.parametrize("kind", ["fsdp", "hsdp", "fsdp+tp"])

@@ -45,6 +45,7 @@ from muonkit.plan import (
     minimum_elements,
     piece_numel,
     pieces_of,
+    spread_order,
 )
 
 SPAWN_TIMEOUT = 420.0
@@ -58,7 +59,7 @@ VARIANT_JOBS = ["hsdp__normuon", "fsdp_tp__normuon", "fsdp_tp__adamuon", "ep__di
 CHECKPOINTS = ["checkpoint_save_hsdp", "checkpoint_save_fsdp_tp", "resume_fsdp_from_hsdp", "resume_hsdp_from_fsdp_tp",
                "resume_fsdp_tp_from_one", "resume_ep_from_hsdp"]
 JOBS = [*KINDS, *FLAT_KINDS, *VARIANT_JOBS, "buckets", "buckets_hsdp", "bf16", "safety", "qkclip_fsdp_tp", "qkclip_flat_fsdp_tp",
-        "muon8bit_rowwise_refused", "row_slices", *CHECKPOINTS]
+        "muon8bit_rowwise_refused", "row_slices", "hsdp_few", *CHECKPOINTS]
 
 
 # --------------------------------------------------------------------------------- pieces (pure)
@@ -161,11 +162,12 @@ def test_is_local_only_for_batch_axis_shards():
 # ------------------------------------------------------------------------------- owners (pure)
 
 
-def _linear_scan_owners(costs, world):
+def _linear_scan_owners(costs, world, order=None):
     """The owner assignment before the heap (a scan of every rank per item), kept as the oracle."""
     loads, counts, owners = [0.0] * world, [0] * world, [0] * len(costs)
+    position = {r: k for k, r in enumerate(range(world) if order is None else order)}
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        rank = min(range(world), key=lambda r: (loads[r], counts[r], r))
+        rank = min(range(world), key=lambda r: (loads[r], counts[r], position[r]))
         owners[i] = rank
         loads[rank] += costs[i]
         counts[rank] += 1
@@ -178,6 +180,36 @@ def test_heap_gives_the_same_owners_as_the_linear_scan(world, seed):
     rng = random.Random(seed)
     costs = [rng.choice([0.0, 1.0, rng.random(), 4 * rng.random()]) for _ in range(rng.randint(0, 300))]
     assert assign_owners(costs, world) == _linear_scan_owners(costs, world)
+    order = spread_order(world)
+    assert assign_owners(costs, world, order=order) == _linear_scan_owners(costs, world, order)
+
+
+def test_spread_order_is_bit_reversed_rank():
+    assert spread_order(8) == (0, 4, 2, 6, 1, 5, 3, 7)
+    assert spread_order(1) == (0,) and spread_order(2) == (0, 1)
+    assert spread_order(6) == (0, 4, 2, 1, 5, 3)  # 3 bits; 6 and 7 do not exist
+    for world in range(1, 70):
+        assert sorted(spread_order(world)) == list(range(world)), world
+    # On 512 ranks the first 2^k of the order fall one in each block of 512 / 2^k consecutive ranks:
+    # the first 64 one per 8-rank node (an HSDP replica of 64 x 8), the first 8 one per 64-rank block.
+    order = spread_order(512)
+    for k in range(10):
+        first, block = order[: 2**k], 512 >> k
+        assert sorted(r // block for r in first) == list(range(2**k)), k
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="world_size"):
+            spread_order(bad)
+
+
+def test_ties_go_by_the_order_and_a_bad_order_is_refused():
+    # Equal costs on idle ranks: the ranks in the given order; loads and counts still come first.
+    assert assign_owners([1.0] * 4, 4, order=[3, 1, 2, 0]) == [3, 1, 2, 0]
+    assert assign_owners([1.0] * 3, 4, order=spread_order(4)) == [0, 2, 1]
+    assert assign_owners([2.0, 1.0, 1.0], 4, order=[3, 2, 1, 0], loads=[0.0, 0.0, 0.0, 5.0]) == [2, 1, 0]
+    assert assign_owners([1.0, 1.0], 4, order=[3, 2, 1, 0], candidates=[[0, 1], None]) == [1, 3]
+    for bad in ([0, 1, 2], [0, 1, 2, 2], [1, 2, 3, 4]):
+        with pytest.raises(ValueError, match="order must hold every rank"):
+            assign_owners([1.0], 4, order=bad)
 
 
 def test_owners_respect_candidates_and_initial_loads():
@@ -229,6 +261,60 @@ def test_hsdp_pieces_come_from_the_owners_own_replica():
         assert len(senders) == 3 and all(r // 4 == owner // 4 for r in senders.values()), (owner, senders)
     plan = build_plan([spec], [None], 8)
     assert all(r // 4 == plan.owners[0] // 4 for r in plan.senders[0].values())
+
+
+def _hsdp_plan(shapes, replicas, shards, order=None):
+    """build_plan for (Replicate, Shard(0)) on a replicas x shards mesh (ranks numbered shard
+    innermost: replica r holds ranks r * shards ... r * shards + shards - 1)."""
+    mesh = torch.arange(replicas * shards).view(replicas, shards)
+    specs = []
+    for shape in shapes:
+        by_rank = pieces_of(shape, mesh, (("R",), ("S", 0)))
+        specs.append(_spec(shape, [by_rank[r] for r in range(replicas * shards)]))
+    return build_plan(specs, [None] * len(specs), replicas * shards, order=order)
+
+
+def _replica_loads(plan, shards):
+    loads = torch.tensor(plan.loads, dtype=torch.float64).view(-1, shards).sum(1)
+    return loads, float(loads.max() / loads.mean())
+
+
+def test_hsdp_owners_are_spread_over_the_replicas():
+    """HSDP 2 x 2 (ranks [[0, 1], [2, 3]]): two equal matrices go one to each replica (ranks 0 and 2),
+    not both to replica 0 (ranks 0 and 1, ties to the lower rank), and the busiest rank sends less;
+    the total stays the minimum."""
+    plan = _hsdp_plan([(64, 32), (64, 32)], 2, 2)
+    packed = _hsdp_plan([(64, 32), (64, 32)], 2, 2, order=range(4))
+    assert plan.owners == [0, 2] and packed.owners == [0, 1]
+    loads, balance = _replica_loads(plan, 2)
+    assert balance == 1.0 and _replica_loads(packed, 2)[1] == 2.0
+    for p in (plan, packed):
+        assert sum(p.sent_elements) == sum(minimum_elements(list(s.pieces), o) for s, o in zip(p.specs, p.owners))
+    # Pieces of 1024: each owner's replica peer sends and relays one piece, each owner sends two.
+    assert plan.sent_elements == [2048, 2048, 2048, 2048] and packed.sent_elements == [4096, 4096, 0, 0]
+
+
+def test_hsdp_64_by_8_on_512_ranks_spreads_the_load_over_the_replicas():
+    """512 ranks as 64 replicas of an 8-rank shard group (docs/scaling.md's HSDP on 512 GPUs), fewer
+    matrices than ranks. 128 equal matrices: every replica owns 2 (ties to the lower rank gave them
+    to ranks 0-127, 16 replicas owning 8 each). Llama-1B's 112 matrices: every replica owns some,
+    the replicas' Newton-Schulz loads within 1.5x of their mean (4.6x packed), and the busiest rank
+    sends a sixth of what it sent (the relay forwards only its replica's share of the results)."""
+    plan = _hsdp_plan([(64, 64)] * 128, 64, 8)
+    loads, balance = _replica_loads(plan, 8)
+    assert balance == 1.0 and sorted({o // 8 for o in plan.owners}) == list(range(64))
+    packed = _hsdp_plan([(64, 64)] * 128, 64, 8, order=range(512))
+    assert _replica_loads(packed, 8)[1] == 4.0
+    block = [(2048, 2048), (512, 2048), (512, 2048), (2048, 2048), (8192, 2048), (8192, 2048), (2048, 8192)]
+    plan = _hsdp_plan(block * 16, 64, 8)
+    packed = _hsdp_plan(block * 16, 64, 8, order=range(512))
+    loads, balance = _replica_loads(plan, 8)
+    assert bool((loads > 0).all()) and balance < 1.5, balance
+    assert _replica_loads(packed, 8)[1] > 4.5
+    assert max(plan.loads) == max(packed.loads)  # one largest matrix on the busiest rank either way
+    for p in (plan, packed):
+        assert sum(p.sent_elements) == sum(minimum_elements(list(s.pieces), o) for s, o in zip(p.specs, p.owners))
+    assert max(packed.sent_elements) > 5.5 * max(plan.sent_elements), (max(packed.sent_elements), max(plan.sent_elements))
 
 
 def test_sub_meshes_with_flattened_dims_map_to_their_root_dims():
@@ -362,6 +448,25 @@ def reference():
 def test_each_mesh_kind_equals_one_process_bit_for_bit(runs, reference, kind):
     for result in _result(runs, kind):
         _assert_equal(result["snapshot"], reference)
+
+
+@pytest.mark.slow
+def test_hsdp_newton_schulz_is_spread_over_both_replicas(runs):
+    """Two matrices of equal cost on HSDP 2 x 2 (4 gloo ranks; replica 0: ranks 0 and 1, replica 1:
+    ranks 2 and 3): one owner in each replica (ties to the lower rank put both in replica 0), so
+    both replicas run Newton-Schulz; every rank has the same plan, the bytes are the minimum and
+    each rank sends 2048 elements per step (a packed plan: 4096 from ranks 0 and 1, nothing from 2 and
+    3), and the result is one process's bit for bit."""
+    per_rank = _result(runs, "hsdp_few")
+    plan = per_rank[0]["plan"]
+    for result in per_rank:
+        assert result["plan"].owners == plan.owners == [0, 2]
+        assert result["sent"] == [4 * 2048] * mesh_worker.STEPS
+        assert sum(r["sent"][0] for r in per_rank) == result["minimum"]
+        _assert_equal(result["snapshot"], mesh_worker.reference_few())
+    assert sum(plan.loads[:2]) == sum(plan.loads[2:]) > 0
+    packed = build_plan(plan.specs, plan.moments, 4, order=range(4))
+    assert packed.owners == [0, 1] and packed.sent_elements == [4096, 4096, 0, 0]
 
 
 @pytest.mark.slow

@@ -61,43 +61,70 @@ def assign_owners(
     *,
     candidates: Sequence[Sequence[int] | None] | None = None,
     loads: Sequence[float] | None = None,
+    order: Sequence[int] | None = None,
 ) -> list[int]:
     """The rank that owns each item: largest cost first, each onto the least-loaded rank (a heap).
 
     Deterministic (ties: the earlier item first; among equally loaded ranks the one with fewer
-    items, then the lower rank), so every rank computes the same assignment from the same costs.
-    Greedy longest-processing-time scheduling: the busiest rank's load is at most 4/3 of the optimum
-    (Graham, 1969), and at most the average load plus the largest cost. O(items log ranks).
+    items, then the one earlier in `order`), so every rank computes the same assignment from the
+    same costs. Greedy longest-processing-time scheduling: the busiest rank's load is at most 4/3 of
+    the optimum (Graham, 1969), and at most the average load plus the largest cost. O(items log ranks).
 
     Args:
         candidates: per item, the ranks allowed to own it (None: any rank).
         loads: each rank's load before the items (work it does anyway), default zeros.
+        order: every rank once, in the order ties go to them (default: rank order). build_plan
+            passes `spread_order(world_size)`, so that with fewer items than ranks the owners are
+            spread over nodes and replicas instead of filling the first ones.
 
     Example:
         >>> assign_owners([4.0, 3.0, 3.0, 2.0], 2)
         [0, 1, 1, 0]
+        >>> assign_owners([1.0] * 3, 4, order=spread_order(4))
+        [0, 2, 1]
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
     for i, cost in enumerate(costs):
         if not (math.isfinite(cost) and cost >= 0):
             raise ValueError(f"costs[{i}] must be a finite number >= 0, got {cost!r}")
-    heap = [(float(loads[r]) if loads is not None else 0.0, 0, r) for r in range(world_size)]
+    position = list(range(world_size))
+    if order is not None:
+        if sorted(order) != position:
+            raise ValueError(f"order must hold every rank of 0..{world_size - 1} once, got {list(order)!r}")
+        for k, rank in enumerate(order):
+            position[rank] = k
+    heap = [(float(loads[r]) if loads is not None else 0.0, 0, position[r], r) for r in range(world_size)]
     heapq.heapify(heap)
     owners = [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         allowed = None if candidates is None or candidates[i] is None else set(candidates[i])  # type: ignore[arg-type]
         skipped = []
         while True:
-            load, count, rank = heapq.heappop(heap)
+            load, count, key, rank = heapq.heappop(heap)
             if allowed is None or rank in allowed or not heap:
                 break
-            skipped.append((load, count, rank))
+            skipped.append((load, count, key, rank))
         owners[i] = rank
-        heapq.heappush(heap, (load + costs[i], count + 1, rank))
+        heapq.heappush(heap, (load + costs[i], count + 1, key, rank))
         for entry in skipped:
             heapq.heappush(heap, entry)
     return owners
+
+
+@functools.lru_cache(maxsize=64)
+def spread_order(world_size: int) -> tuple[int, ...]:
+    """Every rank once, by its bit-reversed number (over ceil(log2 W) bits): 0, 4, 2, 6, 1, 5, 3, 7
+    on 8 ranks. For W a power of two, the first 2^k ranks of the order are W / 2^k apart: one in each
+    block of W / 2^k consecutive ranks, for every k. Launchers number a node's ranks consecutively
+    and meshes put the sharded dims innermost, so the owners of a step with fewer matrices than ranks
+    go one per node and one per replica first (HSDP: every replica owns a share of the matrices and
+    the relay sends its results to the others) instead of filling the first nodes, whose ranks would
+    each forward most of the step's results to every other replica."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    bits = (world_size - 1).bit_length()
+    return tuple(sorted(range(world_size), key=lambda r: int(format(r, f"0{bits}b")[::-1] or "0", 2)))
 
 
 def shard_sizes(length: int, world_size: int) -> list[int]:
@@ -273,6 +300,7 @@ def build_plan(
     world_size: int,
     *,
     bucket_bytes: int = BUCKET_BYTES,
+    order: Sequence[int] | None = None,
 ) -> ExchangePlan:
     """The plan of one group's step. `moments[i]` is tensor i's second moment (None without one).
 
@@ -281,7 +309,8 @@ def build_plan(
     as one process does (CPU kernels round small matrices differently by buffer alignment;
     muonkit.distributed). Items go largest Newton-Schulz cost first onto the least-loaded rank among
     those holding a largest piece of every tensor of the item (so that the owner receives the least),
-    counting the local tensors' work in the loads.
+    counting the local tensors' work in the loads; among equally loaded ranks, the one first in
+    `order` (default `spread_order(world_size)`: owners spread over nodes and replicas).
     """
     n = len(specs)
     loads = [0.0] * world_size
@@ -306,7 +335,8 @@ def build_plan(
     costs = [sum(newton_schulz_flops(specs[i].batch, specs[i].rows, specs[i].cols) for i in item) for item in items]
     candidates = [_largest_holders([specs[i] for i in item], world_size) for item in items]
     owners = [-1] * n
-    for item, owner in zip(items, assign_owners(costs, world_size, candidates=candidates, loads=loads)):
+    chosen = assign_owners(costs, world_size, candidates=candidates, loads=loads, order=spread_order(world_size) if order is None else order)
+    for item, owner in zip(items, chosen):
         for i in item:
             owners[i] = owner
     for item, cost in zip(items, costs):

@@ -120,7 +120,9 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) ->
 
 
 def computed_tables(worlds: tuple[int, ...] = (8, 64, 512)) -> str:
-    """Bytes per rank per step (float32 payload) and NS load max/mean, before and after issue 21."""
+    """Bytes per rank per step (float32 payload) and NS load max/mean, before and after issue 21, with
+    the owners packed (ties to the lower rank, issue 21 as first landed) and spread (ties by
+    bit-reversed rank, muonkit.plan.spread_order)."""
     import cost_model as cm
 
     def mb(values) -> str:
@@ -135,14 +137,25 @@ def computed_tables(worlds: tuple[int, ...] = (8, 64, 512)) -> str:
             for kind in kinds:
                 mesh = cm.Mesh(kind, world)
                 after = cm.plan(weights, mesh)
+                packed = cm.plan(weights, mesh, spread=False)
                 old = kind in ("fsdp", "ep")  # what muonkit ran before issue 21 (1D Shard(0))
                 rows.append([model.name, world, mesh.label(),
                              mb(before.bytes_sent()) if old else "refused",
                              f"{before.load_balance():.2f}" if old else "refused",
-                             mb(after.bytes_sent()), mb(after.bytes_sent(2)), f"{after.load_balance():.2f}"])
+                             mb(packed.bytes_sent()), mb(after.bytes_sent()), mb(after.bytes_sent(2)),
+                             f"{after.load_balance():.2f}",
+                             f"{_replica_balance(packed, mesh):.2f} / {_replica_balance(after, mesh):.2f}"])
     return cm.markdown(["model", "ranks", "mesh (after)", "before: MB sent/rank, mean / max",
-                        "before: NS max/mean", "after: MB sent/rank, mean / max",
-                        "after, bf16 exchange: MB mean / max", "after: NS max/mean"], rows)
+                        "before: NS max/mean", "after, owners packed: MB sent/rank, mean / max",
+                        "after, owners spread: MB sent/rank, mean / max",
+                        "after, spread, bf16 exchange: MB mean / max", "after: NS max/mean",
+                        "after: NS max/mean per node, packed / spread"], rows)
+
+
+def _replica_balance(step, mesh) -> float:
+    """Newton-Schulz FLOPs per node (8 consecutive ranks: an HSDP replica, a TP group), max / mean."""
+    loads = step.ns_load.reshape(-1, min(mesh.world, mesh.gpus_per_node)).sum(1)
+    return float(loads.max() / loads.mean()) if loads.any() else 1.0
 
 
 def free_port() -> int:

@@ -279,6 +279,24 @@ def _replica_loads(plan, shards):
     return loads, float(loads.max() / loads.mean())
 
 
+def test_owners_hold_a_largest_piece_of_the_second_moment_too():
+    """Rowwise tensor parallelism on a 2 x 2 (dp, tp) mesh: a 32 x 64 weight's pieces are equal on
+    every rank, but NorMuon's (32, 1) second moment, placed alike, is empty on the tp = 1 ranks
+    (1 and 3). The owners come from ranks 0 and 2, so each owner lacks only what it must and the
+    bytes, weight and moment, are the sum of their minima (ties spread over 0, 2, 1, 3 would give
+    rank 1 the third tensor otherwise)."""
+    mesh = torch.arange(4).view(2, 2)
+    placements = (("S", 0), ("S", 1))
+    weight, moment = pieces_of((32, 64), mesh, placements), pieces_of((32, 1), mesh, placements)
+    specs = [_spec((32, 64), [weight[r] for r in range(4)]) for _ in range(4)]
+    moments = [_spec((32, 1), [moment[r] for r in range(4)]) for _ in range(4)]
+    assert [piece_numel(moment[r]) for r in range(4)] == [16, 0, 16, 0]
+    plan = build_plan(specs, moments, 4)
+    assert set(plan.owners) == {0, 2}
+    want = sum(minimum_elements(list(t.pieces), o) for ts in (specs, moments) for t, o in zip(ts, plan.owners))
+    assert sum(plan.sent_elements) == want
+
+
 def test_hsdp_owners_are_spread_over_the_replicas():
     """HSDP 2 x 2 (ranks [[0, 1], [2, 3]]): two equal matrices go one to each replica (ranks 0 and 2),
     not both to replica 0 (ranks 0 and 1, ties to the lower rank), and the busiest rank sends less;

@@ -14,7 +14,8 @@ Exchange (per matrix tensor of N elements, owner o, p_r elements on rank r):
     elements sent (all ranks) = (N - p_o) + sum over r != o of p_r
 
 the pieces the owner lacks, each distinct piece sent once by one of its holders, and every other
-rank's piece of the result (`minimum_elements`). The owner is a rank holding a largest piece. The
+rank's piece of the result (`minimum_elements`). The owner is a rank holding a largest piece, the
+least loaded by Newton-Schulz work, ties spread over nodes and replicas (`spread_order`). The
 result travels back in two hops (a relay): the owner sends each piece it lacked to the holder that
 sent it (in HSDP, the owner's own replica) and its own piece to that piece's other holders; each
 of those holders forwards its piece to the piece's other holders (its counterparts in the other
@@ -333,7 +334,8 @@ def build_plan(
                 items.append(groups[key])
             groups[key].append(i)
     costs = [sum(newton_schulz_flops(specs[i].batch, specs[i].rows, specs[i].cols) for i in item) for item in items]
-    candidates = [_largest_holders([specs[i] for i in item], world_size) for item in items]
+    candidates = [_largest_holders([specs[i] for i in item], [m for i in item if (m := moments[i]) is not None],
+                                   world_size) for item in items]
     owners = [-1] * n
     chosen = assign_owners(costs, world_size, candidates=candidates, loads=loads, order=spread_order(world_size) if order is None else order)
     for item, owner in zip(items, chosen):
@@ -395,13 +397,20 @@ def returns(spec: Spec, owner: int, senders: dict[Piece, int]) -> list[tuple[str
     return out
 
 
-def _largest_holders(specs: Sequence[Spec], world_size: int) -> list[int] | None:
-    """The ranks that hold a largest piece of every one of `specs` (None: any rank)."""
-    allowed = set(range(world_size))
-    for s in specs:
-        sizes = _holdings(s.pieces)[0]
-        largest = max(sizes)
-        allowed &= {r for r, size in enumerate(sizes) if size == largest}
+def _largest_holders(specs: Sequence[Spec], moments: Sequence[Spec], world_size: int) -> list[int] | None:
+    """The ranks that hold a largest piece of every one of `specs` and of their `moments` (second
+    moments travel with their tensor: an owner holding a largest piece of both receives the least
+    of both); of `specs` alone where no rank holds both; None: any rank."""
+    def largest(tensors: Sequence[Spec]) -> set[int]:
+        allowed = set(range(world_size))
+        for s in tensors:
+            sizes = _holdings(s.pieces)[0]
+            allowed &= {r for r, size in enumerate(sizes) if size == max(sizes)}
+        return allowed
+
+    allowed = largest(specs)
+    both = allowed & largest(moments) if moments else allowed
+    allowed = both or allowed
     return sorted(allowed) if allowed and len(allowed) < world_size else None
 
 

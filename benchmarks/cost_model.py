@@ -370,8 +370,9 @@ def plan(weights: Sequence[Weight], mesh: Mesh, steps: int = NS_STEPS, *, today:
 
     One owner per tensor over all W ranks, among the ranks holding a largest piece, by Newton-Schulz
     FLOPs on top of each rank's local expert work; ties among equally loaded ranks by
-    `spread_positions` (`spread=False`: by rank, muonkit before the owners were spread). The owner receives every piece it lacks (one
-    holder sends each: in hsdp the owner's own replica, then the one that has sent the least so far);
+    `spread_positions` (`spread=False`: by rank, muonkit before the owners were spread). The owner
+    receives every piece it lacks (one holder sends each: in hsdp the owner's own replica, then the
+    one that has sent the least so far);
     every other holder gets its piece of the result from the owner ("return") or, in hsdp, from the
     rank of the owner's replica that holds the same shard ("relay"). `today=True`: muonkit before
     issue 21 (muonkit.distributed.assign_owners over all ranks, experts shipped whole; its 1D
@@ -521,8 +522,8 @@ def cell(model: Model, mesh: Mesh, hw: Hardware, *, spread: bool = True) -> Cell
     step = plan(model.weights(), mesh, spread=spread)
     return Cell(model, mesh, hw.training_step(model, mesh.world), step.ns_seconds(hw), step.load_balance(),
                 float(step.bytes_sent(4).max()), step.exchange_seconds(hw, 4), step.exchange_seconds(hw, 2),
-                step.link_seconds(hw, 4), step.link_seconds(hw, 2), step.chain_seconds(hw, 4), step.chain_seconds(hw, 2),
-                step.elementwise_seconds(hw))
+                step.link_seconds(hw, 4), step.link_seconds(hw, 2), step.chain_seconds(hw, 4),
+                step.chain_seconds(hw, 2), step.elementwise_seconds(hw))
 
 
 def hsdp_floor(model: Model, mesh: Mesh, hw: Hardware, element_size: int = 2) -> float:
@@ -610,7 +611,8 @@ def hsdp_table(models: Sequence[Model], world: int, hw: Hardware) -> str:
                      _percent(wide.share_overlapped), _percent(wide.share_bf16), _percent(wide.share_bf16_overlapped),
                      wide.meets()])
     return markdown(["model", "64 x 8, owners packed (before), float32 serial", "64 x 8, owners spread, float32 serial",
-                     "64 x 8, spread, bf16 overlapped", "64 x 8, floor (any owners, bf16, overlapped)", "64 x 8: 3% with",
+                     "64 x 8, spread, bf16 overlapped", "64 x 8, floor (any owners, bf16, overlapped)",
+                     "64 x 8: 3% with",
                      "8 x 64, float32 serial", "8 x 64, float32 overlapped", "8 x 64, bf16 serial",
                      "8 x 64, bf16 overlapped", "8 x 64: 3% with"], rows)
 
@@ -631,7 +633,8 @@ def report(hw: Hardware, worlds: Sequence[int] = (8, 64, 512)) -> str:
     slow_cells = [cell(c.model, c.mesh, slow) for c in cells]
     summary = [f"{len(verdicts.get('default', []))} of {len(cells)} cells are at most 3% with muonkit's defaults "
                f"(float32 exchange) even with no overlap."]
-    for name, share in (("bf16 exchange", lambda c: c.share_bf16), ("default, if overlapped", lambda c: c.share_overlapped),
+    for name, share in (("bf16 exchange", lambda c: c.share_bf16),
+                        ("default, if overlapped", lambda c: c.share_overlapped),
                         ("bf16, if overlapped", lambda c: c.share_bf16_overlapped),
                         ("no", lambda c: c.share_bf16_overlapped)):
         if verdicts.get(name):

@@ -337,7 +337,8 @@ def build_plan(
     candidates = [_largest_holders([specs[i] for i in item], [m for i in item if (m := moments[i]) is not None],
                                    world_size) for item in items]
     owners = [-1] * n
-    chosen = assign_owners(costs, world_size, candidates=candidates, loads=loads, order=spread_order(world_size) if order is None else order)
+    order = spread_order(world_size) if order is None else order
+    chosen = assign_owners(costs, world_size, candidates=candidates, loads=loads, order=order)
     for item, owner in zip(items, chosen):
         for i in item:
             owners[i] = owner
@@ -405,7 +406,8 @@ def _largest_holders(specs: Sequence[Spec], moments: Sequence[Spec], world_size:
         allowed = set(range(world_size))
         for s in tensors:
             sizes = _holdings(s.pieces)[0]
-            allowed &= {r for r, size in enumerate(sizes) if size == max(sizes)}
+            most = max(sizes)
+            allowed &= {r for r, size in enumerate(sizes) if size == most}
         return allowed
 
     allowed = largest(specs)

@@ -500,7 +500,7 @@ def test_requires_grad_input_is_orthogonalized_without_autograd(method):
 # ---- the working dtype -------------------------------------------------------------------------
 
 
-def test_cpu_fast_bfloat16_reads_the_cpu_flags():
+def test_cpu_fast_bfloat16_reads_the_cpu_flags(machine_ns_dtype):
     """AVX512_BF16 or AMX-BF16 in /proc/cpuinfo (and oneDNN in torch) means native bf16 products."""
     from muonkit.orthogonalize import CPU_FAST_BFLOAT16, cpu_has_fast_bfloat16
 
@@ -512,6 +512,7 @@ def test_cpu_fast_bfloat16_reads_the_cpu_flags():
     flags = {w for line in text.splitlines() if line.startswith("flags") for w in line.split()}
     expected = bool(flags & {"avx512_bf16", "amx_bf16"}) and torch.backends.mkldnn.is_available()
     assert cpu_has_fast_bfloat16() is expected and CPU_FAST_BFLOAT16 is expected
+    assert machine_ns_dtype == (torch.bfloat16 if expected else torch.float32)
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["bf16-cpu", "avx2-cpu"])

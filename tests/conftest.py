@@ -21,6 +21,13 @@ for path in (_SRC, _TESTS):
 # identical, which the bit-for-bit tests rely on.
 torch.set_num_threads(1)
 
+# The default ns_dtype follows the machine (bfloat16 here when the CPU has AVX512_BF16 or AMX);
+# the suite's references are float32 ones, so every test process runs as on an AVX2 CPU
+# (tests/ns_dtype_pin.py says why and how); `machine_ns_dtype` below undoes it for one test.
+from ns_dtype_pin import MACHINE_FAST_BFLOAT16, kernels, pin_float32_newton_schulz  # noqa: E402
+
+pin_float32_newton_schulz()
+
 settings.register_profile("muonkit", max_examples=25, deadline=None, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "muonkit"))
 
@@ -29,6 +36,14 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "muonkit"))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def machine_ns_dtype(monkeypatch):
+    """This machine's real default ns_dtype for one test (the suite pins float32, ns_dtype_pin.py):
+    CPU_FAST_BFLOAT16 as read from the CPU. Yields default_ns_dtype("cpu")."""
+    monkeypatch.setattr(kernels, "CPU_FAST_BFLOAT16", MACHINE_FAST_BFLOAT16)
+    yield kernels.default_ns_dtype("cpu")
 
 
 @pytest.fixture

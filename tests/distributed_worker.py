@@ -23,6 +23,10 @@ from torch import nn
 
 import muonkit
 from muonkit.distributed import load_checkpoint, save_checkpoint
+from ns_dtype_pin import pin_float32_newton_schulz
+
+# Every spawned rank runs the default ns_dtype in float32, as the pytest process does (conftest.py).
+pin_float32_newton_schulz()
 
 STEPS = 3
 LR = 0.05

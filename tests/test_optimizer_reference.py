@@ -369,14 +369,15 @@ def test_named_params_equal_plain_params():
         assert torch.equal(a, b)
 
 
-def test_default_ns_dtype_is_float32_on_cpu():
-    """API.md: ns_dtype None means float32 on CPU (bit-for-bit the same run)."""
+def test_default_ns_dtype_is_the_machines(machine_ns_dtype):
+    """API.md: ns_dtype None means default_ns_dtype(device) (bfloat16 on CPUs with native bf16
+    products, float32 on others; bit-for-bit the same run); each branch: test_orthogonalize.py."""
     shape = (5, 12)
     a = init_param(shape, dtype=torch.float32)
     b = a.clone()
     grads = grads_for(shape, dtype=torch.float32)
     run_muonkit([a], [grads], lr=LR, orthogonalizer="polar_express")
-    run_muonkit([b], [grads], lr=LR, orthogonalizer="polar_express", ns_dtype=torch.float32)
+    run_muonkit([b], [grads], lr=LR, orthogonalizer="polar_express", ns_dtype=machine_ns_dtype)
     assert torch.equal(a, b)
 
 

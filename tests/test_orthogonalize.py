@@ -500,7 +500,7 @@ def test_requires_grad_input_is_orthogonalized_without_autograd(method):
 # ---- the working dtype -------------------------------------------------------------------------
 
 
-def test_cpu_fast_bfloat16_reads_the_cpu_flags():
+def test_cpu_fast_bfloat16_reads_the_cpu_flags(machine_ns_dtype):
     """AVX512_BF16 or AMX-BF16 in /proc/cpuinfo (and oneDNN in torch) means native bf16 products."""
     from muonkit.orthogonalize import CPU_FAST_BFLOAT16, cpu_has_fast_bfloat16
 
@@ -512,24 +512,87 @@ def test_cpu_fast_bfloat16_reads_the_cpu_flags():
     flags = {w for line in text.splitlines() if line.startswith("flags") for w in line.split()}
     expected = bool(flags & {"avx512_bf16", "amx_bf16"}) and torch.backends.mkldnn.is_available()
     assert cpu_has_fast_bfloat16() is expected and CPU_FAST_BFLOAT16 is expected
+    assert machine_ns_dtype == (torch.bfloat16 if expected else torch.float32)
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["bf16-cpu", "fp32-only-cpu"])
-def test_auto_working_dtype(monkeypatch, fast):
-    """"auto": bfloat16 on a CPU with native bf16 products, float32 on others; float64 input stays
-    float64; an explicit dtype wins; None stays float32 on every CPU (issue 2: fp32 by default)."""
+@pytest.mark.parametrize("fast", [True, False], ids=["bf16-cpu", "avx2-cpu"])
+def test_default_ns_dtype_follows_the_machine(monkeypatch, fast):
+    """Issue 22 item 1: the default (None, and its alias "auto") is bfloat16 on CUDA and on a CPU
+    with native bf16 products, float32 on other CPUs; float64 input stays float64; an explicit
+    dtype wins."""
     kernels = importlib.import_module("muonkit.orthogonalize")  # the module, not the function
     monkeypatch.setattr(kernels, "CPU_FAST_BFLOAT16", fast)
+    cpu = torch.bfloat16 if fast else torch.float32
+    assert kernels.default_ns_dtype("cpu") == cpu
+    assert kernels.default_ns_dtype(torch.device("cpu")) == cpu
+    assert kernels.default_ns_dtype("cuda") == torch.bfloat16
+    assert kernels.default_ns_dtype(torch.device("cuda", 1)) == torch.bfloat16
+    assert kernels.default_ns_dtype("meta") == torch.float32
     x32, x64 = torch.randn(4, 6), torch.randn(4, 6, dtype=torch.float64)
-    auto = torch.bfloat16 if fast else torch.float32
-    assert kernels.working_dtype(x32, "auto") == auto
-    assert kernels.working_dtype(x32.bfloat16(), "auto") == auto
-    assert kernels.working_dtype(x64, "auto") == torch.float64
-    assert kernels.working_dtype(x32, None) == torch.float32
+    for default in (None, "auto"):
+        assert kernels.working_dtype(x32, default) == cpu
+        assert kernels.working_dtype(x32.bfloat16(), default) == cpu
+        assert kernels.working_dtype(x64, default) == torch.float64
+    assert kernels.working_dtype(x32, torch.float32) == torch.float32
+    assert kernels.working_dtype(x64, torch.float32) == torch.float32
     assert kernels.working_dtype(x32, torch.float64) == torch.float64
     G = make_matrix((6, 10), "random", seed=24)
-    assert torch.equal(muonkit.orthogonalize(G, dtype="auto"), muonkit.orthogonalize(G, dtype=auto))
-    assert torch.equal(muonkit.orthogonalize(G, "svd", dtype="auto"), muonkit.orthogonalize(G, "svd"))
+    for default in (None, "auto"):
+        assert torch.equal(muonkit.orthogonalize(G, dtype=default), muonkit.orthogonalize(G, dtype=cpu))
+        assert torch.equal(muonkit.orthogonalize(G, "svd", dtype=default), muonkit.orthogonalize(G, "svd"))
+    # float32 on request, also where bfloat16 is the default: bits of a float32 run, not of a bf16 one.
+    f32 = muonkit.orthogonalize(G, dtype=torch.float32)
+    bf16 = muonkit.orthogonalize(G, dtype=torch.bfloat16)
+    assert not torch.equal(f32, bf16)
+    assert torch.equal(muonkit.orthogonalize(G), bf16 if fast else f32)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["bf16-cpu", "avx2-cpu"])
+def test_muon_default_step_runs_in_the_machine_default(monkeypatch, fast):
+    """The optimizer's default step is the step at default_ns_dtype's dtype; ns_dtype=torch.float32
+    gives the float32 step on every machine; float64 parameters step in float64."""
+    kernels = importlib.import_module("muonkit.orthogonalize")
+    monkeypatch.setattr(kernels, "CPU_FAST_BFLOAT16", fast)
+
+    def step(dtype, *args):
+        w = torch.nn.Parameter(torch.linspace(-1, 1, 8 * 16, dtype=dtype).reshape(8, 16))
+        w.grad = torch.randn(8, 16, generator=torch.Generator().manual_seed(3), dtype=dtype)
+        muonkit.Muon([w], lr=0.02, **dict(args)).step()
+        return w.detach()
+
+    chosen = torch.bfloat16 if fast else torch.float32
+    default = step(torch.float32)
+    assert torch.equal(default, step(torch.float32, ("ns_dtype", "auto")))
+    assert torch.equal(default, step(torch.float32, ("ns_dtype", chosen)))
+    other = torch.float32 if fast else torch.bfloat16
+    assert not torch.equal(default, step(torch.float32, ("ns_dtype", other)))
+    assert torch.equal(step(torch.float64), step(torch.float64, ("ns_dtype", torch.float64)))
+    assert not torch.equal(step(torch.float64), step(torch.float64, ("ns_dtype", torch.float32)))
+
+
+@pytest.mark.filterwarnings("ignore:muonkit. Sequential")
+@pytest.mark.parametrize("fast", [True, False], ids=["bf16-cpu", "avx2-cpu"])
+def test_explain_says_which_ns_dtype_and_why(monkeypatch, fast):
+    kernels = importlib.import_module("muonkit.orthogonalize")
+    monkeypatch.setattr(kernels, "CPU_FAST_BFLOAT16", fast)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    text = muonkit.explain(model, file=None)
+    if fast:
+        assert "Newton-Schulz runs in bfloat16 on cpu by default" in text and "natively" in text
+    else:
+        assert "Newton-Schulz runs in float32 on cpu by default" in text and "50-100x slower" in text
+    assert "ns_dtype=torch.float32" in text
+    assert "CUDA multiplies bfloat16 natively" in kernels.default_ns_dtype_reason("cuda")
+    assert "bfloat16 on cuda" in kernels.default_ns_dtype_reason("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_default_ns_dtype_on_a_cuda_tensor():
+    x = torch.randn(8, 16, device="cuda")
+    kernels = importlib.import_module("muonkit.orthogonalize")
+    assert kernels.working_dtype(x, None) == torch.bfloat16
+    assert kernels.working_dtype(x.double(), None) == torch.float64
+    assert kernels.working_dtype(x, torch.float32) == torch.float32
 
 
 def test_muon_takes_ns_dtype_auto():

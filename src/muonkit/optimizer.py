@@ -126,9 +126,10 @@ class Muon(torch.optim.Optimizer):
             callable (X, steps) -> tensor of X's shape, called on one (rows, cols) matrix at a
             time unless it has the attribute ``batched = True`` (then on (k, rows, cols) stacks).
         ns_steps: iterations of the orthogonalizer (default 5).
-        ns_dtype: working dtype of the orthogonalizer; None means float32 on CPU, bfloat16 on CUDA
-            (float64 for float64 state); "auto" also picks bfloat16 on CPUs with native bfloat16
-            products (2x faster there, a larger polar error; muonkit.orthogonalize.working_dtype).
+        ns_dtype: working dtype of the orthogonalizer; None (or its alias "auto") means the fastest
+            accurate one for the device, muonkit.orthogonalize.default_ns_dtype: bfloat16 on CUDA
+            and on CPUs with native bfloat16 products (AVX512_BF16, AMX), float32 elsewhere;
+            float64 for float64 state. ns_dtype=torch.float32 gives float32 everywhere.
         layout: matrix view of the parameters: None (2D (out, in); 3D stacked (batch, out, in);
             4D/5D conv (out, in, *kernel)), "conv", "stacked", or a muonkit.Layout.
         variant: "muon" (default) or the name of another variant in muonkit.variants.VARIANTS,

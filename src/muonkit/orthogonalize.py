@@ -29,8 +29,8 @@ from torch import Tensor
 Coefficients = tuple[float, float, float]
 Method = Literal["polar_express", "keller_jordan", "you", "gram", "svd"]
 Orthogonalizer = Union[Method, Callable[[Tensor, int], Tensor]]
-# A working dtype: a floating torch.dtype, None (float32 on CPU, bfloat16 on CUDA) or "auto"
-# (bfloat16 also on CPUs that multiply it natively); see `working_dtype`.
+# A working dtype: a floating torch.dtype, or None (the machine's default, `default_ns_dtype`);
+# "auto" is an alias of None kept for older code and checkpoints; see `working_dtype`.
 NsDtype = Union[torch.dtype, Literal["auto"], None]
 
 # (a, b, c) per step. After the last listed step a schedule repeats its tail entry.
@@ -119,28 +119,59 @@ def cpu_has_fast_bfloat16() -> bool:
 CPU_FAST_BFLOAT16 = cpu_has_fast_bfloat16()
 
 
+def default_ns_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype Newton-Schulz iterates in on `device` when ns_dtype is None: the fastest accurate one.
+
+    bfloat16 on CUDA and on CPUs that multiply bfloat16 matrices natively (AVX512_BF16 or AMX,
+    CPU_FAST_BFLOAT16 from `cpu_has_fast_bfloat16`): there a product costs 0.34-0.43 of float32's,
+    and the polar error stays below that of every peer using Keller Jordan's coefficients (0.127 vs
+    0.27; float32 0.093; benchmarks/RESULTS.md, Peers). float32 elsewhere: on AVX2-only CPUs
+    bfloat16 products are 50-100 times slower than float32 ones. `default_ns_dtype_reason` says
+    which case applied. float64 input is not covered here: it always stays float64 (`working_dtype`).
+
+    Example:
+        >>> default_ns_dtype("cuda")
+        torch.bfloat16
+    """
+    kind = torch.device(device).type
+    if kind == "cuda" or (kind == "cpu" and CPU_FAST_BFLOAT16):
+        return torch.bfloat16
+    return torch.float32
+
+
+def default_ns_dtype_reason(device: torch.device | str) -> str:
+    """Why `default_ns_dtype(device)` is what it is, in one line (what `muonkit.explain` prints)."""
+    kind = torch.device(device).type
+    chosen = str(default_ns_dtype(device)).removeprefix("torch.")
+    if kind == "cuda":
+        why = "CUDA multiplies bfloat16 natively"
+    elif kind == "cpu" and CPU_FAST_BFLOAT16:
+        why = "this CPU multiplies bfloat16 natively (AVX512_BF16 or AMX)"
+    elif kind == "cpu":
+        why = "this CPU has no native bfloat16 products (no AVX512_BF16 or AMX), where bfloat16 is 50-100x slower"
+    else:
+        why = f"bfloat16 is only chosen on CUDA and on CPUs with native bfloat16 products, not on {kind}"
+    return (f"Newton-Schulz runs in {chosen} on {kind} by default (ns_dtype=None): {why}; "
+            "ns_dtype=torch.float32 gives float32, float64 state stays float64.")
+
+
 def working_dtype(tensor: Tensor, dtype: NsDtype) -> torch.dtype:
     """The dtype Newton-Schulz iterates in for `tensor`.
 
-    A torch.dtype is used as given. Otherwise float64 input stays float64; on CUDA it is bfloat16;
-    elsewhere float32, except that "auto" picks bfloat16 on a CPU with native bfloat16 products
-    (CPU_FAST_BFLOAT16, from `cpu_has_fast_bfloat16`). "auto" is not the default: bfloat16 is 2x
-    faster there, but its polar error is larger than float32's, up to 16% on real momentum
-    (benchmarks/RESULTS.md, Levers).
+    A torch.dtype is used as given (ns_dtype=torch.float32 gives float32 everywhere). Otherwise
+    float64 input stays float64, and any other input gets `default_ns_dtype(tensor.device)`:
+    bfloat16 on CUDA and on CPUs with native bfloat16 products, float32 elsewhere. "auto" means
+    the same as None (before the default followed the machine, it asked for this choice).
 
     Example:
-        >>> working_dtype(torch.zeros(2, 2), None)
+        >>> working_dtype(torch.zeros(2, 2), torch.float32)
         torch.float32
     """
     if isinstance(dtype, torch.dtype):
         return dtype
     if tensor.dtype == torch.float64:
         return torch.float64
-    if tensor.device.type == "cuda":
-        return torch.bfloat16
-    if dtype == "auto" and tensor.device.type == "cpu" and CPU_FAST_BFLOAT16:
-        return torch.bfloat16
-    return torch.float32
+    return default_ns_dtype(tensor.device)
 
 
 def uses_gram(rows: int, cols: int) -> bool:
@@ -424,9 +455,9 @@ def orthogonalize(
             with the Polar Express schedule), "svd" (exact), or a callable (X, steps) -> tensor.
         steps: iterations; None means 5. Steps past a schedule's end repeat its tail, which
             for "polar_express", "you" and "gram" converges to the exact polar factor.
-        dtype: working precision; None means float32 on CPU, bfloat16 on CUDA, float64 for
-            float64 input (and float64 for "svd"); "auto" is None except that it picks bfloat16
-            on CPUs with native bfloat16 products (`working_dtype`).
+        dtype: working precision; None (or its alias "auto") means float64 for float64 input
+            (and float64 for "svd"), else the machine's default `default_ns_dtype(G.device)`:
+            bfloat16 on CUDA and on CPUs with native bfloat16 products, float32 elsewhere.
 
     Returns:
         A tensor with G's shape and dtype.

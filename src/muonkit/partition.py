@@ -37,6 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .layout import Layout, LayoutSpec, matrix_shape, resolve
+from .orthogonalize import default_ns_dtype_reason
 
 Choice = Literal["muon", "adamw"]
 
@@ -999,6 +1000,12 @@ def _low_precision_note(model: nn.Module) -> str:
             "their own dtype unless state_dtype=torch.float32.")
 
 
+def _ns_dtype_note(model: nn.Module) -> str:
+    """A line on the dtype muonkit.Muon's Newton-Schulz runs in by default on the model's device, and why."""
+    device = next((p.device for p in model.parameters() if p.is_floating_point()), torch.device("cpu"))
+    return "\n" + default_ns_dtype_reason(device)
+
+
 def explain(
     model: nn.Module,
     *,
@@ -1012,7 +1019,7 @@ def explain(
     Example:
         >>> muonkit.explain(model, example_inputs=(x,))
     """
-    text = format_table(route(model, **routing)) + _low_precision_note(model)
+    text = format_table(route(model, **routing)) + _low_precision_note(model) + _ns_dtype_note(model)
     if file is not None:
         print(text, file=file)
     return text

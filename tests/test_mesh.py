@@ -664,8 +664,9 @@ def test_mesh_checkpoints_resume_on_one_process(runs, reference_resumed, source)
 
 @pytest.mark.slow
 def test_spawned_mesh_jobs_are_quick(runs):
+    """Every mesh job's CPU time per rank under 40 s (CPU time: wall-clock time grows with the machine's load)."""
     for name in JOBS:
-        assert max(r[f"mesh_worker:{name}.seconds"] for r in runs["ranks"]) < 40.0, name
+        assert max(r[f"mesh_worker:{name}.cpu_seconds"] for r in runs["ranks"]) < 40.0, name
 
 
 # ---------------------------------------------------------------------- the torchrun example

@@ -59,6 +59,45 @@ def one_rank_group():
         dist.destroy_process_group()
 
 
+EXAMPLE = os.path.join(os.path.dirname(_TESTS), "examples", "train_distributed.py")
+
+
+@pytest.fixture
+def train_distributed(tmp_path, monkeypatch):
+    """run(processes, *args) -> rank 0's stdout of examples/train_distributed.py (with `--log-every 1`).
+    Two or more processes: `torchrun --standalone`, as the example's docstring runs it. One process:
+    the example's main() in this process, with the environment torchrun gives a single rank (a
+    1-rank gloo group, the TCP store on a free port): the same code without the start of a launcher
+    and of a rank (~7 s of CPU each). Fails on a non-zero exit, with the end of stderr."""
+    import contextlib
+    import importlib.util
+    import io
+    import subprocess
+
+    def run(processes: int, *args: str) -> str:
+        args = (*args, "--log-every", "1")
+        if processes > 1:
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                       EXAMPLE, *args]
+            done = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                  capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+            return done.stdout
+        spec = importlib.util.spec_from_file_location("train_distributed", EXAMPLE)
+        example = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(example)
+        with monkeypatch.context() as env:
+            for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                                    MASTER_ADDR="127.0.0.1", MASTER_PORT="0").items():
+                env.setenv(name, value)
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                assert example.main(list(args)) == 0
+        return out.getvalue()
+
+    return run
+
+
 # Ranks still running after this are killed (TimeoutError): the whole spawn is ~30-60 s on 2 quiet cores.
 SPAWN_TIMEOUT = 600.0
 

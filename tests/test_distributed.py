@@ -18,11 +18,7 @@ The spawned runs (tests/distributed_worker.py) happen once per session for every
 from __future__ import annotations
 
 import itertools
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -333,25 +329,15 @@ def test_spawned_jobs_are_quick(runs):
 
 # ------------------------------------------------------------------------- the torchrun example
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_distributed.py"
-
-
-def _torchrun(tmp_path: Path, processes: int, *args: str) -> str:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               str(EXAMPLE), "--log-every", "2", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
-
 
 @pytest.mark.slow
-def test_torchrun_example_trains_checkpoints_and_resumes_on_another_world_size(tmp_path):
+def test_torchrun_example_trains_checkpoints_and_resumes_on_another_world_size(tmp_path, train_distributed):
     checkpoint = tmp_path / "ckpt"
-    first = _torchrun(tmp_path, 2, "--mode", "fsdp", "--steps", "4", "--checkpoint", str(checkpoint))
+    first = train_distributed(2, "--mode", "fsdp", "--steps", "4", "--checkpoint", str(checkpoint))
     assert "charlm, fsdp, 2 processes" in first and "step     4" in first and f"saved {checkpoint}" in first
-    resumed = _torchrun(tmp_path, 1, "--mode", "ddp", "--steps", "6", "--resume", str(checkpoint))
+    resumed = train_distributed(1, "--mode", "ddp", "--steps", "6", "--resume", str(checkpoint))
     # The resumed run starts where the checkpoint was taken: steps 5 and 6 only.
+    assert "charlm, ddp, 1 processes" in resumed
     assert "step     4" not in resumed and "step     6" in resumed and "val loss" in resumed
 
 

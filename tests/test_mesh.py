@@ -19,12 +19,8 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import random
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -671,41 +667,30 @@ def test_spawned_mesh_jobs_are_quick(runs):
 
 # ---------------------------------------------------------------------- the torchrun example
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_distributed.py"
-
-
-def _torchrun(tmp_path: Path, processes: int, *args: str) -> str:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               str(EXAMPLE), "--log-every", "1", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
-
 
 def _losses(output: str) -> dict[int, float]:
     return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"step\s+(\d+)\s+train loss ([\d.]+)", output)}
 
 
 @pytest.mark.slow
-def test_torchrun_llama_fsdp_tp_trains_and_resumes_across_a_reshard(tmp_path):
+def test_torchrun_llama_fsdp_tp_trains_and_resumes_across_a_reshard(tmp_path, train_distributed):
     """torchtitan's recipe on (dp 2, tp 2), then the checkpoint resharded onto HSDP (2 x 2) and onto
     one process; the loss falls and each resumed run starts at step 5."""
     checkpoint = tmp_path / "llama"
-    first = _torchrun(tmp_path, 4, "--mesh", "fsdp+tp", "--steps", "4", "--checkpoint", str(checkpoint))
+    first = train_distributed(4, "--mesh", "fsdp+tp", "--steps", "4", "--checkpoint", str(checkpoint))
     losses = _losses(first)
     assert "llama, fsdp+tp, 4 processes" in first and sorted(losses) == [1, 2, 3, 4], first
     assert losses[4] < losses[1] - 0.1, losses
     for processes, mesh in ((4, "hsdp"), (1, "fsdp")):
-        resumed = _losses(_torchrun(tmp_path, processes, "--mesh", mesh, "--steps", "6", "--resume", str(checkpoint)))
+        resumed = _losses(train_distributed(processes, "--mesh", mesh, "--steps", "6", "--resume", str(checkpoint)))
         assert sorted(resumed) == [5, 6] and max(resumed.values()) < losses[1] - 0.1, (mesh, resumed)
 
 
 @pytest.mark.slow
-def test_torchrun_llama_expert_parallel_resumes_on_one_process(tmp_path):
+def test_torchrun_llama_expert_parallel_resumes_on_one_process(tmp_path, train_distributed):
     checkpoint = tmp_path / "moe"
-    first = _torchrun(tmp_path, 2, "--mesh", "ep", "--steps", "3", "--checkpoint", str(checkpoint))
+    first = train_distributed(2, "--mesh", "ep", "--steps", "3", "--checkpoint", str(checkpoint))
     losses = _losses(first)
     assert "llama, ep, 2 processes" in first and losses[3] < losses[1], losses
-    resumed = _losses(_torchrun(tmp_path, 1, "--mesh", "ep", "--steps", "5", "--resume", str(checkpoint)))
+    resumed = _losses(train_distributed(1, "--mesh", "ep", "--steps", "5", "--resume", str(checkpoint)))
     assert sorted(resumed) == [4, 5] and max(resumed.values()) < losses[1], resumed

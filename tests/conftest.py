@@ -98,14 +98,30 @@ def train_distributed(tmp_path, monkeypatch):
     return run
 
 
-# Ranks still running after this are killed (TimeoutError): the whole spawn is ~30-60 s on 2 quiet cores.
-SPAWN_TIMEOUT = 600.0
+# Ranks still running after this are killed (TimeoutError): the 4-rank spawn is ~1 min on 2 quiet cores.
+SPAWN_TIMEOUT = 900.0
+
+
+def _spawn_jobs(session: pytest.Session) -> dict[int, list[str]]:
+    """{world: jobs}: distributed_worker.SPAWNED_JOBS, then the jobs of each collected test module
+    that declares `SPAWN_JOBS = {world: [job, ...]}` (test_mesh.py, test_cost_model.py, test_dion2.py),
+    in collection order; a module not collected (a run of other files) adds nothing."""
+    import distributed_worker as worker
+
+    jobs = {world: list(names) for world, names in worker.SPAWNED_JOBS.items()}
+    modules = dict.fromkeys(item.module for item in session.items if getattr(item, "module", None) is not None)
+    for module in modules:
+        for world, names in getattr(module, "SPAWN_JOBS", {}).items():
+            for name in names:
+                if name not in jobs[world]:
+                    jobs[world].append(name)
+    return jobs
 
 
 @pytest.fixture(scope="session")
-def spawned(tmp_path_factory):
-    """The jobs of every test module (distributed_worker.SPAWNED_JOBS), run by one spawn of 2 and one
-    of 4 gloo ranks for the whole run: each rank pays its start (a Python process, torch, gloo) once
+def spawned(request, tmp_path_factory):
+    """The jobs of every test module (`_spawn_jobs`), run by one spawn of 2 and one of 4 gloo ranks
+    for the whole run: each rank pays its start (a Python process, torch, gloo: ~4 s of CPU) once
     rather than once per module, and a job's failure fails only the tests that read it.
     {2: [rank 0's {job: result or error}, rank 1's], 4: [...], "tmp": the shared folder}. The
     1-process checkpoints the resume jobs read are saved here first; the 2-rank ones by the 2-rank
@@ -117,6 +133,7 @@ def spawned(tmp_path_factory):
     import fcntl
 
     import distributed_worker as worker
+    import mesh_worker
     from muonkit.distributed import save_checkpoint
 
     base = tmp_path_factory.getbasetemp()
@@ -131,8 +148,12 @@ def spawned(tmp_path_factory):
                 opt = worker.make_optimizer(model, variant=variant)
                 worker.train_fixed(model, opt, range(worker.STEPS))
                 save_checkpoint(tmp / worker.checkpoint_name(1, variant), model, opt)
-            for world in (2, 4):
-                worker.spawn(world, worker.SPAWNED_JOBS[world], tmp, SPAWN_TIMEOUT)
+            model = mesh_worker.make_model()  # test_mesh.py's resume_fsdp_tp_from_one
+            opt = mesh_worker.make_optimizer(model)
+            mesh_worker.train_fixed(model, opt, range(mesh_worker.STEPS))
+            save_checkpoint(tmp / "mesh_one", model, opt)
+            for world, jobs in _spawn_jobs(request.session).items():
+                worker.spawn(world, jobs, tmp, SPAWN_TIMEOUT)
             (tmp / "done").touch()
     results = {world: worker.load_results(world, tmp) for world in (2, 4)}
     results["tmp"] = tmp

@@ -298,15 +298,16 @@ def gloo_bytes_job(rank: int, world: int, tmp) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def gloo_bytes(tmp_path_factory):
-    """{world: per rank {case: bytes_sent after one step}}: one spawn per world size."""
-    import distributed_worker as worker
+# The session's spawns of 2 and 4 gloo ranks run the job (tests/conftest.py `spawned`).
+SPAWN_JOBS = {2: ["test_cost_model:gloo_bytes_job"], 4: ["test_cost_model:gloo_bytes_job"]}
 
+
+@pytest.fixture(scope="module")
+def gloo_bytes(spawned):
+    """{world: per rank {case: bytes_sent after one step}}."""
     out = {}
     for world in (2, 4):
-        results = worker.spawn(world, ["test_cost_model:gloo_bytes_job"], tmp_path_factory.mktemp(f"gloo{world}"),
-                               timeout=420.0)
+        results = spawned[world]
         for result in results:
             assert not isinstance(result["test_cost_model:gloo_bytes_job"], Exception), result
         out[world] = [result["test_cost_model:gloo_bytes_job"] for result in results]

@@ -425,12 +425,14 @@ FSDP_JOBS = [f"fsdp_{v}_{sel}" for v in ("dion2", "nordion2") for sel in ("local
 HSDP_JOBS = [f"hsdp_{v}_{sel}" for v in ("dion2", "nordion2") for sel in ("local", "global")]  # 4 ranks only
 
 
+# The session's spawns run these after distributed_worker.SPAWNED_JOBS (tests/conftest.py `spawned`).
+SPAWN_JOBS = {world: [*FSDP_JOBS, "bytes_fsdp_variants", "fsdp_dion2_rows_8bit", *(HSDP_JOBS if world == 4 else [])]
+              for world in (2, 4)}
+
+
 @pytest.fixture(scope="module")
-def spawned_fsdp(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dion2_fsdp")
-    return {world: worker.spawn(world, [*FSDP_JOBS, "bytes_fsdp_variants", "fsdp_dion2_rows_8bit",
-                                        *(HSDP_JOBS if world == 4 else [])], tmp, 300.0)
-            for world in (2, 4)}
+def spawned_fsdp(spawned):
+    return spawned
 
 
 @pytest.mark.slow

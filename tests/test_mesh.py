@@ -29,7 +29,7 @@ import distributed_worker as worker
 import mesh_worker
 import muonkit
 import muonkit.plan
-from muonkit.distributed import load_checkpoint, save_checkpoint
+from muonkit.distributed import load_checkpoint
 from muonkit.layout import resolve
 from muonkit.plan import (
     Spec,
@@ -44,7 +44,6 @@ from muonkit.plan import (
     spread_order,
 )
 
-SPAWN_TIMEOUT = 420.0
 KINDS = ["hsdp", "fsdp_tp", "ep", "fsdp"]
 # Sub-meshes with flattened dims (torchtitan's `_flatten`): FSDP on "dp" = (dp_replicate, dp_shard) of
 # a (2, 2) mesh; HSDP on ("dp_replicate", "dp_shard_cp") of (1, 2, 2) and (2, 1, 2) meshes; FSDP + TP
@@ -427,15 +426,14 @@ def test_exchange_dtype_is_checked(one_rank_group):
 # ---------------------------------------------------------------------------- 4 gloo ranks
 
 
+# The session's 4-rank spawn runs these (tests/conftest.py `spawned`), after the 1-process checkpoint
+# "mesh_one" (resume_fsdp_tp_from_one) is saved in its folder.
+SPAWN_JOBS = {4: [f"mesh_worker:{name}" for name in JOBS]}
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mesh")
-    model = mesh_worker.make_model()
-    opt = mesh_worker.make_optimizer(model)
-    mesh_worker.train_fixed(model, opt, range(mesh_worker.STEPS))
-    save_checkpoint(tmp / "mesh_one", model, opt)
-    results = worker.spawn(4, [f"mesh_worker:{name}" for name in JOBS], tmp, SPAWN_TIMEOUT)
-    return {"ranks": results, "tmp": tmp}
+def runs(spawned):
+    return {"ranks": spawned[4], "tmp": spawned["tmp"]}
 
 
 def _result(runs, job):

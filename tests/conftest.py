@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -30,6 +31,23 @@ pin_float32_newton_schulz()
 
 settings.register_profile("muonkit", max_examples=25, deadline=None, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "muonkit"))
+
+
+# The files whose tests take longest (CPU seconds of a whole run, 2026-12-07: the session's gloo
+# spawn, run by the first file that needs it, and test_mesh.py's torchrun runs ~130; test_cli.py ~65;
+# the gpu_check quick run ~40; test_speed_contracts.py ~40; ...). scripts/test.sh hands files to its
+# two pytest-xdist workers in collection order (--dist loadfile --no-loadscope-reorder): these first,
+# then the others by number of tests, most first (xdist's default order), so that the last files
+# handed out are short and the two workers end together. Only the order changes.
+LONGEST_FIRST = ("test_mesh.py", "test_cli.py", "test_gpu_check.py", "test_speed_contracts.py", "test_cost_model.py",
+                 "test_compile.py", "test_capturable.py", "test_readme.py", "test_packaging.py")
+
+
+def pytest_collection_modifyitems(items):
+    place = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    count = Counter(item.path.name for item in items)
+    # A stable sort by file: the tests of each file keep their order.
+    items.sort(key=lambda item: (place.get(item.path.name, len(place)), -count[item.path.name], item.path.name))
 
 
 @pytest.fixture(autouse=True)

@@ -1,9 +1,10 @@
 """The contracts behind muonkit's speed work (issue 4); none of these tests is timed.
 
 - Stacking is invisible: same-shaped matrices orthogonalized as one batch give the same BITS as
-  one at a time (every kernel operation acts on each matrix on its own, and this CPU's batched
-  GEMM is batch-invariant), for 1 and 2 threads; a Muon step over a stacked 3D parameter equals
-  the step over its matrices as separate parameters, bit for bit.
+  one at a time at 1 thread (every kernel operation acts on each matrix on its own, and MKL's
+  one-thread GEMM is batch-invariant); at 2 threads they agree to the iteration's own float32
+  round-off (MKL threads a lone matrix's GEMM, see test_stacked_equals_one_at_a_time); a Muon step
+  over a stacked 3D parameter equals the step over its matrices as separate parameters, bit for bit.
 - The default schedule switches to Gram Newton-Schulz on wide matrices only where it equals the
   standard iteration to float32 round-off.
 - The benchmarks measure what they say: the textbook yardstick of bench_step.py is Keller Jordan's
@@ -46,7 +47,7 @@ def threads(request):
 
 @pytest.mark.parametrize("method", IN_PLACE_METHODS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_stacked_equals_one_at_a_time_bit_for_bit(method, shape, threads):
+def test_stacked_equals_one_at_a_time(method, shape, threads):
     g = torch.Generator().manual_seed(1)
     count = 7 if shape[0] * shape[1] < 10_000 else 2
     # different norms per matrix: each is normalized on its own
@@ -54,9 +55,31 @@ def test_stacked_equals_one_at_a_time_bit_for_bit(method, shape, threads):
     matrices.append(torch.randn(2, *shape, generator=g))  # a stacked parameter among them
     stacked = functional.batched_orthogonalize(matrices, method=method, steps=5, dtype=None)
     for m, s in zip(matrices, stacked):
-        assert torch.equal(s, orthogonalize(m, method)), shape
-        for i in range(m.size(0)):
-            assert torch.equal(s[i], orthogonalize(m[i], method)), (shape, i)
+        for part, alone in [(s, m)] + [(s[i], m[i]) for i in range(m.size(0))]:
+            if threads == 1:
+                assert torch.equal(part, orthogonalize(alone, method)), shape
+            else:
+                assert_same_to_round_off(part, alone, method, shape)
+
+
+def assert_same_to_round_off(part, alone, method, shape):
+    """Stacked and lone results differ by at most twice the float32 round-off of the iteration.
+
+    At more than one thread the bits may differ: ATen hands a float32 baddbmm to MKL's strided
+    batch GEMM, which runs a batch of ONE matrix as a threaded GEMM but gives each matrix of a
+    larger batch one thread, and the two round differently where alpha or beta != 1 (measured on
+    an Intel Xeon with AVX512_BF16, torch 2.13, 2 threads: (64 x 64) @ (64 x 64|200|256) with
+    baddbmm(beta=b, alpha=c), rows 63-128; alpha = beta = 1 and rows 16-48, 200, 256 kept the
+    bits; an AMD EPYC kept them all). Both are float32 runs of the same iteration, so each is within
+    its float32 round-off of the float64 run; the lone run's error measured per matrix (1e-6 here,
+    the stacked one at most 0.98 of it) bounds the gap at twice that, far below any real stacking
+    bug (another matrix's norm or data: differences of order 1e-2 and above)."""
+    lone = orthogonalize(alone, method)
+    if torch.equal(part, lone):
+        return
+    round_off = (lone.double() - orthogonalize(alone.double(), method)).abs().max().item()
+    gap = (part.double() - lone.double()).abs().max().item()
+    assert gap <= 2 * round_off, (shape, gap, round_off)
 
 
 def _step_twice(params, **options):
@@ -231,7 +254,7 @@ def test_tiny_matrices_run_as_one_batch(shape, dtype):
     """Issue 25: matrices whose products are tiny (m^2 n < 400 multiply-adds in the wide
     orientation, torch's own batch-invariant loop) run as one batched product per Newton-Schulz
     product whatever the batch: a depthwise filter read per channel (C matrices 1 x 9) made
-    ~1,400 single-matrix products per filter and step before. Bits: test_stacked_equals_one_at_a_time_bit_for_bit."""
+    ~1,400 single-matrix products per filter and step before. Bits: test_stacked_equals_one_at_a_time."""
     one = product_calls(lambda: orthogonalize(torch.randn(1, *shape, dtype=dtype)))
     many = product_calls(lambda: orthogonalize(torch.randn(96, *shape, dtype=dtype)))
     assert one == many and sum(one.values()) == 15  # 5 steps x 3 products

@@ -148,8 +148,9 @@ def batched_orthogonalize(
     """Orthogonalize (batch, rows, cols) tensors, stacking same-shaped ones into batched calls.
 
     Every operation of the kernels acts on each matrix on its own, so the result equals calling
-    `orthogonalize` on each one bit for bit (tests/test_speed_contracts.py); stacking only removes
-    per-matrix overhead. A callable without `batched = True` is called on each 2D matrix. This is
+    `orthogonalize` on each one bit for bit at 1 thread, and to float32 round-off at more (MKL
+    threads a lone matrix's GEMM, rounding differently: tests/test_speed_contracts.py); stacking
+    only removes per-matrix overhead. A callable without `batched = True` is called on each 2D matrix. This is
     the step driver (`_stack_updates`) with plain Muon's identity transform.
     """
     out: list[Tensor] = [m for m in matrices]

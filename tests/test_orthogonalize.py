@@ -500,19 +500,43 @@ def test_requires_grad_input_is_orthogonalized_without_autograd(method):
 # ---- the working dtype -------------------------------------------------------------------------
 
 
-def test_cpu_fast_bfloat16_reads_the_cpu_flags(machine_ns_dtype):
-    """AVX512_BF16 or AMX-BF16 in /proc/cpuinfo (and oneDNN in torch) means native bf16 products."""
-    from muonkit.orthogonalize import CPU_FAST_BFLOAT16, cpu_has_fast_bfloat16
+CPUINFO = "processor\t: {n}\nvendor_id\t: {vendor}\ncpu family\t: {family}\nflags\t\t: fpu sse2 avx2 {flags}\n\n"
+
+
+@pytest.mark.parametrize("vendor, flags, fast, says", [
+    ("AuthenticAMD", "avx512f avx512_bf16", True, "AMD with AVX512_BF16"),
+    ("GenuineIntel", "avx512f avx512_bf16 avx512_fp16", False, "1.8-2.0x slower"),
+    ("GenuineIntel", "avx512f avx512_bf16 amx_bf16 amx_tile", True, "AMX-BF16"),
+    ("AuthenticAMD", "avx512f", False, "50-100x slower"),
+    ("GenuineIntel", "", False, "50-100x slower"),
+    ("", "", False, "50-100x slower"),
+], ids=["amd-avx512bf16", "intel-avx512bf16-no-amx", "intel-amx", "amd-avx512-no-bf16", "intel-avx2", "empty"])
+def test_bfloat16_speed_follows_the_measured_cpu_classes(vendor, flags, fast, says):
+    """bf16 is the CPU default only where it was measured faster than float32: AMX, or AVX512_BF16 on
+    AMD (0.34-0.43x); an Intel CPU exposing avx512_bf16 without AMX measured 1.8-2.0x slower."""
+    from muonkit.orthogonalize import bfloat16_speed_from_cpuinfo
+
+    text = "".join(CPUINFO.format(n=n, vendor=vendor, family=25 if vendor == "AuthenticAMD" else 6, flags=flags)
+                   for n in range(2))
+    got, why = bfloat16_speed_from_cpuinfo(text)
+    assert got is fast and says in why, (got, why)
+
+
+def test_cpu_fast_bfloat16_reads_this_cpu(machine_ns_dtype):
+    """This machine's answer is the rule above applied to its /proc/cpuinfo (and oneDNN in torch)."""
+    from muonkit.orthogonalize import CPU_BFLOAT16_REASON, bfloat16_speed_from_cpuinfo, cpu_has_fast_bfloat16
 
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read()
     except OSError:
         text = ""
-    flags = {w for line in text.splitlines() if line.startswith("flags") for w in line.split()}
-    expected = bool(flags & {"avx512_bf16", "amx_bf16"}) and torch.backends.mkldnn.is_available()
-    assert cpu_has_fast_bfloat16() is expected and CPU_FAST_BFLOAT16 is expected
+    expected, reason = bfloat16_speed_from_cpuinfo(text)
+    expected = expected and torch.backends.mkldnn.is_available()
+    assert cpu_has_fast_bfloat16() is expected
     assert machine_ns_dtype == (torch.bfloat16 if expected else torch.float32)
+    if torch.backends.mkldnn.is_available():
+        assert CPU_BFLOAT16_REASON == reason
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["bf16-cpu", "avx2-cpu"])
@@ -580,7 +604,7 @@ def test_explain_says_which_ns_dtype_and_why(monkeypatch, fast):
     if fast:
         assert "Newton-Schulz runs in bfloat16 on cpu by default" in text and "natively" in text
     else:
-        assert "Newton-Schulz runs in float32 on cpu by default" in text and "50-100x slower" in text
+        assert "Newton-Schulz runs in float32 on cpu by default" in text and "slower" in text
     assert "ns_dtype=torch.float32" in text
     assert "CUDA multiplies bfloat16 natively" in kernels.default_ns_dtype_reason("cuda")
     assert "bfloat16 on cuda" in kernels.default_ns_dtype_reason("cuda")

@@ -99,35 +99,69 @@ def coefficient_schedule(name: str, steps: int) -> list[Coefficients]:
     return [table[min(i, len(table) - 1)] for i in range(steps)]
 
 
-def cpu_has_fast_bfloat16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices natively: its /proc/cpuinfo flags name
-    AVX512_BF16 or AMX-BF16 and torch has oneDNN to use them (False where /proc/cpuinfo does not
-    exist). There a bfloat16 product took 0.34-0.43 of the float32 time (AMD EPYC with AVX512_BF16,
-    benchmarks/RESULTS.md); on AVX2-only CPUs it took 50-100 times as long.
+def bfloat16_speed_from_cpuinfo(cpuinfo: str) -> tuple[bool, str]:
+    """Whether the CPU described by the text of /proc/cpuinfo multiplies bfloat16 matrices faster
+    than float32 ones, and why, as measured with torch's CPU kernels (benchmarks/RESULTS.md):
+
+    - AMX-BF16 (any vendor): the tile units multiply bfloat16 natively: True.
+    - AVX512_BF16 on AMD (vendor AuthenticAMD): a bfloat16 product took 0.34-0.43 of the float32
+      time (AMD EPYC): True.
+    - AVX512_BF16 on another vendor without AMX: False. On an Intel Xeon (family 6, model 207) whose
+      virtual machine exposes avx512_bf16 but not AMX, a bfloat16 product took 1.8-2.0x the float32
+      time (2026-12-07): the flag alone does not make bfloat16 faster.
+    - Neither flag (AVX2 only): False; bfloat16 products took 50-100x the float32 time.
     """
+    flags: set[str] = set()
+    vendor = ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags" and not flags:
+            flags = set(value.split())
+        elif key.strip() == "vendor_id" and not vendor:
+            vendor = value.strip()
+    if "amx_bf16" in flags:
+        return True, "this CPU multiplies bfloat16 natively (AMX-BF16)"
+    if "avx512_bf16" in flags and vendor == "AuthenticAMD":
+        return True, "this CPU multiplies bfloat16 natively (AMD with AVX512_BF16)"
+    if "avx512_bf16" in flags:
+        return False, ("this CPU has AVX512_BF16 without AMX and is not AMD, where bfloat16 products "
+                       "measured 1.8-2.0x slower than float32")
+    return False, "this CPU has no native bfloat16 products (no AVX512_BF16 or AMX), where bfloat16 is 50-100x slower"
+
+
+def cpu_bfloat16_speed() -> tuple[bool, str]:
+    """`bfloat16_speed_from_cpuinfo` for this machine; (False, why) without /proc/cpuinfo or without
+    oneDNN in torch (which bfloat16 CPU products need)."""
     if not torch.backends.mkldnn.is_available():
-        return False
+        return False, "torch has no oneDNN here, which bfloat16 CPU products need"
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return bfloat16_speed_from_cpuinfo(f.read())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return False, "/proc/cpuinfo cannot be read, so this CPU's bfloat16 speed is unknown"
+
+
+def cpu_has_fast_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices faster than float32 ones (`cpu_bfloat16_speed`:
+    AMX-BF16, or AVX512_BF16 on AMD)."""
+    return cpu_bfloat16_speed()[0]
 
 
 # Read once at import: torch.compile cannot trace the file read, and the answer does not change.
-CPU_FAST_BFLOAT16 = cpu_has_fast_bfloat16()
+# CPU_FAST_BFLOAT16 is what default_ns_dtype reads (tests set it to try both answers); the reason
+# goes with the answer this CPU gave.
+CPU_FAST_BFLOAT16, CPU_BFLOAT16_REASON = _MACHINE_BFLOAT16 = cpu_bfloat16_speed()
 
 
 def default_ns_dtype(device: torch.device | str) -> torch.dtype:
     """The dtype Newton-Schulz iterates in on `device` when ns_dtype is None: the fastest accurate one.
 
-    bfloat16 on CUDA and on CPUs that multiply bfloat16 matrices natively (AVX512_BF16 or AMX,
-    CPU_FAST_BFLOAT16 from `cpu_has_fast_bfloat16`): there a product costs 0.34-0.43 of float32's,
-    and the polar error stays below that of every peer using Keller Jordan's coefficients (0.127 vs
-    0.27; float32 0.093; benchmarks/RESULTS.md, Peers). float32 elsewhere: on AVX2-only CPUs
-    bfloat16 products are 50-100 times slower than float32 ones. `default_ns_dtype_reason` says
-    which case applied. float64 input is not covered here: it always stays float64 (`working_dtype`).
+    bfloat16 on CUDA and on CPUs that multiply bfloat16 matrices faster than float32 ones (AMX-BF16,
+    or AVX512_BF16 on AMD; CPU_FAST_BFLOAT16 from `cpu_bfloat16_speed`): there a product costs
+    0.34-0.43 of float32's, and the polar error stays below that of every peer using Keller Jordan's
+    coefficients (0.127 vs 0.27; float32 0.093; benchmarks/RESULTS.md, Peers). float32 elsewhere: on
+    AVX2-only CPUs bfloat16 products are 50-100 times slower, on an Intel CPU with AVX512_BF16 but no
+    AMX 1.8-2.0 times slower. `default_ns_dtype_reason` says which case applied. float64 input is not covered here: it always stays float64 (`working_dtype`).
 
     Example:
         >>> default_ns_dtype("cuda")
@@ -145,10 +179,11 @@ def default_ns_dtype_reason(device: torch.device | str) -> str:
     chosen = str(default_ns_dtype(device)).removeprefix("torch.")
     if kind == "cuda":
         why = "CUDA multiplies bfloat16 natively"
-    elif kind == "cpu" and CPU_FAST_BFLOAT16:
-        why = "this CPU multiplies bfloat16 natively (AVX512_BF16 or AMX)"
+    elif kind == "cpu" and CPU_FAST_BFLOAT16 == _MACHINE_BFLOAT16[0]:
+        why = CPU_BFLOAT16_REASON
     elif kind == "cpu":
-        why = "this CPU has no native bfloat16 products (no AVX512_BF16 or AMX), where bfloat16 is 50-100x slower"
+        why = ("this CPU multiplies bfloat16 natively" if CPU_FAST_BFLOAT16
+               else "this CPU's bfloat16 products are not faster than float32 ones")
     else:
         why = f"bfloat16 is only chosen on CUDA and on CPUs with native bfloat16 products, not on {kind}"
     return (f"Newton-Schulz runs in {chosen} on {kind} by default (ns_dtype=None): {why}; "

@@ -85,31 +85,33 @@ def products(method: str, steps: int, m: int, n: int) -> str:
     return f"{count}" + (" (Gram)" if uses_gram(m, n) else "")
 
 
-def model_matrices(task: str) -> list[torch.Tensor]:
-    """Random gradients shaped like the Muon-routed parameters of `task`'s model, one
-    (1, rows, cols) matrix each (a conv filter read as out x in*kh*kw)."""
+def task_groups(task: str) -> tuple[torch.nn.Module, list[dict]]:
+    """`task`'s model (charlm's at a 96-character vocabulary) and its param groups as the bench routes them."""
     import muonkit
     from muonkit.tasks import get_task
     from muonkit.tasks.charlm import GPT
 
     torch.manual_seed(0)
-    model = GPT(96, 64, width=128, depth=4) if task == "charlm" else get_task(task).model(None)
-    groups = muonkit.param_groups(model)
+    spec = get_task(task)
+    model = GPT(96, spec.context, width=spec.width, depth=spec.depth) if task == "charlm" else spec.model(None)
+    return model, muonkit.param_groups(model, **spec.routing)
+
+
+def model_matrices(task: str) -> list[torch.Tensor]:
+    """Random gradients shaped like the Muon-routed parameters of `task`'s model, one
+    (1, rows, cols) matrix each (a conv filter read as out x in*kh*kw)."""
+    _, groups = task_groups(task)
     return [torch.randn(1, p.shape[0], p[0].numel()) for g in groups if g["use_muon"] for p in g["params"]]
 
 
 def model_step(task: str, method: str, steps: int):
     """A Muon step (muonkit defaults but the orthogonalizer) on `task`'s model with fixed random gradients."""
     import muonkit
-    from muonkit.tasks import get_task
-    from muonkit.tasks.charlm import GPT
 
-    torch.manual_seed(0)
-    model = GPT(96, 64, width=128, depth=4) if task == "charlm" else get_task(task).model(None)
+    model, groups = task_groups(task)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    optimizer = muonkit.Muon(muonkit.param_groups(model), lr=1e-3, orthogonalizer=method, ns_steps=steps)
-    return optimizer.step
+    return muonkit.Muon(groups, lr=1e-3, orthogonalizer=method, ns_steps=steps).step
 
 
 def schedules_main(args: argparse.Namespace, argv: list[str] | None) -> int:

@@ -104,14 +104,15 @@ def model_matrices(task: str) -> list[torch.Tensor]:
     return [torch.randn(1, p.shape[0], p[0].numel()) for g in groups if g["use_muon"] for p in g["params"]]
 
 
-def model_step(task: str, method: str, steps: int):
-    """A Muon step (muonkit defaults but the orthogonalizer) on `task`'s model with fixed random gradients."""
+def model_step(task: str, method: str, steps: int, dtype: torch.dtype | None = None):
+    """A Muon step (muonkit defaults but the orthogonalizer and ns_dtype) on `task`'s model with fixed
+    random gradients."""
     import muonkit
 
     model, groups = task_groups(task)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    return muonkit.Muon(groups, lr=1e-3, orthogonalizer=method, ns_steps=steps).step
+    return muonkit.Muon(groups, lr=1e-3, orthogonalizer=method, ns_steps=steps, ns_dtype=dtype).step
 
 
 def schedules_main(args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -130,11 +131,14 @@ def schedules_main(args: argparse.Namespace, argv: list[str] | None) -> int:
             mats = model_matrices(spec)
             shapes = sorted({tuple(m.shape[-2:]) for m in mats})
             head = f"{spec}: {len(mats)} Muon matrices, shapes {', '.join('x'.join(map(str, s)) for s in shapes)}"
-            for label, method, steps in SCHEDULES:
-                fns[f"{label} NS"] = (lambda mm=method, st=steps: batched_orthogonalize(mats, method=mm, steps=st, dtype=None))
-                meta[f"{label} NS"] = (method, steps, None, " NS")
-                fns[f"{label} Muon step"] = model_step(spec, method, steps)
-                meta[f"{label} Muon step"] = (method, steps, None, " Muon step")
+            for dtype in (None, torch.float32, torch.bfloat16):
+                dname = "None" if dtype is None else str(dtype).removeprefix("torch.")
+                for label, method, steps in SCHEDULES:
+                    for what, fn in ((f" NS, dtype={dname}", lambda mm=method, st=steps, dt=dtype: batched_orthogonalize(
+                                         mats, method=mm, steps=st, dtype=dt)),
+                                     (f" Muon step, dtype={dname}", model_step(spec, method, steps, dtype))):
+                        fns[label + what] = fn
+                        meta[label + what] = (method, steps, dtype, what)
             m = n = 0
         else:
             m, n = (int(x) for x in spec.split("x"))

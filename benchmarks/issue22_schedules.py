@@ -8,7 +8,8 @@ muon,muon-pe4,muon-aol,muon-cubic5,adamw --seeds 3 --steps N --eval-every 10 --t
 candidate's swept lr as --lr), and the logs hold the lr-sweep lines ("sweep muon-aol lr=0.01 seed 0:
 val_loss 2.192") of `muonkit bench TASK --lr-sweep --optimizers ... --seeds 1 --threads 1`.
 
-Writes benchmarks/task-runs/issue22c/<run>.json (the CLI's table, per-seed finals, per-optimizer
+`--run-logs` reads the per-run lines ("muon seed 0: 60 steps, val_acc 0.7210") of invocations stopped
+before they wrote results.json. Writes benchmarks/task-runs/issue22c/<run>.json (the CLI's table, per-seed finals, per-optimizer
 timings; no per-step curves) and sweeps.json, and prints per task a table: final metric mean ± std
 over seeds, whether it is within one std of the default muon row (|difference| <= the larger of
 the two stds), steps and seconds to AdamW's mean final metric (median over the seeds that reach
@@ -27,6 +28,7 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "task-runs" / "issue22c"
 SWEEP_LINE = re.compile(r"^sweep (\S+) lr=(\S+) seed (\d+): (\S+) (\S+)$")
+RUN_LINE = re.compile(r"^(\S+) seed (\d+): (\d+) steps, (\S+) (\S+)$")
 ORDER = ("muon", "muon-pe4", "muon-aol", "muon-cubic5", "adamw")
 WHAT = {"muon": "Polar Express 5 steps (default, 15 products)", "muon-pe4": "Polar Express 4 steps (12)",
         "muon-aol": "aol 4 steps, Turbo-Muon (12)", "muon-cubic5": "cubic5 (10)", "adamw": "torch.optim.AdamW"}
@@ -109,16 +111,51 @@ def sweeps(logs: list[Path]) -> dict:
     return out
 
 
+def finals_from_logs(logs: list[Path]) -> dict:
+    """{task: {optimizer: [(seed, steps, metric, value)]}} from the per-run lines of `muonkit bench` logs
+    ("muon seed 0: 60 steps, val_acc 0.7210"), for invocations stopped before they wrote results.json."""
+    out: dict = {}
+    for log in logs:
+        task = None
+        for line in log.read_text().splitlines():
+            if line.startswith("muonkit bench "):
+                task = line.split()[2].rstrip(":")
+            match = RUN_LINE.match(line.strip())
+            if match and task:
+                name, seed, steps, metric, value = match.groups()
+                out.setdefault(task, {}).setdefault(name, []).append([int(seed), int(steps), metric, float(value)])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("muonkit-runs/i22c"))
     parser.add_argument("--logs", type=Path, nargs="*", default=[])
+    parser.add_argument("--run-logs", type=Path, nargs="*", default=[],
+                        help="logs of bench invocations whose per-run final metrics are read from their lines")
     args = parser.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     for path in sorted(args.runs.glob("*/results.json")):
         run = summarize(path)
         (OUT / f"{path.parent.name}.json").write_text(json.dumps(run, indent=1) + "\n")
         print(f"### {run['task']}, {run['steps']} steps\n\n{report(run)}\n")
+    runs = finals_from_logs(args.run_logs)
+    if runs:
+        (OUT / "run-lines.json").write_text(json.dumps(runs, indent=1) + "\n")
+        for task, by_name in runs.items():
+            print(f"### {task}: final metric per run, from the logs\n")
+            print("| optimizer | runs (seed: value) | mean ± std | vs muon |\n|---|---|---|---|")
+            base = _mean_std([r[3] for r in by_name["muon"]]) if "muon" in by_name else None
+            for name in sorted(by_name, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
+                values = [r[3] for r in by_name[name]]
+                mean, std = _mean_std(values)
+                verdict = ""
+                if base and name != "muon":
+                    within = abs(mean - base[0]) <= max(std, base[1])
+                    verdict = f"{mean - base[0]:+.4f} ({'within' if within else 'beyond'} one std)"
+                cells = ", ".join(f"{r[0]}: {r[3]:.4f}" for r in by_name[name])
+                print(f"| {name} | {cells} | {mean:.4f} ± {std:.4f} | {verdict} |")
+            print()
     found = sweeps(args.logs)
     if found:
         (OUT / "sweeps.json").write_text(json.dumps(found, indent=1) + "\n")

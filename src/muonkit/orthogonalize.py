@@ -90,13 +90,17 @@ _FROM_END = frozenset({"aol"})
 
 # Divide by ||X||_F * safety (after scaling max |x| into [1, 2), see `_normalize_`): Polar Express was tuned
 # for inputs with spectral norm <= 1/1.02, which leaves room for bf16 round-off.
-SAFETY: dict[str, float] = {"keller_jordan": 1.0, "polar_express": 1.02, "you": 1.0, "cubic5": 1.0, "aol": 1.0}
+SAFETY: dict[str, float] = {
+    "keller_jordan": 1.0, "polar_express": 1.02, "you": 1.0, "cubic5": 1.0, "aol": 1.0,
+}
 # ... + eps: Keller Jordan's 1e-7, Polar Express's 1e-6 (its paper's reference code; docs/references.md
 # section 3). After that scaling the norm is at least 1, so eps shifts the normalized singular
 # values by at most this much, relatively. "aol" does not divide by the Frobenius norm: its eps is
 # the floor on each row's absolute Gram sum (the Turbo-Muon authors' 1e-7), which keeps a zero row
 # zero.
-EPS: dict[str, float] = {"keller_jordan": 1e-7, "polar_express": 1e-6, "you": 1e-7, "cubic5": 1e-7, "aol": 1e-7}
+EPS: dict[str, float] = {
+    "keller_jordan": 1e-7, "polar_express": 1e-6, "you": 1e-7, "cubic5": 1e-7, "aol": 1e-7,
+}
 
 DEFAULT_STEPS = 5
 ORTHOGONALIZERS: tuple[str, ...] = ("polar_express", "keller_jordan", "you", "cubic5", "aol", "gram", "svd")

@@ -142,6 +142,10 @@ def test_build_optimizers_route_like_param_groups(name):
         assert optimizers[1].param_groups[0]["lr"] == 0.001
     if name == "muon-kj":
         assert {g["lr"] for g in optimizers[0].param_groups if not g["use_muon"]} == {0.001}
+    expected = {"muon-pe4": ("polar_express", 4), "muon-aol": ("aol", 4), "muon-cubic5": ("cubic5", 5),
+                "muon": ("polar_express", 5)}.get(name)
+    if expected is not None:
+        assert {(g["orthogonalizer"], g["ns_steps"]) for g in optimizers[0].param_groups if g["use_muon"]} == {expected}
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

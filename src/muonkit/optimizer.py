@@ -122,7 +122,8 @@ class Muon(torch.optim.Optimizer):
         weight_decay: decoupled weight decay lambda of Muon groups (default 0.1).
         scale: "moonlight" (default; rms * sqrt(max(rows, cols))), "keller_jordan", "mup", "naive".
         rms: target update RMS of the "moonlight" scale (default 0.2).
-        orthogonalizer: "polar_express" (default), "keller_jordan", "you", "gram", "svd" or a
+        orthogonalizer: "polar_express" (default), "keller_jordan", "you", "cubic5", "aol"
+            (Turbo-Muon; use ns_steps=4), "gram", "svd" (muonkit.orthogonalize) or a
             callable (X, steps) -> tensor of X's shape, called on one (rows, cols) matrix at a
             time unless it has the attribute ``batched = True`` (then on (k, rows, cols) stacks).
         ns_steps: iterations of the orthogonalizer (default 5).

@@ -15,10 +15,14 @@ References:
     Amsel, Persson, Musco, Gower, "The Polar Express", arXiv:2505.16932.
     You / Cesista, tuned 5-step quintic schedule (2025).
     Zhang, Amsel, Chen, Dao, "Gram Newton-Schulz" (2026).
+    Huang, "How Much Orthogonalization Does Muon Need?", arXiv:2606.00371 (cubic5).
+    Boissin, Massena, Mamalet, Serrurier, "Turbo-Muon", arXiv:2512.04632 (AOL preconditioning);
+    Prach, Lampert, "Almost-Orthogonal Layers", arXiv:2208.03160.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Sequence
 from typing import Literal, Union
@@ -27,7 +31,7 @@ import torch
 from torch import Tensor
 
 Coefficients = tuple[float, float, float]
-Method = Literal["polar_express", "keller_jordan", "you", "gram", "svd"]
+Method = Literal["polar_express", "keller_jordan", "you", "cubic5", "aol", "gram", "svd"]
 Orthogonalizer = Union[Method, Callable[[Tensor, int], Tensor]]
 # A working dtype: a floating torch.dtype, or None (the machine's default, `default_ns_dtype`);
 # "auto" is an alias of None kept for older code and checkpoints; see `working_dtype`.
@@ -56,18 +60,52 @@ SCHEDULES: dict[str, tuple[Coefficients, ...]] = {
         (2.8366, -3.0525, 1.2012),
         (1.875, -1.25, 0.375),
     ),
+    # cubic5 (Huang, arXiv:2606.00371): X <- a X + b (X X^T) X, two products a step instead of
+    # three. Each step is the classic cubic 1.5 y - 0.5 y^3 at y = alpha x, scaled by u = 1.3: it
+    # maps the current band [l, r] into [p(l), 1.3], alpha = (mean of x^2 over [l, r])^(-1/2),
+    # starting from l = 7e-3, r = 1 (`cubic5_coefficients`). After 5 steps [7e-3, 1] lies in
+    # [0.77, 1.3]: a loose band, by design. Past step 5 the classic cubic (1.5, -0.5) converges to 1.
+    "cubic5": (
+        (3.3656576453026874, -3.3420991881255913, 0.0),
+        (2.5744352167003366, -1.4957376498043133, 0.0),
+        (2.536896217781012, -1.4312570057421792, 0.0),
+        (2.441890631764536, -1.276403977018072, 0.0),
+        (2.2230472113940625, -0.9630649572307908, 0.0),
+        (1.5, -0.5, 0.0),
+    ),
+    # AOL / Turbo-Muon (arXiv:2512.04632): You's 5 steps after the AOL preconditioner; with k <= 5
+    # steps it runs the last k of them (the authors' choice: Turbo-Muon is k = 4, dropping You's
+    # first, most aggressive step), with more it continues with the convergent tail.
+    "aol": (
+        (4.0848, -6.8946, 2.9270),
+        (3.9505, -6.3029, 2.6377),
+        (3.7418, -5.5913, 2.3037),
+        (2.8769, -3.1427, 1.2046),
+        (2.8366, -3.0525, 1.2012),
+        (1.875, -1.25, 0.375),
+    ),
 }
+# Schedules whose first (len - 1) entries are run from the end when fewer steps are asked for.
+_FROM_END = frozenset({"aol"})
 
 # Divide by ||X||_F * safety (after scaling max |x| into [1, 2), see `_normalize_`): Polar Express was tuned
 # for inputs with spectral norm <= 1/1.02, which leaves room for bf16 round-off.
-SAFETY: dict[str, float] = {"keller_jordan": 1.0, "polar_express": 1.02, "you": 1.0}
+SAFETY: dict[str, float] = {
+    "keller_jordan": 1.0, "polar_express": 1.02, "you": 1.0, "cubic5": 1.0, "aol": 1.0,
+}
 # ... + eps: Keller Jordan's 1e-7, Polar Express's 1e-6 (its paper's reference code; docs/references.md
 # section 3). After that scaling the norm is at least 1, so eps shifts the normalized singular
-# values by at most this much, relatively.
-EPS: dict[str, float] = {"keller_jordan": 1e-7, "polar_express": 1e-6, "you": 1e-7}
+# values by at most this much, relatively. "aol" does not divide by the Frobenius norm: its eps is
+# the floor on each row's absolute Gram sum (the Turbo-Muon authors' 1e-7), which keeps a zero row
+# zero.
+EPS: dict[str, float] = {
+    "keller_jordan": 1e-7, "polar_express": 1e-6, "you": 1e-7, "cubic5": 1e-7, "aol": 1e-7,
+}
 
 DEFAULT_STEPS = 5
-ORTHOGONALIZERS: tuple[str, ...] = ("polar_express", "keller_jordan", "you", "gram", "svd")
+ORTHOGONALIZERS: tuple[str, ...] = ("polar_express", "keller_jordan", "you", "cubic5", "aol", "gram", "svd")
+# The schedules that run as Gram Newton-Schulz on the shapes `uses_gram` names.
+GRAM_SCHEDULES = frozenset({"polar_express", "cubic5", "aol"})
 
 # Gram Newton-Schulz rebuilds X and its Gram matrix after this many steps (then every 3) so that
 # round-off in the accumulated polynomial Q does not grow with the large early coefficients.
@@ -94,9 +132,34 @@ _TINY_PRODUCT = 400
 
 
 def coefficient_schedule(name: str, steps: int) -> list[Coefficients]:
-    """The (a, b, c) of each of `steps` steps of a named schedule, repeating its last entry."""
+    """The (a, b, c) of each of `steps` steps of a named schedule, repeating its last entry.
+
+    "aol" with steps <= 5 runs the last `steps` of its 5 tuned steps (Turbo-Muon's 4 skip the first).
+    """
     table = SCHEDULES[name]
+    if name in _FROM_END and steps < len(table):
+        return list(table[len(table) - 1 - steps : len(table) - 1])
     return [table[min(i, len(table) - 1)] for i in range(steps)]
+
+
+def cubic5_coefficients(lower: float = 7e-3, upper: float = 1.3, steps: int = 5) -> list[tuple[float, float]]:
+    """The relaxed cubic schedule of arXiv:2606.00371 (the closed form that gives SCHEDULES["cubic5"]).
+
+    Step t maps the band [l, r] of normalized singular values (r = 1 at the start, then `upper`)
+    by p(x) = upper (1.5 alpha x - 0.5 (alpha x)^3), alpha = ((r^2 + r l + l^2) / 3)^(-1/2): p
+    peaks at `upper` where alpha x = 1, and the new lower edge is p(l).
+
+    Example:
+        >>> [round(a, 4) for a, _ in cubic5_coefficients()][:2]
+        [3.3657, 2.5744]
+    """
+    coefficients, low, high = [], lower, 1.0
+    for _ in range(steps):
+        alpha = 1.0 / math.sqrt((high * high + high * low + low * low) / 3.0)
+        a, b = 1.5 * upper * alpha, -0.5 * upper * alpha**3
+        coefficients.append((a, b))
+        low, high = a * low + b * low**3, upper
+    return coefficients
 
 
 def bfloat16_speed_from_cpuinfo(cpuinfo: str) -> tuple[bool, str]:
@@ -210,7 +273,8 @@ def working_dtype(tensor: Tensor, dtype: NsDtype) -> torch.dtype:
 
 
 def uses_gram(rows: int, cols: int) -> bool:
-    """Whether the default "polar_express" runs as Gram Newton-Schulz on a rows x cols matrix."""
+    """Whether "polar_express" (the default), "cubic5" and "aol" run as Gram Newton-Schulz on a
+    rows x cols matrix."""
     m, n = min(rows, cols), max(rows, cols)
     return m >= GRAM_MIN_SIDE and n >= GRAM_MIN_ASPECT * m
 
@@ -253,8 +317,9 @@ def _like(X: Tensor, m: int, n: int) -> Tensor:
     return _stack(X.size(0), m, n, dtype=X.dtype, device=X.device)
 
 
-def _normalize_(X: Tensor, safety: float, eps: float) -> None:
-    """X <- Y / (||Y||_F * safety + eps) with Y = X / 2^floor(log2 max |x|), each matrix on its own.
+def _normalize_(X: Tensor, safety: float, eps: float, *, frobenius: bool = True) -> None:
+    """X <- Y / (||Y||_F * safety + eps) with Y = X / 2^floor(log2 max |x|), each matrix on its own
+    (X <- Y only, without `frobenius`: the AOL preconditioner in the kernel scales the rows).
 
     The polar factor does not depend on scale, and dividing by (the power of two at) the largest
     entry first makes 1 <= max |y| < 2 and ||Y||_F <= 2 sqrt(m n) for every finite nonzero X: in
@@ -268,6 +333,8 @@ def _normalize_(X: Tensor, safety: float, eps: float) -> None:
     peak = torch.maximum(X.amax(dim=(-2, -1), keepdim=True), X.amin(dim=(-2, -1), keepdim=True).neg_())
     scale = torch.exp2(torch.floor(torch.log2(peak)))
     X.div_(scale.masked_fill_(peak == 0, 1.0))
+    if not frobenius:
+        return
     norm = torch.linalg.matrix_norm(X, keepdim=True)
     X.div_(norm.mul_(safety).add_(eps))
 
@@ -304,32 +371,65 @@ def _carve(buffer: Tensor, count: int, m: int) -> list[Tensor]:
     return [flat[i * size : (i + 1) * size].view(-1, m, m) for i in range(count)]
 
 
-def _newton_schulz_(X: Tensor, schedule: Sequence[Coefficients]) -> Tensor:
+def _aol_(X: Tensor, A: Tensor, floor: float) -> None:
+    """AOL preconditioning: X <- D X and A <- D A D for A = X X^T, D = diag(s),
+    s_i = max(sum_j |A_ij|, floor)^(-1/2), each matrix of the batch on its own.
+
+    Then ||D X||_2 <= 1 (Prach and Lampert's AOL bound, Theorem 1 of arXiv:2208.03160, applied to
+    X^T): the row sums bound the spectral norm more tightly than ||X||_F does, so more of the
+    spectrum starts near 1. A Gram matrix already formed is reused, so this costs no product. D
+    does not commute with X's singular vectors: the result tends to the polar factor of D X, which
+    is the polar factor of X when the rows of X have equal weight in the row sums and close to it
+    otherwise (Turbo-Muon, arXiv:2512.04632).
+    """
+    s = A.abs().sum(dim=-1).clamp_min_(floor).rsqrt_()
+    X.mul_(s.unsqueeze(-1))
+    A.mul_(s.unsqueeze(-1)).mul_(s.unsqueeze(-2))
+
+
+def _newton_schulz_(X: Tensor, schedule: Sequence[Coefficients], *, aol: float | None = None) -> Tensor:
     """Quintic Newton-Schulz on a normalized, contiguous, wide (batch, m, n) X; overwrites X.
 
     bmm/baddbmm into reused buffers, so a step allocates nothing: X, the next X (which also holds
-    A = X X^T until B = b A + c A^2 has been formed) and B; 2 + m/n matrix sizes.
+    A = X X^T until B = b A + c A^2 has been formed) and B; 2 + m/n matrix sizes. A step with
+    c = 0 is cubic, X <- a X + b A X: two products, A held in B's buffer. `aol`: precondition X with
+    `_aol_` (this floor) instead of having been divided by its norm; the first step reuses its A.
     """
     m, n = X.size(-2), X.size(-1)
     bmm, baddbmm = _products(m, n, X.dtype)
     B = _like(X, m, m)
     Y = _like(X, m, n)
     own_A = _like(X, m, m) if m < _LOOP_BELOW else None
-    for a, b, c in schedule:
-        (A,) = _carve(Y, 1, m) if own_A is None else (own_A,)
+
+    def gram_buffer(c: float) -> Tensor:
+        if c == 0.0:
+            return B
+        return own_A if own_A is not None else _carve(Y, 1, m)[0]
+
+    if aol is not None:
+        A = gram_buffer(schedule[0][2] if schedule else 0.0)
         bmm(X, X.mT, out=A)
-        baddbmm(A, A, A, beta=b, alpha=c, out=B)
-        baddbmm(X, B, X, beta=a, out=Y)
+        _aol_(X, A, aol)
+    for step, (a, b, c) in enumerate(schedule):
+        A = gram_buffer(c)
+        if step > 0 or aol is None:
+            bmm(X, X.mT, out=A)
+        if c == 0.0:
+            baddbmm(X, A, X, beta=a, alpha=b, out=Y)
+        else:
+            baddbmm(A, A, A, beta=b, alpha=c, out=B)
+            baddbmm(X, B, X, beta=a, out=Y)
         X, Y = Y, X
     return X
 
 
-def _gram_newton_schulz_(X: Tensor, schedule: Sequence[Coefficients]) -> Tensor:
+def _gram_newton_schulz_(X: Tensor, schedule: Sequence[Coefficients], *, aol: float | None = None) -> Tensor:
     """Gram Newton-Schulz on a normalized, contiguous, wide (batch, m, n) X; overwrites X.
 
     Buffers: X, a spare m x n for Q X, Q, and the scratch R, P and T, carved from the spare
     while it is free (as many as fit; the rest allocated once): 2 + m/n matrix sizes for n >= 3m,
-    3 for n = 2m.
+    3 for n = 2m. A cubic step (c = 0) forms P = a I + b R without a product. `aol`: as in
+    `_newton_schulz_`, preconditioning X and its first R.
     """
     m, n = X.size(-2), X.size(-1)
     bmm, baddbmm = _products(m, n, X.dtype)
@@ -339,6 +439,8 @@ def _gram_newton_schulz_(X: Tensor, schedule: Sequence[Coefficients]) -> Tensor:
     extra = [_like(X, m, m) for _ in range(3 - carved)]
     R, P, T = _carve(Y, carved, m) + extra
     bmm(X, X.mT, out=R)
+    if aol is not None:
+        _aol_(X, R, aol)
     q_is_identity = True
     for step, (a, b, c) in enumerate(schedule):
         if step in _GRAM_RESTARTS and not q_is_identity:
@@ -347,7 +449,10 @@ def _gram_newton_schulz_(X: Tensor, schedule: Sequence[Coefficients]) -> Tensor:
             R, P, T = _carve(Y, carved, m) + extra
             bmm(X, X.mT, out=R)
             q_is_identity = True
-        baddbmm(R, R, R, beta=b, alpha=c, out=P)
+        if c == 0.0:
+            torch.mul(R, b, out=P)
+        else:
+            baddbmm(R, R, R, beta=b, alpha=c, out=P)
         P.diagonal(dim1=-2, dim2=-1).add_(a)
         if step + 1 < len(schedule) and step + 1 not in _GRAM_RESTARTS:
             bmm(P, R, out=T)
@@ -364,18 +469,20 @@ def _gram_newton_schulz_(X: Tensor, schedule: Sequence[Coefficients]) -> Tensor:
     return X
 
 
-Kernel = Callable[[Tensor, Sequence[Coefficients]], Tensor]
+Kernel = Callable[..., Tensor]
 
 
-def _iterate_(X: Tensor, kernel: Kernel, schedule: Sequence[Coefficients], safety: float, eps: float) -> Tensor:
-    """Normalize X (a buffer from `empty_work`) in place and run `kernel` on its wide view."""
+def _iterate_(X: Tensor, kernel: Kernel, schedule: Sequence[Coefficients], safety: float, eps: float,
+              *, aol: bool = False) -> Tensor:
+    """Normalize X (a buffer from `empty_work`) in place and run `kernel` on its wide view
+    (with `aol`, scale it by a power of two only, and let the kernel precondition it, eps its floor)."""
     transposed = X.size(-2) > X.size(-1)
     W = X.mT if transposed else X
     m, n = W.shape[-2:]
     if W.stride() != (_matrix_step(m, n, W.dtype), n, 1) or _misaligned(W):
         W = _like(W, m, n).copy_(W)
-    _normalize_(W, safety, eps)
-    W = kernel(W, schedule)
+    _normalize_(W, safety, eps, frobenius=not aol)
+    W = kernel(W, schedule, aol=eps) if aol else kernel(W, schedule)
     return W.mT if transposed else W
 
 
@@ -430,21 +537,21 @@ def orthogonalize_(X: Tensor, method: Method = "polar_express", steps: int | Non
     The in-place core of `orthogonalize`, for callers that own a work buffer in the working
     dtype: functional.muon writes momentum updates of same-shaped matrices straight into one.
     Every operation acts on each matrix of the batch on its own, so a matrix gives the same bits
-    alone or in a stack. Methods: the Newton-Schulz schedules and "gram".
+    alone or in a stack. Methods: the Newton-Schulz schedules (with "cubic5" and "aol") and "gram".
 
     Returns:
         (batch, rows, cols) in X's dtype: a view of X or of a new buffer.
     """
     n_steps = DEFAULT_STEPS if steps is None else steps
-    if method == "gram" or (method == "polar_express" and uses_gram(X.size(-2), X.size(-1))):
-        kernel, name = _gram_newton_schulz_, "polar_express"
+    if method == "gram" or (method in GRAM_SCHEDULES and uses_gram(X.size(-2), X.size(-1))):
+        kernel, name = _gram_newton_schulz_, "polar_express" if method == "gram" else method
     elif method in SCHEDULES:
         kernel, name = _newton_schulz_, method
     else:
         raise ValueError(f"orthogonalize_ runs {', '.join(SCHEDULES)} or 'gram', not {method!r}")
     if X.numel() == 0:
         return X
-    return _iterate_(X, kernel, coefficient_schedule(name, n_steps), SAFETY[name], EPS[name])
+    return _iterate_(X, kernel, coefficient_schedule(name, n_steps), SAFETY[name], EPS[name], aol=name == "aol")
 
 
 def svd_polar(G: Tensor, *, dtype: torch.dtype | None = torch.float64) -> Tensor:
@@ -486,10 +593,15 @@ def orthogonalize(
 
     Args:
         G: real floating-point tensor of shape (..., rows, cols); not modified.
-        method: "polar_express" (default), "keller_jordan", "you", "gram" (Gram Newton-Schulz
-            with the Polar Express schedule), "svd" (exact), or a callable (X, steps) -> tensor.
+        method: "polar_express" (default), "keller_jordan", "you", "cubic5" (Huang's relaxed
+            cubic: 10 products for 5 steps instead of 15; singular values land in [0.77, 1.3]),
+            "aol" (Turbo-Muon: AOL row scaling instead of the Frobenius norm, then You's schedule;
+            its published setting is steps=4, 12 products), "gram" (Gram Newton-Schulz with the
+            Polar Express schedule), "svd" (exact), or a callable (X, steps) -> tensor. Polar
+            Express with 4 steps (12 products) is method="polar_express", steps=4.
         steps: iterations; None means 5. Steps past a schedule's end repeat its tail, which
-            for "polar_express", "you" and "gram" converges to the exact polar factor.
+            for "polar_express", "you", "cubic5", "aol" and "gram" converges to the exact polar
+            factor; "aol" with fewer than 5 runs the last `steps` of You's 5.
         dtype: working precision; None (or its alias "auto") means float64 for float64 input
             (and float64 for "svd"), else the machine's default `default_ns_dtype(G.device)`:
             bfloat16 on CUDA and on CPUs with native bfloat16 products, float32 elsewhere.

@@ -15,6 +15,9 @@
   without their own lrs uses muon's / normuon's.
 - muon-8bit: muon with momentum_bits=8 (int8 blocks with a float32 scale each); a task without its
   own lr uses muon's.
+- muon-pe4, muon-aol, muon-cubic5: muon with a cheaper orthogonalizer (issue 22 item 3): Polar
+  Express with 4 steps (12 products instead of 15), "aol" with 4 steps (Turbo-Muon, 12), "cubic5"
+  (10); a task without their own lrs uses muon's.
 - NAME+cwd: NAME with cautious weight decay (decay only where it agrees in sign with the update),
   for every optimizer above except torch-muon (torch.optim.Muon has no such option). adamw+cwd is
   muonkit.Muon with AdamW groups only, which equals torch.optim.AdamW when cautious decay is off.
@@ -37,7 +40,10 @@ import muonkit
 BASE_OPTIMIZERS = ("muon", "muon-kj", "normuon", "adamuon", "adamw", "sgd", "torch-muon")
 
 # Optimizers a task may leave out of its lrs: they take the lr of the one they vary (issue 23).
-LR_FROM = {"muon-8bit": "muon", "dion2": "muon", "nordion2": "normuon"}
+LR_FROM = {"muon-8bit": "muon", "dion2": "muon", "nordion2": "normuon",
+           "muon-pe4": "muon", "muon-aol": "muon", "muon-cubic5": "muon"}
+# The rows that vary only muon's orthogonalizer: (orthogonalizer, ns_steps).
+CHEAP_ORTHOGONALIZERS = {"muon-pe4": ("polar_express", 4), "muon-aol": ("aol", 4), "muon-cubic5": ("cubic5", 5)}
 CAUTIOUS = "+cwd"
 OPTIMIZERS = BASE_OPTIMIZERS + tuple(name + CAUTIOUS for name in BASE_OPTIMIZERS if name != "torch-muon") + tuple(LR_FROM)
 
@@ -73,6 +79,11 @@ def build_optimizers(name: str, model: nn.Module, lr: float, *, adamw_lr: float,
         bits = 8 if base == "muon-8bit" else 32
         return [muonkit.Muon(groups, lr=lr, weight_decay=weight_decay, variant="muon" if bits == 8 else base,
                              momentum_bits=bits, cautious_weight_decay=cautious, **diagnostics)], []
+    if base in CHEAP_ORTHOGONALIZERS:
+        orthogonalizer, steps = CHEAP_ORTHOGONALIZERS[base]
+        return [muonkit.Muon(muonkit.param_groups(model, **routing), lr=lr, weight_decay=weight_decay,
+                             orthogonalizer=orthogonalizer, ns_steps=steps, cautious_weight_decay=cautious,
+                             **diagnostics)], []
     if base == "muon-kj":
         groups = muonkit.param_groups(model, **routing)
         return [muonkit.Muon(groups, lr=lr, weight_decay=weight_decay, orthogonalizer="keller_jordan",

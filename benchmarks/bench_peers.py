@@ -2,7 +2,8 @@
 
 Run (from the repository root; the pip-installable peers come with the `peers` extra):
 
-    python benchmarks/bench_peers.py [--cases gpt2,charlm] [--threads 1] [--repeats 7] [--write-results]
+    python benchmarks/bench_peers.py [--cases gpt2,charlm] [--threads 1] [--repeats 7] [--clock wall|cpu]
+                                     [--rows "SUBSTRING;..."] [--write-results]
 
 Cases: "gpt2", 4 GPT-2-small blocks (768 wide: q, k, v, o 768x768, fc 3072x768, proj 768x3072 per
 block, 28.3M parameters, all on Muon), and "charlm", the Muon matrices of the charlm task's GPT
@@ -20,6 +21,11 @@ process (one warm-up round, then --repeats rounds, the order reversed every othe
   - where installed: pytorch-optimizer's Muon, NorMuon and AdaMuon (`pip install pytorch-optimizer`)
     and heavyball's Muon (`pip install heavyball`; run eagerly: heavyball.utils.compile_mode = None,
     since its torch.compile takes minutes per shape on a small CPU).
+
+`--clock cpu` times each step by this process's CPU time (time.process_time) instead of the wall
+clock: on a machine shared with other jobs it leaves out the waits for a core (with 1 thread every
+op runs in the calling thread). `--rows` keeps only the rows whose name contains one of the given
+substrings, separated by ";" (torch.optim.Muon is always kept: the ratios are taken against it).
 
 "x torch" is the median over rounds of a row's time over torch.optim.Muon's in the same round; for
 muonkit's rows "x peer" is the same against the fastest other implementation of that variant (by
@@ -191,6 +197,9 @@ def run_case(key: str, args: argparse.Namespace, bf16_native: bool) -> str:
     title, make_shapes = CASES[key]
     shapes = make_shapes()
     candidates = rows(bf16_native)
+    if args.rows:
+        wanted = args.rows.split(";")
+        candidates = {n: r for n, r in candidates.items() if n == "torch.optim.Muon" or any(w in n for w in wanted)}
     # One set of parameters and gradients that every optimizer steps (each keeps its own state), so
     # that memory holds one copy of the model: the values drift, the work per step does not.
     torch.manual_seed(0)
@@ -207,7 +216,8 @@ def run_case(key: str, args: argparse.Namespace, bf16_native: bool) -> str:
             steps[name]()
         return run
 
-    timings = time_interleaved({name: timed(name) for name in candidates}, repeats=args.repeats)
+    clock = time.process_time if args.clock == "cpu" else None
+    timings = time_interleaved({name: timed(name) for name in candidates}, repeats=args.repeats, clock=clock)
     generator = torch.Generator().manual_seed(7)
     test_grads = [test_gradient(s, generator) for s in shapes]
     exact = {family: [exact_update(family, g) for g in test_grads] for family in ("muon", "normuon")}
@@ -237,12 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default="gpt2,charlm")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--rows", default="", help="keep the rows whose name has one of these substrings (separated by ;)")
     parser.add_argument("--write-results", action="store_true")
     args = parser.parse_args(argv)
     machine = setup(args.threads)
     bf16_native = working_dtype(torch.zeros(2, 2), "auto") == torch.bfloat16
     out = [f"Machine at start: {machine}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-           f"Median of {args.repeats} interleaved rounds after 1 warm-up round; ratios are medians of per-round ratios."]
+           f"Median of {args.repeats} interleaved rounds after 1 warm-up round ({'CPU time of this process' if args.clock == 'cpu' else 'wall clock'}); "
+           "ratios are medians of per-round ratios."]
     print("\n".join(out), flush=True)
     for key in args.cases.split(","):
         text = run_case(key, args, bf16_native)

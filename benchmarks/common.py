@@ -67,11 +67,15 @@ def time_interleaved(
     repeats: int = 5,
     warmup: int = 1,
     sync: Callable[[], object] | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> dict[str, Timing]:
     """Wall time of each candidate, timed round-robin so all see the same machine load; the order
     is reversed every other round so that no candidate always runs after the same one. `sync`
-    (torch.cuda.synchronize on a GPU) runs before each clock reading."""
+    (torch.cuda.synchronize on a GPU) runs before each clock reading. `clock` replaces the wall
+    clock (time.perf_counter), e.g. by time.process_time: this process's CPU time, which on a CPU
+    shared with other jobs leaves out the time spent waiting for a core."""
     sync = sync or (lambda: None)
+    now = clock or time.perf_counter
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
@@ -80,10 +84,10 @@ def time_interleaved(
     for round_ in range(repeats):
         for name in names if round_ % 2 == 0 else reversed(names):
             sync()
-            start = time.perf_counter()
+            start = now()
             candidates[name]()
             sync()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(now() - start)
     return {
         name: Timing(statistics.median(ts), min(ts), max(ts), len(ts), tuple(ts)) for name, ts in times.items()
     }

@@ -127,9 +127,10 @@ def test_muon_step_equals_per_matrix_path_bit_for_bit(threads, ns_dtype):
     matrix at a time, over a mix of shapes, layouts and a bf16 parameter, in each working dtype."""
     torch.manual_seed(5)
     shapes = [(48, 48), (48, 48), (64, 256), (256, 64), (16, 8, 3, 3), (3, 32, 16), (32, 32),
-              (520, 520), (520, 520), (520, 520)]  # large: batched one per thread
+              (520, 520), (520, 520), (520, 520),  # large: batched one per thread
+              (600, 480)]  # large and tall: written into its transposed stack part one matrix at a time
     params = [torch.randn(s) * 0.05 for s in shapes]
-    params[-1] = params[-1].bfloat16()
+    params[-2] = params[-2].bfloat16()
     other = [p.clone() for p in params]
     layouts = [muonkit.layout.resolve(None, p.ndim) for p in params]
     bufs_a = [torch.zeros_like(p) for p in params]
@@ -409,3 +410,18 @@ def test_orthogonalize_normalizes_each_matrix_of_a_batch_separately():
     batched = muonkit.orthogonalize(G)
     alone = torch.stack([muonkit.orthogonalize(G[i]) for i in range(2)])
     torch.testing.assert_close(batched, alone, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 600, 480), (1, 480, 600), (3, 40, 20)], ids=str)
+def test_a_stack_part_is_written_as_one_copy_would(shape, dtype):
+    """functional._write_ (one 2-D transposing copy per matrix into a large tall part of a work
+    stack) gives the bits of one copy_, in every working dtype, also where it keeps the one copy."""
+    from muonkit.orthogonalize import empty_work
+
+    u = torch.randn(shape) * 1e3
+    a, b = empty_work(*shape, dtype=dtype), empty_work(*shape, dtype=dtype)
+    a.copy_(u)
+    functional._write_(b, u)
+    assert torch.equal(a, b)
+    assert functional._transposes(b) == (shape[1] > shape[2] and shape[1] * shape[2] > functional.STACK_MATRIX_NUMEL)

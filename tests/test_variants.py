@@ -387,3 +387,42 @@ def test_a_state_dict_saved_right_after_a_variant_switch_loads_and_continues_ali
     loaded.step()
     assert torch.equal(p, q)
     assert torch.equal(opt.state[p]["second_moment"], loaded.state[q]["second_moment"])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                    (torch.float32, torch.bfloat16), (torch.float64, torch.float32)], ids=str)
+@pytest.mark.parametrize("variant", ["normuon", "adamuon", "nordion2"])
+def test_a_stack_is_transformed_as_its_tensors_one_by_one(variant, dtypes, threads):
+    """The step driver transforms a stack of tensors' matrices in one call (functional._transformed):
+    the same bits as one call per tensor, for wide and tall stacks (tall ones laid out as the work
+    buffer lays them, transposed), tensors of 1 to 3 matrices, and 1 or 2 threads."""
+    from muonkit.functional import _transformed
+    from muonkit.orthogonalize import empty_work
+
+    chosen = muonkit.variants.VARIANTS[variant]
+    o_dtype, v_dtype = dtypes
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for rows, cols in [(96, 40), (40, 96), (33, 33), (300, 200)]:
+            counts = [1, 3, 2]
+            O = empty_work(sum(counts), rows, cols, dtype=o_dtype)
+            O.copy_(torch.randn(sum(counts), rows, cols, generator=g) * 10.0 ** torch.randint(-3, 3, (sum(counts), 1, 1), generator=g))
+            O[1, 0].zero_()  # a zero row
+            outs = O.split(counts)
+            v_cols = 1 if variant != "adamuon" else cols
+            moments = [torch.rand(k, rows, v_cols, generator=g).to(v_dtype) for k in counts]
+            stacked = _transformed(chosen, O, outs, moments, counts, 0.9, 1e-10)
+            for o, v, (h, new) in zip(outs, moments, stacked):
+                h_one, new_one = chosen.transform(o, v, beta2=0.9, eps=1e-10)
+                assert torch.equal(h, h_one) and h.dtype == o_dtype, (rows, cols)
+                assert torch.equal(new, new_one) and new.dtype == v_dtype, (rows, cols)
+        # moments of different dtypes, or none: one call per tensor
+        O = torch.randn(2, 8, 8, dtype=o_dtype)
+        mixed = [torch.rand(1, 8, 1), torch.rand(1, 8, 1, dtype=torch.float64)]
+        for (h, new), o, v in zip(_transformed(chosen, O, O.split(1), mixed, [1, 1], 0.9, 1e-10), O.split(1), mixed):
+            assert torch.equal(h, chosen.transform(o, v, beta2=0.9, eps=1e-10)[0]) and new.dtype == v.dtype
+    finally:
+        torch.set_num_threads(before)

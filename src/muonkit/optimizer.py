@@ -122,14 +122,13 @@ class Muon(torch.optim.Optimizer):
         weight_decay: decoupled weight decay lambda of Muon groups (default 0.1).
         scale: "moonlight" (default; rms * sqrt(max(rows, cols))), "keller_jordan", "mup", "naive".
         rms: target update RMS of the "moonlight" scale (default 0.2).
-        orthogonalizer: "polar_express" (default), "keller_jordan", "you", "cubic5", "aol"
-            (Turbo-Muon; use ns_steps=4), "gram", "svd" (muonkit.orthogonalize) or a
-            callable (X, steps) -> tensor of X's shape, called on one (rows, cols) matrix at a
-            time unless it has the attribute ``batched = True`` (then on (k, rows, cols) stacks).
+        orthogonalizer: a name in muonkit.ORTHOGONALIZERS ("polar_express", the default; "aol" is
+            Turbo-Muon with ns_steps=4) or a callable (X, steps) -> tensor of X's shape, called on one
+            (rows, cols) matrix at a time unless it has ``batched = True`` (then on (k, rows, cols)).
         ns_steps: iterations of the orthogonalizer (default 5).
         ns_dtype: working dtype of the orthogonalizer; None (or its alias "auto") means the fastest
             accurate one for the device, muonkit.orthogonalize.default_ns_dtype: bfloat16 on CUDA
-            and on CPUs with native bfloat16 products (AVX512_BF16, AMX), float32 elsewhere;
+            and on CPUs whose bf16 products are faster (AMX, AMD AVX512_BF16), float32 elsewhere;
             float64 for float64 state. ns_dtype=torch.float32 gives float32 everywhere.
         layout: matrix view of the parameters: None (2D (out, in); 3D stacked (batch, out, in);
             4D/5D conv (out, in, *kernel)), "conv", "stacked", or a muonkit.Layout.

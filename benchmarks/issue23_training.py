@@ -20,6 +20,17 @@ and the logs hold the lr-sweep lines ("sweep dion2 lr=0.02 seed 0: val_loss 2.20
         nordion2=0.01 nordion2=0.03 nordion2=0.1 --seeds 1 --threads 1   (stopped after two points)
     muonkit bench hf-lm --hf-config qwen3-moe --lr-sweep --optimizers dion2 --lr dion2=0.01 dion2=0.1 --seeds 1 --steps 200 --threads 1
 
+Fourth session (2026-12-07, Intel Xeon avx512_bf16, Newton-Schulz in float32: main at 88b1035,
+before issue 22's default change): lr sweeps of NorDion2 (1 seed, the tasks' sweep budgets)
+    muonkit bench charlm --lr-sweep --optimizers nordion2 --lr nordion2=0.01 nordion2=0.02 nordion2=0.04 \
+        nordion2=0.08 --seeds 1 --threads 1
+    muonkit bench fashion-mnist --lr-sweep --optimizers nordion2 --lr nordion2=0.01 nordion2=0.03 nordion2=0.1 --seeds 1 --threads 1
+    muonkit bench fashion-mnist --lr-sweep --optimizers nordion2 --lr nordion2=0.3 --seeds 1 --threads 1
+then charlm at its default 300 steps, one optimizer per invocation (muonkit-runs/chain_charlm.sh):
+    muonkit bench charlm --optimizers OPT [--lr dion2=0.04 | --lr nordion2=0.02] --seeds 3 --threads 1 \
+        --out muonkit-runs/i23/charlm-300-OPT        (OPT: muon, muon-8bit, dion2, nordion2, normuon)
+and this script with `--ns-dtype float32 --logs muonkit-runs/sweep-*.log`.
+
 Writes benchmarks/task-runs/issue23/<run>.json (the CLI's table, per-seed finals, per-optimizer
 timings and state; no per-step curves) and sweeps.json, and prints per task: the table, whether
 8-bit momentum lands within one standard deviation of float32 momentum (|mean difference| <= the

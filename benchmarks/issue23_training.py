@@ -141,10 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         (OUT / f"{path.parent.name}.json").write_text(json.dumps(summarize(path, args.ns_dtype), indent=1) + "\n")
     # Every summary kept in OUT (earlier sessions' too), by task and length.
     by_task: dict[str, list[dict]] = {}
-    for path in sorted(OUT.glob("*.json")):
-        if path.name == "sweeps.json":
-            continue
-        run = json.loads(path.read_text())
+    kept = [json.loads(path.read_text()) for path in OUT.glob("*.json") if path.name != "sweeps.json"]
+    for run in sorted(kept, key=lambda run: run["date"]):  # in the order they ran: a later lr's summary counts
         config = " " + run["command"].split("--hf-config ")[1].split()[0] if "--hf-config" in run["command"] else ""
         by_task.setdefault(f"{run['task']}{config}, {run['steps']} steps", []).append(run)
     for task, runs in by_task.items():

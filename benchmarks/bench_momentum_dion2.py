@@ -17,7 +17,10 @@ Prints three Markdown tables:
 - tasks: on the training tasks' models (charlm's GPT, hf-lm's qwen3-moe preset): one step of muon
   and dion2, the Newton-Schulz work whole vs Dion2's selected slices, momentum bytes at 32 and 8 bits.
 
-`--tables tasks,bytes` (any comma-separated subset of state,time,tasks,bytes) runs only those.
+- taskbytes (not in the default set): Muon.bytes_sent per step on 2 gloo ranks of the training
+  tasks' models, muon vs dion2 vs nordion2, replicated and FSDP2.
+
+`--tables tasks,bytes` (any comma-separated subset of state,time,tasks,bytes,taskbytes) runs only those.
 """
 
 from __future__ import annotations
@@ -198,6 +201,64 @@ def _bytes_rank(rank: int, world: int, path: str, queue) -> None:
     dist.destroy_process_group()
 
 
+def _task_bytes_rank(rank: int, world: int, path: str, queue) -> None:
+    """Muon.bytes_sent of one step (the second) of the training tasks' models on `world` ranks:
+    muon, dion2 and nordion2, replicated and FSDP2 (fully_shard of the whole model)."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world, timeout=timedelta(seconds=300))
+    out = {}
+    for label, make in _task_models().items():
+        for kind in ("replicated", "FSDP2"):
+            for name in ("muon", "dion2", "nordion2"):
+                torch.manual_seed(0)
+                model = make()
+                if kind == "FSDP2":
+                    fully_shard(model)
+                opt = muonkit.Muon(muonkit.param_groups(model), lr=0.02, process_group=dist.group.WORLD, **VARIANTS[name])
+                sent = 0
+                for _ in range(2):
+                    for p in model.parameters():
+                        p.grad = _grad(p)
+                    before = opt.bytes_sent
+                    opt.step()
+                    sent = opt.bytes_sent - before
+                out[label, kind, name] = sent
+    queue.put(out)
+    dist.destroy_process_group()
+
+
+def _task_models() -> dict:
+    makers = {"charlm GPT": charlm_model}
+    try:
+        import transformers  # noqa: F401
+
+        makers["hf-lm qwen3-moe"] = qwen3_moe_model
+    except ImportError:
+        pass
+    return makers
+
+
+def task_bytes_table(world: int = 2) -> str:
+    """Bytes per step (all ranks) of the training tasks' Muon groups on `world` gloo ranks."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    path = os.path.join(tempfile.mkdtemp(), "rendezvous")
+    procs = [context.Process(target=_task_bytes_rank, args=(r, world, path, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    per_rank = [queue.get(timeout=900) for _ in procs]
+    for p in procs:
+        p.join()
+    result = {key: sum(r[key] for r in per_rank) for key in per_rank[0]}
+    rows = [[label, world, kind, name, f"{sent / 1e6:.4f} MB", f"{sent / result[label, kind, 'muon']:.3f}"]
+            for (label, kind, name), sent in result.items()]
+    return table(["model", "ranks", "parameters", "variant", "bytes_sent per step (all ranks)", "/ muon"], rows)
+
+
 def bytes_table() -> str:
     import torch.multiprocessing as mp
 
@@ -225,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--tables", default="state,time,tasks,bytes", help="comma-separated subset of state,time,tasks,bytes")
+    parser.add_argument("--tables", default="state,time,tasks,bytes",
+                        help="comma-separated subset of state,time,tasks,bytes,taskbytes")
     parser.add_argument("--write-results", action="store_true")
     args = parser.parse_args(argv)
     chosen = args.tables.split(",")
@@ -242,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     if "bytes" in chosen:
         parts.append("\nBytes sent per step under process_group (one GPT-2-small block: replicated, and FSDP2-sharded "
                      "with fully_shard)\n\n" + bytes_table())
+    if "taskbytes" in chosen:
+        parts.append("\nBytes sent per step under process_group on the training tasks' models (2 gloo ranks; "
+                     "muonkit.param_groups; replicated, and FSDP2 with fully_shard of the whole model)\n\n"
+                     + task_bytes_table())
     text = "\n".join(parts)
     print(text)
     if args.write_results:

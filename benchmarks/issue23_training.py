@@ -20,6 +20,17 @@ and the logs hold the lr-sweep lines ("sweep dion2 lr=0.02 seed 0: val_loss 2.20
         nordion2=0.01 nordion2=0.03 nordion2=0.1 --seeds 1 --threads 1   (stopped after two points)
     muonkit bench hf-lm --hf-config qwen3-moe --lr-sweep --optimizers dion2 --lr dion2=0.01 dion2=0.1 --seeds 1 --steps 200 --threads 1
 
+Fourth session (2026-12-07, Intel Xeon avx512_bf16, Newton-Schulz in float32: main at 88b1035,
+before issue 22's default change): lr sweeps of NorDion2 (1 seed, the tasks' sweep budgets)
+    muonkit bench charlm --lr-sweep --optimizers nordion2 --lr nordion2=0.01 nordion2=0.02 nordion2=0.04 \
+        nordion2=0.08 --seeds 1 --threads 1
+    muonkit bench fashion-mnist --lr-sweep --optimizers nordion2 --lr nordion2=0.01 nordion2=0.03 nordion2=0.1 --seeds 1 --threads 1
+    muonkit bench fashion-mnist --lr-sweep --optimizers nordion2 --lr nordion2=0.3 --seeds 1 --threads 1
+then charlm at its default 300 steps, one optimizer per invocation (muonkit-runs/chain_charlm.sh):
+    muonkit bench charlm --optimizers OPT [--lr dion2=0.04 | --lr nordion2=0.02] --seeds 3 --threads 1 \
+        --out muonkit-runs/i23/charlm-300-OPT        (OPT: muon, muon-8bit, dion2, nordion2, normuon)
+and this script with `--ns-dtype float32 --logs muonkit-runs/sweep-*.log`.
+
 Writes benchmarks/task-runs/issue23/<run>.json (the CLI's table, per-seed finals, per-optimizer
 timings and state; no per-step curves) and sweeps.json, and prints per task: the table, whether
 8-bit momentum lands within one standard deviation of float32 momentum (|mean difference| <= the
@@ -43,10 +54,10 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(path: Path) -> dict:
+def summarize(path: Path, ns_dtype: str | None = None) -> dict:
     data = json.loads(path.read_text())
     env = data["environment"]
-    return {"task": data["task"], "metric": data["metric"], "higher_is_better": data["higher_is_better"],
+    return {"task": data["task"], "metric": data["metric"], "higher_is_better": data["higher_is_better"], "ns_dtype": ns_dtype,
             "steps": data["steps"], "seeds": data["seeds"], "wall_seconds": data["wall_seconds"],
             "command": "muonkit " + " ".join(env["argv"][1:]), "date": env["date"], "finished": data["finished"],
             "machine": f"{env['cpu']} ({', '.join(env['cpu_flags'])}), {env['cpu_count']} CPUs, "
@@ -81,8 +92,9 @@ def report(run: dict) -> str:
     s, metric = run["summary"], run["metric"]
     sign = 1.0 if run["higher_is_better"] else -1.0  # > 0: better than the reference
     commands = "; ".join(f"`{c.replace(' --quiet', '').split(' --out ')[0]}`" for c in run["command"].split("; "))
+    dtype = f"; Newton-Schulz dtype {run['ns_dtype']}" if run.get("ns_dtype") else ""
     lines = [f"{commands} ({run['steps']} steps, {run['seeds']} seed(s); "
-             f"{run['date']} to {run['finished']}, {run['wall_seconds'] / 60:.0f} min wall; {run['machine']}; "
+             f"{run['date']} to {run['finished']}, {run['wall_seconds'] / 60:.0f} min wall; {run['machine']}{dtype}; "
              f"load average at the start {', '.join(f'{x:.1f}' for x in run['load_average_at_start'])})", "",
              run["table"], ""]
     stats = {name: _mean_std(v["final"]) for name, v in s.items()}
@@ -121,12 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("muonkit-runs/i23"))
     parser.add_argument("--logs", type=Path, nargs="*", default=[])
+    parser.add_argument("--ns-dtype", default=None,
+                        help="the Newton-Schulz dtype the runs in --runs used (the group default on their machine)")
     args = parser.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
-    by_task: dict[str, list[dict]] = {}
     for path in sorted(args.runs.glob("*/results.json")):
-        run = summarize(path)
-        (OUT / f"{path.parent.name}.json").write_text(json.dumps(run, indent=1) + "\n")
+        (OUT / f"{path.parent.name}.json").write_text(json.dumps(summarize(path, args.ns_dtype), indent=1) + "\n")
+    # Every summary kept in OUT (earlier sessions' too), by task and length.
+    by_task: dict[str, list[dict]] = {}
+    kept = [json.loads(path.read_text()) for path in OUT.glob("*.json") if path.name != "sweeps.json"]
+    for run in sorted(kept, key=lambda run: run["date"]):  # in the order they ran: a later lr's summary counts
         config = " " + run["command"].split("--hf-config ")[1].split()[0] if "--hf-config" in run["command"] else ""
         by_task.setdefault(f"{run['task']}{config}, {run['steps']} steps", []).append(run)
     for task, runs in by_task.items():
@@ -135,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"The optimizers ran in {len(runs)} invocations (each writes its results when all its runs are done):\n")
         merged = merge(runs)
         print(f"{report(merged)}\n")
-    found = sweeps(args.logs)
+    found = json.loads((OUT / "sweeps.json").read_text()) if (OUT / "sweeps.json").exists() else {}
+    for task, by_name in sweeps(args.logs).items():  # new points join (or replace) the kept ones
+        for name, by_lr in by_name.items():
+            found.setdefault(task, {}).setdefault(name, {}).update(by_lr)
     if found:
         (OUT / "sweeps.json").write_text(json.dumps(found, indent=1) + "\n")
         print("### lr sweeps (1 seed, the task's sweep budget)\n")

@@ -227,7 +227,29 @@ def job_fsdp_dion2_refused(rank: int, world: int, tmp: Path) -> Any:
             out[key] = ("no error", False)
         except ValueError as err:
             out[key] = (str(err), all(torch.equal(a, b) for a, b in zip(before.values(), snapshot(model, opt).values())))
+    # 2-D weights cut along dim 1 only (Shard(1) on every rank, dim 0 whole): the shard dimension is
+    # the columns, which no selection here picks along.
+    from torch.distributed.tensor import Shard
+
+    model = shard(make_model(), shard_placement_fn=lambda p: Shard(1) if p.ndim == 2 and p.shape[1] >= world else None)
+    opt = muonkit.Muon(muonkit.param_groups(model), lr=LR, adamw_lr=0.01, process_group=dist.group.WORLD, variant="dion2")
+    set_grads_dim1(model, fixed_grads(model, 0))
+    before = snapshot(model, opt)
+    try:
+        opt.step()
+        out["columns_only"] = ("no error", False)
+    except ValueError as err:
+        out["columns_only"] = (str(err), all(torch.equal(a, b) for a, b in zip(before.values(), snapshot(model, opt).values())))
     return out
+
+
+def set_grads_dim1(model: nn.Module, grads: dict[str, torch.Tensor]) -> None:
+    """p.grad = the full gradient placed as p is, by torch's own split (any placements)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for name, p in model.named_parameters():
+        g = grads[name]
+        p.grad = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None) if isinstance(p, DTensor) else g
 
 
 # ---------------------------------------------------- Dion2 on FSDP2 (tests/test_dion2.py)
@@ -285,12 +307,70 @@ def job_hsdp_dion2(rank: int, world: int, tmp: Path, variant: str, selection: st
     model = shard(Dion2Params(), mesh)
     opt = muonkit.Muon([{"params": list(model.parameters()), "param_names": list(DION2_SHAPES)}],
                        variant=variant, selection=selection, process_group=mesh, **DION2_OPTIONS)
+    sent = []
     for step in range(DION2_STEPS):
         grads = dion2_grads(step)
         for name, p in model.named_parameters():  # torch's own split of the full gradient
             p.grad = distribute_tensor(grads[name], p.device_mesh, p.placements, src_data_rank=None)
+        before = opt.bytes_sent
         opt.step()
-    return snapshot(model, opt)
+        sent.append(opt.bytes_sent - before)
+    return {**snapshot(model, opt), "sent": sent}
+
+
+# FSDP2 over tensor parallelism on a (dp, tp) = (2, 2) mesh (torchtitan's recipe): rowwise weights are
+# (Shard(0), Shard(1)), each rank a block of rows times a range of columns (uneven both ways in "odd",
+# one row a block in "tiny"); the colwise one is (_StridedShard(0), Shard(0)), 4 uneven blocks of rows
+# (7, 6, 7, 6) in dim-0 order.
+TP_SHAPES = {"wide": (12, 40), "tall": (40, 12), "odd": (33, 21), "tiny": (2, 20), "colwise": (26, 12)}
+
+
+class TPParams(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(4)
+        for name, (rows, cols) in TP_SHAPES.items():
+            layer = nn.Linear(cols, rows, bias=False, dtype=torch.float64)
+            layer.weight.data = 0.5 * torch.randn(rows, cols, generator=g, dtype=torch.float64)
+            self.add_module(name, layer)
+
+
+def tp_grads(step: int) -> dict[str, torch.Tensor]:
+    """float64 gradients of TPParams whose rows grow in norm with their index (as dion2_grads)."""
+    out = {}
+    for index, (name, (rows, cols)) in enumerate(TP_SHAPES.items()):
+        g = torch.Generator().manual_seed(100 * step + index + 50)
+        growth = 1.0 + 3.0 * torch.arange(rows, dtype=torch.float64).unsqueeze(1) / rows
+        out[f"{name}.weight"] = torch.randn(rows, cols, generator=g, dtype=torch.float64) * growth
+    return out
+
+
+def job_fsdp_tp_dion2(rank: int, world: int, tmp: Path, variant: str, selection: str) -> Any:
+    """DION2_STEPS steps of a selecting variant on TPParams placed by parallelize_module (rowwise:
+    Shard(1) on tp; colwise: Shard(0)) and fully_shard on dp, the 2-D mesh passed as process_group;
+    the full parameters and state, the placements, and the bytes this rank sent per step."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+    model = TPParams()
+    parallelize_module(model, mesh["tp"], {name: ColwiseParallel() if name == "colwise" else RowwiseParallel()
+                                           for name in TP_SHAPES})
+    fully_shard(model, mesh=mesh["dp"])
+    opt = muonkit.Muon([{"params": list(model.parameters()), "param_names": [n for n, _ in model.named_parameters()]}],
+                       variant=variant, selection=selection, process_group=mesh, **DION2_OPTIONS)
+    sent = []
+    for step in range(DION2_STEPS):
+        grads = tp_grads(step)
+        for name, p in model.named_parameters():  # torch's own split of the full gradient
+            p.grad = distribute_tensor(grads[name], p.device_mesh, p.placements, src_data_rank=None)
+        before = opt.bytes_sent
+        opt.step()
+        sent.append(opt.bytes_sent - before)
+    return {**snapshot(model, opt), "sent": sent,
+            "placements": {n: repr(tuple(p.placements)) for n, p in model.named_parameters()}}
 
 
 def job_fsdp_dion2_rows_8bit(rank: int, world: int, tmp: Path) -> Any:
@@ -518,6 +598,8 @@ JOBS: dict[str, Callable[[int, int, Path], Any]] = {
     **{f"fsdp_{v}_{sel}": (lambda v, sel: lambda rank, world, tmp: job_fsdp_dion2(rank, world, tmp, v, sel))(v, sel)
        for v in ("dion2", "nordion2") for sel in ("local", "global")},
     **{f"hsdp_{v}_{sel}": (lambda v, sel: lambda rank, world, tmp: job_hsdp_dion2(rank, world, tmp, v, sel))(v, sel)
+       for v in ("dion2", "nordion2") for sel in ("local", "global")},
+    **{f"fsdp_tp_{v}_{sel}": (lambda v, sel: lambda rank, world, tmp: job_fsdp_tp_dion2(rank, world, tmp, v, sel))(v, sel)
        for v in ("dion2", "nordion2") for sel in ("local", "global")},
     "bytes_fsdp_variants": job_bytes_fsdp_variants,
     "fsdp_dion2_rows_8bit": job_fsdp_dion2_rows_8bit,

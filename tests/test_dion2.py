@@ -346,6 +346,10 @@ def test_shardings_it_cannot_select_along_are_refused_before_anything_changes(sp
         assert message.startswith("Muon group 2: parameter 'conv.weight' is sharded along its rows and holds 3 matrices")
         assert "selection='local'" in message
         assert unchanged
+        message, unchanged = refused["columns_only"]
+        assert message.startswith("Muon group") and "is a DTensor cut along dim 1" in message, message
+        assert "but not along dim 0" in message and "selecting the columns of a parameter cut only along dim 1 is not built" in message
+        assert unchanged
 
 
 # ------------------------------------------------------------------ on FSDP2-sharded parameters
@@ -377,12 +381,14 @@ class ReferenceRowSharded:
     NorDion2's normalization, W <- W (1 - lr wd) - lr scale(rows, cols) H on S. Rows, never columns,
     even on a tall matrix: they are the shard dimension."""
 
-    def __init__(self, W, *, variant, scale, world, selection, eps=1e-10):
+    def __init__(self, W, *, variant, scale, world, selection, eps=1e-10, blocks=None):
         self.W = W.detach().double().clone()
         self.variant, self.scale, self.world, self.selection, self.eps = variant, scale, world, selection, eps
+        self.blocks = blocks if blocks is not None else row_blocks(W.shape[0], world)  # in dim-0 order
         self.M = torch.zeros_like(self.W)
         self.v = torch.zeros(W.shape[0], 1, dtype=torch.float64)
         self.selected: list[int] = []
+        self.history: list[list[int]] = []  # the rows selected at each step
 
     def step(self, G):
         self.M += G.double()
@@ -392,11 +398,12 @@ class ReferenceRowSharded:
         norms = A.abs().sum(dim=1)
         if self.selection == "local":
             quota = max(1, math.ceil(FRACTION * -(-rows // self.world)))
-            S = [i for block in row_blocks(rows, self.world) for i in top_rows(norms, block, quota)]
+            S = [i for block in self.blocks for i in top_rows(norms, block, quota)]
         else:
             S = top_rows(norms, range(rows), max(1, math.ceil(FRACTION * rows)))
         S = sorted(S)
         self.selected = S
+        self.history.append(S)
         O = polar_factor(A[S].clone())
         A[S] *= EF_DECAY
         if self.variant == "nordion2":
@@ -423,10 +430,11 @@ def sharded_references(world, variant, selection):
 
 FSDP_JOBS = [f"fsdp_{v}_{sel}" for v in ("dion2", "nordion2") for sel in ("local", "global")]
 HSDP_JOBS = [f"hsdp_{v}_{sel}" for v in ("dion2", "nordion2") for sel in ("local", "global")]  # 4 ranks only
+TP_JOBS = [f"fsdp_tp_{v}_{sel}" for v in ("dion2", "nordion2") for sel in ("local", "global")]  # 4 ranks only
 
 
 # The session's spawns run these after distributed_worker.SPAWNED_JOBS (tests/conftest.py `spawned`).
-SPAWN_JOBS = {world: [*FSDP_JOBS, "bytes_fsdp_variants", "fsdp_dion2_rows_8bit", *(HSDP_JOBS if world == 4 else [])]
+SPAWN_JOBS = {world: [*FSDP_JOBS, "bytes_fsdp_variants", "fsdp_dion2_rows_8bit", *(HSDP_JOBS + TP_JOBS if world == 4 else [])]
               for world in (2, 4)}
 
 
@@ -464,6 +472,123 @@ def test_hsdp_equals_the_float64_reference_of_its_blocks(spawned_fsdp, variant, 
             if variant == "nordion2":
                 want = torch.cat(ref.v) if name == "stack" else ref.v
                 assert (got[f"{name}.second_moment"].reshape(-1) - want.reshape(-1)).abs().max().item() < 1e-10, name
+
+
+def selected_part_elements(counts: list[int], parts: list[list[tuple[int, int, int]]]) -> tuple[int, int]:
+    """The fewest and the most elements the exchange of one selected part may send, all ranks
+    together, over the owners the plan may pick (those holding a largest piece of the first part,
+    the update; the second moment's travels to the same owner): `counts[b]` rows selected of block
+    b, `part[r]` = (the block of rows rank r holds, which range of columns, how many columns). With
+    owner o: per part, the distinct pieces o lacks, once each, and every other rank's piece."""
+    def elements(part: list[tuple[int, int, int]], o: int) -> int:
+        sizes = [counts[b] * c for b, _, c in part]
+        distinct = {(b, j): counts[b] * c for b, j, c in part}
+        return sum(n for key, n in distinct.items() if key != part[o][:2]) + sum(sizes) - sizes[o]
+
+    sizes = [counts[b] * c for b, _, c in parts[0]]
+    totals = [sum(elements(part, o) for part in parts) for o in range(len(sizes)) if sizes[o] == max(sizes)]
+    return min(totals), max(totals)
+
+
+def block_counts(ref: ReferenceRowSharded, step: int) -> list[int]:
+    return [sum(1 for i in ref.history[step] if i in block) for block in ref.blocks]
+
+
+def tp_references(variant, selection):
+    """Float64 references of worker.TPParams on the (dp, tp) = (2, 2) mesh: a rowwise weight's rows
+    come in dp's 2 blocks (each rank holds some of their columns; the rows are scored by their whole
+    L1 norm), the colwise one's in 4 blocks of rows (tp's 13-row halves, each cut in 7 and 6 by dp)."""
+    W0 = worker.TPParams()
+    refs = {}
+    for name, module in W0.named_children():
+        blocks = [range(0, 7), range(7, 13), range(13, 20), range(20, 26)] if name == "colwise" else None
+        refs[f"{name}.weight"] = ReferenceRowSharded(module.weight, variant=variant, scale="moonlight", world=4 if
+                                                     name == "colwise" else 2, selection=selection, blocks=blocks)
+    for step in range(worker.DION2_STEPS):
+        grads = worker.tp_grads(step)
+        for name, ref in refs.items():
+            ref.step(grads[name])
+    return refs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("selection", ["local", "global"])
+@pytest.mark.parametrize("variant", ["dion2", "nordion2"])
+def test_fsdp_over_tensor_parallel_equals_the_float64_reference(spawned_fsdp, variant, selection):
+    """FSDP2 over tensor parallelism on 4 gloo ranks: rowwise weights (Shard(0), Shard(1)) select
+    rows along dp's shard dimension, each row scored by its L1 norm over all columns (summed over
+    tp's column ranges), so every rank ends at the float64 reference of dp's 2 blocks, whatever the
+    tp degree; the colwise weight ((_StridedShard(0), Shard(0))) at that of its 4 blocks. Only the
+    selected rows travel: per step the bytes (all ranks) lie between the fewest and the most the
+    selected pieces allow over the owners the plan may pick (NorDion2's second moment of a rowwise
+    weight is held by tp rank 0 only, so its bytes depend on the owner)."""
+    refs = tp_references(variant, selection)
+    runs = _per_rank(spawned_fsdp, 4, f"fsdp_tp_{variant}_{selection}")
+    assert runs[0]["placements"]["wide.weight"] == "(Shard(dim=0), Shard(dim=1))"
+    assert runs[0]["placements"]["colwise.weight"].startswith("(_StridedShard(dim=0")
+    for got in runs:
+        for name, ref in refs.items():
+            assert (got[name] - ref.W).abs().max().item() < 1e-10, name
+            assert (got[f"{name}.momentum_buffer"] - ref.M).abs().max().item() < 1e-12, name
+            if variant == "nordion2":
+                assert (got[f"{name}.second_moment"] - ref.v).abs().max().item() < 1e-10, name
+    norm_bytes = 0
+    if selection == "global":  # every rank all-gathers its partial row norms (float64), padded to the longest
+        norm_bytes = 4 * 3 * 8 * max(sum(len(ref.blocks[r // 2 if "colwise" not in n else (r % 2) * 2 + r // 2])
+                                         for n, ref in refs.items()) for r in range(4))
+    else:  # local: the rowwise weights' partial row norms of each rank's block
+        norm_bytes = 4 * 3 * 8 * max(sum(len(ref.blocks[r // 2]) for n, ref in refs.items() if n != "colwise.weight")
+                                     for r in range(4))
+    for step in range(worker.DION2_STEPS):
+        low = high = norm_bytes
+        for name, ref in refs.items():
+            rows, cols = ref.W.shape
+            counts = block_counts(ref, step)
+            if name == "colwise.weight":  # rank (dp i, tp j) holds block 2 j + i, every column
+                parts = [([(2 * (r % 2) + r // 2, 0, cols) for r in range(4)])]
+                parts += [[(2 * (r % 2) + r // 2, 0, 1) for r in range(4)]] if variant == "nordion2" else []
+            else:  # rank (dp i, tp j) holds block i, tp's column range j
+                split = [-(-cols // 2), cols - -(-cols // 2)]
+                parts = [[(r // 2, r % 2, split[r % 2]) for r in range(4)]]
+                parts += [[(r // 2, r % 2, 1 - r % 2) for r in range(4)]] if variant == "nordion2" else []
+            a, b = selected_part_elements(counts, parts)
+            low, high = low + 8 * a, high + 8 * b
+        sent = sum(got["sent"][step] for got in runs)
+        assert low <= sent <= high, (step, low, sent, high)
+        # FSDP + TP Muon's minimum is 1.5 N per matrix; a quarter of the rows (all of "tiny"'s 2) travel here.
+        assert sent - norm_bytes < 0.35 * 1.5 * 8 * sum(ref.W.numel() for ref in refs.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("selection", ["local", "global"])
+@pytest.mark.parametrize("variant", ["dion2", "nordion2"])
+def test_hsdp_sends_only_the_selected_rows_at_the_minimum(spawned_fsdp, variant, selection):
+    """On the 2 x 2 (replicate, shard) mesh, bytes_sent per step (all ranks together) equals the
+    minimum for the rows the float64 reference selects: per row-sharded parameter, with c_b rows
+    selected in block b (held by 2 replicas) of `cols` columns each, the owner (holding a largest
+    block) receives the other block once and returns every other rank its rows:
+    (N + 2 N - 2 max c_b cols) elements, N = (c_0 + c_1) cols; NorDion2 adds the same for its second
+    moment (one column); the stack of whole matrices sends nothing; global selection adds the
+    all_gather of every rank's float64 row norms (padded to the longer block)."""
+    refs = sharded_references(2, variant, selection)
+    runs = _per_rank(spawned_fsdp, 4, f"hsdp_{variant}_{selection}")
+    row_sharded = {name: ref for name, ref in refs.items() if name != "stack"}
+    norm_bytes = 0
+    if selection == "global":
+        norm_bytes = 4 * 3 * 8 * max(sum(len(ref.blocks[b]) for ref in row_sharded.values()) for b in range(2))
+    for step in range(worker.DION2_STEPS):
+        want = norm_bytes
+        for name, ref in row_sharded.items():
+            counts = block_counts(ref, step)
+            cols = ref.W[0].numel()
+            parts = [[(r % 2, 0, cols) for r in range(4)]]  # ranks (replica i, shard j) = 2 i + j hold block j
+            parts += [[(r % 2, 0, 1) for r in range(4)]] if variant == "nordion2" else []  # its second moment
+            low, high = selected_part_elements(counts, parts)
+            assert low == high  # every owner the plan may pick gives the minimum
+            want += 8 * low
+        assert sum(got["sent"][step] for got in runs) == want, step
+        whole = sum(8 * ref.W.numel() for ref in row_sharded.values())
+        assert want - norm_bytes < 0.35 * 2 * whole  # HSDP's Muon minimum is 2 N per matrix
 
 
 @pytest.mark.slow

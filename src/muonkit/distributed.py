@@ -300,7 +300,7 @@ class DistributedOrthogonalizer:
             dist.all_gather_single(gathered, buffer, group=self.group)
             self.bytes_sent += (self.world_size - 1) * length * buffer.element_size()
             for i in items:
-                whole = tensors[i].new_empty((max(stop for _, stop in ranges[i]), *tensors[i].shape[1:]))
+                whole = tensors[i].new_zeros((max(stop for _, stop in ranges[i]), *tensors[i].shape[1:]))
                 out[i] = whole
             for r in range(self.world_size):
                 offset = r * length
@@ -316,21 +316,34 @@ class DistributedOrthogonalizer:
         from `muonkit.plan.pieces_of` (replicas hold equal ranges; a rank holding no row has an
         empty range). ValueError unless every rank holds one range of dim 0 and all of the other dims
         (FSDP2's and HSDP's Shard(0), on a mesh of any number of dims)."""
+        ranges, columns = self.row_blocks(p)
+        if columns is not None:
+            raise ValueError(f"with placements {self._placed(p)[1]} cuts dim 1 as well (rank ranges {columns})")
+        return ranges
+
+    def row_blocks(self, p: Tensor) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...] | None]:
+        """`row_ranges` of `p`, and for a 2-D `p` also cut along dim 1 (FSDP2 over tensor parallel's
+        Shard(1)) per group rank the (start, stop) range of dim 1 it holds (None: every rank holds
+        all of dim 1). ValueError unless every rank holds one range of dim 0 and, of a 2-D `p`, one
+        range of dim 1 (of a larger one, all of its other dims)."""
         mesh_id, placements = self._placed(p)
         by_rank = pieces_of(tuple(p.shape), self._meshes[mesh_id][1], placements)
         rest = full_piece(p.shape[1:])
-        ranges = []
+        ranges, columns = [], []
         for r in range(self.world_size):
             first, *others = by_rank[r]
-            if tuple(others) != rest and piece_numel(by_rank[r]):
+            cut = tuple(others) != rest and piece_numel(by_rank[r])
+            if cut and (p.ndim != 2 or len(others[0]) != 1):
                 raise ValueError(f"with placements {placements} cuts dims other than dim 0 (rank {r} holds {by_rank[r]})")
             if len(first) > 1:
                 raise ValueError(f"with placements {placements} gives rank {r} several ranges of dim 0: {first}")
             ranges.append(first[0] if first and piece_numel(by_rank[r]) else None)
+            columns.append(others[0][0] if p.ndim == 2 and others[0] else (p.shape[-1], p.shape[-1]))
         if any(r is None for r in ranges) and any(r is not None for r in ranges):
             end = max(r[1] for r in ranges if r is not None)
             ranges = [(end, end) if r is None else r for r in ranges]
-        return tuple(ranges)  # type: ignore[arg-type]
+        whole = p.ndim != 2 or all(c == (0, p.shape[1]) for c, r in zip(columns, ranges) if r is not None and r[1] > r[0])
+        return tuple(ranges), None if whole else tuple(columns)  # type: ignore[arg-type]
 
     def _key(self, t: Tensor, p: Tensor | None, layout: Layout, view: Layout, wire: torch.dtype | None,
              rows: tuple[int, ...] | None = None) -> tuple:
@@ -338,11 +351,25 @@ class DistributedOrthogonalizer:
         DTensor its full shape, placements and mesh (or the dim-0 sizes `rows` of its slices)."""
         placement = None
         if rows is not None:
-            placement = ("rows", tuple(rows))
+            placement = ("rows", tuple(rows), self._columns(p))
         elif p is not None and is_sharded(p):
             mesh_id, placements = self._placed(p)
             placement = (tuple(p.shape), placements, mesh_id, is_local(p.shape, placements, layout))
         return (tuple(t.shape), t.dtype, wire or t.dtype, view, placement)
+
+    def _columns(self, p: Tensor | None) -> tuple[tuple[tuple[int, int], ...], int] | None:
+        """For a 2-D DTensor cut along dim 1 (a parameter or its second moment under tensor
+        parallel's Shard(1)): per group rank the dim-1 ranges it holds, and dim 1's size; else None."""
+        if p is None or p.ndim != 2 or not is_sharded(p):
+            return None
+        mesh_id, placements = self._placed(p)
+        if not any(pl[0] != "R" and pl[1] == 1 for pl in placements):  # Shard(1) or _StridedShard(1)
+            return None
+        key = (tuple(p.shape), placements, mesh_id)
+        if key not in self._pieces:
+            by_rank = pieces_of(key[0], self._meshes[mesh_id][1], placements)
+            self._pieces[key] = tuple(by_rank[r] for r in range(self.world_size))
+        return tuple(piece[1] for piece in self._pieces[key]), p.shape[1]
 
     def _spec(self, t: Tensor, p: Tensor | None, key: tuple, *, local: bool | None = None) -> Spec:
         shape, _, wire, view, placement = key
@@ -351,11 +378,16 @@ class DistributedOrthogonalizer:
             return Spec(shape, wire, pieces, *matrix_shape(shape, view), local=False)
         if placement[0] == "rows":
             ranges = _ranges(placement[1])
-            full = (max(stop for _, stop in ranges), *shape[1:])
+            columns = placement[2]
+            full = (max(stop for _, stop in ranges), *shape[1:-1], shape[-1] if columns is None else columns[1])
             if len(ranges) != self.world_size or ranges[self.rank][1] - ranges[self.rank][0] != shape[0]:
                 raise RuntimeError(f"dim-0 slices {placement[1]} do not fit a local part of shape {shape} on rank {self.rank}")
-            rest = full_piece(shape[1:])
-            pieces = tuple((((a, b),) if b > a else (), *rest) for a, b in ranges)
+            rest = [full_piece(shape[1:])] * self.world_size
+            if columns is not None:  # the rows (rows, 1, cols) of a 2-D tensor cut along dim 1: each rank's columns
+                rest = [(*full_piece(shape[1:-1]), c) for c in columns[0]]
+            pieces = tuple((((a, b),) if b > a else (), *other) for (a, b), other in zip(ranges, rest))
+            if piece_shape(pieces[self.rank]) != tuple(shape) and shape[0]:
+                raise RuntimeError(f"rows {placement} do not fit a local part of shape {shape} on rank {self.rank}")
             return Spec(full, wire, pieces, *matrix_shape(full, view), local=False)
         full, placements, mesh_id, whole = placement
         if local is None:

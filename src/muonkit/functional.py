@@ -747,26 +747,34 @@ def _selections(
 
     A row-sharded parameter's rows are chosen along the shard dimension (microsoft/dion dion2.py
     aligns its selection with the shard dimension), per rank's block or over the whole matrix
-    (`selection`); a batch-sharded one's ranks hold whole matrices, selected as on one process."""
+    (`selection`); a batch-sharded one's ranks hold whole matrices, selected as on one process. A
+    2-D parameter also cut along dim 1 (FSDP2 over tensor parallel's Shard(1)) scores each row by
+    its L1 norm over all columns: the ranks' partial norms are gathered and summed, so the ranks
+    holding a block's columns select the same rows."""
     selections: list[Selection | None] = [None] * len(buffers)
     slices: list[tuple[int, ...] | None] = [None] * len(buffers)
     if not variant.selects:
         return selections, slices
     matrices = [to_matrices(m, layout) for m, layout in zip(buffers, layouts)]
-    whole = [i for i, shard in enumerate(shards) if shard is not None and shard.axis == "rows" and selection == "global"]
-    if whole:
-        assert gather_rows is not None and all(matrices[i].shape[0] == 1 for i in whole)
-        norms = gather_rows([slice_norms(matrices[i], -2).reshape(-1).double() for i in whole],
-                            [shards[i].ranges(shards[i].sizes) for i in whole])  # type: ignore[union-attr]
-        for i, n in zip(whole, norms):
-            selections[i], counts = global_rows(n, fraction, shards[i])  # type: ignore[arg-type]
-            slices[i] = shards[i].ranges(counts)  # type: ignore[union-attr]
+    rows = [shard is not None and shard.axis == "rows" for shard in shards]
+    # The row norms every rank needs whole: the whole matrix's (global), or a column-cut block's
+    # (each rank holds part of its rows: the norms of all of them are the sums over the column ranges).
+    gathered = [i for i, shard in enumerate(shards) if rows[i] and (selection == "global" or shard.columns is not None)]  # type: ignore[union-attr]
+    whole: dict[int, Tensor] = {}
+    if gathered:
+        assert gather_rows is not None and all(matrices[i].shape[0] == 1 for i in gathered)
+        norms = gather_rows([slice_norms(matrices[i], -2).reshape(-1).double() for i in gathered],
+                            [shards[i].norm_ranges() for i in gathered])  # type: ignore[union-attr]
+        whole = {i: n.view(-1, sum(shards[i].sizes)).sum(0) for i, n in zip(gathered, norms)}  # type: ignore[union-attr]
     for i, (M, shard) in enumerate(zip(matrices, shards)):
-        if i in whole:
-            continue
-        if shard is not None and shard.axis == "rows":
-            selections[i], counts = local_rows(M, fraction, shard)
-            slices[i] = shard.ranges(counts)
+        if rows[i] and selection == "global":
+            selections[i], counts = global_rows(whole[i], fraction, shard)  # type: ignore[arg-type]
+            slices[i] = shard.ranges(counts)  # type: ignore[union-attr]
+        elif rows[i]:
+            start = sum(shard.sizes[: shard.rank])  # type: ignore[union-attr]
+            block = whole[i][start : start + shard.sizes[shard.rank]].unsqueeze(0) if i in whole else None  # type: ignore[union-attr]
+            selections[i], counts = local_rows(M, fraction, shard, block)  # type: ignore[arg-type]
+            slices[i] = shard.ranges(counts)  # type: ignore[union-attr]
         else:
             selections[i] = variant.select(M, fraction)
             slices[i] = None if shard is None else shard.sizes

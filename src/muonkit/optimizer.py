@@ -608,7 +608,7 @@ def _shard(distributed: Any, p: Tensor, layout: Layout, group: dict[str, Any]) -
     block); None for a parameter this rank holds whole matrices of (unsharded, expert parallel)."""
     if not is_sharded(p) or _whole_matrices(p, group):
         return None
-    ranges = distributed.row_ranges(p)
+    ranges, cut = distributed.row_blocks(p)
     first = next(r for r in ranges if r[0] == 0 and r[1] > 0)
     replicas = ranges.count(first)  # every block is held as often as the first one
     starts = sorted({a for a, b in ranges if b > a})
@@ -617,7 +617,8 @@ def _shard(distributed: Any, p: Tensor, layout: Layout, group: dict[str, Any]) -
     blocks = tuple(starts.index(a) if b > a else len(starts) for a, b in ranges)
     batch, rows, _ = matrix_shape(p.shape, layout)
     per_slice = rows // p.shape[0]
-    return Shard("rows", tuple(n * per_slice for n in sizes), blocks[distributed.rank], blocks)
+    columns = None if cut is None else tuple(sorted(set(cut)).index(c) for c in cut)
+    return Shard("rows", tuple(n * per_slice for n in sizes), blocks[distributed.rank], blocks, columns)
 
 
 def _check_selectable(distributed: Any, p: Tensor, layout: Layout, group: dict[str, Any], name: str, where: str) -> None:
@@ -628,13 +629,23 @@ def _check_selectable(distributed: Any, p: Tensor, layout: Layout, group: dict[s
     axis = _shard_axis(layout, p.ndim)
     variant = group["variant"]
     try:
-        distributed.row_ranges(p)
+        ranges, columns = distributed.row_blocks(p)
     except ValueError as err:
         raise ValueError(
             f"{where}: parameter '{name}' is a DTensor {err}; variant {variant!r} selects rows along the shard "
             "dimension, so every rank must hold one range of dim 0 and all of the other dims (FSDP2 or HSDP's "
-            "Shard(0)); use variant 'muon' or 'normuon' for this parameter's group"
+            "Shard(0)), or of a 2-D parameter one range of dim 1 too (FSDP2 over tensor parallel's Shard(1)); "
+            "use variant 'muon' or 'normuon' for this parameter's group"
         ) from None
+    if columns is not None and (axis != "rows" or len({r for r in ranges if r[1] > r[0]}) < 2):
+        raise ValueError(
+            f"{where}: parameter '{name}' is a DTensor cut along dim 1 (column ranges {columns}) "
+            f"{'and read with layout ' + str(layout) if axis != 'rows' else 'but not along dim 0'}; variant {variant!r} "
+            "selects along the shard dimension: the rows of FSDP2's dim-0 blocks (summing each row's L1 norm over "
+            "the column ranges), so dim 0 must be the first row axis and cut into blocks; selecting the columns "
+            "of a parameter cut only along dim 1 is not built (use variant 'muon' or 'normuon' for this "
+            "parameter's group)"
+        )
     if axis != "rows":
         raise ValueError(
             f"{where}: parameter '{name}' is sharded along dim 0, which its layout {layout} reads as "

@@ -115,7 +115,8 @@ class Shard:
     mesh of any number of dims), as its matrix view sees it: `axis` "rows" (dim 0 is the view's
     first row axis: each block holds consecutive rows of every matrix); `sizes` the rows of each
     block in dim-0 order (the distinct pieces; a rank holding no row has an empty block), `rank`
-    the block this rank holds, `blocks` the block of every group rank (None: block r on rank r)."""
+    the block this rank holds, `blocks` the block of every group rank (None: block r on rank r),
+    `columns` each group rank's range of columns of a 2-D parameter also cut along dim 1."""
 
     axis: str
     sizes: tuple[int, ...]
@@ -123,6 +124,11 @@ class Shard:
     # Per group rank, the index of the block it holds (None: one block per rank, in rank order);
     # replicas (HSDP) hold the same block and select the same rows.
     blocks: tuple[int, ...] | None = None
+    # A 2-D parameter cut along dim 1 as well (FSDP2 over tensor parallel's Shard(1): each rank holds
+    # a block of rows times a range of columns): per group rank, the index of its range of columns
+    # (in dim-1 order); None when every rank holds all columns. Ranks holding the same block of rows
+    # select the same rows, from L1 norms summed over the column ranges.
+    columns: tuple[int, ...] | None = None
 
     def ranges(self, counts: Sequence[int]) -> tuple[tuple[int, int], ...]:
         """Per group rank, the (start, stop) dim-0 range of its block's `counts[block]` entries in
@@ -133,6 +139,14 @@ class Shard:
         blocks = self.blocks if self.blocks is not None else range(len(counts))
         return tuple((starts[b], starts[b + 1]) for b in blocks)
 
+    def norm_ranges(self) -> tuple[tuple[int, int], ...]:
+        """Per group rank, where its partial row norms go in a vector of (column ranges) x (rows):
+        the rows of its block, offset by its column range's index times the rows (each column
+        range's partial norms in their own stretch, summed afterwards; replicas write the same)."""
+        rows = sum(self.sizes)
+        columns = self.columns if self.columns is not None else (0,) * len(self.ranges(self.sizes))
+        return tuple((c * rows + a, c * rows + b) for c, (a, b) in zip(columns, self.ranges(self.sizes)))
+
 
 def shard_quota(rows: int, world: int, fraction: float) -> int:
     """Rows every rank selects from its block under selection="local": ceil(fraction * ceil(rows /
@@ -141,12 +155,17 @@ def shard_quota(rows: int, world: int, fraction: float) -> int:
     return max(1, math.ceil(fraction * -(-rows // world)))
 
 
-def local_rows(M: Tensor, fraction: float, shard: Shard) -> tuple[Selection, tuple[int, ...]]:
+def local_rows(M: Tensor, fraction: float, shard: Shard, norms: Tensor | None = None) -> tuple[Selection, tuple[int, ...]]:
     """selection="local" on a row-sharded parameter: the top `shard_quota` rows of this rank's
-    block of each matrix (M: its (batch, block rows, cols) momentum), and how many rows each rank
-    selects. The step then orthogonalizes the union of the ranks' rows as one matrix."""
+    block of each matrix (M: its (batch, block rows, cols) momentum; `norms`, if given, the L1 norms
+    of the block's whole rows, (batch, block rows), for a rank holding some of the columns only),
+    and how many rows each block selects. The step then orthogonalizes the union of the blocks' rows
+    as one matrix."""
     quota = shard_quota(sum(shard.sizes), len(shard.sizes), fraction)
-    return top_slices(M, fraction, -2, quota), tuple(min(quota, size) for size in shard.sizes)
+    counts = tuple(min(quota, size) for size in shard.sizes)
+    if norms is None:
+        return top_slices(M, fraction, -2, quota), counts
+    return Selection(-2, torch.topk(norms, min(quota, norms.shape[-1]), dim=-1, sorted=False).indices), counts
 
 
 def global_rows(norms: Tensor, fraction: float, shard: Shard) -> tuple[Selection, tuple[int, ...]]:

@@ -170,7 +170,7 @@ def bfloat16_speed_from_cpuinfo(cpuinfo: str) -> tuple[bool, str]:
     - AVX512_BF16 on AMD (vendor AuthenticAMD): a bfloat16 product took 0.34-0.43 of the float32
       time (AMD EPYC): True.
     - AVX512_BF16 on another vendor without AMX: False. On an Intel Xeon (family 6, model 207) whose
-      virtual machine exposes avx512_bf16 but not AMX, a bfloat16 product took 1.8-2.0x the float32
+      virtual machine exposes avx512_bf16 but not AMX, a bfloat16 product took 1.6-2.0x the float32
       time (2026-12-07): the flag alone does not make bfloat16 faster.
     - Neither flag (AVX2 only): False; bfloat16 products took 50-100x the float32 time.
     """
@@ -188,7 +188,7 @@ def bfloat16_speed_from_cpuinfo(cpuinfo: str) -> tuple[bool, str]:
         return True, "this CPU multiplies bfloat16 natively (AMD with AVX512_BF16)"
     if "avx512_bf16" in flags:
         return False, ("this CPU has AVX512_BF16 without AMX and is not AMD, where bfloat16 products "
-                       "measured 1.8-2.0x slower than float32")
+                       "measured 1.6-2.0x slower than float32")
     return False, "this CPU has no native bfloat16 products (no AVX512_BF16 or AMX), where bfloat16 is 50-100x slower"
 
 
@@ -224,7 +224,7 @@ def default_ns_dtype(device: torch.device | str) -> torch.dtype:
     0.34-0.43 of float32's, and the polar error stays below that of every peer using Keller Jordan's
     coefficients (0.127 vs 0.27; float32 0.093; benchmarks/RESULTS.md, Peers). float32 elsewhere: on
     AVX2-only CPUs bfloat16 products are 50-100 times slower, on an Intel CPU with AVX512_BF16 but no
-    AMX 1.8-2.0 times slower. `default_ns_dtype_reason` says which case applied. float64 input is not covered here: it always stays float64 (`working_dtype`).
+    AMX 1.6-2.0 times slower. `default_ns_dtype_reason` says which case applied. float64 input is not covered here: it always stays float64 (`working_dtype`).
 
     Example:
         >>> default_ns_dtype("cuda")

@@ -393,8 +393,10 @@ def machine(env: dict) -> str:
     elif env.get("cpu_flags") is not None:
         cpu += f" ({', '.join(env['cpu_flags']) or 'none of avx2, avx512f, avx512_bf16, amx_bf16'})"
     threads = env["torch_threads"]
+    # Records from before 2026-12-07 carry no ns_dtype_default: muonkit's default was float32 then.
+    ns = env.get("ns_dtype_default")
     return (f"{cpu}, {env['cpu_count']} CPUs, {threads} torch thread{'s' * (threads != 1)}, torch {env['torch']} "
-            f"on {env['device']}")
+            f"on {env['device']}" + (f", muonkit's Newton-Schulz default {ns}" if ns else ""))
 
 
 def measured(record: dict, command: str, env: dict | None = None) -> str:
@@ -411,12 +413,42 @@ def has_bf16(env: dict) -> bool:
     return any(f in env.get("cpu_flags", ()) for f in ("avx512_bf16", "amx_bf16"))
 
 
+# Optimizers that run no muonkit Newton-Schulz: the default ns dtype does not move their rows.
+NO_NEWTON_SCHULZ = ("adamw", "adamw+cwd", "sgd", "sgd+cwd", "torch-muon")
+
+
+def float32_default_rows(record: dict) -> list[str]:
+    """The rows of a record (bench or sweep, with its --only reruns) that ran muonkit's Newton-Schulz
+    in the float32 default that preceded 2026-12-07 on a CPU where the default is bfloat16 since
+    (AVX-512 BF16 or AMX): their environment has no ns_dtype_default and the CPU has the flags. Rows
+    from AVX2-only CPUs keep float32 under today's default too."""
+    names = list(record.get("summary") or record.get("results") or {})
+    envs = {name: record["environment"] for name in names}
+    for rerun in record.get("reruns", []):
+        envs.update({name: rerun["environment"] for name in rerun["optimizers"]})
+    return [name for name in names if name not in NO_NEWTON_SCHULZ and envs[name].get("device", "cpu") == "cpu"
+            and has_bf16(envs[name]) and "ns_dtype_default" not in envs[name]]
+
+
+def float32_default_note(record: dict) -> list[str]:
+    """A visible line at a table whose Muon rows are the float32 default's, not today's (see
+    float32_default_rows); none when every row is today's default."""
+    rows = float32_default_rows(record)
+    if not rows:
+        return []
+    one = len(rows) == 1
+    return [f"**Not the current default:** the {'row' if one else 'rows'} {', '.join(rows)} "
+            f"{'was' if one else 'were'} measured with the float32 Newton-Schulz default that preceded "
+            "2026-12-07; on this CPU (AVX-512 BF16) muonkit's default is bfloat16 since. `ns_dtype=torch.float32` "
+            f"reproduces {'it' if one else 'them'}.", ""]
+
+
 def bench_section(stage: str, result: dict) -> list[str]:
     env = result["environment"]
     lines = [f"{result['seeds']} seeds x {result['steps']} steps, each optimizer at its default lr (weight "
              f"decay {result['weight_decay']:g} for all); mean ± std over seeds, medians for times. "
              + measured(result, "muonkit bench " + " ".join(STAGES[stage][1])), ""]
-    lines += reruns_note(stage, result) + [result["table"], ""]
+    lines += reruns_note(stage, result) + float32_default_note(result) + [result["table"], ""]
     lines += [comparison(result), ""]
     if all("peak_memory_kind" in r for r in result["runs"]):
         lines += [memory_note(result["summary"]), ""]
@@ -424,10 +456,14 @@ def bench_section(stage: str, result: dict) -> list[str]:
         lines += ["`peak MB` shows \"-\": this run predates the CPU memory measurement (2026-11-24); `opt state "
                   "MB` is the optimizer state tensors.", ""]
     if "torch-muon" in result["summary"]:
-        if has_bf16(env):
+        if has_bf16(env) and not float32_default_rows(result):
+            lines += ["torch-muon's optimizer step is torch.optim.Muon's, which runs Newton-Schulz in bfloat16; "
+                      "this CPU has AVX-512 BF16, where muonkit's default (ns_dtype=None) is bfloat16 too, so "
+                      "both columns compare one dtype.", ""]
+        elif has_bf16(env):
             lines += ["torch-muon's optimizer step is torch.optim.Muon's, which runs Newton-Schulz in bfloat16; "
                       "this CPU has AVX-512 BF16, where bf16 matrix products are ~2.3x faster than fp32 (muonkit's "
-                      "default on CPU), which its `opt ms/step` and `seconds to` columns carry.", ""]
+                      "default on CPU until 2026-12-07), which its `opt ms/step` and `seconds to` columns carry.", ""]
         else:
             lines += ["torch-muon's optimizer step is torch.optim.Muon's, which runs Newton-Schulz in bfloat16; "
                       "bf16 matrix products are 50-100x slower than fp32 on the CPU of this run (no AVX-512 BF16 "
@@ -443,7 +479,7 @@ def sweep_section(stage: str, sweep: dict) -> list[str]:
     return [f"lr sweep, {seeds}, {sweep['steps']} steps, scored by {sweep['score']}; hybrids (torch-muon, "
             f"muon-kj) keep AdamW at lr {sweep['adamw_lr_for_hybrids']:g} on their non-matrix parameters. "
             + measured(sweep, "muonkit bench " + " ".join(STAGES[stage][1])), "",
-            *reruns_note(stage, sweep), sweep["table"], ""]
+            *reruns_note(stage, sweep), *float32_default_note(sweep), sweep["table"], ""]
 
 
 def reruns_note(stage: str, record: dict) -> list[str]:
@@ -462,9 +498,13 @@ def report() -> str:
     lines = [BEGIN, "## Tasks (`muonkit bench`)", "",
              "Regenerated by `python benchmarks/bench_tasks.py` (`--stages NAME,...` reruns some stages, "
              "`--only OPT,...` only those optimizers' rows of them, `--report-only` rebuilds this section from the records in benchmarks/task-runs/). Each table "
-             "gives the machine, date and command of its own run: the records come from three machines, "
-             "2026-11-23 and 2026-11-30 (AMD EPYC, AVX2 only, where bf16 matrix products are 50-100x slower "
-             "than fp32) and 2026-11-24 (AMD EPYC with AVX-512 BF16, where they are ~2.3x faster). The "
+             "gives the machine, date and command of its own run: the records come from AMD EPYC machines, "
+             "AVX2 only (2026-11-23 and 2026-11-30; bf16 matrix products 50-100x slower than fp32) or with "
+             "AVX-512 BF16 (2026-11-24 to 2026-12-07; ~2.3x faster), and an Intel Xeon with AVX-512 BF16 "
+             "(2026-12-07, the runs of the new default). muonkit's default Newton-Schulz dtype follows the "
+             "machine since 2026-12-07 (bfloat16 where bf16 products are native, float32 on AVX2-only CPUs; "
+             "float32 everywhere before): each table's machine line names the default it ran, and a table "
+             "whose Muon rows are the old float32 default's on an AVX-512 BF16 CPU says so. The "
              "machines are shared "
              "with other jobs, so times carry their load; compare optimizers within one table.", ""]
     timing = load("default", "timing.json")
@@ -477,7 +517,7 @@ def report() -> str:
                   "muon and adamw runs, plot, JSON; the issue asks for under 3 minutes on 2 cores). "
                   + measured(timing, timing["command"], env), ""]
         if default:
-            lines += [default["table"], ""]
+            lines += float32_default_note(default) + [default["table"], ""]
             if all("peak_memory_kind" in r for r in default["runs"]):
                 lines += [memory_note(default["summary"]), ""]
     for task_name in ("charlm", "fashion-mnist", "modular", "regression"):
@@ -504,8 +544,15 @@ def report() -> str:
             lines += never_reached(task_name, sweeps)
     ns = load("ns", "ns.json")
     if ns:
+        ns_env = ns["environment"]
+        ns_dtype = ns_env.get("ns_dtype_default", "float32")
+        old_default = has_bf16(ns_env) and "ns_dtype_default" not in ns_env
         lines += ["### `muonkit ns`: orthogonalizers vs the exact polar factor", "",
-                  "Each orthogonalizer (the Newton-Schulz ones at their default 5 steps, in float32) on a random "
+                  *(["**Not the current default:** measured in float32, muonkit's default until 2026-12-07; on "
+                     "this CPU (AVX-512 BF16) `muonkit.orthogonalize` runs Newton-Schulz in bfloat16 by default "
+                     "since.", ""] if old_default else []),
+                  f"Each orthogonalizer (the Newton-Schulz ones at their default 5 steps, in {ns_dtype}, "
+                  "muonkit's default on the machine of the run) on a random "
                   "Gaussian matrix and on a "
                   "gradient-like one (four strong directions, a decaying tail, noise), against U V^T from a "
                   "float64 SVD: the range of the output's singular values (all 1 for the exact factor), the "

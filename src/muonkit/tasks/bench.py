@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 import muonkit
+from muonkit.orthogonalize import default_ns_dtype
 from muonkit.tasks.base import Task
 from muonkit.tasks.report import add_steps_to_reference, format_table, plot, summarize, target_hit, write_json_atomic
 from muonkit.tasks.training import RunResult, train_run
@@ -89,6 +90,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "device": str(device),
         "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        # The dtype Newton-Schulz runs in when ns_dtype is left at None (it follows the machine).
+        "ns_dtype_default": str(default_ns_dtype(device)).removeprefix("torch."),
         "argv": sys.argv,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

@@ -145,3 +145,28 @@ def test_merging_rerun_rows_into_a_results_record(tmp_path, monkeypatch):
     assert merged["reruns"][0]["environment"]["date"] == "2026-02-02 00:00:00"
     assert (tmp_path / "fashion-mnist" / "curves.png").is_file()
     assert "Rows rerun since (muon)" in "\n".join(bench_tasks.bench_section("fashion-mnist", merged))
+
+
+def test_rows_of_the_float32_default_on_a_bf16_cpu_are_marked():
+    """A row of muonkit's Newton-Schulz measured on an AVX-512 BF16 CPU before the default followed the
+    machine (its environment has no ns_dtype_default) is named in a note; AdamW and torch.optim.Muon
+    rows, rows from AVX2-only CPUs (float32 either way) and rows rerun under today's default are not."""
+    bench_tasks = load_bench_tasks()
+    bf16 = {"date": "2026-12-02 00:00:00", "cpu_flags": ["avx2", "avx512f", "avx512_bf16"], "device": "cpu"}
+    avx2 = {**bf16, "cpu_flags": ["avx2"]}
+    now = {**bf16, "date": "2026-12-07 04:00:00", "ns_dtype_default": "bfloat16"}
+    names = ["muon", "adamw", "torch-muon", "normuon", "muon-kj"]
+    record = {"summary": dict.fromkeys(names), "environment": bf16}
+    assert bench_tasks.float32_default_rows(record) == ["muon", "normuon", "muon-kj"]
+    assert "the rows muon, normuon, muon-kj were measured" in bench_tasks.float32_default_note(record)[0]
+    assert bench_tasks.float32_default_rows({**record, "environment": avx2}) == []
+    rerun = {**record, "reruns": [{"optimizers": ["muon", "normuon"], "environment": now}]}
+    assert bench_tasks.float32_default_rows(rerun) == ["muon-kj"]
+    assert "the row muon-kj was measured" in bench_tasks.float32_default_note(rerun)[0]
+    sweep = {"results": dict.fromkeys(["muon", "adamw"]), "environment": now}
+    assert bench_tasks.float32_default_rows(sweep) == [] and bench_tasks.float32_default_note(sweep) == []
+    # The report's machine line names the default a record ran; older records name none.
+    assert bench_tasks.machine({**now, "cpu": "x", "cpu_count": 2, "torch_threads": 1, "torch": "2"}).endswith(
+        "muonkit's Newton-Schulz default bfloat16")
+    assert "Newton-Schulz" not in bench_tasks.machine({**bf16, "cpu": "x", "cpu_count": 2, "torch_threads": 1,
+                                                       "torch": "2"})

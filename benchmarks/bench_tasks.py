@@ -396,7 +396,7 @@ def machine(env: dict) -> str:
     # Records from before 2026-12-07 carry no ns_dtype_default: muonkit's default was float32 then.
     ns = env.get("ns_dtype_default")
     return (f"{cpu}, {env['cpu_count']} CPUs, {threads} torch thread{'s' * (threads != 1)}, torch {env['torch']} "
-            f"on {env['device']}" + (f", muonkit's Newton-Schulz default {ns}" if ns else ""))
+            f"on {env['device']}" + (f", Newton-Schulz in {ns} (muonkit's default on it at the time)" if ns else ""))
 
 
 def measured(record: dict, command: str, env: dict | None = None) -> str:

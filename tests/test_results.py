@@ -167,6 +167,6 @@ def test_rows_of_the_float32_default_on_a_bf16_cpu_are_marked():
     assert bench_tasks.float32_default_rows(sweep) == [] and bench_tasks.float32_default_note(sweep) == []
     # The report's machine line names the default a record ran; older records name none.
     assert bench_tasks.machine({**now, "cpu": "x", "cpu_count": 2, "torch_threads": 1, "torch": "2"}).endswith(
-        "muonkit's Newton-Schulz default bfloat16")
+        "Newton-Schulz in bfloat16 (muonkit's default on it at the time)")
     assert "Newton-Schulz" not in bench_tasks.machine({**bf16, "cpu": "x", "cpu_count": 2, "torch_threads": 1,
                                                        "torch": "2"})

@@ -26,16 +26,13 @@ import statistics
 import sys
 from pathlib import Path
 
+from issue23_training import _mean_std, sweeps  # the same record format and sweep lines
+
 OUT = Path(__file__).resolve().parent / "task-runs" / "issue22c"
-SWEEP_LINE = re.compile(r"^sweep (\S+) lr=(\S+) seed (\d+): (\S+) (\S+)$")
 RUN_LINE = re.compile(r"^(\S+) seed (\d+): (\d+) steps, (\S+) (\S+)$")
 ORDER = ("muon", "muon-pe4", "muon-aol", "muon-cubic5", "adamw")
 WHAT = {"muon": "Polar Express 5 steps (default, 15 products)", "muon-pe4": "Polar Express 4 steps (12)",
         "muon-aol": "aol 4 steps, Turbo-Muon (12)", "muon-cubic5": "cubic5 (10)", "adamw": "torch.optim.AdamW"}
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def first_reaching(evals: list[list[float]], target: float, higher_is_better: bool) -> tuple[int, float] | None:
@@ -94,21 +91,6 @@ def report(run: dict) -> str:
         lines.append(f"| {name} | {WHAT.get(name, '')} | {r['lr']:g} | {mean:.4f} ± {std:.4f} | {verdict} | {steps} | "
                      f"{seconds} | {r['opt_step_ms']:.1f} | {r['fwd_bwd_ms']:.1f} |")
     return "\n".join(lines)
-
-
-def sweeps(logs: list[Path]) -> dict:
-    """{task: {optimizer: {lr: [(seed, metric, value)]}}} from the lr-sweep lines of the logs."""
-    out: dict = {}
-    for log in logs:
-        task = None
-        for line in log.read_text().splitlines():
-            if line.startswith("muonkit lr sweep "):
-                task = line.split()[3].rstrip(":")
-            match = SWEEP_LINE.match(line.strip())
-            if match and task:
-                name, lr, seed, metric, value = match.groups()
-                out.setdefault(task, {}).setdefault(name, {}).setdefault(lr, []).append([int(seed), metric, float(value)])
-    return out
 
 
 def finals_from_logs(logs: list[Path]) -> dict:

@@ -37,6 +37,15 @@ Orthogonalizer = Union[Method, Callable[[Tensor, int], Tensor]]
 # "auto" is an alias of None kept for older code and checkpoints; see `working_dtype`.
 NsDtype = Union[torch.dtype, Literal["auto"], None]
 
+# You / Cesista's 5 tuned steps and the convergent tail after them ("you", and "aol" after its scaling).
+_YOU: tuple[Coefficients, ...] = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+    (1.875, -1.25, 0.375),
+)
 # (a, b, c) per step. After the last listed step a schedule repeats its tail entry.
 SCHEDULES: dict[str, tuple[Coefficients, ...]] = {
     # Keller Jordan's quintic: maximal slope at zero, singular values land in ~[0.5, 1.2].
@@ -52,14 +61,7 @@ SCHEDULES: dict[str, tuple[Coefficients, ...]] = {
         (1.875, -1.25, 0.375),
     ),
     # You / Cesista tuned 5 steps; continues with the same convergent tail.
-    "you": (
-        (4.0848, -6.8946, 2.9270),
-        (3.9505, -6.3029, 2.6377),
-        (3.7418, -5.5913, 2.3037),
-        (2.8769, -3.1427, 1.2046),
-        (2.8366, -3.0525, 1.2012),
-        (1.875, -1.25, 0.375),
-    ),
+    "you": _YOU,
     # cubic5 (Huang, arXiv:2606.00371): X <- a X + b (X X^T) X, two products a step instead of
     # three. Each step is the classic cubic 1.5 y - 0.5 y^3 at y = alpha x, scaled by u = 1.3: it
     # maps the current band [l, r] into [p(l), 1.3], alpha = (mean of x^2 over [l, r])^(-1/2),
@@ -76,14 +78,7 @@ SCHEDULES: dict[str, tuple[Coefficients, ...]] = {
     # AOL / Turbo-Muon (arXiv:2512.04632): You's 5 steps after the AOL preconditioner; with k <= 5
     # steps it runs the last k of them (the authors' choice: Turbo-Muon is k = 4, dropping You's
     # first, most aggressive step), with more it continues with the convergent tail.
-    "aol": (
-        (4.0848, -6.8946, 2.9270),
-        (3.9505, -6.3029, 2.6377),
-        (3.7418, -5.5913, 2.3037),
-        (2.8769, -3.1427, 1.2046),
-        (2.8366, -3.0525, 1.2012),
-        (1.875, -1.25, 0.375),
-    ),
+    "aol": _YOU,
 }
 # Schedules whose first (len - 1) entries are run from the end when fewer steps are asked for.
 _FROM_END = frozenset({"aol"})

@@ -297,24 +297,28 @@ def job_fsdp_dion2(rank: int, world: int, tmp: Path, variant: str, selection: st
     return snapshot(model, opt)
 
 
+def _step_dtensors(model: nn.Module, opt: muonkit.Muon, grads_of: Callable[[int], dict[str, torch.Tensor]]) -> list[int]:
+    """DION2_STEPS steps with each gradient split from the full one by torch (set_grads_dim1: any
+    placements); this rank's bytes_sent per step."""
+    sent = []
+    for step in range(DION2_STEPS):
+        set_grads_dim1(model, grads_of(step))
+        before = opt.bytes_sent
+        opt.step()
+        sent.append(opt.bytes_sent - before)
+    return sent
+
+
 def job_hsdp_dion2(rank: int, world: int, tmp: Path, variant: str, selection: str) -> Any:
     """job_fsdp_dion2 on HSDP: a (2, world / 2) (replicate, shard) mesh passed as process_group,
     so each parameter is (Replicate(), Shard(0)): world / 2 blocks of rows, each held by 2 replicas."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import distribute_tensor
 
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
     model = shard(Dion2Params(), mesh)
     opt = muonkit.Muon([{"params": list(model.parameters()), "param_names": list(DION2_SHAPES)}],
                        variant=variant, selection=selection, process_group=mesh, **DION2_OPTIONS)
-    sent = []
-    for step in range(DION2_STEPS):
-        grads = dion2_grads(step)
-        for name, p in model.named_parameters():  # torch's own split of the full gradient
-            p.grad = distribute_tensor(grads[name], p.device_mesh, p.placements, src_data_rank=None)
-        before = opt.bytes_sent
-        opt.step()
-        sent.append(opt.bytes_sent - before)
+    sent = _step_dtensors(model, opt, dion2_grads)
     return {**snapshot(model, opt), "sent": sent}
 
 
@@ -351,7 +355,6 @@ def job_fsdp_tp_dion2(rank: int, world: int, tmp: Path, variant: str, selection:
     the full parameters and state, the placements, and the bytes this rank sent per step."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import distribute_tensor
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
@@ -361,14 +364,7 @@ def job_fsdp_tp_dion2(rank: int, world: int, tmp: Path, variant: str, selection:
     fully_shard(model, mesh=mesh["dp"])
     opt = muonkit.Muon([{"params": list(model.parameters()), "param_names": [n for n, _ in model.named_parameters()]}],
                        variant=variant, selection=selection, process_group=mesh, **DION2_OPTIONS)
-    sent = []
-    for step in range(DION2_STEPS):
-        grads = tp_grads(step)
-        for name, p in model.named_parameters():  # torch's own split of the full gradient
-            p.grad = distribute_tensor(grads[name], p.device_mesh, p.placements, src_data_rank=None)
-        before = opt.bytes_sent
-        opt.step()
-        sent.append(opt.bytes_sent - before)
+    sent = _step_dtensors(model, opt, tp_grads)
     return {**snapshot(model, opt), "sent": sent,
             "placements": {n: repr(tuple(p.placements)) for n, p in model.named_parameters()}}
 

@@ -33,6 +33,7 @@ resumed run starts at the step the checkpoint was taken and continues the lr sch
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 from pathlib import Path
@@ -215,71 +216,83 @@ def main(argv: list[str] | None = None) -> int:
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
+    world = dist.get_world_size()
+    if (args.mesh in ("hsdp", "fsdp+tp") and world % 2) or (args.mesh == "ep" and EXPERTS % world):
+        dist.destroy_process_group()
+        parser.error(f"--mesh {args.mesh} needs an even number of processes (ep: one that divides {EXPERTS}), got {world}")
+    try:
+        train(args, cuda)
+    finally:
+        # The model, the mesh and the optimizer hold the process groups. Free them (reference cycles
+        # included: train's locals are gone) before destroying the groups: a group that outlives
+        # destroy_process_group is torn down while the interpreter exits, and gloo's worker threads
+        # then abort the process ("terminate called without an active exception": docs/API.md).
+        gc.collect()
+        dist.destroy_process_group()
+    return 0
+
+
+def train(args: argparse.Namespace, cuda: bool) -> None:
+    """Train, log on rank 0, save the checkpoint if asked (the process group is initialized)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if (args.mesh in ("hsdp", "fsdp+tp") and world % 2) or (args.mesh == "ep" and EXPERTS % world):
-        parser.error(f"--mesh {args.mesh} needs an even number of processes (ep: one that divides {EXPERTS}), got {world}")
-    try:
-        task = get_task("charlm")
-        data = task.load(DataOptions(), device)
-        torch.manual_seed(args.seed)  # the same initial model on every rank
-        data_rank, data_shards = rank, world
-        if args.mesh is None:
-            model = task.model(data).to(device)
-            wrapped = wrap(model, args.mode, device)
-            group: Any = dist.group.WORLD
-            name = f"charlm, {args.mode}"
-        else:
-            model = Llama(len(data.vocab), data.context, experts=EXPERTS if args.mesh == "ep" else 0).to(device)
-            group, data_rank, data_shards = place(model, args.mesh, device)
-            wrapped = model
-            name = f"llama, {args.mesh}"
-        # After placing: fully_shard replaces every parameter with a DTensor parameter.
-        lr = task.lrs["muon"] if args.lr is None else args.lr
-        opt = muonkit.Muon(muonkit.param_groups(model), lr=lr, weight_decay=task.weight_decay,
-                           adamw_lr=task.lrs["adamw"], process_group=group)
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: task.lr_multiplier(s, args.steps))
-        first_step = 0
-        if args.resume:
-            load_checkpoint(args.resume, model, opt)
-            progress = torch.load(Path(args.resume) / TRAIN_STATE)
-            schedule.load_state_dict(progress["schedule"])
-            first_step = progress["step"]
-        generator = torch.Generator().manual_seed(args.seed * 1000 + data_rank)
-        experts = [p for n, p in model.named_parameters() if n.endswith(("w_in", "w_out"))] if args.mesh == "ep" else []
-        if rank == 0:
-            print(f"{name}, {world} processes, {sum(p.numel() for p in model.parameters())} parameters")
-        start = time.perf_counter()
-        for step in range(first_step, args.steps):
-            inputs, targets = task.batch(data, step, generator)
-            loss = task.loss(wrapped, inputs, targets)
-            loss.backward()
-            for p in experts:
-                # An expert's gradient sums every rank's tokens; FSDP2 averages the other gradients.
-                p.grad.div_(data_shards)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            schedule.step()
-            if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
-                total = loss.detach().clone()
-                dist.all_reduce(total)  # gloo has no ReduceOp.AVG
-                if rank == 0:
-                    print(f"step {step + 1:5d}  train loss {total.item() / world:.4f}  {time.perf_counter() - start:7.1f} s", flush=True)
-        wrapped.eval()
-        with torch.no_grad():
-            val = task.evaluate(wrapped, data)
-        if rank == 0:
-            print(f"val loss {val:.4f} nats/char after {args.steps} steps; sent {opt.bytes_sent} bytes on rank 0")
-        if args.checkpoint:
-            save_checkpoint(args.checkpoint, model, opt)
+    task = get_task("charlm")
+    data = task.load(DataOptions(), device)
+    torch.manual_seed(args.seed)  # the same initial model on every rank
+    data_rank, data_shards = rank, world
+    if args.mesh is None:
+        model = task.model(data).to(device)
+        wrapped = wrap(model, args.mode, device)
+        group: Any = dist.group.WORLD
+        name = f"charlm, {args.mode}"
+    else:
+        model = Llama(len(data.vocab), data.context, experts=EXPERTS if args.mesh == "ep" else 0).to(device)
+        group, data_rank, data_shards = place(model, args.mesh, device)
+        wrapped = model
+        name = f"llama, {args.mesh}"
+    # After placing: fully_shard replaces every parameter with a DTensor parameter.
+    lr = task.lrs["muon"] if args.lr is None else args.lr
+    opt = muonkit.Muon(muonkit.param_groups(model), lr=lr, weight_decay=task.weight_decay,
+                       adamw_lr=task.lrs["adamw"], process_group=group)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: task.lr_multiplier(s, args.steps))
+    first_step = 0
+    if args.resume:
+        load_checkpoint(args.resume, model, opt)
+        progress = torch.load(Path(args.resume) / TRAIN_STATE)
+        schedule.load_state_dict(progress["schedule"])
+        first_step = progress["step"]
+    generator = torch.Generator().manual_seed(args.seed * 1000 + data_rank)
+    experts = [p for n, p in model.named_parameters() if n.endswith(("w_in", "w_out"))] if args.mesh == "ep" else []
+    if rank == 0:
+        print(f"{name}, {world} processes, {sum(p.numel() for p in model.parameters())} parameters")
+    start = time.perf_counter()
+    for step in range(first_step, args.steps):
+        inputs, targets = task.batch(data, step, generator)
+        loss = task.loss(wrapped, inputs, targets)
+        loss.backward()
+        for p in experts:
+            # An expert's gradient sums every rank's tokens; FSDP2 averages the other gradients.
+            p.grad.div_(data_shards)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        schedule.step()
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            total = loss.detach().clone()
+            dist.all_reduce(total)  # gloo has no ReduceOp.AVG
             if rank == 0:
-                torch.save({"step": args.steps, "schedule": schedule.state_dict()}, Path(args.checkpoint) / TRAIN_STATE)
-                print(f"saved {args.checkpoint}")
-    finally:
-        dist.destroy_process_group()
-    return 0
+                print(f"step {step + 1:5d}  train loss {total.item() / world:.4f}  {time.perf_counter() - start:7.1f} s", flush=True)
+    wrapped.eval()
+    with torch.no_grad():
+        val = task.evaluate(wrapped, data)
+    if rank == 0:
+        print(f"val loss {val:.4f} nats/char after {args.steps} steps; sent {opt.bytes_sent} bytes on rank 0")
+    if args.checkpoint:
+        save_checkpoint(args.checkpoint, model, opt)
+        if rank == 0:
+            torch.save({"step": args.steps, "schedule": schedule.state_dict()}, Path(args.checkpoint) / TRAIN_STATE)
+            print(f"saved {args.checkpoint}")
 
 
 if __name__ == "__main__":

@@ -97,9 +97,11 @@ def train_distributed(tmp_path, monkeypatch):
         if processes > 1:
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                        EXAMPLE, *args]
-            done = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                                  capture_output=True, text=True, timeout=300)
-            assert done.returncode == 0, done.stderr[-3000:]
+            # PYTHONFAULTHANDLER: a rank that aborts prints where each of its threads was.
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+            done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, (f"rank 0 printed:\n{done.stdout[-1500:]}\nstderr:\n{done.stderr[:2000]}"
+                                          f"\n...\n{done.stderr[-1500:]}")
             return done.stdout
         spec = importlib.util.spec_from_file_location("train_distributed", EXAMPLE)
         example = importlib.util.module_from_spec(spec)

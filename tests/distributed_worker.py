@@ -8,6 +8,7 @@ process compares with a single-process run on the same gradients.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
@@ -706,4 +707,5 @@ def run(rank: int, world: int, tmp: str, jobs: list[str], attempt: int = 0) -> N
             dist.barrier()
     finally:
         torch.save(results, path / f"result_{world}_{rank}.pt")
+        gc.collect()  # the jobs' models and optimizers hold the group: free them first (docs/API.md, Distributed)
         dist.destroy_process_group()

@@ -231,7 +231,7 @@ def local_experts(w: Weight, mesh: Mesh) -> np.ndarray:
     """Experts of the stack `w` each rank holds under expert parallelism: Shard(0) over
     ep = min(W, experts) ranks, replicated over the W / ep groups of them."""
     ep = min(mesh.world, w.shape[0])
-    return np.array([shard_sizes(w.shape[0], ep)[r % ep] for r in range(mesh.world)], dtype=np.int64)
+    return np.resize(np.array(shard_sizes(w.shape[0], ep), dtype=np.int64), mesh.world)  # rank r holds slice r % ep
 
 
 # ------------------------------------------------------------------------------------ the step

@@ -6,9 +6,17 @@ import os
 import sys
 from collections import Counter
 
-import pytest
-import torch
-from hypothesis import settings
+# Set before torch loads OpenMP (libgomp reads it once, at load), in this process and so in every
+# process it starts (pytest-xdist workers, spawned ranks, subprocesses): an idle OpenMP thread sleeps
+# instead of spinning. The suite runs 1 thread per test beside a second worker on 2 cores, and its
+# few multi-thread cases (2-thread contracts, the gpu_check run) spun their waiting threads against
+# the other worker: test_speed_contracts.py's 2-thread cases took 38 CPU-s spinning, 13 sleeping.
+# Only waiting changes, not how work is split, so no result changes; an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 _SRC = os.path.join(os.path.dirname(_TESTS), "src")

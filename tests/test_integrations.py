@@ -7,6 +7,7 @@ factor for the Conv1D update; for resumes, the same run without interruption (bi
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import textwrap
@@ -16,10 +17,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-import lightning
+# transformers loads a model class or the Trainer on first use (its lazy module): ~3 CPU-s that the
+# pytest-xdist worker which does not run this file would otherwise pay at collection.
 import transformers
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
-from transformers.pytorch_utils import Conv1D
 
 import muonkit
 
@@ -27,11 +27,11 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 VOCAB, CONTEXT = 97, 16
 
 
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+def tiny_gpt2(seed: int = 0) -> transformers.GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=CONTEXT,
-                        bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(config)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=CONTEXT,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config)
 
 
 # ---- MuonFactory ----------------------------------------------------------------------------
@@ -59,6 +59,8 @@ def test_factory_refuses_what_is_not_a_model():
 
 def test_conv1d_is_read_as_stored_in_out():
     """Conv1D(nf=256, nx=64) stores its weight (64, 256) = (in, out): the matrix is 256 x 64."""
+    from transformers.pytorch_utils import Conv1D
+
     model = nn.Sequential(nn.Linear(8, 64), Conv1D(256, 64), nn.ReLU(), Conv1D(64, 256), nn.Linear(64, 2))
     decisions = {d.name: d for d in muonkit.route(model)}
     for name, (rows, cols) in {"1.weight": (256, 64), "3.weight": (64, 256)}.items():
@@ -115,12 +117,13 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def hf_trainer(model: GPT2LMHeadModel, out: Path) -> Trainer:
+def hf_trainer(model: transformers.GPT2LMHeadModel, out: Path) -> transformers.Trainer:
     transformers.logging.set_verbosity_error()
-    args = TrainingArguments(output_dir=str(out), max_steps=4, save_steps=2, per_device_train_batch_size=4,
-                             report_to="none", use_cpu=True, seed=0, logging_steps=1000, disable_tqdm=True)
-    return Trainer(model=model, args=args, train_dataset=Tokens(),
-                   optimizer_cls_and_kwargs=(muonkit.MuonFactory, {"lr": 3e-3, "weight_decay": 0.1}))
+    args = transformers.TrainingArguments(output_dir=str(out), max_steps=4, save_steps=2,
+                                          per_device_train_batch_size=4, report_to="none", use_cpu=True, seed=0,
+                                          logging_steps=1000, disable_tqdm=True)
+    return transformers.Trainer(model=model, args=args, train_dataset=Tokens(),
+                                optimizer_cls_and_kwargs=(muonkit.MuonFactory, {"lr": 3e-3, "weight_decay": 0.1}))
 
 
 def test_hf_trainer_with_the_factory_resumes_bit_for_bit(tmp_path):
@@ -144,31 +147,40 @@ def test_hf_trainer_with_the_factory_resumes_bit_for_bit(tmp_path):
 def test_hf_trainer_with_muon_as_a_class_fails_loudly(tmp_path):
     """docs/API.md: (muonkit.Muon, kwargs) makes the Trainer pass its own groups of bare tensors,
     biases included, without routing: Muon refuses the first 1D one instead of misusing it."""
-    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
-    trainer = Trainer(model=tiny_gpt2(), args=args, optimizer_cls_and_kwargs=(muonkit.Muon, {"lr": 3e-3}))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = transformers.Trainer(model=tiny_gpt2(), args=args,
+                                   optimizer_cls_and_kwargs=(muonkit.Muon, {"lr": 3e-3}))
     with pytest.raises(ValueError, match=r"Muon needs a matrix .*optimizer_cls_and_kwargs=\(muonkit.MuonFactory, kwargs\)"):
         trainer.create_optimizer()
 
 
 # ---- Lightning ------------------------------------------------------------------------------
 
-class Classifier(lightning.LightningModule):
-    """The recipe in docs/API.md: one muonkit.Muon and a per-step scheduler."""
+@functools.cache
+def classifier_class() -> type:
+    """The LightningModule of these tests, defined on first use: importing lightning takes ~3.5 CPU-s,
+    which every pytest-xdist worker would pay at collection for tests that run on one of them."""
+    import lightning
 
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.LayerNorm(32), nn.ReLU(),
-                                 nn.Linear(32, 4))
+    class Classifier(lightning.LightningModule):
+        """The recipe in docs/API.md: one muonkit.Muon and a per-step scheduler."""
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self.net(x), y)
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.LayerNorm(32), nn.ReLU(),
+                                     nn.Linear(32, 4))
 
-    def configure_optimizers(self):
-        opt = muonkit.Muon(muonkit.param_groups(self), lr=1e-2, weight_decay=0.1)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.trainer.max_steps)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            opt = muonkit.Muon(muonkit.param_groups(self), lr=1e-2, weight_decay=0.1)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.trainer.max_steps)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    return Classifier
 
 
 def batches():
@@ -178,12 +190,15 @@ def batches():
 
 
 def lightning_trainer(out: Path) -> lightning.Trainer:
+    import lightning
+
     checkpoints = lightning.pytorch.callbacks.ModelCheckpoint(dirpath=out, every_n_train_steps=3, save_top_k=-1)
     return lightning.Trainer(max_steps=6, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                              enable_model_summary=False, default_root_dir=out, callbacks=[checkpoints])
 
 
 def test_lightning_fit_and_resume_bit_for_bit(tmp_path):
+    Classifier = classifier_class()
     full = Classifier()
     trainer = lightning_trainer(tmp_path / "full")
     trainer.fit(full, batches())

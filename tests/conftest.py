@@ -42,14 +42,15 @@ settings.register_profile("muonkit", max_examples=25, deadline=None, derandomize
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "muonkit"))
 
 
-# The files whose tests take longest (CPU seconds of a whole run, 2026-12-07: the session's gloo
-# spawn, run by the first file that needs it, and test_mesh.py's torchrun runs ~130; test_cli.py ~65;
-# the gpu_check quick run ~40; test_speed_contracts.py ~40; ...). scripts/test.sh hands files to its
-# two pytest-xdist workers in collection order (--dist loadfile --no-loadscope-reorder): these first,
-# then the others by number of tests, most first (xdist's default order), so that the last files
-# handed out are short and the two workers end together. Only the order changes.
-LONGEST_FIRST = ("test_mesh.py", "test_cli.py", "test_gpu_check.py", "test_speed_contracts.py", "test_cost_model.py",
-                 "test_compile.py", "test_capturable.py", "test_readme.py", "test_packaging.py")
+# The files whose tests take longest (CPU seconds of a whole run, 2026-12-07 06:07 UTC, load 4-9: the
+# session's gloo spawn, run by the first file that needs it, and test_mesh.py's torchrun runs ~140;
+# test_cli.py ~45; the gpu_check quick run ~28; test_compile.py ~17; test_speed_contracts.py and
+# test_capturable.py ~15; ...). scripts/test.sh hands files to its two pytest-xdist workers in
+# collection order (--dist loadfile --no-loadscope-reorder): these first, then the others by number of
+# tests, most first (xdist's default order), so that the last files handed out are short and the two
+# workers end together. Only the order changes.
+LONGEST_FIRST = ("test_mesh.py", "test_cli.py", "test_gpu_check.py", "test_compile.py", "test_speed_contracts.py",
+                 "test_capturable.py", "test_cost_model.py", "test_packaging.py", "test_readme.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -346,3 +346,27 @@ def test_an_unwritable_result_file_is_one_line_and_exit_2(tmp_path, capsys):
     assert code == 2 and "Traceback" not in err, err
     assert last.startswith("muonkit: error: cannot write") and str(out_dir / "results.json") in last, last
     assert not [p.name for p in out_dir.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_interleave_runs_seed_by_seed_and_writes_the_same_results(tmp_path, capsys):
+    """--interleave trains seed by seed, every optimizer in turn, their order reversed every other
+    seed; the results are the default order's, run for run (timings aside)."""
+    argv = ["bench", "regression", "--optimizers", "muon,adamw,sgd", "--seeds", "3", "--steps", "2", "--quiet"]
+    logged = {}
+    for name, extra in (("default", []), ("interleaved", ["--interleave"])):
+        code, _, err = run([*argv, *extra, "--out", str(tmp_path / name)], capsys)
+        assert code == 0, err
+        logged[name] = re.findall(r"^(\S+) seed (\d): ", err, flags=re.MULTILINE)
+    assert logged["default"] == [(n, s) for n in ("muon", "adamw", "sgd") for s in "012"]
+    assert logged["interleaved"] == [("muon", "0"), ("adamw", "0"), ("sgd", "0"), ("sgd", "1"), ("adamw", "1"),
+                                     ("muon", "1"), ("muon", "2"), ("adamw", "2"), ("sgd", "2")]
+    default, interleaved = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("default", "interleaved"))
+    assert list(interleaved) == list(default) and list(interleaved["summary"]) == list(default["summary"])
+    assert ([(r["optimizer"], r["seed"], r["loss"], [e[2] for e in r["evals"]]) for r in interleaved["runs"]]
+            == [(r["optimizer"], r["seed"], r["loss"], [e[2] for e in r["evals"]]) for r in default["runs"]])
+
+
+def test_interleave_is_refused_with_an_lr_sweep(tmp_path, capsys):
+    code, _, err = run(["bench", "regression", "--lr-sweep", "--interleave", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "--interleave" in err and "Traceback" not in err
+    assert not (tmp_path / "sweep.json").exists()

@@ -477,6 +477,10 @@ def test_steps_to_adamw_final_and_ratio():
     assert summaries["adamw"]["steps_to_reference"] == [4, 4] and summaries["adamw"]["reference_step_ratio"] == 1.0
     assert summaries["muon"]["steps_to_reference"] == [2, 2] and summaries["muon"]["reference_step_ratio"] == 0.5
     assert summaries["sgd"]["steps_to_reference"] == [None, 4] and summaries["sgd"]["reference_step_ratio"] is None
+    # Train seconds at those evaluations (0.1 per step here); AdamW's own row: its last evaluation's.
+    assert summaries["muon"]["seconds_to_reference"] == [0.1, 0.1]
+    assert summaries["sgd"]["seconds_to_reference"] == [None, 0.1 * 3]
+    assert summaries["adamw"]["seconds_to_reference"] == [0.1 * 3] * 2
     runs["adamw"][1].evals[-1] = (4, 0.3, 0.3)  # a worse seed: AdamW's own row still counts its 4 steps
     summaries["adamw"]["final"] = [0.1, 0.3]
     add_steps_to_reference(task, runs, summaries)

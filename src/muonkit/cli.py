@@ -1,6 +1,7 @@
 """The `muonkit` command: argument parsing and printing only; the work lives in muonkit.tasks.
 
-    muonkit bench [TASK] [--optimizers muon,adamw,...] [--steps N | --epochs N] [--seeds K] [--eval-every N]
+    muonkit bench [TASK] [--optimizers muon,adamw,...] [--steps N | --epochs N] [--seeds K] [--interleave]
+                  [--eval-every N]
                   [--lr OPT=VALUE ...] [--lr-sweep] [--data-dir DIR] [--text FILE] [--hf-config NAME_OR_PATH]
                   [--qk-clip TAU] [--per-head] [--tensorboard DIR]
                   [--device cpu|cuda] [--out DIR] [--threads N] [--quiet]
@@ -116,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--steps", type=_positive_int, help="training steps per run (default: the task's)")
     budget.add_argument("--epochs", type=_positive_int, help="training epochs per run")
     bench.add_argument("--seeds", type=_positive_int, default=1, help="runs per optimizer, seeds 0..K-1 (default 1)")
+    bench.add_argument("--interleave", action="store_true",
+                       help="run seed by seed, every optimizer in turn (their order reversed every other seed), "
+                            "instead of all seeds of one optimizer, then the next: on a machine whose load drifts, "
+                            "every optimizer's times then see the same load (not with --lr-sweep)")
     bench.add_argument("--eval-every", type=_positive_int, metavar="N",
                        help="evaluate every N steps (default: the task's; finer steps-to-target counts cost evaluations)")
     bench.add_argument("--lr", nargs="+", action="extend", default=[], metavar="OPT=VALUE",
@@ -252,6 +257,8 @@ def _bench(args: argparse.Namespace) -> int:
     options = _data_options(args, task.name)
     for flag, used in (("--qk-clip", args.qk_clip is not None), ("--per-head", args.per_head)):
         _check_attention(task, flag, used)
+    if args.interleave and args.lr_sweep:
+        raise UsageError("--interleave orders the runs of a bench, not of --lr-sweep; drop one of them")
     if args.tensorboard is not None:
         from muonkit.diagnostics import require_tensorboard
 
@@ -288,10 +295,10 @@ def _run_bench(args: argparse.Namespace, task: Task, optimizers: tuple[str, ...]
         steps = task.sweep_steps if args.lr_sweep else task.default_steps
     config = BenchConfig(task, optimizers, lrs, grid, args.seeds, steps, device, out, progress=not args.quiet,
                          eval_every=args.eval_every, qk_clip=args.qk_clip, tensorboard=args.tensorboard,
-                         per_head=args.per_head)
+                         per_head=args.per_head, interleave=args.interleave)
     what = "lr sweep" if args.lr_sweep else "bench"
-    _log(f"muonkit {what} {task.name}: {', '.join(optimizers)}; {args.seeds} seed(s) x {steps} steps on {device}; "
-         f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    _log(f"muonkit {what} {task.name}: {', '.join(optimizers)}; {args.seeds} seed(s) x {steps} steps on {device}"
+         f"{', interleaved' if args.interleave else ''}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.lr_sweep:
         table, _ = run_sweep(config, data, _log)
         written = [out / "sweep.json"]

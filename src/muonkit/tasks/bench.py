@@ -38,11 +38,27 @@ class BenchConfig:
     eval_every: int | None = None
     """Steps between evaluations; None means the task's own."""
     qk_clip: float | None = None
+    """QK-Clip's tau for every run (tasks with attention); None: no clip."""
     per_head: bool = False
     """Attention's fused qkv weights read per head (tasks with attention)."""
-    """QK-Clip's tau for every run (tasks with attention); None: no clip."""
     tensorboard: Path | None = None
     """Where each run writes TensorBoard event files (a sub-directory per run); None: nowhere."""
+    interleave: bool = False
+    """Run seed by seed, every optimizer in turn (see run_order); False: all seeds of one optimizer,
+    then the next."""
+
+
+def run_order(optimizers: tuple[str, ...], seeds: int, *, interleave: bool) -> list[tuple[str, int]]:
+    """The (optimizer, seed) runs of a bench in the order they train.
+
+    Optimizer by optimizer by default. Interleaved, seed by seed with every optimizer in turn, the
+    order of the optimizers reversed every other seed: on a shared machine whose load drifts, each
+    optimizer's runs then sample the same stretches of it, and no optimizer always runs first after
+    another's (for 2 optimizers and 2 seeds: a b b a).
+    """
+    if not interleave:
+        return [(name, seed) for name in optimizers for seed in range(seeds)]
+    return [(name, seed) for seed in range(seeds) for name in (optimizers[::-1] if seed % 2 else optimizers)]
 
 
 def auto_threads() -> int:
@@ -111,7 +127,6 @@ def run_bench(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
     """Train every optimizer for every seed; write the plot and then results.json. Returns the table
     and the results payload."""
     task = config.task
-    runs: dict[str, list[RunResult]] = {}
     started = time.perf_counter()
     env = environment(config.device)  # the machine as the runs found it (date and load at the start)
     if task.evaluation:
@@ -123,20 +138,20 @@ def run_bench(config: BenchConfig, data: Any, log: Log) -> tuple[str, dict[str, 
     train_run(task, data, config.optimizers[0], config.lrs[config.optimizers[0]], 0, min(2, config.steps),
               config.device, adamw_lr=config.lrs["adamw"], progress=False, stop_at_target=False,
               qk_clip=config.qk_clip, per_head=config.per_head)
-    for name in config.optimizers:
-        runs[name] = []
-        for seed in range(config.seeds):
-            run = train_run(task, data, name, config.lrs[name], seed, config.steps, config.device,
-                            adamw_lr=config.lrs["adamw"], progress=config.progress, eval_every=config.eval_every,
-                            qk_clip=config.qk_clip, tensorboard=config.tensorboard,
-                            per_head=config.per_head)
-            if seed == 0:
-                for note in run.notes:
-                    log(f"note: {note}")
-            final = run.evals[-1][2] if run.evals else math.nan
-            state = "diverged" if run.diverged else f"{task.metric} {final:.4f}"
-            log(f"{name} seed {seed}: {len(run.loss)} steps, {state}")
-            runs[name].append(run)
+    # Keyed in --optimizers order, each list in seed order, whichever order the runs train in.
+    runs: dict[str, list[RunResult]] = {name: [] for name in config.optimizers}
+    for name, seed in run_order(config.optimizers, config.seeds, interleave=config.interleave):
+        run = train_run(task, data, name, config.lrs[name], seed, config.steps, config.device,
+                        adamw_lr=config.lrs["adamw"], progress=config.progress, eval_every=config.eval_every,
+                        qk_clip=config.qk_clip, tensorboard=config.tensorboard,
+                        per_head=config.per_head)
+        if seed == 0:
+            for note in run.notes:
+                log(f"note: {note}")
+        final = run.evals[-1][2] if run.evals else math.nan
+        state = "diverged" if run.diverged else f"{task.metric} {final:.4f}"
+        log(f"{name} seed {seed}: {len(run.loss)} steps, {state}")
+        runs[name].append(run)
     summaries = {name: summarize(task, rs) for name, rs in runs.items()}
     add_steps_to_reference(task, runs, summaries)
     table = format_table(task, summaries)

@@ -83,20 +83,21 @@ def target_hit(task: Task, run: RunResult) -> tuple[int, float] | None:
     return None
 
 
-def steps_to_reach(task: Task, run: RunResult, value: float) -> int | None:
-    """Steps of the first evaluation of `run` at least as good as `value` (None if never)."""
-    for step, _, metric in run.evals:
+def first_reaching(task: Task, run: RunResult, value: float) -> tuple[int, float] | None:
+    """(steps, train seconds) of the first evaluation of `run` at least as good as `value` (None if never)."""
+    for step, seconds, metric in run.evals:
         if math.isfinite(metric) and (metric >= value if task.higher_is_better else metric <= value):
-            return step
+            return step, seconds
     return None
 
 
 def add_steps_to_reference(task: Task, runs: dict[str, list[RunResult]], summaries: dict[str, dict[str, Any]],
                            reference: str = "adamw") -> None:
-    """When `reference` ran: each optimizer's steps to reach the reference's mean final metric
-    ("steps_to_reference", per seed), and their median as a multiple of the steps the reference
-    trained to get there ("reference_step_ratio": the median length of its runs); undefined when a
-    seed never reaches it."""
+    """When `reference` ran: each optimizer's steps and train seconds to reach the reference's mean
+    final metric ("steps_to_reference", "seconds_to_reference", per seed), and the median steps as a
+    multiple of the steps the reference trained to get there ("reference_step_ratio": the median
+    length of its runs); undefined when a seed never reaches it. The reference's own row counts its
+    whole runs (their length, and the train seconds of their last evaluation)."""
     if reference not in runs:
         return
     finals = [v for v in summaries[reference]["final"] if v is not None and math.isfinite(v)]
@@ -105,11 +106,15 @@ def add_steps_to_reference(task: Task, runs: dict[str, list[RunResult]], summari
     value = statistics.fmean(finals)
     own = [len(r.loss) for r in runs[reference]]
     for name, rs in runs.items():
-        # The reference's own row: the steps it trained to end at that mean.
-        steps = own if name == reference else [steps_to_reach(task, r, value) for r in rs]
+        if name == reference:
+            hits = [(n, r.evals[-1][1] if r.evals else None) for n, r in zip(own, rs)]
+        else:
+            hits = [first_reaching(task, r, value) or (None, None) for r in rs]
+        steps = [h[0] for h in hits]
         reached = [s for s in steps if s is not None]
         summaries[name]["reference"] = {"optimizer": reference, "value": value}
         summaries[name]["steps_to_reference"] = steps
+        summaries[name]["seconds_to_reference"] = [h[1] for h in hits]
         summaries[name]["reference_step_ratio"] = (
             statistics.median(reached) / statistics.median(own) if reached and own and len(reached) == len(steps) else None)
 
@@ -178,7 +183,7 @@ def format_table(task: Task, summaries: dict[str, dict[str, Any]]) -> str:
               f"seconds to {target}", "fwd+bwd ms/step", "opt ms/step", "peak MB", "opt state MB"]
     with_reference = any("reference" in s for s in summaries.values())
     if with_reference:
-        header[6:6] = ["steps to AdamW's final", "× AdamW's steps to it"]
+        header[6:6] = ["steps to AdamW's final", "× AdamW's steps to it", "seconds to AdamW's final"]
     logits = any(s.get("max_logit") is not None for s in summaries.values())
     if logits:
         header.append("max logit")
@@ -190,7 +195,8 @@ def format_table(task: Task, summaries: dict[str, dict[str, Any]]) -> str:
                f"{s['fwd_bwd_ms']:.1f}", f"{s['opt_step_ms']:.1f}", peak, f"{s['optimizer_state_mb']:.2f}"]
         if with_reference:
             ratio = s.get("reference_step_ratio")
-            row[6:6] = [_to_target(s.get("steps_to_reference", []), "g"), "-" if ratio is None else f"{ratio:.2f}"]
+            row[6:6] = [_to_target(s.get("steps_to_reference", []), "g"), "-" if ratio is None else f"{ratio:.2f}",
+                        _to_target(s.get("seconds_to_reference", []), ".1f")]
         if logits:
             row.append("-" if s.get("max_logit") is None else f"{s['max_logit']:.1f}")
         rows.append(row)

@@ -100,7 +100,7 @@ RECORD_FILE = {"sweep": "sweep.json", "bench": "results.json"}
 PER_STEP = ("loss", "data_s", "fwd_bwd_s", "opt_s", "max_logit", "diagnosed_steps")
 CURVE_POINTS = 40
 # Summary entries that depend on the record's other optimizers (AdamW's final): recomputed on load.
-REFERENCE_KEYS = ("reference", "steps_to_reference", "reference_step_ratio")
+REFERENCE_KEYS = ("reference", "steps_to_reference", "seconds_to_reference", "reference_step_ratio")
 # Records written before runs recorded their CPU (2026-11-23) ran on a machine of which the Speed
 # summary in RESULTS.md records the features; the report names it from there.
 UNRECORDED_CPU = {"2026-11-23": "AMD EPYC, AVX2 only (per the Speed summary; not in the record)"}
@@ -115,10 +115,13 @@ def wait_for_idle(limit: float = 600.0, below: float = 0.5) -> None:
         time.sleep(10)
 
 
-def run_stage(name: str, only: list[str] | None = None) -> None:
+def run_stage(name: str, only: list[str] | None = None, bench_options: list[str] | None = None) -> None:
     """Run a stage into benchmarks/task-runs/<name>/; with `only`, run those optimizers of a sweep or
-    bench stage and merge their rows into the stored record (`merge`)."""
+    bench stage and merge their rows into the stored record (`merge`). `bench_options` (e.g.
+    --interleave, --threads 1) go to `muonkit bench` of a bench stage; its record's command says so."""
     kind, argv = STAGES[name]
+    if kind == "bench":
+        argv = [*argv, *(bench_options or [])]
     out = RUNS / name
     if only:
         if kind not in RECORD_FILE:
@@ -417,17 +420,23 @@ def has_bf16(env: dict) -> bool:
 NO_NEWTON_SCHULZ = ("adamw", "adamw+cwd", "sgd", "sgd+cwd", "torch-muon")
 
 
+def row_environments(record: dict) -> dict[str, dict]:
+    """The environment each row of a record (bench or sweep) ran in: its --only rerun's, else the record's."""
+    names = list(record.get("summary") or record.get("results") or {})
+    envs = {name: record["environment"] for name in names}
+    for rerun in record.get("reruns", []):
+        envs.update({name: rerun["environment"] for name in rerun["optimizers"]})
+    return envs
+
+
 def float32_default_rows(record: dict) -> list[str]:
     """The rows of a record (bench or sweep, with its --only reruns) that ran muonkit's Newton-Schulz
     in the float32 default that preceded 2026-12-07 on a CPU where the default is bfloat16 since
     (AVX-512 BF16 or AMX): their environment has no ns_dtype_default and the CPU has the flags. Rows
     from AVX2-only CPUs keep float32 under today's default too."""
-    names = list(record.get("summary") or record.get("results") or {})
-    envs = {name: record["environment"] for name in names}
-    for rerun in record.get("reruns", []):
-        envs.update({name: rerun["environment"] for name in rerun["optimizers"]})
-    return [name for name in names if name not in NO_NEWTON_SCHULZ and envs[name].get("device", "cpu") == "cpu"
-            and has_bf16(envs[name]) and "ns_dtype_default" not in envs[name]]
+    envs = row_environments(record)
+    return [name for name, env in envs.items() if name not in NO_NEWTON_SCHULZ and env.get("device", "cpu") == "cpu"
+            and has_bf16(env) and "ns_dtype_default" not in env]
 
 
 def float32_default_note(record: dict) -> list[str]:
@@ -444,7 +453,6 @@ def float32_default_note(record: dict) -> list[str]:
 
 
 def bench_section(stage: str, result: dict) -> list[str]:
-    env = result["environment"]
     lines = [f"{result['seeds']} seeds x {result['steps']} steps, each optimizer at its default lr (weight "
              f"decay {result['weight_decay']:g} for all); mean ± std over seeds, medians for times. "
              + measured(result, "muonkit bench " + " ".join(STAGES[stage][1])), ""]
@@ -456,7 +464,14 @@ def bench_section(stage: str, result: dict) -> list[str]:
         lines += ["`peak MB` shows \"-\": this run predates the CPU memory measurement (2026-11-24); `opt state "
                   "MB` is the optimizer state tensors.", ""]
     if "torch-muon" in result["summary"]:
-        if has_bf16(env) and not float32_default_rows(result):
+        envs = row_environments(result)
+        muon_ns, env = envs.get("muon", {}).get("ns_dtype_default"), envs["torch-muon"]
+        if has_bf16(env) and muon_ns == "float32":
+            lines += ["torch-muon's optimizer step is torch.optim.Muon's, which always runs Newton-Schulz in "
+                      "bfloat16; muon's rows ran muonkit's default on their CPU, float32 (an Intel AVX-512 BF16 "
+                      "CPU without AMX, where bf16 matrix products measured slower than float32), so the two "
+                      "columns compare each one's default dtype, not one dtype.", ""]
+        elif has_bf16(env) and not float32_default_rows(result):
             lines += ["torch-muon's optimizer step is torch.optim.Muon's, which runs Newton-Schulz in bfloat16; "
                       "this CPU has AVX-512 BF16, where muonkit's default (ns_dtype=None) is bfloat16 too, so "
                       "both columns compare one dtype.", ""]
@@ -487,8 +502,12 @@ def reruns_note(stage: str, record: dict) -> list[str]:
     lines = []
     for rerun in record.get("reruns", []):
         rows = ", ".join(rerun["optimizers"])
+        # The options of bench_tasks.py itself that the rerun's `muonkit bench` command carries.
+        words = rerun["command"].split()
+        options = " --interleave" * ("--interleave" in words)
+        options += f" --threads {words[words.index('--threads') + 1]}" if "--threads" in words else ""
         lines += [f"Rows rerun since ({rows}), in place of the run above's, as `python benchmarks/bench_tasks.py "
-                  f"--stages {stage} --only {','.join(rerun['optimizers'])}` reruns them (finished "
+                  f"--stages {stage} --only {','.join(rerun['optimizers'])}{options}` reruns them (finished "
                   f"{rerun['finished']}). " + measured(rerun, rerun["command"]) + "."
                   + (" Times compare only rows of one run." if "runs" in record else ""), ""]
     return lines
@@ -582,6 +601,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated from: {', '.join(STAGES)}")
     parser.add_argument("--only", help="comma-separated optimizers: rerun only their rows of each sweep or "
                         "bench stage, keeping the other rows stored")
+    parser.add_argument("--interleave", action="store_true",
+                        help="bench stages: `muonkit bench --interleave` (seed by seed, every optimizer in turn)")
+    parser.add_argument("--threads", help="bench stages: `muonkit bench --threads N` (default: the command's own)")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--slim", action="store_true",
                         help="rewrite every stored results.json slim (per-step lists dropped), then the report")
@@ -596,7 +618,8 @@ if __name__ == "__main__":
     elif not args.report_only:
         for stage in args.stages.split(","):
             print(f"== {stage}" + (f" (only {args.only})" if args.only else ""), flush=True)
-            run_stage(stage, args.only.split(",") if args.only else None)
+            options = ["--interleave"] * args.interleave + (["--threads", args.threads] if args.threads else [])
+            run_stage(stage, args.only.split(",") if args.only else None, options)
     section = report()
     write_results(section)
     print(section)

@@ -133,7 +133,9 @@ def test_merging_rerun_rows_into_a_results_record(tmp_path, monkeypatch):
     rerun_env = {**env, "date": "2026-02-02 00:00:00"}
     (tmp_path / "partial" / "results.json").write_text(json.dumps(
         {**head, "environment": rerun_env, "finished": rerun_env["date"], "runs": new_runs}))
-    argv = bench_tasks.restrict(bench_tasks.STAGES["fashion-mnist"][1], ["muon"])
+    # As `bench_tasks.py --stages fashion-mnist --only muon --interleave --threads 1` runs it.
+    argv = bench_tasks.restrict([*bench_tasks.STAGES["fashion-mnist"][1], "--interleave", "--threads", "1"], ["muon"])
+    assert argv[-3:] == ["--interleave", "--threads", "1"]
     bench_tasks.merge("fashion-mnist", tmp_path / "partial", argv)
 
     merged = bench_tasks.load("fashion-mnist", "results.json")
@@ -144,7 +146,9 @@ def test_merging_rerun_rows_into_a_results_record(tmp_path, monkeypatch):
     assert merged["summary"]["normuon"]["opt_step_ms"] == before["normuon"]["opt_step_ms"]
     assert merged["reruns"][0]["environment"]["date"] == "2026-02-02 00:00:00"
     assert (tmp_path / "fashion-mnist" / "curves.png").is_file()
-    assert "Rows rerun since (muon)" in "\n".join(bench_tasks.bench_section("fashion-mnist", merged))
+    section = "\n".join(bench_tasks.bench_section("fashion-mnist", merged))
+    assert "Rows rerun since (muon)" in section
+    assert "--stages fashion-mnist --only muon --interleave --threads 1` reruns them" in section
 
 
 def test_rows_of_the_float32_default_on_a_bf16_cpu_are_marked():

@@ -53,8 +53,8 @@ def run_order(optimizers: tuple[str, ...], seeds: int, *, interleave: bool) -> l
 
     Optimizer by optimizer by default. Interleaved, seed by seed with every optimizer in turn, the
     order of the optimizers reversed every other seed: on a shared machine whose load drifts, each
-    optimizer's runs then sample the same stretches of it, and no optimizer always runs first after
-    another's (for 2 optimizers and 2 seeds: a b b a).
+    optimizer's runs then sample the same stretches of it, and no optimizer is always the first of
+    a seed (2 optimizers, 2 seeds: a b b a).
     """
     if not interleave:
         return [(name, seed) for name in optimizers for seed in range(seeds)]

@@ -112,6 +112,19 @@ def test_a_parameter_appended_before_a_failing_step_gets_no_state():
     assert opt.state[extra]["momentum_buffer"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("shape", [(10,), (2, 2, 2, 2, 2, 2)], ids=["1D", "6D"])
+def test_a_parameter_without_a_gradient_appended_to_a_muon_group_is_refused_before_anything_changes(shape):
+    """A parameter appended to a Muon group has no matrix view: refused at the next step, named, even
+    before it has a gradient; the AdamW group before it must not have stepped."""
+    opt, params = three_groups({})
+    extra = torch.nn.Parameter(torch.randn(shape))
+    opt.param_groups[1]["params"].append(extra)
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=r"Muon group 1: parameter '#1' (has shape|with shape)"):
+        opt.step()
+    assert_unchanged(opt, params, before)
+
+
 @pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("use_muon", [True, False])
 def test_a_gradient_of_another_dtype_than_its_parameter_steps_as_its_value_in_the_parameter_dtype(grad_dtype, use_muon):

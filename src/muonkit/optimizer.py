@@ -547,8 +547,9 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], dis
                         "see a gradient that appears later): give it a gradient (zero_grad(set_to_none=False) "
                         "keeps zeros) or leave it out of the optimizer"
                     )
+                # Checked without a gradient too: the step reads every Muon parameter's matrix view.
+                check_param(p, name, group, where)
                 if state:
-                    check_param(p, name, group, where)
                     new = missing_state(p, state, group)
                     if new:
                         item.idle.append((p, new))

@@ -265,6 +265,54 @@ def test_unsupported_torch_options_are_refused_not_ignored(key, use_muon):
     muonkit.Muon([{"params": [p], "use_muon": use_muon, key: False}])  # False asks for nothing
 
 
+# A group holding an option of the other kind, or a constructor argument, would step without it: an
+# AdamW group has no momentum (its beta1 is betas[0]); adamw_lr is Muon(adamw_lr=...), a group's is lr.
+IGNORED_KEYS = [
+    (False, "momentum", 0.5, ["betas"]),
+    (False, "nesterov", False, ["Muon groups"]),
+    (False, "ns_steps", 3, ["Muon groups"]),
+    (False, "adamw_lr", 1e-5, ["'lr'"]),
+    (False, "adamw_betas", (0.5, 0.5), ["'betas'"]),
+    (True, "betas", (0.5, 0.5), ["AdamW groups"]),
+    (True, "eps", 1e-3, ["AdamW groups"]),
+    (True, "adamw_weight_decay", 0.0, ["Muon(adamw_weight_decay=...)"]),
+]
+
+
+@pytest.mark.parametrize("use_muon, key, value, words", IGNORED_KEYS, ids=[f"{u}-{k}" for u, k, _, _ in IGNORED_KEYS])
+def test_an_option_a_group_of_its_kind_would_ignore_is_refused_naming_it(use_muon, key, value, words):
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    kind = "Muon" if use_muon else "AdamW"
+    with pytest.raises(ValueError) as e:
+        muonkit.Muon([{"params": [p], "use_muon": use_muon, key: value}])
+    for word in [f"{kind} group 0", key, repr(value), *words]:
+        assert word in message(e), word
+    opt = muonkit.Muon([{"params": [torch.nn.Parameter(torch.randn(4, 4))]}])
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match=f"{kind} group 1: {key}"):
+        opt.add_param_group({"params": [p], "use_muon": use_muon, key: value})
+    assert len(opt.param_groups) == 1 and p not in opt.state and opt.state_dict() == before
+    groups = muonkit.param_groups(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)), adamw=["2.weight"],
+                                  **{"muon_options" if use_muon else "adamw_options": {key: value}})
+    with pytest.raises(ValueError, match=key):
+        muonkit.Muon(groups)
+
+
+def test_keys_torch_optim_and_schedulers_add_to_groups_still_load_and_step():
+    """Unknown keys (a user's tag, a scheduler's initial_lr) pass as in torch.optim, and OneCycleLR's
+    momentum in AdamW groups (docs/API.md) keeps stepping and round-trips."""
+    params = [torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4))]
+    opt = muonkit.Muon([{"params": [params[0]], "name": "blocks"}, {"params": [params[1]], "use_muon": False, "initial_lr": 0.1}])
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=5)
+    assert opt.param_groups[1]["momentum"] > 0
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    again = muonkit.Muon([{"params": [params[0]], "name": "blocks"}, {"params": [params[1]], "use_muon": False}])
+    again.load_state_dict(opt.state_dict())
+    again.step()
+
+
 def test_option_edited_into_a_bad_value_fails_before_anything_changes():
     """A typo written into param_groups after construction is caught by step() before any group
     moves: the earlier group, the decay and the momentum of the bad group all stay as they were."""

@@ -22,7 +22,6 @@ from .options import (
     ADAMW_FROM,
     ADAMW_KEYS,
     DEFAULTS,
-    GLOBAL_KEYS,
     MUON_KEYS,
     SKIPPED,
     Group,
@@ -31,6 +30,7 @@ from .options import (
     check_capturable,
     check_global_options,
     check_grad,
+    check_group_keys,
     check_muon_options,
     check_options,
     check_param,
@@ -269,10 +269,8 @@ class Muon(torch.optim.Optimizer):
         group.setdefault("use_muon", True)
         if not isinstance(group["use_muon"], bool):
             raise TypeError(f"use_muon must be True or False, got {group['use_muon']!r}")
-        for key in GLOBAL_KEYS:
-            if key in group:
-                raise ValueError(f"{key} is an option of the whole optimizer (Muon({key}=...)), not of a param group")
         where = f"{'Muon' if group['use_muon'] else 'AdamW'} group {len(self.param_groups)}"
+        check_group_keys(group, where)
         fill_defaults(group, self.defaults)
         group.setdefault(SKIPPED, self.skipped_steps)
         check_options(group, where)

@@ -185,6 +185,29 @@ def split_names(group: dict[str, Any]) -> None:
     group["params"] = params
 
 
+def check_group_keys(group: dict[str, Any], where: str) -> None:
+    """Refuse, in a group as given, a key that muonkit reads elsewhere and this kind of group would
+    ignore: an option of the whole optimizer, an option of the other kind of group (an AdamW group
+    has no momentum), or a constructor argument (adamw_lr is Muon(adamw_lr=...); a group's is lr).
+    Other keys (a user's tag, a scheduler's initial_lr) are kept, as torch.optim keeps them."""
+    for key in GLOBAL_KEYS:
+        if key in group:
+            raise ValueError(f"{key} is an option of the whole optimizer (Muon({key}=...)), not of a param group")
+    muon = group["use_muon"]
+    for key in sorted(set(group) & (set(DEFAULTS) | set(ADAMW_KEYS)) - set(MUON_KEYS if muon else ADAMW_KEYS)):
+        if key in ADAMW_FROM.values():
+            fix = (f"it is Muon({key}=...), the AdamW groups' default; a use_muon=False group's own is "
+                   f"'{key.removeprefix('adamw_')}'")
+        elif muon:
+            fix = "it is an option of AdamW groups (use_muon=False)"
+        else:
+            fix = "it is an option of Muon groups" + (" (an AdamW group's beta1 is betas[0])" if key == "momentum" else "")
+        raise ValueError(
+            f"{where}: {key}={group[key]!r} is not an option of {'a Muon' if muon else 'an AdamW'} group, "
+            f"which would step without it: {fix}"
+        )
+
+
 def number(value: Any, name: str, where: str) -> float:
     """A real hyperparameter as a float: Python and NumPy numbers, or a one-element tensor (as
     torch.optim accepts for lr); never a bool."""

@@ -634,3 +634,20 @@ def test_one_muon_step_on_experts_and_c_attn_against_per_matrix_polar_factors():
         cols = slice(32 * i, 32 * (i + 1))
         g = grads[attn.weight][:, cols].T
         torch.testing.assert_close(step[attn.weight][:, cols], polar64(g).T, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_inputs", [False, True])
+def test_llama4_router_goes_to_adamw_like_every_moe_router(with_inputs):
+    """Llama 4's experts (Llama4TextExperts) have num_experts but no is_transposed: its router
+    (feed_forward.router, a Linear with one row per expert) is still an MoE router (docs/API.md, rule 4)."""
+    T = transformers
+    if not hasattr(T, "Llama4ForCausalLM"):
+        pytest.skip("this transformers has no Llama 4")
+    torch.manual_seed(0)
+    cfg = T.Llama4TextConfig(vocab_size=64, hidden_size=32, intermediate_size=16, intermediate_size_mlp=48,
+                             num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                             num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1)
+    model = T.Llama4ForCausalLM(cfg)
+    inputs = {"example_inputs": (torch.randint(0, 64, (1, 8)),)} if with_inputs else {}
+    router = {d.name: d for d in muonkit.route(model, **inputs)}["model.layers.0.feed_forward.router.weight"]
+    assert router.optimizer == "adamw" and router.reason.startswith("MoE router"), router

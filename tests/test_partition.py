@@ -751,3 +751,42 @@ def test_free_parameters_are_stem_and_output_by_what_they_read_and_write():
     evidence = "in the forward pass over example_inputs"
     assert decisions["w_in"].reason == f"input stem (Functional): it reads the model's input {evidence}"
     assert decisions["w_out"].reason == f"output layer (Functional): its output is the model's output {evidence}"
+
+
+class _Experts(nn.Module):
+    """Stacked experts of a hand-written MoE block: an int num_experts and (experts, in, out) tensors,
+    as Llama 4's Llama4TextExperts (no transformers `is_transposed` flag)."""
+
+    def __init__(self, experts: int, d: int, hidden: int):
+        super().__init__()
+        self.num_experts = experts
+        self.up = nn.Parameter(torch.randn(experts, d, hidden) / d**0.5)
+        self.down = nn.Parameter(torch.randn(experts, hidden, d) / hidden**0.5)
+
+    def forward(self, x):  # every token through every expert, weighted by the router outside
+        return torch.bmm(torch.relu(torch.bmm(x.expand(self.num_experts, -1, -1), self.up)), self.down)
+
+
+class _MoE(nn.Module):
+    def __init__(self, experts: int = 4, d: int = 16, hidden: int = 24):
+        super().__init__()
+        self.router = nn.Linear(d, experts, bias=False)
+        self.experts = _Experts(experts, d, hidden)
+
+    def forward(self, x):
+        weights = torch.softmax(self.router(x), dim=-1)  # (tokens, experts)
+        return torch.einsum("te,etd->td", weights, self.experts(x))
+
+
+@pytest.mark.parametrize("with_inputs", [False, True])
+def test_the_router_of_experts_without_the_transformers_flag_goes_to_adamw(with_inputs):
+    """docs/API.md rule 4: an MoE router goes to AdamW with or without example_inputs; a block whose
+    experts module has an int num_experts and stacked tensors of that many matrices has one, even
+    without transformers' is_transposed (Llama 4's experts, hand-written MoE blocks)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 16), _MoE(), nn.Linear(16, 16), nn.Linear(16, 10))
+    inputs = {"example_inputs": (torch.randint(0, 10, (6,)),)} if with_inputs else {}
+    decisions = {d.name: d for d in muonkit.route(model, adamw=["3.weight"], **inputs)}
+    router = decisions["1.router.weight"]
+    assert router.optimizer == "adamw" and router.reason.startswith("MoE router of _MoE (4 experts x 16)")
+    assert decisions["2.weight"].optimizer == "muon"

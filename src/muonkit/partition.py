@@ -249,13 +249,18 @@ def _expert_weight(module: nn.Module, local_name: str, p: nn.Parameter) -> _Know
 
 def _routers(model: nn.Module) -> dict[int, str]:
     """{id(weight): reason} for MoE routers: a matrix with one row per expert held by a sibling of
-    an expert module (see _expert_weight) in the same MoE block: Qwen3-MoE's and Mixtral's `gate`."""
+    an expert module in the same MoE block: Qwen3-MoE's and Mixtral's `gate`, Llama 4's `router`.
+    An expert module has an int `num_experts` and either transformers' bool `is_transposed` (see
+    _expert_weight) or a tensor of its own stacking that many matrices (Llama4TextExperts, which
+    lacks the flag, and hand-written blocks)."""
     found: dict[int, str] = {}
     for block in model.modules():
         children = list(block.children())
         for experts in children:
             count = getattr(experts, "num_experts", None)
-            if not (isinstance(count, int) and isinstance(getattr(experts, "is_transposed", None), bool)):
+            if isinstance(count, bool) or not isinstance(count, int) or not (
+                    isinstance(getattr(experts, "is_transposed", None), bool)
+                    or any(w.ndim >= 3 and w.shape[0] == count for w in experts.parameters(recurse=False))):
                 continue
             for sibling in children:
                 if sibling is experts:

@@ -790,3 +790,29 @@ def test_the_router_of_experts_without_the_transformers_flag_goes_to_adamw(with_
     router = decisions["1.router.weight"]
     assert router.optimizer == "adamw" and router.reason.startswith("MoE router of _MoE (4 experts x 16)")
     assert decisions["2.weight"].optimizer == "muon"
+
+
+class _SquareExperts(nn.Module):
+    """Square stacked experts (d x d each), one used as x @ W (stored (experts, in, out)), one as
+    x @ W^T (stored (experts, out, in)): only the operand's orientation tells the two apart."""
+
+    def __init__(self, experts: int = 3, d: int = 8):
+        super().__init__()
+        self.num_experts = experts
+        self.w_in = nn.Parameter(torch.randn(experts, d, d))
+        self.w_out = nn.Parameter(torch.randn(experts, d, d))
+
+    def forward(self, x):
+        h = torch.bmm(x.expand(self.num_experts, -1, -1), self.w_in)
+        return torch.bmm(h, self.w_out.transpose(1, 2)).sum(0)
+
+
+def test_a_square_free_matrix_is_read_in_the_orientation_the_product_uses():
+    """Both readings fit a square matrix's shape, and NorMuon (per output row) and Dion2 (rows) need the
+    right one: x @ W makes W's rows its inputs, (experts, in, out); x @ W^T keeps (experts, out, in)."""
+    model = nn.Sequential(nn.Linear(8, 8), _SquareExperts(), nn.Linear(8, 8))
+    decisions = {d.name: d for d in muonkit.route(model, adamw=["0.weight", "2.weight"], example_inputs=(torch.randn(5, 8),))}
+    assert decisions["1.w_in"].optimizer == "muon" and decisions["1.w_out"].optimizer == "muon"
+    assert decisions["1.w_in"].layout == muonkit.Layout(rows=(2,), cols=(1,), batch=(0,)), decisions["1.w_in"]
+    assert "stored (..., in, out)" in decisions["1.w_in"].reason
+    assert decisions["1.w_out"].layout is None or decisions["1.w_out"].layout == "stacked", decisions["1.w_out"]

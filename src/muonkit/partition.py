@@ -138,9 +138,10 @@ def _product_layout(p: nn.Parameter, operand: torch.Tensor, side: str) -> Layout
     In L @ R the contracted size (L's last axis, R's second-to-last) is the fan_in and the other
     side of the operand the fan_out; einsum and matmul may merge batch axes into either, so each
     is a multiple of the parameter's own axis. (..., in, out) when only that reading fits the
-    parameter's last two axes (a, b): fan_in a multiple of a and fan_out of b. Otherwise None,
-    the default (..., out, in): right when it fits, and harmless when both fit (a square matrix
-    has the same scale either way).
+    parameter's last two axes (a, b): fan_in a multiple of a and fan_out of b. When both fit (a
+    square matrix) and the operand is a view of the parameter, its strides say whether it holds
+    those axes in order or swapped (W or a transposed view of it), which fixes the reading: the scale is the same either way, but
+    NorMuon's per-row second moment and Dion2's rows are not. Otherwise None, (..., out, in).
     """
     if operand.ndim < 2 or p.ndim < 2:
         return None
@@ -151,6 +152,12 @@ def _product_layout(p: nn.Parameter, operand: torch.Tensor, side: str) -> Layout
         return None
     as_stored = fan_out % a == 0 and fan_in % b == 0
     transposed = fan_out % b == 0 and fan_in % a == 0
+    if (as_stored and transposed and (a, b) == (rows, cols) and p.stride()[-2] != p.stride()[-1]
+            and _storage(operand) == _storage(p)):  # a view of the parameter (a copy may have been transposed)
+        order = {p.stride()[-2:]: True, p.stride()[-2:][::-1]: False}.get(operand.stride()[-2:])
+        # In order, the operand's rows are the parameter's axis -2: its fan_out on the left, fan_in on the right.
+        transposed = order is not None and order == (side == "right")
+        as_stored = not transposed
     return _transposed(p.ndim) if transposed and not as_stored else None
 
 

@@ -651,3 +651,24 @@ def test_llama4_router_goes_to_adamw_like_every_moe_router(with_inputs):
     inputs = {"example_inputs": (torch.randint(0, 64, (1, 8)),)} if with_inputs else {}
     router = {d.name: d for d in muonkit.route(model, **inputs)}["model.layers.0.feed_forward.router.weight"]
     assert router.optimizer == "adamw" and router.reason.startswith("MoE router"), router
+
+
+@pytest.mark.parametrize("with_inputs", [False, True])
+def test_gpt_oss_expert_biases_are_not_decayed_like_every_other_bias(with_inputs):
+    """GptOssExperts keeps one bias vector per expert, (experts, out): biases, so weight decay 0 as the
+    1D biases beside them (exclude_from_decay); they were decayed because they are 2D."""
+    T = transformers
+    torch.manual_seed(0)
+    cfg = T.GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2)
+    model = T.GptOssForCausalLM(cfg)
+    inputs = {"example_inputs": (torch.randint(0, 64, (1, 8)),)} if with_inputs else {}
+    decisions = {d.name: d for d in muonkit.route(model, **inputs)}
+    for name in ("gate_up_proj_bias", "down_proj_bias"):
+        d = decisions[f"model.layers.0.mlp.experts.{name}"]
+        assert d.optimizer == "adamw" and d.no_decay is not None and "bias" in d.no_decay, d
+    assert decisions["model.layers.0.mlp.experts.gate_up_proj"].no_decay is None
+    assert decisions["model.layers.0.mlp.router.weight"].no_decay is None
+    groups = muonkit.param_groups(model, **inputs)
+    undecayed = [n for g in groups if g.get("weight_decay") == 0.0 for n in g["param_names"]]
+    assert "model.layers.0.mlp.experts.down_proj_bias" in undecayed

@@ -254,6 +254,19 @@ def _expert_weight(module: nn.Module, local_name: str, p: nn.Parameter) -> _Know
     return _Known(what, layout, f" (one matrix per expert{interleaved}{stored})")
 
 
+def _expert_bias(module: nn.Module, local_name: str, p: nn.Parameter) -> str | None:
+    """Why a stacked bias of a transformers expert module (GptOssExperts' `gate_up_proj_bias`: one
+    bias vector per expert, (experts, out), beside its expert weight) keeps weight decay 0 as 1D
+    biases do; None for any other tensor."""
+    experts = getattr(module, "num_experts", None)
+    weight = getattr(module, local_name.removesuffix("_bias"), None) if local_name.endswith("_bias") else None
+    if (isinstance(experts, int) and isinstance(getattr(module, "is_transposed", None), bool) and p.ndim == 2
+            and p.shape[0] == experts and isinstance(weight, torch.Tensor) and weight.ndim == 3
+            and weight.shape[0] == experts):
+        return "a bias per expert (experts x out)"
+    return None
+
+
 def _routers(model: nn.Module) -> dict[int, str]:
     """{id(weight): reason} for MoE routers: a matrix with one row per expert held by a sibling of
     an expert module in the same MoE block: Qwen3-MoE's and Mixtral's `gate`, Llama 4's `router`.
@@ -662,7 +675,8 @@ def route(
             `no_weight_decay()` method (timm's convention: names, fnmatch patterns or module
             prefixes, relative to that module), and free tensors with a leading axis of 1 that go
             to AdamW (learned tokens and position tables: ViT's cls_token and position_embeddings,
-            timm's pos_embed) get weight_decay 0 (Decision.no_decay says why). nn.Embedding tables,
+            timm's pos_embed), and transformers expert modules' stacked biases (GPT-OSS's
+            gate_up_proj_bias) get weight_decay 0 (Decision.no_decay says why). nn.Embedding tables,
             position embeddings included (GPT-2's wpe, BERT's position_embeddings), keep the group's
             weight decay. False: every parameter gets its group's weight decay.
         only: parameters (tensors or names) to decide, each judged in the whole model; the others
@@ -751,7 +765,9 @@ def route(
         choice, reason, layout = rule.decide(muon=muon, adamw=adamw, predicate=predicate, min_size=min_size)
         no_decay = None
         if exclude_from_decay:
-            no_decay = f"{p.ndim}D" if p.ndim < 2 else _listed(name, no_decay_entries)
+            local_name = name[len(module_name) + 1:] if module_name else name
+            no_decay = (f"{p.ndim}D" if p.ndim < 2 else _listed(name, no_decay_entries)
+                        or _expert_bias(module, local_name, p))
             if no_decay is None and id(p) in free and p.shape[0] == 1 and choice == "adamw":
                 no_decay = "learned token or position table: a free tensor with a leading axis of 1"
         decisions.append(Decision(name, shape, choice, reason, layout if choice == "muon" else None, no_decay))

@@ -523,6 +523,19 @@ def test_lora_adapters_are_recognized_and_routed_by_the_measured_rule():
     opt.step()
 
 
+def test_gpt2_c_attn_trained_through_peft_modules_to_save_is_still_q_k_and_v_apart():
+    """PEFT's modules_to_save trains a copy of c_attn inside a ModulesToSaveWrapper: the same fused
+    weight, so the same 3 matrices (it was read as one 96 x 32 matrix), with and without inputs."""
+    peft = pytest.importorskip("peft")
+    model, inputs = tiny("gpt2")
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["c_fc"], fan_in_fan_out=True,
+                                                       modules_to_save=["c_attn"]))
+    for routing in ({}, {"example_inputs": inputs}):
+        d = next(d for d in muonkit.route(model, **routing) if d.name.endswith("c_attn.modules_to_save.default.weight"))
+        assert d.optimizer == "muon" and d.layout == muonkit.Layout(rows=(1,), cols=(0,), blocks=((1, 3),)), d
+        assert "3 matrices 32x32 (q, k and v" in d.reason
+
+
 def test_gpt2_c_attn_is_q_k_and_v_apart():
     model, _ = tiny("gpt2-model")
     d = next(d for d in muonkit.route(model) if d.name == "h.0.attn.c_attn.weight")

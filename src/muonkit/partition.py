@@ -293,13 +293,20 @@ def _routers(model: nn.Module) -> dict[int, str]:
     return found
 
 
-def _fused_qkv(module: nn.Module, local_name: str, parent: nn.Module | None) -> _Known | None:
+def _fused_qkv(module: nn.Module, local_name: str, parent_of: dict[int, nn.Module]) -> _Known | None:
     """GPT-2's fused attention projection: the Conv1D `c_attn` of a module with `split_size`,
     nf = 3 * split_size (q, k, v) or 2 * split_size (k, v of cross-attention), read as 3 (or 2)
-    matrices split_size x in, as MultiheadAttention's in_proj_weight is."""
+    matrices split_size x in, as MultiheadAttention's in_proj_weight is. `c_attn` may be a wrapper
+    holding it (PEFT's ModulesToSaveWrapper trains a copy of it, two modules further down)."""
+    if local_name != "weight" or not _is_hf_conv1d(module):
+        return None
+    parent, held = parent_of.get(id(module)), module
+    for _ in range(2):  # the Conv1D itself, or a wrapper around it (c_attn.modules_to_save.default)
+        if parent is None or getattr(parent, "c_attn", None) is held:
+            break
+        parent, held = parent_of.get(id(parent)), parent
     split = getattr(parent, "split_size", None)
-    if (local_name != "weight" or parent is None or getattr(parent, "c_attn", None) is not module
-            or not _is_hf_conv1d(module) or not isinstance(split, int) or split <= 0):
+    if parent is None or getattr(parent, "c_attn", None) is not held or not isinstance(split, int) or split <= 0:
         return None
     count, rest = divmod(module.nf, split)
     if rest or count not in (2, 3):
@@ -711,7 +718,7 @@ def route(
         for local_name, p in module.named_parameters(recurse=False):
             owner.setdefault(id(p), (module_name, module))
             owners_of.setdefault(id(p), []).append(module)
-            role = _fused_qkv(module, local_name, parent_of.get(id(module))) or _known_weight(module, local_name, p)
+            role = _fused_qkv(module, local_name, parent_of) or _known_weight(module, local_name, p)
             if role is not None:
                 known.setdefault(id(p), role)
     routers = _routers(model)

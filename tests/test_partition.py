@@ -816,3 +816,33 @@ def test_a_square_free_matrix_is_read_in_the_orientation_the_product_uses():
     assert decisions["1.w_in"].layout == muonkit.Layout(rows=(2,), cols=(1,), batch=(0,)), decisions["1.w_in"]
     assert "stored (..., in, out)" in decisions["1.w_in"].reason
     assert decisions["1.w_out"].layout is None or decisions["1.w_out"].layout == "stacked", decisions["1.w_out"]
+
+
+class _HeadFirst(nn.Module):
+    """A classifier whose head is registered before its backbone (docs/API.md: found by its name)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(32, 5)
+        self.stem = nn.Linear(8, 32)
+        self.blocks = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+@pytest.mark.parametrize("wrap", ["compile", "DataParallel"])
+def test_a_wrapped_model_is_routed_as_the_model_it_wraps(wrap):
+    """torch.compile(model) and nn.DataParallel(model) only prefix the names (`_orig_mod.`, `module.`):
+    the head attribute of the wrapped model is still the output layer. Without looking inside, order
+    alone decided (a warning) and took the last hidden block for the output layer."""
+    torch.manual_seed(0)
+    model = _HeadFirst()
+    wrapped = torch.compile(model) if wrap == "compile" else nn.DataParallel(model, device_ids=[])
+    prefix = "_orig_mod." if wrap == "compile" else "module."
+    plain = [(d.name, d.optimizer, d.layout) for d in muonkit.route(model)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inside = [(d.name.removeprefix(prefix), d.optimizer, d.layout) for d in muonkit.route(wrapped)]
+    assert inside == plain
+    assert dict((n, o) for n, o, _ in plain)["blocks.2.weight"] == "muon"

@@ -372,8 +372,9 @@ def _output_layers(
 
     Evidence: the forward pass (its output is the model's output), a layer outside the numbered
     blocks whose out size equals the config's vocab_size or num_labels, the last layer of a head
-    attribute (_HEAD_NAMES) of the model itself or of a module with a config (a transformers
-    model inside a wrapper such as PEFT's). A model with a transformers-style config and none of this
+    attribute (_HEAD_NAMES) of the model itself, of the model a name-prefixing wrapper holds
+    (torch.compile, DataParallel, DDP), or of a module with a config (a transformers model inside
+    a wrapper such as PEFT's). A model with a transformers-style config and none of this
     is a backbone without a head: no output layer, and order may not stand in.
     """
     layers = [(n, m) for n, m in model.named_modules() if _is_weight_layer(m) and id(m) not in adapters]
@@ -387,7 +388,7 @@ def _output_layers(
         size = _out_size(m)
         if not _in_blocks(n) and size in sizes:
             found.setdefault(id(m), f"outside the blocks, out size {size} = {sizes[size]}")
-    tops = [("", model)] + [(f"{n}.", m) for n, m in model.named_modules() if n and hasattr(m, "config")]
+    tops = [("", model), *_unwrapped(model)] + [(f"{n}.", m) for n, m in model.named_modules() if n and hasattr(m, "config")]
     for prefix, top in tops:
         for child_name, head in top.named_children():
             name = prefix + child_name
@@ -396,6 +397,20 @@ def _output_layers(
                 if inside:
                     found.setdefault(id(inside[-1]), f"the last layer of the head '{name}'")
     return found, not found and not configured and not (seen is not None and seen.outputs)
+
+
+def _unwrapped(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name prefix, model) of each model held by a wrapper that only prefixes names, outermost first:
+    torch.compile's OptimizedModule (`_orig_mod`; told by its class, so torch._dynamo is not imported),
+    DataParallel and DistributedDataParallel (`module`)."""
+    found, prefix = [], ""
+    while True:
+        compiled = type(model).__name__ == "OptimizedModule" and type(model).__module__.startswith("torch._dynamo")
+        attr = "_orig_mod" if compiled else "module" if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else None
+        if attr is None or not isinstance(getattr(model, attr, None), nn.Module):
+            return found
+        prefix, model = f"{prefix}{attr}.", getattr(model, attr)
+        found.append((prefix, model))
 
 
 def _input_stems(

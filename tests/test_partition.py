@@ -846,3 +846,15 @@ def test_a_wrapped_model_is_routed_as_the_model_it_wraps(wrap):
         inside = [(d.name.removeprefix(prefix), d.optimizer, d.layout) for d in muonkit.route(wrapped)]
     assert inside == plain
     assert dict((n, o) for n, o, _ in plain)["blocks.2.weight"] == "muon"
+
+
+def test_a_router_trained_through_peft_modules_to_save_stays_a_router():
+    """PEFT's modules_to_save trains a copy of the router inside a ModulesToSaveWrapper, one module
+    further from the experts: still the MoE router (AdamW); it went to Muon as a hidden Linear."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 16), _MoE(), nn.Linear(16, 16), nn.Linear(16, 10))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["2"], modules_to_save=["router"]))
+    decisions = {d.name: d for d in muonkit.route(model, adamw=["base_model.model.3.weight"])}
+    router = decisions["base_model.model.1.router.modules_to_save.default.weight"]
+    assert router.optimizer == "adamw" and router.reason.startswith("MoE router"), router

@@ -285,7 +285,10 @@ def _routers(model: nn.Module) -> dict[int, str]:
             for sibling in children:
                 if sibling is experts:
                     continue
-                for p in sibling.parameters(recurse=False):
+                # PEFT's ModulesToSaveWrapper holds the router it trains (and the original) one level down.
+                held = getattr(sibling, "modules_to_save", None)
+                held = [*held.values(), getattr(sibling, "original_module", None)] if isinstance(held, nn.ModuleDict) else []
+                for p in [q for m in (sibling, *held) if isinstance(m, nn.Module) for q in m.parameters(recurse=False)]:
                     if p.ndim == 2 and p.shape[0] == count:
                         found[id(p)] = (f"MoE router of {type(block).__name__} ({count} experts x {p.shape[1]}): "
                                         "it scores the experts like an output layer scores classes, so AdamW, "

@@ -11,4 +11,7 @@ extras="bench,test,tensorboard,integrations"
 needed="numpy matplotlib tqdm pytest xdist hypothesis build tensorboard transformers accelerate lightning peft"
 source "$(dirname "$0")/setup.sh"
 cd "$root"
+# Cache compiled modules and pytest's rewritten test modules (__pycache__, git-ignored): a warm run
+# then skips ~3 CPU-s of assertion rewriting per worker and the compiling in every spawned rank.
+unset PYTHONDONTWRITEBYTECODE
 exec python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder "$@"

@@ -346,6 +346,17 @@ def test_param_groups_options_are_merged():
     assert {g["lr"] for g in opt.param_groups} == {0.05, 1e-3}
 
 
+def test_a_layout_in_muon_options_is_refused_rather_than_overriding_every_routed_layout():
+    # GPT-2's Conv1D stores (in, out): routing gives its groups a transposed Layout, which a
+    # muon_options layout used to overwrite silently.
+    transformers = pytest.importorskip("transformers")
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
+    layouts = {repr(g["layout"]) for g in muonkit.param_groups(model) if g["use_muon"]}
+    assert len(layouts) > 1, layouts  # several routed layouts that one option would have replaced
+    with pytest.raises(ValueError, match=r"muon_options=\{'layout': 'stacked'\} would replace the layout.*predicate="):
+        muonkit.param_groups(model, muon_options={"layout": "stacked", "lr": 0.02})
+
+
 def test_param_groups_accept_route_keywords():
     groups = muonkit.param_groups(mlp(), muon=["0.weight"])
     muon_names = [n for g in groups if g["use_muon"] for n in g["param_names"]]

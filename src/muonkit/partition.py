@@ -980,7 +980,8 @@ def param_groups(
 
     Returns plain dicts ({"params", "param_names", "use_muon", ...}) that can be printed, edited
     and passed to muonkit.Muon as they are. `muon_options` / `adamw_options` are merged into the
-    Muon / AdamW groups (e.g. {"lr": 0.02}). Parameters that are not decayed (see `route`'s
+    Muon / AdamW groups (e.g. {"lr": 0.02}; not "layout", which routing chooses per parameter:
+    ValueError). Parameters that are not decayed (see `route`'s
     `exclude_from_decay`) sit in groups of their own with "weight_decay": 0.0, which neither the
     options nor Muon(weight_decay=...) change; the other groups take the weight decay of the options
     or of Muon's constructor.
@@ -995,6 +996,13 @@ def param_groups(
         >>> for group in muonkit.param_groups(model, only=model.head.parameters()):
         ...     opt.add_param_group(group)
     """
+    if muon_options and "layout" in muon_options:
+        raise ValueError(
+            f"param_groups: muon_options={{'layout': {muon_options['layout']!r}}} would replace the layout routing "
+            "chose for every Muon parameter (a Conv1D's transposed view, a fused qkv's blocks, stacked experts); "
+            "give parameters their layout with predicate= returning a muonkit.Layout, or set 'layout' in one of "
+            "the returned groups"
+        )
     decisions = route(
         model, muon=muon, adamw=adamw, predicate=predicate,
         example_inputs=example_inputs, min_size=min_size, exclude_from_decay=exclude_from_decay, only=only,

@@ -96,7 +96,7 @@ class _GroupStep:
         if self.momenta is None or not any(cut_mesh_dims(p) for p in self.params):
             return
         pending.apply_momentum_()
-        self.absmax = [momentum_absmax(p, m) for p, m in zip(self.params, self.momenta)]
+        self.absmax = momentum_absmax(self.params, self.momenta)
 
     def requantize_(self) -> None:
         """With momentum_bits=8, the step's updated momentum written back as codes and scales."""

@@ -100,7 +100,7 @@ def _quantized_from(p: Tensor, buffer: Any) -> dict[str, Tensor]:
     scales = zeros_like_sharded(p, scales_shape(p.shape), torch.float32, rows=True)
     if isinstance(buffer, Tensor) and tuple(buffer.shape) == tuple(p.shape):
         local = local_parts([buffer])[0]
-        local_codes, local_scales = quantize_momentum(p, local, momentum_absmax(p, local))
+        local_codes, local_scales = quantize_momentum(p, local, momentum_absmax([p], [local])[0])
         local_parts([codes])[0].copy_(local_codes)
         local_parts([scales])[0].copy_(local_scales)
     return {"momentum_codes": codes, "momentum_scales": scales}
@@ -130,23 +130,37 @@ def _cut_blocks(p: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     return piece_blocks(tuple(p.shape), local_piece(p), x.device)
 
 
-def momentum_absmax(p: Tensor, x: Tensor) -> Tensor | None:
-    """For a DTensor p cut along a dim other than 0 and x, the local piece of a momentum of p: each
-    block's absmax over all of its elements (rows of x, blocks per slice), agreed with the ranks that
-    hold the same rows (a collective: each of them calls it for the same parameters in the same
-    order); None for other parameters, which need none."""
-    blocks = _cut_blocks(p, x)
-    if blocks is None:
-        return None
+def momentum_absmax(params: list[Tensor], xs: list[Tensor]) -> list[Tensor | None]:
+    """For each DTensor p of `params` cut along a dim other than 0, with x its momentum's local piece:
+    each block's absmax over all of its elements (rows of x, blocks per slice), agreed with the ranks
+    that hold the same rows; None for the other parameters, which need none. A collective (one
+    all_gather per mesh dim for all the parameters on the same ranks): every rank calls it with the
+    same parameters in the same order."""
+    out: list[Tensor | None] = [None] * len(params)
+    together: dict[tuple, list[int]] = {}
+    for i, (p, x) in enumerate(zip(params, xs)):
+        blocks = _cut_blocks(p, x)
+        if blocks is None:
+            continue
+        out[i] = piece_absmax(x, scales_shape(p.shape)[1], blocks[1], blocks[2])
+        ranks = p.device_mesh.mesh  # type: ignore[attr-defined]
+        key = (tuple(ranks.shape), tuple(ranks.flatten().tolist()), cut_mesh_dims(p), out[i].dtype, x.device)  # type: ignore[union-attr]
+        together.setdefault(key, []).append(i)
+    if not together:
+        return out
     from .distributed import amax_across
 
-    _, touched, members = blocks
-    partial = piece_absmax(x, scales_shape(p.shape)[1], touched, members)
-    return amax_across(partial, p.device_mesh, cut_mesh_dims(p))  # type: ignore[attr-defined]
+    for key, indices in together.items():
+        # Every rank keys its parameters alike and takes the first one's mesh: the same groups.
+        parts = [out[i] for i in indices]
+        agreed = amax_across(torch.cat([t.reshape(-1) for t in parts]), params[indices[0]].device_mesh, key[2])  # type: ignore[union-attr, attr-defined]
+        for i, part in zip(indices, agreed.split([t.numel() for t in parts])):  # type: ignore[union-attr]
+            out[i] = part.view(out[i].shape)  # type: ignore[union-attr]
+    return out
 
 
 def quantize_momentum(p: Tensor, x: Tensor, absmax: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(codes, scales) of x, the local piece of a momentum of p, with `momentum_absmax(p, x)`."""
+    """(codes, scales) of x, the local piece of a momentum of p, with its `momentum_absmax`."""
     if absmax is None:
         return quantize(x)
     ids = _cut_blocks(p, x)[0]  # type: ignore[index]

@@ -185,10 +185,11 @@ def spawned(request, tmp_path_factory):
                 opt = worker.make_optimizer(model, variant=variant)
                 worker.train_fixed(model, opt, range(worker.STEPS))
                 save_checkpoint(tmp / worker.checkpoint_name(1, variant), model, opt)
-            model = mesh_worker.make_model()  # test_mesh.py's resume_fsdp_tp_from_one
-            opt = mesh_worker.make_optimizer(model)
-            mesh_worker.train_fixed(model, opt, range(mesh_worker.STEPS))
-            save_checkpoint(tmp / "mesh_one", model, opt)
+            for variant, name in (("muon", "mesh_one"), ("muon8bit", "mesh_one__muon8bit")):
+                model = mesh_worker.make_model()  # test_mesh.py's resume_fsdp_tp_from_one[__muon8bit]
+                opt = mesh_worker.make_optimizer(model, variant=variant)
+                mesh_worker.train_fixed(model, opt, range(mesh_worker.STEPS))
+                save_checkpoint(tmp / name, model, opt)
             for world, jobs in _spawn_jobs(request.session).items():
                 worker.spawn(world, jobs, tmp, SPAWN_TIMEOUT)
             (tmp / "done").touch()

@@ -352,9 +352,10 @@ def checkpoint_save(kind: str, rank: int, world: int, tmp: Path) -> Any:
 
 
 def resume(kind: str, source: str, rank: int, world: int, tmp: Path) -> Any:
+    """Load checkpoint mesh_<source> (<placement>[__<variant>]) onto `kind`'s placement, STEPS more steps."""
     model = make_model()
     mesh = PLACE[kind](model)
-    opt = make_optimizer(model, mesh)
+    opt = make_optimizer(model, mesh, source.partition("__")[2] or "muon")
     load_checkpoint(tmp / f"mesh_{source}", model, opt)
     train_fixed(model, opt, range(STEPS, 2 * STEPS))
     return worker.snapshot(model, opt)
@@ -420,15 +421,34 @@ def qkclip_fsdp_tp(rank: int, world: int, tmp: Path, flat: bool = False) -> Any:
 qkclip_flat_fsdp_tp = functools.partial(qkclip_fsdp_tp, flat=True)
 
 
-def muon8bit_rowwise_refused(rank: int, world: int, tmp: Path) -> Any:
-    """momentum_bits=8 on a rowwise (Shard(1)) piece: refused at construction, naming it."""
+def fsdp_tp_muon8bit(rank: int, world: int, tmp: Path) -> Any:
+    """momentum_bits=8 on FSDP + TP, rowwise (Shard(0), Shard(1)) pieces included: the snapshot after
+    STEPS steps, the checkpoint mesh_fsdp_tp__muon8bit, and the 8-bit state's placements."""
     model = make_model()
     mesh = place_fsdp_tp(model)
-    try:
-        make_optimizer(model, mesh, "muon8bit")
-    except ValueError as err:
-        return str(err)
-    return None
+    opt = make_optimizer(model, mesh, "muon8bit")
+    train_fixed(model, opt, range(STEPS))
+    save_checkpoint(tmp / "mesh_fsdp_tp__muon8bit", model, opt)
+    state = opt.state[model.layers[0].wo.weight]
+    return {"snapshot": worker.snapshot(model, opt),
+            "placements": {key: repr(tuple(state[key].placements)) for key in ("momentum_codes", "momentum_scales")}}
+
+
+def switch_bits(model: nn.Module, opt: muonkit.Muon) -> dict[str, torch.Tensor]:
+    """Step 0 with float32 momentum, step 1 after switching every Muon group to momentum_bits=8 (its
+    buffers quantized), step 2 after switching back (dequantized); the snapshot."""
+    for step, bits in enumerate((32, 8, 32)):
+        for group in opt.param_groups:
+            if group["use_muon"]:
+                group["momentum_bits"] = bits
+        train_fixed(model, opt, range(step, step + 1))
+    return worker.snapshot(model, opt)
+
+
+def fsdp_tp_switch_bits(rank: int, world: int, tmp: Path) -> Any:
+    """`switch_bits` on FSDP + TP: the rowwise pieces' buffers quantized with agreed scales."""
+    model = make_model()
+    return switch_bits(model, make_optimizer(model, place_fsdp_tp(model)))
 
 
 def row_slices(rank: int, world: int, tmp: Path) -> Any:

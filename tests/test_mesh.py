@@ -53,8 +53,11 @@ VARIANT_JOBS = ["hsdp__normuon", "fsdp_tp__normuon", "fsdp_tp__adamuon", "ep__di
                 "ep__normuon8bit"]
 CHECKPOINTS = ["checkpoint_save_hsdp", "checkpoint_save_fsdp_tp", "resume_fsdp_from_hsdp", "resume_hsdp_from_fsdp_tp",
                "resume_fsdp_tp_from_one", "resume_ep_from_hsdp"]
+# 8-bit momentum on FSDP + TP's rowwise pieces: fsdp_tp_muon8bit saves mesh_fsdp_tp__muon8bit, which
+# HSDP resumes; FSDP + TP resumes one process's mesh_one__muon8bit (saved by tests/conftest.py).
+CHECKPOINTS_8BIT = ["resume_hsdp_from_fsdp_tp__muon8bit", "resume_fsdp_tp_from_one__muon8bit"]
 JOBS = [*KINDS, *FLAT_KINDS, *VARIANT_JOBS, "buckets", "buckets_hsdp", "bf16", "safety", "qkclip_fsdp_tp", "qkclip_flat_fsdp_tp",
-        "muon8bit_rowwise_refused", "row_slices", "hsdp_few", *CHECKPOINTS]
+        "fsdp_tp_muon8bit", "fsdp_tp_switch_bits", "row_slices", "hsdp_few", *CHECKPOINTS, *CHECKPOINTS_8BIT]
 
 
 # --------------------------------------------------------------------------------- pieces (pure)
@@ -580,9 +583,47 @@ def test_variants_on_new_placements_equal_one_process(runs, job):
 
 
 @pytest.mark.slow
-def test_8bit_momentum_refuses_rowwise_pieces(runs):
-    for message in _result(runs, "muon8bit_rowwise_refused"):
-        assert message is not None and "wo.weight" in message and "momentum_bits=8" in message and "Shard(dim=1)" in message
+def test_8bit_momentum_on_rowwise_pieces_equals_one_process(runs):
+    """momentum_bits=8 on FSDP + TP, wo and w2 rowwise ((Shard(0), Shard(1)): each tp rank holds half
+    of every row, so half of each block): parameters, codes and scales (full tensors) equal one
+    process's bit for bit; every tp rank keeps its rows' whole scales ((Shard(0), Replicate()))."""
+    want = mesh_worker.reference(variant="muon8bit")
+    for result in _result(runs, "fsdp_tp_muon8bit"):
+        assert result["placements"] == {"momentum_codes": "(Shard(dim=0), Shard(dim=1))",
+                                        "momentum_scales": "(Shard(dim=0), Replicate())"}
+        assert "layers.0.wo.weight.momentum_scales" in want
+        _assert_equal(result["snapshot"], want)
+
+
+@pytest.mark.slow
+def test_switching_momentum_bits_on_rowwise_pieces_equals_one_process(runs):
+    model = mesh_worker.make_model()
+    want = mesh_worker.switch_bits(model, mesh_worker.make_optimizer(model))
+    for result in _result(runs, "fsdp_tp_switch_bits"):
+        _assert_equal(result, want)
+
+
+@pytest.fixture(scope="module")
+def reference_resumed_8bit():
+    return mesh_worker.reference(steps=2 * mesh_worker.STEPS, variant="muon8bit")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", CHECKPOINTS_8BIT)
+def test_8bit_checkpoints_of_rowwise_pieces_reshard(runs, reference_resumed_8bit, job):
+    _result(runs, "fsdp_tp_muon8bit")
+    for result in _result(runs, job):
+        _assert_equal(result, reference_resumed_8bit)
+
+
+@pytest.mark.slow
+def test_8bit_checkpoint_of_rowwise_pieces_resumes_on_one_process(runs, reference_resumed_8bit):
+    _result(runs, "fsdp_tp_muon8bit")
+    model = mesh_worker.make_model()
+    opt = mesh_worker.make_optimizer(model, variant="muon8bit")
+    load_checkpoint(runs["tmp"] / "mesh_fsdp_tp__muon8bit", model, opt)
+    mesh_worker.train_fixed(model, opt, range(mesh_worker.STEPS, 2 * mesh_worker.STEPS))
+    _assert_equal(worker.snapshot(model, opt), reference_resumed_8bit)
 
 
 @pytest.mark.slow

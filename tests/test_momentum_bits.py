@@ -79,6 +79,59 @@ def test_a_zero_block_stays_zero_and_a_shard_quantizes_as_the_whole():
     assert torch.equal(part_codes, codes[3:]) and torch.equal(part_scales, scales[3:])
 
 
+# Pieces cut along dims other than 0 (muonkit.plan placements on a mesh of ranks), uneven: rowwise
+# tensor parallelism (blocks split between ranks), a 3-D tensor cut along dims 1 and 2, FSDP2 over
+# tensor parallelism along dim 1 (_StridedShard), rows and dim 2, empty pieces; float64 momentum.
+PIECE_CASES = [
+    ((5, 3001), (3,), (("S", 1),), torch.float32),
+    ((4, 7, 900), (2, 2), (("S", 1), ("S", 2)), torch.float32),
+    ((6, 5000), (2, 3), (("SS", 1, 3), ("S", 1)), torch.float32),
+    ((9, 3, 2500), (2, 2), (("S", 0), ("S", 2)), torch.float32),
+    ((3, 2, 3), (4,), (("S", 2),), torch.float32),
+    ((5, 3001), (3,), (("S", 1),), torch.float64),
+]
+
+
+@pytest.mark.parametrize(("shape", "mesh_shape", "placements", "dtype"), PIECE_CASES)
+def test_pieces_cut_along_other_dims_quantize_as_the_whole_tensor(shape, mesh_shape, placements, dtype):
+    """Each element of a piece keeps its block (its flat index in its dim-0 slice // 2048): the max
+    of the pieces' block absmax over the ranks holding the same rows is the whole tensor's scale, and
+    each piece's codes and values are the whole tensor's, a NaN's block included (NaN scale)."""
+    from muonkit.plan import blocks, pieces_of
+    from muonkit.quantize import dequantize, dequantize_piece, piece_absmax, piece_blocks, quantize, quantize_piece
+
+    def same(a, b):  # equal bits, NaN where the other has NaN
+        return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+
+    def part(full, piece):
+        out = full.new_empty([sum(b - a for a, b in ranges) for ranges in piece])
+        for global_slices, local_slices in blocks(piece):
+            out[local_slices] = full[global_slices]
+        return out
+
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * torch.logspace(-3, 2, shape[0]).reshape(-1, *[1] * (len(shape) - 1))).to(dtype)
+    x.reshape(shape[0], -1)[-1, 1] = float("nan")
+    codes, scales = quantize(x)
+    values = dequantize(codes, scales, dtype)
+    pieces = pieces_of(shape, torch.arange(math.prod(mesh_shape)).view(mesh_shape), placements)
+    assert any(piece[1:] != tuple(((0, n),) for n in shape[1:]) for piece in pieces.values())  # cut along dim >= 1
+    partial = {}
+    for rank, piece in pieces.items():
+        _, touched, members = piece_blocks(shape, piece)
+        partial[rank] = piece_absmax(part(x, piece), scales.shape[1], touched, members)
+        assert partial[rank].dtype == dtype
+    for rank, piece in pieces.items():
+        same_rows = [partial[r] for r, other in pieces.items() if other[0] == piece[0]]
+        absmax = torch.stack(same_rows).amax(0)
+        rows = part(scales, (piece[0], ((0, scales.shape[1]),)))
+        assert same(absmax.float(), rows), rank
+        ids = piece_blocks(shape, piece)[0]
+        local_codes = quantize_piece(part(x, piece), absmax, ids)
+        assert local_codes.dtype == torch.int8 and torch.equal(local_codes, part(codes, piece)), rank
+        assert same(dequantize_piece(local_codes, absmax.float(), ids, dtype), part(values, piece)), rank
+
+
 KINDS = {
     "matrix": ((40, 24), None),
     "long_rows": ((3, 4100), None),

@@ -644,6 +644,18 @@ def _extract(full: Tensor, piece: Piece) -> Tensor:
     return out
 
 
+def amax_across(t: Tensor, mesh: Any, mesh_dims: Sequence[int]) -> Tensor:
+    """The elementwise max of `t` over the ranks of the DeviceMesh `mesh` that differ from this one
+    only along `mesh_dims` (every one of them calls it with a tensor of t's shape and dtype): one
+    all_gather per mesh dim, then torch.amax (a NaN on any rank gives NaN, as one process's amax)."""
+    for mesh_dim in mesh_dims:
+        group = mesh.get_group(mesh_dim)
+        gathered = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, t.contiguous(), group=group)
+        t = torch.stack(gathered).amax(0)
+    return t
+
+
 # ---------------------------------------------------------------------------------- checkpoints
 
 

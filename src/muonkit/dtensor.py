@@ -7,8 +7,10 @@ muonkit never touches torch.distributed.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,12 +50,56 @@ def local_parts(tensors: Sequence[Tensor]) -> list[Tensor]:
     return [t.to_local() if is_dtensor(t) else t for t in tensors]  # type: ignore[attr-defined]
 
 
-def zeros_like_sharded(p: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """Zeros of `shape` and `dtype` on p's device; a DTensor with p's mesh and placements when p is one."""
+def zeros_like_sharded(p: Tensor, shape: tuple[int, ...], dtype: torch.dtype, *, rows: bool = False) -> Tensor:
+    """Zeros of `shape` and `dtype` on p's device; a DTensor with p's mesh and placements when p is
+    one, or with `rows=True` `row_placements(p)` (per-row state of p: cut as p's dim 0 is)."""
     if not is_dtensor(p):
         if tuple(shape) == tuple(p.shape):
             return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return torch.zeros(shape, dtype=dtype, device=p.device)
     from torch.distributed.tensor import zeros
 
-    return zeros(shape, dtype=dtype, device_mesh=p.device_mesh, placements=p.placements)  # type: ignore[attr-defined]
+    placements = row_placements(p) if rows else p.placements  # type: ignore[attr-defined]
+    return zeros(shape, dtype=dtype, device_mesh=p.device_mesh, placements=placements)  # type: ignore[attr-defined]
+
+
+def cut_mesh_dims(p: Tensor) -> tuple[int, ...]:
+    """The mesh dims along which a DTensor is cut in a dim other than 0 (rowwise tensor parallelism's
+    Shard(1)); () for other tensors. The ranks that differ from this one along those mesh dims only
+    hold the same dim-0 indices, and together all of the other dims."""
+    if not is_dtensor(p):
+        return ()
+    return tuple(i for i, q in enumerate(placements_of(p)) if q[0] != "R" and q[1] != 0)
+
+
+def row_placements(p: Tensor) -> tuple:
+    """Placements for state with one row per dim-0 index of the DTensor p (8-bit momentum's scales):
+    p's own, but Replicate() on the mesh dims that cut p along another dim (`cut_mesh_dims`)."""
+    placements = tuple(p.placements)  # type: ignore[attr-defined]
+    cut = cut_mesh_dims(p)
+    if not cut:
+        return placements
+    from torch.distributed.tensor import Replicate, Shard
+
+    def along_rows(q: Any) -> Any:
+        if type(q).__name__ == "_StridedShard":
+            return type(q)(0, split_factor=q.split_factor)
+        return Shard(0) if q.is_shard() else q
+
+    return tuple(Replicate() if i in cut else along_rows(q) for i, q in enumerate(placements))
+
+
+def local_piece(p: Tensor) -> tuple:
+    """This rank's piece of the DTensor p: per dim the global index ranges it holds, in its local
+    tensor's order (muonkit.plan.pieces_of)."""
+    mesh = p.device_mesh  # type: ignore[attr-defined]
+    return _piece(tuple(p.shape), tuple(mesh.mesh.shape), tuple(mesh.mesh.flatten().tolist()), placements_of(p),
+                  mesh.get_rank())
+
+
+@functools.lru_cache(maxsize=1024)
+def _piece(shape: tuple[int, ...], mesh_shape: tuple[int, ...], ranks: tuple[int, ...], placements: tuple,
+           rank: int) -> tuple:
+    from .plan import pieces_of
+
+    return pieces_of(shape, torch.tensor(ranks).view(mesh_shape), placements)[rank]

@@ -355,15 +355,25 @@ class Pending:
     ef_decay: float = 1.0
     layouts: list[Layout] | None = None
 
-    def apply_(self) -> None:
+    momentum_applied: bool = False  # `apply_momentum_` has run
+
+    def apply_momentum_(self) -> None:
         """M <- lerp(M, G, 1 - momentum) (or M + G) in place (the bits the held step computed out of
-        place) and the selected slices' error-feedback decay, then the second moments and the
-        parameters, as the fast path applies them."""
+        place) and the selected slices' error-feedback decay, once: `apply_` skips it if it ran (a
+        caller whose buffers are copies, as 8-bit momentum's dequantized ones, may read M first)."""
+        if self.momentum_applied:
+            return
         if self.params:
             _momentum_(self.momentum_buffers, _as_buffer_dtype(self.grads, self.momentum_buffers), self.momentum,
                        self.accumulates)
         for i in range(len(self.params)):
             _decay_selected_(self, i)
+        self.momentum_applied = True
+
+    def apply_(self) -> None:
+        """The momentum (`apply_momentum_`), then the second moments and the parameters, as the fast
+        path applies them."""
+        self.apply_momentum_()
         _apply_moments_(self, range(len(self.params)))
         _apply_params_(self, range(len(self.params)))
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import checkpoint, functional
-from .dtensor import is_dtensor, is_sharded, local_parts, placements_of
+from .dtensor import cut_mesh_dims, is_dtensor, is_sharded, local_parts, placements_of
 from .layout import Layout, LayoutSpec, matrix_shape, resolve
 from .options import (
     ADAMW_FROM,
@@ -41,8 +41,18 @@ from .orthogonalize import NsDtype, Orthogonalizer
 from .plan import is_local
 from .variants import VARIANTS, Shard
 from .scaling import Scale
-from .quantize import dequantize, quantize_into_
-from .state import check_state, drop_unused, missing_state, momentum_dtype, rounds_stochastically, state_shapes
+from .quantize import quantize_into_
+from .state import (
+    check_state,
+    dequantize_momentum,
+    drop_unused,
+    missing_state,
+    momentum_absmax,
+    momentum_dtype,
+    quantize_momentum,
+    rounds_stochastically,
+    state_shapes,
+)
 
 
 @dataclass
@@ -63,6 +73,9 @@ class _GroupStep:
     # stochastic_rounding replaces (so that every parameter's state is the group's, and loads back).
     idle: list[tuple[Tensor, dict[str, Tensor]]] = field(default_factory=list)
     momenta: list[Tensor] | None = None  # 8-bit momentum dequantized for this step (local parts)
+    # Per parameter cut along a dim other than 0, its new 8-bit momentum's block absmax, agreed
+    # between the ranks holding the same rows (`agree_scales_`); None for the others.
+    absmax: list[Tensor | None] | None = None
 
     def momentum(self) -> list[Tensor]:
         """Each parameter's momentum buffer as the step updates it (local parts): the buffer
@@ -70,18 +83,34 @@ class _GroupStep:
         if self.group["momentum_bits"] != 8:
             return local_parts(self.state("momentum_buffer"))
         codes, scales = local_parts(self.state("momentum_codes")), local_parts(self.state("momentum_scales"))
-        self.momenta = [dequantize(c, s, momentum_dtype(p, self.group))
+        self.momenta = [dequantize_momentum(p, c, s, momentum_dtype(p, self.group))
                         for p, c, s in zip(self.params, codes, scales)]
         return self.momenta
+
+    def agree_scales_(self, pending: functional.Pending) -> None:
+        """With momentum_bits=8 and DTensors cut along a dim other than 0 (rowwise tensor
+        parallelism): the held step's new momentum (written into this step's dequantized copies
+        only) and its blocks' absmax, agreed with the ranks holding the same rows. The collectives
+        run here, before anything the optimizer owns changes; every rank calls it for the same
+        groups in the same order."""
+        if self.momenta is None or not any(cut_mesh_dims(p) for p in self.params):
+            return
+        pending.apply_momentum_()
+        self.absmax = momentum_absmax(self.params, self.momenta)
 
     def requantize_(self) -> None:
         """With momentum_bits=8, the step's updated momentum written back as codes and scales."""
         if self.momenta is None:
             return
         codes, scales = local_parts(self.state("momentum_codes")), local_parts(self.state("momentum_scales"))
-        for m, c, s in zip(self.momenta, codes, scales):
-            quantize_into_(m, c, s)
-        self.momenta = None
+        for p, m, c, s, a in zip(self.params, self.momenta, codes, scales, self.absmax or [None] * len(codes)):
+            if a is None:
+                quantize_into_(m, c, s)
+                continue
+            new_codes, new_scales = quantize_momentum(p, m, a)
+            c.copy_(new_codes)
+            s.copy_(new_scales)
+        self.momenta = self.absmax = None
 
     def state(self, key: str) -> list[Tensor]:
         """`key` of each stepping parameter's state, whether already held or created this step."""
@@ -381,6 +410,9 @@ class Muon(torch.optim.Optimizer):
                  and functional.runs_in_place(item.group["orthogonalizer"]) for item in plan]
         held = [self._muon_step(item, orthogonality, hold=True) if item.group["use_muon"] and not fused else None
                 for item, fused in zip(plan, fuses)]
+        for item, pending in zip(plan, held):
+            if pending is not None:
+                item.agree_scales_(pending)
         for item, fused, pending in zip(plan, fuses, held):
             for p, state in [*zip(item.params, item.states), *item.idle]:
                 self.state[p].update(state)

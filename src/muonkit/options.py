@@ -414,16 +414,6 @@ def check_param(p: Tensor, name: str, group: dict[str, Any], where: str) -> None
     _, rows, cols = matrix_shape(p.shape, layout)
     if rows == 0 or cols == 0:
         raise ValueError(f"{where}: parameter '{name}' has an empty matrix view {rows} x {cols}")
-    if group["momentum_bits"] == 8 and is_dtensor(p):
-        placements = tuple(p.placements)  # type: ignore[attr-defined]
-        if any(not q.is_replicate() and getattr(q, "dim", 0) % p.ndim != 0 for q in placements):
-            # A block of 8-bit momentum is part of one dim-0 slice: a piece cut along another dim
-            # would quantize in other blocks than the whole tensor (muonkit.quantize).
-            raise ValueError(
-                f"{where}: parameter '{name}' is sharded along a dim other than 0 (placements {placements}); "
-                "momentum_bits=8 needs dim-0 pieces (FSDP2, HSDP, colwise tensor parallelism, experts); "
-                "use momentum_bits=32 for it (a group of its own)"
-            )
 
 
 def overlaps_itself(t: Tensor) -> bool:

@@ -11,11 +11,18 @@ never straddle two dim-0 slices, so the codes and the scales, of shape (x.shape[
 slice), shard along dim 0 exactly as the parameter does (FSDP2, DCP resharding), and a shard
 quantizes to the same bits as the whole tensor.
 
+A piece cut along other dims too (rowwise tensor parallelism's Shard(1)) holds parts of blocks: its
+elements keep their blocks (`piece_blocks`: each local element's block from its flat index in its
+dim-0 slice), `piece_absmax` gives each block's largest |x| over the piece (0 for blocks it does not
+touch), the max of those over the pieces of the same rows is the block's scale, and `quantize_piece` /
+`dequantize_piece` apply it elementwise: the same bits as `quantize` / `dequantize` of the whole tensor.
+
 Stored bytes per element: 1 + 4 / min(2048, slice size) (a 768 x 768 matrix: 1.005, 0.251x float32).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -67,3 +74,63 @@ def quantize_into_(x: Tensor, codes: Tensor, scales: Tensor) -> None:
     new_codes, new_scales = quantize(x)
     codes.copy_(new_codes)
     scales.copy_(new_scales)
+
+
+# ------------------------------------------------------------------------ pieces of other dims
+
+
+@functools.lru_cache(maxsize=256)
+def piece_blocks(shape: tuple[int, ...], piece: tuple[tuple[tuple[int, int], ...], ...],
+                 device: torch.device = torch.device("cpu")) -> tuple[Tensor, Tensor, Tensor]:
+    """For the piece of a tensor of `shape` that holds, per dim d, the global indices `piece[d]` (a
+    tuple of [start, stop) ranges, in the local tensor's order; muonkit.plan.pieces_of):
+    (`ids`, `touched`, `members`), int64 tensors on `device`, cached (read them, never write).
+
+    `ids` (one per element of a local dim-0 slice, row-major) is each element's block: its flat index
+    in the whole dim-0 slice // BLOCK. `touched` are the blocks the piece holds elements of, in
+    order, and `members` (len(touched), width) per touched block the local positions in a slice of
+    its elements, padded with the local slice's size (one past its end)."""
+    strides = [math.prod(shape[d + 1:]) for d in range(1, len(shape))]
+    flat = torch.zeros((), dtype=torch.int64)
+    for ranges, stride in zip(piece[1:], strides):
+        index = (torch.cat([torch.arange(lo, hi, dtype=torch.int64) for lo, hi in ranges]) if ranges
+                 else torch.zeros(0, dtype=torch.int64))
+        flat = flat.unsqueeze(-1) + index * stride
+    ids = flat.reshape(-1) // BLOCK
+    touched, slot, sizes = torch.unique(ids, sorted=True, return_inverse=True, return_counts=True)
+    order = torch.argsort(slot, stable=True)
+    members = torch.full((touched.numel(), int(sizes.max()) if ids.numel() else 0), ids.numel(), dtype=torch.int64)
+    column = torch.arange(ids.numel(), dtype=torch.int64) - (torch.cumsum(sizes, 0) - sizes)[slot[order]]
+    members[slot[order], column] = order
+    return ids.to(device), touched.to(device), members.to(device)
+
+
+def piece_absmax(x: Tensor, blocks: int, touched: Tensor, members: Tensor) -> Tensor:
+    """Per local dim-0 slice of the piece x and per block of the whole slice (`blocks` of them), the
+    largest |x| of the block's elements in x (0 for a block x holds none of; NaN where one is NaN,
+    as torch.amax), in x's arithmetic dtype (float32; float64 for float64 x): (x.shape[0], blocks)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    rows = x.shape[0]
+    flat = x.reshape(rows, -1).to(dtype).abs()
+    out = flat.new_zeros(rows, blocks)
+    if touched.numel():
+        padded = torch.cat([flat, flat.new_zeros(rows, 1)], 1)
+        out[:, touched] = padded[:, members].amax(-1)
+    return out
+
+
+def quantize_piece(x: Tensor, absmax: Tensor, ids: Tensor) -> Tensor:
+    """int8 codes of the piece x with its blocks' absmax (`piece_absmax` taken over every piece of
+    the same rows): the arithmetic of `quantize`, element by element."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    flat = x.reshape(x.shape[0], -1).to(dtype)
+    codes = torch.round(flat / safe[:, ids] * LEVELS).clamp_(-LEVELS, LEVELS)
+    return codes.to(torch.int8).reshape(x.shape)
+
+
+def dequantize_piece(codes: Tensor, scales: Tensor, ids: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """x_hat = code * (scale / 127) in `dtype` of the piece `codes` with its rows' `scales` (all the
+    blocks of each local dim-0 slice): the arithmetic of `dequantize`, element by element."""
+    flat = codes.reshape(codes.shape[0], -1).to(dtype)
+    return (flat * (scales.to(dtype) / LEVELS)[:, ids]).reshape(codes.shape)

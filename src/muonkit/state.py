@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .dtensor import local_parts, zeros_like_sharded
+from .dtensor import cut_mesh_dims, local_parts, local_piece, zeros_like_sharded
 from .layout import resolve
 from .options import number
-from .quantize import dequantize, quantize, scales_shape
+from .quantize import dequantize, dequantize_piece, piece_absmax, piece_blocks, quantize, quantize_piece, scales_shape
 from .variants import VARIANTS
 
 # The per-parameter state a kind of group always holds once it has any (torch.optim.Muon's and
@@ -94,11 +94,13 @@ def missing_state(p: Tensor, state: dict[str, Any], group: dict[str, Any], *, ca
 
 def _quantized_from(p: Tensor, buffer: Any) -> dict[str, Tensor]:
     """8-bit momentum entries for `p`: zeros, or `buffer` (a momentum_buffer held from before the
-    group's momentum_bits was set to 8) quantized."""
+    group's momentum_bits was set to 8) quantized (for a DTensor cut along a dim other than 0, a
+    collective: `momentum_absmax`)."""
     codes = zeros_like_sharded(p, tuple(p.shape), torch.int8)
-    scales = zeros_like_sharded(p, scales_shape(p.shape), torch.float32)
+    scales = zeros_like_sharded(p, scales_shape(p.shape), torch.float32, rows=True)
     if isinstance(buffer, Tensor) and tuple(buffer.shape) == tuple(p.shape):
-        local_codes, local_scales = quantize(local_parts([buffer])[0])
+        local = local_parts([buffer])[0]
+        local_codes, local_scales = quantize_momentum(p, local, momentum_absmax([p], [local])[0])
         local_parts([codes])[0].copy_(local_codes)
         local_parts([scales])[0].copy_(local_scales)
     return {"momentum_codes": codes, "momentum_scales": scales}
@@ -109,8 +111,68 @@ def _dequantized_from(p: Tensor, codes: Tensor, scales: Tensor, dtype: torch.dty
     buffer = zeros_like_sharded(p, tuple(p.shape), dtype)
     if tuple(codes.shape) == tuple(p.shape) and tuple(scales.shape) == scales_shape(p.shape):
         local = local_parts([codes, scales])
-        local_parts([buffer])[0].copy_(dequantize(local[0], local[1], torch.promote_types(dtype, torch.float32)))
+        local_parts([buffer])[0].copy_(dequantize_momentum(p, local[0], local[1], torch.promote_types(dtype, torch.float32)))
     return buffer
+
+
+# 8-bit momentum of a parameter's local piece. A DTensor cut along a dim other than 0 (rowwise tensor
+# parallelism) holds parts of its dim-0 slices' blocks: each block's scale is the max over the ranks
+# holding the same rows (`momentum_absmax`), every rank keeps all the scales of its rows
+# (dtensor.row_placements), and codes and values are computed element by element with them, so that
+# they are the whole tensor's (muonkit.quantize). Any other parameter quantizes its piece alone.
+
+
+def _cut_blocks(p: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """`quantize.piece_blocks` of p's local piece (x: a local tensor of its shape) if p is a DTensor
+    cut along a dim other than 0, else None."""
+    if not cut_mesh_dims(p):
+        return None
+    return piece_blocks(tuple(p.shape), local_piece(p), x.device)
+
+
+def momentum_absmax(params: list[Tensor], xs: list[Tensor]) -> list[Tensor | None]:
+    """For each DTensor p of `params` cut along a dim other than 0, with x its momentum's local piece:
+    each block's absmax over all of its elements (rows of x, blocks per slice), agreed with the ranks
+    that hold the same rows; None for the other parameters, which need none. A collective (one
+    all_gather per mesh dim for all the parameters on the same ranks): every rank calls it with the
+    same parameters in the same order."""
+    out: list[Tensor | None] = [None] * len(params)
+    together: dict[tuple, list[int]] = {}
+    for i, (p, x) in enumerate(zip(params, xs)):
+        blocks = _cut_blocks(p, x)
+        if blocks is None:
+            continue
+        out[i] = piece_absmax(x, scales_shape(p.shape)[1], blocks[1], blocks[2])
+        ranks = p.device_mesh.mesh  # type: ignore[attr-defined]
+        key = (tuple(ranks.shape), tuple(ranks.flatten().tolist()), cut_mesh_dims(p), out[i].dtype, x.device)  # type: ignore[union-attr]
+        together.setdefault(key, []).append(i)
+    if not together:
+        return out
+    from .distributed import amax_across
+
+    for key, indices in together.items():
+        # Every rank keys its parameters alike and takes the first one's mesh: the same groups.
+        parts = [out[i] for i in indices]
+        agreed = amax_across(torch.cat([t.reshape(-1) for t in parts]), params[indices[0]].device_mesh, key[2])  # type: ignore[union-attr, attr-defined]
+        for i, part in zip(indices, agreed.split([t.numel() for t in parts])):  # type: ignore[union-attr]
+            out[i] = part.view(out[i].shape)  # type: ignore[union-attr]
+    return out
+
+
+def quantize_momentum(p: Tensor, x: Tensor, absmax: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(codes, scales) of x, the local piece of a momentum of p, with its `momentum_absmax`."""
+    if absmax is None:
+        return quantize(x)
+    ids = _cut_blocks(p, x)[0]  # type: ignore[index]
+    return quantize_piece(x, absmax, ids), absmax.to(torch.float32)
+
+
+def dequantize_momentum(p: Tensor, codes: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """The momentum of p's local piece in `dtype` from its local `codes` and `scales`."""
+    blocks = _cut_blocks(p, codes)
+    if blocks is None:
+        return dequantize(codes, scales, dtype)
+    return dequantize_piece(codes, scales, blocks[0], dtype)
 
 
 def drop_unused(state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:

@@ -307,6 +307,13 @@ def test_explain_lists_every_parameter(model_name):
     assert text.strip() == printed.strip()
 
 
+def test_explain_summary_counts_in_words():
+    """The summary line under the table: "muon: 1 tensor", not "1 tensors"."""
+    model = nn.Sequential(nn.Linear(4, 8, bias=False), nn.Linear(8, 8, bias=False), nn.Linear(8, 2, bias=False))
+    text = muonkit.explain(model, file=None, example_inputs=(torch.randn(2, 4),))
+    assert "adamw: 2 tensors, 48 values, muon: 1 tensor, 64 values" in text
+
+
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_param_groups_accepted_by_muon_as_is(model_name):
     factory, inputs = MODELS[model_name]

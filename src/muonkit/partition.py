@@ -1044,7 +1044,8 @@ def format_table(decisions: Sequence[Decision]) -> str:
     for d in decisions:
         n, c = counts.get(d.optimizer, (0, 0))
         counts[d.optimizer] = (n + 1, c + int(torch.Size(d.shape).numel()))
-    summary = ", ".join(f"{k}: {n} tensors, {c:,} values" for k, (n, c) in sorted(counts.items()))
+    summary = ", ".join(f"{k}: {n} tensor{'s' * (n != 1)}, {c:,} value{'s' * (c != 1)}"
+                        for k, (n, c) in sorted(counts.items()))
     note = ("Decay: 'default' is the weight_decay of the parameter's group (Muon(weight_decay=...), "
             "adamw_weight_decay=, or muon_options/adamw_options); '0 (...)' groups keep weight_decay 0.")
     return "\n".join(body + [summary, note])

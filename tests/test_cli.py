@@ -172,15 +172,33 @@ def test_explain_charlm_routes_embeddings_and_head_to_adamw(capsys, text_file):
     assert rows["blocks.0.qkv.weight"] == rows["blocks.3.fc_proj.weight"] == "Muon"
 
 
-def test_ns(tmp_path, capsys):
+def test_ns(tmp_path, capsys, monkeypatch):
+    import muonkit.tasks.bench
+
+    # Timed on bench's default threads (the cores the load leaves idle): on a busy 2-core machine
+    # torch's 2 default threads timed 1-ms methods at 300 ms. The caller's count is restored.
+    monkeypatch.setattr(muonkit.tasks.bench, "auto_threads", lambda: 2)
+    before = torch.get_num_threads()
     code, out, err = run(["ns", "--size", "16x40", "--repeats", "1", "--out", str(tmp_path)], capsys)
     assert code == 0, err
+    assert torch.get_num_threads() == before != 2
     results = json.loads((tmp_path / "ns.json").read_text())
+    assert results["environment"]["torch_threads"] == 2 and "2 torch threads" in out.splitlines()[0]
     assert results["environment"]["cpu"] and results["finished"]
     svd = results["matrices"]["random"]["methods"]["svd"]
     assert svd["rel_error"] < 1e-5 and abs(svd["sv_min"] - 1) < 1e-5
     assert (tmp_path / "ns_spectra.png").read_bytes()[:8] == PNG_MAGIC
     assert "polar_express" in out and "gradient-like" in out
+
+
+@pytest.mark.parametrize("command, words", [("explain", "muonkit.explain(model)"), ("ns", "polar factor, its")])
+def test_subcommand_help_says_what_it_does(command, words, capsys):
+    """`muonkit explain --help` and `ns --help` had a usage line and options only; explain's says
+    how to route your own model (it takes a built-in task)."""
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exit_.value.code == 0 and words in out, out
 
 
 def _corrupt_magic(d: Path) -> None:

@@ -6,7 +6,7 @@
                   [--qk-clip TAU] [--per-head] [--tensorboard DIR]
                   [--device cpu|cuda] [--out DIR] [--threads N] [--quiet]
     muonkit explain TASK [--data-dir DIR] [--text FILE] [--hf-config NAME_OR_PATH] [--per-head]
-    muonkit ns [--size ROWSxCOLS] [--seed S] [--repeats N] [--out DIR]
+    muonkit ns [--size ROWSxCOLS] [--seed S] [--repeats N] [--out DIR] [--threads N]
 
 Bad input prints one line naming the problem and the fix to stderr and returns 2. The commands need
 the `bench` extra (numpy, matplotlib, tqdm), which the library itself never imports: without it,
@@ -153,7 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
     bench.set_defaults(func=_bench)
 
-    explain = commands.add_parser("explain", help="print which parameters of a task's model go to Muon or AdamW")
+    explain = commands.add_parser(
+        "explain", help="print which parameters of a task's model go to Muon or AdamW",
+        description="Print the routing table of TASK's model: each parameter's optimizer (Muon or AdamW), "
+                    "weight decay and the reason. For your own model, call muonkit.explain(model) in Python "
+                    "(README.md, 'Use it in your model').")
     explain.add_argument("task", help=f"one of: {', '.join(TASKS)}")
     explain.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     explain.add_argument("--text", type=Path, help="charlm, hf-lm: the corpus that sets the vocabulary size")
@@ -161,12 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--per-head", action="store_true", help="as `muonkit bench --per-head`: qkv weights per head")
     explain.set_defaults(func=_explain)
 
-    ns = commands.add_parser("ns", help="compare the orthogonalizers with the exact SVD polar factor")
+    ns = commands.add_parser(
+        "ns", help="compare the orthogonalizers with the exact SVD polar factor",
+        description="Orthogonalize random and gradient-like matrices with every built-in orthogonalizer; "
+                    "print each one's distance from the exact (SVD) polar factor, its singular values and its "
+                    "time; write ns.json and ns_spectra.png (the singular values) to --out.")
     ns.add_argument("--size", default="128x512", help="ROWSxCOLS of the test matrices (default 128x512); a size "
                                                     "whose run would not fit in the available memory is refused")
     ns.add_argument("--seed", type=_seed, default=0, help="seed of the test matrices (default 0)")
     ns.add_argument("--repeats", type=_positive_int, default=5, help="timing repeats; the median is shown")
     ns.add_argument("--out", type=Path, help="output directory (default ./muonkit-runs/ns-<time>)")
+    ns.add_argument("--threads", type=_thread_count,
+                    help="torch CPU threads (default: the cores the load average leaves idle, at least 1)")
     ns.set_defaults(func=_ns)
     return parser
 
@@ -326,7 +336,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _ns(args: argparse.Namespace) -> int:
-    from muonkit.tasks.bench import environment
+    from muonkit.tasks.bench import auto_threads, environment
     from muonkit.tasks.nscompare import compare, format_table, memory_available, memory_needed, plot_spectra
     from muonkit.tasks.report import prepare_out_dir, write_json_atomic
 
@@ -341,14 +351,21 @@ def _ns(args: argparse.Namespace) -> int:
                          "available); try a smaller size, e.g. 256x1024")
     out = args.out or _default_out("ns")
     prepare_out_dir(out)
-    env = environment(torch.device("cpu"))
+    # As for bench: more threads than idle cores made the timings noise on a busy machine (128x512,
+    # load 6 on 2 cores: 280-350 ms for methods that take 1 ms on one thread).
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or auto_threads())
     try:
+        env = environment(torch.device("cpu"))
         results = compare(rows, cols, seed=args.seed, repeats=args.repeats)
     except (MemoryError, RuntimeError) as err:
         # torch's CPU allocator reports a failed allocation as a RuntimeError ("can't allocate memory").
         if not isinstance(err, MemoryError) and "allocate" not in str(err):
             raise
         raise UsageError(f"{too_big}: an allocation failed; try a smaller size, e.g. 256x1024") from None
+    finally:
+        # main() may run inside a larger process (tests, scripts): leave its thread count as found.
+        torch.set_num_threads(previous_threads)
     results["environment"] = env
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     plot_spectra(results, out / "ns_spectra.png")

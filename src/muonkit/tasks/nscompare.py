@@ -96,7 +96,9 @@ def compare(rows: int, cols: int, *, seed: int = 0, repeats: int = 5) -> dict[st
 def format_table(results: dict[str, Any]) -> str:
     rows, cols = results["shape"]
     lines = [f"orthogonalizers on {rows}x{cols} float32 matrices vs exact U V^T (float64 SVD); "
-             f"time = median of {results['repeats']}",
+             f"time = median of {results['repeats']}"
+             + (f", {threads} torch thread{'s' * (threads != 1)}"
+                if (threads := results.get("environment", {}).get("torch_threads")) else ""),
              "| matrix | method | sv min | sv max | rel. error | ms |", "|---|---|---|---|---|---|"]
     for kind, entry in results["matrices"].items():
         for method, m in entry["methods"].items():

@@ -191,6 +191,33 @@ def test_ns(tmp_path, capsys, monkeypatch):
     assert "polar_express" in out and "gradient-like" in out
 
 
+def test_ns_plot_draws_each_orthogonalizer_in_its_own_style(tmp_path, monkeypatch):
+    """In ns_spectra.png no two methods share a color and line style (cubic5 and aol took the
+    color cycle's first two, polar_express's blue and keller_jordan's orange)."""
+    import matplotlib.axes
+    import matplotlib.figure
+
+    import muonkit
+    from muonkit.tasks import nscompare
+
+    drawn = {}
+    original = matplotlib.axes.Axes.plot
+
+    def plot(ax, *args, **kw):
+        if kw.get("label"):  # the methods' curves (the input spectrum below has no label)
+            drawn[kw["label"]] = (kw.get("color"), str(kw.get("ls", "-")))
+        return original(ax, *args, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path, **kw: None)  # no PNG needed
+    methods = {m: {"spectrum": [1.0, 0.9]} for m in muonkit.ORTHOGONALIZERS}
+    nscompare.plot_spectra({"shape": [2, 4], "seed": 0, "matrices": {
+        "random": {"input_spectrum": [0.8, 0.6], "methods": methods}}}, tmp_path / "s.png")
+    assert len(drawn) == len(muonkit.ORTHOGONALIZERS)
+    assert all(color is not None for color, _ in drawn.values()), drawn
+    assert len(set(drawn.values())) == len(drawn), drawn
+
+
 @pytest.mark.parametrize("command, words", [("explain", "muonkit.explain(model)"), ("ns", "polar factor, its")])
 def test_subcommand_help_says_what_it_does(command, words, capsys):
     """`muonkit explain --help` and `ns --help` had a usage line and options only; explain's says

@@ -113,6 +113,10 @@ _STYLES = {
     "polar_express": dict(color="tab:blue", lw=3.0, alpha=0.6),
     "keller_jordan": dict(color="tab:orange", lw=1.6),
     "you": dict(color="tab:green", lw=1.6),
+    # cubic5 and aol had no entry and took the cycle's first colors: blue and orange, polar_express's
+    # and keller_jordan's.
+    "cubic5": dict(color="tab:purple", lw=1.6),
+    "aol": dict(color="tab:brown", lw=1.6),
     "gram": dict(color="tab:red", lw=1.4, ls=(0, (4, 3))),
     "svd": dict(color="black", lw=1.0, ls=":"),
 }

@@ -307,6 +307,17 @@ def test_explain_lists_every_parameter(model_name):
     assert text.strip() == printed.strip()
 
 
+@pytest.mark.parametrize("call", [muonkit.route, muonkit.param_groups, muonkit.explain])
+def test_routing_given_parameters_instead_of_the_model_says_so(call):
+    """torch.optim's habit, param_groups(model.parameters()): a TypeError that says to pass the
+    model, instead of "'generator' object has no attribute 'named_parameters'"."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    for wrong, kind in ((model.parameters(), "generator"), (list(model.parameters()), "list")):
+        with pytest.raises(TypeError, match=rf"takes the model \(a torch.nn.Module\), got {kind}: .*"
+                                            r"param_groups\(model\), not model.parameters\(\)"):
+            call(wrong)
+
+
 def test_explain_summary_counts_in_words():
     """The summary line under the table: "muon: 1 tensor", not "1 tensors"."""
     model = nn.Sequential(nn.Linear(4, 8, bias=False), nn.Linear(8, 8, bias=False), nn.Linear(8, 2, bias=False))

@@ -711,6 +711,12 @@ def route(
         >>> for d in muonkit.route(model, example_inputs=(x,)):
         ...     print(d.name, d.optimizer, d.reason)
     """
+    if not isinstance(model, nn.Module):
+        # torch.optim habit: param_groups(model.parameters()) failed with "'generator' object has no
+        # attribute 'named_parameters'".
+        raise TypeError(f"muonkit routing (route, param_groups, explain) takes the model (a torch.nn.Module), got "
+                        f"{type(model).__name__}: pass the model itself, e.g. muonkit.param_groups(model), not "
+                        "model.parameters(); routing reads each parameter's module")
     unknown = (set(muon) | set(adamw)) - {n for n, _ in model.named_parameters()}
     if unknown:
         raise ValueError(f"no parameters named {sorted(unknown)} in the model")

@@ -178,7 +178,8 @@ def _to_target(values: list[Any], fmt: str) -> str:
 def format_table(task: Task, summaries: dict[str, dict[str, Any]]) -> str:
     """A Markdown table: one row per optimizer; mean ± std over seeds, medians for the timings."""
     digits = 4
-    target = f"{task.target:g}"
+    # "steps to 2" left the reader to guess what reaches 2: name the metric.
+    target = f"{task.metric} {task.target:g}"
     header = ["optimizer", "lr", f"final {task.metric}", f"best {task.metric}", f"steps to {target}",
               f"seconds to {target}", "fwd+bwd ms/step", "opt ms/step", "peak MB", "opt state MB"]
     with_reference = any("reference" in s for s in summaries.values())

@@ -562,7 +562,9 @@ def test_bench_hf_lm_end_to_end(tmp_path, capsys):
     assert main(["explain", "hf-lm", "--hf-config", "gpt2", "--text", str(text)]) == 0
     out = capsys.readouterr().out
     assert "transformer.h.0.attn.c_attn.weight" in out and "3 matrices" in out
-    assert "lm_head" not in out  # GPT-2 ties its head to the token embedding
+    # GPT-2 ties its head to the token embedding: no row of its own, named on the embedding's row.
+    assert not any(line.startswith("lm_head") for line in out.splitlines())
+    assert "also lm_head.weight (tied: the same tensor)" in out
 
 
 def test_bench_hf_lm_config_path_and_errors(tmp_path, capsys, monkeypatch):

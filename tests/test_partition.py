@@ -165,6 +165,16 @@ def test_gpt_routing(tied, with_inputs):
     assert got["wte.weight"] == "adamw" and got["wpe.weight"] == "adamw"
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_a_tied_head_is_named_on_its_embeddings_row(tied):
+    """named_parameters() lists a tied weight once (as wte.weight): the row says lm_head.weight is the
+    same tensor, so that explain's table does not seem to leave the head out."""
+    decisions = {d.name: d for d in muonkit.route(GPT(tied=tied))}
+    assert ("lm_head.weight" in decisions) != tied
+    assert decisions["wte.weight"].reason.endswith("; also lm_head.weight (tied: the same tensor)") == tied
+    assert all("tied: the same tensor" not in d.reason for n, d in decisions.items() if n != "wte.weight")
+
+
 @pytest.mark.parametrize("with_inputs", [False, True], ids=["registration", "execution"])
 def test_mlp_stem_and_output_to_adamw(with_inputs):
     kw = {"example_inputs": (torch.randn(2, 8),)} if with_inputs else {}

@@ -750,6 +750,12 @@ def route(
         id(m.weight): name for name, m in model.named_modules() if isinstance(m, _EMBEDDINGS)
     }
     names_of = {id(p): n for n, p in model.named_parameters()}
+    # A tied weight is listed once, under its first name (GPT-2's lm_head.weight is wte.weight): its
+    # row says the other names, so that the table does not seem to leave the head out.
+    aliases: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if names_of.get(id(p)) != n:
+            aliases.setdefault(id(p), []).append(n)
     free = {id(p): p for p in model.parameters() if p.ndim >= 2 and id(p) not in known}
 
     uses: dict[int, list[_Use]] | None = None
@@ -794,6 +800,8 @@ def route(
             router=routers.get(id(p)),
         )
         choice, reason, layout = rule.decide(muon=muon, adamw=adamw, predicate=predicate, min_size=min_size)
+        if id(p) in aliases:
+            reason += f"; also {', '.join(aliases[id(p)])} (tied: the same tensor)"
         no_decay = None
         if exclude_from_decay:
             local_name = name[len(module_name) + 1:] if module_name else name

@@ -298,6 +298,11 @@ def bad_inputs(tmp: Path, cifar_dir: Path, text_file: Path) -> list[tuple[list[s
         (["bench", "charlm", "--text", str(text_file), "--out", str(a_file / "sub")], "cannot create output directory"),
         (["bench", "charlm", "--lr", "muon"], "bad --lr 'muon'"),
         (["bench", "--lr", "muon=0.02", "modular"], "put it before --lr"),
+        # A list written as --optimizers takes it: commas in --lr, spaces in --optimizers.
+        (["bench", "--lr", "muon=0.01,adamw=0.001"], "separate OPT=VALUE pairs with spaces, not commas, e.g. "
+                                                     "--lr muon=0.01 adamw=0.001"),
+        (["bench", "--optimizers", "muon", "adamw"], "it is an optimizer; --optimizers takes a comma-separated "
+                                                     "list, e.g. --optimizers muon,adamw"),
         (["bench", "charlm", "--lr", "lion=0.1"], "bad --lr 'lion=0.1'"),
         (["bench", "charlm", "--lr", "muon=-1"], "must be a positive number"),
         (["bench", "charlm", "--lr", "adamw=fast"], "must be a positive number"),

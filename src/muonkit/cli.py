@@ -204,6 +204,10 @@ def _parse_lrs(items: Sequence[str]) -> list[tuple[str, float]]:
             hint = f" (to run task {item!r}, put it before --lr)" if not sep and item in TASKS else ""
             raise UsageError(f"bad --lr {item!r}; write OPT=VALUE with OPT one of {', '.join(OPTIMIZERS)}, "
                              f"e.g. --lr muon=0.02{hint}")
+        if "," in value:
+            # --optimizers takes a comma-separated list; --lr takes its pairs apart.
+            raise UsageError(f"bad --lr {item!r}: separate OPT=VALUE pairs with spaces, not commas, e.g. "
+                             f"--lr {' '.join(item.split(','))}")
         try:
             lr = float(value)
         except ValueError:
@@ -254,6 +258,10 @@ def _check_attention(task: Task, flag: str, used: bool) -> None:
 def _bench(args: argparse.Namespace) -> int:
     from muonkit.tasks.bench import auto_threads
 
+    if args.task not in TASKS and args.task in OPTIMIZERS:
+        # `--optimizers muon adamw`: the second name lands in TASK ("unknown task 'adamw'").
+        raise UsageError(f"unknown task {args.task!r}: it is an optimizer; --optimizers takes a comma-separated "
+                         f"list, e.g. --optimizers muon,{args.task}")
     task = get_task(args.task)
     optimizers = _parse_optimizers(args.optimizers, task.default_optimizers)
     pairs = _parse_lrs(args.lr)

@@ -393,6 +393,7 @@ def test_an_unwritable_result_file_is_one_line_and_exit_2(tmp_path, capsys):
     (out_dir / "results.json").mkdir(parents=True)  # a directory where the file must go
     code, out, err = run(["bench", "regression", "--steps", "2", "--quiet", "--out", str(out_dir)], capsys)
     last = err.strip().splitlines()[-1]  # after the runs' progress lines
+    assert err.splitlines()[0].endswith(", 1 thread"), err  # not "1 threads" (one thread: tests/conftest.py)
     assert code == 2 and "Traceback" not in err, err
     assert last.startswith("muonkit: error: cannot write") and str(out_dir / "results.json") in last, last
     assert not [p.name for p in out_dir.iterdir() if p.name.startswith(".")], "temporary files left behind"

@@ -315,8 +315,9 @@ def _run_bench(args: argparse.Namespace, task: Task, optimizers: tuple[str, ...]
                          eval_every=args.eval_every, qk_clip=args.qk_clip, tensorboard=args.tensorboard,
                          per_head=args.per_head, interleave=args.interleave)
     what = "lr sweep" if args.lr_sweep else "bench"
+    threads = torch.get_num_threads()
     _log(f"muonkit {what} {task.name}: {', '.join(optimizers)}; {args.seeds} seed(s) x {steps} steps on {device}"
-         f"{', interleaved' if args.interleave else ''}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+         f"{', interleaved' if args.interleave else ''}; torch {torch.__version__}, {threads} thread{'s' * (threads != 1)}")
     if args.lr_sweep:
         table, _ = run_sweep(config, data, _log)
         written = [out / "sweep.json"]

@@ -470,6 +470,12 @@ def test_order_alone_warns_once_and_says_so():
         text = muonkit.explain(model, file=None)
     assert len(caught) == 1
     assert "only order is left" in text
+    # Once per model: param_groups after explain (README's pattern) warned a second time.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        muonkit.param_groups(model)
+    with pytest.warns(UserWarning, match="order alone"):
+        muonkit.param_groups(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)))  # another model
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         decisions = muonkit.route(model, example_inputs=(torch.randn(2, 8),))  # the forward pass is evidence

@@ -27,6 +27,7 @@ import fnmatch
 import inspect
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TextIO, Union
@@ -667,6 +668,10 @@ def _listed(name: str, entries: dict[str, str]) -> str | None:
 
 # ----------------------------------------------------------------------------------- routing
 
+# The models whose output layer route() has warned was decided by order alone, and which names.
+_WARNED_BY_ORDER: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+
+
 def route(
     model: nn.Module,
     *,
@@ -810,7 +815,10 @@ def route(
             if no_decay is None and id(p) in free and p.shape[0] == 1 and choice == "adamw":
                 no_decay = "learned token or position table: a free tensor with a leading axis of 1"
         decisions.append(Decision(name, shape, choice, reason, layout if choice == "muon" else None, no_decay))
-        if by_order and rule.output is not None and choice == "adamw" and reason.startswith("output layer"):
+        if (by_order and rule.output is not None and choice == "adamw" and reason.startswith("output layer")
+                and name not in _WARNED_BY_ORDER.setdefault(model, set())):
+            # Once per model and parameter: explain(model) then param_groups(model) warned twice.
+            _WARNED_BY_ORDER[model].add(name)
             warnings.warn(f"muonkit: {type(model).__name__} '{name}': output layer decided by order alone ({reason})",
                           stacklevel=3)
     return decisions

@@ -218,10 +218,15 @@ def test_ns_plot_draws_each_orthogonalizer_in_its_own_style(tmp_path, monkeypatc
     assert len(set(drawn.values())) == len(drawn), drawn
 
 
-@pytest.mark.parametrize("command, words", [("explain", "muonkit.explain(model)"), ("ns", "polar factor, its")])
+@pytest.mark.parametrize("command, words", [
+    ("explain", "muonkit.explain(model)"), ("ns", "polar factor, its"),
+    ("bench", "- muon-kj: muonkit.Muon with Keller Jordan's coefficients and scale"),
+    ("bench", "- muon-pe4, muon-aol, muon-cubic5: muon with a cheaper orthogonalizer"),
+])
 def test_subcommand_help_says_what_it_does(command, words, capsys):
     """`muonkit explain --help` and `ns --help` had a usage line and options only; explain's says
-    how to route your own model (it takes a built-in task)."""
+    how to route your own model (it takes a built-in task). bench's lists what each --optimizers
+    name is (it listed 19 names without a word on any)."""
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
     out = " ".join(capsys.readouterr().out.split())

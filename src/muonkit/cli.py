@@ -16,9 +16,11 @@ every command prints one line saying what to install and returns 2.
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,6 +102,16 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _optimizers_epilog() -> str:
+    """What each --optimizers name is, from muonkit.tasks.optimizers' docstring (its bullet list):
+    the help listed 19 names (muon-kj, muon-pe4, dion2, ...) without a word on any."""
+    import muonkit.tasks.optimizers as optimizers
+
+    text = inspect.cleandoc(optimizers.__doc__ or "")
+    bullets = text[text.index("- muon:"):text.index("\n\n", text.index("- muon:"))]
+    return "optimizers (--optimizers):\n" + textwrap.indent(bullets, "  ")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="muonkit", description="Muon optimizer toolkit: benchmarks and diagnostics.")
     parser.add_argument("--version", action="version", version=f"muonkit {muonkit.__version__}")
@@ -107,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench", help="train a task with several optimizers and compare them",
-        description="Train TASK with each optimizer and seed; print a table and write results.json and "
-                    "curves.png to --out. Without arguments: charlm on the standard library's source, "
-                    "muon vs adamw.")
+        description=textwrap.fill(
+            "Train TASK with each optimizer and seed; print a table and write results.json and curves.png to "
+            "--out. Without arguments: charlm on the standard library's source, muon vs adamw.", 78),
+        epilog=_optimizers_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("task", nargs="?", default="charlm", help=f"one of: {', '.join(TASKS)} (default charlm)")
     bench.add_argument("--optimizers", help=f"comma-separated, from: {', '.join(OPTIMIZERS)} "
                                             "(default: the task's own list)")

@@ -328,6 +328,21 @@ def test_routing_given_parameters_instead_of_the_model_says_so(call):
             call(wrong)
 
 
+def test_a_norm_class_of_its_own_is_named_a_norm():
+    """transformers' LlamaRMSNorm and the like (not torch norms) read "1D norm gain or shift of
+    LlamaRMSNorm", as torch's RMSNorm does, not "1D bias or scale vector"."""
+    class LlamaRMSNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(8))
+
+    model = nn.ModuleDict({"norm": LlamaRMSNorm(), "torch_norm": nn.RMSNorm(8), "fc": nn.Linear(8, 8)})
+    reasons = {d.name: d.reason for d in muonkit.route(model, adamw=["fc.weight"])}  # no order warning
+    assert reasons["norm.weight"] == "1D norm gain or shift of LlamaRMSNorm"
+    assert reasons["torch_norm.weight"] == "1D norm gain or shift of RMSNorm"
+    assert reasons["fc.bias"] == "1D bias or scale vector of Linear"
+
+
 def test_explain_summary_counts_in_words():
     """The summary line under the table: "muon: 1 tensor", not "1 tensors"."""
     model = nn.Sequential(nn.Linear(4, 8, bias=False), nn.Linear(8, 8, bias=False), nn.Linear(8, 2, bias=False))

@@ -886,7 +886,10 @@ class _Rule:
         if p.ndim == 0:
             return "adamw", "scalar (0D)", None
         if p.ndim == 1:
-            role = "norm gain or shift" if isinstance(self.module, _NORMS) else "bias or scale vector"
+            # transformers' norms are their own classes (LlamaRMSNorm, T5LayerNorm): named as norms too
+            # (the wording only; every 1D parameter goes to AdamW).
+            is_norm = isinstance(self.module, _NORMS) or kind.endswith("Norm")
+            role = "norm gain or shift" if is_norm else "bias or scale vector"
             return "adamw", f"1D {role} of {kind}", None
         if self.known is not None and self.known.what == "embedding":
             return "adamw", f"embedding ({kind}): a lookup table, not a dense linear map", None

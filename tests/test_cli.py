@@ -172,15 +172,65 @@ def test_explain_charlm_routes_embeddings_and_head_to_adamw(capsys, text_file):
     assert rows["blocks.0.qkv.weight"] == rows["blocks.3.fc_proj.weight"] == "Muon"
 
 
-def test_ns(tmp_path, capsys):
+def test_ns(tmp_path, capsys, monkeypatch):
+    import muonkit.tasks.bench
+
+    # Timed on bench's default threads (the cores the load leaves idle): on a busy 2-core machine
+    # torch's 2 default threads timed 1-ms methods at 300 ms. The caller's count is restored.
+    monkeypatch.setattr(muonkit.tasks.bench, "auto_threads", lambda: 2)
+    before = torch.get_num_threads()
     code, out, err = run(["ns", "--size", "16x40", "--repeats", "1", "--out", str(tmp_path)], capsys)
     assert code == 0, err
+    assert torch.get_num_threads() == before != 2
     results = json.loads((tmp_path / "ns.json").read_text())
+    assert results["environment"]["torch_threads"] == 2 and "2 torch threads" in out.splitlines()[0]
     assert results["environment"]["cpu"] and results["finished"]
     svd = results["matrices"]["random"]["methods"]["svd"]
     assert svd["rel_error"] < 1e-5 and abs(svd["sv_min"] - 1) < 1e-5
     assert (tmp_path / "ns_spectra.png").read_bytes()[:8] == PNG_MAGIC
     assert "polar_express" in out and "gradient-like" in out
+
+
+def test_ns_plot_draws_each_orthogonalizer_in_its_own_style(tmp_path, monkeypatch):
+    """In ns_spectra.png no two methods share a color and line style (cubic5 and aol took the
+    color cycle's first two, polar_express's blue and keller_jordan's orange)."""
+    import matplotlib.axes
+    import matplotlib.figure
+
+    import muonkit
+    from muonkit.tasks import nscompare
+
+    drawn = {}
+    original = matplotlib.axes.Axes.plot
+
+    def plot(ax, *args, **kw):
+        if kw.get("label"):  # the methods' curves (the input spectrum below has no label)
+            drawn[kw["label"]] = (kw.get("color"), str(kw.get("ls", "-")))
+        return original(ax, *args, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path, **kw: None)  # no PNG needed
+    methods = {m: {"spectrum": [1.0, 0.9]} for m in muonkit.ORTHOGONALIZERS}
+    nscompare.plot_spectra({"shape": [2, 4], "seed": 0, "matrices": {
+        "random": {"input_spectrum": [0.8, 0.6], "methods": methods}}}, tmp_path / "s.png")
+    assert len(drawn) == len(muonkit.ORTHOGONALIZERS)
+    assert all(color is not None for color, _ in drawn.values()), drawn
+    assert len(set(drawn.values())) == len(drawn), drawn
+
+
+@pytest.mark.parametrize("command, words", [
+    ("explain", "muonkit.explain(model)"), ("ns", "polar factor, its"),
+    ("bench", "- muon-kj: muonkit.Muon with Keller Jordan's coefficients and scale"),
+    ("bench", "- muon-pe4, muon-aol, muon-cubic5: muon with a cheaper orthogonalizer"),
+])
+def test_subcommand_help_says_what_it_does(command, words, capsys):
+    """`muonkit explain --help` and `ns --help` had a usage line and options only; explain's says
+    how to route your own model (it takes a built-in task). bench's lists what each --optimizers
+    name is (it listed 19 names without a word on any)."""
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exit_.value.code == 0 and words in out, out
 
 
 def _corrupt_magic(d: Path) -> None:
@@ -253,6 +303,11 @@ def bad_inputs(tmp: Path, cifar_dir: Path, text_file: Path) -> list[tuple[list[s
         (["bench", "charlm", "--text", str(text_file), "--out", str(a_file / "sub")], "cannot create output directory"),
         (["bench", "charlm", "--lr", "muon"], "bad --lr 'muon'"),
         (["bench", "--lr", "muon=0.02", "modular"], "put it before --lr"),
+        # A list written as --optimizers takes it: commas in --lr, spaces in --optimizers.
+        (["bench", "--lr", "muon=0.01,adamw=0.001"], "separate OPT=VALUE pairs with spaces, not commas, e.g. "
+                                                     "--lr muon=0.01 adamw=0.001"),
+        (["bench", "--optimizers", "muon", "adamw"], "it is an optimizer; --optimizers takes a comma-separated "
+                                                     "list, e.g. --optimizers muon,adamw"),
         (["bench", "charlm", "--lr", "lion=0.1"], "bad --lr 'lion=0.1'"),
         (["bench", "charlm", "--lr", "muon=-1"], "must be a positive number"),
         (["bench", "charlm", "--lr", "adamw=fast"], "must be a positive number"),
@@ -343,6 +398,7 @@ def test_an_unwritable_result_file_is_one_line_and_exit_2(tmp_path, capsys):
     (out_dir / "results.json").mkdir(parents=True)  # a directory where the file must go
     code, out, err = run(["bench", "regression", "--steps", "2", "--quiet", "--out", str(out_dir)], capsys)
     last = err.strip().splitlines()[-1]  # after the runs' progress lines
+    assert err.splitlines()[0].endswith(", 1 thread"), err  # not "1 threads" (one thread: tests/conftest.py)
     assert code == 2 and "Traceback" not in err, err
     assert last.startswith("muonkit: error: cannot write") and str(out_dir / "results.json") in last, last
     assert not [p.name for p in out_dir.iterdir() if p.name.startswith(".")], "temporary files left behind"

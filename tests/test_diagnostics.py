@@ -236,6 +236,28 @@ def test_bench_plot_gains_the_update_rms_panel(tmp_path):
     assert panel > 1.7 * plain and width == _png_size(tmp_path / "plain.png")[0]
 
 
+def test_update_rms_panel_tells_more_than_ten_roles_apart():
+    """Past ten roles (an MoE Llama has 14) each role keeps its own (color, line style) and every color
+    is one of tab10's hues: tab20's light/dark pairs of one hue read as the darker-is-deeper shading."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    from muonkit.tasks.report import _plot_update_rms
+
+    r = RunResult("hf-lm", "muon", 0.1, 0, 2, [])
+    r.update_rms_steps = [1, 2]
+    r.update_rms = {f"layers.{i}.w{k}": [0.2, 0.3] for k in range(14) for i in range(2)}
+    fig = plt.figure()
+    try:
+        _plot_update_rms(fig, {"muon": r})
+        lines = fig.axes[0].get_lines()
+        looks = {(matplotlib.colors.to_hex(line.get_color()), line.get_linestyle()) for line in lines}
+        tab10 = {matplotlib.colors.to_hex(c) for c in plt.get_cmap("tab10").colors}
+        assert len(lines) == 28 and len(looks) == 14  # 2 layers per role share a look; 14 roles, 14 looks
+        assert {matplotlib.colors.to_hex(line.get_color()) for line in lines} <= tab10
+    finally:
+        plt.close(fig)
+
+
 def test_muonkit_statistics_only_on_recorded_steps():
     """Built with diagnostics (as for --tensorboard), Muon computes statistics on the recorded steps
     only: last_stats stays empty through a step that records nothing."""

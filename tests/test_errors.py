@@ -4,6 +4,8 @@ a gradient are skipped."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -311,6 +313,24 @@ def test_keys_torch_optim_and_schedulers_add_to_groups_still_load_and_step():
     again = muonkit.Muon([{"params": [params[0]], "name": "blocks"}, {"params": [params[1]], "use_muon": False}])
     again.load_state_dict(opt.state_dict())
     again.step()
+
+
+@pytest.mark.parametrize("use_muon, key, meant", [(False, "beta", "betas"), (True, "momentun", "momentum"),
+                                                   (True, "weight_decy", "weight_decay")])
+def test_a_misspelt_option_warns_naming_the_option_it_resembles(use_muon, key, meant):
+    """adamw_options={"beta": ...} was kept as a tag without a word, and the group stepped with the
+    default betas; the group is still built (a tag is allowed), with a warning naming the option."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    groups = muonkit.param_groups(model, adamw=["2.weight"],
+                                  **{"muon_options" if use_muon else "adamw_options": {key: 0.5}})
+    with pytest.warns(UserWarning, match=rf"group \d: {key}=0.5 is not an option .* Did you mean '{meant}'\?"):
+        opt = muonkit.Muon(groups)
+    assert any(key in g for g in opt.param_groups)
+    # Keys torch.optim, schedulers and users put in groups are not near misses.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        muonkit.Muon([{"params": [torch.nn.Parameter(torch.randn(4, 4)), ], "name": "blocks", "initial_lr": 0.1,
+                       "max_lr": 0.1, "min_lr": 0.0, "base_momentum": 0.85, "max_momentum": 0.95}])
 
 
 def test_option_edited_into_a_bad_value_fails_before_anything_changes():

@@ -470,6 +470,12 @@ def test_order_alone_warns_once_and_says_so():
         text = muonkit.explain(model, file=None)
     assert len(caught) == 1
     assert "only order is left" in text
+    # Once per model: param_groups after explain (README's pattern) warned a second time.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        muonkit.param_groups(model)
+    with pytest.warns(UserWarning, match="order alone"):
+        muonkit.param_groups(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)))  # another model
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         decisions = muonkit.route(model, example_inputs=(torch.randn(2, 8),))  # the forward pass is evidence
@@ -562,7 +568,9 @@ def test_bench_hf_lm_end_to_end(tmp_path, capsys):
     assert main(["explain", "hf-lm", "--hf-config", "gpt2", "--text", str(text)]) == 0
     out = capsys.readouterr().out
     assert "transformer.h.0.attn.c_attn.weight" in out and "3 matrices" in out
-    assert "lm_head" not in out  # GPT-2 ties its head to the token embedding
+    # GPT-2 ties its head to the token embedding: no row of its own, named on the embedding's row.
+    assert not any(line.startswith("lm_head") for line in out.splitlines())
+    assert "also lm_head.weight (tied: the same tensor)" in out
 
 
 def test_bench_hf_lm_config_path_and_errors(tmp_path, capsys, monkeypatch):

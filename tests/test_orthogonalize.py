@@ -609,7 +609,10 @@ def test_explain_says_which_ns_dtype_and_why(monkeypatch, fast):
         assert "Newton-Schulz runs in bfloat16 on cpu by default" in text and "natively" in text
     else:
         assert "Newton-Schulz runs in float32 on cpu by default" in text and "slower" in text
-    assert "ns_dtype=torch.float32" in text
+    # The other choice is named, not the one already made (a float32 machine was told
+    # "ns_dtype=torch.float32 gives float32").
+    assert ("ns_dtype=torch.float32 gives float32" in text) == fast
+    assert ("ns_dtype=torch.bfloat16" in text) != fast
     assert "CUDA multiplies bfloat16 natively" in kernels.default_ns_dtype_reason("cuda")
     assert "bfloat16 on cuda" in kernels.default_ns_dtype_reason("cuda")
 

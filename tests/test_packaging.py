@@ -107,6 +107,18 @@ def test_the_command_line_without_the_bench_extra_says_what_to_install():
     assert len(lines) == 1 and "pip install 'muonkit[bench]'" in lines[0], result.stderr
 
 
+@pytest.mark.parametrize("args, extras", [([], "bench"), (["hf-lm", "--hf-config", "qwen3-moe"], "bench,hf")])
+def test_bench_script_installs_the_hf_extra_for_hf_lm(tmp_path, args, extras):
+    """README's `./scripts/bench.sh hf-lm ...` on a fresh clone: the script asks setup.sh for the hf
+    extra (transformers), instead of stopping at "hf-lm needs transformers". setup.sh is stubbed
+    here to print what it was asked for."""
+    (tmp_path / "bench.sh").write_text((ROOT / "scripts" / "bench.sh").read_text())
+    (tmp_path / "setup.sh").write_text('echo "$extras|$needed"; exit 0\n')
+    out = subprocess.run(["bash", str(tmp_path / "bench.sh"), *args], capture_output=True, text=True, timeout=30)
+    got_extras, needed = out.stdout.strip().split("|")
+    assert got_extras == extras and ("transformers" in needed.split()) == ("hf" in extras), out.stdout
+
+
 def test_citations_name_sections_of_docs_references_and_no_path_outside_the_repository():
     """Code, tests, benchmarks and docs cite docs/references.md by section, and every cited section
     exists; none names an absolute path (a file outside the repository a reader cannot open)."""

@@ -165,6 +165,16 @@ def test_gpt_routing(tied, with_inputs):
     assert got["wte.weight"] == "adamw" and got["wpe.weight"] == "adamw"
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_a_tied_head_is_named_on_its_embeddings_row(tied):
+    """named_parameters() lists a tied weight once (as wte.weight): the row says lm_head.weight is the
+    same tensor, so that explain's table does not seem to leave the head out."""
+    decisions = {d.name: d for d in muonkit.route(GPT(tied=tied))}
+    assert ("lm_head.weight" in decisions) != tied
+    assert decisions["wte.weight"].reason.endswith("; also lm_head.weight (tied: the same tensor)") == tied
+    assert all("tied: the same tensor" not in d.reason for n, d in decisions.items() if n != "wte.weight")
+
+
 @pytest.mark.parametrize("with_inputs", [False, True], ids=["registration", "execution"])
 def test_mlp_stem_and_output_to_adamw(with_inputs):
     kw = {"example_inputs": (torch.randn(2, 8),)} if with_inputs else {}
@@ -305,6 +315,39 @@ def test_explain_lists_every_parameter(model_name):
     for name, _ in model.named_parameters():
         assert name in text and name in printed, name
     assert text.strip() == printed.strip()
+
+
+@pytest.mark.parametrize("call", [muonkit.route, muonkit.param_groups, muonkit.explain])
+def test_routing_given_parameters_instead_of_the_model_says_so(call):
+    """torch.optim's habit, param_groups(model.parameters()): a TypeError that says to pass the
+    model, instead of "'generator' object has no attribute 'named_parameters'"."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    for wrong, kind in ((model.parameters(), "generator"), (list(model.parameters()), "list")):
+        with pytest.raises(TypeError, match=rf"takes the model \(a torch.nn.Module\), got {kind}: .*"
+                                            r"param_groups\(model\), not model.parameters\(\)"):
+            call(wrong)
+
+
+def test_a_norm_class_of_its_own_is_named_a_norm():
+    """transformers' LlamaRMSNorm and the like (not torch norms) read "1D norm gain or shift of
+    LlamaRMSNorm", as torch's RMSNorm does, not "1D bias or scale vector"."""
+    class LlamaRMSNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(8))
+
+    model = nn.ModuleDict({"norm": LlamaRMSNorm(), "torch_norm": nn.RMSNorm(8), "fc": nn.Linear(8, 8)})
+    reasons = {d.name: d.reason for d in muonkit.route(model, adamw=["fc.weight"])}  # no order warning
+    assert reasons["norm.weight"] == "1D norm gain or shift of LlamaRMSNorm"
+    assert reasons["torch_norm.weight"] == "1D norm gain or shift of RMSNorm"
+    assert reasons["fc.bias"] == "1D bias or scale vector of Linear"
+
+
+def test_explain_summary_counts_in_words():
+    """The summary line under the table: "muon: 1 tensor", not "1 tensors"."""
+    model = nn.Sequential(nn.Linear(4, 8, bias=False), nn.Linear(8, 8, bias=False), nn.Linear(8, 2, bias=False))
+    text = muonkit.explain(model, file=None, example_inputs=(torch.randn(2, 4),))
+    assert "adamw: 2 tensors, 48 values, muon: 1 tensor, 64 values" in text
 
 
 @pytest.mark.parametrize("model_name", list(MODELS))

@@ -487,6 +487,16 @@ def test_steps_to_adamw_final_and_ratio():
     assert summaries["adamw"]["steps_to_reference"] == [4, 4] and summaries["adamw"]["reference_step_ratio"] == 1.0
 
 
+def test_table_names_the_metric_its_target_counts():
+    """The columns read "steps to val_loss 2", not "steps to 2"."""
+    from muonkit.tasks.report import format_table
+
+    summary = {"lr": 0.01, "final": [1.9], "best": [1.9], "steps_to_target": [250], "seconds_to_target": [22.0],
+               "fwd_bwd_ms": 60.0, "opt_step_ms": 20.0, "peak_memory_mb": None, "optimizer_state_mb": 3.0}
+    header = format_table(get_task("charlm"), {"muon": summary}).splitlines()[0]
+    assert "| steps to val_loss 2 | seconds to val_loss 2 |" in header, header
+
+
 def test_per_head_routing_reads_each_qkv_weight_per_head():
     from muonkit.tasks.charlm import per_head_routing
     model = GPT(vocab=11, context=8, width=16, depth=2, heads=2)

@@ -6,7 +6,7 @@
                   [--qk-clip TAU] [--per-head] [--tensorboard DIR]
                   [--device cpu|cuda] [--out DIR] [--threads N] [--quiet]
     muonkit explain TASK [--data-dir DIR] [--text FILE] [--hf-config NAME_OR_PATH] [--per-head]
-    muonkit ns [--size ROWSxCOLS] [--seed S] [--repeats N] [--out DIR]
+    muonkit ns [--size ROWSxCOLS] [--seed S] [--repeats N] [--out DIR] [--threads N]
 
 Bad input prints one line naming the problem and the fix to stderr and returns 2. The commands need
 the `bench` extra (numpy, matplotlib, tqdm), which the library itself never imports: without it,
@@ -16,9 +16,11 @@ every command prints one line saying what to install and returns 2.
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,6 +102,16 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _optimizers_epilog() -> str:
+    """What each --optimizers name is, from muonkit.tasks.optimizers' docstring (its bullet list):
+    the help listed 19 names (muon-kj, muon-pe4, dion2, ...) without a word on any."""
+    import muonkit.tasks.optimizers as optimizers
+
+    text = inspect.cleandoc(optimizers.__doc__ or "")
+    bullets = text[text.index("- muon:"):text.index("\n\n", text.index("- muon:"))]
+    return "optimizers (--optimizers):\n" + textwrap.indent(bullets, "  ")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="muonkit", description="Muon optimizer toolkit: benchmarks and diagnostics.")
     parser.add_argument("--version", action="version", version=f"muonkit {muonkit.__version__}")
@@ -107,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench", help="train a task with several optimizers and compare them",
-        description="Train TASK with each optimizer and seed; print a table and write results.json and "
-                    "curves.png to --out. Without arguments: charlm on the standard library's source, "
-                    "muon vs adamw.")
+        description=textwrap.fill(
+            "Train TASK with each optimizer and seed; print a table and write results.json and curves.png to "
+            "--out. Without arguments: charlm on the standard library's source, muon vs adamw.", 78),
+        epilog=_optimizers_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("task", nargs="?", default="charlm", help=f"one of: {', '.join(TASKS)} (default charlm)")
     bench.add_argument("--optimizers", help=f"comma-separated, from: {', '.join(OPTIMIZERS)} "
                                             "(default: the task's own list)")
@@ -153,7 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
     bench.set_defaults(func=_bench)
 
-    explain = commands.add_parser("explain", help="print which parameters of a task's model go to Muon or AdamW")
+    explain = commands.add_parser(
+        "explain", help="print which parameters of a task's model go to Muon or AdamW",
+        description="Print the routing table of TASK's model: each parameter's optimizer (Muon or AdamW), "
+                    "weight decay and the reason. For your own model, call muonkit.explain(model) in Python "
+                    "(README.md, 'Use it in your model').")
     explain.add_argument("task", help=f"one of: {', '.join(TASKS)}")
     explain.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     explain.add_argument("--text", type=Path, help="charlm, hf-lm: the corpus that sets the vocabulary size")
@@ -161,12 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--per-head", action="store_true", help="as `muonkit bench --per-head`: qkv weights per head")
     explain.set_defaults(func=_explain)
 
-    ns = commands.add_parser("ns", help="compare the orthogonalizers with the exact SVD polar factor")
+    ns = commands.add_parser(
+        "ns", help="compare the orthogonalizers with the exact SVD polar factor",
+        description="Orthogonalize random and gradient-like matrices with every built-in orthogonalizer; "
+                    "print each one's distance from the exact (SVD) polar factor, its singular values and its "
+                    "time; write ns.json and ns_spectra.png (the singular values) to --out.")
     ns.add_argument("--size", default="128x512", help="ROWSxCOLS of the test matrices (default 128x512); a size "
                                                     "whose run would not fit in the available memory is refused")
     ns.add_argument("--seed", type=_seed, default=0, help="seed of the test matrices (default 0)")
     ns.add_argument("--repeats", type=_positive_int, default=5, help="timing repeats; the median is shown")
     ns.add_argument("--out", type=Path, help="output directory (default ./muonkit-runs/ns-<time>)")
+    ns.add_argument("--threads", type=_thread_count,
+                    help="torch CPU threads (default: the cores the load average leaves idle, at least 1)")
     ns.set_defaults(func=_ns)
     return parser
 
@@ -194,6 +217,10 @@ def _parse_lrs(items: Sequence[str]) -> list[tuple[str, float]]:
             hint = f" (to run task {item!r}, put it before --lr)" if not sep and item in TASKS else ""
             raise UsageError(f"bad --lr {item!r}; write OPT=VALUE with OPT one of {', '.join(OPTIMIZERS)}, "
                              f"e.g. --lr muon=0.02{hint}")
+        if "," in value:
+            # --optimizers takes a comma-separated list; --lr takes its pairs apart.
+            raise UsageError(f"bad --lr {item!r}: separate OPT=VALUE pairs with spaces, not commas, e.g. "
+                             f"--lr {' '.join(item.split(','))}")
         try:
             lr = float(value)
         except ValueError:
@@ -244,6 +271,10 @@ def _check_attention(task: Task, flag: str, used: bool) -> None:
 def _bench(args: argparse.Namespace) -> int:
     from muonkit.tasks.bench import auto_threads
 
+    if args.task not in TASKS and args.task in OPTIMIZERS:
+        # `--optimizers muon adamw`: the second name lands in TASK ("unknown task 'adamw'").
+        raise UsageError(f"unknown task {args.task!r}: it is an optimizer; --optimizers takes a comma-separated "
+                         f"list, e.g. --optimizers muon,{args.task}")
     task = get_task(args.task)
     optimizers = _parse_optimizers(args.optimizers, task.default_optimizers)
     pairs = _parse_lrs(args.lr)
@@ -297,8 +328,9 @@ def _run_bench(args: argparse.Namespace, task: Task, optimizers: tuple[str, ...]
                          eval_every=args.eval_every, qk_clip=args.qk_clip, tensorboard=args.tensorboard,
                          per_head=args.per_head, interleave=args.interleave)
     what = "lr sweep" if args.lr_sweep else "bench"
+    threads = torch.get_num_threads()
     _log(f"muonkit {what} {task.name}: {', '.join(optimizers)}; {args.seeds} seed(s) x {steps} steps on {device}"
-         f"{', interleaved' if args.interleave else ''}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+         f"{', interleaved' if args.interleave else ''}; torch {torch.__version__}, {threads} thread{'s' * (threads != 1)}")
     if args.lr_sweep:
         table, _ = run_sweep(config, data, _log)
         written = [out / "sweep.json"]
@@ -326,7 +358,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _ns(args: argparse.Namespace) -> int:
-    from muonkit.tasks.bench import environment
+    from muonkit.tasks.bench import auto_threads, environment
     from muonkit.tasks.nscompare import compare, format_table, memory_available, memory_needed, plot_spectra
     from muonkit.tasks.report import prepare_out_dir, write_json_atomic
 
@@ -341,14 +373,21 @@ def _ns(args: argparse.Namespace) -> int:
                          "available); try a smaller size, e.g. 256x1024")
     out = args.out or _default_out("ns")
     prepare_out_dir(out)
-    env = environment(torch.device("cpu"))
+    # As for bench: more threads than idle cores made the timings noise on a busy machine (128x512,
+    # load 6 on 2 cores: 280-350 ms for methods that take 1 ms on one thread).
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or auto_threads())
     try:
+        env = environment(torch.device("cpu"))
         results = compare(rows, cols, seed=args.seed, repeats=args.repeats)
     except (MemoryError, RuntimeError) as err:
         # torch's CPU allocator reports a failed allocation as a RuntimeError ("can't allocate memory").
         if not isinstance(err, MemoryError) and "allocate" not in str(err):
             raise
         raise UsageError(f"{too_big}: an allocation failed; try a smaller size, e.g. 256x1024") from None
+    finally:
+        # main() may run inside a larger process (tests, scripts): leave its thread count as found.
+        torch.set_num_threads(previous_threads)
     results["environment"] = env
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     plot_spectra(results, out / "ns_spectra.png")

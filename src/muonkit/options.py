@@ -6,9 +6,11 @@ Everything here runs before a step or a load changes anything (see muonkit.optim
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 import operator
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal, TypedDict, Union
 
@@ -206,6 +208,17 @@ def check_group_keys(group: dict[str, Any], where: str) -> None:
             f"{where}: {key}={group[key]!r} is not an option of {'a Muon' if muon else 'an AdamW'} group, "
             f"which would step without it: {fix}"
         )
+    # A key that is no option but one letter or two from one of this kind (adamw_options={"beta": ...},
+    # muon_options={"momentun": ...}) is kept as a tag, like any other key, and the group steps with the
+    # default: say so. Cutoff 0.85 leaves torch's own extra keys alone (OneCycleLR's max_momentum and
+    # base_momentum, schedulers' initial_lr, max_lr, min_lr).
+    known = set(MUON_KEYS) | set(ADAMW_KEYS) | set(DEFAULTS) | set(GLOBAL_KEYS)
+    for key in sorted(k for k in group if isinstance(k, str) and k not in known):
+        close = difflib.get_close_matches(key, MUON_KEYS if muon else ADAMW_KEYS, n=1, cutoff=0.85)
+        if close:
+            warnings.warn(f"{where}: {key}={group[key]!r} is not an option of {'a Muon' if muon else 'an AdamW'} "
+                          f"group; it is kept as a tag and the group uses its default {close[0]}. "
+                          f"Did you mean {close[0]!r}?", UserWarning, stacklevel=2)
 
 
 def number(value: Any, name: str, where: str) -> float:

@@ -244,8 +244,12 @@ def default_ns_dtype_reason(device: torch.device | str) -> str:
                else "this CPU's bfloat16 products are not faster than float32 ones")
     else:
         why = f"bfloat16 is only chosen on CUDA and on CPUs with native bfloat16 products, not on {kind}"
+    # Name the other choice: "ns_dtype=torch.float32 gives float32" where float32 is already the
+    # default read as if it were a change.
+    other = ("ns_dtype=torch.float32 gives float32 (more accurate, slower)" if chosen == "bfloat16"
+             else "ns_dtype=torch.bfloat16 asks for bfloat16 anyway")
     return (f"Newton-Schulz runs in {chosen} on {kind} by default (ns_dtype=None): {why}; "
-            "ns_dtype=torch.float32 gives float32, float64 state stays float64.")
+            f"{other}; float64 state stays float64.")
 
 
 def working_dtype(tensor: Tensor, dtype: NsDtype) -> torch.dtype:

@@ -27,6 +27,7 @@ import fnmatch
 import inspect
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TextIO, Union
@@ -667,6 +668,10 @@ def _listed(name: str, entries: dict[str, str]) -> str | None:
 
 # ----------------------------------------------------------------------------------- routing
 
+# The models whose output layer route() has warned was decided by order alone, and which names.
+_WARNED_BY_ORDER: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+
+
 def route(
     model: nn.Module,
     *,
@@ -711,6 +716,12 @@ def route(
         >>> for d in muonkit.route(model, example_inputs=(x,)):
         ...     print(d.name, d.optimizer, d.reason)
     """
+    if not isinstance(model, nn.Module):
+        # torch.optim habit: param_groups(model.parameters()) failed with "'generator' object has no
+        # attribute 'named_parameters'".
+        raise TypeError(f"muonkit routing (route, param_groups, explain) takes the model (a torch.nn.Module), got "
+                        f"{type(model).__name__}: pass the model itself, e.g. muonkit.param_groups(model), not "
+                        "model.parameters(); routing reads each parameter's module")
     unknown = (set(muon) | set(adamw)) - {n for n, _ in model.named_parameters()}
     if unknown:
         raise ValueError(f"no parameters named {sorted(unknown)} in the model")
@@ -744,6 +755,12 @@ def route(
         id(m.weight): name for name, m in model.named_modules() if isinstance(m, _EMBEDDINGS)
     }
     names_of = {id(p): n for n, p in model.named_parameters()}
+    # A tied weight is listed once, under its first name (GPT-2's lm_head.weight is wte.weight): its
+    # row says the other names, so that the table does not seem to leave the head out.
+    aliases: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if names_of.get(id(p)) != n:
+            aliases.setdefault(id(p), []).append(n)
     free = {id(p): p for p in model.parameters() if p.ndim >= 2 and id(p) not in known}
 
     uses: dict[int, list[_Use]] | None = None
@@ -788,6 +805,8 @@ def route(
             router=routers.get(id(p)),
         )
         choice, reason, layout = rule.decide(muon=muon, adamw=adamw, predicate=predicate, min_size=min_size)
+        if id(p) in aliases:
+            reason += f"; also {', '.join(aliases[id(p)])} (tied: the same tensor)"
         no_decay = None
         if exclude_from_decay:
             local_name = name[len(module_name) + 1:] if module_name else name
@@ -796,7 +815,10 @@ def route(
             if no_decay is None and id(p) in free and p.shape[0] == 1 and choice == "adamw":
                 no_decay = "learned token or position table: a free tensor with a leading axis of 1"
         decisions.append(Decision(name, shape, choice, reason, layout if choice == "muon" else None, no_decay))
-        if by_order and rule.output is not None and choice == "adamw" and reason.startswith("output layer"):
+        if (by_order and rule.output is not None and choice == "adamw" and reason.startswith("output layer")
+                and name not in _WARNED_BY_ORDER.setdefault(model, set())):
+            # Once per model and parameter: explain(model) then param_groups(model) warned twice.
+            _WARNED_BY_ORDER[model].add(name)
             warnings.warn(f"muonkit: {type(model).__name__} '{name}': output layer decided by order alone ({reason})",
                           stacklevel=3)
     return decisions
@@ -864,7 +886,10 @@ class _Rule:
         if p.ndim == 0:
             return "adamw", "scalar (0D)", None
         if p.ndim == 1:
-            role = "norm gain or shift" if isinstance(self.module, _NORMS) else "bias or scale vector"
+            # transformers' norms are their own classes (LlamaRMSNorm, T5LayerNorm): named as norms too
+            # (the wording only; every 1D parameter goes to AdamW).
+            is_norm = isinstance(self.module, _NORMS) or kind.endswith("Norm")
+            role = "norm gain or shift" if is_norm else "bias or scale vector"
             return "adamw", f"1D {role} of {kind}", None
         if self.known is not None and self.known.what == "embedding":
             return "adamw", f"embedding ({kind}): a lookup table, not a dense linear map", None
@@ -1044,7 +1069,8 @@ def format_table(decisions: Sequence[Decision]) -> str:
     for d in decisions:
         n, c = counts.get(d.optimizer, (0, 0))
         counts[d.optimizer] = (n + 1, c + int(torch.Size(d.shape).numel()))
-    summary = ", ".join(f"{k}: {n} tensors, {c:,} values" for k, (n, c) in sorted(counts.items()))
+    summary = ", ".join(f"{k}: {n} tensor{'s' * (n != 1)}, {c:,} value{'s' * (c != 1)}"
+                        for k, (n, c) in sorted(counts.items()))
     note = ("Decay: 'default' is the weight_decay of the parameter's group (Muon(weight_decay=...), "
             "adamw_weight_decay=, or muon_options/adamw_options); '0 (...)' groups keep weight_decay 0.")
     return "\n".join(body + [summary, note])

@@ -96,7 +96,9 @@ def compare(rows: int, cols: int, *, seed: int = 0, repeats: int = 5) -> dict[st
 def format_table(results: dict[str, Any]) -> str:
     rows, cols = results["shape"]
     lines = [f"orthogonalizers on {rows}x{cols} float32 matrices vs exact U V^T (float64 SVD); "
-             f"time = median of {results['repeats']}",
+             f"time = median of {results['repeats']}"
+             + (f", {threads} torch thread{'s' * (threads != 1)}"
+                if (threads := results.get("environment", {}).get("torch_threads")) else ""),
              "| matrix | method | sv min | sv max | rel. error | ms |", "|---|---|---|---|---|---|"]
     for kind, entry in results["matrices"].items():
         for method, m in entry["methods"].items():
@@ -111,6 +113,10 @@ _STYLES = {
     "polar_express": dict(color="tab:blue", lw=3.0, alpha=0.6),
     "keller_jordan": dict(color="tab:orange", lw=1.6),
     "you": dict(color="tab:green", lw=1.6),
+    # cubic5 and aol had no entry and took the cycle's first colors: blue and orange, polar_express's
+    # and keller_jordan's.
+    "cubic5": dict(color="tab:purple", lw=1.6),
+    "aol": dict(color="tab:brown", lw=1.6),
     "gram": dict(color="tab:red", lw=1.4, ls=(0, (4, 3))),
     "svd": dict(color="black", lw=1.0, ls=":"),
 }

@@ -178,7 +178,8 @@ def _to_target(values: list[Any], fmt: str) -> str:
 def format_table(task: Task, summaries: dict[str, dict[str, Any]]) -> str:
     """A Markdown table: one row per optimizer; mean ± std over seeds, medians for the timings."""
     digits = 4
-    target = f"{task.target:g}"
+    # "steps to 2" left the reader to guess what reaches 2: name the metric.
+    target = f"{task.metric} {task.target:g}"
     header = ["optimizer", "lr", f"final {task.metric}", f"best {task.metric}", f"steps to {target}",
               f"seconds to {target}", "fwd+bwd ms/step", "opt ms/step", "peak MB", "opt state MB"]
     with_reference = any("reference" in s for s in summaries.values())
@@ -278,13 +279,16 @@ def plot(task: Task, runs_by_optimizer: dict[str, list[RunResult]], path: Path) 
 def _plot_update_rms(fig: Any, runs: dict[str, RunResult]) -> None:
     """A panel per optimizer: the update RMS (before lr, without weight decay) of every parameter
     over the steps, on a shared logarithmic axis. One color per role (the name without its layer
-    numbers: blocks.*.qkv.weight), darker for deeper layers."""
+    numbers: blocks.*.qkv.weight), darker for deeper layers. Colors are tab10's ten hues; roles past
+    the tenth repeat them with another line style (tab20's light/dark pairs of one hue read as the
+    shading of depth: an MoE Llama's q_proj looked like a shallow embed_tokens)."""
     names = list(dict.fromkeys(n for run in runs.values() for n in run.update_rms))
     roles = {name: re.sub(r"\.\d+(?=\.|$)", ".*", name) for name in names}
     order = list(dict.fromkeys(roles.values()))
     depth = {name: [n for n in names if roles[n] == roles[name]].index(name) for name in names}
     layers = {role: sum(1 for n in names if roles[n] == role) for role in order}
-    colors = plt.get_cmap("tab20" if len(order) > 10 else "tab10")
+    colors = plt.get_cmap("tab10")
+    styles = ("-", "--", ":", "-.")
     axes = np.atleast_1d(fig.subplots(1, len(runs), sharey=True))
     for ax, (optimizer, run) in zip(axes, runs.items()):
         steps = np.array(run.update_rms_steps, dtype=float)
@@ -295,8 +299,9 @@ def _plot_update_rms(fig: Any, runs: dict[str, RunResult]) -> None:
                 continue
             role = roles[name]
             shade = 0.35 + 0.65 * (depth[name] + 1) / layers[role]
-            ax.plot(steps[: len(values)][keep], values[keep], lw=1, color=colors(order.index(role) % colors.N),
-                    alpha=shade, label=role if depth[name] == layers[role] - 1 else None)
+            hue, style = divmod(order.index(role), colors.N)[::-1]
+            ax.plot(steps[: len(values)][keep], values[keep], lw=1, color=colors(hue),
+                    ls=styles[style % len(styles)], alpha=shade, label=role if depth[name] == layers[role] - 1 else None)
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_title(f"{optimizer} (lr {run.lr:g})", fontsize=10)

@@ -2,7 +2,8 @@
 
 Run:
     python benchmarks/bench_step.py [--cases a,c,g] [--repeats 7] [--threads 2] [--device cpu|cuda]
-        [--torch-muon-repeats 1] [--full-torch-muon] [--base COMMIT] [--isa avx2] [--write-results]
+        [--torch-muon-repeats 1] [--full-torch-muon] [--base COMMIT] [--isa avx2] [--steps-per-round 1]
+        [--clock wall|cpu] [--write-results]
 
 Cases: (a) 4 GPT-2-small blocks (768 wide: q, k, v, o 768x768, fc 3072x768, proj 768x3072 per
 block, plus their biases and LayerNorms on AdamW); (b) 12 such layers 512 wide; (c) the seed
@@ -35,6 +36,11 @@ of medians (marked *); --full-torch-muon times it whole anyway. The row "muonkit
 ns_dtype='auto'" appears where "auto" differs from the default (a CPU with native bf16 products).
 torch.optim.Muon takes 2D matrices only: in (c) the seed notebook's own Muon (the same bf16
 algorithm) stands in, and in (d) it gets the 64 experts as separate matrices.
+
+--steps-per-round N times N steps of each method per round (for the small cases, whose one step of
+a few ms is at the clock's and the machine's mercy) and reports the time per step. --clock cpu
+times by this process's CPU time (time.process_time) instead of the wall clock: with 1 thread on a
+machine shared with other jobs it leaves out the waits for a core (with more threads it sums them).
 
 --base COMMIT adds the row "muonkit Muon (defaults) at COMMIT": muonkit's src/muonkit at that git
 commit (imported as muonkit_base), timed in the same rounds, for a change's before/after.
@@ -324,13 +330,18 @@ def run_case(key: str, args: argparse.Namespace, full_torch: bool, device: str, 
     if full:
         fns[torch_label] = torch_muon_step(case)
     saved = [p.detach().clone() for p in params]
-    timings = time_interleaved(fns, repeats=args.repeats, sync=sync)
+    n = args.steps_per_round
+    clock = time.process_time if args.clock == "cpu" else None
+    timings = {name: _per_step(t, n) for name, t in
+               time_interleaved({name: _times(fn, n) for name, fn in fns.items()}, repeats=args.repeats, sync=sync,
+                                clock=clock).items()}
     if not full:
         reps, counts = representatives(case, device)
         set_grads(case, reps)
         rep_fns = {str(shape): torch_muon_step(case, [p]) for p, shape in zip(reps, counts)}
-        rep_times = time_interleaved(rep_fns, repeats=args.torch_muon_repeats, warmup=0, sync=sync)
-        rest = (time_interleaved({"adamw": torch.optim.AdamW(case.adamw, lr=LR).step}, repeats=args.repeats, sync=sync)
+        rep_times = time_interleaved(rep_fns, repeats=args.torch_muon_repeats, warmup=0, sync=sync, clock=clock)
+        rest = (time_interleaved({"adamw": torch.optim.AdamW(case.adamw, lr=LR).step}, repeats=args.repeats, sync=sync,
+                                 clock=clock)
                 if case.adamw else {})
         total = sum(rep_times[str(s)].median * n for s, n in counts.items()) + (rest["adamw"].median if rest else 0.0)
         timings[torch_label + " *"] = Timing(total, total, total, args.torch_muon_repeats)
@@ -359,6 +370,21 @@ def run_case(key: str, args: argparse.Namespace, full_torch: bool, device: str, 
     note = ("\n* torch.optim.Muon timed on one matrix per shape x count, median of "
             f"{args.torch_muon_repeats}; its ratio is a ratio of medians" if not full else "")
     return header + "\n" + table(["method", "step ms", "x textbook", "polar err"], rows) + note
+
+
+def _times(fn: Callable[[], None], n: int) -> Callable[[], None]:
+    if n == 1:
+        return fn
+
+    def steps() -> None:
+        for _ in range(n):
+            fn()
+
+    return steps
+
+
+def _per_step(t: Timing, n: int) -> Timing:
+    return Timing(t.median / n, t.low / n, t.high / n, t.runs, tuple(x / n for x in t.samples))
 
 
 def charlm_share(repeats: int, device: str) -> str:
@@ -420,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-muon-repeats", type=int, default=1)
     parser.add_argument("--full-torch-muon", action="store_true",
                         help="time torch.optim.Muon on every matrix even where bf16 is slow (default: only where it is not)")
+    parser.add_argument("--steps-per-round", type=int, default=1, help="steps of each method timed together per round")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall clock, or this process's CPU time (for 1 thread on a shared machine)")
     parser.add_argument("--base", default="", help="also time muonkit's default step at this git commit")
     parser.add_argument("--isa", default="", choices=("", *ISA_ENV),
                         help="emulate a CPU with only this instruction set (re-executes under its variables)")
@@ -441,8 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     slowdown = bf16_slowdown(device=args.device)
     full_torch = args.full_torch_muon or slowdown < 4.0
     out += [f"bfloat16 / float32 time of a 512x512 matrix product on {args.device}: {slowdown:.2f}",
-            f"Median of {args.repeats} rounds after 1 warm-up round, all methods round-robin (order reversed every "
-            "other round); x textbook = median of per-round ratios."]
+            f"Median of {args.repeats} rounds after 1 warm-up round ({args.steps_per_round} step(s) of each method per "
+            f"round, {'CPU time of this process' if args.clock == 'cpu' else 'wall clock'}), all methods round-robin "
+            "(order reversed every other round); x textbook = median of per-round ratios."]
     print("\n".join(out))
     for key in args.cases.split(","):
         text = charlm_share(args.repeats, args.device) if key == "f" else run_case(key, args, full_torch, args.device, base)

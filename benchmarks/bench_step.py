@@ -2,7 +2,8 @@
 
 Run:
     python benchmarks/bench_step.py [--cases a,c,g] [--repeats 7] [--threads 2] [--device cpu|cuda]
-        [--torch-muon-repeats 1] [--full-torch-muon] [--write-results]
+        [--torch-muon-repeats 1] [--full-torch-muon] [--base COMMIT] [--isa avx2] [--steps-per-round 1]
+        [--clock wall|cpu] [--fused-adamw-row] [--write-results]
 
 Cases: (a) 4 GPT-2-small blocks (768 wide: q, k, v, o 768x768, fc 3072x768, proj 768x3072 per
 block, plus their biases and LayerNorms on AdamW); (b) 12 such layers 512 wide; (c) the seed
@@ -35,6 +36,26 @@ of medians (marked *); --full-torch-muon times it whole anyway. The row "muonkit
 ns_dtype='auto'" appears where "auto" differs from the default (a CPU with native bf16 products).
 torch.optim.Muon takes 2D matrices only: in (c) the seed notebook's own Muon (the same bf16
 algorithm) stands in, and in (d) it gets the 64 experts as separate matrices.
+
+--steps-per-round N times N steps of each method per round (for the small cases, whose one step of
+a few ms is at the clock's and the machine's mercy) and reports the time per step. --clock cpu
+times by this process's CPU time (time.process_time) instead of the wall clock: with 1 thread on a
+machine shared with other jobs it leaves out the waits for a core (with more threads it sums them).
+
+--fused-adamw-row adds "muonkit Muon (defaults), fused AdamW (what if)": the default step with its AdamW
+group run by torch's fused CPU AdamW kernel (`fused=True`) instead of the foreach one, which
+muonkit does not offer (a what-if for issue 22: it differs from torch's default AdamW by round-off).
+
+--base COMMIT adds the row "muonkit Muon (defaults) at COMMIT": muonkit's src/muonkit at that git
+commit (imported as muonkit_base), timed in the same rounds, for a change's before/after.
+
+--isa avx2 runs the benchmark as on an AVX2-only CPU: the script re-executes itself with
+ATEN_CPU_CAPABILITY=avx2 (torch's own kernels), MKL_ENABLE_INSTRUCTIONS=AVX2 (MKL's float32 products)
+and ONEDNN_MAX_CPU_ISA=AVX2 (oneDNN, which torch's fast bfloat16 products need) set, and checks that
+torch took the first and refuses oneDNN bfloat16. muonkit's default Newton-Schulz dtype reads the CPU
+flags in /proc/cpuinfo, which the variables do not change, so the emulated run sets
+muonkit.orthogonalize.CPU_FAST_BFLOAT16 to False (also at --base): the float32 default a real
+AVX2-only CPU gets.
 
 With --device cuda every parameter, gradient and state lives on the GPU and every timing is
 bracketed by torch.cuda.synchronize(); muonkit's default is then bfloat16, like torch.optim.Muon.
@@ -75,6 +96,7 @@ from muonkit.orthogonalize import orthogonalize, working_dtype
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 LR, WD = 0.02, 0.1
+ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 TEXTBOOK = "textbook: fp32 quintic, one matrix at a time"
 DEFAULT = "muonkit Muon (defaults)"
 
@@ -194,12 +216,31 @@ def textbook_step(case: Case, momentum: float = 0.95, weight_decay: float = WD) 
     return step
 
 
-def muonkit_step(case: Case, **options) -> Callable[[], None]:
+def muonkit_step(case: Case, muon_class: type = muonkit.Muon, **options) -> Callable[[], None]:
     groups = [{"params": case.muon, "use_muon": True}]
     if case.adamw:
         groups.append({"params": case.adamw, "use_muon": False})
-    opt = muonkit.Muon(groups, **{"lr": LR, "weight_decay": WD, **options})
+    opt = muon_class(groups, **{"lr": LR, "weight_decay": WD, **options})
     return opt.step
+
+
+def fused_adamw_step(case: Case) -> Callable[[], None]:
+    """muonkit's default step with its AdamW group on torch's fused AdamW (--fused-adamw-row): torch's
+    adam functional, which muonkit.functional.adamw calls, is given fused=True for this step only."""
+    step = muonkit_step(case)
+    plain = functional._torch_adam
+
+    def fused_adam(*args, **kwargs):
+        return plain(*args, **{**kwargs, "foreach": False, "fused": True})
+
+    def run() -> None:
+        functional._torch_adam = fused_adam
+        try:
+            step()
+        finally:
+            functional._torch_adam = plain
+
+    return run
 
 
 def per_matrix_step(case: Case, **options) -> Callable[[], None]:
@@ -290,7 +331,7 @@ def representatives(case: Case, device: str) -> tuple[list[nn.Parameter], Counte
     return _params(list(counts), device), counts
 
 
-def run_case(key: str, args: argparse.Namespace, full_torch: bool, device: str) -> str:
+def run_case(key: str, args: argparse.Namespace, full_torch: bool, device: str, base: object | None = None) -> str:
     case = make_case(key, device)
     params = case.muon + case.adamw
     set_grads(case, params)
@@ -301,6 +342,10 @@ def run_case(key: str, args: argparse.Namespace, full_torch: bool, device: str) 
         "muonkit, one matrix at a time": per_matrix_step(case),
         "AdamW alone (torch)": adamw_step(case),
     }
+    if base is not None:
+        fns[f"{DEFAULT} at {args.base}"] = muonkit_step(case, base.Muon)
+    if args.fused_adamw_row and case.adamw:
+        fns[f"{DEFAULT}, fused AdamW (what if)"] = fused_adamw_step(case)
     auto = working_dtype(case.muon[0], "auto")
     with_auto = auto != working_dtype(case.muon[0], None)
     if with_auto:
@@ -310,13 +355,18 @@ def run_case(key: str, args: argparse.Namespace, full_torch: bool, device: str) 
     if full:
         fns[torch_label] = torch_muon_step(case)
     saved = [p.detach().clone() for p in params]
-    timings = time_interleaved(fns, repeats=args.repeats, sync=sync)
+    n = args.steps_per_round
+    clock = time.process_time if args.clock == "cpu" else None
+    timings = {name: _per_step(t, n) for name, t in
+               time_interleaved({name: _times(fn, n) for name, fn in fns.items()}, repeats=args.repeats, sync=sync,
+                                clock=clock).items()}
     if not full:
         reps, counts = representatives(case, device)
         set_grads(case, reps)
         rep_fns = {str(shape): torch_muon_step(case, [p]) for p, shape in zip(reps, counts)}
-        rep_times = time_interleaved(rep_fns, repeats=args.torch_muon_repeats, warmup=0, sync=sync)
-        rest = (time_interleaved({"adamw": torch.optim.AdamW(case.adamw, lr=LR).step}, repeats=args.repeats, sync=sync)
+        rep_times = time_interleaved(rep_fns, repeats=args.torch_muon_repeats, warmup=0, sync=sync, clock=clock)
+        rest = (time_interleaved({"adamw": torch.optim.AdamW(case.adamw, lr=LR).step}, repeats=args.repeats, sync=sync,
+                                 clock=clock)
                 if case.adamw else {})
         total = sum(rep_times[str(s)].median * n for s, n in counts.items()) + (rest["adamw"].median if rest else 0.0)
         timings[torch_label + " *"] = Timing(total, total, total, args.torch_muon_repeats)
@@ -345,6 +395,21 @@ def run_case(key: str, args: argparse.Namespace, full_torch: bool, device: str) 
     note = ("\n* torch.optim.Muon timed on one matrix per shape x count, median of "
             f"{args.torch_muon_repeats}; its ratio is a ratio of medians" if not full else "")
     return header + "\n" + table(["method", "step ms", "x textbook", "polar err"], rows) + note
+
+
+def _times(fn: Callable[[], None], n: int) -> Callable[[], None]:
+    if n == 1:
+        return fn
+
+    def steps() -> None:
+        for _ in range(n):
+            fn()
+
+    return steps
+
+
+def _per_step(t: Timing, n: int) -> Timing:
+    return Timing(t.median / n, t.low / n, t.high / n, t.runs, tuple(x / n for x in t.samples))
 
 
 def charlm_share(repeats: int, device: str) -> str:
@@ -379,6 +444,24 @@ def charlm_share(repeats: int, device: str) -> str:
             + table(["optimizer", "forward+backward ms", "step ms", "step share"], rows))
 
 
+def emulate_isa(isa: str, argv: list[str]) -> str:
+    """Re-execute this script with `isa`'s variables set (they must be there before torch loads its
+    kernels); in the re-executed process, check they took effect and return a line saying so."""
+    wanted = ISA_ENV[isa]
+    if any(os.environ.get(k) != v for k, v in wanted.items()):
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], {**os.environ, **wanted})
+    capability = torch.backends.cpu.get_cpu_capability()
+    onednn_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if capability != isa.upper() or onednn_bf16:
+        raise SystemExit(f"--isa {isa}: torch's CPU capability is {capability} and oneDNN bfloat16 is "
+                         f"{'on' if onednn_bf16 else 'off'}; the emulation did not take")
+    sys.modules["muonkit.orthogonalize"].CPU_FAST_BFLOAT16 = False
+    return (f"Emulated {isa.upper()}-only CPU: " + ", ".join(f"{k}={v}" for k, v in wanted.items())
+            + f" (torch CPU capability {capability}, oneDNN bfloat16 products off); muonkit's CPU_FAST_BFLOAT16 "
+            "set False (it reads /proc/cpuinfo, which the emulation does not change): default Newton-Schulz dtype "
+            f"{sys.modules['muonkit.orthogonalize'].default_ns_dtype('cpu')}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="a,c,g,b,d,e,f")
@@ -388,28 +471,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-muon-repeats", type=int, default=1)
     parser.add_argument("--full-torch-muon", action="store_true",
                         help="time torch.optim.Muon on every matrix even where bf16 is slow (default: only where it is not)")
+    parser.add_argument("--steps-per-round", type=int, default=1, help="steps of each method timed together per round")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall clock, or this process's CPU time (for 1 thread on a shared machine)")
+    parser.add_argument("--fused-adamw-row", action="store_true",
+                        help="add the default step with torch's fused AdamW on its AdamW group (a what-if)")
+    parser.add_argument("--base", default="", help="also time muonkit's default step at this git commit")
+    parser.add_argument("--isa", default="", choices=("", *ISA_ENV),
+                        help="emulate a CPU with only this instruction set (re-executes under its variables)")
     parser.add_argument("--write-results", action="store_true", help="also write the tables into benchmarks/RESULTS.md")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    emulation = emulate_isa(args.isa, argv) if args.isa else ""
+    base = None
+    if args.base:
+        from bench_step_options import base_package
+
+        base = base_package(args.base)
+        if args.isa:
+            sys.modules["muonkit_base.orthogonalize"].CPU_FAST_BFLOAT16 = False
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False here")
-    out = [f"Machine at start: {setup(args.threads, args.device)}; {time.strftime('%Y-%m-%d %H:%M')}"]
+    out = [f"Machine at start: {setup(args.threads, args.device)}; {time.strftime('%Y-%m-%d %H:%M')} UTC"]
+    out += [emulation] if emulation else []
     slowdown = bf16_slowdown(device=args.device)
     full_torch = args.full_torch_muon or slowdown < 4.0
     out += [f"bfloat16 / float32 time of a 512x512 matrix product on {args.device}: {slowdown:.2f}",
-            f"Median of {args.repeats} rounds after 1 warm-up round, all methods round-robin (order reversed every "
-            "other round); x textbook = median of per-round ratios."]
+            f"Median of {args.repeats} rounds after 1 warm-up round ({args.steps_per_round} step(s) of each method per "
+            f"round, {'CPU time of this process' if args.clock == 'cpu' else 'wall clock'}), all methods round-robin "
+            "(order reversed every other round); x textbook = median of per-round ratios."]
     print("\n".join(out))
     for key in args.cases.split(","):
-        text = charlm_share(args.repeats, args.device) if key == "f" else run_case(key, args, full_torch, args.device)
+        text = charlm_share(args.repeats, args.device) if key == "f" else run_case(key, args, full_torch, args.device, base)
         print(text, flush=True)
         out.append(text)
     out.append(f"\nMachine at end: {environment(args.device)}")
     print(out[-1])
     if args.write_results:
-        command = "python benchmarks/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python benchmarks/bench_step.py " + " ".join(argv)
         key = "SPEED-STEP" + ("" if args.cases == parser.get_default("cases") else "-" + args.cases.replace(",", ""))
         key += "" if args.threads == 2 else f"-{args.threads}THREADS"
         key += "" if args.device == "cpu" else f"-{args.device.upper()}"
+        key += f"-{args.isa.upper()}" if args.isa else ""
         write_results(key, f"### Optimizer step (`{command.strip()}`)\n\n" + "\n".join(out))
     return 0
 

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import muonkit
-from muonkit.layout import resolve, to_matrices
+from muonkit.layout import Layout, resolve, to_matrices
 from reference import (
     ReferenceMuon,
     matrices_of,
@@ -542,3 +542,27 @@ def test_conv1d_filter_is_one_matrix_when_declared_conv():
     groups = muonkit.param_groups(nn.Sequential(nn.Linear(4, 6), conv, nn.Linear(8, 2)))
     conv_group = next(g for g in groups if g["use_muon"] and conv.weight in g["params"])
     assert conv_group["layout"] == "conv"
+
+
+@pytest.mark.parametrize("layout, shape", [
+    (resolve(None, 2), (6, 4)), (resolve(None, 3), (2, 6, 4)), (resolve(None, 4), (6, 2, 3, 3)),
+    (Layout(rows=(2,), cols=(1,), batch=(0,)), (2, 4, 6)), (Layout.per_block(3), (6, 4)),
+    (Layout.per_block(2, ndim=4), (6, 2, 3, 3)),
+])
+def test_memoized_matrix_views_equal_the_plain_ones(monkeypatch, layout, shape):
+    # The step reads each (layout, shape)'s view from a memo (muonkit.layout._known_view); the
+    # views, their strides and the way back must be those computed without it.
+    import muonkit.layout as layout_module
+
+    t = torch.randn(shape)
+    monkeypatch.setattr(layout_module, "_known_view", lambda layout, shape: None)
+    plain = (to_matrices(t, layout), layout_module.matrix_shape(t.shape, layout))
+    back = layout_module.from_matrices(plain[0].clone(), layout, t.shape)
+    monkeypatch.undo()
+    for _ in range(2):  # the first call fills the memo, the second reads it
+        m = to_matrices(t, layout)
+        assert torch.equal(m, plain[0]) and m.stride() == plain[0].stride()
+        assert layout_module.matrix_shape(t.shape, layout) == plain[1]
+        assert torch.equal(layout_module.from_matrices(m.clone(), layout, t.shape), back)
+    assert torch.equal(back, t)
+    assert resolve(None, len(shape)) is resolve(None, len(shape))  # one frozen Layout per named view

@@ -201,3 +201,26 @@ def test_a_missing_gradient_changes_the_plan(checks):
     opt.step()
     assert checks == ["#0", "#0"]
     assert torch.equal(params[1].detach(), moved)
+
+
+def test_state_a_switched_option_leaves_is_dropped_after_a_skipped_step(checks):
+    # A cached plan skips the state bookkeeping (drop_unused) only once a step of it has applied:
+    # here the first step of the new plan is skipped (a NaN gradient), so the next one, although
+    # its plan comes from the cache, must still drop the second moment NorMuon kept.
+    params = model_params()
+    opt = build(params, variant="normuon", nonfinite="skip")
+    warm(opt, params, checks)
+    assert "second_moment" in opt.state[params[0]]
+    opt.param_groups[0]["variant"] = "muon"
+    set_grads(params, 4)
+    params[2].grad[0] = float("nan")
+    opt.step()
+    assert opt.skipped_steps == 1 and "second_moment" in opt.state[params[0]]
+    checks.clear()
+    set_grads(params, 5)
+    opt.step()
+    assert checks == []  # the plan of the skipped step, from the cache
+    assert "second_moment" not in opt.state[params[0]] and "second_moment" not in opt.state[params[1]]
+    set_grads(params, 6)
+    opt.step()  # and after the drop the plan is made (and checked) again
+    assert checks == ["#0", "#1", "#0"]

@@ -47,7 +47,11 @@ def placements_of(t: Tensor) -> tuple[tuple, ...]:
 
 def local_parts(tensors: Sequence[Tensor]) -> list[Tensor]:
     """Each DTensor's local slice (a view: updating it updates the DTensor); other tensors as they are."""
-    return [t.to_local() if is_dtensor(t) else t for t in tensors]  # type: ignore[attr-defined]
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is None:  # no DTensor can exist (the step calls this for every list it reads)
+        return list(tensors)
+    kind = module.DTensor
+    return [t.to_local() if isinstance(t, kind) else t for t in tensors]  # type: ignore[attr-defined]
 
 
 def zeros_like_sharded(p: Tensor, shape: tuple[int, ...], dtype: torch.dtype, *, rows: bool = False) -> Tensor:

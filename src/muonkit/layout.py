@@ -108,6 +108,23 @@ def resolve(spec: LayoutSpec, ndim: int) -> Layout:
     if isinstance(spec, Layout):
         spec.check(ndim)
         return spec
+    # A named (or default) layout of an ndim is one frozen Layout, made once: the step resolves
+    # each parameter's layout every step. Not under torch.compile, which traces the plain path.
+    memo = (spec is None or isinstance(spec, str)) and isinstance(ndim, int) and not torch.compiler.is_compiling()
+    if memo:
+        found = _RESOLVED.get((spec, ndim))
+        if found is not None:
+            return found
+    layout = _resolve(spec, ndim)
+    if memo:
+        _RESOLVED[(spec, ndim)] = layout
+    return layout
+
+
+_RESOLVED: dict[tuple[str | None, int], Layout] = {}
+
+
+def _resolve(spec: LayoutSpec, ndim: int) -> Layout:
     if ndim < 2:
         raise ValueError(f"a {ndim}D tensor is not a matrix")
     if spec is None:
@@ -145,6 +162,11 @@ def _split(shape: torch.Size | tuple[int, ...], layout: Layout) -> tuple[list[in
 
 def matrix_shape(shape: torch.Size | tuple[int, ...], layout: Layout) -> tuple[int, int, int]:
     """(number of matrices, rows, cols) of a tensor of `shape` read through `layout`."""
+    view = _known_view(layout, shape)
+    return view[1] if view is not None else _matrix_shape(shape, layout)
+
+
+def _matrix_shape(shape: torch.Size | tuple[int, ...], layout: Layout) -> tuple[int, int, int]:
     ndim = len(shape)
     counts = {axis % ndim: count for axis, count in layout.blocks}
     # Lists, not generators, inside math.prod: torch.compile traces a list without a graph break.
@@ -161,10 +183,43 @@ def _permutation(layout: Layout, shape: torch.Size | tuple[int, ...]) -> tuple[l
     return expanded, order
 
 
+# Each (layout, shape) a step reads, with its matrix shape, split shape and axis order, computed
+# once: a step reads every parameter's view several times per step, and for small models that
+# bookkeeping costs as much as the products (benchmarks/RESULTS.md, the seed notebook net). Keyed by
+# the layout's id (the entry holds the layout, so the id is not reused while it is there); cleared
+# when it holds _VIEWS_MAX entries. Not under torch.compile, which traces the plain path.
+_VIEWS: dict[tuple[int, tuple[int, ...]], tuple[Layout, tuple[int, int, int], list[int], list[int], bool]] = {}
+_VIEWS_MAX = 4096
+
+
+def _known_view(layout: Layout, shape: torch.Size | tuple[int, ...]) -> tuple[Layout, tuple[int, int, int], list[int], list[int], bool] | None:
+    """(layout, matrix shape, split shape, axis order, whether the view is a plain reshape) of
+    `shape` read through `layout`; None under torch.compile or for a shape that is not a tuple."""
+    if not isinstance(shape, tuple) or torch.compiler.is_compiling():
+        return None
+    key = (id(layout), shape)
+    view = _VIEWS.get(key)
+    if view is not None and view[0] is layout:
+        return view
+    expanded, order = _permutation(layout, shape)
+    view = (layout, _matrix_shape(shape, layout), expanded, order,
+            len(expanded) == len(shape) and order == list(range(len(order))))
+    if len(_VIEWS) >= _VIEWS_MAX:
+        _VIEWS.clear()
+    _VIEWS[key] = view
+    return view
+
+
 def to_matrices(t: Tensor, layout: Layout) -> Tensor:
     """A (batch, rows, cols) view of t (a copy only when the layout permutes axes)."""
-    batch, rows, cols = matrix_shape(t.shape, layout)
-    expanded, order = _permutation(layout, t.shape)
+    view = _known_view(layout, t.shape)
+    if view is not None:
+        _, (batch, rows, cols), expanded, order, plain = view
+        if plain:
+            return t.reshape(batch, rows, cols)
+    else:
+        batch, rows, cols = _matrix_shape(t.shape, layout)
+        expanded, order = _permutation(layout, t.shape)
     if len(expanded) != t.ndim:
         t = t.reshape(expanded)
     if order != list(range(len(order))):
@@ -175,7 +230,8 @@ def to_matrices(t: Tensor, layout: Layout) -> Tensor:
 def from_matrices(m: Tensor, layout: Layout, shape: torch.Size) -> Tensor:
     """Inverse of to_matrices: a tensor of `shape` from (batch, rows, cols) matrices (a view when
     the layout neither permutes nor cuts axes, or when m's memory allows it)."""
-    expanded, order = _permutation(layout, shape)
+    view = _known_view(layout, shape)
+    expanded, order = (view[2], view[3]) if view is not None else _permutation(layout, shape)
     if order == list(range(len(order))):
         return m.reshape(shape)
     permuted = m.reshape([expanded[a] for a in order])

@@ -413,11 +413,19 @@ class Muon(torch.optim.Optimizer):
         for item, pending in zip(plan, held):
             if pending is not None:
                 item.agree_scales_(pending)
+        # A step from a cached plan creates no state; once a step of that plan has applied without
+        # dropping any (`settled`), none of the next ones drops any either (drop_unused reads nothing
+        # the fingerprint does not), so they skip both. A step that dropped some forgets the plan.
+        cache = self._plan_cache
+        settled = cache is not None and cache.hit and cache.settled
+        dropped = False
         for item, fused, pending in zip(plan, fuses, held):
-            for p, state in [*zip(item.params, item.states), *item.idle]:
-                self.state[p].update(state)
-            for p in item.group["params"]:
-                drop_unused(self.state[p], p, item.group)
+            if not settled:
+                for p, state in [*zip(item.params, item.states), *item.idle]:
+                    self.state[p].update(state)
+                for p in item.group["params"]:
+                    if drop_unused(self.state[p], p, item.group):
+                        dropped = True
             item.seeds = _rounding_seeds(item, self.defaults["capturable"])  # only once nothing can fail
             if not item.group["use_muon"]:
                 self._adamw_step(item)
@@ -431,6 +439,10 @@ class Muon(torch.optim.Optimizer):
             for p, seed in zip(item.params, item.seeds or []):
                 if seed is not None:
                     self.state[p]["step"] += 1
+        if cache is not None and not settled:
+            cache.settled = cache.key is not None and not dropped
+            if dropped:
+                cache.key = None
         if self.defaults["diagnostics"]:
             self._diagnosed_steps += 1
             self.last_stats = _collect(plan)
@@ -505,6 +517,8 @@ class _PlanCache:
 
     key: tuple | None = None
     entries: list[list[tuple[Tensor, str, str, int]]] = field(default_factory=list)
+    hit: bool = False  # whether the last plan came from the cache
+    settled: bool = False  # whether a step of this plan has applied and dropped no state
 
 
 def _meta(value: Any) -> Any:
@@ -521,15 +535,22 @@ def _fingerprint(param_groups: list[dict[str, Any]], held_state: dict[Tensor, An
     """Everything the per-parameter checks of `_plan` read: each group's options (lr by its kind
     only: a scheduler changes its value every step, and check_options reads that every step), its
     parameters in order with their kind, shape, strides, dtype and device, their gradients' and
-    their state entries' kind, shape, dtype and device. Equal fingerprints give equal check results."""
+    their state entries' kind, shape, dtype and device. Equal fingerprints give equal check results.
+
+    Read every step, so written for speed (the tensors' entries inline, not through `_meta`): for
+    a small model it is a tenth of the step (benchmarks/RESULTS.md)."""
     parts: list[Any] = [capturable]
+    append = parts.append
     for group in param_groups:
-        parts.append(tuple((key, type(value) if key == "lr" and not isinstance(value, Tensor) else _meta(value))
-                           for key, value in group.items() if key not in ("params", SKIPPED)))
+        append(tuple([(key, type(value) if key == "lr" and not isinstance(value, Tensor) else _meta(value))
+                      for key, value in group.items() if key not in ("params", SKIPPED)]))
         for p in group["params"]:
             grad, state = p.grad, held_state.get(p)
-            parts.append((id(p), _meta(p), p.stride(), None if grad is None else _meta(grad),
-                          tuple((key, _meta(value)) for key, value in state.items()) if state else None))
+            append((id(p), type(p), p.layout, p.dtype, p.device, p.shape, p.stride(),
+                    None if grad is None else (type(grad), grad.layout, grad.dtype, grad.device, grad.shape),
+                    tuple([(key, type(value), value.layout, value.dtype, value.device, value.shape)
+                           if isinstance(value, Tensor) else (key, _meta(value)) for key, value in state.items()])
+                    if state else None))
     return tuple(parts)
 
 
@@ -548,7 +569,10 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], dis
     if cache is not None and key == cache.key:
         for index, group in enumerate(param_groups):
             check_options(group, f"{'Muon' if group.get('use_muon') else 'AdamW'} group {index}", read_lr=not capturable)
+        cache.hit = True
         return [_cached_step(group, entries, held_state) for group, entries in zip(param_groups, cache.entries)]
+    if cache is not None:
+        cache.hit = cache.settled = False
     plan = []
     position = -1
     cacheable = cache is not None
@@ -696,16 +720,10 @@ def _cached_step(group: dict[str, Any], entries: list[tuple[Tensor, str, str, in
                  held_state: dict[Tensor, Any]) -> _GroupStep:
     """A group's share of a step from a cached plan: its checked parameters with their current
     gradients and state (complete, so nothing is created)."""
-    item = _GroupStep(group, [], [], [], [], [], [], [])
-    for p, name, label, position in entries:
-        item.params.append(p)
-        item.names.append(name)
-        item.labels.append(label)
-        item.states.append({})
-        item.held.append(held_state.get(p, {}))
-        item.grads.append(p.grad)
-        item.positions.append(position)
-    return item
+    params = [p for p, _, _, _ in entries]
+    return _GroupStep(group, params, [name for _, name, _, _ in entries], [label for _, _, label, _ in entries],
+                      [{} for _ in entries], [held_state.get(p, {}) for p in params], [p.grad for p in params],
+                      [position for *_, position in entries])
 
 
 def _lr(group: dict[str, Any], capturable: bool) -> float | Tensor:
@@ -737,8 +755,8 @@ def _rounding_seeds(item: _GroupStep, capturable: bool) -> list[int | None] | No
     its step count and place, so that a resumed run and every rank round alike. Muon parameters
     that round stochastically keep a `step` count for it (AdamW ones have one). A capturable step
     reads no count: it draws from the device's default generator."""
-    if not item.group["stochastic_rounding"]:
-        return None
+    if not item.group["stochastic_rounding"] or all(p.dtype.itemsize >= 4 for p in item.params):
+        return None  # no parameter rounds stochastically (`rounds_stochastically`): all round to nearest
     seeds: list[int | None] = []
     for p, position, new, held in zip(item.params, item.positions, item.states, item.held):
         if not rounds_stochastically(p, item.group):

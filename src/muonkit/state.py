@@ -175,16 +175,19 @@ def dequantize_momentum(p: Tensor, codes: Tensor, scales: Tensor, dtype: torch.d
     return dequantize_piece(codes, scales, blocks[0], dtype)
 
 
-def drop_unused(state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
+def drop_unused(state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> bool:
     """A Muon group whose variant keeps no second moment, or whose momentum_bits changed (it was
     switched), drops the entries it no longer reads, so that its state is its kind's (and loads
-    back) and a later switch starts it from zero."""
+    back) and a later switch starts it from zero. Returns whether it dropped any."""
     if not group["use_muon"]:
-        return
+        return False
     shapes = state_shapes(p, group)
+    dropped = False
     for key in _SWITCHABLE:
         if key in state and key not in shapes:
             del state[key]
+            dropped = True
+    return dropped
 
 
 def state_shapes(p: Tensor, group: dict[str, Any]) -> dict[str, tuple[int, ...]]:

@@ -413,19 +413,8 @@ class Muon(torch.optim.Optimizer):
         for item, pending in zip(plan, held):
             if pending is not None:
                 item.agree_scales_(pending)
-        # A step from a cached plan creates no state; once a step of that plan has applied without
-        # dropping any (`settled`), none of the next ones drops any either (drop_unused reads nothing
-        # the fingerprint does not), so they skip both. A step that dropped some forgets the plan.
-        cache = self._plan_cache
-        settled = cache is not None and cache.hit and cache.settled
-        dropped = False
+        _settle_state(plan, self.state, self._plan_cache)
         for item, fused, pending in zip(plan, fuses, held):
-            if not settled:
-                for p, state in [*zip(item.params, item.states), *item.idle]:
-                    self.state[p].update(state)
-                for p in item.group["params"]:
-                    if drop_unused(self.state[p], p, item.group):
-                        dropped = True
             item.seeds = _rounding_seeds(item, self.defaults["capturable"])  # only once nothing can fail
             if not item.group["use_muon"]:
                 self._adamw_step(item)
@@ -439,10 +428,6 @@ class Muon(torch.optim.Optimizer):
             for p, seed in zip(item.params, item.seeds or []):
                 if seed is not None:
                     self.state[p]["step"] += 1
-        if cache is not None and not settled:
-            cache.settled = cache.key is not None and not dropped
-            if dropped:
-                cache.key = None
         if self.defaults["diagnostics"]:
             self._diagnosed_steps += 1
             self.last_stats = _collect(plan)
@@ -485,6 +470,26 @@ class Muon(torch.optim.Optimizer):
             eps=_scalar(group["eps"]), weight_decay=decay, cautious_weight_decay=cautious, rounding_seeds=item.seeds,
             stats=item.stats, capturable=self.defaults["capturable"],
         )
+
+
+def _settle_state(plan: list[_GroupStep], state: Any, cache: _PlanCache | None) -> None:
+    """The state the step's checks created (or converted) stored, and the entries a group no longer
+    reads dropped (muonkit.state.drop_unused); nothing here can fail, and it runs once every held
+    update is computed. A step from a cached plan creates no state; once a step of that plan has
+    stored and dropped nothing (`settled`), none of the next ones drops any either (drop_unused reads
+    nothing the plan's fingerprint does not), so they skip this. A step that dropped some forgets the plan."""
+    if cache is not None and cache.hit and cache.settled:
+        return
+    dropped = False
+    for item in plan:
+        for p, created in [*zip(item.params, item.states), *item.idle]:
+            state[p].update(created)
+        for p in item.group["params"]:
+            dropped = drop_unused(state[p], p, item.group) or dropped
+    if cache is not None:
+        cache.settled = cache.key is not None and not dropped
+        if dropped:
+            cache.key = None
 
 
 def _distributed(process_group: Any, exchange_dtype: torch.dtype | None) -> Any:

@@ -195,3 +195,95 @@ def test_state_dict_with_a_declared_layout_loads_with_torch_load_defaults():
         return W.detach()
 
     assert torch.equal(run(), run(resume_after=2))
+
+
+# From a review for silent wrongness in state and checkpoints (issue-rv2); each test failed before its fix.
+
+
+def _move(opt: muonkit.Muon, p: nn.Parameter, how: str) -> None:
+    """Take `p` out of its group and put it in a group of the other kind: a new group
+    (add_param_group) or the end of the params of the last group of that kind."""
+    source = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+    index = next(i for i, q in enumerate(source["params"]) if q is p)
+    del source["params"][index]
+    if "param_names" in source:
+        del source["param_names"][index]
+    if how == "add_param_group":
+        opt.add_param_group({"params": [p], "use_muon": not source["use_muon"]})
+    else:
+        [g for g in opt.param_groups if g["use_muon"] != source["use_muon"]][-1]["params"].append(p)
+
+
+@pytest.mark.parametrize("how", ["add_param_group", "appended"])
+def test_a_parameter_moved_from_a_muon_to_an_adamw_group_starts_adamw_fresh(how):
+    """A bf16 Muon parameter keeps a `step` count for stochastic rounding (two per step). Moved to
+    an AdamW group, its first AdamW step must be AdamW's first step (bias corrections of step 1),
+    not one corrected as if AdamW had run 10 steps (about half as large)."""
+    torch.manual_seed(0)
+    moved = nn.Parameter(torch.randn(8, 4).bfloat16())
+    other = nn.Parameter(torch.randn(8, 4).bfloat16())
+    vector = nn.Parameter(torch.randn(4).bfloat16())
+    lr, wd, eps = 0.05, 0.1, 1e-8
+    opt = muonkit.Muon([{"params": [moved, other]}, {"params": [vector], "use_muon": False}], lr=lr, weight_decay=wd)
+    for _ in range(5):
+        for p in (moved, other, vector):
+            p.grad = torch.randn(p.shape).bfloat16()
+        opt.step()
+    _move(opt, moved, how)
+    g = torch.randn(8, 4).bfloat16()
+    moved.grad, other.grad, vector.grad = g, None, None
+    w0 = moved.detach().double().clone()
+    opt.step()
+    # AdamW's first step from zero moments: m_hat = g, v_hat = g^2.
+    g64 = g.double()
+    expected = w0 * (1 - lr * wd) - lr * g64 / (g64.abs() + eps)
+    # Stochastic rounding writes one of the two bf16 neighbours of the float result.
+    assert ((moved.detach().double() - expected).abs() <= expected.abs() * 2.0**-7 + 1e-30).all()
+    assert set(opt.state[moved]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert opt.state[moved]["step"].item() == 1.0
+
+
+@pytest.mark.parametrize("to_muon", [True, False], ids=["adamw-to-muon", "muon-to-adamw"])
+@pytest.mark.parametrize("how", ["add_param_group", "appended"])
+def test_a_parameter_moved_between_kinds_round_trips_through_state_dict(how, to_muon):
+    """After a move, the parameter's state is its new kind's only, so that state_dict() loads into an
+    optimizer built with the new grouping and continues bit for bit."""
+
+    def make(moved_group: bool):
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(8, 6)) for _ in range(3)]
+        muon, adamw = (params[:2], params[2:]) if to_muon else (params[:1], params[1:])
+        mover = params[2] if to_muon else params[0]
+        if moved_group:  # the grouping after the move, built directly
+            muon = [p for p in muon if p is not mover] + ([mover] if to_muon else [])
+            adamw = [p for p in adamw if p is not mover] + ([] if to_muon else [mover])
+        groups = [{"params": muon}, {"params": adamw, "use_muon": False}]
+        if moved_group and how == "add_param_group":
+            groups = [{"params": [p for p in g["params"] if p is not mover], **{k: v for k, v in g.items() if k != "params"}}
+                      for g in groups] + [{"params": [mover], "use_muon": to_muon}]
+        return params, mover, muonkit.Muon(groups, lr=0.02)
+
+    def steps(params, opt, seeds):
+        for seed in seeds:
+            g = torch.Generator().manual_seed(seed)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+
+    params, mover, opt = make(False)
+    steps(params, opt, range(3))
+    _move(opt, mover, how)
+    steps(params, opt, range(3, 5))
+    kind = ({"momentum_buffer"} if to_muon else {"step", "exp_avg", "exp_avg_sq"})
+    assert set(opt.state[mover]) == kind
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    saved.seek(0)
+    params_b, _, opt_b = make(True)
+    for a, b in zip(params, params_b):
+        b.data.copy_(a.detach())
+    opt_b.load_state_dict(torch.load(saved))
+    steps(params, opt, range(5, 7))
+    steps(params_b, opt_b, range(5, 7))
+    for a, b in zip(params, params_b):
+        assert torch.equal(a, b)

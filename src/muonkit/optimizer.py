@@ -43,6 +43,7 @@ from .variants import VARIANTS, Shard
 from .scaling import Scale
 from .quantize import quantize_into_
 from .state import (
+    adopt_,
     check_state,
     dequantize_momentum,
     drop_unused,
@@ -312,7 +313,7 @@ class Muon(torch.optim.Optimizer):
         for key in set(self.defaults) - set(own) - given:
             del added[key]
         for p in added["params"]:
-            self.state[p].update(missing_state(p, self.state.get(p, {}), added, capturable=self.defaults["capturable"]))
+            adopt_(self.state[p], missing_state(p, self.state.get(p, {}), added, capturable=self.defaults["capturable"]), added)
 
     def _check_params(self, group: dict[str, Any], where: str) -> None:
         names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
@@ -415,7 +416,7 @@ class Muon(torch.optim.Optimizer):
                 item.agree_scales_(pending)
         for item, fused, pending in zip(plan, fuses, held):
             for p, state in [*zip(item.params, item.states), *item.idle]:
-                self.state[p].update(state)
+                adopt_(self.state[p], state, item.group)
             for p in item.group["params"]:
                 drop_unused(self.state[p], p, item.group)
             item.seeds = _rounding_seeds(item, self.defaults["capturable"])  # only once nothing can fail

@@ -32,6 +32,26 @@ _SWITCHABLE = ("second_moment", "momentum_buffer", *QUANTIZED_STATE)
 
 ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
 
+# The entries only one kind of group keeps (use_muon -> keys); `step` is both kinds' (AdamW's count,
+# a Muon group's rounding seed) with different meanings.
+_OWN_KEYS = {True: ("momentum_buffer", *QUANTIZED_STATE, "second_moment"), False: ("exp_avg", "exp_avg_sq")}
+
+
+def of_other_kind(state: dict[str, Any], group: dict[str, Any]) -> bool:
+    """Whether `state` was made by a group of the other kind than `group`'s: its parameter was moved
+    between a Muon and an AdamW group (add_param_group, or appended to a group's params). None of it
+    means anything to the new kind (an AdamW `step` of a Muon parameter's rounding count would
+    bias-correct a fresh AdamW as if it had run that many steps): the parameter starts fresh."""
+    return any(key in state for key in _OWN_KEYS[not group["use_muon"]])
+
+
+def adopt_(state: dict[str, Any], new: dict[str, Any], group: dict[str, Any]) -> None:
+    """Add the `new` entries (from `missing_state`) to a parameter's `state`, which a group of the
+    other kind made is first emptied of (`of_other_kind`)."""
+    if of_other_kind(state, group):
+        state.clear()
+    state.update(new)
+
 
 def state_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
     """The dtype `group` keeps the state of `p` in."""
@@ -63,6 +83,8 @@ def missing_state(p: Tensor, state: dict[str, Any], group: dict[str, Any], *, ca
     stochastic_rounding was changed, and state dicts saved before a key existed. A second moment
     of another variant (of another shape: per row, per entry) is replaced by zeros.
     """
+    if of_other_kind(state, group):
+        state = {}  # a parameter moved from a group of the other kind starts fresh (see `adopt_`)
     dtype = state_dtype(p, group)
     shapes = {key: shape for key, shape in state_shapes(p, group).items() if key != "step"}
     switched: set[tuple[int, ...] | None] = set()

@@ -7,6 +7,7 @@ Everything is deterministic on CPU with one thread (conftest.py), so the toleran
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -287,3 +288,78 @@ def test_a_parameter_moved_between_kinds_round_trips_through_state_dict(how, to_
     steps(params_b, opt_b, range(5, 7))
     for a, b in zip(params, params_b):
         assert torch.equal(a, b)
+
+
+class Pair(nn.Module):
+    """Two same-shaped Linear layers, registered as `order` says (a refactor that swaps them)."""
+
+    def __init__(self, order=("a", "b")):
+        super().__init__()
+        for name in order:
+            setattr(self, name, nn.Linear(8, 8, bias=False))
+
+
+def _pair(order, seed=0):
+    torch.manual_seed(seed)
+    model = Pair(order)
+    return model, muonkit.Muon([{"params": list(model.named_parameters())}], lr=0.02, diagnostics=True)
+
+
+def _steps(model, opt, seeds):
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        for name in ("a.weight", "b.weight"):  # the same gradient per name, whatever the order
+            model.get_parameter(name).grad = torch.randn(8, 8, generator=g)
+        opt.step()
+
+
+@pytest.mark.parametrize("path", ["state_dict", "checkpoint"])
+def test_a_state_dict_saved_with_the_parameters_in_another_order_loads_by_name(tmp_path, path):
+    """Every group names its parameters and the names are the same, in another order (the model's
+    layers registered in another order): each parameter gets its own state, not the one at its
+    position, and keeps its own name (last_stats labels)."""
+    model, opt = _pair(("a", "b"))
+    _steps(model, opt, range(3))
+    resumed, opt_r = _pair(("b", "a"), seed=1)
+    resumed.load_state_dict(model.state_dict())
+    if path == "state_dict":
+        opt_r.load_state_dict(copy.deepcopy(opt.state_dict()))
+    else:
+        from muonkit.distributed import load_checkpoint, save_checkpoint
+
+        save_checkpoint(tmp_path / "ckpt", model, opt)
+        load_checkpoint(tmp_path / "ckpt", resumed, opt_r)
+    assert opt_r.param_groups[0]["param_names"] == ["b.weight", "a.weight"]
+    _steps(model, opt, range(3, 5))
+    _steps(resumed, opt_r, range(3, 5))
+    for name in ("a.weight", "b.weight"):
+        assert torch.equal(model.get_parameter(name), resumed.get_parameter(name)), name
+        assert torch.equal(opt.state[model.get_parameter(name)]["momentum_buffer"],
+                           opt_r.state[resumed.get_parameter(name)]["momentum_buffer"]), name
+        assert opt.last_stats[name] == opt_r.last_stats[name], name
+
+
+@pytest.mark.parametrize("regroup, words", [
+    (lambda named: [{"params": [("b.weight", named["b.weight"])], "weight_decay": 0.0},
+                    {"params": [("a.weight", named["a.weight"]), ("c.weight", named["c.weight"])]}],
+     "group 1 holds the parameters of this optimizer's group 0 .* groups are in another order"),
+    (lambda named: [{"params": [("b.weight", named["b.weight"]), ("c.weight", named["c.weight"])]},
+                    {"params": [("a.weight", named["a.weight"])], "weight_decay": 0.0}],
+     "group 0 here holds 'b.weight', 'c.weight', saved in groups 0, 1"),
+], ids=["groups-reordered", "regrouped"])
+def test_a_state_dict_whose_names_are_grouped_otherwise_is_refused_and_changes_nothing(regroup, words):
+    """The same names in other groups: by position each parameter would get another's state and
+    another group's options (here weight decay 0 for a decayed one); refused, nothing changed."""
+    from test_atomic_step import assert_unchanged, snapshot
+
+    model = Pair(("a", "b", "c"))
+    named = dict(model.named_parameters())
+    opt = muonkit.Muon([{"params": [("a.weight", named["a.weight"]), ("c.weight", named["c.weight"])]},
+                        {"params": [("b.weight", named["b.weight"])], "weight_decay": 0.0}], lr=0.02)
+    _steps(model, opt, range(2))
+    saved = copy.deepcopy(opt.state_dict())
+    other = muonkit.Muon(regroup(named), lr=0.02)
+    before = snapshot(other, list(model.parameters()))
+    with pytest.raises(ValueError, match=words):
+        other.load_state_dict(saved)
+    assert_unchanged(other, list(model.parameters()), before)

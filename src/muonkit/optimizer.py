@@ -373,6 +373,7 @@ class Muon(torch.optim.Optimizer):
         # torch.optim casts every floating state tensor it loads to its parameter's dtype, which would
         # round the float32 state of a bfloat16 parameter to bfloat16: __setstate__ takes such values from
         # the state dict as given, in the dtype their group keeps state in (muonkit.checkpoint.loaded).
+        state_dict = checkpoint.by_names(state_dict, self.param_groups)
         self._loading = state_dict
         try:
             super().load_state_dict(state_dict)

@@ -41,7 +41,8 @@ JOBS = {
     2: ["replicated", "fsdp", "bytes", "ddp_data", "fsdp_data", "param_groups", "errors", "checkpoint_save", "resume_from_1",
         "replicated_normuon", "fsdp_normuon", "replicated_adamuon", "fsdp_adamuon", "checkpoint_save_normuon",
         "fsdp_nonfinite_skip"],
-    4: ["replicated", "fsdp", "ddp_data", "fsdp_data", "resume_from_2", "fsdp_normuon", "resume_normuon_from_2"],
+    4: ["replicated", "fsdp", "ddp_data", "fsdp_data", "resume_from_2", "fsdp_normuon", "resume_normuon_from_2",
+        "resume_normuon_into_muon_from_2"],
 }
 
 
@@ -230,6 +231,19 @@ def test_normuon_checkpoint_resumes_on_other_world_sizes(runs):
     load_checkpoint(runs["tmp"] / worker.checkpoint_name(2, "normuon"), model, opt)
     worker.train_fixed(model, opt, range(worker.STEPS, 2 * worker.STEPS))
     _assert_equal(worker.snapshot(model, opt), reference)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_variant_loads_its_second_moments_sharded(runs):
+    """A NorMuon checkpoint loaded into an FSDP2 optimizer built with variant "muon" (review
+    issue-rv2): the saved variant wins, as with load_state_dict, and its second moments come back
+    sharded like their parameters; they were plain tensors, held whole on every rank and exchanged
+    as replicated ones. The resumed run equals one process."""
+    _result(runs, 2, "checkpoint_save_normuon")
+    reference = worker.reference(fixed=True, steps=2 * worker.STEPS, variant="normuon")
+    for rank_result in _result(runs, 4, "resume_normuon_into_muon_from_2"):
+        assert rank_result["sharded"] and all(rank_result["sharded"].values()), rank_result["sharded"]
+        _assert_equal(rank_result["snapshot"], reference)
 
 
 @pytest.mark.slow

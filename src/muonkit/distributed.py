@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .dtensor import is_dtensor, is_sharded, placements_of
+from .dtensor import is_dtensor, is_sharded, placements_of, zeros_like_sharded
 from .functional import UpdateMany, local_update_many
 from .layout import Layout, matrix_shape
 from .orthogonalize import Orthogonalizer
@@ -753,7 +753,12 @@ def _check_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         if is_dtensor(holder.get(last)):
             continue
         if key in saved:
-            holder[last] = torch.empty(saved[key], dtype=tensors[key].properties.dtype)
+            # Sharded like its parameter (DCP reshards into it), as the second moments a step makes:
+            # a plain tensor would be held whole on every rank and exchanged as a replicated one.
+            param = state["model"].get(key.removeprefix("optim.state.").removesuffix(".second_moment"))
+            dtype = tensors[key].properties.dtype
+            holder[last] = (zeros_like_sharded(param, saved[key], dtype) if is_dtensor(param)
+                            else torch.empty(saved[key], dtype=dtype))
             expected[key] = saved[key]
         else:
             del holder[last]

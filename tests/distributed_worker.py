@@ -512,6 +512,26 @@ def job_resume_normuon_into_muon(rank: int, world: int, tmp: Path) -> Any:
     return {"sharded": sharded, "snapshot": snapshot(model, opt)}
 
 
+def job_load_unsharded_state_dict(rank: int, world: int, tmp: Path) -> Any:
+    """A one-process optimizer's state_dict() (NorMuon, 8-bit momentum) loaded with load_state_dict
+    into the FSDP2 optimizer on every rank: whether every state tensor came back a DTensor, and the
+    resumed run."""
+    from torch.distributed.tensor import DTensor
+
+    single = make_model()
+    single_opt = make_optimizer(single, variant="normuon8bit")
+    train_fixed(single, single_opt, range(STEPS))
+    model = make_model()
+    model.load_state_dict(single.state_dict())
+    shard(model)
+    opt = make_optimizer(model, dist.group.WORLD, "normuon8bit")
+    opt.load_state_dict(single_opt.state_dict())
+    placed = {f"{name}.{key}": isinstance(value, DTensor) for name, p in model.named_parameters()
+              for key, value in opt.state[p].items() if key != "step"}
+    train_fixed(model, opt, range(STEPS, 2 * STEPS))
+    return {"placed": placed, "snapshot": snapshot(model, opt)}
+
+
 def _variant(job: Callable[..., Any], variant: str) -> Callable[[int, int, Path], Any]:
     return lambda rank, world, tmp: job(rank, world, tmp, variant)
 
@@ -616,6 +636,7 @@ JOBS: dict[str, Callable[[int, int, Path], Any]] = {
     "fsdp_dion2_rows_8bit": job_fsdp_dion2_rows_8bit,
     "resume_normuon_from_2": _resume(2, "normuon"),
     "resume_normuon_into_muon_from_2": job_resume_normuon_into_muon,
+    "load_unsharded_state_dict": job_load_unsharded_state_dict,
     "qkclip_replicated": job_qkclip_replicated,
     "qkclip_fsdp": job_qkclip_fsdp,
     "fsdp_nonfinite_skip": job_fsdp_nonfinite_skip,
@@ -640,7 +661,7 @@ SPAWNED_JOBS = {
         # test_distributed.py
         "replicated", "fsdp", "bytes", "ddp_data", "fsdp_data", "param_groups", "errors", "checkpoint_save",
         "resume_from_1", "replicated_normuon", "fsdp_normuon", "replicated_adamuon", "fsdp_adamuon",
-        "checkpoint_save_normuon", "fsdp_nonfinite_skip",
+        "checkpoint_save_normuon", "fsdp_nonfinite_skip", "load_unsharded_state_dict",
         # test_dion2.py
         "replicated_dion2", "replicated_nordion2", "bytes_variants", "fsdp_dion2_refused",
         # test_momentum_bits.py

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .dtensor import cut_mesh_dims, local_parts, local_piece, zeros_like_sharded
+from .dtensor import cut_mesh_dims, distribute_like, is_dtensor, local_parts, local_piece, zeros_like_sharded
 from .layout import resolve
 from .options import number
 from .quantize import dequantize, dequantize_piece, piece_absmax, piece_blocks, quantize, quantize_piece, scales_shape
@@ -239,6 +239,11 @@ def check_state(p: Tensor, state: dict[str, Any], group: dict[str, Any], name: s
             )
         if key != "step" and value.device != p.device:
             raise RuntimeError(f"{where}: the state {key!r} of parameter '{name}' is on {value.device}, not {p.device}")
+        if key != "step" and is_dtensor(value) != is_dtensor(p):
+            raise RuntimeError(
+                f"{where}: the state {key!r} of parameter '{name}' is {'a DTensor' if is_dtensor(value) else 'a plain tensor'}, "
+                f"its parameter {'a DTensor' if is_dtensor(p) else 'a plain tensor'}; a parameter's state is placed as it is"
+            )
 
 
 def _fits(key: str, value: Any, shape: tuple[int, ...]) -> bool:
@@ -275,6 +280,12 @@ def checked_state(state: dict[str, Any], p: Tensor, group: dict[str, Any], where
     state = dict(state)
     if "second_moment" not in shapes:
         state.pop("second_moment", None)
+    if is_dtensor(p):
+        # A state dict of an unsharded optimizer (one process, or DDP) loaded on every rank of a sharded
+        # one: each rank keeps its piece of each whole tensor, placed as its parameter is.
+        for key, value in state.items():
+            if key != "step" and isinstance(value, Tensor) and not is_dtensor(value) and tuple(value.shape) == shapes.get(key):
+                state[key] = distribute_like(p, value, rows=key == "momentum_scales")
     step = state.get("step")
     if step is not None and not isinstance(step, Tensor):
         state["step"] = torch.tensor(number(step, "step", where), dtype=torch.float32)

@@ -745,9 +745,9 @@ def _check_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     for key in {*expected, *saved}:
         if not key.startswith("optim.state.") or not key.endswith(".second_moment") or saved.get(key) == expected.get(key):
             continue
-        *path, last = key.split(".")
+        *parents, last = key.split(".")  # not `path`: the checkpoint's, which the errors below name
         try:
-            holder = _parent(state, path)
+            holder = _parent(state, parents)
         except KeyError:
             continue
         if is_dtensor(holder.get(last)):

@@ -498,18 +498,24 @@ def _resume(source: int, variant: str = "muon") -> Callable[[int, int, Path], An
     return job
 
 
-def job_resume_normuon_into_muon(rank: int, world: int, tmp: Path) -> Any:
-    """The 2-rank NorMuon checkpoint loaded into an optimizer built with variant "muon" (the saved
-    groups' variant wins): whether each second moment came back a DTensor, and the resumed run."""
+def job_resume_normuon_into_other_variants(rank: int, world: int, tmp: Path) -> Any:
+    """The 2-rank NorMuon checkpoint loaded into optimizers built with variant "adamuon" (a second
+    moment of another shape) and "muon" (none); the saved groups' variant wins. Per build: whether
+    each second moment came back a DTensor, and the state as loaded ("adamuon") or after the resumed
+    steps ("muon")."""
     from torch.distributed.tensor import DTensor
 
-    model = shard(make_model())
-    opt = make_optimizer(model, dist.group.WORLD)
-    load_checkpoint(tmp / checkpoint_name(2, "normuon"), model, opt)
-    sharded = {name: isinstance(opt.state[p]["second_moment"], DTensor)
-               for name, p in model.named_parameters() if "second_moment" in opt.state[p]}
-    train_fixed(model, opt, range(STEPS, 2 * STEPS))
-    return {"sharded": sharded, "snapshot": snapshot(model, opt)}
+    out = {}
+    for built in ("adamuon", "muon"):
+        model = shard(make_model())
+        opt = make_optimizer(model, dist.group.WORLD, built)
+        load_checkpoint(tmp / checkpoint_name(2, "normuon"), model, opt)
+        out[f"{built}.sharded"] = {name: isinstance(opt.state[p]["second_moment"], DTensor)
+                                   for name, p in model.named_parameters() if "second_moment" in opt.state[p]}
+        if built == "muon":
+            train_fixed(model, opt, range(STEPS, 2 * STEPS))
+        out[f"{built}.snapshot"] = snapshot(model, opt)
+    return out
 
 
 def job_load_unsharded_state_dict(rank: int, world: int, tmp: Path) -> Any:
@@ -635,7 +641,7 @@ JOBS: dict[str, Callable[[int, int, Path], Any]] = {
     "bytes_fsdp_variants": job_bytes_fsdp_variants,
     "fsdp_dion2_rows_8bit": job_fsdp_dion2_rows_8bit,
     "resume_normuon_from_2": _resume(2, "normuon"),
-    "resume_normuon_into_muon_from_2": job_resume_normuon_into_muon,
+    "resume_normuon_into_other_variants_from_2": job_resume_normuon_into_other_variants,
     "load_unsharded_state_dict": job_load_unsharded_state_dict,
     "qkclip_replicated": job_qkclip_replicated,
     "qkclip_fsdp": job_qkclip_fsdp,
@@ -673,7 +679,7 @@ SPAWNED_JOBS = {
     4: [
         # test_distributed.py
         "replicated", "fsdp", "ddp_data", "fsdp_data", "resume_from_2", "fsdp_normuon", "resume_normuon_from_2",
-        "resume_normuon_into_muon_from_2",
+        "resume_normuon_into_other_variants_from_2",
         # test_dion2.py
         "replicated_dion2", "replicated_nordion2", "bytes_variants", "fsdp_dion2_refused",
         # test_momentum_bits.py

@@ -42,7 +42,7 @@ JOBS = {
         "replicated_normuon", "fsdp_normuon", "replicated_adamuon", "fsdp_adamuon", "checkpoint_save_normuon",
         "fsdp_nonfinite_skip", "load_unsharded_state_dict"],
     4: ["replicated", "fsdp", "ddp_data", "fsdp_data", "resume_from_2", "fsdp_normuon", "resume_normuon_from_2",
-        "resume_normuon_into_muon_from_2"],
+        "resume_normuon_into_other_variants_from_2"],
 }
 
 
@@ -247,15 +247,19 @@ def test_a_state_dict_of_one_process_loads_into_fsdp2_sharded_and_resumes_alike(
 
 @pytest.mark.slow
 def test_a_checkpoint_of_another_variant_loads_its_second_moments_sharded(runs):
-    """A NorMuon checkpoint loaded into an FSDP2 optimizer built with variant "muon" (review
-    issue-rv2): the saved variant wins, as with load_state_dict, and its second moments come back
-    sharded like their parameters; they were plain tensors, held whole on every rank and exchanged
-    as replicated ones. The resumed run equals one process."""
+    """A NorMuon checkpoint loaded into FSDP2 optimizers built with variant "adamuon" or "muon"
+    (review issue-rv2): the saved variant wins, as with load_state_dict, and its second moments
+    come back sharded like their parameters. Built "muon", they were plain tensors, held whole on
+    every rank and exchanged as replicated ones; built "adamuon" (a second moment of another
+    shape), the load was refused. The state equals one process's, and so does the resumed run."""
     _result(runs, 2, "checkpoint_save_normuon")
-    reference = worker.reference(fixed=True, steps=2 * worker.STEPS, variant="normuon")
-    for rank_result in _result(runs, 4, "resume_normuon_into_muon_from_2"):
-        assert rank_result["sharded"] and all(rank_result["sharded"].values()), rank_result["sharded"]
-        _assert_equal(rank_result["snapshot"], reference)
+    saved = worker.reference(fixed=True, variant="normuon")
+    resumed = worker.reference(fixed=True, steps=2 * worker.STEPS, variant="normuon")
+    for rank_result in _result(runs, 4, "resume_normuon_into_other_variants_from_2"):
+        for built, reference in (("adamuon", saved), ("muon", resumed)):
+            sharded = rank_result[f"{built}.sharded"]
+            assert sharded and all(sharded.values()), (built, sharded)
+            _assert_equal(rank_result[f"{built}.snapshot"], reference)
 
 
 @pytest.mark.slow

@@ -741,7 +741,8 @@ def _check_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     expected = dict(_tensor_shapes(state))
     # Second moments are read as saved and judged by load_state_dict (through set_state_dict), so that
     # both load paths accept the same: the group's saved variant decides which one it keeps, another
-    # variant's starts from zeros, and none is made fresh (sharded ones must still fit).
+    # variant's starts from zeros, and none is made fresh; a parameter's DTensor second moment of
+    # another shape is read into one of the saved shape, placed as its parameter.
     for key in {*expected, *saved}:
         if not key.startswith("optim.state.") or not key.endswith(".second_moment") or saved.get(key) == expected.get(key):
             continue
@@ -749,8 +750,6 @@ def _check_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         try:
             holder = _parent(state, parents)
         except KeyError:
-            continue
-        if is_dtensor(holder.get(last)):
             continue
         if key in saved:
             # Sharded like its parameter (DCP reshards into it), as the second moments a step makes:

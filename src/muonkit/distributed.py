@@ -755,8 +755,8 @@ def _check_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         fqn = key.removeprefix("optim.state.").removesuffix(suffix)
         if suffix in _MOMENTA:
             other = (".momentum_codes",) if suffix == ".momentum_buffer" else (".momentum_buffer",)
-            if (key in saved) == (key in as_built) or not any(f"optim.state.{fqn}{o}" in (as_built if key in saved else saved)
-                                                              for o in other):
+            counterparts = as_built if key in saved else saved
+            if (key in saved) == (key in as_built) or not any(f"optim.state.{fqn}{o}" in counterparts for o in other):
                 continue  # another shape, or no momentum saved: refused below
         *parents, last = key.split(".")  # not `path`: the checkpoint's, which the errors below name
         try:
@@ -768,7 +768,8 @@ def _check_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
             # tensor would be held whole on every rank (and a second moment exchanged as a replicated one).
             param = state["model"].get(fqn)
             dtype = tensors[key].properties.dtype
-            holder[last] = (zeros_like_sharded(param, saved[key], dtype) if is_dtensor(param)
+            rows = suffix == ".momentum_scales"  # per-row state: placed as dtensor.row_placements says
+            holder[last] = (zeros_like_sharded(param, saved[key], dtype, rows=rows) if is_dtensor(param)
                             else torch.empty(saved[key], dtype=dtype))
             expected[key] = saved[key]
         else:

@@ -498,6 +498,46 @@ def _resume(source: int, variant: str = "muon") -> Callable[[int, int, Path], An
     return job
 
 
+def job_resume_normuon_into_other_variants(rank: int, world: int, tmp: Path) -> Any:
+    """The 2-rank NorMuon checkpoint loaded into optimizers built with variant "adamuon" (a second
+    moment of another shape) and "muon" (none); the saved groups' variant wins. Per build: whether
+    each second moment came back a DTensor, and the state as loaded ("adamuon") or after the resumed
+    steps ("muon")."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for built in ("adamuon", "muon"):
+        model = shard(make_model())
+        opt = make_optimizer(model, dist.group.WORLD, built)
+        load_checkpoint(tmp / checkpoint_name(2, "normuon"), model, opt)
+        out[f"{built}.sharded"] = {name: isinstance(opt.state[p]["second_moment"], DTensor)
+                                   for name, p in model.named_parameters() if "second_moment" in opt.state[p]}
+        if built == "muon":
+            train_fixed(model, opt, range(STEPS, 2 * STEPS))
+        out[f"{built}.snapshot"] = snapshot(model, opt)
+    return out
+
+
+def job_load_unsharded_state_dict(rank: int, world: int, tmp: Path) -> Any:
+    """A one-process optimizer's state_dict() (NorMuon, 8-bit momentum) loaded with load_state_dict
+    into the FSDP2 optimizer on every rank: whether every state tensor came back a DTensor, and the
+    resumed run."""
+    from torch.distributed.tensor import DTensor
+
+    single = make_model()
+    single_opt = make_optimizer(single, variant="normuon8bit")
+    train_fixed(single, single_opt, range(STEPS))
+    model = make_model()
+    model.load_state_dict(single.state_dict())
+    shard(model)
+    opt = make_optimizer(model, dist.group.WORLD, "normuon8bit")
+    opt.load_state_dict(single_opt.state_dict())
+    placed = {f"{name}.{key}": isinstance(value, DTensor) for name, p in model.named_parameters()
+              for key, value in opt.state[p].items() if key != "step"}
+    train_fixed(model, opt, range(STEPS, 2 * STEPS))
+    return {"placed": placed, "snapshot": snapshot(model, opt)}
+
+
 def _variant(job: Callable[..., Any], variant: str) -> Callable[[int, int, Path], Any]:
     return lambda rank, world, tmp: job(rank, world, tmp, variant)
 
@@ -601,6 +641,8 @@ JOBS: dict[str, Callable[[int, int, Path], Any]] = {
     "bytes_fsdp_variants": job_bytes_fsdp_variants,
     "fsdp_dion2_rows_8bit": job_fsdp_dion2_rows_8bit,
     "resume_normuon_from_2": _resume(2, "normuon"),
+    "resume_normuon_into_other_variants_from_2": job_resume_normuon_into_other_variants,
+    "load_unsharded_state_dict": job_load_unsharded_state_dict,
     "qkclip_replicated": job_qkclip_replicated,
     "qkclip_fsdp": job_qkclip_fsdp,
     "fsdp_nonfinite_skip": job_fsdp_nonfinite_skip,
@@ -625,7 +667,7 @@ SPAWNED_JOBS = {
         # test_distributed.py
         "replicated", "fsdp", "bytes", "ddp_data", "fsdp_data", "param_groups", "errors", "checkpoint_save",
         "resume_from_1", "replicated_normuon", "fsdp_normuon", "replicated_adamuon", "fsdp_adamuon",
-        "checkpoint_save_normuon", "fsdp_nonfinite_skip",
+        "checkpoint_save_normuon", "fsdp_nonfinite_skip", "load_unsharded_state_dict",
         # test_dion2.py
         "replicated_dion2", "replicated_nordion2", "bytes_variants", "fsdp_dion2_refused",
         # test_momentum_bits.py
@@ -637,6 +679,7 @@ SPAWNED_JOBS = {
     4: [
         # test_distributed.py
         "replicated", "fsdp", "ddp_data", "fsdp_data", "resume_from_2", "fsdp_normuon", "resume_normuon_from_2",
+        "resume_normuon_into_other_variants_from_2",
         # test_dion2.py
         "replicated_dion2", "replicated_nordion2", "bytes_variants", "fsdp_dion2_refused",
         # test_momentum_bits.py

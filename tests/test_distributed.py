@@ -40,8 +40,9 @@ DATA_ATOL = 1e-5
 JOBS = {
     2: ["replicated", "fsdp", "bytes", "ddp_data", "fsdp_data", "param_groups", "errors", "checkpoint_save", "resume_from_1",
         "replicated_normuon", "fsdp_normuon", "replicated_adamuon", "fsdp_adamuon", "checkpoint_save_normuon",
-        "fsdp_nonfinite_skip"],
-    4: ["replicated", "fsdp", "ddp_data", "fsdp_data", "resume_from_2", "fsdp_normuon", "resume_normuon_from_2"],
+        "fsdp_nonfinite_skip", "load_unsharded_state_dict"],
+    4: ["replicated", "fsdp", "ddp_data", "fsdp_data", "resume_from_2", "fsdp_normuon", "resume_normuon_from_2",
+        "resume_normuon_into_other_variants_from_2"],
 }
 
 
@@ -230,6 +231,35 @@ def test_normuon_checkpoint_resumes_on_other_world_sizes(runs):
     load_checkpoint(runs["tmp"] / worker.checkpoint_name(2, "normuon"), model, opt)
     worker.train_fixed(model, opt, range(worker.STEPS, 2 * worker.STEPS))
     _assert_equal(worker.snapshot(model, opt), reference)
+
+
+@pytest.mark.slow
+def test_a_state_dict_of_one_process_loads_into_fsdp2_sharded_and_resumes_alike(runs):
+    """opt.load_state_dict of a one-process state dict (NorMuon, 8-bit momentum) on every FSDP2
+    rank (review issue-rv2): each rank keeps its piece of every state tensor, placed as its
+    parameter; they stayed whole plain tensors, which the step mixed with the local shards (a
+    RuntimeError inside the step, nothing changed)."""
+    reference = worker.reference(fixed=True, steps=2 * worker.STEPS, variant="normuon8bit")
+    for rank_result in _result(runs, 2, "load_unsharded_state_dict"):
+        assert rank_result["placed"] and all(rank_result["placed"].values()), rank_result["placed"]
+        _assert_equal(rank_result["snapshot"], reference)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_variant_loads_its_second_moments_sharded(runs):
+    """A NorMuon checkpoint loaded into FSDP2 optimizers built with variant "adamuon" or "muon"
+    (review issue-rv2): the saved variant wins, as with load_state_dict, and its second moments
+    come back sharded like their parameters. Built "muon", they were plain tensors, held whole on
+    every rank and exchanged as replicated ones; built "adamuon" (a second moment of another
+    shape), the load was refused. The state equals one process's, and so does the resumed run."""
+    _result(runs, 2, "checkpoint_save_normuon")
+    saved = worker.reference(fixed=True, variant="normuon")
+    resumed = worker.reference(fixed=True, steps=2 * worker.STEPS, variant="normuon")
+    for rank_result in _result(runs, 4, "resume_normuon_into_other_variants_from_2"):
+        for built, reference in (("adamuon", saved), ("muon", resumed)):
+            sharded = rank_result[f"{built}.sharded"]
+            assert sharded and all(sharded.values()), (built, sharded)
+            _assert_equal(rank_result[f"{built}.snapshot"], reference)
 
 
 @pytest.mark.slow

@@ -327,3 +327,39 @@ def test_8bit_checkpoint_reshards_through_dcp(spawned, world, source, variant):
     want = worker.reference(True, steps=2 * worker.STEPS, variant=variant)
     for got in _per_rank(spawned, world, f"resume_{variant}_from_{source}"):
         _assert_snapshots_equal(got, want)
+
+
+@pytest.mark.parametrize("saved_bits, built_bits", [(8, 32), (32, 8)])
+def test_load_checkpoint_takes_the_momentum_in_the_form_it_was_saved(tmp_path, saved_bits, built_bits):
+    """review issue-rv2: a checkpoint saved with momentum_bits=8 loads into an optimizer built with
+    32 (and back) as load_state_dict does (the saved group's momentum_bits wins) and resumes bit for
+    bit; load_checkpoint refused it as 'a different model'."""
+    from muonkit.distributed import load_checkpoint, save_checkpoint
+
+    def make(bits):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Linear(12, 6))
+        opt = muonkit.Muon([{"params": [model[1].weight]},
+                            {"params": [model[0].weight, model[0].bias, model[1].bias], "use_muon": False}],
+                           lr=0.02, momentum_bits=bits, variant="normuon")
+        return model, opt
+
+    def steps(model, opt, seeds):
+        for seed in seeds:
+            g = torch.Generator().manual_seed(seed)
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+
+    model, opt = make(saved_bits)
+    steps(model, opt, range(2))
+    save_checkpoint(tmp_path / "checkpoint", model, opt)
+    resumed, resumed_opt = make(built_bits)
+    load_checkpoint(tmp_path / "checkpoint", resumed, resumed_opt)
+    assert resumed_opt.param_groups[0]["momentum_bits"] == saved_bits
+    steps(model, opt, range(2, 4))
+    steps(resumed, resumed_opt, range(2, 4))
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    for key, value in opt.state[model[1].weight].items():
+        assert torch.equal(value, resumed_opt.state[resumed[1].weight][key]), key

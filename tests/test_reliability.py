@@ -448,6 +448,22 @@ def test_load_checkpoint_still_loads_an_intact_checkpoint(tmp_path):
     assert_same(opt.state_dict()["state"], saved_opt.state_dict()["state"], "optimizer")
 
 
+def test_load_checkpoint_of_another_model_with_second_moments_names_the_path_and_the_keys(tmp_path):
+    """review issue-rv2: a NorMuon checkpoint (second moments) loaded into another model: the
+    ValueError naming the checkpoint and the mis-shaped key, not a TypeError from building it (the
+    second-moment loop had rebound the name of the checkpoint's path)."""
+    torch.manual_seed(0)
+    saved = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 8))
+    opt = muonkit.Muon([{"params": [saved[1].weight]}, {"params": [saved[0].weight, saved[0].bias, saved[1].bias],
+                                                          "use_muon": False}], variant="normuon")
+    save_checkpoint(tmp_path / "checkpoint", saved, opt)
+    other = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 9))
+    other_opt = muonkit.Muon([{"params": [other[1].weight]}, {"params": [other[0].weight, other[0].bias, other[1].bias],
+                                                              "use_muon": False}])
+    with pytest.raises(ValueError, match=re.escape(repr(str(tmp_path / "checkpoint"))) + r".*1\.weight: checkpoint \(8, 8\)"):
+        load_checkpoint(tmp_path / "checkpoint", other, other_opt)
+
+
 # ------------------------------------------------------------------------ 12. muonkit ns --size
 
 

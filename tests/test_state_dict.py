@@ -7,6 +7,7 @@ Everything is deterministic on CPU with one thread (conftest.py), so the toleran
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -195,3 +196,170 @@ def test_state_dict_with_a_declared_layout_loads_with_torch_load_defaults():
         return W.detach()
 
     assert torch.equal(run(), run(resume_after=2))
+
+
+# From a review for silent wrongness in state and checkpoints (issue-rv2); each test failed before its fix.
+
+
+def _move(opt: muonkit.Muon, p: nn.Parameter, how: str) -> None:
+    """Take `p` out of its group and put it in a group of the other kind: a new group
+    (add_param_group) or the end of the params of the last group of that kind."""
+    source = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+    index = next(i for i, q in enumerate(source["params"]) if q is p)
+    del source["params"][index]
+    if "param_names" in source:
+        del source["param_names"][index]
+    if how == "add_param_group":
+        opt.add_param_group({"params": [p], "use_muon": not source["use_muon"]})
+    else:
+        [g for g in opt.param_groups if g["use_muon"] != source["use_muon"]][-1]["params"].append(p)
+
+
+@pytest.mark.parametrize("how", ["add_param_group", "appended"])
+def test_a_parameter_moved_from_a_muon_to_an_adamw_group_starts_adamw_fresh(how):
+    """A bf16 Muon parameter keeps a `step` count for stochastic rounding (two per step). Moved to
+    an AdamW group, its first AdamW step must be AdamW's first step (bias corrections of step 1),
+    not one corrected as if AdamW had run 10 steps (about half as large)."""
+    torch.manual_seed(0)
+    moved = nn.Parameter(torch.randn(8, 4).bfloat16())
+    other = nn.Parameter(torch.randn(8, 4).bfloat16())
+    vector = nn.Parameter(torch.randn(4).bfloat16())
+    lr, wd, eps = 0.05, 0.1, 1e-8
+    opt = muonkit.Muon([{"params": [moved, other]}, {"params": [vector], "use_muon": False}], lr=lr, weight_decay=wd)
+    for _ in range(5):
+        for p in (moved, other, vector):
+            p.grad = torch.randn(p.shape).bfloat16()
+        opt.step()
+    _move(opt, moved, how)
+    g = torch.randn(8, 4).bfloat16()
+    moved.grad, other.grad, vector.grad = g, None, None
+    w0 = moved.detach().double().clone()
+    opt.step()
+    # AdamW's first step from zero moments: m_hat = g, v_hat = g^2.
+    g64 = g.double()
+    expected = w0 * (1 - lr * wd) - lr * g64 / (g64.abs() + eps)
+    # Stochastic rounding writes one of the two bf16 neighbours of the float result.
+    assert ((moved.detach().double() - expected).abs() <= expected.abs() * 2.0**-7 + 1e-30).all()
+    assert set(opt.state[moved]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert opt.state[moved]["step"].item() == 1.0
+
+
+@pytest.mark.parametrize("to_muon", [True, False], ids=["adamw-to-muon", "muon-to-adamw"])
+@pytest.mark.parametrize("how", ["add_param_group", "appended"])
+def test_a_parameter_moved_between_kinds_round_trips_through_state_dict(how, to_muon):
+    """After a move, the parameter's state is its new kind's only, so that state_dict() loads into an
+    optimizer built with the new grouping and continues bit for bit."""
+
+    def make(moved_group: bool):
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(8, 6)) for _ in range(3)]
+        muon, adamw = (params[:2], params[2:]) if to_muon else (params[:1], params[1:])
+        mover = params[2] if to_muon else params[0]
+        if moved_group:  # the grouping after the move, built directly
+            muon = [p for p in muon if p is not mover] + ([mover] if to_muon else [])
+            adamw = [p for p in adamw if p is not mover] + ([] if to_muon else [mover])
+        groups = [{"params": muon}, {"params": adamw, "use_muon": False}]
+        if moved_group and how == "add_param_group":
+            groups = [{"params": [p for p in g["params"] if p is not mover], **{k: v for k, v in g.items() if k != "params"}}
+                      for g in groups] + [{"params": [mover], "use_muon": to_muon}]
+        return params, mover, muonkit.Muon(groups, lr=0.02)
+
+    def steps(params, opt, seeds):
+        for seed in seeds:
+            g = torch.Generator().manual_seed(seed)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+
+    params, mover, opt = make(False)
+    steps(params, opt, range(3))
+    _move(opt, mover, how)
+    steps(params, opt, range(3, 5))
+    kind = ({"momentum_buffer"} if to_muon else {"step", "exp_avg", "exp_avg_sq"})
+    assert set(opt.state[mover]) == kind
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    saved.seek(0)
+    params_b, _, opt_b = make(True)
+    for a, b in zip(params, params_b):
+        b.data.copy_(a.detach())
+    opt_b.load_state_dict(torch.load(saved))
+    steps(params, opt, range(5, 7))
+    steps(params_b, opt_b, range(5, 7))
+    for a, b in zip(params, params_b):
+        assert torch.equal(a, b)
+
+
+class Pair(nn.Module):
+    """Two same-shaped Linear layers, registered as `order` says (a refactor that swaps them)."""
+
+    def __init__(self, order=("a", "b")):
+        super().__init__()
+        for name in order:
+            setattr(self, name, nn.Linear(8, 8, bias=False))
+
+
+def _pair(order, seed=0):
+    torch.manual_seed(seed)
+    model = Pair(order)
+    return model, muonkit.Muon([{"params": list(model.named_parameters())}], lr=0.02, diagnostics=True)
+
+
+def _steps(model, opt, seeds):
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        for name in ("a.weight", "b.weight"):  # the same gradient per name, whatever the order
+            model.get_parameter(name).grad = torch.randn(8, 8, generator=g)
+        opt.step()
+
+
+@pytest.mark.parametrize("path", ["state_dict", "checkpoint"])
+def test_a_state_dict_saved_with_the_parameters_in_another_order_loads_by_name(tmp_path, path):
+    """Every group names its parameters and the names are the same, in another order (the model's
+    layers registered in another order): each parameter gets its own state, not the one at its
+    position, and keeps its own name (last_stats labels)."""
+    model, opt = _pair(("a", "b"))
+    _steps(model, opt, range(3))
+    resumed, opt_r = _pair(("b", "a"), seed=1)
+    resumed.load_state_dict(model.state_dict())
+    if path == "state_dict":
+        opt_r.load_state_dict(copy.deepcopy(opt.state_dict()))
+    else:
+        from muonkit.distributed import load_checkpoint, save_checkpoint
+
+        save_checkpoint(tmp_path / "ckpt", model, opt)
+        load_checkpoint(tmp_path / "ckpt", resumed, opt_r)
+    assert opt_r.param_groups[0]["param_names"] == ["b.weight", "a.weight"]
+    _steps(model, opt, range(3, 5))
+    _steps(resumed, opt_r, range(3, 5))
+    for name in ("a.weight", "b.weight"):
+        assert torch.equal(model.get_parameter(name), resumed.get_parameter(name)), name
+        assert torch.equal(opt.state[model.get_parameter(name)]["momentum_buffer"],
+                           opt_r.state[resumed.get_parameter(name)]["momentum_buffer"]), name
+        assert opt.last_stats[name] == opt_r.last_stats[name], name
+
+
+@pytest.mark.parametrize("regroup, words", [
+    (lambda named: [{"params": [("b.weight", named["b.weight"])], "weight_decay": 0.0},
+                    {"params": [("a.weight", named["a.weight"]), ("c.weight", named["c.weight"])]}],
+     "group 1 holds the parameters of this optimizer's group 0 .* groups are in another order"),
+    (lambda named: [{"params": [("b.weight", named["b.weight"]), ("c.weight", named["c.weight"])]},
+                    {"params": [("a.weight", named["a.weight"])], "weight_decay": 0.0}],
+     "group 0 here holds 'b.weight', 'c.weight', saved in groups 0, 1"),
+], ids=["groups-reordered", "regrouped"])
+def test_a_state_dict_whose_names_are_grouped_otherwise_is_refused_and_changes_nothing(regroup, words):
+    """The same names in other groups: by position each parameter would get another's state and
+    another group's options (here weight decay 0 for a decayed one); refused, nothing changed."""
+    from test_atomic_step import assert_unchanged, snapshot
+
+    model = Pair(("a", "b", "c"))
+    named = dict(model.named_parameters())
+    opt = muonkit.Muon([{"params": [("a.weight", named["a.weight"]), ("c.weight", named["c.weight"])]},
+                        {"params": [("b.weight", named["b.weight"])], "weight_decay": 0.0}], lr=0.02)
+    _steps(model, opt, range(2))
+    saved = copy.deepcopy(opt.state_dict())
+    other = muonkit.Muon(regroup(named), lr=0.02)
+    before = snapshot(other, list(model.parameters()))
+    with pytest.raises(ValueError, match=words):
+        other.load_state_dict(saved)
+    assert_unchanged(other, list(model.parameters()), before)

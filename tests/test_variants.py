@@ -426,3 +426,26 @@ def test_a_stack_is_transformed_as_its_tensors_one_by_one(variant, dtypes, threa
             assert torch.equal(h, chosen.transform(o, v, beta2=0.9, eps=1e-10)[0]) and new.dtype == v.dtype
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("path", [["normuon", "nordion2"], ["nordion2", "normuon"]], ids="->".join)
+def test_normuon_and_nordion2_carry_their_per_row_second_moment_over_a_switch(path):
+    """docs/API.md (review issue-rv2): NorMuon's and NorDion2's second moments have the same shape
+    (one value per row) and carry over a switch of the group's variant, unlike NorMuon <-> AdaMuon's
+    (zeros): the step equals a fresh optimizer of the new variant holding the same momentum and v."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 6, dtype=torch.float64))
+    opt = muonkit.Muon([p], lr=0.02, variant=path[0], orthogonalizer="svd")
+    for _ in range(2):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    opt.param_groups[0]["variant"] = path[1]
+    q, twin = _fresh_twin(opt, p, path[1])
+    twin.state[q]["second_moment"].copy_(opt.state[p]["second_moment"])
+    assert twin.state[q]["second_moment"].abs().max() > 0  # not zeros: carried over
+    p.grad = torch.randn_like(p)
+    q.grad = p.grad.clone()
+    opt.step()
+    twin.step()
+    assert torch.equal(p, q)
+    assert torch.equal(opt.state[p]["second_moment"], twin.state[q]["second_moment"])

@@ -116,6 +116,61 @@ def check_known(group: dict[str, Any], where: str) -> None:
     )
 
 
+def by_names(state_dict: dict[str, Any], current_groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """The state dict to load, with its groups and parameters in this optimizer's order where their
+    `param_names` say they were saved in another one.
+
+    torch.optim loads by position. When every group, saved and current, names its parameters and
+    the saved names are the current ones in another order (a model whose modules are registered in
+    another order), position would give a parameter another's state; the names then decide: each
+    group's parameters are reordered to the current order. Parameters in another group than when
+    saved, or groups in another order, are refused (ValueError naming a parameter): a group's
+    options belong to its parameters, and an lr scheduler's state is per group position. Other
+    names (renamed by a wrapper: DDP's "module.", torch.compile's "_orig_mod.") keep torch's
+    positions. A state dict whose params are names already (DCP's set_state_dict, which matched
+    them by name) keeps this optimizer's `param_names`.
+    """
+    saved_groups = state_dict.get("param_groups")
+    if not isinstance(saved_groups, list) or len(saved_groups) != len(current_groups):
+        return state_dict  # torch's own checks refuse it
+    if any("param_names" not in g for g in current_groups):
+        return state_dict
+    if any(isinstance(i, str) for g in saved_groups for i in g.get("params", ())):
+        # Keyed by name (DCP): the saved order's param_names would label this optimizer's parameters.
+        return {**state_dict, "param_groups": [{k: v for k, v in g.items() if k != "param_names"} for g in saved_groups]}
+    if any("param_names" not in g or len(g["param_names"]) != len(g.get("params", ())) for g in saved_groups):
+        return state_dict
+    saved = [list(g["param_names"]) for g in saved_groups]
+    current = [list(g["param_names"]) for g in current_groups]
+    everything = [n for names in current for n in names]
+    if (saved == current or not all(saved) or not all(current) or len(set(everything)) != len(everything)
+            or sorted(everything) != sorted(n for names in saved for n in names)):
+        return state_dict
+    saved_in = {n: j for j, names in enumerate(saved) for n in names}
+    groups = []
+    for index, names in enumerate(current):
+        j = saved_in[names[0]]
+        homes = sorted({saved_in[n] for n in names})
+        if homes != [j] or len(saved[j]) != len(names):
+            listed = ", ".join(repr(n) for n in names[:4]) + (", ..." if len(names) > 4 else "")
+            raise ValueError(
+                f"load_state_dict: the state dict names this optimizer's parameters, grouped otherwise: group "
+                f"{index} here holds {listed}, saved in group{'s' if len(homes) > 1 else ''} "
+                f"{', '.join(map(str, homes))}{'' if len(homes) > 1 else ' with ' + str(len(saved[j])) + ' parameters'}; "
+                "build the optimizer with the groups of the one that saved it (a group's options, lr and weight "
+                "decay included, belong to its parameters), then regroup"
+            )
+        if j != index:
+            raise ValueError(
+                f"load_state_dict: the state dict's group {j} holds the parameters of this optimizer's group {index} "
+                f"({names[0]!r}, ...): its groups are in another order; build the optimizer with its groups in the "
+                "saved order (an lr scheduler's state is per group position too)"
+            )
+        ids = dict(zip(saved[j], saved_groups[j]["params"]))
+        groups.append({**saved_groups[j], "params": [ids[n] for n in names], "param_names": names})
+    return {**state_dict, "param_groups": groups}
+
+
 def fill_unpickled(defaults: dict[str, Any], groups: list[dict[str, Any]]) -> None:
     """Keys an optimizer pickled before they existed lacks, in its defaults and its groups."""
     for key, value in ADDED_LATER.items():

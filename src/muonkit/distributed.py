@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .dtensor import is_dtensor, is_sharded, placements_of
+from .dtensor import is_dtensor, is_sharded, placements_of, zeros_like_sharded
 from .functional import UpdateMany, local_update_many
 from .layout import Layout, matrix_shape
 from .orthogonalize import Orthogonalizer
@@ -741,19 +741,36 @@ def _check_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     expected = dict(_tensor_shapes(state))
     # Second moments are read as saved and judged by load_state_dict (through set_state_dict), so that
     # both load paths accept the same: the group's saved variant decides which one it keeps, another
-    # variant's starts from zeros, and none is made fresh (sharded ones must still fit).
-    for key in {*expected, *saved}:
-        if not key.startswith("optim.state.") or not key.endswith(".second_moment") or saved.get(key) == expected.get(key):
+    # variant's starts from zeros, and none is made fresh; a parameter's DTensor second moment of
+    # another shape is read into one of the saved shape, placed as its parameter. So is the momentum
+    # saved in the other form (8-bit codes and scales, or a momentum_buffer): the saved group's
+    # momentum_bits decides which one it keeps.
+    as_built = set(expected)  # (the loop below edits `expected`)
+    for key in sorted({*expected, *saved}):  # in the same order on every rank (state entries are added)
+        if not key.startswith("optim.state.") or saved.get(key) == expected.get(key):
             continue
-        *path, last = key.split(".")
+        suffix = next((s for s in (".second_moment", *_MOMENTA) if key.endswith(s)), None)
+        if suffix is None:
+            continue
+        fqn = key.removeprefix("optim.state.").removesuffix(suffix)
+        if suffix in _MOMENTA:
+            other = (".momentum_codes",) if suffix == ".momentum_buffer" else (".momentum_buffer",)
+            counterparts = as_built if key in saved else saved
+            if (key in saved) == (key in as_built) or not any(f"optim.state.{fqn}{o}" in counterparts for o in other):
+                continue  # another shape, or no momentum saved: refused below
+        *parents, last = key.split(".")  # not `path`: the checkpoint's, which the errors below name
         try:
-            holder = _parent(state, path)
+            holder = _parent(state, parents)
         except KeyError:
             continue
-        if is_dtensor(holder.get(last)):
-            continue
         if key in saved:
-            holder[last] = torch.empty(saved[key], dtype=tensors[key].properties.dtype)
+            # Sharded like its parameter (DCP reshards into it), as the state a step makes: a plain
+            # tensor would be held whole on every rank (and a second moment exchanged as a replicated one).
+            param = state["model"].get(fqn)
+            dtype = tensors[key].properties.dtype
+            rows = suffix == ".momentum_scales"  # per-row state: placed as dtensor.row_placements says
+            holder[last] = (zeros_like_sharded(param, saved[key], dtype, rows=rows) if is_dtensor(param)
+                            else torch.empty(saved[key], dtype=dtype))
             expected[key] = saved[key]
         else:
             del holder[last]
@@ -772,6 +789,10 @@ def _check_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         raise ValueError(
             f"checkpoint {os.fspath(path)!r} was saved from a different model or optimizer: " + "; ".join(problems)
         )
+
+
+# A Muon parameter's momentum in its two forms: momentum_bits=32, and 8-bit codes with their scales.
+_MOMENTA = (".momentum_buffer", ".momentum_codes", ".momentum_scales")
 
 
 def _parent(state: dict[str, Any], path: list[str]) -> dict[str, Any]:

@@ -107,3 +107,13 @@ def _piece(shape: tuple[int, ...], mesh_shape: tuple[int, ...], ranks: tuple[int
     from .plan import pieces_of
 
     return pieces_of(shape, torch.tensor(ranks).view(mesh_shape), placements)[rank]
+
+
+def distribute_like(p: Tensor, value: Tensor, *, rows: bool = False) -> Tensor:
+    """`value`, a whole tensor that every rank holds alike (the state of an unsharded optimizer,
+    loaded on every rank), as a DTensor placed as the DTensor `p` is (with `rows=True` as
+    `row_placements(p)`, as per-row state is): each rank keeps its own piece of it (no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    placements = row_placements(p) if rows else p.placements  # type: ignore[attr-defined]
+    return distribute_tensor(value, p.device_mesh, placements, src_data_rank=None)  # type: ignore[attr-defined]

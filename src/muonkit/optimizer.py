@@ -43,6 +43,7 @@ from .variants import VARIANTS, Shard
 from .scaling import Scale
 from .quantize import quantize_into_
 from .state import (
+    adopt_,
     check_state,
     dequantize_momentum,
     drop_unused,
@@ -312,7 +313,7 @@ class Muon(torch.optim.Optimizer):
         for key in set(self.defaults) - set(own) - given:
             del added[key]
         for p in added["params"]:
-            self.state[p].update(missing_state(p, self.state.get(p, {}), added, capturable=self.defaults["capturable"]))
+            adopt_(self.state[p], missing_state(p, self.state.get(p, {}), added, capturable=self.defaults["capturable"]), added)
 
     def _check_params(self, group: dict[str, Any], where: str) -> None:
         names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
@@ -372,6 +373,7 @@ class Muon(torch.optim.Optimizer):
         # torch.optim casts every floating state tensor it loads to its parameter's dtype, which would
         # round the float32 state of a bfloat16 parameter to bfloat16: __setstate__ takes such values from
         # the state dict as given, in the dtype their group keeps state in (muonkit.checkpoint.loaded).
+        state_dict = checkpoint.by_names(state_dict, self.param_groups)
         self._loading = state_dict
         try:
             super().load_state_dict(state_dict)
@@ -483,7 +485,7 @@ def _settle_state(plan: list[_GroupStep], state: Any, cache: _PlanCache | None) 
     dropped = False
     for item in plan:
         for p, created in [*zip(item.params, item.states), *item.idle]:
-            state[p].update(created)
+            adopt_(state[p], created, item.group)
         for p in item.group["params"]:
             dropped = drop_unused(state[p], p, item.group) or dropped
     if cache is not None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .dtensor import cut_mesh_dims, local_parts, local_piece, zeros_like_sharded
+from .dtensor import cut_mesh_dims, distribute_like, is_dtensor, local_parts, local_piece, zeros_like_sharded
 from .layout import resolve
 from .options import number
 from .quantize import dequantize, dequantize_piece, piece_absmax, piece_blocks, quantize, quantize_piece, scales_shape
@@ -31,6 +31,26 @@ _QUANTIZED_DTYPES = {"momentum_codes": torch.int8, "momentum_scales": torch.floa
 _SWITCHABLE = ("second_moment", "momentum_buffer", *QUANTIZED_STATE)
 
 ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
+
+# The entries only one kind of group keeps (use_muon -> keys); `step` is both kinds' (AdamW's count,
+# a Muon group's rounding seed) with different meanings.
+_OWN_KEYS = {True: ("momentum_buffer", *QUANTIZED_STATE, "second_moment"), False: ("exp_avg", "exp_avg_sq")}
+
+
+def of_other_kind(state: dict[str, Any], group: dict[str, Any]) -> bool:
+    """Whether `state` was made by a group of the other kind than `group`'s: its parameter was moved
+    between a Muon and an AdamW group (add_param_group, or appended to a group's params). None of it
+    means anything to the new kind (an AdamW `step` of a Muon parameter's rounding count would
+    bias-correct a fresh AdamW as if it had run that many steps): the parameter starts fresh."""
+    return any(key in state for key in _OWN_KEYS[not group["use_muon"]])
+
+
+def adopt_(state: dict[str, Any], new: dict[str, Any], group: dict[str, Any]) -> None:
+    """Add the `new` entries (from `missing_state`) to a parameter's `state`, which a group of the
+    other kind made is first emptied of (`of_other_kind`)."""
+    if of_other_kind(state, group):
+        state.clear()
+    state.update(new)
 
 
 def state_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
@@ -63,6 +83,8 @@ def missing_state(p: Tensor, state: dict[str, Any], group: dict[str, Any], *, ca
     stochastic_rounding was changed, and state dicts saved before a key existed. A second moment
     of another variant (of another shape: per row, per entry) is replaced by zeros.
     """
+    if of_other_kind(state, group):
+        state = {}  # a parameter moved from a group of the other kind starts fresh (see `adopt_`)
     dtype = state_dtype(p, group)
     shapes = {key: shape for key, shape in state_shapes(p, group).items() if key != "step"}
     switched: set[tuple[int, ...] | None] = set()
@@ -220,6 +242,11 @@ def check_state(p: Tensor, state: dict[str, Any], group: dict[str, Any], name: s
             )
         if key != "step" and value.device != p.device:
             raise RuntimeError(f"{where}: the state {key!r} of parameter '{name}' is on {value.device}, not {p.device}")
+        if key != "step" and is_dtensor(value) != is_dtensor(p):
+            raise RuntimeError(
+                f"{where}: the state {key!r} of parameter '{name}' is {'a DTensor' if is_dtensor(value) else 'a plain tensor'}, "
+                f"its parameter {'a DTensor' if is_dtensor(p) else 'a plain tensor'}; a parameter's state is placed as it is"
+            )
 
 
 def _fits(key: str, value: Any, shape: tuple[int, ...]) -> bool:
@@ -256,6 +283,12 @@ def checked_state(state: dict[str, Any], p: Tensor, group: dict[str, Any], where
     state = dict(state)
     if "second_moment" not in shapes:
         state.pop("second_moment", None)
+    if is_dtensor(p):
+        # A state dict of an unsharded optimizer (one process, or DDP) loaded on every rank of a sharded
+        # one: each rank keeps its piece of each whole tensor, placed as its parameter is.
+        for key, value in state.items():
+            if key != "step" and isinstance(value, Tensor) and not is_dtensor(value) and tuple(value.shape) == shapes.get(key):
+                state[key] = distribute_like(p, value, rows=key == "momentum_scales")
     step = state.get("step")
     if step is not None and not isinstance(step, Tensor):
         state["step"] = torch.tensor(number(step, "step", where), dtype=torch.float32)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import warnings
 
 import pytest
 import torch
@@ -411,3 +412,29 @@ def test_a_process_group_of_one_rank_equals_one_process_bit_for_bit(one_rank_gro
     assert fused_opt.last_stats.keys() == shared_opt.last_stats.keys()
     for name, stats in fused_opt.last_stats.items():
         assert stats == pytest.approx(shared_opt.last_stats[name], rel=1e-6)
+
+
+def test_an_optimizer_built_before_fully_shard_warns_that_nothing_has_a_gradient(one_rank_group):
+    """fully_shard replaces a module's parameters: an optimizer built on the old ones sees no gradient
+    (the model's new parameters get them) and would change nothing, silently. It warns, naming the
+    order to build them in; built after fully_shard, the same step moves the weights and does not warn."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (1,))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8, bias=False))
+    too_early = muonkit.Muon(model.parameters(), lr=0.1)
+    fully_shard(model, mesh=mesh)
+    model(torch.randn(4, 8)).sum().backward()
+    before = [p.full_tensor().clone() for p in model.parameters()]
+    with pytest.warns(UserWarning, match="no parameter of this optimizer has a gradient.*build the optimizer after") as seen:
+        too_early.step()
+    assert seen[0].filename == __file__  # points at the caller's step()
+    assert all(torch.equal(b, p.full_tensor()) for b, p in zip(before, model.parameters()))
+
+    after = muonkit.Muon(model.parameters(), lr=0.1, process_group=one_rank_group)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        after.step()
+    assert not any(torch.equal(b, p.full_tensor()) for b, p in zip(before, model.parameters()))

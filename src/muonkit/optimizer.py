@@ -8,6 +8,7 @@ muonkit.checkpoint's.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -637,6 +638,12 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], dis
             item.grads.append(p.grad)
             item.positions.append(position)
         plan.append(item)
+    if position >= 0 and not any(item.params for item in plan):
+        warnings.warn(
+            "muonkit.Muon.step(): no parameter of this optimizer has a gradient, so nothing changed. Call "
+            "loss.backward() before step(); with FSDP2 (fully_shard) or parallelize_module, build the optimizer "
+            "after them: they replace the module's parameters, and an optimizer built before holds the old "
+            "ones, which never get a gradient", stacklevel=5)  # _plan, step, no_grad, torch.optim's hook wrapper
     if cache is not None:
         cache.key = key if cacheable else None
         cache.entries = [list(zip(item.params, item.names, item.labels, item.positions)) for item in plan] if cacheable else []

@@ -222,3 +222,22 @@ def test_fused_group_records_diagnostics():
     opt.step()
     (stats,) = opt.last_stats.values()
     assert stats["update_rms"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("capturable", [False, True])
+def test_fused_group_on_cuda_is_torch_fused_adamw_bit_for_bit(capturable):
+    """On CUDA (torch's main fused kernel): bits, and the step counts on the device as torch keeps them."""
+    ours_p = [p.cuda() for p in make_params(torch.bfloat16)]
+    theirs_p = [p.clone() for p in ours_p]
+    lr = torch.tensor(1e-2, device="cuda")
+    ours = muonkit.Muon([{"params": ours_p, "use_muon": False, "lr": lr.clone()}], weight_decay=0.1, fused=True,
+                        stochastic_rounding=False, capturable=capturable)
+    theirs = torch.optim.AdamW(theirs_p, lr=lr.clone(), weight_decay=0.1, fused=True, capturable=capturable)
+    for t in range(4):
+        for p, q, g in zip(ours_p, theirs_p, grads_for(t, torch.bfloat16)):
+            p.grad, q.grad = g.cuda(), g.cuda()
+        ours.step()
+        theirs.step()
+    assert_same(ours, ours_p, theirs, theirs_p)
+    assert ours.state[ours_p[0]]["step"].device.type == "cuda"

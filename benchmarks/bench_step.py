@@ -42,9 +42,9 @@ a few ms is at the clock's and the machine's mercy) and reports the time per ste
 times by this process's CPU time (time.process_time) instead of the wall clock: with 1 thread on a
 machine shared with other jobs it leaves out the waits for a core (with more threads it sums them).
 
---fused-adamw-row adds "muonkit Muon (defaults), fused AdamW (what if)": the default step with its AdamW
-group run by torch's fused CPU AdamW kernel (`fused=True`) instead of the foreach one, which
-muonkit does not offer (a what-if for issue 22: it differs from torch's default AdamW by round-off).
+--fused-adamw-row adds "muonkit Muon, fused=True": the default step with its AdamW group on torch's
+fused AdamW kernel (muonkit.Muon(fused=True), the bits of torch.optim.AdamW(fused=True); it differs
+from the default, torch's foreach AdamW, by round-off).
 
 --base COMMIT adds the row "muonkit Muon (defaults) at COMMIT": muonkit's src/muonkit at that git
 commit (imported as muonkit_base), timed in the same rounds, for a change's before/after.
@@ -99,6 +99,7 @@ LR, WD = 0.02, 0.1
 ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 TEXTBOOK = "textbook: fp32 quintic, one matrix at a time"
 DEFAULT = "muonkit Muon (defaults)"
+FUSED = "muonkit Muon, fused=True"
 
 
 @dataclass
@@ -224,25 +225,6 @@ def muonkit_step(case: Case, muon_class: type = muonkit.Muon, **options) -> Call
     return opt.step
 
 
-def fused_adamw_step(case: Case) -> Callable[[], None]:
-    """muonkit's default step with its AdamW group on torch's fused AdamW (--fused-adamw-row): torch's
-    adam functional, which muonkit.functional.adamw calls, is given fused=True for this step only."""
-    step = muonkit_step(case)
-    plain = functional._torch_adam
-
-    def fused_adam(*args, **kwargs):
-        return plain(*args, **{**kwargs, "foreach": False, "fused": True})
-
-    def run() -> None:
-        functional._torch_adam = fused_adam
-        try:
-            step()
-        finally:
-            functional._torch_adam = plain
-
-    return run
-
-
 def per_matrix_step(case: Case, **options) -> Callable[[], None]:
     """muonkit's own math, one parameter and one matrix at a time (no stacking)."""
     momentum = options.get("momentum", 0.95)
@@ -345,7 +327,7 @@ def run_case(key: str, args: argparse.Namespace, full_torch: bool, device: str, 
     if base is not None:
         fns[f"{DEFAULT} at {args.base}"] = muonkit_step(case, base.Muon)
     if args.fused_adamw_row and case.adamw:
-        fns[f"{DEFAULT}, fused AdamW (what if)"] = fused_adamw_step(case)
+        fns[FUSED] = muonkit_step(case, fused=True)
     auto = working_dtype(case.muon[0], "auto")
     with_auto = auto != working_dtype(case.muon[0], None)
     if with_auto:
@@ -475,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall clock, or this process's CPU time (for 1 thread on a shared machine)")
     parser.add_argument("--fused-adamw-row", action="store_true",
-                        help="add the default step with torch's fused AdamW on its AdamW group (a what-if)")
+                        help="add the default step with fused=True (torch's fused AdamW kernel on its AdamW group)")
     parser.add_argument("--base", default="", help="also time muonkit's default step at this git commit")
     parser.add_argument("--isa", default="", choices=("", *ISA_ENV),
                         help="emulate a CPU with only this instruction set (re-executes under its variables)")

@@ -152,8 +152,9 @@ def test_torch_adamw_state_dict_loads_into_adamw_groups_and_continues_bit_for_bi
     # As torch.optim's own tests do: state_dict() returns the live tensors, and load_state_dict keeps
     # tensors that need no cast, so loading it as it is would share the state of the two optimizers.
     opt.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
-    torch_only = {"amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay"}
+    torch_only = {"amsgrad", "maximize", "foreach", "capturable", "differentiable", "decoupled_weight_decay"}
     assert not torch_only & set(opt.param_groups[0])
+    assert opt.param_groups[0]["fused"] is None  # torch's saved option, muonkit's too (tests/test_fused_adamw.py)
     assert opt.param_groups[0]["use_muon"] is False and opt.param_groups[0]["betas"] == (0.85, 0.98)
     assert opt.param_groups[0]["lr"] == 3e-3 and opt.param_groups[0]["weight_decay"] == 0.05
     for t in range(3, 6):

@@ -17,7 +17,9 @@ raises ValueError naming the group and leaves the optimizer as it was:
   shapes the step needs; missing state (torch creates it lazily) is made fresh; a
   plain-number AdamW ``step`` (torch's older format) becomes a float32 tensor, as
   torch.optim.AdamW converts it;
-- torch.optim.AdamW's implementation flags are dropped; ``amsgrad`` or ``maximize`` set, or
+- torch.optim.AdamW's implementation flags are dropped, but ``fused``, which is an AdamW group's
+  option in muonkit too (kept as saved and checked: a torch.optim.AdamW(fused=True) state dict
+  steps on with torch's fused kernel); ``amsgrad`` or ``maximize`` set, or
   torch.optim.Adam's L2 weight decay (``decoupled_weight_decay=False`` with weight_decay > 0),
   are refused;
 - torch.optim.Muon's ``adjust_lr_fn`` "original" (or None) becomes scale "keller_jordan",
@@ -57,12 +59,15 @@ ADDED_LATER: dict[str, Any] = {
     "diagnostics": False,
     "orthogonality_every": 0,
     "capturable": False,
+    "fused": None,
 }
 
-# Keys of torch.optim.AdamW / Adam groups that pick an implementation (muonkit has one) or are checked
-# at load (amsgrad, maximize, decoupled_weight_decay): dropped from a loaded group.
+# Keys of torch.optim.AdamW / Adam groups that pick an implementation (muonkit picks its own) or are
+# checked at load (amsgrad, maximize, decoupled_weight_decay): dropped from a loaded group. `fused` is
+# kept: it is an AdamW group's option in muonkit too (checked like any option; the group steps with
+# torch's fused kernel, as the saving torch.optim.AdamW did).
 _TORCH_ADAMW_KEYS = (
-    "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay"
+    "amsgrad", "maximize", "foreach", "capturable", "differentiable", "decoupled_weight_decay"
 )
 
 # torch.optim.Muon's group keys that muonkit spells as scale and orthogonalizer (see from_torch_muon).

@@ -885,6 +885,7 @@ def adamw(
     rounding_seeds: Sequence[int | None] | None = None,
     stats: Sequence[Stats] | None = None,
     capturable: bool = False,
+    fused: bool | None = None,
 ) -> None:
     """One AdamW step (decoupled weight decay), by the same functional torch.optim.AdamW calls,
     so that muonkit's AdamW groups equal torch.optim.AdamW bit for bit; see `_adamw_foreach` for which
@@ -900,8 +901,18 @@ def adamw(
 
     With `capturable`, `steps` are on the parameters' device and torch's capturable arithmetic runs
     (bias corrections as device tensors, no host read; single-tensor, `_capturable_adam_flags`).
+
+    With `fused=True` the step is torch's fused AdamW kernel, as torch.optim.AdamW(fused=True) runs
+    it (`_fused_adamw`); None or False, the path above.
     """
     if not params:
+        return
+    if fused:
+        _fused_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                     weight_decay=weight_decay, cautious_weight_decay=cautious_weight_decay,
+                     rounding_seeds=rounding_seeds)
+        if stats is not None:
+            _adamw_stats(stats, grads, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps)
         return
     seeds = list(rounding_seeds) if rounding_seeds is not None else [None] * len(params)
     widened = [i for i, (p, m) in enumerate(zip(params, exp_avgs)) if p.dtype != m.dtype or seeds[i] is not None]
@@ -943,9 +954,68 @@ def adamw(
         exp_avg.copy_(exp_avgs[i])
         exp_avg_sq.copy_(exp_avg_sqs[i])
     if stats is not None:
-        for s, g, m, v, step in zip(stats, grads, exp_avgs, exp_avg_sqs, steps):
-            _record_inputs(s, g, m)
-            t = float(step)
-            m_hat = m / (1.0 - beta1**t)
-            v_hat = v / (1.0 - beta2**t)
-            s["update_rms"] = _rms(m_hat / (v_hat.sqrt() + eps))
+        _adamw_stats(stats, grads, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps)
+
+
+def _adamw_stats(stats: Sequence[Stats], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                 exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], beta1: Any, beta2: Any, eps: Any) -> None:
+    for s, g, m, v, step in zip(stats, grads, exp_avgs, exp_avg_sqs, steps):
+        _record_inputs(s, g, m)
+        t = float(step)
+        m_hat = m / (1.0 - beta1**t)
+        v_hat = v / (1.0 - beta2**t)
+        s["update_rms"] = _rms(m_hat / (v_hat.sqrt() + eps))
+
+
+def _fused_adamw(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: Any,
+    beta2: Any,
+    eps: Any,
+    weight_decay: Any,
+    cautious_weight_decay: bool,
+    rounding_seeds: Sequence[int | None] | None,
+) -> None:
+    """torch's fused AdamW kernel (torch._fused_adamw_ through torch's adam functional), with the
+    arguments torch.optim.AdamW(fused=True) gives it: lr as given (a tensor too), the other
+    hyperparameters as numbers; `steps` on the parameters' device. The kernel updates the moments
+    in the parameter's dtype and writes the parameter round-to-nearest, so a widened state, a
+    stochastic rounding seed or cautious weight decay (a mask it has not) is refused here too
+    (muonkit.options.check_fused_param refuses them before a step)."""
+    if cautious_weight_decay and float(weight_decay) != 0.0:
+        raise ValueError("adamw: fused=True cannot apply cautious_weight_decay (torch's fused kernel has no mask)")
+    for i, (p, m) in enumerate(zip(params, exp_avgs)):
+        if m.dtype != p.dtype or (rounding_seeds is not None and rounding_seeds[i] is not None):
+            raise ValueError(
+                f"adamw: fused=True steps parameter {i} ({p.dtype}) in its own dtype, round-to-nearest; got "
+                f"moments in {m.dtype}" + (" and a stochastic rounding seed" if m.dtype == p.dtype else "")
+            )
+    _torch_adam(
+        list(params),
+        [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params)],
+        list(exp_avgs),
+        list(exp_avg_sqs),
+        [],
+        list(steps),
+        foreach=False,
+        capturable=False,
+        differentiable=False,
+        fused=True,
+        grad_scale=None,
+        found_inf=None,
+        has_complex=False,
+        decoupled_weight_decay=True,
+        amsgrad=False,
+        beta1=float(beta1),
+        beta2=float(beta2),
+        lr=lr,
+        weight_decay=float(weight_decay),
+        eps=float(eps),
+        maximize=False,
+    )

@@ -183,9 +183,9 @@ class Muon(torch.optim.Optimizer):
         stochastic_rounding: write bfloat16/float16 parameters by unbiased stochastic rounding of
             the update computed in float32 (default True; no effect on float32/float64 parameters);
             without it updates below half a bf16 ulp are lost (benchmarks/RESULTS.md, bfloat16).
-        adamw_lr: lr of AdamW groups (None: same as lr).
+        adamw_lr, adamw_weight_decay: AdamW groups' lr and decoupled weight decay (None: lr, weight_decay).
         adamw_betas, adamw_eps: AdamW's betas (default (0.9, 0.999)) and eps (default 1e-8).
-        adamw_weight_decay: AdamW's decoupled weight decay (None: same as weight_decay).
+        fused: AdamW groups' torch.optim.AdamW fused (default None; True: torch's fused kernel, docs/API.md).
         nonfinite: what a step does when a gradient holds NaN or Inf: "propagate" (default, as
             torch.optim: the values flow into the parameters and state), "skip" (nothing changes;
             every group's ``skipped_steps`` counts it) or "raise" (RuntimeError, nothing changes).
@@ -246,6 +246,7 @@ class Muon(torch.optim.Optimizer):
         adamw_betas: tuple[float, float] = DEFAULTS["adamw_betas"],
         adamw_eps: float = DEFAULTS["adamw_eps"],
         adamw_weight_decay: float | None = DEFAULTS["adamw_weight_decay"],
+        fused: bool | None = DEFAULTS["fused"],
         nonfinite: Nonfinite = DEFAULTS["nonfinite"],
         diagnostics: bool = DEFAULTS["diagnostics"],
         orthogonality_every: int = DEFAULTS["orthogonality_every"],
@@ -471,7 +472,7 @@ class Muon(torch.optim.Optimizer):
             local_parts(item.params), local_parts(item.grads), local_parts(item.state("exp_avg")),
             local_parts(item.state("exp_avg_sq")), item.state("step"), lr=lr, beta1=beta1, beta2=beta2,
             eps=_scalar(group["eps"]), weight_decay=decay, cautious_weight_decay=cautious, rounding_seeds=item.seeds,
-            stats=item.stats, capturable=self.defaults["capturable"],
+            stats=item.stats, capturable=self.defaults["capturable"], fused=group["fused"],
         )
 
 

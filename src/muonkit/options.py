@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "adamw_betas": (0.9, 0.999),
     "adamw_eps": 1e-8,
     "adamw_weight_decay": None,  # None: weight_decay
+    "fused": None,  # AdamW groups only: None (torch's foreach / single-tensor AdamW) or torch's fused kernel
     "nonfinite": "propagate",
     "diagnostics": False,
     "orthogonality_every": 0,
@@ -79,7 +80,7 @@ MUON_KEYS = (
 # A Muon group's momentum is kept in its state dtype (32) or as 8-bit blocks (muonkit.quantize).
 MOMENTUM_BITS = (8, 32)
 
-ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "cautious_weight_decay", "state_dtype", "stochastic_rounding")
+ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "cautious_weight_decay", "state_dtype", "stochastic_rounding", "fused")
 
 # An AdamW group's key -> the optimizer default it takes when missing.
 ADAMW_FROM = {
@@ -90,6 +91,7 @@ ADAMW_FROM = {
     "cautious_weight_decay": "cautious_weight_decay",
     "state_dtype": "state_dtype",
     "stochastic_rounding": "stochastic_rounding",
+    "fused": "fused",
 }
 
 # Options of the whole optimizer: kept in `defaults` (so they survive deepcopy and pickling), never
@@ -151,6 +153,7 @@ class AdamWGroup(TypedDict, total=False):
     cautious_weight_decay: bool
     state_dtype: torch.dtype | None
     stochastic_rounding: bool
+    fused: bool | None
     skipped_steps: int
 
 
@@ -197,7 +200,7 @@ def check_group_keys(group: dict[str, Any], where: str) -> None:
             raise ValueError(f"{key} is an option of the whole optimizer (Muon({key}=...)), not of a param group")
     muon = group["use_muon"]
     for key in sorted(set(group) & (set(DEFAULTS) | set(ADAMW_KEYS)) - set(MUON_KEYS if muon else ADAMW_KEYS)):
-        if key in ADAMW_FROM.values():
+        if key in ADAMW_FROM.values() and key not in ADAMW_KEYS:
             fix = (f"it is Muon({key}=...), the AdamW groups' default; a use_muon=False group's own is "
                    f"'{key.removeprefix('adamw_')}'")
         elif muon:
@@ -394,6 +397,42 @@ def check_adamw_options(options: dict[str, Any], where: str, *, read_lr: bool = 
     if number(options["eps"], "eps", where) < 0:
         raise ValueError(f"{where}: eps must be >= 0, got {options['eps']!r}")
     _check_cautious(options, where)
+    fused = options["fused"]
+    if fused is not None and not isinstance(fused, bool):
+        raise TypeError(f"{where}: fused must be None, True or False, got {fused!r}")
+    if fused and options["cautious_weight_decay"]:
+        raise ValueError(
+            f"{where}: fused=True with cautious_weight_decay=True: torch's fused AdamW kernel decays every "
+            "entry, it has no mask; set one of them off"
+        )
+
+
+def check_fused_param(p: Tensor, name: str, group: dict[str, Any], where: str) -> None:
+    """A parameter of a fused=True AdamW group must be one that torch's fused AdamW kernel steps in
+    place, exactly as torch.optim.AdamW(fused=True) would: on a device that has the kernel
+    (torch.optim.optimizer._get_fused_kernels_supported_devices), with its moments in its own dtype
+    (the kernel reads and writes them in the parameter's dtype; a wider state_dtype is muonkit's own
+    widened step), and written round-to-nearest (the kernel cannot round stochastically)."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    devices = _get_fused_kernels_supported_devices()
+    if p.device.type not in devices:
+        raise ValueError(
+            f"{where}: parameter '{name}' is on {p.device}, where torch has no fused AdamW kernel "
+            f"(fused=True needs one of {', '.join(devices)}); set the group's fused to None"
+        )
+    if group["state_dtype"] is not None and group["state_dtype"] != p.dtype:
+        raise ValueError(
+            f"{where}: parameter '{name}' is {p.dtype} with state_dtype={group['state_dtype']}, but fused=True "
+            "keeps AdamW's moments in the parameter's dtype (torch's fused kernel); set state_dtype=None or "
+            "fused=None"
+        )
+    if group["stochastic_rounding"] and p.dtype.itemsize < 4:
+        raise ValueError(
+            f"{where}: parameter '{name}' is {p.dtype} and the group rounds it stochastically "
+            "(stochastic_rounding=True), which torch's fused AdamW kernel cannot (it rounds to nearest, as "
+            "torch.optim.AdamW(fused=True)); set stochastic_rounding=False or fused=None"
+        )
 
 
 def check_param(p: Tensor, name: str, group: dict[str, Any], where: str) -> None:
@@ -411,6 +450,8 @@ def check_param(p: Tensor, name: str, group: dict[str, Any], where: str) -> None
             "its own memory with nn.Parameter(t.clone())"
         )
     if not group["use_muon"]:
+        if group.get("fused"):
+            check_fused_param(p, name, group, where)
         return
     if p.ndim < 2:
         raise ValueError(

@@ -69,8 +69,9 @@ def rounds_stochastically(p: Tensor, group: dict[str, Any]) -> bool:
 
 
 def step_device(p: Tensor, capturable: bool) -> torch.device:
-    """Where a `step` count lives: on the host, as torch.optim keeps it, or with capturable=True on
-    the parameter's device, so that a captured step counts on the device."""
+    """Where a `step` count lives: on the host, as torch.optim keeps it, or with capturable=True (or
+    in a fused=True AdamW group, as torch.optim.AdamW(fused=True) keeps it) on the parameter's device,
+    so that a captured (or fused) step counts on the device."""
     return p.device if capturable else torch.device("cpu")
 
 
@@ -107,6 +108,7 @@ def missing_state(p: Tensor, state: dict[str, Any], group: dict[str, Any], *, ca
         elif isinstance(held, Tensor) and held.is_floating_point() and held.dtype != dtype:
             new[key] = held.to(dtype)
     step = state.get("step")
+    capturable = capturable or bool(group.get("fused"))  # torch's fused AdamW counts on the device too
     if step is None and (not group["use_muon"] or rounds_stochastically(p, group)):
         new["step"] = torch.tensor(0.0, dtype=torch.float32, device=step_device(p, capturable))
     elif isinstance(step, Tensor) and step.device != step_device(p, capturable):

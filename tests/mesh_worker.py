@@ -434,6 +434,33 @@ def fsdp_tp_muon8bit(rank: int, world: int, tmp: Path) -> Any:
             "placements": {key: repr(tuple(state[key].placements)) for key in ("momentum_codes", "momentum_scales")}}
 
 
+def make_few_rows() -> nn.Module:
+    """Two rowwise projections with fewer rows than the dp ranks hold pieces for: (1, 64) and
+    (3, 4100) (three 2048-element blocks per row, split between the tp ranks)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 1, bias=False), nn.Linear(4100, 3, bias=False))
+
+
+def few_rows_8bit(model: nn.Module, process_group: Any = None) -> dict[str, torch.Tensor]:
+    """STEPS fixed-gradient steps with momentum_bits=8; the snapshot."""
+    opt = muonkit.Muon([{"params": list(model.parameters())}], lr=0.05, momentum_bits=8, process_group=process_group)
+    train_fixed(model, opt, range(STEPS))
+    return worker.snapshot(model, opt)
+
+
+def fsdp_tp_muon8bit_few_rows(rank: int, world: int, tmp: Path) -> Any:
+    """`few_rows_8bit` on FSDP over rowwise TP ((Shard(0), Shard(1))): dp rank 1 holds no row of the
+    (1, 64) weight ((0, 32) pieces) and one of the (3, 4100) one; its ranks still agree scales."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+
+    mesh = mesh_2d(("dp", "tp"))
+    model = make_few_rows()
+    parallelize_module(model, mesh["tp"], {"0": RowwiseParallel(), "1": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    return {"snapshot": few_rows_8bit(model, mesh), "local": [tuple(p.to_local().shape) for p in model.parameters()]}
+
+
 def switch_bits(model: nn.Module, opt: muonkit.Muon) -> dict[str, torch.Tensor]:
     """Step 0 with float32 momentum, step 1 after switching every Muon group to momentum_bits=8 (its
     buffers quantized), step 2 after switching back (dequantized); the snapshot."""

@@ -57,7 +57,7 @@ CHECKPOINTS = ["checkpoint_save_hsdp", "checkpoint_save_fsdp_tp", "resume_fsdp_f
 # HSDP resumes; FSDP + TP resumes one process's mesh_one__muon8bit (saved by tests/conftest.py).
 CHECKPOINTS_8BIT = ["resume_hsdp_from_fsdp_tp__muon8bit", "resume_fsdp_tp_from_one__muon8bit"]
 JOBS = [*KINDS, *FLAT_KINDS, *VARIANT_JOBS, "buckets", "buckets_hsdp", "bf16", "safety", "qkclip_fsdp_tp", "qkclip_flat_fsdp_tp",
-        "fsdp_tp_muon8bit", "fsdp_tp_switch_bits", "row_slices", "hsdp_few", *CHECKPOINTS, *CHECKPOINTS_8BIT]
+        "fsdp_tp_muon8bit", "fsdp_tp_muon8bit_few_rows", "fsdp_tp_switch_bits", "row_slices", "hsdp_few", *CHECKPOINTS, *CHECKPOINTS_8BIT]
 
 
 # --------------------------------------------------------------------------------- pieces (pure)
@@ -592,6 +592,16 @@ def test_8bit_momentum_on_rowwise_pieces_equals_one_process(runs):
         assert result["placements"] == {"momentum_codes": "(Shard(dim=0), Shard(dim=1))",
                                         "momentum_scales": "(Shard(dim=0), Replicate())"}
         assert "layers.0.wo.weight.momentum_scales" in want
+        _assert_equal(result["snapshot"], want)
+
+
+@pytest.mark.slow
+def test_8bit_momentum_on_rowwise_pieces_without_rows_equals_one_process(runs):
+    """FSDP over rowwise TP with fewer rows than dp ranks: the ranks holding no row of a weight
+    agree its scales too (their empty pieces raised inside the step while the others waited)."""
+    want = mesh_worker.few_rows_8bit(mesh_worker.make_few_rows())
+    for rank, result in enumerate(_result(runs, "fsdp_tp_muon8bit_few_rows")):
+        assert result["local"] == ([(1, 32), (2, 2050)] if rank < 2 else [(0, 32), (1, 2050)])
         _assert_equal(result["snapshot"], want)
 
 

@@ -81,7 +81,8 @@ def test_a_zero_block_stays_zero_and_a_shard_quantizes_as_the_whole():
 
 # Pieces cut along dims other than 0 (muonkit.plan placements on a mesh of ranks), uneven: rowwise
 # tensor parallelism (blocks split between ranks), a 3-D tensor cut along dims 1 and 2, FSDP2 over
-# tensor parallelism along dim 1 (_StridedShard), rows and dim 2, empty pieces; float64 momentum.
+# tensor parallelism along dim 1 (_StridedShard), rows and dim 2, empty pieces; float64 momentum;
+# FSDP2 over rowwise TP with fewer rows than dp ranks (a rank holds no row: (0, 2500) pieces).
 PIECE_CASES = [
     ((5, 3001), (3,), (("S", 1),), torch.float32),
     ((4, 7, 900), (2, 2), (("S", 1), ("S", 2)), torch.float32),
@@ -89,6 +90,7 @@ PIECE_CASES = [
     ((9, 3, 2500), (2, 2), (("S", 0), ("S", 2)), torch.float32),
     ((3, 2, 3), (4,), (("S", 2),), torch.float32),
     ((5, 3001), (3,), (("S", 1),), torch.float64),
+    ((3, 5000), (4, 2), (("S", 0), ("S", 1)), torch.float32),
 ]
 
 

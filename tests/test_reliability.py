@@ -183,8 +183,11 @@ def test_torch_adam_state_dict_loads_without_weight_decay_and_is_refused_with_l2
 
 
 def _damage_wrong_kind_state(sd):
+    # AdamW state of another parameter's shape: another model's. (Of this parameter's shape it is what a
+    # parameter moved from an AdamW group and saved before its next step holds: loaded fresh, as that step
+    # makes it; test_state_dict.py.)
     first = sd["param_groups"][0]["params"][0]
-    sd["state"][first] = {"step": torch.tensor(2.0), "exp_avg": torch.zeros(6, 10), "exp_avg_sq": torch.zeros(6, 10)}
+    sd["state"][first] = {"step": torch.tensor(2.0), "exp_avg": torch.zeros(10, 6), "exp_avg_sq": torch.zeros(10, 6)}
 
 
 def _damage_buffer_shape(sd):

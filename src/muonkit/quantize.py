@@ -105,13 +105,19 @@ def piece_blocks(shape: tuple[int, ...], piece: tuple[tuple[tuple[int, int], ...
     return ids.to(device), touched.to(device), members.to(device)
 
 
+def _rows(x: Tensor) -> Tensor:
+    """x as (dim-0 slices, elements of a slice), with no row too (an uneven dim-0 cut leaves some ranks
+    none: reshape(0, -1) is refused as ambiguous)."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+
+
 def piece_absmax(x: Tensor, blocks: int, touched: Tensor, members: Tensor) -> Tensor:
     """Per local dim-0 slice of the piece x and per block of the whole slice (`blocks` of them), the
     largest |x| of the block's elements in x (0 for a block x holds none of; NaN where one is NaN,
     as torch.amax), in x's arithmetic dtype (float32; float64 for float64 x): (x.shape[0], blocks)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     rows = x.shape[0]
-    flat = x.reshape(rows, -1).to(dtype).abs()
+    flat = _rows(x).to(dtype).abs()
     out = flat.new_zeros(rows, blocks)
     if touched.numel():
         padded = torch.cat([flat, flat.new_zeros(rows, 1)], 1)
@@ -124,7 +130,7 @@ def quantize_piece(x: Tensor, absmax: Tensor, ids: Tensor) -> Tensor:
     the same rows): the arithmetic of `quantize`, element by element."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    flat = x.reshape(x.shape[0], -1).to(dtype)
+    flat = _rows(x).to(dtype)
     codes = torch.round(flat / safe[:, ids] * LEVELS).clamp_(-LEVELS, LEVELS)
     return codes.to(torch.int8).reshape(x.shape)
 
@@ -132,5 +138,5 @@ def quantize_piece(x: Tensor, absmax: Tensor, ids: Tensor) -> Tensor:
 def dequantize_piece(codes: Tensor, scales: Tensor, ids: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """x_hat = code * (scale / 127) in `dtype` of the piece `codes` with its rows' `scales` (all the
     blocks of each local dim-0 slice): the arithmetic of `dequantize`, element by element."""
-    flat = codes.reshape(codes.shape[0], -1).to(dtype)
+    flat = _rows(codes).to(dtype)
     return (flat * (scales.to(dtype) / LEVELS)[:, ids]).reshape(codes.shape)

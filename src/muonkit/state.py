@@ -265,7 +265,13 @@ def checked_state(state: dict[str, Any], p: Tensor, group: dict[str, Any], where
     """A loaded parameter's state, checked against its group's kind and its shape: the kind's keys
     (all of them once there is any state), missing ones (a variant's second moment, or no state at
     all) freshly made; a plain-number AdamW step becomes a float32 tensor, as torch.optim.AdamW
-    converts it."""
+    converts it. State the other kind of group made (a parameter moved between a Muon and an AdamW
+    group and saved before its next step) is made fresh, as that step makes it (`adopt_`), when its
+    tensors have the parameter's shape (else it is another model's, and refused below)."""
+    if of_other_kind(state, group) and all(
+            tuple(value.shape) == tuple(p.shape) for key, value in state.items()
+            if key in ("momentum_buffer", "momentum_codes", "exp_avg", "exp_avg_sq") and isinstance(value, Tensor)):
+        state = {}
     shapes = state_shapes(p, group)
     required = MUON_STATE if group["use_muon"] else ADAMW_STATE
     # A Muon group keeps a step count only to seed stochastic rounding of 16-bit parameters; one

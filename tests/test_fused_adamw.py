@@ -153,7 +153,7 @@ def test_fused_refuses_what_the_kernel_cannot_do_exactly(group, dtype, match):
 
 
 def test_fused_refuses_a_device_without_torch_s_fused_kernel():
-    with pytest.raises(ValueError, match=r"AdamW group 0: parameter '#0' is on meta, where torch has no fused AdamW kernel"):
+    with pytest.raises(ValueError, match=r"AdamW group 0: parameter '#0' is on meta, where muonkit does not run torch's fused AdamW kernel \(fused=True needs one of cpu, cuda"):
         muonkit.Muon([{"params": [torch.zeros(3, device="meta")], "use_muon": False, "fused": True}])
 
 

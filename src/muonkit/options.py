@@ -415,11 +415,14 @@ def check_fused_param(p: Tensor, name: str, group: dict[str, Any], where: str) -
     widened step), and written round-to-nearest (the kernel cannot round stochastically)."""
     from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
-    devices = _get_fused_kernels_supported_devices()
+    # Only where the kernel takes every floating dtype (CPU and CUDA): elsewhere (mps, xpu, ...) a dtype
+    # it lacks would raise inside the kernel, after earlier groups had applied their step.
+    devices = [d for d in ("cpu", "cuda") if d in _get_fused_kernels_supported_devices()]
     if p.device.type not in devices:
         raise ValueError(
-            f"{where}: parameter '{name}' is on {p.device}, where torch has no fused AdamW kernel "
-            f"(fused=True needs one of {', '.join(devices)}); set the group's fused to None"
+            f"{where}: parameter '{name}' is on {p.device}, where muonkit does not run torch's fused AdamW "
+            f"kernel (fused=True needs one of {', '.join(devices)}: there it takes every floating dtype, so a "
+            "step cannot fail halfway); set the group's fused to None"
         )
     if group["state_dtype"] is not None and group["state_dtype"] != p.dtype:
         raise ValueError(

@@ -334,6 +334,17 @@ def _fresh_twin(opt, p, variant):
     return q, twin
 
 
+def _step_both_and_compare(opt, p, twin, q):
+    """One more step of `opt` and of its fresh `twin` on the same gradient: the same parameter and
+    second moment, bit for bit."""
+    p.grad = torch.randn_like(p)
+    q.grad = p.grad.clone()
+    opt.step()
+    twin.step()
+    assert torch.equal(p, q)
+    assert torch.equal(opt.state[p]["second_moment"], twin.state[q]["second_moment"])
+
+
 @pytest.mark.parametrize("path", [["normuon", "adamuon"], ["adamuon", "normuon"], ["normuon", "muon", "normuon"]],
                          ids="->".join)
 def test_a_changed_variant_starts_its_second_moment_from_zero(path):
@@ -348,12 +359,7 @@ def test_a_changed_variant_starts_its_second_moment_from_zero(path):
             opt.step()
         opt.param_groups[0]["variant"] = variant
     q, twin = _fresh_twin(opt, p, path[-1])
-    p.grad = torch.randn_like(p)
-    q.grad = p.grad.clone()
-    opt.step()
-    twin.step()
-    assert torch.equal(p, q)
-    assert torch.equal(opt.state[p]["second_moment"], twin.state[q]["second_moment"])
+    _step_both_and_compare(opt, p, twin, q)
 
 
 def test_a_state_dict_saved_after_switching_to_plain_muon_loads_back():
@@ -443,9 +449,4 @@ def test_normuon_and_nordion2_carry_their_per_row_second_moment_over_a_switch(pa
     q, twin = _fresh_twin(opt, p, path[1])
     twin.state[q]["second_moment"].copy_(opt.state[p]["second_moment"])
     assert twin.state[q]["second_moment"].abs().max() > 0  # not zeros: carried over
-    p.grad = torch.randn_like(p)
-    q.grad = p.grad.clone()
-    opt.step()
-    twin.step()
-    assert torch.equal(p, q)
-    assert torch.equal(opt.state[p]["second_moment"], twin.state[q]["second_moment"])
+    _step_both_and_compare(opt, p, twin, q)

@@ -56,8 +56,11 @@ CHECKPOINTS = ["checkpoint_save_hsdp", "checkpoint_save_fsdp_tp", "resume_fsdp_f
 # 8-bit momentum on FSDP + TP's rowwise pieces: fsdp_tp_muon8bit saves mesh_fsdp_tp__muon8bit, which
 # HSDP resumes; FSDP + TP resumes one process's mesh_one__muon8bit (saved by tests/conftest.py).
 CHECKPOINTS_8BIT = ["resume_hsdp_from_fsdp_tp__muon8bit", "resume_fsdp_tp_from_one__muon8bit"]
+# muonkit.defer_relay on HSDP 2 x 2 trained by forward/backward (mesh_worker.deferred_hsdp).
+DEFERRED = ["deferred_hsdp", "deferred_hsdp_prefetch", "deferred_hsdp__normuon"]
 JOBS = [*KINDS, *FLAT_KINDS, *VARIANT_JOBS, "buckets", "buckets_hsdp", "bf16", "safety", "qkclip_fsdp_tp", "qkclip_flat_fsdp_tp",
-        "fsdp_tp_muon8bit", "fsdp_tp_muon8bit_few_rows", "fsdp_tp_switch_bits", "row_slices", "hsdp_few", *CHECKPOINTS, *CHECKPOINTS_8BIT]
+        "fsdp_tp_muon8bit", "fsdp_tp_muon8bit_few_rows", "fsdp_tp_switch_bits", "row_slices", "hsdp_few", *CHECKPOINTS, *CHECKPOINTS_8BIT,
+        *DEFERRED]
 
 
 # --------------------------------------------------------------------------------- pieces (pure)
@@ -393,6 +396,26 @@ def test_the_relay_spreads_the_owners_sends():
         assert plan.sent_elements == _sends(plan, relay=False) and ("relay", torch.float32) not in plan.traffic[0]
 
 
+def test_owners_relaying_their_own_pieces_keep_the_return_inside_the_replica():
+    """defer_relay's plan (owner_relays=True), HSDP 2 replicas x 4 shards, one 64 x 32 matrix owned by
+    rank 0: the return sends only the 3 pieces the owner lacked to their senders (1536, replica 0),
+    and the relay every copy in replica 1 (2048: the owner's own piece too); each rank sends what it
+    sent before. Without replicas or with whole copies only (DDP) nothing moves to the relay."""
+    by_rank = pieces_of((64, 32), torch.arange(8).view(2, 4), (("R",), ("S", 0)))
+    spec = _spec((64, 32), [by_rank[r] for r in range(8)])
+    before, plan = build_plan([spec], [None], 8), build_plan([spec], [None], 8, owner_relays=True)
+    assert plan.owners == before.owners == [0] and plan.sent_elements == before.sent_elements
+    assert plan.traffic == [{("gather", torch.float32): 1536, ("return", torch.float32): 1536,
+                             ("relay", torch.float32): 2048}]
+    steps = muonkit.plan.returns(spec, 0, plan.senders[0], owner_relays=True)
+    assert all(r < 4 for phase, _, dst, _ in steps if phase == "return" for r in dst)
+    assert sorted(r for phase, _, dst, _ in steps if phase == "relay" for r in dst) == [4, 5, 6, 7]
+    for mesh, placements in ((torch.arange(8), (("S", 0),)), (torch.arange(8), (("R",),))):
+        by_rank = pieces_of((64, 32), mesh, placements)
+        spec = _spec((64, 32), [by_rank[r] for r in range(8)])
+        assert build_plan([spec], [None], 8, owner_relays=True).traffic == build_plan([spec], [None], 8).traffic
+
+
 def test_full_piece_and_empty_dims():
     assert full_piece((3, 0)) == (((0, 3),), ())
     assert piece_numel(full_piece((3, 0))) == 0
@@ -705,6 +728,57 @@ def test_mesh_checkpoints_resume_on_one_process(runs, reference_resumed, source)
     load_checkpoint(runs["tmp"] / f"mesh_{source}", model, opt)
     mesh_worker.train_fixed(model, opt, range(mesh_worker.STEPS, 2 * mesh_worker.STEPS))
     _assert_equal(worker.snapshot(model, opt), reference_resumed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("job", "variant"), [("deferred_hsdp", "muon"), ("deferred_hsdp_prefetch", "muon"),
+                                              ("deferred_hsdp__normuon", "normuon")])
+def test_deferred_relay_equals_the_step_and_one_process_bit_for_bit(runs, job, variant):
+    """Forward/backward on HSDP 2 x 2: with and without defer_relay the same losses every step as one
+    process, the same parameters once each forward has run (every step; on the step whose forward
+    skips layer 1, the others) and the same snapshot at the end (after finish()). The prefetch job
+    has each FSDP module all-gather the next one in its pre-forward."""
+    reference = mesh_worker.reference_trained(variant)
+    for rank, result in enumerate(_result(runs, job)):
+        for step, (a, b, one) in enumerate(zip(result["losses_a"], result["losses_b"], reference["losses"])):
+            assert torch.equal(a, one) and torch.equal(b, one), (rank, step, float(a), float(b), float(one))
+        assert result["equal_after_forward"] == [True] * (mesh_worker.DEFER_STEPS - 1), rank
+        _assert_equal(result["snapshot_b"], result["snapshot_a"])
+        _assert_equal(result["snapshot_a"], reference["snapshot"])
+        assert result["sent"][0] == result["sent"][1], rank  # the same bytes, in other phases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", ["deferred_hsdp", "deferred_hsdp__normuon"])
+def test_deferred_relay_is_applied_by_the_forward_of_its_module(runs, job):
+    """After step 0 every rank has parameters waiting for their relay, still holding their old values
+    (read directly: not guarded); inside layer 0's forward of step 1 layer 0's waiting parameters
+    hold their new values and, on some rank, a layer-1 one still its old value (its bucket not
+    waited for yet); a forward that skips layer 1 leaves its updates waiting for the next step."""
+    old_in_layer1 = 0
+    for rank, result in enumerate(_result(runs, job)):
+        assert result["waiting"], f"rank {rank} received nothing by relay"
+        for name in result["waiting"]:
+            assert torch.equal(result["after_step0"][name], result["before_step0"][name]), (rank, name)
+            assert not torch.equal(result["after_step0"][name], result["after_step0_a"][name]), (rank, name)
+            probed = result["probe"][name]
+            if name.startswith("layers.0."):
+                assert torch.equal(probed, result["after_step0_a"][name]), (rank, name)
+            else:
+                old_in_layer1 += torch.equal(probed, result["before_step0"][name])
+        assert result["pending_after_skipped_forward"] > 0, rank
+    assert old_in_layer1 > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", DEFERRED)
+def test_state_dicts_right_after_a_deferred_step_equal_the_steps(runs, job):
+    """model.state_dict() (after step 1) and the optimizer's state_dict() (after the last step), taken
+    while updates wait, apply them first: equal to the undeferred model's and optimizer's."""
+    for rank, result in enumerate(_result(runs, job)):
+        for key in ("model_state_dict_equal", "optim_state_dict_equal"):
+            waiting, equal, finished = result[key]
+            assert waiting and equal and finished, (rank, key, result[key])
 
 
 @pytest.mark.slow

@@ -384,12 +384,13 @@ class Pending:
         self.applied = True
         if not self.later:
             return
-        # Held until the later ones arrive: only what they need (the results of the others, the
-        # gradients, 8-bit momentum's dequantized copies are released; their dtype is kept).
+        # Held until the later ones arrive: only what they need. The results of the others, the
+        # gradients and 8-bit momentum's dequantized copies are released (of the momentum buffers
+        # only the dtype is read from now on: the update's compute dtype).
         self.grads = []
         for i in ready:
             self.updates[i] = self.new_second_moments[i] = None
-        self.momentum_buffers = [m if i in self.later else m.new_empty(0) for i, m in enumerate(self.momentum_buffers)]
+        self.momentum_buffers = [m.new_empty(0) for m in self.momentum_buffers]
 
     def apply_later_(self, results: dict[int, tuple[Tensor, Tensor | None]]) -> None:
         """The parameters (and second moments) of `results` ({index: (update, new second moment)},
@@ -402,7 +403,6 @@ class Pending:
         _apply_params_(self, indices)
         for i in indices:
             self.updates[i] = self.new_second_moments[i] = None
-            self.momentum_buffers[i] = self.momentum_buffers[i].new_empty(0)
 
 
 def _momentum_(buffers: list[Tensor], grads: list[Tensor], momentum: float, accumulates: bool) -> None:

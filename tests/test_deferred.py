@@ -150,3 +150,17 @@ def test_a_held_step_applied_in_two_parts_writes_the_same_bits(dtype, variant, s
     for a, b in zip([*params, *buffers, *(moments or [])], [*params2, *buffers2, *(moments2 or [])]):
         assert torch.equal(a, b)
     assert not parts.later and parts.applied
+
+
+def test_qkclip_step_applies_every_deferred_update_first(monkeypatch):
+    """QK-Clip rescales weights in place after the step: it finishes the deferred updates first (a
+    weight rescaled before its update arrives would differ from the same step without deferral)."""
+    import muonkit.qkclip
+
+    calls = []
+    monkeypatch.setattr(muonkit.qkclip, "finish_all", lambda: calls.append("finish"))
+    q, k = torch.randn(8, 16), torch.randn(8, 16)
+    clip = muonkit.QKClip([(q, k)], heads=2, tau=1.0)
+    clip.observe(0, torch.tensor([5.0, 0.5]))
+    clip.step()
+    assert calls == ["finish"]

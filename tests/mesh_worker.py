@@ -502,7 +502,9 @@ def row_slices(rank: int, world: int, tmp: Path) -> Any:
 
 # ----------------------------------------------------------------- the relay left in flight
 
-DEFER_STEPS, SKIP_STEP = 5, 3  # SKIP_STEP's forward runs layer 0 only (layer 1 gets no gradient)
+# SKIP_STEP's forward runs layer 0 only (layer 1 gets no gradient); NO_FORWARD_STEP runs no forward
+# (fixed gradients set by hand): the updates still waiting are applied by its step().
+DEFER_STEPS, SKIP_STEP, NO_FORWARD_STEP = 5, 2, 3
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -513,6 +515,9 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def forward_backward(model: nn.Module, step: int) -> torch.Tensor:
+    if step == NO_FORWARD_STEP:
+        set_grads(model, fixed_grads(model, step))
+        return torch.zeros(())
     tokens, targets = batch(step)
     loss = F.cross_entropy(model(tokens, layers=1 if step == SKIP_STEP else None), targets)
     loss.backward()
@@ -550,8 +555,9 @@ def _same(a: Any, b: Any) -> bool:
 
 def deferred_hsdp(rank: int, world: int, tmp: Path, variant: str = "muon", prefetch: bool = False) -> Any:
     """HSDP 2 x 2 (fully_shard, gloo) trained by forward/backward: model A steps as usual, model B
-    with muonkit.defer_relay, in lockstep on the same batches. Per step: the losses, and whether B's
-    parameters after its forward (every deferred update applied by then) equal A's; after step 0
+    with muonkit.defer_relay, in lockstep on the same batches (SKIP_STEP's forward skips layer 1,
+    NO_FORWARD_STEP has none). Per step: the losses, and after B's forward how many of its
+    parameters still wait and whether they equal A's; after step 0
     which parameters wait for their relay on this rank and their values then; inside layer 0's
     forward (step 1) the values of the waiting ones; B's model state_dict right after step 1 and its
     optimizer state_dict right after the last step against A's; the snapshots after `finish()`. With
@@ -583,12 +589,13 @@ def deferred_hsdp(rank: int, world: int, tmp: Path, variant: str = "muon", prefe
         opt_a.zero_grad()
         after_a.append(_locals(model_a))
         before_b = _locals(model_b)
+        waiting = deferred.pending
         out["losses_b"].append(forward_backward(model_b, step))
-        if step:  # on SKIP_STEP layer 1's forward did not run: its updates wait for the step
-            ran = [n for n in sharded if step != SKIP_STEP or not n.startswith("layers.1.")]
-            out["equal_after_forward"].append(all(torch.equal(sharded[n].to_local(), after_a[step - 1][n]) for n in ran))
-        if step == SKIP_STEP:
-            out["pending_after_skipped_forward"] = deferred.pending
+        if step == NO_FORWARD_STEP:
+            out["pending_before_forwardless_step"] = (waiting, deferred.pending)
+        elif step:  # the model's forward hook applied what its modules' did not (layer 1 on SKIP_STEP)
+            out["equal_after_forward"].append((deferred.pending, all(
+                torch.equal(sharded[n].to_local(), after_a[step - 1][n]) for n in sharded)))
         opt_b.step()
         opt_b.zero_grad()
         if step == 0:

@@ -71,8 +71,10 @@ class DeferredRelay:
 
     Pending updates are applied: per module, in a forward pre-hook of the module that holds the
     parameter, or of its FSDP2 module (whose pre-forward all-gathers it; with
-    `set_modules_to_forward_prefetch`, of the module that prefetches it), waiting only for the
-    buckets holding that module's parameters; all of them before the optimizer's next step(),
+    `set_modules_to_forward_prefetch`, of the module that prefetches it), waiting for the buckets
+    holding that module's parameters (and the earlier ones, done by then); what is left after the
+    model's forward (a module it skipped, buckets this rank only sends in), in a forward hook of
+    the model; all of them before the optimizer's next step(),
     state_dict(), load_state_dict() and add_param_group(), before any state_dict() or
     load_state_dict() of the model or one of its modules (so also muonkit's save_checkpoint and
     load_checkpoint, and DCP's get_state_dict), in muonkit.QKClip.step(), and in `finish()`.
@@ -177,6 +179,10 @@ class DeferredRelay:
             register(module.register_load_state_dict_pre_hook(finish))
         for module in self._appliers:
             register(module.register_forward_pre_hook(self._pre_forward_hook(module), prepend=True))
+        # After the model's forward whatever is left (the updates of modules it skipped, the relays
+        # this rank only sends in) is waited for: by then the relay is done (the premise), and its
+        # buffers are not held through the backward pass.
+        register(self.model.register_forward_hook(finish))
 
     def _pre_forward_hook(self, module: nn.Module) -> Callable[..., None]:
         def hook(*_: Any) -> None:
@@ -197,7 +203,11 @@ class DeferredRelay:
     def _apply_params(self, params: Any) -> None:
         for p in params:
             for record, b in self._in_flight.pop(id(p), ()):
-                _apply(record, b)
+                # Earlier buckets were issued first and are done by now (collectives of one group
+                # run in order): waiting for them too costs nothing and frees their buffers.
+                for earlier in sorted(record.handles):
+                    if earlier <= b:
+                        _apply(record, earlier)
 
 
 def _apply(record: Relayed, b: int) -> None:

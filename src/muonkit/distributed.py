@@ -462,7 +462,7 @@ class DistributedOrthogonalizer:
             self._finish_return(handles, out, state_out)
         if self.defer_relay and relays:
             # Left in flight: the entries this rank receives by relay stay None until `Relayed.wait`.
-            self.relays.append(Relayed(self, relays, out, state_out, list(params)))
+            self.relays.append(Relayed(self, relays, n, list(params)))
             return out, state_out  # type: ignore[return-value]
         for handles in relays.values():
             self._finish_return(handles, out, state_out)
@@ -637,9 +637,12 @@ class Relayed:
     them. `step` is the held step (muonkit.functional.Pending) that applies them once they arrive;
     waiting issues no collective, so a rank may wait for any bucket at any time."""
 
-    def __init__(self, exchange: DistributedOrthogonalizer, relays: dict[int, list], out: list, state_out: list,
-                 params: list[Tensor]) -> None:
-        self.exchange, self.handles, self.out, self.state_out, self.params = exchange, relays, out, state_out, params
+    def __init__(self, exchange: DistributedOrthogonalizer, relays: dict[int, list], n: int, params: list[Tensor]) -> None:
+        self.exchange, self.handles, self.params = exchange, relays, params
+        # Only what the relays bring (the step's other results are not held here: they are freed
+        # once applied).
+        self.out: list[Tensor | None] = [None] * n
+        self.state_out: list[Tensor | None] = [None] * n
         self.indices = {b: sorted({i for *_, layout, _, _ in handles for entries in layout for i, _, _ in entries})
                         for b, handles in relays.items()}
         self.step: Any = None
@@ -648,14 +651,18 @@ class Relayed:
         """Per tensor still to arrive, its bucket."""
         return {i: b for b, indices in self.indices.items() if b in self.handles for i in indices}
 
-    def wait(self, b: int) -> dict[int, tuple[Tensor, Tensor | None]]:
+    def wait(self, b: int) -> dict[int, tuple[Tensor | None, Tensor | None]]:
         """Wait for bucket b's relays (once; later calls return {}): per tensor received, its
-        update and new second moment (None where the variant keeps none)."""
+        update and new second moment (None for what did not come by relay, and where the variant
+        keeps none). The handles and their buffers are released."""
         handles = self.handles.pop(b, None)
         if handles is None:
             return {}
         self.exchange._finish_return(handles, self.out, self.state_out)
-        return {i: (self.out[i], self.state_out[i]) for i in self.indices[b]}
+        results = {i: (self.out[i], self.state_out[i]) for i in self.indices[b]}
+        for i in self.indices[b]:
+            self.out[i] = self.state_out[i] = None
+        return results
 
 
 def _copies_of(sub: Tensor, root: Tensor) -> Tensor:

@@ -392,12 +392,17 @@ class Pending:
             self.updates[i] = self.new_second_moments[i] = None
         self.momentum_buffers = [m.new_empty(0) for m in self.momentum_buffers]
 
-    def apply_later_(self, results: dict[int, tuple[Tensor, Tensor | None]]) -> None:
+    def apply_later_(self, results: dict[int, tuple[Tensor | None, Tensor | None]]) -> None:
         """The parameters (and second moments) of `results` ({index: (update, new second moment)},
-        arrived after `apply_`), as `apply_` applies the others; each once."""
+        arrived after `apply_`; None: what arrived with the step, already held), as `apply_`
+        applies the others; each once."""
         indices = [i for i in sorted(results) if i in self.later]
         for i in indices:
-            self.updates[i], self.new_second_moments[i] = results[i]
+            update, moment = results[i]
+            if update is not None:
+                self.updates[i] = update
+            if moment is not None:
+                self.new_second_moments[i] = moment
             self.later.discard(i)
         _apply_moments_(self, indices)
         _apply_params_(self, indices)

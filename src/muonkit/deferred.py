@@ -74,10 +74,10 @@ class DeferredRelay:
     `set_modules_to_forward_prefetch`, of the module that prefetches it), waiting for the buckets
     holding that module's parameters (and the earlier ones, done by then); what is left after the
     model's forward (a module it skipped, buckets this rank only sends in), in a forward hook of
-    the model; all of them before the optimizer's next step(),
-    state_dict(), load_state_dict() and add_param_group(), before any state_dict() or
-    load_state_dict() of the model or one of its modules (so also muonkit's save_checkpoint and
-    load_checkpoint, and DCP's get_state_dict), in muonkit.QKClip.step(), and in `finish()`.
+    the model. All of them: before the optimizer's next step(), state_dict(), load_state_dict()
+    and add_param_group(); before any state_dict() or load_state_dict() of the model or one of its
+    modules (so also muonkit's save_checkpoint and load_checkpoint, and DCP's get_state_dict); in
+    muonkit.QKClip.step(); and in `finish()`.
 
     Not guarded: reading a parameter's tensor directly (p.data, p.to_local(), p.full_tensor(),
     model.parameters() read outside a forward), FSDPModule.unshard() called by hand, and a forward
@@ -93,6 +93,8 @@ class DeferredRelay:
         self._distributed = optimizer._distributed
         self._in_flight: dict[int, list[tuple[Relayed, int]]] = {}  # id(param) -> (record, bucket)
         self._handles: list[Any] = []
+        self._appliers: dict[nn.Module, list[Tensor]] = {}
+        self._params: set[int] = set()
         if self._distributed is None:
             return  # one process: no relay phase, nothing to hook
         if self._distributed.defer_relay:
@@ -112,6 +114,8 @@ class DeferredRelay:
     def check(self) -> None:
         """ValueError naming the option and its value if a step cannot be deferred now (run at
         hook-up and before every step, so a group changed since is refused before it steps)."""
+        if self._distributed is None:
+            return
         if self.optimizer.defaults["diagnostics"]:
             raise ValueError("defer_relay: Muon(diagnostics=True) records every update in last_stats during "
                              "step(); a deferred update arrives after it. Switch diagnostics off (opt.diagnostics = False)")

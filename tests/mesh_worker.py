@@ -612,6 +612,30 @@ def deferred_hsdp(rank: int, world: int, tmp: Path, variant: str = "muon", prefe
     deferred.finish()
     out["sent"] = (opt_a.bytes_sent, opt_b.bytes_sent)
     out["snapshot_a"], out["snapshot_b"] = worker.snapshot(model_a, opt_a), worker.snapshot(model_b, opt_b)
+    if variant == "muon" and not prefetch:
+        out.update(_deferred_checkpoints(model_b, opt_b, deferred, tmp / "mesh_deferred"))
+    return out
+
+
+def _deferred_checkpoints(model: nn.Module, opt: muonkit.Muon, deferred: Any, path: Path) -> dict[str, Any]:
+    """save_checkpoint right after a step whose updates wait (it applies them first: "saved" is the
+    state it should hold), then load_checkpoint right after the next one (it applies them first too,
+    or they would land on the loaded parameters): (waiting before, waiting after) each."""
+    out: dict[str, Any] = {}
+    for step in (DEFER_STEPS, DEFER_STEPS + 1):
+        forward_backward(model, step)
+        opt.step()
+        opt.zero_grad()
+        waiting = deferred.pending
+        if step == DEFER_STEPS:
+            save_checkpoint(path, model, opt)
+            out["save"] = (waiting, deferred.pending)
+            out["saved"] = worker.snapshot(model, opt)
+        else:
+            load_checkpoint(path, model, opt)
+            out["load"] = (waiting, deferred.pending)
+    deferred.finish()
+    out["loaded"] = worker.snapshot(model, opt)
     return out
 
 

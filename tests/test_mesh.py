@@ -784,6 +784,23 @@ def test_state_dicts_right_after_a_deferred_step_equal_the_steps(runs, job):
 
 
 @pytest.mark.slow
+def test_checkpoints_right_after_a_deferred_step_apply_the_updates_first(runs):
+    """save_checkpoint while updates wait writes the state with them (loaded on one process: the
+    state the 4 ranks held once finished); load_checkpoint while updates wait applies them first, so
+    none lands on the loaded parameters (after finish() the state is the checkpoint's)."""
+    results = _result(runs, "deferred_hsdp")
+    for rank, result in enumerate(results):
+        for key in ("save", "load"):
+            waiting, after = result[key]
+            assert waiting > 0 and after == 0, (rank, key, result[key])
+        _assert_equal(result["loaded"], result["saved"])
+    model = mesh_worker.make_model()
+    opt = mesh_worker.make_optimizer(model)
+    load_checkpoint(runs["tmp"] / "mesh_deferred", model, opt)
+    _assert_equal(worker.snapshot(model, opt), results[0]["saved"])
+
+
+@pytest.mark.slow
 def test_spawned_mesh_jobs_are_quick(runs):
     """Every mesh job's CPU time per rank under 40 s (CPU time: wall-clock time grows with the machine's load)."""
     for name in JOBS:

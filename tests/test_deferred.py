@@ -164,3 +164,29 @@ def test_qkclip_step_applies_every_deferred_update_first(monkeypatch):
     clip.observe(0, torch.tensor([5.0, 0.5]))
     clip.step()
     assert calls == ["finish"]
+
+
+def test_every_guarded_entry_point_finishes_first(one_rank_group):
+    """The places that read or write parameters or optimizer state through torch's and muonkit's APIs
+    call finish() first: the optimizer's step (before its checks), state_dict, load_state_dict and
+    add_param_group; any module's state_dict and load_state_dict (save_checkpoint, load_checkpoint);
+    and the model's forward (after it). The 4-rank runs check the values (tests/test_mesh.py)."""
+    model = nn.Sequential(nn.Linear(8, 16, bias=False), nn.ReLU(), nn.Linear(16, 4, bias=False), nn.Linear(4, 4))
+    opt = muonkit.Muon(list(model.named_parameters())[:2], process_group=one_rank_group)
+    deferred = muonkit.defer_relay(opt, model)
+    calls = []
+    deferred.finish = lambda: calls.append(1)  # the hooks look it up when they run
+
+    def finishes(action) -> bool:
+        before = len(calls)
+        action()
+        return len(calls) > before
+
+    model(torch.randn(2, 8)).sum().backward()
+    assert finishes(opt.step)
+    assert finishes(opt.state_dict) and finishes(lambda: opt.load_state_dict(opt.state_dict()))
+    assert finishes(lambda: opt.add_param_group({"params": [model[3].bias], "param_names": ["3.bias"], "use_muon": False}))
+    assert finishes(model.state_dict) and finishes(model[0].state_dict)
+    assert finishes(lambda: model.load_state_dict(model.state_dict()))
+    assert finishes(lambda: model[2].load_state_dict(model[2].state_dict()))
+    assert finishes(lambda: model(torch.randn(2, 8)))

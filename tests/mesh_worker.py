@@ -553,7 +553,19 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def deferred_hsdp(rank: int, world: int, tmp: Path, variant: str = "muon", prefetch: bool = False) -> Any:
+def _place_hsdp_grouped(model: Net) -> Any:
+    """HSDP with both layers sharded as one group (`fully_shard([layer 0, layer 1])`: layer 0's
+    pre-forward all-gathers layer 1 too)."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = mesh_2d(("replicate", "shard"))
+    fully_shard(list(model.layers), mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return mesh
+
+
+def deferred_hsdp(rank: int, world: int, tmp: Path, variant: str = "muon", prefetch: bool = False,
+                  grouped: bool = False) -> Any:
     """HSDP 2 x 2 (fully_shard, gloo) trained by forward/backward: model A steps as usual, model B
     with muonkit.defer_relay, in lockstep on the same batches (SKIP_STEP's forward skips layer 1,
     NO_FORWARD_STEP has none). Per step: the losses, and after B's forward how many of its
@@ -561,11 +573,12 @@ def deferred_hsdp(rank: int, world: int, tmp: Path, variant: str = "muon", prefe
     which parameters wait for their relay on this rank and their values then; inside layer 0's
     forward (step 1) the values of the waiting ones; B's model state_dict right after step 1 and its
     optimizer state_dict right after the last step against A's; the snapshots after `finish()`. With
-    `prefetch`, each FSDP module prefetches the next one's all-gather in its pre-forward."""
+    `prefetch`, each FSDP module prefetches the next one's all-gather in its pre-forward; with
+    `grouped`, the two layers are sharded as one FSDP group."""
     models, opts = [], []
     for _ in range(2):
         model = make_model()
-        mesh = place_hsdp(model)
+        mesh = (_place_hsdp_grouped if grouped else place_hsdp)(model)
         if prefetch:
             model.set_modules_to_forward_prefetch([model.layers[0]])
             model.layers[0].set_modules_to_forward_prefetch([model.layers[1]])
@@ -612,7 +625,7 @@ def deferred_hsdp(rank: int, world: int, tmp: Path, variant: str = "muon", prefe
     deferred.finish()
     out["sent"] = (opt_a.bytes_sent, opt_b.bytes_sent)
     out["snapshot_a"], out["snapshot_b"] = worker.snapshot(model_a, opt_a), worker.snapshot(model_b, opt_b)
-    if variant == "muon" and not prefetch:
+    if variant == "muon" and not prefetch and not grouped:
         out.update(_deferred_checkpoints(model_b, opt_b, deferred, tmp / "mesh_deferred"))
     return out
 
@@ -640,6 +653,7 @@ def _deferred_checkpoints(model: nn.Module, opt: muonkit.Muon, deferred: Any, pa
 
 
 deferred_hsdp_prefetch = functools.partial(deferred_hsdp, prefetch=True)
+deferred_hsdp_grouped = functools.partial(deferred_hsdp, grouped=True)
 deferred_hsdp__normuon = functools.partial(deferred_hsdp, variant="normuon")
 
 

@@ -57,7 +57,7 @@ CHECKPOINTS = ["checkpoint_save_hsdp", "checkpoint_save_fsdp_tp", "resume_fsdp_f
 # HSDP resumes; FSDP + TP resumes one process's mesh_one__muon8bit (saved by tests/conftest.py).
 CHECKPOINTS_8BIT = ["resume_hsdp_from_fsdp_tp__muon8bit", "resume_fsdp_tp_from_one__muon8bit"]
 # muonkit.defer_relay on HSDP 2 x 2 trained by forward/backward (mesh_worker.deferred_hsdp).
-DEFERRED = ["deferred_hsdp", "deferred_hsdp_prefetch", "deferred_hsdp__normuon"]
+DEFERRED = ["deferred_hsdp", "deferred_hsdp_prefetch", "deferred_hsdp_grouped", "deferred_hsdp__normuon"]
 JOBS = [*KINDS, *FLAT_KINDS, *VARIANT_JOBS, "buckets", "buckets_hsdp", "bf16", "safety", "qkclip_fsdp_tp", "qkclip_flat_fsdp_tp",
         "fsdp_tp_muon8bit", "fsdp_tp_muon8bit_few_rows", "fsdp_tp_switch_bits", "row_slices", "hsdp_few", *CHECKPOINTS, *CHECKPOINTS_8BIT,
         *DEFERRED]
@@ -732,13 +732,14 @@ def test_mesh_checkpoints_resume_on_one_process(runs, reference_resumed, source)
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("job", "variant"), [("deferred_hsdp", "muon"), ("deferred_hsdp_prefetch", "muon"),
-                                              ("deferred_hsdp__normuon", "normuon")])
+                                              ("deferred_hsdp_grouped", "muon"), ("deferred_hsdp__normuon", "normuon")])
 def test_deferred_relay_equals_the_step_and_one_process_bit_for_bit(runs, job, variant):
     """Forward/backward on HSDP 2 x 2: with and without defer_relay the same losses every step as one
     process, the same parameters once each forward has run (none waiting: the model's forward hook
     applies what its modules did not, layer 1's when the forward skips it), and the same snapshot
     at the end (after finish()). A step with no forward before it applies what still waits first.
-    The prefetch job has each FSDP module all-gather the next one in its pre-forward."""
+    The prefetch job has each FSDP module all-gather the next one in its pre-forward; the grouped
+    job shards both layers as one FSDP group (layer 0's pre-forward gathers layer 1)."""
     reference = mesh_worker.reference_trained(variant)
     for rank, result in enumerate(_result(runs, job)):
         for step, (a, b, one) in enumerate(zip(result["losses_a"], result["losses_b"], reference["losses"])):

@@ -192,7 +192,7 @@ class DeferredRelay:
         def hook(*_: Any) -> None:
             if not self._in_flight:
                 return
-            for target in (module, *_prefetched(module)):
+            for target in (module, *_gathered_with(module)):
                 self._apply_params(self._appliers.get(target, ()))
 
         return hook
@@ -233,10 +233,11 @@ def _appliers(model: nn.Module) -> dict[nn.Module, list[Tensor]]:
     def visit(module: nn.Module, manager: nn.Module | None) -> None:
         if fsdp is not None and isinstance(module, fsdp):
             manager = module
-            if not hasattr(module._get_fsdp_state(), "_states_to_forward_prefetch"):
-                raise RuntimeError("defer_relay: this torch's FSDP2 keeps its forward prefetch where muonkit does not "
-                                   "look (FSDPState._states_to_forward_prefetch); deferring could let it all-gather "
-                                   "a parameter before its update")
+            state = module._get_fsdp_state()
+            if not (hasattr(state, "_states_to_forward_prefetch") and hasattr(state, "_modules")):
+                raise RuntimeError("defer_relay: this torch's FSDP2 keeps its forward prefetch or its grouped modules "
+                                   "where muonkit does not look (FSDPState._states_to_forward_prefetch, ._modules); "
+                                   "deferring could let it all-gather a parameter before its update")
         params = [p for p in module._parameters.values() if p is not None]
         if params:
             held = out.setdefault(manager if manager is not None else module, [])
@@ -252,10 +253,12 @@ def _appliers(model: nn.Module) -> dict[nn.Module, list[Tensor]]:
     return out
 
 
-def _prefetched(module: nn.Module) -> list[nn.Module]:
-    """The modules FSDP2 all-gathers in `module`'s pre-forward besides its own
-    (`FSDPModule.set_modules_to_forward_prefetch`)."""
+def _gathered_with(module: nn.Module) -> list[nn.Module]:
+    """The other modules whose parameters FSDP2 all-gathers in `module`'s pre-forward: those
+    sharded with it as one group (`fully_shard([a, b])`: the first to run gathers them all, see
+    FSDPState._pre_forward) and those it prefetches (`FSDPModule.set_modules_to_forward_prefetch`)."""
     get_state = getattr(module, "_get_fsdp_state", None)
     if get_state is None:
         return []
-    return [m for state in get_state()._states_to_forward_prefetch for m in state._modules]
+    state = get_state()
+    return [m for s in (state, *state._states_to_forward_prefetch) for m in s._modules if m is not module]

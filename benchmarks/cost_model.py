@@ -33,6 +33,7 @@ mesh kind:
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from collections.abc import Sequence
@@ -365,7 +366,7 @@ def owners_by_load(
 
 
 def plan(weights: Sequence[Weight], mesh: Mesh, steps: int = NS_STEPS, *, today: bool = False,
-         spread: bool = True) -> Step:
+         spread: bool = True, deferred: bool = False) -> Step:
     """Owners and the exchange of one step of `weights` on `mesh`.
 
     One owner per tensor over all W ranks, among the ranks holding a largest piece, by Newton-Schulz
@@ -376,7 +377,9 @@ def plan(weights: Sequence[Weight], mesh: Mesh, steps: int = NS_STEPS, *, today:
     every other holder gets its piece of the result from the owner ("return") or, in hsdp, from the
     rank of the owner's replica that holds the same shard ("relay"). `today=True`: muonkit before
     issue 21 (muonkit.distributed.assign_owners over all ranks, experts shipped whole; its 1D
-    Shard(0) path, so only for fsdp meshes).
+    Shard(0) path, so only for fsdp meshes). `deferred=True`: muonkit.defer_relay's plan
+    (muonkit.plan.returns with owner_relays): in hsdp the owner sends its own piece's copies in
+    the relay phase instead of the return, so the return stays inside the owner's replica.
     """
     if today and mesh.kind != "fsdp":
         raise ValueError(f"before issue 21 muonkit refused {mesh.kind} meshes; today=True needs kind 'fsdp'")
@@ -429,7 +432,11 @@ def plan(weights: Sequence[Weight], mesh: Mesh, steps: int = NS_STEPS, *, today:
             # copies in the other replicas; each sender forwards its piece to its copies.
             copies = np.arange(owner % S, W, S)
             copies = copies[copies != owner]
-            back.add_from(owner, np.concatenate([senders, copies]), np.concatenate([p[senders], p[copies]]), node)
+            if deferred and len(senders):
+                back.add_from(owner, senders, p[senders], node)
+                relay.add_from(owner, copies, p[copies], node)
+            else:
+                back.add_from(owner, np.concatenate([senders, copies]), np.concatenate([p[senders], p[copies]]), node)
             for sender in senders:
                 others = np.arange(sender % S, W, S)
                 others = others[others != sender]
@@ -475,6 +482,12 @@ class Cell:
     chain: float  # the longest chain of one tensor (gather, Newton-Schulz, return, relay)
     chain_bf16: float
     elementwise: float
+    # muonkit.defer_relay under hsdp with a one-node shard group (None elsewhere): the relay phase's
+    # time (its plan: every cross-replica piece in it) and the step without it, read serially.
+    relay: float | None = None
+    relay_bf16: float | None = None
+    rest: float | None = None
+    rest_bf16: float | None = None
 
     @property
     def optimizer(self) -> float:
@@ -505,25 +518,67 @@ class Cell:
     def share_bf16_overlapped(self) -> float:
         return self.overlapped(bf16=True) / self.training_step
 
+    @property
+    def forward(self) -> float:
+        """The next forward pass: a third of the training step (2 of its 6 N FLOPs per token)."""
+        return self.training_step / 3
+
+    def deferred(self, bf16: bool = False) -> float | None:
+        """muonkit.defer_relay's reading (hsdp, shard group in a node; None elsewhere): the step
+        without the relay phase, serially (gather, Newton-Schulz, return inside the owner's replica,
+        elementwise), plus the relay's time beyond the next forward pass, which hides the rest
+        (InfiniBand is idle in forward there: FSDP's all-gathers stay on NVLink)."""
+        relay, rest = (self.relay_bf16, self.rest_bf16) if bf16 else (self.relay, self.rest)
+        if relay is None or rest is None:
+            return None
+        return rest + max(0.0, relay - self.forward)
+
+    @property
+    def share_deferred(self) -> float | None:
+        value = self.deferred()
+        return None if value is None else value / self.training_step
+
+    @property
+    def share_deferred_bf16(self) -> float | None:
+        value = self.deferred(bf16=True)
+        return None if value is None else value / self.training_step
+
     def meets(self, target: float = 0.03) -> str:
         """What brings the cell to `target` in this model, the surest first: "default" (muonkit's
         float32 exchange, even with no overlap at all), "bf16 exchange" (`exchange_dtype=
         torch.bfloat16`, even with no overlap), "default, if overlapped" (float32, only if the
-        bucketed exchange reaches the overlap bound), "bf16, if overlapped", or "no"."""
+        bucketed exchange reaches the overlap bound), "bf16, if overlapped", "deferred relay"
+        (muonkit.defer_relay, float32, the rest serial), "deferred relay, bf16", or "no"."""
         for name, share in (("default", self.share), ("bf16 exchange", self.share_bf16),
                             ("default, if overlapped", self.share_overlapped),
-                            ("bf16, if overlapped", self.share_bf16_overlapped)):
-            if share <= target:
+                            ("bf16, if overlapped", self.share_bf16_overlapped),
+                            ("deferred relay", self.share_deferred),
+                            ("deferred relay, bf16", self.share_deferred_bf16)):
+            if share is not None and share <= target:
                 return name
         return "no"
 
 
+@functools.lru_cache(maxsize=64)
+def _model_plan(model: Model, mesh: Mesh, spread: bool, deferred: bool) -> Step:
+    """`plan` of a whole model (the hardware does not enter it: one plan serves every reading)."""
+    return plan(model.weights(), mesh, spread=spread, deferred=deferred)
+
+
 def cell(model: Model, mesh: Mesh, hw: Hardware, *, spread: bool = True) -> Cell:
-    step = plan(model.weights(), mesh, spread=spread)
+    step = _model_plan(model, mesh, spread, False)
+    deferred: dict[str, float] = {}
+    if mesh.kind == "hsdp" and mesh.inner <= mesh.gpus_per_node:
+        later = _model_plan(model, mesh, spread, True)
+        for key, size in (("", 4), ("_bf16", 2)):
+            relay = later.phases.get("relay")
+            deferred["relay" + key] = 0.0 if relay is None else relay.seconds(hw, size)
+            deferred["rest" + key] = (later.ns_seconds(hw) + later.elementwise_seconds(hw)
+                                      + sum(t.seconds(hw, size) for name, t in later.phases.items() if name != "relay"))
     return Cell(model, mesh, hw.training_step(model, mesh.world), step.ns_seconds(hw), step.load_balance(),
                 float(step.bytes_sent(4).max()), step.exchange_seconds(hw, 4), step.exchange_seconds(hw, 2),
                 step.link_seconds(hw, 4), step.link_seconds(hw, 2), step.chain_seconds(hw, 4),
-                step.chain_seconds(hw, 2), step.elementwise_seconds(hw))
+                step.chain_seconds(hw, 2), step.elementwise_seconds(hw), **deferred)
 
 
 def hsdp_floor(model: Model, mesh: Mesh, hw: Hardware, element_size: int = 2) -> float:
@@ -574,11 +629,13 @@ def _percent(share: float, target: float = 0.03) -> str:
 def share_table(cells: Sequence[Cell]) -> str:
     rows = [[c.model.name, c.mesh.world, c.mesh.label(), f"{c.training_step:.2f}", f"{c.load_balance:.2f}", _ms(c.ns),
              _bytes(c.bytes_sent_max), _ms(c.exchange), _ms(c.chain), _ms(c.elementwise), _percent(c.share),
-             _percent(c.share_overlapped), _percent(c.share_bf16), _percent(c.share_bf16_overlapped), c.meets()]
+             _percent(c.share_overlapped), _percent(c.share_bf16), _percent(c.share_bf16_overlapped),
+             "-" if c.share_deferred is None else _percent(c.share_deferred), c.meets()]
             for c in cells]
     return markdown(["model", "GPUs", "mesh", "training step (s)", "NS max/mean", "NS (ms)", "bytes sent/rank (max)",
                      "exchange (ms)", "chain (ms)", "elementwise (ms)", "share, float32 serial",
-                     "share, float32 overlapped", "share, bf16 serial", "share, bf16 overlapped", "3% with"], rows)
+                     "share, float32 overlapped", "share, bf16 serial", "share, bf16 overlapped",
+                     "share, deferred relay (float32)", "3% with"], rows)
 
 
 def moe_bytes_table(model: Model, worlds: Sequence[int]) -> str:
@@ -600,19 +657,24 @@ def moe_bytes_table(model: Model, worlds: Sequence[int]) -> str:
 
 def hsdp_table(models: Sequence[Model], world: int, hw: Hardware) -> str:
     """HSDP on `world` GPUs: the 8-GPU shard group with the owners packed (ties to the lower rank, as
-    before) and spread, its floor, and a 64-GPU shard group (8 nodes, R = W / 64)."""
+    before) and spread, its floor (one owner per matrix, the relay inside the step), the relay under
+    the next forward (muonkit.defer_relay), and a 64-GPU shard group (8 nodes, R = W / 64; its
+    forward all-gathers cross nodes, so the deferral's reading does not apply there)."""
     rows = []
     for model in models:
         mesh = Mesh("hsdp", world)
         packed, spread = cell(model, mesh, hw, spread=False), cell(model, mesh, hw)
         wide = cell(model, replace(mesh, inner=64), hw)
         rows.append([model.name, _percent(packed.share), _percent(spread.share), _percent(spread.share_bf16_overlapped),
-                     f"{100 * hsdp_floor(model, mesh, hw):.2f}%", spread.meets(), _percent(wide.share),
+                     f"{100 * hsdp_floor(model, mesh, hw):.2f}%", f"{_ms(spread.relay)} / {_ms(spread.forward)}",
+                     _percent(spread.share_deferred), _percent(spread.share_deferred_bf16), spread.meets(),
+                     _percent(wide.share),
                      _percent(wide.share_overlapped), _percent(wide.share_bf16), _percent(wide.share_bf16_overlapped),
                      wide.meets()])
     return markdown(["model", "64 x 8, owners packed (before), float32 serial", "64 x 8, owners spread, float32 serial",
-                     "64 x 8, spread, bf16 overlapped", "64 x 8, floor (any owners, bf16, overlapped)",
-                     "64 x 8: 3% with",
+                     "64 x 8, spread, bf16 overlapped", "64 x 8, floor with the relay in the step (any owners, bf16, overlapped)",
+                     "64 x 8, relay float32 / next forward (ms)", "64 x 8, deferred relay, float32",
+                     "64 x 8, deferred relay, bf16", "64 x 8: 3% with",
                      "8 x 64, float32 serial", "8 x 64, float32 overlapped", "8 x 64, bf16 serial",
                      "8 x 64, bf16 overlapped", "8 x 64: 3% with"], rows)
 
@@ -636,13 +698,21 @@ def report(hw: Hardware, worlds: Sequence[int] = (8, 64, 512)) -> str:
     for name, share in (("bf16 exchange", lambda c: c.share_bf16),
                         ("default, if overlapped", lambda c: c.share_overlapped),
                         ("bf16, if overlapped", lambda c: c.share_bf16_overlapped),
+                        ("deferred relay", lambda c: c.share_deferred),
+                        ("deferred relay, bf16", lambda c: c.share_deferred_bf16),
                         ("no", lambda c: c.share_bf16_overlapped)):
         if verdicts.get(name):
             label = {"bf16 exchange": "With a bf16 exchange, even serial",
                      "default, if overlapped": "With the float32 exchange only if overlapped to the bound",
                      "bf16, if overlapped": "With a bf16 exchange only if overlapped to the bound",
+                     "deferred relay": "Only with the relay under the next forward (muonkit.defer_relay; float32, "
+                                       "the rest of the step serial)",
+                     "deferred relay, bf16": "Only with the relay under the next forward and a bf16 exchange",
                      "no": "Above 3% under every setting of the table (bf16 overlapped shown)"}[name]
-            summary.append(f"{label}: {_listing(verdicts[name], share)}.")
+            without = ""
+            if name.startswith("deferred"):
+                without = f" (without it, bf16 overlapped: {_listing(verdicts[name], lambda c: c.share_bf16_overlapped)})"
+            summary.append(f"{label}: {_listing(verdicts[name], share)}{without}.")
     slow_over = [c for c in slow_cells if c.meets() == "no"]
     summary.append(f"At half the Newton-Schulz efficiency ({slow.ns_efficiency:g}) and half the link efficiency "
                    f"({slow.link_efficiency:g}), above 3% under every setting: {len(slow_over)} of {len(cells)}"

@@ -10,10 +10,14 @@ device mesh (--mesh fsdp | hsdp | fsdp+tp | ep) as torchtitan places one.
         --checkpoint /tmp/llama_ckpt  # a (2, 2) mesh: tensor parallel on "tp", then FSDP2 on "dp"
     torchrun --standalone --nproc_per_node=4 examples/train_distributed.py --mesh hsdp --steps 200 \
         --resume /tmp/llama_ckpt      # the same checkpoint resharded onto (replicate 2, shard 2)
+    torchrun --standalone --nproc_per_node=4 examples/train_distributed.py --mesh hsdp --defer-relay
+                                      # HSDP with the relay phase under the next forward (opt-in)
 
 Meshes of the tiny Llama (RMSNorm, causal attention, SwiGLU; width 64, 2 layers, on charlm's text):
 - fsdp: fully_shard on a 1D mesh of every rank (Shard(0)).
-- hsdp: fully_shard on a (2, N/2) (replicate, shard) mesh: (Replicate(), Shard(0)).
+- hsdp: fully_shard on a (2, N/2) (replicate, shard) mesh: (Replicate(), Shard(0)). With
+  --defer-relay, `muonkit.defer_relay`: the pieces each rank receives from the other replica after
+  a step arrive during the next forward, each layer's just before FSDP gathers it (docs/API.md).
 - fsdp+tp: torchtitan's recipe on a (N/2, 2) (dp, tp) mesh: `parallelize_module` on "tp" (q, k, v
   and the MLP's w1, w3 colwise; the output projections rowwise), then `fully_shard` on "dp":
   (_StridedShard(0), Shard(0)) and (Shard(0), Shard(1)). The tp ranks of a dp group read the same
@@ -212,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--checkpoint", help="save model and optimizer here at the end (any mesh or world size can load it)")
     parser.add_argument("--resume", help="load this checkpoint before training")
+    parser.add_argument("--defer-relay", action="store_true",
+                        help="--mesh hsdp: apply the updates relayed from the other replica in the next forward")
     args = parser.parse_args(argv)
+    if args.defer_relay and args.mesh != "hsdp":
+        parser.error(f"--defer-relay needs --mesh hsdp (it has no relay phase to defer elsewhere), got --mesh {args.mesh}")
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -256,6 +264,7 @@ def train(args: argparse.Namespace, cuda: bool) -> None:
     lr = task.lrs["muon"] if args.lr is None else args.lr
     opt = muonkit.Muon(muonkit.param_groups(model), lr=lr, weight_decay=task.weight_decay,
                        adamw_lr=task.lrs["adamw"], process_group=group)
+    deferred = muonkit.defer_relay(opt, model) if args.defer_relay else None
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: task.lr_multiplier(s, args.steps))
     first_step = 0
     if args.resume:
@@ -283,6 +292,8 @@ def train(args: argparse.Namespace, cuda: bool) -> None:
             dist.all_reduce(total)  # gloo has no ReduceOp.AVG
             if rank == 0:
                 print(f"step {step + 1:5d}  train loss {total.item() / world:.4f}  {time.perf_counter() - start:7.1f} s", flush=True)
+    if deferred is not None:
+        deferred.finish()  # evaluation runs the model's forward (which applies them), but say it plainly
     wrapped.eval()
     with torch.no_grad():
         val = task.evaluate(wrapped, data)

@@ -67,9 +67,9 @@ class Net(nn.Module):
         self.norm = nn.RMSNorm(DIM)
         self.output = nn.Linear(DIM, VOCAB, bias=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, layers: int | None = None) -> torch.Tensor:
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
+        for layer in self.layers[:layers]:  # layers=1: the last layer's forward does not run
             h = layer(h)
         return self.output(self.norm(h))
 
@@ -498,6 +498,163 @@ def row_slices(rank: int, world: int, tmp: Path) -> Any:
                                 eps=1e-10)(full, [None] * 3, layouts)
     return {"equal": all(torch.equal(g, w[start:start + sizes[rank]]) for g, w in zip(got, want)),
             "sent": exchange.bytes_sent}
+
+
+# ----------------------------------------------------------------- the relay left in flight
+
+# SKIP_STEP's forward runs layer 0 only (layer 1 gets no gradient); NO_FORWARD_STEP runs no forward
+# (fixed gradients set by hand): the updates still waiting are applied by its step().
+DEFER_STEPS, SKIP_STEP, NO_FORWARD_STEP = 5, 2, 3
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same tokens and targets on every rank (HSDP's gradient sums of equal values by twos, then
+    a division by 4, are exact: the gradients are one process's)."""
+    generator = torch.Generator().manual_seed(500 + step)
+    return torch.randint(VOCAB, (8,), generator=generator), torch.randint(VOCAB, (8,), generator=generator)
+
+
+def forward_backward(model: nn.Module, step: int) -> torch.Tensor:
+    if step == NO_FORWARD_STEP:
+        set_grads(model, fixed_grads(model, step))
+        return torch.zeros(())
+    tokens, targets = batch(step)
+    loss = F.cross_entropy(model(tokens, layers=1 if step == SKIP_STEP else None), targets)
+    loss.backward()
+    return loss.detach()
+
+
+def reference_trained(variant: str = "muon") -> dict[str, Any]:
+    """One process: the losses of DEFER_STEPS forward/backward steps and the snapshot after them."""
+    model = make_model()
+    opt = make_optimizer(model, variant=variant)
+    losses = []
+    for step in range(DEFER_STEPS):
+        losses.append(forward_backward(model, step))
+        opt.step()
+        opt.zero_grad()
+    return {"losses": losses, "snapshot": worker.snapshot(model, opt)}
+
+
+def _locals(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.to_local().detach().clone() for n, p in model.named_parameters()}
+
+
+def _same(a: Any, b: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(a, torch.Tensor):
+        a, b = (t.to_local() if isinstance(t, DTensor) else t for t in (a, b))
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _place_hsdp_grouped(model: Net) -> Any:
+    """HSDP with both layers sharded as one group (`fully_shard([layer 0, layer 1])`: layer 0's
+    pre-forward all-gathers layer 1 too)."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = mesh_2d(("replicate", "shard"))
+    fully_shard(list(model.layers), mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return mesh
+
+
+def deferred_hsdp(rank: int, world: int, tmp: Path, variant: str = "muon", prefetch: bool = False,
+                  grouped: bool = False) -> Any:
+    """HSDP 2 x 2 (fully_shard, gloo) trained by forward/backward: model A steps as usual, model B
+    with muonkit.defer_relay, in lockstep on the same batches (SKIP_STEP's forward skips layer 1,
+    NO_FORWARD_STEP has none). Per step: the losses, and after B's forward how many of its
+    parameters still wait and whether they equal A's; after step 0
+    which parameters wait for their relay on this rank and their values then; inside layer 0's
+    forward (step 1) the values of the waiting ones; B's model state_dict right after step 1 and its
+    optimizer state_dict right after the last step against A's; the snapshots after `finish()`. With
+    `prefetch`, each FSDP module prefetches the next one's all-gather in its pre-forward; with
+    `grouped`, the two layers are sharded as one FSDP group."""
+    models, opts = [], []
+    for _ in range(2):
+        model = make_model()
+        mesh = (_place_hsdp_grouped if grouped else place_hsdp)(model)
+        if prefetch:
+            model.set_modules_to_forward_prefetch([model.layers[0]])
+            model.layers[0].set_modules_to_forward_prefetch([model.layers[1]])
+        models.append(model)
+        opts.append(make_optimizer(model, mesh, variant))
+        opts[-1]._distributed.bucket_bytes = 4096  # several buckets: a module waits for its own
+    (model_a, model_b), (opt_a, opt_b) = models, opts
+    deferred = muonkit.defer_relay(opt_b, model_b)
+    sharded = dict(model_b.named_parameters())  # the sharded parameters, which the optimizer updates
+    out: dict[str, Any] = {"losses_a": [], "losses_b": [], "equal_after_forward": [], "probe": {}}
+
+    def probe(*_: Any) -> None:  # a pre-hook of layers[0].wq: inside layer 0's forward, after FSDP's pre-forward
+        if len(out["losses_b"]) == 1:
+            out["probe"] = {n: sharded[n].to_local().clone() for n in out["waiting"]}
+
+    model_b.layers[0].wq.register_forward_pre_hook(probe)
+    after_a = []
+    for step in range(DEFER_STEPS):
+        out["losses_a"].append(forward_backward(model_a, step))
+        opt_a.step()
+        opt_a.zero_grad()
+        after_a.append(_locals(model_a))
+        before_b = _locals(model_b)
+        waiting = deferred.pending
+        out["losses_b"].append(forward_backward(model_b, step))
+        if step == NO_FORWARD_STEP:
+            out["pending_before_forwardless_step"] = (waiting, deferred.pending)
+        elif step:  # the model's forward hook applied what its modules' did not (layer 1 on SKIP_STEP)
+            out["equal_after_forward"].append((deferred.pending, all(
+                torch.equal(sharded[n].to_local(), after_a[step - 1][n]) for n in sharded)))
+        opt_b.step()
+        opt_b.zero_grad()
+        if step == 0:
+            out["waiting"] = sorted(n for n, p in sharded.items() if id(p) in deferred._in_flight)
+            out["before_step0"] = {n: before_b[n] for n in out["waiting"]}
+            out["after_step0"] = {n: sharded[n].to_local().clone() for n in out["waiting"]}
+            out["after_step0_a"] = {n: after_a[0][n] for n in out["waiting"]}
+        if step == 1:
+            out["model_state_dict_equal"] = (deferred.pending > 0, _same(model_b.state_dict(), model_a.state_dict()),
+                                             deferred.pending == 0)
+        if step == DEFER_STEPS - 1:
+            out["optim_state_dict_equal"] = (deferred.pending > 0, _same(opt_b.state_dict(), opt_a.state_dict()),
+                                             deferred.pending == 0)
+    deferred.finish()
+    out["sent"] = (opt_a.bytes_sent, opt_b.bytes_sent)
+    out["snapshot_a"], out["snapshot_b"] = worker.snapshot(model_a, opt_a), worker.snapshot(model_b, opt_b)
+    if variant == "muon" and not prefetch and not grouped:
+        out.update(_deferred_checkpoints(model_b, opt_b, deferred, tmp / "mesh_deferred"))
+    return out
+
+
+def _deferred_checkpoints(model: nn.Module, opt: muonkit.Muon, deferred: Any, path: Path) -> dict[str, Any]:
+    """save_checkpoint right after a step whose updates wait (it applies them first: "saved" is the
+    state it should hold), then load_checkpoint right after the next one (it applies them first too,
+    or they would land on the loaded parameters): (waiting before, waiting after) each."""
+    out: dict[str, Any] = {}
+    for step in (DEFER_STEPS, DEFER_STEPS + 1):
+        forward_backward(model, step)
+        opt.step()
+        opt.zero_grad()
+        waiting = deferred.pending
+        if step == DEFER_STEPS:
+            save_checkpoint(path, model, opt)
+            out["save"] = (waiting, deferred.pending)
+            out["saved"] = worker.snapshot(model, opt)
+        else:
+            load_checkpoint(path, model, opt)
+            out["load"] = (waiting, deferred.pending)
+    deferred.finish()
+    out["loaded"] = worker.snapshot(model, opt)
+    return out
+
+
+deferred_hsdp_prefetch = functools.partial(deferred_hsdp, prefetch=True)
+deferred_hsdp_grouped = functools.partial(deferred_hsdp, grouped=True)
+deferred_hsdp__normuon = functools.partial(deferred_hsdp, variant="normuon")
 
 
 KINDS = set(PLACE)

@@ -57,6 +57,52 @@ def test_two_by_two_hsdp_of_two_matrices_by_hand():
     assert step.chain_seconds(hw, 4) == pytest.approx(chain_a, rel=1e-12)
 
 
+def test_two_by_two_hsdp_with_the_deferred_relay_by_hand():
+    """The same two matrices with muonkit.defer_relay's plan: each owner returns only its shard-group
+    peer's piece (inside the node) and relays its own piece's copy itself, beside its peer's relay:
+    every byte that crosses a node is in the relay phase, and each rank sends what it sent before.
+    The reading: the step without the relay, plus the relay's time beyond the next forward (a third
+    of the training step): hidden when it fits, the excess when it does not."""
+    a, b = cm.Weight("a", (16, 8)), cm.Weight("b", (8, 8))
+    mesh = cm.Mesh("hsdp", 4, inner=2, gpus_per_node=2)
+    step = cm.plan([a, b], mesh, deferred=True)
+    assert step.owners == [0, 2]
+    assert step.bytes_sent(1).tolist() == cm.plan([a, b], mesh).bytes_sent(1).tolist() == [128, 128, 64, 64]
+    back, relay = step.phases["return"], step.phases["relay"]
+    assert back.sent_intra.tolist() == [64, 0, 32, 0] and not back.sent_inter.any() and not back.recv_inter.any()
+    assert relay.sent_inter.tolist() == [64, 64, 32, 32] and not relay.sent_intra.any()
+    assert relay.recv_inter.tolist() == [32, 32, 64, 64]
+    hw = cm.Hardware()
+    nv, ib = hw.nvlink * hw.link_efficiency, hw.infiniband * hw.link_efficiency
+    assert relay.seconds(hw, 4) == pytest.approx(4 * 64 / ib, rel=1e-12)
+    rest = 5 * 5120 / (hw.ns_efficiency * hw.peak_flops) + 4 * 64 / nv + 4 * 64 / nv + step.elementwise_seconds(hw)
+    assert rest == pytest.approx(step.ns_seconds(hw) + sum(t.seconds(hw, 4) for n, t in step.phases.items()
+                                                           if n != "relay") + step.elementwise_seconds(hw))
+    c = cm.Cell(cm.MODELS["llama-1b"], mesh, training_step=0.3, ns=0.01, load_balance=1.0, bytes_sent_max=0.0,
+                exchange=0.2, exchange_bf16=0.1, link=0.2, link_bf16=0.1, chain=0.2, chain_bf16=0.1,
+                elementwise=0.001, relay=0.08, relay_bf16=0.04, rest=0.006, rest_bf16=0.005)
+    assert c.forward == pytest.approx(0.1)
+    assert c.share_deferred == pytest.approx(0.006 / 0.3) and c.meets() == "deferred relay"
+    late = cm.replace(c, relay=0.13)  # float32: 30 ms past the forward, exposed; bf16 still hidden
+    assert late.share_deferred == pytest.approx((0.006 + 0.03) / 0.3) and late.meets() == "deferred relay, bf16"
+    assert cm.cell(cm.MODELS["llama-1b"], cm.Mesh("fsdp", 64), hw).share_deferred is None  # no relay phase
+    assert cm.cell(cm.MODELS["llama-1b"], cm.Mesh("hsdp", 512, inner=64), hw).share_deferred is None  # forward uses IB
+
+
+def test_llama_1b_deferred_relay_carries_every_cross_replica_byte():
+    """HSDP 64 x 8: with the deferred plan nothing crosses a node in the return, and a rank receives by
+    relay (R - 1) / (R S) = 63/512 of the 0.97 B Muon elements on average (0.24 GB in bf16, the
+    figure of docs/scaling.md), well inside the next forward (51 ms)."""
+    model, mesh, hw = cm.MODELS["llama-1b"], cm.Mesh("hsdp", 512), cm.Hardware()
+    step = cm.plan(model.weights(), mesh, deferred=True)
+    muon = sum(w.numel for w in model.weights())
+    assert not step.phases["return"].sent_inter.any()
+    assert step.phases["relay"].recv_inter.mean() == pytest.approx(63 / 512 * muon, rel=1e-12)
+    assert 0.23e9 < 2 * step.phases["relay"].recv_inter.max() < 0.25e9
+    c = cm.cell(model, mesh, hw)
+    assert c.relay_bf16 < c.relay < c.forward and c.share_deferred < 0.03 < c.share_bf16_overlapped
+
+
 def test_fsdp_uneven_and_empty_shards_by_hand():
     """40 x 8 on 3 ranks: rows 14 + 14 + 12. The owner holds a largest piece (rank 0); ranks 1 and 2
     send theirs (112 and 96 elements) and rank 0 returns both."""
@@ -150,7 +196,7 @@ def test_training_step_and_shares_by_hand():
 # ------------------------------------------------------------------ against the library (issue 21)
 
 
-def _library_plan(weights, mesh):
+def _library_plan(weights, mesh, owner_relays=False):
     """muonkit.plan.build_plan (issue 21) for the same tensors placed as the model places them."""
     plan = pytest.importorskip("muonkit.plan", reason="muonkit.plan (issue 21's N-D meshes) is not in this checkout")
     import torch
@@ -171,7 +217,7 @@ def _library_plan(weights, mesh):
             placements = [("SS", 0, mesh.inner), ("S", 0)] if w.tp == "colwise" else [("S", 0), ("S", 1)]
         held = plan.pieces_of(w.shape, grid, placements)
         specs.append(plan.Spec(w.shape, torch.float32, tuple(held[r] for r in range(W)), w.batch, *w.shape[-2:], local))
-    return plan.build_plan(specs, [None] * len(specs), W)
+    return plan.build_plan(specs, [None] * len(specs), W, owner_relays=owner_relays)
 
 
 LIBRARY_CASES = [
@@ -207,6 +253,19 @@ def test_spread_owners_lower_the_hsdp_bytes_at_512_gpus():
     assert library.owners == spread.owners and library.sent_elements == spread.bytes_sent(1).tolist()
     hw = cm.Hardware()
     assert cm.hsdp_floor(model, mesh, hw) < cm.cell(model, mesh, hw).share_bf16_overlapped
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_model_phases_equal_the_library_plans_on_hsdp(deferred):
+    """Elements per phase, all ranks together, with and without defer_relay's plan (owner_relays)."""
+    kind, world, inner, weights = LIBRARY_CASES[0]
+    mesh = cm.Mesh(kind, world, inner=inner, gpus_per_node=2)
+    step, library = cm.plan(weights, mesh, deferred=deferred), _library_plan(weights, mesh, owner_relays=deferred)
+    by_phase = {}
+    for bucket in library.traffic:
+        for (phase, _), elements in bucket.items():
+            by_phase[phase] = by_phase.get(phase, 0) + elements
+    assert by_phase == {name: int(t.sent.sum()) for name, t in step.phases.items()}
 
 
 @pytest.mark.parametrize("kind", ["fsdp", "hsdp", "fsdp+tp"])

@@ -56,8 +56,11 @@ CHECKPOINTS = ["checkpoint_save_hsdp", "checkpoint_save_fsdp_tp", "resume_fsdp_f
 # 8-bit momentum on FSDP + TP's rowwise pieces: fsdp_tp_muon8bit saves mesh_fsdp_tp__muon8bit, which
 # HSDP resumes; FSDP + TP resumes one process's mesh_one__muon8bit (saved by tests/conftest.py).
 CHECKPOINTS_8BIT = ["resume_hsdp_from_fsdp_tp__muon8bit", "resume_fsdp_tp_from_one__muon8bit"]
+# muonkit.defer_relay on HSDP 2 x 2 trained by forward/backward (mesh_worker.deferred_hsdp).
+DEFERRED = ["deferred_hsdp", "deferred_hsdp_prefetch", "deferred_hsdp_grouped", "deferred_hsdp__normuon"]
 JOBS = [*KINDS, *FLAT_KINDS, *VARIANT_JOBS, "buckets", "buckets_hsdp", "bf16", "safety", "qkclip_fsdp_tp", "qkclip_flat_fsdp_tp",
-        "fsdp_tp_muon8bit", "fsdp_tp_muon8bit_few_rows", "fsdp_tp_switch_bits", "row_slices", "hsdp_few", *CHECKPOINTS, *CHECKPOINTS_8BIT]
+        "fsdp_tp_muon8bit", "fsdp_tp_muon8bit_few_rows", "fsdp_tp_switch_bits", "row_slices", "hsdp_few", *CHECKPOINTS, *CHECKPOINTS_8BIT,
+        *DEFERRED]
 
 
 # --------------------------------------------------------------------------------- pieces (pure)
@@ -393,6 +396,26 @@ def test_the_relay_spreads_the_owners_sends():
         assert plan.sent_elements == _sends(plan, relay=False) and ("relay", torch.float32) not in plan.traffic[0]
 
 
+def test_owners_relaying_their_own_pieces_keep_the_return_inside_the_replica():
+    """defer_relay's plan (owner_relays=True), HSDP 2 replicas x 4 shards, one 64 x 32 matrix owned by
+    rank 0: the return sends only the 3 pieces the owner lacked to their senders (1536, replica 0),
+    and the relay every copy in replica 1 (2048: the owner's own piece too); each rank sends what it
+    sent before. Without replicas or with whole copies only (DDP) nothing moves to the relay."""
+    by_rank = pieces_of((64, 32), torch.arange(8).view(2, 4), (("R",), ("S", 0)))
+    spec = _spec((64, 32), [by_rank[r] for r in range(8)])
+    before, plan = build_plan([spec], [None], 8), build_plan([spec], [None], 8, owner_relays=True)
+    assert plan.owners == before.owners == [0] and plan.sent_elements == before.sent_elements
+    assert plan.traffic == [{("gather", torch.float32): 1536, ("return", torch.float32): 1536,
+                             ("relay", torch.float32): 2048}]
+    steps = muonkit.plan.returns(spec, 0, plan.senders[0], owner_relays=True)
+    assert all(r < 4 for phase, _, dst, _ in steps if phase == "return" for r in dst)
+    assert sorted(r for phase, _, dst, _ in steps if phase == "relay" for r in dst) == [4, 5, 6, 7]
+    for mesh, placements in ((torch.arange(8), (("S", 0),)), (torch.arange(8), (("R",),))):
+        by_rank = pieces_of((64, 32), mesh, placements)
+        spec = _spec((64, 32), [by_rank[r] for r in range(8)])
+        assert build_plan([spec], [None], 8, owner_relays=True).traffic == build_plan([spec], [None], 8).traffic
+
+
 def test_full_piece_and_empty_dims():
     assert full_piece((3, 0)) == (((0, 3),), ())
     assert piece_numel(full_piece((3, 0))) == 0
@@ -708,6 +731,77 @@ def test_mesh_checkpoints_resume_on_one_process(runs, reference_resumed, source)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("job", "variant"), [("deferred_hsdp", "muon"), ("deferred_hsdp_prefetch", "muon"),
+                                              ("deferred_hsdp_grouped", "muon"), ("deferred_hsdp__normuon", "normuon")])
+def test_deferred_relay_equals_the_step_and_one_process_bit_for_bit(runs, job, variant):
+    """Forward/backward on HSDP 2 x 2: with and without defer_relay the same losses every step as one
+    process, the same parameters once each forward has run (none waiting: the model's forward hook
+    applies what its modules did not, layer 1's when the forward skips it), and the same snapshot
+    at the end (after finish()). A step with no forward before it applies what still waits first.
+    The prefetch job has each FSDP module all-gather the next one in its pre-forward; the grouped
+    job shards both layers as one FSDP group (layer 0's pre-forward gathers layer 1)."""
+    reference = mesh_worker.reference_trained(variant)
+    for rank, result in enumerate(_result(runs, job)):
+        for step, (a, b, one) in enumerate(zip(result["losses_a"], result["losses_b"], reference["losses"])):
+            assert torch.equal(a, one) and torch.equal(b, one), (rank, step, float(a), float(b), float(one))
+        assert result["equal_after_forward"] == [(0, True)] * (mesh_worker.DEFER_STEPS - 2), rank
+        waiting, after = result["pending_before_forwardless_step"]
+        assert waiting > 0 and after == waiting, rank  # applied by the step, not before
+        _assert_equal(result["snapshot_b"], result["snapshot_a"])
+        _assert_equal(result["snapshot_a"], reference["snapshot"])
+        assert result["sent"][0] == result["sent"][1], rank  # the same bytes, in other phases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", ["deferred_hsdp", "deferred_hsdp__normuon"])
+def test_deferred_relay_is_applied_by_the_forward_of_its_module(runs, job):
+    """After step 0 every rank has parameters waiting for their relay, still holding their old values
+    (read directly: not guarded); inside layer 0's forward of step 1 layer 0's waiting parameters
+    hold their new values and, on some rank, a layer-1 one still its old value (its bucket not
+    waited for yet)."""
+    old_in_layer1 = 0
+    for rank, result in enumerate(_result(runs, job)):
+        assert result["waiting"], f"rank {rank} received nothing by relay"
+        for name in result["waiting"]:
+            assert torch.equal(result["after_step0"][name], result["before_step0"][name]), (rank, name)
+            assert not torch.equal(result["after_step0"][name], result["after_step0_a"][name]), (rank, name)
+            probed = result["probe"][name]
+            if name.startswith("layers.0."):
+                assert torch.equal(probed, result["after_step0_a"][name]), (rank, name)
+            else:
+                old_in_layer1 += torch.equal(probed, result["before_step0"][name])
+    assert old_in_layer1 > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", DEFERRED)
+def test_state_dicts_right_after_a_deferred_step_equal_the_steps(runs, job):
+    """model.state_dict() (after step 1) and the optimizer's state_dict() (after the last step), taken
+    while updates wait, apply them first: equal to the undeferred model's and optimizer's."""
+    for rank, result in enumerate(_result(runs, job)):
+        for key in ("model_state_dict_equal", "optim_state_dict_equal"):
+            waiting, equal, finished = result[key]
+            assert waiting and equal and finished, (rank, key, result[key])
+
+
+@pytest.mark.slow
+def test_checkpoints_right_after_a_deferred_step_apply_the_updates_first(runs):
+    """save_checkpoint while updates wait writes the state with them (loaded on one process: the
+    state the 4 ranks held once finished); load_checkpoint while updates wait applies them first, so
+    none lands on the loaded parameters (after finish() the state is the checkpoint's)."""
+    results = _result(runs, "deferred_hsdp")
+    for rank, result in enumerate(results):
+        for key in ("save", "load"):
+            waiting, after = result[key]
+            assert waiting > 0 and after == 0, (rank, key, result[key])
+        _assert_equal(result["loaded"], result["saved"])
+    model = mesh_worker.make_model()
+    opt = mesh_worker.make_optimizer(model)
+    load_checkpoint(runs["tmp"] / "mesh_deferred", model, opt)
+    _assert_equal(worker.snapshot(model, opt), results[0]["saved"])
+
+
+@pytest.mark.slow
 def test_spawned_mesh_jobs_are_quick(runs):
     """Every mesh job's CPU time per rank under 40 s (CPU time: wall-clock time grows with the machine's load)."""
     for name in JOBS:
@@ -725,14 +819,16 @@ def _losses(output: str) -> dict[int, float]:
 def test_torchrun_llama_fsdp_tp_trains_and_resumes_across_a_reshard(tmp_path, train_distributed):
     """torchtitan's recipe on (dp 2, tp 2), then the checkpoint resharded onto HSDP on 2 processes
     (2 replicas x 1 shard; 2 x 2 HSDP resharding is mesh_worker's, in the spawned jobs) and onto one
-    process; the loss falls and each resumed run starts at step 5."""
+    process; the loss falls and each resumed run starts at step 5. The HSDP run takes --defer-relay
+    (hooked up under torchrun; with one shard per replica there is no relay phase to defer: the
+    deferred steps are mesh_worker.deferred_hsdp's)."""
     checkpoint = tmp_path / "llama"
     first = train_distributed(4, "--mesh", "fsdp+tp", "--steps", "4", "--checkpoint", str(checkpoint))
     losses = _losses(first)
     assert "llama, fsdp+tp, 4 processes" in first and sorted(losses) == [1, 2, 3, 4], first
     assert losses[4] < losses[1] - 0.1, losses
-    for processes, mesh in ((2, "hsdp"), (1, "fsdp")):
-        resumed = _losses(train_distributed(processes, "--mesh", mesh, "--steps", "6", "--resume", str(checkpoint)))
+    for processes, mesh, extra in ((2, "hsdp", ["--defer-relay"]), (1, "fsdp", [])):
+        resumed = _losses(train_distributed(processes, "--mesh", mesh, "--steps", "6", "--resume", str(checkpoint), *extra))
         assert sorted(resumed) == [5, 6] and max(resumed.values()) < losses[1] - 0.1, (mesh, resumed)
 
 

@@ -1,5 +1,6 @@
 """muonkit: the Muon optimizer toolkit for PyTorch."""
 
+from .deferred import DeferredRelay, defer_relay
 from .integrations import MuonFactory
 from .layout import Layout
 from .optimizer import Muon
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Decision",
+    "DeferredRelay",
     "Layout",
     "Muon",
     "MuonFactory",
@@ -20,6 +22,7 @@ __all__ = [
     "SCALES",
     "__version__",
     "attention_max_logits",
+    "defer_relay",
     "explain",
     "orthogonalize",
     "param_groups",

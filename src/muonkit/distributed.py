@@ -155,6 +155,9 @@ class DistributedOrthogonalizer:
         self._meshes: dict[int, tuple[Any, Tensor]] = {}  # id(mesh) -> (mesh, _mesh_ranks(mesh))
         self._pieces: dict[tuple, tuple[Piece, ...]] = {}
         self._device: torch.device | None = None  # where this step's tensors live (the buffers' device)
+        # muonkit.deferred: leave the relay phase in flight after the step (`relays`, oldest first).
+        self.defer_relay = False
+        self.relays: list[Relayed] = []
 
     # ------------------------------------------------------------------------------ checks
 
@@ -252,7 +255,7 @@ class DistributedOrthogonalizer:
                 return [], []
             own = list(layouts) if layouts is not None else list(views)
             plan = self.plan(tensors, states, params, moments, own, views, slices)
-            return self._exchange(plan, list(tensors), list(states), list(views), local)
+            return self._exchange(plan, list(tensors), list(states), list(views), local, params)
 
         return update_many
 
@@ -269,13 +272,14 @@ class DistributedOrthogonalizer:
                 for t, p, layout, view, r in zip(tensors, params, layouts, views, rows)]
         moment_keys = [None if s is None else self._key(s, v, layout, view, None, r)
                        for s, v, layout, view, r in zip(states, moments, layouts, views, rows)]
-        key = (tuple(keys), tuple(moment_keys))
+        key = (tuple(keys), tuple(moment_keys), self.defer_relay)
         plan = self._plans.get(key)
         if plan is None:
             specs = [self._spec(t, p, k) for t, p, k in zip(tensors, params, keys)]
             moment_specs = [None if s is None else self._spec(s, v, k, local=spec.local)  # type: ignore[arg-type]
                             for s, v, k, spec in zip(states, moments, moment_keys, specs)]
-            plan = build_plan(specs, moment_specs, self.world_size, bucket_bytes=self.bucket_bytes)
+            plan = build_plan(specs, moment_specs, self.world_size, bucket_bytes=self.bucket_bytes,
+                              owner_relays=self.defer_relay)
             if len(self._plans) >= PLANS_KEPT:
                 self._plans.pop(next(iter(self._plans)))
             self._plans[key] = plan
@@ -420,6 +424,7 @@ class DistributedOrthogonalizer:
         states: list[Tensor | None],
         layouts: list[Layout],
         local: UpdateMany,
+        params: Sequence[Tensor] = (),
     ) -> tuple[list[Tensor], list[Tensor | None]]:
         n = len(tensors)
         self._device = tensors[0].device
@@ -431,7 +436,8 @@ class DistributedOrthogonalizer:
                                         [layouts[i] for i in plan.local])
             for i, u, v in zip(plan.local, updates, new_states):
                 out[i], state_out[i] = u, v
-        in_flight: list[list] = []  # returns and relays, waited for once the last bucket is done
+        in_flight: list[list] = []  # returns, waited for once the last bucket is done
+        relays: dict[int, list] = {}  # bucket -> its relays, waited for after the returns (or later: `defer_relay`)
         relaying: tuple[int, list] | None = None  # a bucket whose returns its relays forward next
         for b, bucket in enumerate(plan.buckets):
             assert gathering is not None
@@ -444,15 +450,21 @@ class DistributedOrthogonalizer:
             state_results = {i: v for i, v in zip(mine, new_states) if v is not None}
             returned = self._start_return(plan, b, results, state_results, tensors, states, out, state_out)
             if relaying is not None:  # the previous bucket's relays forward what they received
-                in_flight.append(self._relay(plan, *relaying, tensors, states, out, state_out))
+                relays[relaying[0]] = self._relay(plan, *relaying, tensors, states, out, state_out)
                 relaying = None
             if any(phase == "relay" for phase, _ in plan.traffic[b]):
                 relaying = (b, returned)
             else:
                 in_flight.append(returned)
         if relaying is not None:
-            in_flight.append(self._relay(plan, *relaying, tensors, states, out, state_out))
+            relays[relaying[0]] = self._relay(plan, *relaying, tensors, states, out, state_out)
         for handles in in_flight:
+            self._finish_return(handles, out, state_out)
+        if self.defer_relay and relays:
+            # Left in flight: the entries this rank receives by relay stay None until `Relayed.wait`.
+            self.relays.append(Relayed(self, relays, n, list(params)))
+            return out, state_out  # type: ignore[return-value]
+        for handles in relays.values():
             self._finish_return(handles, out, state_out)
         return out, state_out  # type: ignore[return-value]
 
@@ -461,6 +473,11 @@ class DistributedOrthogonalizer:
         """Wait for bucket b's returns and start its relays' forwarding."""
         relayed: dict[tuple[int, bool], Tensor] = {}
         self._finish_return(returned, out, state_out, relayed)
+        if plan.owner_relays:  # the owners relay their own pieces, as the return would have sent them
+            for i in plan.buckets[b]:
+                if plan.owners[i] == self.rank:
+                    for spec, _, _, _, is_update in self._payloads(plan, i, tensors, states):
+                        relayed[(i, is_update)] = (out if is_update else state_out)[i].reshape(-1).to(spec.dtype)
         return self._start_relay(plan, b, relayed, tensors, states)
 
     def _payloads(self, plan: ExchangePlan, i: int, tensors: list[Tensor], states: list[Tensor | None]):
@@ -532,7 +549,7 @@ class DistributedOrthogonalizer:
                 piece = spec.pieces[me]
                 if owner == me:
                     result = (results if is_update else state_results)[i]
-                    for phase, _, destinations, returned in returns(spec, owner, senders):
+                    for phase, _, destinations, returned in returns(spec, owner, senders, owner_relays=plan.owner_relays):
                         if phase == "return":
                             payload = _extract(result, returned).reshape(-1).to(spec.dtype)
                             for dst in destinations:
@@ -542,7 +559,7 @@ class DistributedOrthogonalizer:
                     target[i] = mine.to(spec.dtype).to(dtype) if spec.dtype != dtype else mine
                 elif not piece_numel(piece):
                     target[i] = part.new_empty(part.shape)
-                elif piece == spec.pieces[owner] or senders.get(piece) == me:
+                elif (piece == spec.pieces[owner] and not (plan.owner_relays and senders)) or senders.get(piece) == me:
                     receive[owner].append((i, is_update, piece))
         return [(*handle, tensors, states) for handle in self._all_to_alls(plan.traffic[b], "return", sends, receives)]
 
@@ -559,10 +576,16 @@ class DistributedOrthogonalizer:
                 send = sends.setdefault(spec.dtype, [[] for _ in range(self.world_size)])
                 receive = receives.setdefault(spec.dtype, [[] for _ in range(self.world_size)])
                 piece = spec.pieces[me]
-                if owner == me or not piece_numel(piece) or piece == spec.pieces[owner]:
+                if not piece_numel(piece):
                     continue
-                if senders[piece] != me:
-                    receive[senders[piece]].append((i, is_update, piece))
+                if piece == spec.pieces[owner]:  # the owner's piece: returned, or relayed by the owner
+                    if not (plan.owner_relays and senders):
+                        continue
+                    source = owner
+                else:
+                    source = senders[piece]
+                if source != me:
+                    receive[source].append((i, is_update, piece))
                     continue
                 for dst in holders(spec.pieces)[piece]:
                     if dst != me:
@@ -605,6 +628,41 @@ class DistributedOrthogonalizer:
             self.bytes_sent += sum(send_sizes) * send.element_size()
             handles.append((work, send, list(recv.split(recv_sizes)), receives[dtype]))
         return handles
+
+
+class Relayed:
+    """A Muon group's step whose relay phase is still in flight (`DistributedOrthogonalizer.defer_relay`,
+    set by muonkit.deferred): per bucket, its relay all_to_alls, kept with their buffers until
+    waited for, and the tensors (indices into the group's `params`) this rank receives pieces of by
+    them. `step` is the held step (muonkit.functional.Pending) that applies them once they arrive;
+    waiting issues no collective, so a rank may wait for any bucket at any time."""
+
+    def __init__(self, exchange: DistributedOrthogonalizer, relays: dict[int, list], n: int, params: list[Tensor]) -> None:
+        self.exchange, self.handles, self.params = exchange, relays, params
+        # Only what the relays bring (the step's other results are not held here: they are freed
+        # once applied).
+        self.out: list[Tensor | None] = [None] * n
+        self.state_out: list[Tensor | None] = [None] * n
+        self.indices = {b: sorted({i for *_, layout, _, _ in handles for entries in layout for i, _, _ in entries})
+                        for b, handles in relays.items()}
+        self.step: Any = None
+
+    def pending(self) -> dict[int, int]:
+        """Per tensor still to arrive, its bucket."""
+        return {i: b for b, indices in self.indices.items() if b in self.handles for i in indices}
+
+    def wait(self, b: int) -> dict[int, tuple[Tensor | None, Tensor | None]]:
+        """Wait for bucket b's relays (once; later calls return {}): per tensor received, its
+        update and new second moment (None for what did not come by relay, and where the variant
+        keeps none). The handles and their buffers are released."""
+        handles = self.handles.pop(b, None)
+        if handles is None:
+            return {}
+        self.exchange._finish_return(handles, self.out, self.state_out)
+        results = {i: (self.out[i], self.state_out[i]) for i in self.indices[b]}
+        for i in self.indices[b]:
+            self.out[i] = self.state_out[i] = None
+        return results
 
 
 def _copies_of(sub: Tensor, root: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -356,6 +356,10 @@ class Pending:
     layouts: list[Layout] | None = None
 
     momentum_applied: bool = False  # `apply_momentum_` has run
+    # Parameters whose results arrive after the step (muonkit.deferred: relayed pieces still in
+    # flight): `apply_` leaves them to `apply_later_`. `applied`: `apply_` has run.
+    later: set[int] = field(default_factory=set)
+    applied: bool = False
 
     def apply_momentum_(self) -> None:
         """M <- lerp(M, G, 1 - momentum) (or M + G) in place (the bits the held step computed out of
@@ -374,8 +378,36 @@ class Pending:
         """The momentum (`apply_momentum_`), then the second moments and the parameters, as the fast
         path applies them."""
         self.apply_momentum_()
-        _apply_moments_(self, range(len(self.params)))
-        _apply_params_(self, range(len(self.params)))
+        ready = [i for i in range(len(self.params)) if i not in self.later]
+        _apply_moments_(self, ready)
+        _apply_params_(self, ready)
+        self.applied = True
+        if not self.later:
+            return
+        # Held until the later ones arrive: only what they need. The results of the others, the
+        # gradients and 8-bit momentum's dequantized copies are released (of the momentum buffers
+        # only the dtype is read from now on: the update's compute dtype).
+        self.grads = []
+        for i in ready:
+            self.updates[i] = self.new_second_moments[i] = None
+        self.momentum_buffers = [m.new_empty(0) for m in self.momentum_buffers]
+
+    def apply_later_(self, results: dict[int, tuple[Tensor | None, Tensor | None]]) -> None:
+        """The parameters (and second moments) of `results` ({index: (update, new second moment)},
+        arrived after `apply_`; None: what arrived with the step, already held), as `apply_`
+        applies the others; each once."""
+        indices = [i for i in sorted(results) if i in self.later]
+        for i in indices:
+            update, moment = results[i]
+            if update is not None:
+                self.updates[i] = update
+            if moment is not None:
+                self.new_second_moments[i] = moment
+            self.later.discard(i)
+        _apply_moments_(self, indices)
+        _apply_params_(self, indices)
+        for i in indices:
+            self.updates[i] = self.new_second_moments[i] = None
 
 
 def _momentum_(buffers: list[Tensor], grads: list[Tensor], momentum: float, accumulates: bool) -> None:

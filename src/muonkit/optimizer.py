@@ -446,7 +446,7 @@ class Muon(torch.optim.Optimizer):
                 variant=group["variant"], beta2=float(group["beta2"]), eps=float(group["variant_eps"]),
                 second_moments=moments, layouts=layouts,
             )
-        return functional.muon(
+        return _held(self._distributed, functional.muon(
             local_parts(item.params), local_parts(item.grads), item.momentum(), layouts,
             lr=_lr(group, self.defaults["capturable"]), momentum=float(group["momentum"]), nesterov=group["nesterov"],
             weight_decay=float(group["weight_decay"]), scale=group["scale"], rms=float(group["rms"]),
@@ -455,7 +455,7 @@ class Muon(torch.optim.Optimizer):
             fraction=float(group["fraction"]), ef_decay=float(group["ef_decay"]), selection=group["selection"], second_moments=local_parts(moments), cautious_weight_decay=group["cautious_weight_decay"],
             update_many=update_many, **_shards(self._distributed, group, item.params, layouts), shapes=[p.shape for p in item.params], rounding_seeds=item.seeds,
             stats=item.stats, orthogonality=orthogonality, hold=hold,
-        )
+        ))
 
     def _adamw_step(self, item: _GroupStep) -> None:
         group = item.group
@@ -474,6 +474,17 @@ class Muon(torch.optim.Optimizer):
             eps=_scalar(group["eps"]), weight_decay=decay, cautious_weight_decay=cautious, rounding_seeds=item.seeds,
             stats=item.stats, capturable=self.defaults["capturable"], fused=group["fused"],
         )
+
+
+def _held(distributed: Any, pending: functional.Pending | None) -> functional.Pending | None:
+    """A held step whose relayed pieces are still in flight (muonkit.deferred) leaves those
+    parameters to apply once they arrive: the orthogonalizer's newest unclaimed record is its."""
+    if distributed is not None and pending is not None:
+        for record in distributed.relays:
+            if record.step is None:
+                record.step = pending
+                pending.later.update(record.pending())
+    return pending
 
 
 def _settle_state(plan: list[_GroupStep], state: Any, cache: _PlanCache | None) -> None:

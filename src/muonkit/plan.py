@@ -293,6 +293,7 @@ class ExchangePlan:
     sent_elements: list[int]
     loads: list[float]
     traffic: list[dict[tuple[str, torch.dtype], int]] = field(default_factory=list)
+    owner_relays: bool = False  # the owners relay the copies of their own pieces (`returns`)
 
 
 def build_plan(
@@ -302,6 +303,7 @@ def build_plan(
     *,
     bucket_bytes: int = BUCKET_BYTES,
     order: Sequence[int] | None = None,
+    owner_relays: bool = False,
 ) -> ExchangePlan:
     """The plan of one group's step. `moments[i]` is tensor i's second moment (None without one).
 
@@ -312,6 +314,7 @@ def build_plan(
     those holding a largest piece of every tensor of the item (so that the owner receives the least),
     counting the local tensors' work in the loads; among equally loaded ranks, the one first in
     `order` (default `spread_order(world_size)`: owners spread over nodes and replicas).
+    `owner_relays`: the owners relay the copies of their own pieces (`returns`).
     """
     n = len(specs)
     loads = [0.0] * world_size
@@ -355,7 +358,7 @@ def build_plan(
                     sent[src] += piece_numel(piece) * len(dst)
     buckets = _buckets(exchanged, items, specs, moments, bucket_bytes)
     plan = ExchangePlan(world_size, list(specs), list(moments), owners, buckets, local, senders, moment_senders,
-                        sent, loads)
+                        sent, loads, owner_relays=owner_relays)
     plan.traffic = [_traffic(plan, bucket) for bucket in buckets]
     return plan
 
@@ -377,18 +380,24 @@ def holders(pieces: tuple[Piece, ...]) -> dict[Piece, list[int]]:
     return _holdings(pieces)[1]
 
 
-def returns(spec: Spec, owner: int, senders: dict[Piece, int]) -> list[tuple[str, int, list[int], Piece]]:
+def returns(spec: Spec, owner: int, senders: dict[Piece, int], *,
+            owner_relays: bool = False) -> list[tuple[str, int, list[int], Piece]]:
     """How the owner's result goes back to every holder of a piece: (phase, source, destinations,
     piece) in a fixed order. "return": the owner sends each piece it lacked to its sender (the
     relay), and its own piece to that piece's other holders; "relay": each relay sends its piece to
-    the piece's other holders. A piece with one holder is returned in one hop."""
+    the piece's other holders. A piece with one holder is returned in one hop.
+
+    With `owner_relays` (muonkit.defer_relay), a tensor whose pieces the owner lacks (it is sharded)
+    sends the copies of the owner's own piece in the relay phase too, the owner relaying it: under
+    HSDP every piece that crosses to another replica then travels in the relay phase, which the
+    next forward hides, and the return phase stays inside the owner's replica."""
     mine = spec.pieces[owner]
     out = []
     for piece, ranks in holders(spec.pieces).items():
         if piece == mine:
             others = [r for r in ranks if r != owner]
             if others:
-                out.append(("return", owner, others, piece))
+                out.append(("relay" if owner_relays and senders else "return", owner, others, piece))
             continue
         relay = senders[piece]
         out.append(("return", owner, [relay], piece))
@@ -465,6 +474,6 @@ def _traffic(plan: ExchangePlan, bucket: list[int]) -> dict[tuple[str, torch.dty
                 continue
             key = ("gather", spec.dtype)
             out[key] = out.get(key, 0) + sum(piece_numel(p) for p in senders)
-            for phase, _, dst, piece in returns(spec, owner, senders):
+            for phase, _, dst, piece in returns(spec, owner, senders, owner_relays=plan.owner_relays):
                 out[(phase, spec.dtype)] = out.get((phase, spec.dtype), 0) + piece_numel(piece) * len(dst)
     return out

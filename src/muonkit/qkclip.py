@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from .deferred import finish_all
 from .dtensor import is_dtensor, placements_of
 from .plan import pieces_of
 
@@ -316,6 +317,7 @@ class QKClip:
         warns. Returns, per layer, the maxima acted on (float64, shape (heads,), on the CPU;
         all-reduced over the process group first), or None for a layer that no rank observed since
         the last step."""
+        finish_all()  # the weights rescaled below hold every update of the step (muonkit.deferred)
         maxima = self._gather()
         self._maxima = [None] * len(self._layers)
         if maxima is None:

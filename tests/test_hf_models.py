@@ -42,6 +42,18 @@ def tiny(name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         cfg = T.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
         return T.MixtralForCausalLM(cfg), ids
+    if name == "phi3":  # fused qkv_proj (q | k | v) and gate_up_proj (gate | up)
+        cfg = T.Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=0)
+        return T.Phi3ForCausalLM(cfg), ids
+    if name == "gpt-neox":  # fused query_key_value, q, k, v interleaved per head
+        cfg = T.GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                              num_attention_heads=4)
+        return T.GPTNeoXForCausalLM(cfg), ids
+    if name == "falcon":  # fused query_key_value, per key/value group: 2 queries, then its k and v
+        cfg = T.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_kv_heads=2,
+                             new_decoder_architecture=True)
+        return T.FalconForCausalLM(cfg), ids
     if name in ("gpt2", "gpt2-model"):
         cfg = T.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16, bos_token_id=0, eos_token_id=0)
         return (T.GPT2Model if name == "gpt2-model" else T.GPT2LMHeadModel)(cfg), ids
@@ -551,6 +563,71 @@ def test_gpt2_c_attn_is_q_k_and_v_apart():
     matrices = to_matrices(w, resolve(d.layout, 2))
     for i in range(3):
         assert torch.equal(matrices[i], w[:, 32 * i: 32 * (i + 1)].T)
+
+
+FUSED = {  # name: {fused weight: (matrices, the model's split of its rows, from its modeling file)}
+    "phi3": {"model.layers.0.self_attn.qkv_proj.weight": (8, "q | k | v: 4 query heads, then 2 k, then 2 v heads"),
+             "model.layers.0.mlp.gate_up_proj.weight": (2, "gate | up: up_states.chunk(2, dim=-1)")},
+    "gpt-neox": {"gpt_neox.layers.0.attention.query_key_value.weight": (12, "per head: q, k, v of 8 rows each")},
+    "falcon": {"transformer.h.0.self_attention.query_key_value.weight": (8, "per kv group: 2 q heads, k, v")},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FUSED))
+def test_fused_linears_are_cut_where_the_model_splits_them(name):
+    """Phi-3's qkv_proj and gate_up_proj, GPT-NeoX's and Falcon's query_key_value are Linears whose
+    output the model splits into q, k and v (or gate and up); they were one matrix each, q, k and v
+    orthogonalized together. Now one matrix per head's q, k or v (head_dim rows: the only equal
+    blocks that never straddle a boundary of any of these layouts) and gate and up apart, with and
+    without example inputs, and explain() says so; the other Linears stay one matrix."""
+    model, inputs = tiny(name)
+    for routing in ({}, {"example_inputs": inputs}):
+        decisions = {d.name: d for d in muonkit.route(model, **routing)}
+        for weight, (count, _) in FUSED[name].items():
+            d = decisions[weight]
+            assert d.optimizer == "muon" and d.layout == muonkit.Layout.per_block(count), d
+            assert f"{count} matrices" in d.reason and "fused" in d.reason, d.reason
+        others = [d for n, d in decisions.items() if d.optimizer == "muon" and n not in FUSED[name]]
+        assert others and all(d.layout == "stacked" for d in others), others
+    text = muonkit.explain(model, file=None)
+    assert "one matrix per head's q, k or v" in text
+
+
+def test_phi3_qkv_trained_through_peft_modules_to_save_is_still_cut_per_head():
+    """PEFT's modules_to_save trains a copy of qkv_proj two modules below the attention module
+    (qkv_proj.modules_to_save.default): the same fused weight, the same 8 matrices."""
+    peft = pytest.importorskip("peft")
+    model, inputs = tiny("phi3")
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["o_proj"], modules_to_save=["qkv_proj"]))
+    for routing in ({}, {"example_inputs": inputs}):
+        d = next(d for d in muonkit.route(model, **routing) if d.name.endswith("qkv_proj.modules_to_save.default.weight"))
+        assert d.optimizer == "muon" and d.layout == muonkit.Layout.per_block(8), d
+
+
+def test_one_muon_step_on_fused_linears_against_per_block_polar_factors():
+    """Oracle: one Muon step (exact polar factor, "mup" scale) on Phi-3's qkv_proj and gate_up_proj
+    and GPT-NeoX's query_key_value equals float64 polar factors of each head's q, k and v rows
+    (head_dim = 8 rows each) and of the gate and up halves, written here from the modeling files."""
+    phi3, _ = tiny("phi3")
+    neox, _ = tiny("gpt-neox")
+    qkv, gate_up = phi3.model.layers[0].self_attn.qkv_proj.weight, phi3.model.layers[0].mlp.gate_up_proj.weight
+    fused = neox.gpt_neox.layers[0].attention.query_key_value.weight
+    params = {qkv: 8, gate_up: 48, fused: 8}  # rows of one matrix
+    for m in (phi3, neox):
+        opt = muonkit.Muon(muonkit.param_groups(m, muon_options={"scale": "mup", "orthogonalizer": "svd"}),
+                           lr=0.01, weight_decay=0.0)
+        grads = {p: torch.randn_like(p) for p in params if any(p is q for q in m.parameters())}
+        before = {p: p.detach().clone() for p in grads}
+        for p, g in grads.items():
+            p.grad = g.clone()
+        opt.step()
+        for p, g in grads.items():
+            step = (before[p] - p.detach()).double() / 0.01
+            rows = params[p]
+            for start in range(0, p.shape[0], rows):
+                block = g[start:start + rows]
+                torch.testing.assert_close(step[start:start + rows], polar64(block) * (rows / block.shape[1]) ** 0.5,
+                                           rtol=0, atol=1e-5)
 
 
 def test_bench_hf_lm_end_to_end(tmp_path, capsys):

@@ -15,7 +15,8 @@ fed as the input of a layer -> AdamW. Without example inputs a free parameter go
 its reason says how to send it to Muon.
 
 Some roles are read from structure that libraries define: transformers' expert modules (one
-matrix per expert, gate and up apart) and the MoE router beside them, GPT-2's fused c_attn, PEFT's
+matrix per expert, gate and up apart) and the MoE router beside them, GPT-2's fused c_attn, the
+fused q/k/v and gate/up Linears of Phi-3, GPT-NeoX and Falcon (cut where the model splits them), PEFT's
 LoRA adapters, and the evidence that a layer is an output layer (its output is the model's output,
 its out size is the config's vocabulary or label count, it ends a head attribute at the top). Only
 where no evidence exists does order decide, and then a warning says so.
@@ -319,6 +320,70 @@ def _fused_qkv(module: nn.Module, local_name: str, parent_of: dict[int, nn.Modul
     return _Known("fused attention weight (transformers Conv1D c_attn)",
                   Layout(rows=(1,), cols=(0,), blocks=((1, count),)),
                   f" ({parts}: {count} matrices out x in; stored (in, {count} * out))")
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _attention_heads(attention: nn.Module) -> tuple[int, int, int] | None:
+    """(query heads, key/value heads, head size) that an attention module declares: its own head size
+    (`head_dim` or `head_size`; an MLP declares none) and its head counts (`num_heads` /
+    `num_attention_heads`, `num_kv_heads` / `num_key_value_heads`, else its config's; key/value
+    heads default to the query heads). None when it declares no head size or no head count."""
+    config = getattr(attention, "config", None)
+    owners = (attention, config) if config is not None else (attention,)
+
+    def first(*names: str) -> int | None:
+        return next((v for o in owners for n in names for v in [_count(getattr(o, n, None))] if v), None)
+
+    size = next((v for n in ("head_dim", "head_size") for v in [_count(getattr(attention, n, None))] if v), None)
+    heads = first("num_heads", "num_attention_heads")
+    if size is None or heads is None:
+        return None
+    return heads, first("num_kv_heads", "num_key_value_heads") or heads, size
+
+
+def _fused_linear(module: nn.Module, local_name: str, parent_of: dict[int, nn.Module]) -> _Known | None:
+    """A Linear that fuses matrices its module splits apart:
+
+    - the q, k and v projection of an attention module (Phi-3's qkv_proj, GPT-NeoX's, Falcon's and
+      BLOOM's query_key_value): out size (heads + 2 * kv_heads) * head size of the heads the module
+      declares (_attention_heads). Read as one matrix per head's q, k or v: the fused layouts
+      transformers uses (q | k | v, Phi-3; q, k, v interleaved per head, GPT-NeoX and BLOOM; per
+      key/value group, Falcon) all put a boundary after every head_dim rows, and only there can
+      equal blocks cut all of them without mixing q, k and v.
+    - an MLP's gate_up_proj beside a down_proj of half its out size (Phi-3, GLM: gate and up are the
+      two halves of its output, `chunk(2)`): 2 matrices.
+
+    The Linear may sit in a PEFT wrapper (LoRA's layer around its base_layer, ModulesToSaveWrapper)."""
+    if local_name != "weight" or not isinstance(module, nn.Linear):
+        return None
+    held, parent = module, parent_of.get(id(module))
+    for _ in range(3):
+        wrapper = parent is not None and (isinstance(parent, nn.ModuleDict) or any(
+            getattr(parent, attr, None) is held for attr in ("base_layer", "modules_to_save", "original_module")))
+        if not wrapper:
+            break
+        held, parent = parent, parent_of.get(id(parent))
+    if parent is None:
+        return None
+    out = module.out_features
+    down_in = _count(getattr(getattr(parent, "down_proj", None), "in_features", None))
+    if getattr(parent, "gate_up_proj", None) is held and down_in is not None and out == 2 * down_in:
+        return _Known(f"fused gate and up projection of {type(parent).__name__}", Layout.per_block(2),
+                      " (gate and up apart: 2 matrices, the halves of its output that the model splits)")
+    heads = _attention_heads(parent)
+    if heads is None:
+        return None
+    h, kv, size = heads
+    if out != (h + 2 * kv) * size:
+        return None
+    return _Known(f"fused q, k and v projection of {type(parent).__name__}", Layout.per_block(h + 2 * kv),
+                  f" ({h} query and {kv} key/value heads of {size}: one matrix per head's q, k or v; every fused "
+                  "q/k/v layout (q|k|v, or interleaved per head or per key/value group) has a boundary after each "
+                  "head and only there, so q, k and v are never mixed; a predicate returning a muonkit.Layout "
+                  "reads it otherwise)")
 
 
 def _lora_adapters(model: nn.Module) -> dict[int, str]:
@@ -747,7 +812,8 @@ def route(
         for local_name, p in module.named_parameters(recurse=False):
             owner.setdefault(id(p), (module_name, module))
             owners_of.setdefault(id(p), []).append(module)
-            role = _fused_qkv(module, local_name, parent_of) or _known_weight(module, local_name, p)
+            role = (_fused_qkv(module, local_name, parent_of) or _fused_linear(module, local_name, parent_of)
+                    or _known_weight(module, local_name, p))
             if role is not None:
                 known.setdefault(id(p), role)
     routers = _routers(model)

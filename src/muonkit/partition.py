@@ -328,7 +328,7 @@ def _count(value: Any) -> int | None:
 
 def _attention_heads(attention: nn.Module) -> tuple[int, int, int] | None:
     """(query heads, key/value heads, head size) that an attention module declares: its own head size
-    (`head_dim` or `head_size`; an MLP declares none) and its head counts (`num_heads` /
+    (`head_dim` or `head_size`; an MLP declares none) and its head counts (`num_heads` / `n_heads` /
     `num_attention_heads`, `num_kv_heads` / `num_key_value_heads`, else its config's; key/value
     heads default to the query heads). None when it declares no head size or no head count."""
     config = getattr(attention, "config", None)
@@ -338,7 +338,7 @@ def _attention_heads(attention: nn.Module) -> tuple[int, int, int] | None:
         return next((v for o in owners for n in names for v in [_count(getattr(o, n, None))] if v), None)
 
     size = next((v for n in ("head_dim", "head_size") for v in [_count(getattr(attention, n, None))] if v), None)
-    heads = first("num_heads", "num_attention_heads")
+    heads = first("num_heads", "num_attention_heads", "n_heads")
     if size is None or heads is None:
         return None
     return heads, first("num_kv_heads", "num_key_value_heads") or heads, size

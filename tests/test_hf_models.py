@@ -69,6 +69,12 @@ def tiny(name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         cfg = T.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                           intermediate_size=48, num_labels=5)
         return (T.ViTModel if name == "vit-model" else T.ViTForImageClassification)(cfg), pixels
+    if name == "clip":
+        cfg = T.CLIPConfig(text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                            num_attention_heads=4, max_position_embeddings=16),
+                           vision_config=dict(image_size=16, patch_size=4, hidden_size=32, intermediate_size=48,
+                                              num_hidden_layers=1, num_attention_heads=4), projection_dim=16)
+        return T.CLIPModel(cfg), {**ids, **pixels}
     if name == "convnext":
         cfg = T.ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5,
                                image_size=16)
@@ -591,6 +597,24 @@ def test_fused_linears_are_cut_where_the_model_splits_them(name):
         assert others and all(d.layout == "stacked" for d in others), others
     text = muonkit.explain(model, file=None)
     assert "one matrix per head's q, k or v" in text
+
+
+def test_clip_towers_stem_and_projections_are_the_same_with_and_without_inputs():
+    """CLIP's vision tower comes after the text tower in registration order: without example inputs its
+    patch embedding (the conv reading the pixels) was a hidden conv filter for Muon and the two
+    projections, whose outputs are the embeddings the loss compares, hidden Linears; with inputs
+    all three go to AdamW. Each nested transformers model now has its own first layer as a stem,
+    and a dual encoder's projections are heads: the same table either way, and no order warning."""
+    model, inputs = tiny("clip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert table(model) == table(model, example_inputs=inputs)
+    decisions = {d.name: d for d in muonkit.route(model)}
+    assert decisions["vision_model.embeddings.patch_embedding.weight"].reason == (
+        "input stem (Conv2d): the first Conv2d of 'vision_model' in registration order")
+    for name in ("visual_projection", "text_projection"):
+        assert decisions[f"{name}.weight"].reason == f"output layer (Linear): the last layer of the head '{name}'"
+    assert decisions["vision_model.encoder.layers.0.self_attn.q_proj.weight"].optimizer == "muon"
 
 
 def test_phi3_qkv_trained_through_peft_modules_to_save_is_still_cut_per_head():

@@ -402,9 +402,12 @@ def _lora_adapters(model: nn.Module) -> dict[int, str]:
 
 
 # Names of a model's head at its top (outside numbered blocks): transformers' lm_head,
-# classifier, score and qa_outputs; timm's head; torchvision's fc and classifier; the plain
+# classifier, score and qa_outputs, and the projections of a dual encoder (CLIP, CLAP, BLIP) whose
+# outputs are the embeddings the contrastive loss compares; timm's head; torchvision's fc and classifier; the plain
 # output / out of hand-written models.
-_HEAD_NAMES = frozenset({"lm_head", "head", "heads", "classifier", "score", "qa_outputs", "fc", "output", "out"})
+_HEAD_NAMES = frozenset({"lm_head", "head", "heads", "classifier", "score", "qa_outputs", "fc", "output", "out",
+                         "text_projection", "visual_projection", "audio_projection", "image_projection",
+                         "text_proj", "vision_proj"})
 
 
 def _in_blocks(name: str) -> bool:
@@ -482,22 +485,43 @@ def _unwrapped(model: nn.Module) -> list[tuple[str, nn.Module]]:
         found.append((prefix, model))
 
 
+def _towers(model: nn.Module) -> list[tuple[str, set[int]]]:
+    """(name, ids of its modules and parameters) of each tower of `model`: a transformers model (a
+    module with a config and a `main_input_name`) beside another one in the same module, as CLIP's,
+    SigLIP's or a LLaVA's text and vision towers, or an encoder and its decoder, each reading an
+    input of its own. (A transformers model alone in its module, such as ConvNeXt's encoder, reads
+    what the layers before it made.)"""
+    is_model = lambda m: hasattr(m, "config") and isinstance(getattr(m, "main_input_name", None), str)  # noqa: E731
+    towers = []
+    for prefix, parent in model.named_modules():
+        children = [(name, child) for name, child in parent.named_children() if is_model(child)]
+        if len(children) > 1:
+            towers += [(f"{prefix}.{name}" if prefix else name, {id(m) for m in child.modules()}
+                        | {id(p) for p in child.parameters()}) for name, child in children]
+    return towers
+
+
 def _input_stems(
-    order: list[Any], seen: _Observation | None, outputs: Collection[int], order_source: str
+    order: list[Any], seen: _Observation | None, outputs: Collection[int], order_source: str,
+    towers: list[tuple[str, set[int]]],
 ) -> dict[int, str]:
     """{id(layer or free parameter): why it is the input stem}: the layers that read the model's
     input in the forward pass; else (or without example_inputs) the first in order, unless that
-    is an embedding or an output layer."""
+    is an embedding or an output layer, and so the first of each nested transformers model
+    (_towers: a dual encoder's vision tower reads pixels however late it comes in order)."""
     candidates = [u for u in order if id(u) not in outputs]
     if seen is not None:
         reading = {id(m): "it reads the model's input in the forward pass over example_inputs"
                    for m in candidates if id(m) in seen.stems and not isinstance(m, _EMBEDDINGS)}
         if reading:
             return reading
-    if not candidates or isinstance(candidates[0], _EMBEDDINGS):
-        return {}
-    kind = type(candidates[0]).__name__ if isinstance(candidates[0], nn.Module) else "matrix"
-    return {id(candidates[0]): f"the first {kind} {order_source}"}
+    stems: dict[int, str] = {}
+    for where, inside in [("", None), *((f" of '{name}'", ids) for name, ids in towers)]:
+        first = next((u for u in candidates if inside is None or id(u) in inside), None)
+        if first is not None and not isinstance(first, _EMBEDDINGS):
+            kind = type(first).__name__ if isinstance(first, nn.Module) else "matrix"
+            stems.setdefault(id(first), f"the first {kind}{where} {order_source}")
+    return stems
 
 
 # ------------------------------------------------------------------ observing one forward pass
@@ -847,7 +871,7 @@ def route(
         outputs = {id(order[-1]): (f"the last {kind} {order_source}; no other evidence (no head attribute, no "
                                    "config size, no layer whose output is the model's output), so only order is "
                                    "left: name it in adamw= or muon= to decide")}
-    stems = _input_stems(order, seen, outputs, order_source)
+    stems = _input_stems(order, seen, outputs, order_source, _towers(model))
     no_decay_entries = _no_decay_names(model) if exclude_from_decay else {}
 
     decisions = []

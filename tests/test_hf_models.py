@@ -617,6 +617,24 @@ def test_clip_towers_stem_and_projections_are_the_same_with_and_without_inputs()
     assert decisions["vision_model.encoder.layers.0.self_attn.q_proj.weight"].optimizer == "muon"
 
 
+@pytest.mark.parametrize("task", ["ForMaskedLM", "ForSequenceClassification"])
+def test_a_head_attribute_that_feeds_the_output_layer_beside_it_is_hidden(task):
+    """ModernBERT keeps a dense transform in `head` and the output layer beside it (`decoder`, tied to the
+    embedding; `classifier`): the head's dense layer was an "output layer" by its attribute name, so
+    AdamW, where BERT's same transform (cls.predictions.transform.dense) is hidden, on Muon."""
+    T = transformers
+    cfg = T.ModernBertConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                             num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
+                             sep_token_id=2, num_labels=3)
+    torch.manual_seed(0)
+    model = getattr(T, f"ModernBert{task}")(cfg)
+    for routing in ({}, {"example_inputs": {"input_ids": torch.randint(3, 64, (2, 8))}}):
+        decisions = {d.name: d for d in muonkit.route(model, **routing)}
+        assert decisions["head.dense.weight"].reason == "hidden Linear weight 32x32"
+        out = decisions.get("classifier.weight") or decisions["model.embeddings.tok_embeddings.weight"]
+        assert out.optimizer == "adamw", out
+
+
 def test_phi3_qkv_trained_through_peft_modules_to_save_is_still_cut_per_head():
     """PEFT's modules_to_save trains a copy of qkv_proj two modules below the attention module
     (qkv_proj.modules_to_save.default): the same fused weight, the same 8 matrices."""

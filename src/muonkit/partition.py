@@ -456,17 +456,24 @@ def _output_layers(
             if id(u) in seen.outputs:
                 found[id(u)] = "its output is the model's output in the forward pass over example_inputs"
     sizes, configured = _config_sizes(model)
+    sized: set[int] = set()
     for n, m in layers:
         size = _out_size(m)
         if not _in_blocks(n) and size in sizes:
             found.setdefault(id(m), f"outside the blocks, out size {size} = {sizes[size]}")
+            sized.add(id(m))
     tops = [("", model), *_unwrapped(model)] + [(f"{n}.", m) for n, m in model.named_modules() if n and hasattr(m, "config")]
     for prefix, top in tops:
+        under = {id(x) for x in top.modules()}
         for child_name, head in top.named_children():
             name = prefix + child_name
             if child_name in _HEAD_NAMES and not _in_blocks(name) and id(head) not in adapters:
                 inside = [x for x in head.modules() if _is_weight_layer(x) and id(x) not in adapters]
-                if inside:
+                within = {id(x) for x in head.modules()}
+                # A head attribute beside the vocabulary- or label-sized layer that its output feeds
+                # (ModernBERT's `head`, a dense transform before `decoder` or `classifier`) is not the output.
+                beside = any(i in under and i not in within for i in sized)
+                if inside and (id(inside[-1]) in sized or not beside):
                     found.setdefault(id(inside[-1]), f"the last layer of the head '{name}'")
     return found, not found and not configured and not (seen is not None and seen.outputs)
 

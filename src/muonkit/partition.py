@@ -801,8 +801,9 @@ def route(
             `no_weight_decay()` method (timm's convention: names, fnmatch patterns or module
             prefixes, relative to that module), and free tensors with a leading axis of 1 that go
             to AdamW (learned tokens and position tables: ViT's cls_token and position_embeddings,
-            timm's pos_embed), and transformers expert modules' stacked biases (GPT-OSS's
-            gate_up_proj_bias) get weight_decay 0 (Decision.no_decay says why). nn.Embedding tables,
+            timm's pos_embed), transformers expert modules' stacked biases (GPT-OSS's
+            gate_up_proj_bias), and parameters marked `p._no_weight_decay = True` (mamba_ssm's
+            A_log) get weight_decay 0 (Decision.no_decay says why). nn.Embedding tables,
             position embeddings included (GPT-2's wpe, BERT's position_embeddings), keep the group's
             weight decay. False: every parameter gets its group's weight decay.
         only: parameters (tensors or names) to decide, each judged in the whole model; the others
@@ -908,7 +909,9 @@ def route(
         if exclude_from_decay:
             local_name = name[len(module_name) + 1:] if module_name else name
             no_decay = (f"{p.ndim}D" if p.ndim < 2 else _listed(name, no_decay_entries)
-                        or _expert_bias(module, local_name, p))
+                        or _expert_bias(module, local_name, p)
+                        or ("the parameter's _no_weight_decay=True (mamba_ssm's mark: A_log, D, dt_bias)"
+                            if getattr(p, "_no_weight_decay", False) is True else None))
             if no_decay is None and id(p) in free and p.shape[0] == 1 and choice == "adamw":
                 no_decay = "learned token or position table: a free tensor with a leading axis of 1"
         decisions.append(Decision(name, shape, choice, reason, layout if choice == "muon" else None, no_decay))

@@ -794,6 +794,24 @@ def test_llama4_router_goes_to_adamw_like_every_moe_router(with_inputs):
 
 
 @pytest.mark.parametrize("with_inputs", [False, True])
+def test_a_router_one_level_inside_its_gating_module_goes_to_adamw(with_inputs):
+    """JetMoE's routers (the MoE's and the mixture of attention's) are the Linear `layer` inside a
+    JetMoeTopKGating beside the experts: one row per expert, but not the gating module's own
+    parameter, so they were hidden Linears on Muon."""
+    T = transformers
+    torch.manual_seed(0)
+    cfg = T.JetMoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_key_value_heads=2, kv_channels=8,
+                         intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)
+    model = T.JetMoeForCausalLM(cfg)
+    inputs = {"example_inputs": (torch.randint(0, 64, (1, 8)),)} if with_inputs else {}
+    decisions = {d.name: d for d in muonkit.route(model, **inputs)}
+    for name in ("mlp.router.layer.weight", "self_attention.experts.router.layer.weight"):
+        d = decisions[f"model.layers.0.{name}"]
+        assert d.optimizer == "adamw" and d.reason.startswith("MoE router of JetMoeMo"), d
+    assert decisions["model.layers.0.self_attention.kv_proj.weight"].optimizer == "muon"
+
+
+@pytest.mark.parametrize("with_inputs", [False, True])
 def test_gpt_oss_expert_biases_are_not_decayed_like_every_other_bias(with_inputs):
     """GptOssExperts keeps one bias vector per expert, (experts, out): biases, so weight decay 0 as the
     1D biases beside them (exclude_from_decay); they were decayed because they are 2D."""

@@ -271,7 +271,8 @@ def _expert_bias(module: nn.Module, local_name: str, p: nn.Parameter) -> str | N
 
 def _routers(model: nn.Module) -> dict[int, str]:
     """{id(weight): reason} for MoE routers: a matrix with one row per expert held by a sibling of
-    an expert module in the same MoE block: Qwen3-MoE's and Mixtral's `gate`, Llama 4's `router`.
+    an expert module in the same MoE block, or by the one Linear inside such a sibling: Qwen3-MoE's
+    and Mixtral's `gate`, Llama 4's `router`, JetMoE's `router.layer`.
     An expert module has an int `num_experts` and either transformers' bool `is_transposed` (see
     _expert_weight) or a tensor of its own stacking that many matrices (Llama4TextExperts, which
     lacks the flag, and hand-written blocks)."""
@@ -290,6 +291,10 @@ def _routers(model: nn.Module) -> dict[int, str]:
                 # PEFT's ModulesToSaveWrapper holds the router it trains (and the original) one level down.
                 held = getattr(sibling, "modules_to_save", None)
                 held = [*held.values(), getattr(sibling, "original_module", None)] if isinstance(held, nn.ModuleDict) else []
+                # A gating module around one Linear (JetMoE's router.layer) holds it one level down too.
+                matrices = [q for q in sibling.parameters() if q.ndim >= 2]
+                if len(matrices) == 1:
+                    held += [m for m in sibling.modules() if any(q is matrices[0] for q in m.parameters(recurse=False))]
                 for p in [q for m in (sibling, *held) if isinstance(m, nn.Module) for q in m.parameters(recurse=False)]:
                     if p.ndim == 2 and p.shape[0] == count:
                         found[id(p)] = (f"MoE router of {type(block).__name__} ({count} experts x {p.shape[1]}): "

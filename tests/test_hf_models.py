@@ -599,6 +599,16 @@ def test_fused_linears_are_cut_where_the_model_splits_them(name):
     assert "one matrix per head's q, k or v" in text
 
 
+def test_an_output_projection_the_size_of_a_fused_qkv_is_not_cut():
+    """A Llama whose hidden size is (heads + 2 * kv_heads) * head_dim (48 = (4 + 2) * 8): its o_proj has
+    the out size of a fused q, k, v projection, but the module has separate k and v projections."""
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=1, head_dim=8)
+    model = transformers.LlamaForCausalLM(cfg)
+    d = {d.name: d for d in muonkit.route(model)}["model.layers.0.self_attn.o_proj.weight"]
+    assert d.layout == "stacked" and d.reason == "hidden Linear weight 48x32", d
+
+
 def test_clip_towers_stem_and_projections_are_the_same_with_and_without_inputs():
     """CLIP's vision tower comes after the text tower in registration order: without example inputs its
     patch embedding (the conv reading the pixels) was a hidden conv filter for Muon and the two

@@ -382,7 +382,10 @@ def _fused_linear(module: nn.Module, local_name: str, parent_of: dict[int, nn.Mo
     if heads is None:
         return None
     h, kv, size = heads
-    if out != (h + 2 * kv) * size:
+    # A module with separate k and v projections (two Linears of kv_heads * head size outputs) fuses
+    # nothing: its output projection may have that out size by coincidence.
+    separate = sum(isinstance(m, nn.Linear) and m.out_features == kv * size for m in parent.modules())
+    if out != (h + 2 * kv) * size or separate >= 2:
         return None
     return _Known(f"fused q, k and v projection of {type(parent).__name__}", Layout.per_block(h + 2 * kv),
                   f" ({h} query and {kv} key/value heads of {size}: one matrix per head's q, k or v; every fused "

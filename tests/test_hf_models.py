@@ -652,7 +652,8 @@ def test_phi3_qkv_trained_through_peft_modules_to_save_is_still_cut_per_head():
     model, inputs = tiny("phi3")
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["o_proj"], modules_to_save=["qkv_proj"]))
     for routing in ({}, {"example_inputs": inputs}):
-        d = next(d for d in muonkit.route(model, **routing) if d.name.endswith("qkv_proj.modules_to_save.default.weight"))
+        d = {d.name: d for d in muonkit.route(model, **routing)}[
+            "base_model.model.model.layers.0.self_attn.qkv_proj.modules_to_save.default.weight"]
         assert d.optimizer == "muon" and d.layout == muonkit.Layout.per_block(8), d
 
 

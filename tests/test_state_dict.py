@@ -408,7 +408,8 @@ def _renaming_hook(old_to_new, reorder):
         current = opt.param_groups[0]["param_names"]
         at = {n: i for i, n in zip(group["params"], names)}
         state = {j: state_dict["state"][at[n]] for j, n in enumerate(current) if at[n] in state_dict["state"]}
-        return {"state": state, "param_groups": [{**group, "params": list(range(len(current))), "param_names": current}]}
+        group = {**group, "params": list(range(len(current))), "param_names": current}
+        return {"state": state, "param_groups": [group]}
     return hook
 
 

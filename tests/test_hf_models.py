@@ -599,6 +599,25 @@ def test_fused_linears_are_cut_where_the_model_splits_them(name):
     assert "one matrix per head's q, k or v" in text
 
 
+def test_qwen3_next_query_and_output_gate_are_apart():
+    """Qwen3-Next's full attention computes each head's query and output gate with one q_proj
+    (`q_proj(x).view(..., heads, 2 * head_dim).chunk(2, dim=-1)`): one matrix per head's query or gate
+    (8 matrices 8x32 for 4 heads of 8), with and without inputs; k_proj and v_proj stay one matrix."""
+    T = transformers
+    torch.manual_seed(0)
+    cfg = T.Qwen3NextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                            shared_expert_intermediate_size=16, num_hidden_layers=1, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                            layer_types=["full_attention"])
+    model = T.Qwen3NextForCausalLM(cfg)
+    for routing in ({}, {"example_inputs": (torch.randint(0, 64, (1, 8)),)}):
+        decisions = {d.name: d for d in muonkit.route(model, **routing)}
+        q = decisions["model.layers.0.self_attn.q_proj.weight"]
+        assert q.layout == muonkit.Layout.per_block(8) and "query and output gate" in q.reason, q
+        for name in ("k_proj", "v_proj", "o_proj"):
+            assert decisions[f"model.layers.0.self_attn.{name}.weight"].layout == "stacked"
+
+
 def test_an_output_projection_the_size_of_a_fused_qkv_is_not_cut():
     """A Llama whose hidden size is (heads + 2 * kv_heads) * head_dim (48 = (4 + 2) * 8): its o_proj has
     the out size of a fused q, k, v projection, but the module has separate k and v projections."""

@@ -358,6 +358,10 @@ def _fused_linear(module: nn.Module, local_name: str, parent_of: dict[int, nn.Mo
       transformers uses (q | k | v, Phi-3; q, k, v interleaved per head, GPT-NeoX and BLOOM; per
       key/value group, Falcon) all put a boundary after every head_dim rows, and only there can
       equal blocks cut all of them without mixing q, k and v.
+    - the query projection of an attention module that also holds each head's output gate (Qwen3-Next,
+      Qwen3.5: out size 2 * heads * head size, read from the hidden states, beside separate k and v
+      projections; `q_proj(x).view(..., heads, 2 * head_dim).chunk(2)`): one matrix per head's query
+      or gate.
     - an MLP's gate_up_proj beside a down_proj of half its out size (Phi-3, GLM: gate and up are the
       two halves of its output, `chunk(2)`): 2 matrices.
 
@@ -385,6 +389,12 @@ def _fused_linear(module: nn.Module, local_name: str, parent_of: dict[int, nn.Mo
     # A module with separate k and v projections (two Linears of kv_heads * head size outputs) fuses
     # nothing: its output projection may have that out size by coincidence.
     separate = sum(isinstance(m, nn.Linear) and m.out_features == kv * size for m in parent.modules())
+    hidden = _count(getattr(getattr(parent, "config", None), "hidden_size", None))
+    if separate >= 2 and out == 2 * h * size and module.in_features == hidden:
+        return _Known(f"fused query and output gate of {type(parent).__name__}", Layout.per_block(2 * h),
+                      f" ({h} heads of {size}, each head's query rows then its gate rows: one matrix per head's "
+                      "query or gate, the only equal blocks that never mix the two; a predicate returning a "
+                      "muonkit.Layout reads it otherwise)")
     if out != (h + 2 * kv) * size or separate >= 2:
         return None
     return _Known(f"fused q, k and v projection of {type(parent).__name__}", Layout.per_block(h + 2 * kv),

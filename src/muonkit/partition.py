@@ -482,7 +482,6 @@ def _output_layers(
             sized.add(id(m))
     tops = [("", model), *_unwrapped(model)] + [(f"{n}.", m) for n, m in model.named_modules() if n and hasattr(m, "config")]
     for prefix, top in tops:
-        under = {id(x) for x in top.modules()}
         for child_name, head in top.named_children():
             name = prefix + child_name
             if child_name in _HEAD_NAMES and not _in_blocks(name) and id(head) not in adapters:
@@ -490,7 +489,7 @@ def _output_layers(
                 within = {id(x) for x in head.modules()}
                 # A head attribute beside the vocabulary- or label-sized layer that its output feeds
                 # (ModernBERT's `head`, a dense transform before `decoder` or `classifier`) is not the output.
-                beside = any(i in under and i not in within for i in sized)
+                beside = any(id(x) in sized and id(x) not in within for x in top.modules())
                 if inside and (id(inside[-1]) in sized or not beside):
                     found.setdefault(id(inside[-1]), f"the last layer of the head '{name}'")
     return found, not found and not configured and not (seen is not None and seen.outputs)

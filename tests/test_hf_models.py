@@ -664,6 +664,27 @@ def test_a_head_attribute_that_feeds_the_output_layer_beside_it_is_hidden(task):
         assert out.optimizer == "adamw", out
 
 
+def test_intermediate_states_a_model_returns_do_not_make_output_layers():
+    """LLaVA returns its projected image features beside the logits (`image_outputs`): with example
+    inputs, the projector's last Linear, whose output that is, was an "output layer" on AdamW (a
+    hidden Linear on Muon without inputs). The output proper of a ModelOutput is its first field and
+    its logits; the table is the same with and without inputs."""
+    T = transformers
+    torch.manual_seed(0)
+    cfg = T.LlavaConfig(vision_config=dict(model_type="clip_vision_model", image_size=16, patch_size=8, hidden_size=32,
+                                           intermediate_size=48, num_hidden_layers=1, num_attention_heads=4),
+                        text_config=dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2),
+                        image_token_index=63)
+    model = T.LlavaForConditionalGeneration(cfg)
+    inputs = {"input_ids": torch.tensor([[1, 63, 63, 63, 63, 5, 6, 7]]), "pixel_values": torch.randn(1, 3, 16, 16)}
+    assert "image_outputs" in model(**inputs) or "image_hidden_states" in model(**inputs)
+    assert table(model) == table(model, example_inputs=inputs)
+    decisions = {d.name: d for d in muonkit.route(model, example_inputs=inputs)}
+    assert decisions["model.multi_modal_projector.linear_2.weight"].reason == "hidden Linear weight 32x32"
+    assert decisions["lm_head.weight"].reason.startswith("output layer (Linear): its output is the model's output")
+
+
 def test_phi3_qkv_trained_through_peft_modules_to_save_is_still_cut_per_head():
     """PEFT's modules_to_save trains a copy of qkv_proj two modules below the attention module
     (qkv_proj.modules_to_save.default): the same fused weight, the same 8 matrices."""

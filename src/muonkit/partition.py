@@ -730,10 +730,25 @@ def _observe(
         for h in handles:
             h.remove()
     roots = lambda tensors: {recorder.root(a) for a in map(_storage, tensors) if a is not None}  # noqa: E731
-    model_outputs, model_inputs = roots(_tensors(result)), roots(_tensors(example_inputs))
+    model_outputs, model_inputs = roots(_tensors(_primary(result))), roots(_tensors(example_inputs))
     seen.outputs = {m for m, written in writes.items() if {recorder.root(a) for a in written} & model_outputs}
     seen.stems = {m for m, read in reads.items() if {recorder.root(a) for a in read} & model_inputs}
     return seen
+
+
+def _primary(result: Any) -> Any:
+    """The model's outputs proper: for a transformers ModelOutput (told by its class name, without
+    importing transformers), its first field (logits, or last_hidden_state for a backbone; the loss
+    when labels were given), as `output[0]` is, and its other logits (BERT pre-training's
+    seq_relationship_logits, GPT-2's mc_logits, start_logits and end_logits) but the MoE's
+    router_logits: the other fields are intermediate states returned alongside (hidden_states, a
+    LLaVA's or Gemma 3's image features), and the layer that wrote one of those is not an output
+    layer. Any other result as it is."""
+    if isinstance(result, Mapping) and any(c.__name__ == "ModelOutput" for c in type(result).__mro__):
+        fields = list(result.items())
+        return [value for i, (key, value) in enumerate(fields)
+                if i == 0 or (key.endswith("logits") and key != "router_logits")]
+    return result
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:

@@ -547,6 +547,22 @@ def test_lora_adapters_are_recognized_and_routed_by_the_measured_rule():
     opt.step()
 
 
+@pytest.mark.parametrize("name, targets", [("convnext", ["downsampling_layer.1"]), ("llama", ["embed_tokens"])])
+def test_lora_adapters_of_conv_and_embedding_layers_follow_the_same_rule(name, targets):
+    """LoRA on a Conv2d makes conv adapters (lora_A (r, in, k, k), lora_B (out, r, 1, 1)), on an
+    Embedding ParameterDict entries (lora_embedding_A / _B): they went to Muon as hidden conv filters,
+    and the embedding's lora_B to Muon with example inputs only (AdamW without), where every Linear
+    adapter follows the measured rule. Now all of them do, with and without inputs."""
+    peft = pytest.importorskip("peft")
+    model, inputs = tiny(name)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=targets))
+    for routing in ({}, {"example_inputs": inputs}):
+        trained = [d for d in muonkit.route(model, **routing) if d.optimizer != "frozen"]
+        assert len(trained) == 2
+        for d in trained:
+            assert d.optimizer == muonkit.partition.LORA_ADAPTERS and d.reason.startswith("LoRA adapter lora_"), d
+
+
 def test_gpt2_c_attn_trained_through_peft_modules_to_save_is_still_q_k_and_v_apart():
     """PEFT's modules_to_save trains a copy of c_attn inside a ModulesToSaveWrapper: the same fused
     weight, so the same 3 matrices (it was read as one 96 x 32 matrix), with and without inputs."""

@@ -406,7 +406,9 @@ def _fused_linear(module: nn.Module, local_name: str, parent_of: dict[int, nn.Mo
 
 def _lora_adapters(model: nn.Module) -> dict[int, str]:
     """{id(module): "A" | "B"} for PEFT LoRA adapter layers: the entries of the `lora_A` / `lora_B`
-    ModuleDicts of a layer that wraps a `base_layer` (peft.tuners.lora.LoraLayer's structure)."""
+    ModuleDicts of a layer that wraps a `base_layer` (peft.tuners.lora.LoraLayer's structure), and the
+    `lora_embedding_A` / `lora_embedding_B` ParameterDicts of an adapted Embedding (whose entries are
+    its parameters)."""
     found: dict[int, str] = {}
     for layer in model.modules():
         if not isinstance(getattr(layer, "base_layer", None), nn.Module):
@@ -416,6 +418,9 @@ def _lora_adapters(model: nn.Module) -> dict[int, str]:
             if isinstance(table, nn.ModuleDict):
                 for adapter in table.values():
                     found[id(adapter)] = which
+            table = getattr(layer, f"lora_embedding_{which}", None)
+            if isinstance(table, nn.ParameterDict):
+                found[id(table)] = which
     return found
 
 
@@ -1027,7 +1032,7 @@ class _Rule:
             return "adamw", f"embedding ({kind}): a lookup table, not a dense linear map", None
         if self.tied_to is not None:
             return "adamw", f"tied to embedding '{self.tied_to}'", None
-        if self.lora is not None and self.p.ndim == 2:
+        if self.lora is not None:
             return self._lora()
         if self.router is not None:
             return "adamw", self.router, None
@@ -1059,14 +1064,17 @@ class _Rule:
                         f"in the forward pass: {view}, {reading}"), layout
 
     def _lora(self) -> tuple[Choice, str, LayoutSpec]:
-        """A PEFT LoRA adapter: lora_A (r x in) or lora_B (out x r), by the rule measured in
+        """A PEFT LoRA adapter: lora_A (r x in) or lora_B (out x r), of a Linear or, a filter
+        (r, in, *kernel) or (out, r, *kernel), of a conv layer, by the rule measured in
         benchmarks/lora_rule.py (RESULTS.md, "LoRA adapters")."""
-        rows, cols = self.p.shape
-        what = f"LoRA adapter lora_{self.lora} ({rows}x{cols}, " + ("r x in" if self.lora == "A" else "out x r") + ")"
+        conv = self.p.ndim > 2
+        rows, cols = self.p.shape[0], self.p[0].numel()
+        reading = ("r x in" if self.lora == "A" else "out x r") + ("*kernel, a conv layer's" if conv else "")
+        what = f"LoRA adapter lora_{self.lora} ({rows}x{cols}, {reading})"
         if LORA_ADAPTERS == "adamw":
             return "adamw", (f"{what}: AdamW, as measured (benchmarks/lora_rule.py): Muon on the adapters was no "
                              "better at the best lr and worse below it; muon= or a predicate sends them to Muon"), None
-        return "muon", f"{what}: Muon, as measured (benchmarks/lora_rule.py)", "stacked"
+        return "muon", f"{what}: Muon, as measured (benchmarks/lora_rule.py)", "conv" if conv else "stacked"
 
     def _free(self) -> str | None:
         """The AdamW reason of a free parameter that is not used as a matrix, else None."""

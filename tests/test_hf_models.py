@@ -683,8 +683,8 @@ def test_a_head_attribute_that_feeds_the_output_layer_beside_it_is_hidden(task):
 def test_intermediate_states_a_model_returns_do_not_make_output_layers():
     """LLaVA returns its projected image features beside the logits (`image_outputs`): with example
     inputs, the projector's last Linear, whose output that is, was an "output layer" on AdamW (a
-    hidden Linear on Muon without inputs). The output proper of a ModelOutput is its first field and
-    its logits; the table is the same with and without inputs."""
+    hidden Linear on Muon without inputs). The outputs proper of a ModelOutput are its tensor fields
+    but hidden and attention states; the table is the same with and without inputs."""
     T = transformers
     torch.manual_seed(0)
     cfg = T.LlavaConfig(vision_config=dict(model_type="clip_vision_model", image_size=16, patch_size=8, hidden_size=32,

@@ -742,17 +742,15 @@ def _observe(
 
 
 def _primary(result: Any) -> Any:
-    """The model's outputs proper: for a transformers ModelOutput (told by its class name, without
-    importing transformers), its first field (logits, or last_hidden_state for a backbone; the loss
-    when labels were given), as `output[0]` is, and its other logits (BERT pre-training's
-    seq_relationship_logits, GPT-2's mc_logits, start_logits and end_logits) but the MoE's
-    router_logits: the other fields are intermediate states returned alongside (hidden_states, a
-    LLaVA's or Gemma 3's image features), and the layer that wrote one of those is not an output
-    layer. Any other result as it is."""
+    """The model's outputs proper: of a transformers ModelOutput (told by its class name, without
+    importing transformers), its tensor fields (logits, pred_boxes, image_embeds, last_hidden_state,
+    ...) but hidden and attention states and router_logits; the states it returns alongside, as
+    tuples (hidden_states, attentions) or as a sub-model's output (a LLaVA's or Gemma 3's
+    `image_outputs`, CLIP's `vision_model_output`), are intermediate: the layer that wrote one is not
+    an output layer. Any other result as it is."""
     if isinstance(result, Mapping) and any(c.__name__ == "ModelOutput" for c in type(result).__mro__):
-        fields = list(result.items())
-        return [value for i, (key, value) in enumerate(fields)
-                if i == 0 or (key.endswith("logits") and key != "router_logits")]
+        return [value for key, value in result.items() if isinstance(value, torch.Tensor)
+                and "hidden_state" not in key and "attention" not in key and key != "router_logits"]
     return result
 
 

@@ -701,6 +701,24 @@ def test_intermediate_states_a_model_returns_do_not_make_output_layers():
     assert decisions["lm_head.weight"].reason.startswith("output layer (Linear): its output is the model's output")
 
 
+def test_detr_class_and_box_heads_are_output_layers_with_and_without_inputs():
+    """DETR's heads: without example inputs its classifier (num_labels + 1 outputs: no config size)
+    and box MLP had no evidence and went to Muon; with inputs the box MLP still did, its output
+    reaching pred_boxes through a sigmoid. Both are heads now, either way."""
+    T = transformers
+    torch.manual_seed(0)
+    backbone = T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], out_features=["stage2"])
+    cfg = T.DetrConfig(use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, d_model=32,
+                       encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+                       encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=5, num_labels=3)
+    model = T.DetrForObjectDetection(cfg)
+    for routing in ({}, {"example_inputs": {"pixel_values": torch.randn(1, 3, 64, 64)}}):
+        decisions = {d.name: d for d in muonkit.route(model, **routing)}
+        for name in ("class_labels_classifier.weight", "bbox_predictor.layers.2.weight"):
+            assert decisions[name].reason.startswith("output layer"), decisions[name]
+        assert decisions["bbox_predictor.layers.1.weight"].optimizer == "muon"
+
+
 def test_phi3_qkv_trained_through_peft_modules_to_save_is_still_cut_per_head():
     """PEFT's modules_to_save trains a copy of qkv_proj two modules below the attention module
     (qkv_proj.modules_to_save.default): the same fused weight, the same 8 matrices."""

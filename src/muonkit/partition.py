@@ -83,6 +83,11 @@ _MATRIX_OPERANDS: dict[str, dict[int, str]] = {
 # Ops whose output is the same values as their input (dtype casts, contiguous copies): a later
 # use of the output is a use of the parameter it came from.
 _COPIES = frozenset({"clone", "_to_copy", "contiguous", "_unsafe_view", "lift_fresh_copy"})
+# A sigmoid between a layer and the model's output (DETR's and YOLOS's boxes:
+# `bbox_predictor(x).sigmoid()`): the layer's output is still the model's output, for finding output
+# layers only (a free parameter squashed is not a copy of it). Not tanh: a backbone's pooler (BERT's,
+# ViT's: tanh(dense(x))) is hidden.
+_SQUASHES = frozenset({"sigmoid"})
 # Ops that pick whole entries of a stacked (>=3D) parameter along its leading axis, such as the
 # weights of the experts a token was routed to (`experts.gate_up_proj[expert_ids]`): the result
 # holds matrices of the parameter, so its uses are the parameter's uses.
@@ -426,11 +431,11 @@ def _lora_adapters(model: nn.Module) -> dict[int, str]:
 
 # Names of a model's head at its top (outside numbered blocks): transformers' lm_head,
 # classifier, score and qa_outputs, and the projections of a dual encoder (CLIP, CLAP, BLIP) whose
-# outputs are the embeddings the contrastive loss compares; timm's head; torchvision's fc and classifier; the plain
+# outputs are the embeddings the contrastive loss compares, and DETR's and YOLOS's class and box heads; timm's head; torchvision's fc and classifier; the plain
 # output / out of hand-written models.
 _HEAD_NAMES = frozenset({"lm_head", "head", "heads", "classifier", "score", "qa_outputs", "fc", "output", "out",
                          "text_projection", "visual_projection", "audio_projection", "image_projection",
-                         "text_proj", "vision_proj"})
+                         "text_proj", "vision_proj", "class_labels_classifier", "bbox_predictor"})
 
 
 def _in_blocks(name: str) -> bool:
@@ -648,7 +653,7 @@ class _UseRecorder(TorchDispatchMode):
         origins = [(i, self._origin(t)) for i, t in operands]
         factors = _MATRIX_OPERANDS.get(op, {})
         copied, copy = (_storage(operands[0][1]) if operands else None), _storage(out)
-        if op in _COPIES and copied is not None and copy is not None and copy != copied:
+        if (op in _COPIES or op in _SQUASHES) and copied is not None and copy is not None and copy != copied:
             self.copies.setdefault(copy, self.root(copied))
             self.keep.append(out)
         for (position, operand), (_, pid) in zip(operands, origins):

@@ -469,6 +469,9 @@ class _Attention(torch.nn.Module):
         super().__init__()
         self.q, self.k = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
 
+    def forward(self, x):
+        return self.q(x).sum() + self.k(x).sum()
+
 
 def _clip(model: _Attention, **options) -> QKClip:
     return QKClip([(model.q.weight, model.k.weight, model.q.bias, model.k.bias)], heads=2, kv_heads=1, tau=1.0,
@@ -507,6 +510,8 @@ def test_a_qkclip_built_before_fully_shard_raises_and_one_built_after_clips(one_
     with pytest.raises(RuntimeError, match="pairs\\[0\\] q weight was the model's 'q.weight'"):
         early.step()
     late = _clip(model, process_group=one_rank_group)
+    x = torch.randn(3, 8)
+    model(x).backward()  # FSDP2 swaps unsharded parameters in and back out
     before = model.q.weight.full_tensor().clone()
     late.observe(0, torch.tensor([5.0, 0.5]))
     late.step()  # head 0 (rows 0..3) over tau: its query rows x 1/5 (shared key: "query" rule)

@@ -430,9 +430,9 @@ def _lora_adapters(model: nn.Module) -> dict[int, str]:
 
 
 # Names of a model's head at its top (outside numbered blocks): transformers' lm_head,
-# classifier, score and qa_outputs, and the projections of a dual encoder (CLIP, CLAP, BLIP) whose
-# outputs are the embeddings the contrastive loss compares, and DETR's and YOLOS's class and box heads; timm's head; torchvision's fc and classifier; the plain
-# output / out of hand-written models.
+# classifier, score and qa_outputs, the projections of a dual encoder (CLIP, CLAP, BLIP) whose
+# outputs are the embeddings the contrastive loss compares, and DETR's and YOLOS's class and box
+# heads; timm's head; torchvision's fc and classifier; the plain output / out of hand-written models.
 _HEAD_NAMES = frozenset({"lm_head", "head", "heads", "classifier", "score", "qa_outputs", "fc", "output", "out",
                          "text_projection", "visual_projection", "audio_projection", "image_projection",
                          "text_proj", "vision_proj", "class_labels_classifier", "bbox_predictor"})
@@ -1071,7 +1071,7 @@ class _Rule:
         (r, in, *kernel) or (out, r, *kernel), of a conv layer, by the rule measured in
         benchmarks/lora_rule.py (RESULTS.md, "LoRA adapters")."""
         conv = self.p.ndim > 2
-        rows, cols = self.p.shape[0], self.p[0].numel()
+        rows, cols = self.p.shape[0], torch.Size(self.p.shape[1:]).numel()
         reading = ("r x in" if self.lora == "A" else "out x r") + ("*kernel, a conv layer's" if conv else "")
         what = f"LoRA adapter lora_{self.lora} ({rows}x{cols}, {reading})"
         if LORA_ADAPTERS == "adamw":

@@ -939,3 +939,17 @@ def test_a_parameter_marked_no_weight_decay_as_mamba_ssm_does_is_not_decayed():
     groups = muonkit.param_groups(model, adamw=["2.weight"])
     assert [g.get("weight_decay") for g in groups if "1.A_log" in g["param_names"]] == [0.0]
     assert "0 (the parameter's _no_weight_decay=True" in muonkit.explain(model, file=None, adamw=["2.weight"])
+
+
+@pytest.mark.parametrize("use_orig_params", [False, True])
+def test_a_model_wrapped_by_fsdp1_is_refused(one_rank_group, use_orig_params):
+    """FSDP1 (FullyShardedDataParallel) flattens the parameters into one 1-D FlatParameter: routing sent
+    it to AdamW as a "1D bias or scale vector", so no matrix was trained by Muon, silently (with
+    use_orig_params=True, each rank sees 1-D views of its shard). Refused, pointing to FSDP2."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = FullyShardedDataParallel(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 3)), device_id=torch.device("cpu"),
+                                     use_orig_params=use_orig_params)
+    for call in (muonkit.param_groups, muonkit.route):
+        with pytest.raises(ValueError, match=r"the model is wrapped by FSDP1 .* Shard with FSDP2"):
+            call(model)

@@ -859,6 +859,17 @@ def route(
         raise TypeError(f"muonkit routing (route, param_groups, explain) takes the model (a torch.nn.Module), got "
                         f"{type(model).__name__}: pass the model itself, e.g. muonkit.param_groups(model), not "
                         "model.parameters(); routing reads each parameter's module")
+    fsdp1 = next((n for n, m in model.named_modules() if any(
+        c.__name__ == "FullyShardedDataParallel" and c.__module__.startswith("torch.distributed.fsdp")
+        for c in type(m).__mro__)), None)
+    if fsdp1 is not None:
+        raise ValueError(
+            f"muonkit routing: {f'module {fsdp1!r}' if fsdp1 else 'the model'} is wrapped by FSDP1 "
+            "(torch.distributed.fsdp.FullyShardedDataParallel), which flattens its parameters into 1-D "
+            "FlatParameters (or, with use_orig_params=True, 1-D views of each rank's shard): every matrix would "
+            "look 1-D and go to AdamW. Shard with FSDP2 (torch.distributed.fsdp.fully_shard), whose DTensor "
+            "parameters keep their shapes, then call param_groups(model)"
+        )
     unknown = (set(muon) | set(adamw)) - {n for n, _ in model.named_parameters()}
     if unknown:
         raise ValueError(f"no parameters named {sorted(unknown)} in the model")

@@ -42,6 +42,18 @@ def tiny(name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         cfg = T.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
         return T.MixtralForCausalLM(cfg), ids
+    if name == "phi3":  # fused qkv_proj (q | k | v) and gate_up_proj (gate | up)
+        cfg = T.Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=0)
+        return T.Phi3ForCausalLM(cfg), ids
+    if name == "gpt-neox":  # fused query_key_value, q, k, v interleaved per head
+        cfg = T.GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                              num_attention_heads=4)
+        return T.GPTNeoXForCausalLM(cfg), ids
+    if name == "falcon":  # fused query_key_value, per key/value group: 2 queries, then its k and v
+        cfg = T.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_kv_heads=2,
+                             new_decoder_architecture=True)
+        return T.FalconForCausalLM(cfg), ids
     if name in ("gpt2", "gpt2-model"):
         cfg = T.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16, bos_token_id=0, eos_token_id=0)
         return (T.GPT2Model if name == "gpt2-model" else T.GPT2LMHeadModel)(cfg), ids
@@ -57,6 +69,12 @@ def tiny(name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         cfg = T.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                           intermediate_size=48, num_labels=5)
         return (T.ViTModel if name == "vit-model" else T.ViTForImageClassification)(cfg), pixels
+    if name == "clip":
+        cfg = T.CLIPConfig(text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                            num_attention_heads=4, max_position_embeddings=16),
+                           vision_config=dict(image_size=16, patch_size=4, hidden_size=32, intermediate_size=48,
+                                              num_hidden_layers=1, num_attention_heads=4), projection_dim=16)
+        return T.CLIPModel(cfg), {**ids, **pixels}
     if name == "convnext":
         cfg = T.ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5,
                                image_size=16)
@@ -529,6 +547,22 @@ def test_lora_adapters_are_recognized_and_routed_by_the_measured_rule():
     opt.step()
 
 
+@pytest.mark.parametrize("name, targets", [("convnext", ["downsampling_layer.1"]), ("llama", ["embed_tokens"])])
+def test_lora_adapters_of_conv_and_embedding_layers_follow_the_same_rule(name, targets):
+    """LoRA on a Conv2d makes conv adapters (lora_A (r, in, k, k), lora_B (out, r, 1, 1)), on an
+    Embedding ParameterDict entries (lora_embedding_A / _B): they went to Muon as hidden conv filters,
+    and the embedding's lora_B to Muon with example inputs only (AdamW without), where every Linear
+    adapter follows the measured rule. Now all of them do, with and without inputs."""
+    peft = pytest.importorskip("peft")
+    model, inputs = tiny(name)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=targets))
+    for routing in ({}, {"example_inputs": inputs}):
+        trained = [d for d in muonkit.route(model, **routing) if d.optimizer != "frozen"]
+        assert len(trained) == 2
+        for d in trained:
+            assert d.optimizer == muonkit.partition.LORA_ADAPTERS and d.reason.startswith("LoRA adapter lora_"), d
+
+
 def test_gpt2_c_attn_trained_through_peft_modules_to_save_is_still_q_k_and_v_apart():
     """PEFT's modules_to_save trains a copy of c_attn inside a ModulesToSaveWrapper: the same fused
     weight, so the same 3 matrices (it was read as one 96 x 32 matrix), with and without inputs."""
@@ -551,6 +585,176 @@ def test_gpt2_c_attn_is_q_k_and_v_apart():
     matrices = to_matrices(w, resolve(d.layout, 2))
     for i in range(3):
         assert torch.equal(matrices[i], w[:, 32 * i: 32 * (i + 1)].T)
+
+
+FUSED = {  # name: {fused weight: (matrices, the model's split of its rows, from its modeling file)}
+    "phi3": {"model.layers.0.self_attn.qkv_proj.weight": (8, "q | k | v: 4 query heads, then 2 k, then 2 v heads"),
+             "model.layers.0.mlp.gate_up_proj.weight": (2, "gate | up: up_states.chunk(2, dim=-1)")},
+    "gpt-neox": {"gpt_neox.layers.0.attention.query_key_value.weight": (12, "per head: q, k, v of 8 rows each")},
+    "falcon": {"transformer.h.0.self_attention.query_key_value.weight": (8, "per kv group: 2 q heads, k, v")},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FUSED))
+def test_fused_linears_are_cut_where_the_model_splits_them(name):
+    """Phi-3's qkv_proj and gate_up_proj, GPT-NeoX's and Falcon's query_key_value are Linears whose
+    output the model splits into q, k and v (or gate and up); they were one matrix each, q, k and v
+    orthogonalized together. Now one matrix per head's q, k or v (head_dim rows: the only equal
+    blocks that never straddle a boundary of any of these layouts) and gate and up apart, with and
+    without example inputs, and explain() says so; the other Linears stay one matrix."""
+    model, inputs = tiny(name)
+    for routing in ({}, {"example_inputs": inputs}):
+        decisions = {d.name: d for d in muonkit.route(model, **routing)}
+        for weight, (count, _) in FUSED[name].items():
+            d = decisions[weight]
+            assert d.optimizer == "muon" and d.layout == muonkit.Layout.per_block(count), d
+            assert f"{count} matrices" in d.reason and "fused" in d.reason, d.reason
+        others = [d for n, d in decisions.items() if d.optimizer == "muon" and n not in FUSED[name]]
+        assert others and all(d.layout == "stacked" for d in others), others
+    text = muonkit.explain(model, file=None)
+    assert "one matrix per head's q, k or v" in text
+
+
+def test_qwen3_next_query_and_output_gate_are_apart():
+    """Qwen3-Next's full attention computes each head's query and output gate with one q_proj
+    (`q_proj(x).view(..., heads, 2 * head_dim).chunk(2, dim=-1)`): one matrix per head's query or gate
+    (8 matrices 8x32 for 4 heads of 8), with and without inputs; k_proj and v_proj stay one matrix."""
+    T = transformers
+    torch.manual_seed(0)
+    cfg = T.Qwen3NextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                            shared_expert_intermediate_size=16, num_hidden_layers=1, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                            layer_types=["full_attention"])
+    model = T.Qwen3NextForCausalLM(cfg)
+    for routing in ({}, {"example_inputs": (torch.randint(0, 64, (1, 8)),)}):
+        decisions = {d.name: d for d in muonkit.route(model, **routing)}
+        q = decisions["model.layers.0.self_attn.q_proj.weight"]
+        assert q.layout == muonkit.Layout.per_block(8) and "query and output gate" in q.reason, q
+        for name in ("k_proj", "v_proj", "o_proj"):
+            assert decisions[f"model.layers.0.self_attn.{name}.weight"].layout == "stacked"
+
+
+def test_an_output_projection_the_size_of_a_fused_qkv_is_not_cut():
+    """A Llama whose hidden size is (heads + 2 * kv_heads) * head_dim (48 = (4 + 2) * 8): its o_proj has
+    the out size of a fused q, k, v projection, but the module has separate k and v projections."""
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=1, head_dim=8)
+    model = transformers.LlamaForCausalLM(cfg)
+    d = {d.name: d for d in muonkit.route(model)}["model.layers.0.self_attn.o_proj.weight"]
+    assert d.layout == "stacked" and d.reason == "hidden Linear weight 48x32", d
+
+
+def test_clip_towers_stem_and_projections_are_the_same_with_and_without_inputs():
+    """CLIP's vision tower comes after the text tower in registration order: without example inputs its
+    patch embedding (the conv reading the pixels) was a hidden conv filter for Muon and the two
+    projections, whose outputs are the embeddings the loss compares, hidden Linears; with inputs
+    all three go to AdamW. Each nested transformers model now has its own first layer as a stem,
+    and a dual encoder's projections are heads: the same table either way, and no order warning."""
+    model, inputs = tiny("clip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert table(model) == table(model, example_inputs=inputs)
+    decisions = {d.name: d for d in muonkit.route(model)}
+    assert decisions["vision_model.embeddings.patch_embedding.weight"].reason == (
+        "input stem (Conv2d): the first Conv2d of 'vision_model' in registration order")
+    for name in ("visual_projection", "text_projection"):
+        assert decisions[f"{name}.weight"].reason == f"output layer (Linear): the last layer of the head '{name}'"
+    assert decisions["vision_model.encoder.layers.0.self_attn.q_proj.weight"].optimizer == "muon"
+
+
+@pytest.mark.parametrize("task", ["ForMaskedLM", "ForSequenceClassification"])
+def test_a_head_attribute_that_feeds_the_output_layer_beside_it_is_hidden(task):
+    """ModernBERT keeps a dense transform in `head` and the output layer beside it (`decoder`, tied to the
+    embedding; `classifier`): the head's dense layer was an "output layer" by its attribute name, so
+    AdamW, where BERT's same transform (cls.predictions.transform.dense) is hidden, on Muon."""
+    T = transformers
+    cfg = T.ModernBertConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                             num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
+                             sep_token_id=2, num_labels=3)
+    torch.manual_seed(0)
+    model = getattr(T, f"ModernBert{task}")(cfg)
+    for routing in ({}, {"example_inputs": {"input_ids": torch.randint(3, 64, (2, 8))}}):
+        decisions = {d.name: d for d in muonkit.route(model, **routing)}
+        assert decisions["head.dense.weight"].reason == "hidden Linear weight 32x32"
+        out = decisions.get("classifier.weight") or decisions["model.embeddings.tok_embeddings.weight"]
+        assert out.optimizer == "adamw", out
+
+
+def test_intermediate_states_a_model_returns_do_not_make_output_layers():
+    """LLaVA returns its projected image features beside the logits (`image_outputs`): with example
+    inputs, the projector's last Linear, whose output that is, was an "output layer" on AdamW (a
+    hidden Linear on Muon without inputs). The outputs proper of a ModelOutput are its tensor fields
+    but hidden and attention states; the table is the same with and without inputs."""
+    T = transformers
+    torch.manual_seed(0)
+    cfg = T.LlavaConfig(vision_config=dict(model_type="clip_vision_model", image_size=16, patch_size=8, hidden_size=32,
+                                           intermediate_size=48, num_hidden_layers=1, num_attention_heads=4),
+                        text_config=dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2),
+                        image_token_index=63)
+    model = T.LlavaForConditionalGeneration(cfg)
+    inputs = {"input_ids": torch.tensor([[1, 63, 63, 63, 63, 5, 6, 7]]), "pixel_values": torch.randn(1, 3, 16, 16)}
+    assert "image_outputs" in model(**inputs) or "image_hidden_states" in model(**inputs)
+    assert table(model) == table(model, example_inputs=inputs)
+    decisions = {d.name: d for d in muonkit.route(model, example_inputs=inputs)}
+    assert decisions["model.multi_modal_projector.linear_2.weight"].reason == "hidden Linear weight 32x32"
+    assert decisions["lm_head.weight"].reason.startswith("output layer (Linear): its output is the model's output")
+
+
+def test_detr_class_and_box_heads_are_output_layers_with_and_without_inputs():
+    """DETR's heads: without example inputs its classifier (num_labels + 1 outputs: no config size)
+    and box MLP had no evidence and went to Muon; with inputs the box MLP still did, its output
+    reaching pred_boxes through a sigmoid. Both are heads now, either way."""
+    T = transformers
+    torch.manual_seed(0)
+    backbone = T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], out_features=["stage2"])
+    cfg = T.DetrConfig(use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, d_model=32,
+                       encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+                       encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=5, num_labels=3)
+    model = T.DetrForObjectDetection(cfg)
+    for routing in ({}, {"example_inputs": {"pixel_values": torch.randn(1, 3, 64, 64)}}):
+        decisions = {d.name: d for d in muonkit.route(model, **routing)}
+        for name in ("class_labels_classifier.weight", "bbox_predictor.layers.2.weight"):
+            assert decisions[name].reason.startswith("output layer"), decisions[name]
+        assert decisions["bbox_predictor.layers.1.weight"].optimizer == "muon"
+
+
+def test_phi3_qkv_trained_through_peft_modules_to_save_is_still_cut_per_head():
+    """PEFT's modules_to_save trains a copy of qkv_proj two modules below the attention module
+    (qkv_proj.modules_to_save.default): the same fused weight, the same 8 matrices."""
+    peft = pytest.importorskip("peft")
+    model, inputs = tiny("phi3")
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["o_proj"], modules_to_save=["qkv_proj"]))
+    for routing in ({}, {"example_inputs": inputs}):
+        d = {d.name: d for d in muonkit.route(model, **routing)}[
+            "base_model.model.model.layers.0.self_attn.qkv_proj.modules_to_save.default.weight"]
+        assert d.optimizer == "muon" and d.layout == muonkit.Layout.per_block(8), d
+
+
+def test_one_muon_step_on_fused_linears_against_per_block_polar_factors():
+    """Oracle: one Muon step (exact polar factor, "mup" scale) on Phi-3's qkv_proj and gate_up_proj
+    and GPT-NeoX's query_key_value equals float64 polar factors of each head's q, k and v rows
+    (head_dim = 8 rows each) and of the gate and up halves, written here from the modeling files."""
+    phi3, _ = tiny("phi3")
+    neox, _ = tiny("gpt-neox")
+    qkv, gate_up = phi3.model.layers[0].self_attn.qkv_proj.weight, phi3.model.layers[0].mlp.gate_up_proj.weight
+    fused = neox.gpt_neox.layers[0].attention.query_key_value.weight
+    params = {qkv: 8, gate_up: 48, fused: 8}  # rows of one matrix
+    for m in (phi3, neox):
+        opt = muonkit.Muon(muonkit.param_groups(m, muon_options={"scale": "mup", "orthogonalizer": "svd"}),
+                           lr=0.01, weight_decay=0.0)
+        grads = {p: torch.randn_like(p) for p in params if any(p is q for q in m.parameters())}
+        before = {p: p.detach().clone() for p in grads}
+        for p, g in grads.items():
+            p.grad = g.clone()
+        opt.step()
+        for p, g in grads.items():
+            step = (before[p] - p.detach()).double() / 0.01
+            rows = params[p]
+            for start in range(0, p.shape[0], rows):
+                block = g[start:start + rows]
+                torch.testing.assert_close(step[start:start + rows], polar64(block) * (rows / block.shape[1]) ** 0.5,
+                                           rtol=0, atol=1e-5)
 
 
 def test_bench_hf_lm_end_to_end(tmp_path, capsys):
@@ -672,6 +876,24 @@ def test_llama4_router_goes_to_adamw_like_every_moe_router(with_inputs):
     inputs = {"example_inputs": (torch.randint(0, 64, (1, 8)),)} if with_inputs else {}
     router = {d.name: d for d in muonkit.route(model, **inputs)}["model.layers.0.feed_forward.router.weight"]
     assert router.optimizer == "adamw" and router.reason.startswith("MoE router"), router
+
+
+@pytest.mark.parametrize("with_inputs", [False, True])
+def test_a_router_one_level_inside_its_gating_module_goes_to_adamw(with_inputs):
+    """JetMoE's routers (the MoE's and the mixture of attention's) are the Linear `layer` inside a
+    JetMoeTopKGating beside the experts: one row per expert, but not the gating module's own
+    parameter, so they were hidden Linears on Muon."""
+    T = transformers
+    torch.manual_seed(0)
+    cfg = T.JetMoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_key_value_heads=2, kv_channels=8,
+                         intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)
+    model = T.JetMoeForCausalLM(cfg)
+    inputs = {"example_inputs": (torch.randint(0, 64, (1, 8)),)} if with_inputs else {}
+    decisions = {d.name: d for d in muonkit.route(model, **inputs)}
+    for name in ("mlp.router.layer.weight", "self_attention.experts.router.layer.weight"):
+        d = decisions[f"model.layers.0.{name}"]
+        assert d.optimizer == "adamw" and d.reason.startswith("MoE router of JetMoeMo"), d
+    assert decisions["model.layers.0.self_attention.kv_proj.weight"].optimizer == "muon"
 
 
 @pytest.mark.parametrize("with_inputs", [False, True])

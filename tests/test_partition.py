@@ -912,3 +912,44 @@ def test_a_router_trained_through_peft_modules_to_save_stays_a_router():
     decisions = {d.name: d for d in muonkit.route(model, adamw=["base_model.model.3.weight"])}
     router = decisions["base_model.model.1.router.modules_to_save.default.weight"]
     assert router.optimizer == "adamw" and router.reason.startswith("MoE router"), router
+
+
+def test_a_parameter_marked_no_weight_decay_as_mamba_ssm_does_is_not_decayed():
+    """mamba_ssm marks the parameters its recipe does not decay with an attribute (Mamba's
+    `A_log._no_weight_decay = True`, a (d_inner, d_state) matrix); muonkit ignored the mark and
+    decayed A_log. It now gets weight decay 0 and explain() says why; routing is unchanged."""
+
+    class Mixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.in_proj = nn.Linear(8, 16)
+            self.A_log = nn.Parameter(torch.zeros(16, 4))
+            self.A_log._no_weight_decay = True
+            self.out_proj = nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.out_proj(self.in_proj(x) * -torch.exp(self.A_log).sum(-1))
+
+    model = nn.Sequential(nn.Linear(8, 8), Mixer(), nn.Linear(8, 3))
+    for routing in ({}, {"example_inputs": (torch.randn(2, 8),)}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the order-alone warning of this bare Sequential
+            d = {d.name: d for d in muonkit.route(model, **routing)}["1.A_log"]
+        assert d.optimizer == "adamw" and d.no_decay.startswith("the parameter's _no_weight_decay=True"), d
+    groups = muonkit.param_groups(model, adamw=["2.weight"])
+    assert [g.get("weight_decay") for g in groups if "1.A_log" in g["param_names"]] == [0.0]
+    assert "0 (the parameter's _no_weight_decay=True" in muonkit.explain(model, file=None, adamw=["2.weight"])
+
+
+@pytest.mark.parametrize("use_orig_params", [False, True])
+def test_a_model_wrapped_by_fsdp1_is_refused(one_rank_group, use_orig_params):
+    """FSDP1 (FullyShardedDataParallel) flattens the parameters into one 1-D FlatParameter: routing sent
+    it to AdamW as a "1D bias or scale vector", so no matrix was trained by Muon, silently (with
+    use_orig_params=True, each rank sees 1-D views of its shard). Refused, pointing to FSDP2."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = FullyShardedDataParallel(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 3)), device_id=torch.device("cpu"),
+                                     use_orig_params=use_orig_params)
+    for call in (muonkit.param_groups, muonkit.route):
+        with pytest.raises(ValueError, match=r"the model is wrapped by FSDP1 .* Shard with FSDP2"):
+            call(model)

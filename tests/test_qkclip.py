@@ -462,6 +462,64 @@ def test_qk_clip_needs_attention_blocks():
         attach_qk_clip(torch.nn.Linear(2, 2), 1.0)
 
 
+# ---------------------------------------------------------------- weights replaced after construction
+
+class _Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.q(x).sum() + self.k(x).sum()
+
+
+def _clip(model: _Attention, **options) -> QKClip:
+    return QKClip([(model.q.weight, model.k.weight, model.q.bias, model.k.bias)], heads=2, kv_heads=1, tau=1.0,
+                  model=model, **options)
+
+
+def test_a_weight_its_module_no_longer_holds_is_an_error_naming_it_and_nothing_changes():
+    """A QKClip holds tensors; a module whose parameter was replaced (as fully_shard and
+    parallelize_module do) makes it rescale a tensor the model no longer uses: nothing happened,
+    silently. With model=, step() raises naming the parameter before anything changes."""
+    model = _Attention()
+    clip = _clip(model)
+    old = model.k.weight
+    model.k.weight = torch.nn.Parameter(old.detach().clone())
+    clip.observe(0, torch.tensor([5.0, 0.5]))
+    kept = [t.detach().clone() for t in (old, model.q.weight, model.k.weight)]
+    with pytest.raises(RuntimeError, match=r"pairs\[0\] k weight was the model's 'k.weight' when QKClip was built, "
+                                           r"and its Linear now holds another tensor there \(fully_shard"):
+        clip.step()
+    assert all(torch.equal(a, b) for a, b in zip(kept, (old, model.q.weight, model.k.weight)))
+    assert clip._maxima[0] is not None  # the observed maxima are kept too
+    with pytest.raises(ValueError, match=r"pairs\[0\] q weight \(shape \(8, 8\)\) is not a parameter of model="):
+        QKClip([(model.q.weight, model.k.weight)], heads=2, kv_heads=1, model=_Attention())
+
+
+def test_a_qkclip_built_before_fully_shard_raises_and_one_built_after_clips(one_rank_group):
+    """A real FSDP2 model (one rank, in this process): QKClip(model=) built before fully_shard raises at
+    step() naming the parameter; built after, from the DTensor parameters, it clips them."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _Attention()
+    early = _clip(model)
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    early.observe(0, torch.tensor([5.0, 0.5]))
+    with pytest.raises(RuntimeError, match="pairs\\[0\\] q weight was the model's 'q.weight'"):
+        early.step()
+    late = _clip(model, process_group=one_rank_group)
+    x = torch.randn(3, 8)
+    model(x).backward()  # FSDP2 swaps unsharded parameters in and back out
+    before = model.q.weight.full_tensor().clone()
+    late.observe(0, torch.tensor([5.0, 0.5]))
+    late.step()  # head 0 (rows 0..3) over tau: its query rows x 1/5 (shared key: "query" rule)
+    after = model.q.weight.full_tensor()
+    torch.testing.assert_close(after[:4], before[:4] * 0.2, rtol=0, atol=1e-7)
+    assert torch.equal(after[4:], before[4:])
+
+
 # ------------------------------------------------------------------------------- distributed
 
 @pytest.fixture(scope="module")

@@ -394,3 +394,50 @@ def test_a_state_dict_whose_names_are_grouped_otherwise_is_refused_and_changes_n
     with pytest.raises(ValueError, match=words):
         other.load_state_dict(saved)
     assert_unchanged(other, list(model.parameters()), before)
+
+
+def _renaming_hook(old_to_new, reorder):
+    """A load_state_dict pre-hook for a model whose layers were renamed (a.weight -> x.weight, ...):
+    it renames the saved param_names and, with `reorder`, also puts the state in this optimizer's
+    order itself (the optimizer lists the renamed parameters in another order)."""
+    def hook(opt, state_dict):
+        (group,) = state_dict["param_groups"]
+        names = [old_to_new[n] for n in group["param_names"]]
+        if not reorder:
+            return {**state_dict, "param_groups": [{**group, "param_names": names}]}
+        current = opt.param_groups[0]["param_names"]
+        at = {n: i for i, n in zip(group["params"], names)}
+        state = {j: state_dict["state"][at[n]] for j, n in enumerate(current) if at[n] in state_dict["state"]}
+        group = {**group, "params": list(range(len(current))), "param_names": current}
+        return {"state": state, "param_groups": [group]}
+    return hook
+
+
+@pytest.mark.parametrize("momentum_bits", [32, 8])
+@pytest.mark.parametrize("reorder", [False, True], ids=["hook-renames", "hook-renames-and-reorders"])
+def test_a_load_state_dict_pre_hook_runs_before_muonkit_reads_the_state_dict(reorder, momentum_bits):
+    """torch's register_load_state_dict_pre_hook is how a user adapts a state dict to renamed
+    parameters. muonkit matched param_names (by_names) and took the 8-bit momentum from the state
+    dict before the hooks ran: a hook that renamed the params left each parameter with the state
+    at its position (another's), and one that reordered the state itself got its 8-bit codes from
+    the old positions. The hooks now run first: the resumed run equals the continued one."""
+    model, opt = _pair(("a", "b"))
+    for group in opt.param_groups:
+        group["momentum_bits"] = momentum_bits
+    _steps(model, opt, range(3))
+    torch.manual_seed(1)
+    renamed = Pair(("y", "x"))  # a -> x, b -> y, listed y first
+    renamed.x.weight.data.copy_(model.a.weight)
+    renamed.y.weight.data.copy_(model.b.weight)
+    opt_r = muonkit.Muon([{"params": list(renamed.named_parameters())}], lr=0.02, momentum_bits=momentum_bits)
+    opt_r.register_load_state_dict_pre_hook(_renaming_hook({"a.weight": "x.weight", "b.weight": "y.weight"}, reorder))
+    opt_r.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt_r.param_groups[0]["param_names"] == ["y.weight", "x.weight"]
+    for seed in range(3, 5):
+        g = torch.Generator().manual_seed(seed)
+        grads = {name: torch.randn(8, 8, generator=g) for name in ("a", "b")}
+        model.a.weight.grad, model.b.weight.grad = grads["a"], grads["b"]
+        renamed.x.weight.grad, renamed.y.weight.grad = grads["a"].clone(), grads["b"].clone()
+        opt.step()
+        opt_r.step()
+    assert torch.equal(model.a.weight, renamed.x.weight) and torch.equal(model.b.weight, renamed.y.weight)

@@ -9,6 +9,7 @@ muonkit.checkpoint's.
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -375,11 +376,22 @@ class Muon(torch.optim.Optimizer):
         # torch.optim casts every floating state tensor it loads to its parameter's dtype, which would
         # round the float32 state of a bfloat16 parameter to bfloat16: __setstate__ takes such values from
         # the state dict as given, in the dtype their group keeps state in (muonkit.checkpoint.loaded).
+        # The pre-hooks (register_load_state_dict_pre_hook: a user's remapping of renamed parameters)
+        # run first, as torch.optim runs them, so that the names matched and the state taken as saved
+        # are those of the state dict they return; torch.optim then loads it without running them again.
+        state_dict = state_dict.copy()
+        hooks = self._optimizer_load_state_dict_pre_hooks
+        for hook in list(hooks.values()):
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         state_dict = checkpoint.by_names(state_dict, self.param_groups)
         self._loading = state_dict
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         try:
             super().load_state_dict(state_dict)
         finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks
             del self._loading
 
     # ---------------------------------------------------------------------------- the step

@@ -15,7 +15,8 @@ fed as the input of a layer -> AdamW. Without example inputs a free parameter go
 its reason says how to send it to Muon.
 
 Some roles are read from structure that libraries define: transformers' expert modules (one
-matrix per expert, gate and up apart) and the MoE router beside them, GPT-2's fused c_attn, PEFT's
+matrix per expert, gate and up apart) and the MoE router beside them, GPT-2's fused c_attn, the
+fused q/k/v and gate/up Linears of Phi-3, GPT-NeoX and Falcon (cut where the model splits them), PEFT's
 LoRA adapters, and the evidence that a layer is an output layer (its output is the model's output,
 its out size is the config's vocabulary or label count, it ends a head attribute at the top). Only
 where no evidence exists does order decide, and then a warning says so.
@@ -82,6 +83,11 @@ _MATRIX_OPERANDS: dict[str, dict[int, str]] = {
 # Ops whose output is the same values as their input (dtype casts, contiguous copies): a later
 # use of the output is a use of the parameter it came from.
 _COPIES = frozenset({"clone", "_to_copy", "contiguous", "_unsafe_view", "lift_fresh_copy"})
+# A sigmoid between a layer and the model's output (DETR's and YOLOS's boxes:
+# `bbox_predictor(x).sigmoid()`): the layer's output is still the model's output, for finding output
+# layers only (a free parameter squashed is not a copy of it). Not tanh: a backbone's pooler (BERT's,
+# ViT's: tanh(dense(x))) is hidden.
+_SQUASHES = frozenset({"sigmoid"})
 # Ops that pick whole entries of a stacked (>=3D) parameter along its leading axis, such as the
 # weights of the experts a token was routed to (`experts.gate_up_proj[expert_ids]`): the result
 # holds matrices of the parameter, so its uses are the parameter's uses.
@@ -270,7 +276,8 @@ def _expert_bias(module: nn.Module, local_name: str, p: nn.Parameter) -> str | N
 
 def _routers(model: nn.Module) -> dict[int, str]:
     """{id(weight): reason} for MoE routers: a matrix with one row per expert held by a sibling of
-    an expert module in the same MoE block: Qwen3-MoE's and Mixtral's `gate`, Llama 4's `router`.
+    an expert module in the same MoE block, or by the one Linear inside such a sibling: Qwen3-MoE's
+    and Mixtral's `gate`, Llama 4's `router`, JetMoE's `router.layer`.
     An expert module has an int `num_experts` and either transformers' bool `is_transposed` (see
     _expert_weight) or a tensor of its own stacking that many matrices (Llama4TextExperts, which
     lacks the flag, and hand-written blocks)."""
@@ -289,6 +296,10 @@ def _routers(model: nn.Module) -> dict[int, str]:
                 # PEFT's ModulesToSaveWrapper holds the router it trains (and the original) one level down.
                 held = getattr(sibling, "modules_to_save", None)
                 held = [*held.values(), getattr(sibling, "original_module", None)] if isinstance(held, nn.ModuleDict) else []
+                # A gating module around one Linear (JetMoE's router.layer) holds it one level down too.
+                matrices = [q for q in sibling.parameters() if q.ndim >= 2]
+                if len(matrices) == 1:
+                    held += [m for m in sibling.modules() if any(q is matrices[0] for q in m.parameters(recurse=False))]
                 for p in [q for m in (sibling, *held) if isinstance(m, nn.Module) for q in m.parameters(recurse=False)]:
                     if p.ndim == 2 and p.shape[0] == count:
                         found[id(p)] = (f"MoE router of {type(block).__name__} ({count} experts x {p.shape[1]}): "
@@ -321,9 +332,88 @@ def _fused_qkv(module: nn.Module, local_name: str, parent_of: dict[int, nn.Modul
                   f" ({parts}: {count} matrices out x in; stored (in, {count} * out))")
 
 
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _attention_heads(attention: nn.Module) -> tuple[int, int, int] | None:
+    """(query heads, key/value heads, head size) that an attention module declares: its own head size
+    (`head_dim` or `head_size`; an MLP declares none) and its head counts (`num_heads` / `n_heads` /
+    `num_attention_heads`, `num_kv_heads` / `num_key_value_heads`, else its config's; key/value
+    heads default to the query heads). None when it declares no head size or no head count."""
+    config = getattr(attention, "config", None)
+    owners = (attention, config) if config is not None else (attention,)
+
+    def first(*names: str) -> int | None:
+        return next((v for o in owners for n in names for v in [_count(getattr(o, n, None))] if v), None)
+
+    size = next((v for n in ("head_dim", "head_size") for v in [_count(getattr(attention, n, None))] if v), None)
+    heads = first("num_heads", "num_attention_heads", "n_heads")
+    if size is None or heads is None:
+        return None
+    return heads, first("num_kv_heads", "num_key_value_heads") or heads, size
+
+
+def _fused_linear(module: nn.Module, local_name: str, parent_of: dict[int, nn.Module]) -> _Known | None:
+    """A Linear that fuses matrices its module splits apart:
+
+    - the q, k and v projection of an attention module (Phi-3's qkv_proj, GPT-NeoX's, Falcon's and
+      BLOOM's query_key_value): out size (heads + 2 * kv_heads) * head size of the heads the module
+      declares (_attention_heads). Read as one matrix per head's q, k or v: the fused layouts
+      transformers uses (q | k | v, Phi-3; q, k, v interleaved per head, GPT-NeoX and BLOOM; per
+      key/value group, Falcon) all put a boundary after every head_dim rows, and only there can
+      equal blocks cut all of them without mixing q, k and v.
+    - the query projection of an attention module that also holds each head's output gate (Qwen3-Next,
+      Qwen3.5: out size 2 * heads * head size, read from the hidden states, beside separate k and v
+      projections; `q_proj(x).view(..., heads, 2 * head_dim).chunk(2)`): one matrix per head's query
+      or gate.
+    - an MLP's gate_up_proj beside a down_proj of half its out size (Phi-3, GLM: gate and up are the
+      two halves of its output, `chunk(2)`): 2 matrices.
+
+    The Linear may sit in a PEFT wrapper (LoRA's layer around its base_layer, ModulesToSaveWrapper)."""
+    if local_name != "weight" or not isinstance(module, nn.Linear):
+        return None
+    held, parent = module, parent_of.get(id(module))
+    for _ in range(3):
+        wrapper = parent is not None and (isinstance(parent, nn.ModuleDict) or any(
+            getattr(parent, attr, None) is held for attr in ("base_layer", "modules_to_save", "original_module")))
+        if not wrapper:
+            break
+        held, parent = parent, parent_of.get(id(parent))
+    if parent is None:
+        return None
+    out = module.out_features
+    down_in = _count(getattr(getattr(parent, "down_proj", None), "in_features", None))
+    if getattr(parent, "gate_up_proj", None) is held and down_in is not None and out == 2 * down_in:
+        return _Known(f"fused gate and up projection of {type(parent).__name__}", Layout.per_block(2),
+                      " (gate and up apart: 2 matrices, the halves of its output that the model splits)")
+    heads = _attention_heads(parent)
+    if heads is None:
+        return None
+    h, kv, size = heads
+    # A module with separate k and v projections (two Linears of kv_heads * head size outputs) fuses
+    # nothing: its output projection may have that out size by coincidence.
+    separate = sum(isinstance(m, nn.Linear) and m.out_features == kv * size for m in parent.modules())
+    hidden = _count(getattr(getattr(parent, "config", None), "hidden_size", None))
+    if separate >= 2 and out == 2 * h * size and module.in_features == hidden:
+        return _Known(f"fused query and output gate of {type(parent).__name__}", Layout.per_block(2 * h),
+                      f" ({h} heads of {size}, each head's query rows then its gate rows: one matrix per head's "
+                      "query or gate, the only equal blocks that never mix the two; a predicate returning a "
+                      "muonkit.Layout reads it otherwise)")
+    if out != (h + 2 * kv) * size or separate >= 2:
+        return None
+    return _Known(f"fused q, k and v projection of {type(parent).__name__}", Layout.per_block(h + 2 * kv),
+                  f" ({h} query and {kv} key/value heads of {size}: one matrix per head's q, k or v; every fused "
+                  "q/k/v layout (q|k|v, or interleaved per head or per key/value group) has a boundary after each "
+                  "head and only there, so q, k and v are never mixed; a predicate returning a muonkit.Layout "
+                  "reads it otherwise)")
+
+
 def _lora_adapters(model: nn.Module) -> dict[int, str]:
     """{id(module): "A" | "B"} for PEFT LoRA adapter layers: the entries of the `lora_A` / `lora_B`
-    ModuleDicts of a layer that wraps a `base_layer` (peft.tuners.lora.LoraLayer's structure)."""
+    ModuleDicts of a layer that wraps a `base_layer` (peft.tuners.lora.LoraLayer's structure), and the
+    `lora_embedding_A` / `lora_embedding_B` ParameterDicts of an adapted Embedding (whose entries are
+    its parameters)."""
     found: dict[int, str] = {}
     for layer in model.modules():
         if not isinstance(getattr(layer, "base_layer", None), nn.Module):
@@ -333,13 +423,19 @@ def _lora_adapters(model: nn.Module) -> dict[int, str]:
             if isinstance(table, nn.ModuleDict):
                 for adapter in table.values():
                     found[id(adapter)] = which
+            table = getattr(layer, f"lora_embedding_{which}", None)
+            if isinstance(table, nn.ParameterDict):
+                found[id(table)] = which
     return found
 
 
 # Names of a model's head at its top (outside numbered blocks): transformers' lm_head,
-# classifier, score and qa_outputs; timm's head; torchvision's fc and classifier; the plain
-# output / out of hand-written models.
-_HEAD_NAMES = frozenset({"lm_head", "head", "heads", "classifier", "score", "qa_outputs", "fc", "output", "out"})
+# classifier, score and qa_outputs, the projections of a dual encoder (CLIP, CLAP, BLIP) whose
+# outputs are the embeddings the contrastive loss compares, and DETR's and YOLOS's class and box
+# heads; timm's head; torchvision's fc and classifier; the plain output / out of hand-written models.
+_HEAD_NAMES = frozenset({"lm_head", "head", "heads", "classifier", "score", "qa_outputs", "fc", "output", "out",
+                         "text_projection", "visual_projection", "audio_projection", "image_projection",
+                         "text_proj", "vision_proj", "class_labels_classifier", "bbox_predictor"})
 
 
 def _in_blocks(name: str) -> bool:
@@ -388,17 +484,23 @@ def _output_layers(
             if id(u) in seen.outputs:
                 found[id(u)] = "its output is the model's output in the forward pass over example_inputs"
     sizes, configured = _config_sizes(model)
+    sized: set[int] = set()
     for n, m in layers:
         size = _out_size(m)
         if not _in_blocks(n) and size in sizes:
             found.setdefault(id(m), f"outside the blocks, out size {size} = {sizes[size]}")
+            sized.add(id(m))
     tops = [("", model), *_unwrapped(model)] + [(f"{n}.", m) for n, m in model.named_modules() if n and hasattr(m, "config")]
     for prefix, top in tops:
         for child_name, head in top.named_children():
             name = prefix + child_name
             if child_name in _HEAD_NAMES and not _in_blocks(name) and id(head) not in adapters:
                 inside = [x for x in head.modules() if _is_weight_layer(x) and id(x) not in adapters]
-                if inside:
+                within = {id(x) for x in head.modules()}
+                # A head attribute beside the vocabulary- or label-sized layer that its output feeds
+                # (ModernBERT's `head`, a dense transform before `decoder` or `classifier`) is not the output.
+                beside = any(id(x) in sized and id(x) not in within for x in top.modules())
+                if inside and (id(inside[-1]) in sized or not beside):
                     found.setdefault(id(inside[-1]), f"the last layer of the head '{name}'")
     return found, not found and not configured and not (seen is not None and seen.outputs)
 
@@ -417,22 +519,43 @@ def _unwrapped(model: nn.Module) -> list[tuple[str, nn.Module]]:
         found.append((prefix, model))
 
 
+def _towers(model: nn.Module) -> list[tuple[str, set[int]]]:
+    """(name, ids of its modules and parameters) of each tower of `model`: a transformers model (a
+    module with a config and a `main_input_name`) beside another one in the same module, as CLIP's,
+    SigLIP's or a LLaVA's text and vision towers, or an encoder and its decoder, each reading an
+    input of its own. (A transformers model alone in its module, such as ConvNeXt's encoder, reads
+    what the layers before it made.)"""
+    is_model = lambda m: hasattr(m, "config") and isinstance(getattr(m, "main_input_name", None), str)  # noqa: E731
+    towers = []
+    for prefix, parent in model.named_modules():
+        children = [(name, child) for name, child in parent.named_children() if is_model(child)]
+        if len(children) > 1:
+            towers += [(f"{prefix}.{name}" if prefix else name, {id(m) for m in child.modules()}
+                        | {id(p) for p in child.parameters()}) for name, child in children]
+    return towers
+
+
 def _input_stems(
-    order: list[Any], seen: _Observation | None, outputs: Collection[int], order_source: str
+    order: list[Any], seen: _Observation | None, outputs: Collection[int], order_source: str,
+    towers: list[tuple[str, set[int]]],
 ) -> dict[int, str]:
     """{id(layer or free parameter): why it is the input stem}: the layers that read the model's
     input in the forward pass; else (or without example_inputs) the first in order, unless that
-    is an embedding or an output layer."""
+    is an embedding or an output layer, and so the first of each nested transformers model
+    (_towers: a dual encoder's vision tower reads pixels however late it comes in order)."""
     candidates = [u for u in order if id(u) not in outputs]
     if seen is not None:
         reading = {id(m): "it reads the model's input in the forward pass over example_inputs"
                    for m in candidates if id(m) in seen.stems and not isinstance(m, _EMBEDDINGS)}
         if reading:
             return reading
-    if not candidates or isinstance(candidates[0], _EMBEDDINGS):
-        return {}
-    kind = type(candidates[0]).__name__ if isinstance(candidates[0], nn.Module) else "matrix"
-    return {id(candidates[0]): f"the first {kind} {order_source}"}
+    stems: dict[int, str] = {}
+    for where, inside in [("", None), *((f" of '{name}'", ids) for name, ids in towers)]:
+        first = next((u for u in candidates if inside is None or id(u) in inside), None)
+        if first is not None and not isinstance(first, _EMBEDDINGS):
+            kind = type(first).__name__ if isinstance(first, nn.Module) else "matrix"
+            stems.setdefault(id(first), f"the first {kind}{where} {order_source}")
+    return stems
 
 
 # ------------------------------------------------------------------ observing one forward pass
@@ -530,7 +653,7 @@ class _UseRecorder(TorchDispatchMode):
         origins = [(i, self._origin(t)) for i, t in operands]
         factors = _MATRIX_OPERANDS.get(op, {})
         copied, copy = (_storage(operands[0][1]) if operands else None), _storage(out)
-        if op in _COPIES and copied is not None and copy is not None and copy != copied:
+        if (op in _COPIES or op in _SQUASHES) and copied is not None and copy is not None and copy != copied:
             self.copies.setdefault(copy, self.root(copied))
             self.keep.append(out)
         for (position, operand), (_, pid) in zip(operands, origins):
@@ -617,10 +740,23 @@ def _observe(
         for h in handles:
             h.remove()
     roots = lambda tensors: {recorder.root(a) for a in map(_storage, tensors) if a is not None}  # noqa: E731
-    model_outputs, model_inputs = roots(_tensors(result)), roots(_tensors(example_inputs))
+    model_outputs, model_inputs = roots(_tensors(_primary(result))), roots(_tensors(example_inputs))
     seen.outputs = {m for m, written in writes.items() if {recorder.root(a) for a in written} & model_outputs}
     seen.stems = {m for m, read in reads.items() if {recorder.root(a) for a in read} & model_inputs}
     return seen
+
+
+def _primary(result: Any) -> Any:
+    """The model's outputs proper: of a transformers ModelOutput (told by its class name, without
+    importing transformers), its tensor fields (logits, pred_boxes, image_embeds, last_hidden_state,
+    ...) but hidden and attention states and router_logits; the states it returns alongside, as
+    tuples (hidden_states, attentions) or as a sub-model's output (a LLaVA's or Gemma 3's
+    `image_outputs`, CLIP's `vision_model_output`), are intermediate: the layer that wrote one is not
+    an output layer. Any other result as it is."""
+    if isinstance(result, Mapping) and any(c.__name__ == "ModelOutput" for c in type(result).__mro__):
+        return [value for key, value in result.items() if isinstance(value, torch.Tensor)
+                and "hidden_state" not in key and "attention" not in key and key != "router_logits"]
+    return result
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -705,8 +841,9 @@ def route(
             `no_weight_decay()` method (timm's convention: names, fnmatch patterns or module
             prefixes, relative to that module), and free tensors with a leading axis of 1 that go
             to AdamW (learned tokens and position tables: ViT's cls_token and position_embeddings,
-            timm's pos_embed), and transformers expert modules' stacked biases (GPT-OSS's
-            gate_up_proj_bias) get weight_decay 0 (Decision.no_decay says why). nn.Embedding tables,
+            timm's pos_embed), transformers expert modules' stacked biases (GPT-OSS's
+            gate_up_proj_bias), and parameters marked `p._no_weight_decay = True` (mamba_ssm's
+            A_log) get weight_decay 0 (Decision.no_decay says why). nn.Embedding tables,
             position embeddings included (GPT-2's wpe, BERT's position_embeddings), keep the group's
             weight decay. False: every parameter gets its group's weight decay.
         only: parameters (tensors or names) to decide, each judged in the whole model; the others
@@ -722,6 +859,17 @@ def route(
         raise TypeError(f"muonkit routing (route, param_groups, explain) takes the model (a torch.nn.Module), got "
                         f"{type(model).__name__}: pass the model itself, e.g. muonkit.param_groups(model), not "
                         "model.parameters(); routing reads each parameter's module")
+    fsdp1 = next((n for n, m in model.named_modules() if any(
+        c.__name__ == "FullyShardedDataParallel" and c.__module__.startswith("torch.distributed.fsdp")
+        for c in type(m).__mro__)), None)
+    if fsdp1 is not None:
+        raise ValueError(
+            f"muonkit routing: {f'module {fsdp1!r}' if fsdp1 else 'the model'} is wrapped by FSDP1 "
+            "(torch.distributed.fsdp.FullyShardedDataParallel), which flattens its parameters into 1-D "
+            "FlatParameters (or, with use_orig_params=True, 1-D views of each rank's shard): every matrix would "
+            "look 1-D and go to AdamW. Shard with FSDP2 (torch.distributed.fsdp.fully_shard), whose DTensor "
+            "parameters keep their shapes, then call param_groups(model)"
+        )
     unknown = (set(muon) | set(adamw)) - {n for n, _ in model.named_parameters()}
     if unknown:
         raise ValueError(f"no parameters named {sorted(unknown)} in the model")
@@ -747,7 +895,8 @@ def route(
         for local_name, p in module.named_parameters(recurse=False):
             owner.setdefault(id(p), (module_name, module))
             owners_of.setdefault(id(p), []).append(module)
-            role = _fused_qkv(module, local_name, parent_of) or _known_weight(module, local_name, p)
+            role = (_fused_qkv(module, local_name, parent_of) or _fused_linear(module, local_name, parent_of)
+                    or _known_weight(module, local_name, p))
             if role is not None:
                 known.setdefault(id(p), role)
     routers = _routers(model)
@@ -781,7 +930,7 @@ def route(
         outputs = {id(order[-1]): (f"the last {kind} {order_source}; no other evidence (no head attribute, no "
                                    "config size, no layer whose output is the model's output), so only order is "
                                    "left: name it in adamw= or muon= to decide")}
-    stems = _input_stems(order, seen, outputs, order_source)
+    stems = _input_stems(order, seen, outputs, order_source, _towers(model))
     no_decay_entries = _no_decay_names(model) if exclude_from_decay else {}
 
     decisions = []
@@ -811,7 +960,9 @@ def route(
         if exclude_from_decay:
             local_name = name[len(module_name) + 1:] if module_name else name
             no_decay = (f"{p.ndim}D" if p.ndim < 2 else _listed(name, no_decay_entries)
-                        or _expert_bias(module, local_name, p))
+                        or _expert_bias(module, local_name, p)
+                        or ("the parameter's _no_weight_decay=True (mamba_ssm's mark: A_log, D, dt_bias)"
+                            if getattr(p, "_no_weight_decay", False) is True else None))
             if no_decay is None and id(p) in free and p.shape[0] == 1 and choice == "adamw":
                 no_decay = "learned token or position table: a free tensor with a leading axis of 1"
         decisions.append(Decision(name, shape, choice, reason, layout if choice == "muon" else None, no_decay))
@@ -895,7 +1046,7 @@ class _Rule:
             return "adamw", f"embedding ({kind}): a lookup table, not a dense linear map", None
         if self.tied_to is not None:
             return "adamw", f"tied to embedding '{self.tied_to}'", None
-        if self.lora is not None and self.p.ndim == 2:
+        if self.lora is not None:
             return self._lora()
         if self.router is not None:
             return "adamw", self.router, None
@@ -927,14 +1078,17 @@ class _Rule:
                         f"in the forward pass: {view}, {reading}"), layout
 
     def _lora(self) -> tuple[Choice, str, LayoutSpec]:
-        """A PEFT LoRA adapter: lora_A (r x in) or lora_B (out x r), by the rule measured in
+        """A PEFT LoRA adapter: lora_A (r x in) or lora_B (out x r), of a Linear or, a filter
+        (r, in, *kernel) or (out, r, *kernel), of a conv layer, by the rule measured in
         benchmarks/lora_rule.py (RESULTS.md, "LoRA adapters")."""
-        rows, cols = self.p.shape
-        what = f"LoRA adapter lora_{self.lora} ({rows}x{cols}, " + ("r x in" if self.lora == "A" else "out x r") + ")"
+        conv = self.p.ndim > 2
+        rows, cols = self.p.shape[0], torch.Size(self.p.shape[1:]).numel()
+        reading = ("r x in" if self.lora == "A" else "out x r") + ("*kernel, a conv layer's" if conv else "")
+        what = f"LoRA adapter lora_{self.lora} ({rows}x{cols}, {reading})"
         if LORA_ADAPTERS == "adamw":
             return "adamw", (f"{what}: AdamW, as measured (benchmarks/lora_rule.py): Muon on the adapters was no "
                              "better at the best lr and worse below it; muon= or a predicate sends them to Muon"), None
-        return "muon", f"{what}: Muon, as measured (benchmarks/lora_rule.py)", "stacked"
+        return "muon", f"{what}: Muon, as measured (benchmarks/lora_rule.py)", "conv" if conv else "stacked"
 
     def _free(self) -> str | None:
         """The AdamW reason of a free parameter that is not used as a matrix, else None."""

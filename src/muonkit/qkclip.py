@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .deferred import finish_all
 from .dtensor import is_dtensor, placements_of
@@ -174,10 +174,15 @@ class QKClip:
         process_group: a torch.distributed process group or DeviceMesh; `step()` then all-reduces (MAX) the
             maxima over it first, so every rank rescales the same way. Every rank must call
             `step()`. Required when a weight is a DTensor.
+        model: the model whose parameters the weights are (optional). Each `step()` then checks,
+            before anything changes, that every weight is still its module's parameter: `fully_shard`
+            and `parallelize_module` replace a module's parameters, and a QKClip built before them
+            would rescale the old tensors, which the model no longer uses (RuntimeError naming the
+            parameter). Without `model` nothing can tell: build QKClip after wrapping the model.
 
     Example:
         >>> clip = muonkit.QKClip([block.attn.qkv.weight for block in model.blocks], heads=8,
-        ...                       tau=100.0, fused=True)
+        ...                       tau=100.0, fused=True, model=model)
         >>> # in each block's forward: clip.observe(layer, attention_max_logits(q, k, is_causal=True))
         >>> loss.backward(); opt.step(); clip.step(); opt.zero_grad()
 
@@ -198,6 +203,7 @@ class QKClip:
         fused: bool = False,
         shared_keys: SharedKeys = "query",
         process_group: Any = None,
+        model: nn.Module | None = None,
     ) -> None:
         _check_count("heads", heads)
         kv_heads = heads if kv_heads is None else kv_heads
@@ -239,6 +245,7 @@ class QKClip:
             raise ValueError("QKClip: some weights are DTensors (sharded by FSDP2); pass process_group= (e.g. "
                              "the device mesh) so that every rank rescales with the same maxima")
         self.process_group = process_group
+        self._owners = None if model is None else _owners(model, self._layers)
         self._maxima: list[Tensor | None] = [None] * len(self._layers)
         # Heads left untouched because their maximum was NaN or +inf, over all steps (see step()).
         self.nonfinite_maxima = 0
@@ -317,6 +324,7 @@ class QKClip:
         warns. Returns, per layer, the maxima acted on (float64, shape (heads,), on the CPU;
         all-reduced over the process group first), or None for a layer that no rank observed since
         the last step."""
+        self._check_owners()
         finish_all()  # the weights rescaled below hold every update of the step (muonkit.deferred)
         maxima = self._gather()
         self._maxima = [None] * len(self._layers)
@@ -338,6 +346,17 @@ class QKClip:
             for r in layer.rows:
                 _scale_rows_(r, q_factors, k_factors, layer.head_dim)
         return out
+
+    def _check_owners(self) -> None:
+        """RuntimeError if a weight is no longer its module's parameter (see `model`)."""
+        for name, module, attr, rows in self._owners or ():
+            if module._parameters.get(attr) is not rows.tensor:
+                raise RuntimeError(
+                    f"QKClip: {rows.name} was the model's '{name}' when QKClip was built, and its "
+                    f"{type(module).__name__} now holds another tensor there (fully_shard and parallelize_module "
+                    "replace a module's parameters): rescaling the old one would change nothing the model uses. "
+                    "Build QKClip after wrapping the model, from its current parameters; nothing was changed"
+                )
 
     def _gather(self) -> Tensor | None:
         """The (layers, heads) maxima on the CPU, -inf where unobserved; None if nothing was observed
@@ -373,6 +392,22 @@ class QKClip:
             else:
                 q.update((h, gammas[h]) for h in members if gammas[h] < 1.0)
         return q, k
+
+
+def _owners(model: nn.Module, layers: list[_Layer]) -> list[tuple[str, nn.Module, str, _Rows]]:
+    """(parameter name, its module, its attribute, rows) for every weight and bias; ValueError for one
+    that is not a parameter of `model`."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"QKClip: model must be a torch.nn.Module, got {type(model).__name__}")
+    where = {id(p): (f"{prefix}.{attr}" if prefix else attr, module, attr)
+             for prefix, module in model.named_modules() for attr, p in module.named_parameters(recurse=False)}
+    owners = []
+    for rows in (r for layer in layers for r in layer.rows):
+        if id(rows.tensor) not in where:
+            raise ValueError(f"QKClip: {rows.name} (shape {tuple(rows.tensor.shape)}) is not a parameter of model=; "
+                             "pass the model whose attention weights these are, or no model")
+        owners.append((*where[id(rows.tensor)], rows))
+    return owners
 
 
 def _scale_rows_(rows: _Rows, q_factors: dict[int, float], k_factors: dict[int, float], head_dim: int) -> None:

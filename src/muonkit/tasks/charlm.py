@@ -79,7 +79,7 @@ def attach_qk_clip(model: nn.Module, tau: float) -> QKClip:
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     if not blocks:
         raise TaskError(f"--qk-clip needs attention blocks; {type(model).__name__} has none")
-    clip = QKClip([block.qkv.weight for block in blocks], heads=blocks[0].heads, tau=tau, fused=True)
+    clip = QKClip([block.qkv.weight for block in blocks], heads=blocks[0].heads, tau=tau, fused=True, model=model)
     for i, block in enumerate(blocks):
         block.max_logit_observer = functools.partial(clip.observe, i)
     return clip

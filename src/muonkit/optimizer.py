@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -373,26 +374,8 @@ class Muon(torch.optim.Optimizer):
             >>> opt = muonkit.Muon([{"params": model.parameters(), "use_muon": False}])
             >>> opt.load_state_dict(torch_adamw.state_dict())
         """
-        # torch.optim casts every floating state tensor it loads to its parameter's dtype, which would
-        # round the float32 state of a bfloat16 parameter to bfloat16: __setstate__ takes such values from
-        # the state dict as given, in the dtype their group keeps state in (muonkit.checkpoint.loaded).
-        # The pre-hooks (register_load_state_dict_pre_hook: a user's remapping of renamed parameters)
-        # run first, as torch.optim runs them, so that the names matched and the state taken as saved
-        # are those of the state dict they return; torch.optim then loads it without running them again.
-        state_dict = state_dict.copy()
-        hooks = self._optimizer_load_state_dict_pre_hooks
-        for hook in list(hooks.values()):
-            result = hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        state_dict = checkpoint.by_names(state_dict, self.param_groups)
-        self._loading = state_dict
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            self._optimizer_load_state_dict_pre_hooks = hooks
-            del self._loading
+        with _loading(self, state_dict) as loaded:
+            super().load_state_dict(loaded)
 
     # ---------------------------------------------------------------------------- the step
 
@@ -486,6 +469,33 @@ class Muon(torch.optim.Optimizer):
             eps=_scalar(group["eps"]), weight_decay=decay, cautious_weight_decay=cautious, rounding_seeds=item.seeds,
             stats=item.stats, capturable=self.defaults["capturable"], fused=group["fused"],
         )
+
+
+@contextmanager
+def _loading(optimizer: Muon, state_dict: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The state dict Muon.load_state_dict hands to torch.optim's, held as `optimizer._loading` meanwhile.
+
+    The optimizer's load pre-hooks (register_load_state_dict_pre_hook: a user's remapping of renamed
+    parameters) run first, as torch.optim runs them, so that the names matched (checkpoint.by_names)
+    and the state taken as saved are those of the state dict they return; torch.optim then loads it
+    with the hooks set aside, so that they do not run twice. torch.optim casts every floating state
+    tensor it loads to its parameter's dtype, which would round the float32 state of a bfloat16
+    parameter to bfloat16: __setstate__ takes such values from `_loading` as given, in the dtype their
+    group keeps state in (muonkit.checkpoint.loaded).
+    """
+    state_dict = state_dict.copy()
+    hooks = optimizer._optimizer_load_state_dict_pre_hooks
+    for hook in list(hooks.values()):
+        result = hook(optimizer, state_dict)
+        if result is not None:
+            state_dict = result
+    optimizer._loading = state_dict = checkpoint.by_names(state_dict, optimizer.param_groups)
+    optimizer._optimizer_load_state_dict_pre_hooks = OrderedDict()
+    try:
+        yield state_dict
+    finally:
+        optimizer._optimizer_load_state_dict_pre_hooks = hooks
+        del optimizer._loading
 
 
 def _held(distributed: Any, pending: functional.Pending | None) -> functional.Pending | None:

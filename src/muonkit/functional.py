@@ -1035,10 +1035,14 @@ def _fused_adamw(
                 f"adamw: fused=True steps parameter {i} ({p.dtype}) in its own dtype, round-to-nearest; got "
                 f"moments in {m.dtype}" + (" and a stochastic rounding seed" if m.dtype == p.dtype else "")
             )
-    dense = [p if p.is_contiguous() or _dense(p) else p.contiguous() for p in params]
-    grads = [g if g.dtype == d.dtype and _alike(g, d) else torch.empty_like(d).copy_(g) for g, d in zip(grads, dense)]
-    moments = [[m if _alike(m, d) else torch.empty_like(d).copy_(m) for m, d in zip(ms, dense)]
-               for ms in (exp_avgs, exp_avg_sqs)]
+    dense, moments = list(params), [list(exp_avgs), list(exp_avg_sqs)]
+    grads = [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params)]
+    contiguous = Tensor.is_contiguous
+    laid_out = all(all(map(contiguous, tensors)) for tensors in (params, grads, exp_avgs, exp_avg_sqs))
+    if not laid_out:
+        dense = [p if _dense(p) else p.contiguous() for p in params]
+        grads = [g if _alike(g, d) else torch.empty_like(d).copy_(g) for g, d in zip(grads, dense)]
+        moments = [[m if _alike(m, d) else torch.empty_like(d).copy_(m) for m, d in zip(ms, dense)] for ms in moments]
     _torch_adam(
         dense,
         grads,
@@ -1062,6 +1066,8 @@ def _fused_adamw(
         eps=float(eps),
         maximize=False,
     )
+    if laid_out:
+        return
     for targets, stepped in zip((params, exp_avgs, exp_avg_sqs), (dense, *moments)):
         for target, t in zip(targets, stepped):
             if t is not target:

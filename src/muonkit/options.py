@@ -415,9 +415,9 @@ def check_fused_param(p: Tensor, name: str, group: dict[str, Any], where: str) -
     """A parameter of a fused=True AdamW group must be one that torch's fused AdamW kernel steps in
     place, exactly as torch.optim.AdamW(fused=True) would: on a device that has the kernel
     (torch.optim.optimizer._get_fused_kernels_supported_devices), of a dtype it has (FUSED_DTYPES),
-    with its moments in its own dtype
-    (the kernel reads and writes them in the parameter's dtype; a wider state_dtype is muonkit's own
-    widened step), and written round-to-nearest (the kernel cannot round stochastically)."""
+    with its moments in its own dtype (the kernel reads and writes them in the parameter's dtype; a
+    wider state_dtype is muonkit's own widened step), and written round-to-nearest (the kernel
+    cannot round stochastically)."""
     from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
     # Only where the kernel takes every floating dtype (CPU and CUDA): elsewhere (mps, xpu, ...) a dtype

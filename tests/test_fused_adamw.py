@@ -436,3 +436,27 @@ def test_explain_says_which_adamw_kernel_and_why():
     assert "AdamW groups step with torch's fused AdamW kernel" in text
     text = muonkit.explain(model.to(torch.bfloat16), file=None)
     assert "torch's default AdamW" in text and "rounds stochastically" in text
+
+
+def test_a_parameter_moved_from_a_muon_group_starts_fresh_on_the_kernel_and_a_closure_steps_alike(kernel_calls):
+    """A matrix moved from a Muon group to an AdamW group starts AdamW fresh (its momentum is not an
+    AdamW moment) and steps on the kernel as a fresh torch.optim.AdamW(fused=True); step(closure)
+    returns the closure's loss and steps the same bits."""
+    w, other = torch.randn(4, 6), torch.randn(5)
+    opt = muonkit.Muon([{"params": [w]}, {"params": [other], "use_muon": False}], lr=1e-2, weight_decay=0.1)
+    w.grad, other.grad = torch.randn(4, 6), torch.randn(5)
+    opt.step()
+    assert kernel_calls == [1]
+    opt.param_groups[0]["params"].remove(w)
+    opt.param_groups[1]["params"].insert(0, w)
+    theirs_w = w.detach().clone()
+    theirs = torch.optim.AdamW([theirs_w], lr=1e-2, weight_decay=0.1, fused=True)
+    for t in range(3):
+        g = torch.randn(4, 6, generator=torch.Generator().manual_seed(t))
+        w.grad, theirs_w.grad, other.grad = g.clone(), g.clone(), torch.randn(5)
+        assert opt.step(lambda: torch.tensor(float(t))) == t
+        theirs.step()
+    assert kernel_calls == [1, 2, 2, 2]
+    assert torch.equal(w, theirs_w)
+    assert set(opt.state[w]) == {"step", "exp_avg", "exp_avg_sq"} and float(opt.state[w]["step"]) == 3
+    assert torch.equal(opt.state[w]["exp_avg_sq"], theirs.state[theirs_w]["exp_avg_sq"])

@@ -3,7 +3,7 @@
 Run:
     python benchmarks/bench_step.py [--cases a,c,g] [--repeats 7] [--threads 2] [--device cpu|cuda]
         [--torch-muon-repeats 1] [--full-torch-muon] [--base COMMIT] [--isa avx2] [--steps-per-round 1]
-        [--clock wall|cpu] [--fused-adamw-row] [--write-results]
+        [--clock wall|cpu] [--unfused-adamw-row] [--write-results]
 
 Cases: (a) 4 GPT-2-small blocks (768 wide: q, k, v, o 768x768, fc 3072x768, proj 768x3072 per
 block, plus their biases and LayerNorms on AdamW); (b) 12 such layers 512 wide; (c) the seed
@@ -42,9 +42,11 @@ a few ms is at the clock's and the machine's mercy) and reports the time per ste
 times by this process's CPU time (time.process_time) instead of the wall clock: with 1 thread on a
 machine shared with other jobs it leaves out the waits for a core (with more threads it sums them).
 
---fused-adamw-row adds "muonkit Muon, fused=True": the default step with its AdamW group on torch's
-fused AdamW kernel (muonkit.Muon(fused=True), the bits of torch.optim.AdamW(fused=True); it differs
-from the default, torch's foreach AdamW, by round-off).
+The default step's AdamW group runs on torch's fused AdamW kernel on CPU (fused=None, since
+issue-22f; the bits of torch.optim.AdamW(fused=True)). --unfused-adamw-row adds "muonkit Muon,
+fused=False": the default step with its AdamW group on torch's default (foreach) AdamW, the default
+before issue-22f (it differs from the fused kernel by round-off). Issue-22c's and issue-fa's runs had
+the opposite row, `--fused-adamw-row` ("fused=True"), when the default was torch's foreach AdamW.
 
 --base COMMIT adds the row "muonkit Muon (defaults) at COMMIT": muonkit's src/muonkit at that git
 commit (imported as muonkit_base), timed in the same rounds, for a change's before/after.
@@ -99,7 +101,7 @@ LR, WD = 0.02, 0.1
 ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 TEXTBOOK = "textbook: fp32 quintic, one matrix at a time"
 DEFAULT = "muonkit Muon (defaults)"
-FUSED = "muonkit Muon, fused=True"
+UNFUSED = "muonkit Muon, fused=False"
 
 
 @dataclass
@@ -326,8 +328,8 @@ def run_case(key: str, args: argparse.Namespace, full_torch: bool, device: str, 
     }
     if base is not None:
         fns[f"{DEFAULT} at {args.base}"] = muonkit_step(case, base.Muon)
-    if args.fused_adamw_row and case.adamw:
-        fns[FUSED] = muonkit_step(case, fused=True)
+    if args.unfused_adamw_row and case.adamw:
+        fns[UNFUSED] = muonkit_step(case, fused=False)
     auto = working_dtype(case.muon[0], "auto")
     with_auto = auto != working_dtype(case.muon[0], None)
     if with_auto:
@@ -456,8 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps-per-round", type=int, default=1, help="steps of each method timed together per round")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall clock, or this process's CPU time (for 1 thread on a shared machine)")
-    parser.add_argument("--fused-adamw-row", action="store_true",
-                        help="add the default step with fused=True (torch's fused AdamW kernel on its AdamW group)")
+    parser.add_argument("--unfused-adamw-row", action="store_true",
+                        help="add the default step with fused=False (torch's default AdamW on its AdamW group, the "
+                             "default before issue-22f)")
     parser.add_argument("--base", default="", help="also time muonkit's default step at this git commit")
     parser.add_argument("--isa", default="", choices=("", *ISA_ENV),
                         help="emulate a CPU with only this instruction set (re-executes under its variables)")

@@ -81,8 +81,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def make_optimizer(model: nn.Module, process_group: Any = None, variant: str = "muon") -> muonkit.Muon:
+    # fused=False: FSDP2's AdamW parameters (DTensors) step on torch's default AdamW, never on its fused
+    # kernel, whose result depends on where an element sits in its tensor (a shard would not equal the
+    # whole): the one-process runs they are compared with step the same way.
     return muonkit.Muon(muonkit.param_groups(model), lr=LR, weight_decay=0.1, adamw_lr=0.01, process_group=process_group,
-                        **VARIANTS[variant])
+                        fused=False, **VARIANTS[variant])
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:

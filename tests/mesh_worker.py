@@ -80,7 +80,8 @@ def make_model() -> Net:
 
 
 def make_optimizer(model: nn.Module, process_group: Any = None, variant: str = "muon", **options: Any) -> muonkit.Muon:
-    return muonkit.Muon(muonkit.param_groups(model), lr=0.05, weight_decay=0.1, adamw_lr=0.01,
+    # fused=False as in distributed_worker.make_optimizer (DTensor AdamW groups never take the fused kernel).
+    return muonkit.Muon(muonkit.param_groups(model), lr=0.05, weight_decay=0.1, adamw_lr=0.01, fused=False,
                         process_group=process_group, **{**worker.VARIANTS[variant], **options})
 
 

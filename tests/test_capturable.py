@@ -128,8 +128,10 @@ def test_step_makes_no_host_read(case, capturable):
 def test_host_read_counter_sees_reads():
     # The counter is not blind: the optimizer's own non-capturable reads are found once the CPU
     # step counters are no longer excepted, and so are nonfinite="skip"'s finiteness check and a
-    # plain .item().
-    net, opt = build("default", False)
+    # plain .item(). fused=False: torch's default AdamW reads its step count on the host (the fused
+    # kernel, the default AdamW on CPU, reads it inside).
+    net = model()
+    opt = muonkit.Muon(muonkit.param_groups(net), lr=0.02, fused=False)
     set_grads(net, 0)
     with HostReads() as mode:
         opt.step()

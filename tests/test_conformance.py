@@ -428,14 +428,15 @@ def test_step_is_noop_for_zero_grads(config):
 @pytest.mark.parametrize("config", CONFIGS)
 def test_zero_grads_with_weight_decay_only_decay(config):
     """torch's semantics: a zero gradient is a gradient, so weight decay applies. A Muon group gives
-    W (1 - lr wd) exactly and keeps a zero momentum; an AdamW group equals torch.optim.AdamW."""
+    W (1 - lr wd) exactly and keeps a zero momentum; an AdamW group equals torch.optim.AdamW(fused=True)
+    (muonkit's default kernel on CPU, muonkit.options.adamw_kernel)."""
     params, opt = build(config)
     before = {n: p.detach().clone() for n, p in params.items()}
     torch_params = {n: nn.Parameter(p.detach().clone()) for n, p in params.items()}
     adamw_groups = [{"params": [torch_params[next(n for n in NAMES if params[n] is p)] for p in g["params"]],
                      "lr": g["lr"], "weight_decay": g["weight_decay"]}
                     for g in opt.param_groups if not g["use_muon"]]
-    torch_adamw = torch.optim.AdamW(adamw_groups) if adamw_groups else None
+    torch_adamw = torch.optim.AdamW(adamw_groups, fused=True) if adamw_groups else None
     for group in opt.param_groups + (torch_adamw.param_groups if torch_adamw else []):
         for p in group["params"]:
             p.grad = torch.zeros_like(p)

@@ -62,15 +62,18 @@ def params_of(opt):
 # ------------------------------------------------------------------------ 1. tensor lr shapes
 
 
+@pytest.mark.parametrize("fused", [None, False], ids=["default", "fused_false"])
 @pytest.mark.parametrize("shape", [(), (1,), (1, 1)], ids=["0d", "1", "1x1"])
-def test_tensor_lr_of_any_one_element_shape_steps_both_kinds(shape):
+def test_tensor_lr_of_any_one_element_shape_steps_both_kinds(shape, fused):
     """As torch.optim accepts lr as a one-element tensor of any shape: Muon groups step exactly as
-    with the tensor's value as a float; AdamW groups exactly as torch.optim.AdamW given the same tensor."""
+    with the tensor's value as a float; AdamW groups exactly as torch.optim.AdamW given the same
+    tensor (by default its fused kernel, with fused=False its default implementation)."""
     lr = torch.full(shape, 0.02)
     ours, opt = mixed(lr=lr, adamw_lr=lr)
     floats, opt_float = mixed(lr=lr.item(), adamw_lr=lr.item())
+    opt.param_groups[1]["fused"] = fused
     theirs = [p.detach().clone().requires_grad_() for p in ours[2:]]
-    torch_adamw = torch.optim.AdamW(theirs, lr=lr, weight_decay=0.1)
+    torch_adamw = torch.optim.AdamW(theirs, lr=lr, weight_decay=0.1, fused=fused is None)
     for t in range(3):
         step(opt, ours, t)
         step(opt_float, floats, t)
@@ -145,7 +148,11 @@ def _torch_adamw_run(cls=torch.optim.AdamW, **kw):
     return params, opt
 
 
-def test_torch_adamw_state_dict_loads_into_adamw_groups_and_continues_bit_for_bit():
+@pytest.mark.parametrize("fused", [None, False], ids=["default", "fused_false"])
+def test_torch_adamw_state_dict_loads_into_adamw_groups_and_continues_bit_for_bit(fused):
+    """torch.optim.AdamW()'s state dict loads and continues as torch.optim.AdamW would with the same
+    kernel: by default (fused=None, as torch saved it) torch's fused kernel on CPU, so as that
+    optimizer switched to fused=True; with the group's fused set to False, as it continues."""
     theirs, torch_opt = _torch_adamw_run(lr=3e-3, betas=(0.85, 0.98), weight_decay=0.05)
     ours = [p.detach().clone().requires_grad_() for p in theirs]
     opt = muonkit.Muon([{"params": ours, "use_muon": False}], lr=0.1, weight_decay=0.3)
@@ -157,6 +164,8 @@ def test_torch_adamw_state_dict_loads_into_adamw_groups_and_continues_bit_for_bi
     assert opt.param_groups[0]["fused"] is None  # torch's saved option, muonkit's too (tests/test_fused_adamw.py)
     assert opt.param_groups[0]["use_muon"] is False and opt.param_groups[0]["betas"] == (0.85, 0.98)
     assert opt.param_groups[0]["lr"] == 3e-3 and opt.param_groups[0]["weight_decay"] == 0.05
+    opt.param_groups[0]["fused"] = fused
+    torch_opt.param_groups[0]["fused"] = fused is None
     for t in range(3, 6):
         step(torch_opt, theirs, t)
         step(opt, ours, t)
@@ -543,17 +552,21 @@ def test_qkclip_leaves_a_head_with_an_infinite_max_logit_as_it_is_counts_and_war
     assert torch.equal(q[:4], q0[:4]) and torch.equal(q[4:8], q0[4:8] * root)
 
 
+@pytest.mark.parametrize("fused", [None, False], ids=["default", "fused_false"])
 @pytest.mark.parametrize("key", ["eps", "weight_decay"])
 @pytest.mark.parametrize("shape", [(1,), (1, 1)], ids=["1", "1x1"])
-def test_tensor_eps_and_weight_decay_of_one_element_step_an_adamw_group_like_torch(key, shape):
+def test_tensor_eps_and_weight_decay_of_one_element_step_an_adamw_group_like_torch(key, shape, fused):
     """Issue 18.2: an AdamW group's eps or weight_decay as a one-element tensor (torch.optim.AdamW takes
-    shape [1]) steps exactly as torch.optim.AdamW given its 0-d value, on muonkit's foreach path for
-    float32 groups, and after the Muon group moved nothing fails."""
+    shape [1]) steps exactly as torch.optim.AdamW given its 0-d value, on the fused kernel (the
+    default) and on muonkit's foreach path for float32 groups (fused=False), and after the Muon
+    group moved nothing fails."""
     value = torch.full(shape, 0.01 if key == "eps" else 0.1)
     ours, opt = mixed()
     opt.param_groups[1][key] = value
+    opt.param_groups[1]["fused"] = fused
     theirs = [p.detach().clone().requires_grad_() for p in ours[2:]]
-    torch_adamw = torch.optim.AdamW(theirs, lr=3e-3, foreach=False, **{"weight_decay": 0.1, key: value.reshape(())})
+    torch_adamw = torch.optim.AdamW(theirs, lr=3e-3, **{"fused": True} if fused is None else {"foreach": False},
+                                    **{"weight_decay": 0.1, key: value.reshape(())})
     for t in range(3):
         step(opt, ours, t)
         for p, g in zip(theirs, grads_for(ours, t)[2:]):

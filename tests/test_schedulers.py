@@ -52,7 +52,7 @@ def test_scheduler_drives_both_groups(kind):
         lr=MUON_LR, momentum=0.9, nesterov=True, weight_decay=0.1, scale="moonlight",
         orthogonalizer="svd", ns_dtype=torch.float64,
     )
-    adamw = torch.optim.AdamW([b_theirs], lr=ADAMW_LR, weight_decay=0.1)
+    adamw = torch.optim.AdamW([b_theirs], lr=ADAMW_LR, weight_decay=0.1, fused=True)  # muonkit's default on CPU
     sched = make_schedulers(kind, opt)
     sched_adamw = make_schedulers(kind, adamw) if kind != "onecycle" else (
         torch.optim.lr_scheduler.OneCycleLR(adamw, max_lr=ADAMW_LR, total_steps=STEPS,

@@ -1,5 +1,8 @@
 """muonkit.Muon against torch.optim.Muon (2D matrices) and torch.optim.AdamW (use_muon=False).
 
+AdamW groups: on CPU by default (fused=None) torch.optim.AdamW(fused=True) bit for bit, with
+fused=False torch.optim.AdamW() (its single-tensor loop and its foreach implementation) bit for bit.
+
 torch.optim.Muon runs Keller Jordan's Newton-Schulz in bfloat16 and normalizes by
 norm().clamp(min=eps); its adjust_lr_fn "original" is muonkit's scale "keller_jordan" and
 "match_rms_adamw" is "moonlight". Gradients are a fixed sequence (open loop), so differences come
@@ -110,6 +113,14 @@ def adamw_grads(seed, steps):
     return [[torch.randn(s, generator=g) for s in ADAMW_SHAPES] for _ in range(steps)]
 
 
+# muonkit's AdamW-group fused option -> the torch.optim.AdamW implementation it equals bit for bit on CPU.
+KERNELS = {
+    "default": (None, dict(fused=True)),
+    "fused_false_single_tensor": (False, dict(foreach=False)),
+    "fused_false_foreach": (False, dict(foreach=True)),
+}
+
+
 @pytest.mark.parametrize(
     "group_kw,ctor_kw,torch_kw",
     [
@@ -126,17 +137,19 @@ def adamw_grads(seed, steps):
     ],
     ids=["explicit", "explicit_no_wd", "from_ctor", "adamw_lr_wd"],
 )
-@pytest.mark.parametrize("foreach", [False, True], ids=["single_tensor", "foreach"])
-def test_adamw_group_is_torch_adamw_bit_for_bit(group_kw, ctor_kw, torch_kw, foreach):
-    """AdamW groups are exactly torch.optim.AdamW, with its single-tensor loop (torch's CPU default)
-    and its foreach implementation (muonkit's, and torch's CUDA default): torch.equal on params and
-    state, 6 steps, with a Muon group sharing the optimizer."""
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_adamw_group_is_torch_adamw_bit_for_bit(group_kw, ctor_kw, torch_kw, kernel):
+    """AdamW groups are exactly torch.optim.AdamW: by default torch's fused kernel
+    (torch.optim.AdamW(fused=True)); with fused=False its single-tensor loop (torch's CPU default)
+    and its foreach implementation (muonkit's then): torch.equal on params and state, 6 steps, with
+    a Muon group sharing the optimizer."""
+    fused, implementation = KERNELS[kernel]
     ours_p, theirs_p = adamw_params(), adamw_params()
     muon_w = torch.randn(6, 10)
     ours = muonkit.Muon(
-        [{"params": [muon_w]}, {"params": ours_p, "use_muon": False, **group_kw}], **ctor_kw
+        [{"params": [muon_w]}, {"params": ours_p, "use_muon": False, **group_kw}], **ctor_kw, fused=fused
     )
-    theirs = torch.optim.AdamW(theirs_p, **torch_kw, foreach=foreach)
+    theirs = torch.optim.AdamW(theirs_p, **torch_kw, **implementation)
     for grads in adamw_grads(1, 6):
         for p, q, g in zip(ours_p, theirs_p, grads):
             p.grad = g.clone()
@@ -156,13 +169,17 @@ def test_adamw_group_is_torch_adamw_bit_for_bit(group_kw, ctor_kw, torch_kw, for
 
 @pytest.mark.parametrize("dtypes", [(torch.bfloat16,), (torch.float16,), (torch.float16, torch.float32, torch.float64)],
                          ids=["bfloat16", "float16", "mixed"])
-def test_adamw_group_of_16_bit_parameters_in_their_own_dtype_is_torch_adamw_bit_for_bit(dtypes):
+@pytest.mark.parametrize("kernel", ["default", "fused_false_single_tensor"])
+def test_adamw_group_of_16_bit_parameters_in_their_own_dtype_is_torch_adamw_bit_for_bit(dtypes, kernel):
     """With round-to-nearest and state in the parameters' dtype, 16-bit and mixed groups step in
-    torch's arithmetic: its CPU default loop (its foreach kernels round 16-bit tensors differently)."""
+    torch's arithmetic: by default its fused kernel, with fused=False its CPU default loop (its
+    foreach kernels round 16-bit tensors differently)."""
+    fused, implementation = KERNELS[kernel]
     ours_p = [p.to(dtypes[i % len(dtypes)]) for i, p in enumerate(adamw_params())]
     theirs_p = [p.clone() for p in ours_p]
-    ours = muonkit.Muon([{"params": ours_p, "use_muon": False}], lr=1e-2, weight_decay=0.1, stochastic_rounding=False)
-    theirs = torch.optim.AdamW(theirs_p, lr=1e-2, weight_decay=0.1, foreach=False)
+    ours = muonkit.Muon([{"params": ours_p, "use_muon": False}], lr=1e-2, weight_decay=0.1, stochastic_rounding=False,
+                        fused=fused)
+    theirs = torch.optim.AdamW(theirs_p, lr=1e-2, weight_decay=0.1, **implementation)
     for grads in adamw_grads(1, 6):
         for p, q, g in zip(ours_p, theirs_p, grads):
             p.grad, q.grad = g.to(p.dtype), g.to(q.dtype)
@@ -173,11 +190,13 @@ def test_adamw_group_of_16_bit_parameters_in_their_own_dtype_is_torch_adamw_bit_
         assert torch.equal(ours.state[p]["exp_avg_sq"], theirs.state[q]["exp_avg_sq"])
 
 
-def test_adamw_group_with_tensor_betas_is_torch_adamw_bit_for_bit():
+@pytest.mark.parametrize("kernel", ["default", "fused_false_single_tensor"])
+def test_adamw_group_with_tensor_betas_is_torch_adamw_bit_for_bit(kernel):
+    fused, implementation = KERNELS[kernel]
     betas = (torch.tensor(0.9), torch.tensor(0.99))
     ours_p, theirs_p = adamw_params(), adamw_params()
-    ours = muonkit.Muon([{"params": ours_p, "use_muon": False, "betas": betas}], lr=1e-2, weight_decay=0.1)
-    theirs = torch.optim.AdamW(theirs_p, lr=1e-2, weight_decay=0.1, betas=betas, foreach=False)
+    ours = muonkit.Muon([{"params": ours_p, "use_muon": False, "betas": betas}], lr=1e-2, weight_decay=0.1, fused=fused)
+    theirs = torch.optim.AdamW(theirs_p, lr=1e-2, weight_decay=0.1, betas=betas, **implementation)
     for grads in adamw_grads(2, 4):
         for p, q, g in zip(ours_p, theirs_p, grads):
             p.grad, q.grad = g.clone(), g.clone()
@@ -187,10 +206,12 @@ def test_adamw_group_with_tensor_betas_is_torch_adamw_bit_for_bit():
         assert torch.equal(p, q)
 
 
-def test_adamw_only_optimizer_skips_params_without_grad_like_torch():
+@pytest.mark.parametrize("kernel", ["default", "fused_false_foreach"])
+def test_adamw_only_optimizer_skips_params_without_grad_like_torch(kernel):
+    fused, implementation = KERNELS[kernel]
     ours_p, theirs_p = adamw_params(2), adamw_params(2)
-    ours = muonkit.Muon([{"params": ours_p, "use_muon": False}], lr=1e-2, weight_decay=0.1)
-    theirs = torch.optim.AdamW(theirs_p, lr=1e-2, weight_decay=0.1)
+    ours = muonkit.Muon([{"params": ours_p, "use_muon": False}], lr=1e-2, weight_decay=0.1, fused=fused)
+    theirs = torch.optim.AdamW(theirs_p, lr=1e-2, weight_decay=0.1, **implementation)
     for grads in adamw_grads(3, 4):
         for i, (p, q, g) in enumerate(zip(ours_p, theirs_p, grads)):
             if i == 1:

@@ -917,7 +917,7 @@ def adamw(
     rounding_seeds: Sequence[int | None] | None = None,
     stats: Sequence[Stats] | None = None,
     capturable: bool = False,
-    fused: bool | None = None,
+    fused: bool = False,
 ) -> None:
     """One AdamW step (decoupled weight decay), by the same functional torch.optim.AdamW calls,
     so that muonkit's AdamW groups equal torch.optim.AdamW bit for bit; see `_adamw_foreach` for which
@@ -935,7 +935,8 @@ def adamw(
     (bias corrections as device tensors, no host read; single-tensor, `_capturable_adam_flags`).
 
     With `fused=True` the step is torch's fused AdamW kernel, as torch.optim.AdamW(fused=True) runs
-    it (`_fused_adamw`); None or False, the path above.
+    it (`_fused_adamw`; muonkit.Muon's AdamW groups take it by default on CPU,
+    muonkit.options.adamw_kernel); False, the path above.
     """
     if not params:
         return
@@ -1019,7 +1020,13 @@ def _fused_adamw(
     hyperparameters as numbers; `steps` on the parameters' device. The kernel updates the moments
     in the parameter's dtype and writes the parameter round-to-nearest, so a widened state, a
     stochastic rounding seed or cautious weight decay (a mask it has not) is refused here too
-    (muonkit.options.check_fused_param refuses them before a step)."""
+    (muonkit.options.check_fused_param refuses them before a step).
+
+    torch's fused CPU kernel (torch 2.13) walks each tensor's memory in order and ignores its
+    strides: a gradient laid out otherwise than its parameter (a transposed one) gives a wrong step,
+    and a parameter that is a slice of a larger tensor has the memory beside it written. So each
+    parameter is stepped as a dense tensor (itself, or a contiguous copy written back), with its
+    gradient and moments laid out alike (themselves, or copies; moments written back)."""
     if cautious_weight_decay and float(weight_decay) != 0.0:
         raise ValueError("adamw: fused=True cannot apply cautious_weight_decay (torch's fused kernel has no mask)")
     for i, (p, m) in enumerate(zip(params, exp_avgs)):
@@ -1028,11 +1035,19 @@ def _fused_adamw(
                 f"adamw: fused=True steps parameter {i} ({p.dtype}) in its own dtype, round-to-nearest; got "
                 f"moments in {m.dtype}" + (" and a stochastic rounding seed" if m.dtype == p.dtype else "")
             )
+    dense, moments = list(params), [list(exp_avgs), list(exp_avg_sqs)]
+    grads = [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params)]
+    contiguous = Tensor.is_contiguous
+    laid_out = all(all(map(contiguous, tensors)) for tensors in (params, grads, exp_avgs, exp_avg_sqs))
+    if not laid_out:
+        dense = [p if _dense(p) else p.contiguous() for p in params]
+        grads = [g if _alike(g, d) else torch.empty_like(d).copy_(g) for g, d in zip(grads, dense)]
+        moments = [[m if _alike(m, d) else torch.empty_like(d).copy_(m) for m, d in zip(ms, dense)] for ms in moments]
     _torch_adam(
-        list(params),
-        [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params)],
-        list(exp_avgs),
-        list(exp_avg_sqs),
+        dense,
+        grads,
+        moments[0],
+        moments[1],
         [],
         list(steps),
         foreach=False,
@@ -1051,3 +1066,24 @@ def _fused_adamw(
         eps=float(eps),
         maximize=False,
     )
+    if laid_out:
+        return
+    for targets, stepped in zip((params, exp_avgs, exp_avg_sqs), (dense, *moments)):
+        for target, t in zip(targets, stepped):
+            if t is not target:
+                target.copy_(t)
+
+
+def _alike(t: Tensor, like: Tensor) -> bool:
+    """Whether `t` is laid out as `like` (of the same shape) in memory."""
+    return (t.is_contiguous() and like.is_contiguous()) or t.stride() == like.stride()
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether `t` fills its memory without gaps or overlaps (contiguous up to an order of its axes)."""
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True

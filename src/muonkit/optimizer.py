@@ -29,6 +29,7 @@ from .options import (
     SKIPPED,
     Group,
     Nonfinite,
+    adamw_kernel,
     check_adamw_options,
     check_capturable,
     check_global_options,
@@ -80,6 +81,7 @@ class _GroupStep:
     # Per parameter cut along a dim other than 0, its new 8-bit momentum's block absmax, agreed
     # between the ranks holding the same rows (`agree_scales_`); None for the others.
     absmax: list[Tensor | None] | None = None
+    fused: bool = False  # an AdamW group steps with torch's fused AdamW kernel (options.adamw_kernel)
 
     def momentum(self) -> list[Tensor]:
         """Each parameter's momentum buffer as the step updates it (local parts): the buffer
@@ -187,7 +189,7 @@ class Muon(torch.optim.Optimizer):
             without it updates below half a bf16 ulp are lost (benchmarks/RESULTS.md, bfloat16).
         adamw_lr, adamw_weight_decay: AdamW groups' lr and decoupled weight decay (None: lr, weight_decay).
         adamw_betas, adamw_eps: AdamW's betas (default (0.9, 0.999)) and eps (default 1e-8).
-        fused: AdamW groups' torch.optim.AdamW fused (default None; True: torch's fused kernel, docs/API.md).
+        fused: AdamW groups' kernel: None (default) torch's fused AdamW on CPU where it applies, True always, False never (docs/API.md).
         nonfinite: what a step does when a gradient holds NaN or Inf: "propagate" (default, as
             torch.optim: the values flow into the parameters and state), "skip" (nothing changes;
             every group's ``skipped_steps`` counts it) or "raise" (RuntimeError, nothing changes).
@@ -467,7 +469,7 @@ class Muon(torch.optim.Optimizer):
             local_parts(item.params), local_parts(item.grads), local_parts(item.state("exp_avg")),
             local_parts(item.state("exp_avg_sq")), item.state("step"), lr=lr, beta1=beta1, beta2=beta2,
             eps=_scalar(group["eps"]), weight_decay=decay, cautious_weight_decay=cautious, rounding_seeds=item.seeds,
-            stats=item.stats, capturable=self.defaults["capturable"], fused=group["fused"],
+            stats=item.stats, capturable=self.defaults["capturable"], fused=item.fused,
         )
 
 
@@ -559,6 +561,7 @@ class _PlanCache:
 
     key: tuple | None = None
     entries: list[list[tuple[Tensor, str, str, int]]] = field(default_factory=list)
+    fused: list[bool] = field(default_factory=list)  # per group, `_GroupStep.fused`
     hit: bool = False  # whether the last plan came from the cache
     settled: bool = False  # whether a step of this plan has applied and dropped no state
 
@@ -581,7 +584,7 @@ def _fingerprint(param_groups: list[dict[str, Any]], held_state: dict[Tensor, An
 
     Read every step, so written for speed (the tensors' entries inline, not through `_meta`): for
     a small model it is a tenth of the step (benchmarks/RESULTS.md)."""
-    parts: list[Any] = [capturable]
+    parts: list[Any] = [capturable, torch.compiler.is_compiling()]  # both decide the AdamW kernel
     append = parts.append
     for group in param_groups:
         append(tuple([(key, type(value) if key == "lr" and not isinstance(value, Tensor) else _meta(value))
@@ -612,7 +615,8 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], dis
         for index, group in enumerate(param_groups):
             check_options(group, f"{'Muon' if group.get('use_muon') else 'AdamW'} group {index}", read_lr=not capturable)
         cache.hit = True
-        return [_cached_step(group, entries, held_state) for group, entries in zip(param_groups, cache.entries)]
+        return [_cached_step(group, entries, held_state, fused)
+                for group, entries, fused in zip(param_groups, cache.entries, cache.fused)]
     if cache is not None:
         cache.hit = cache.settled = False
     plan = []
@@ -671,6 +675,7 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], dis
             item.held.append(state)
             item.grads.append(p.grad)
             item.positions.append(position)
+        item.fused = not group["use_muon"] and adamw_kernel(group, capturable)[0]
         plan.append(item)
     if position >= 0 and not any(item.params for item in plan):
         warnings.warn(
@@ -681,6 +686,7 @@ def _plan(param_groups: list[dict[str, Any]], held_state: dict[Tensor, Any], dis
     if cache is not None:
         cache.key = key if cacheable else None
         cache.entries = [list(zip(item.params, item.names, item.labels, item.positions)) for item in plan] if cacheable else []
+        cache.fused = [item.fused for item in plan] if cacheable else []
     return plan
 
 
@@ -765,13 +771,13 @@ def _check_selectable(distributed: Any, p: Tensor, layout: Layout, group: dict[s
 
 
 def _cached_step(group: dict[str, Any], entries: list[tuple[Tensor, str, str, int]],
-                 held_state: dict[Tensor, Any]) -> _GroupStep:
+                 held_state: dict[Tensor, Any], fused: bool) -> _GroupStep:
     """A group's share of a step from a cached plan: its checked parameters with their current
-    gradients and state (complete, so nothing is created)."""
+    gradients and state (complete, so nothing is created), and its AdamW kernel."""
     params = [p for p, _, _, _ in entries]
     return _GroupStep(group, params, [name for _, name, _, _ in entries], [label for _, _, label, _ in entries],
                       [{} for _ in entries], [held_state.get(p, {}) for p in params], [p.grad for p in params],
-                      [position for *_, position in entries])
+                      [position for *_, position in entries], fused=fused)
 
 
 def _lr(group: dict[str, Any], capturable: bool) -> float | Tensor:

@@ -47,7 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "adamw_betas": (0.9, 0.999),
     "adamw_eps": 1e-8,
     "adamw_weight_decay": None,  # None: weight_decay
-    "fused": None,  # AdamW groups only: None (torch's foreach / single-tensor AdamW) or torch's fused kernel
+    "fused": None,  # AdamW groups only: None (automatic, `adamw_kernel`), True (torch's fused kernel) or False
     "nonfinite": "propagate",
     "diagnostics": False,
     "orthogonality_every": 0,
@@ -407,12 +407,17 @@ def check_adamw_options(options: dict[str, Any], where: str, *, read_lr: bool = 
         )
 
 
+# The dtypes torch's fused AdamW kernel steps (float8 types are floating point too; it has no kernel for them).
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_fused_param(p: Tensor, name: str, group: dict[str, Any], where: str) -> None:
     """A parameter of a fused=True AdamW group must be one that torch's fused AdamW kernel steps in
     place, exactly as torch.optim.AdamW(fused=True) would: on a device that has the kernel
-    (torch.optim.optimizer._get_fused_kernels_supported_devices), with its moments in its own dtype
-    (the kernel reads and writes them in the parameter's dtype; a wider state_dtype is muonkit's own
-    widened step), and written round-to-nearest (the kernel cannot round stochastically)."""
+    (torch.optim.optimizer._get_fused_kernels_supported_devices), of a dtype it has (FUSED_DTYPES),
+    with its moments in its own dtype (the kernel reads and writes them in the parameter's dtype; a
+    wider state_dtype is muonkit's own widened step), and written round-to-nearest (the kernel
+    cannot round stochastically)."""
     from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
     # Only where the kernel takes every floating dtype (CPU and CUDA): elsewhere (mps, xpu, ...) a dtype
@@ -424,6 +429,9 @@ def check_fused_param(p: Tensor, name: str, group: dict[str, Any], where: str) -
             f"kernel (fused=True needs one of {', '.join(devices)}: there it takes every floating dtype, so a "
             "step cannot fail halfway); set the group's fused to None"
         )
+    if p.dtype not in FUSED_DTYPES:
+        raise ValueError(f"{where}: parameter '{name}' is {p.dtype}, which torch's fused AdamW kernel does not step; "
+                         "set the group's fused to None or False")
     if group["state_dtype"] is not None and group["state_dtype"] != p.dtype:
         raise ValueError(
             f"{where}: parameter '{name}' is {p.dtype} with state_dtype={group['state_dtype']}, but fused=True "
@@ -436,6 +444,54 @@ def check_fused_param(p: Tensor, name: str, group: dict[str, Any], where: str) -
             "(stochastic_rounding=True), which torch's fused AdamW kernel cannot (it rounds to nearest, as "
             "torch.optim.AdamW(fused=True)); set stochastic_rounding=False or fused=None"
         )
+
+
+def adamw_kernel(group: dict[str, Any], capturable: bool) -> tuple[bool, str]:
+    """Whether an AdamW group steps with torch's fused AdamW kernel, and why (the words
+    muonkit.explain prints): (True, why) for the kernel, (False, why) for torch's default AdamW.
+
+    fused=True: always (`check_fused_param` refused, before the step, what the kernel cannot do).
+    fused=False: never: torch's default AdamW (foreach or for-loop, `functional._adamw_foreach`),
+    bit for bit torch.optim.AdamW(). fused=None (the default): the kernel wherever it steps every
+    parameter of the group as torch.optim.AdamW(fused=True) would and cannot fail midway, since it
+    is the fastest AdamW on CPU (one pass per tensor; benchmarks/RESULTS.md, "fused AdamW by
+    default"): every parameter a plain (not DTensor) CPU tensor of a dtype the kernel has
+    (FUSED_DTYPES), moments in its own dtype, written round-to-nearest, no cautious weight decay (a
+    mask the kernel has not), capturable=False (torch's capturable arithmetic is kept) and not
+    under torch.compile (torch wraps its fused functional in torch.compiler.disable: the step would
+    break the graph). Else the whole group takes torch's default AdamW, which differs from the
+    kernel by round-off only.
+
+    Decided per group from its options and all of its parameters (with a gradient or not), so a
+    parameter's kernel does not change with its neighbours' gradients. Not automatic on CUDA or
+    other devices (not measured there; fused=True asks for the kernel on CUDA).
+    """
+    fused = group["fused"]
+    if fused is not None:
+        return fused, f"fused={fused}"
+    if group["cautious_weight_decay"]:
+        return False, "fused=None with cautious_weight_decay=True, which torch's fused AdamW kernel cannot apply (no mask)"
+    if capturable:
+        return False, "fused=None with capturable=True: torch's capturable AdamW arithmetic"
+    if torch.compiler.is_compiling():
+        return False, "fused=None under torch.compile, which does not trace torch's fused AdamW (a graph break)"
+    names = group.get("param_names") or []
+    for i, p in enumerate(group["params"]):
+        name = names[i] if i < len(names) else f"#{i}"
+        why = None
+        if is_dtensor(p):
+            why = "is a DTensor (its local pieces step with torch's default AdamW)"
+        elif p.device.type != "cpu":
+            why = f"is on {p.device} (the kernel is chosen automatically on CPU only; fused=True asks for it)"
+        elif p.dtype not in FUSED_DTYPES:
+            why = f"is {p.dtype}, which torch's fused AdamW kernel does not step"
+        elif group["state_dtype"] is not None and group["state_dtype"] != p.dtype:
+            why = f"is {p.dtype} with state_dtype={group['state_dtype']} (the kernel keeps moments in the parameter's dtype)"
+        elif group["stochastic_rounding"] and p.dtype.itemsize < 4:
+            why = f"is {p.dtype} and rounds stochastically (stochastic_rounding=True; the kernel rounds to nearest)"
+        if why is not None:
+            return False, f"fused=None and parameter '{name}' {why}"
+    return True, "fused=None on CPU: as torch.optim.AdamW(fused=True), the fastest AdamW on CPU"
 
 
 def check_param(p: Tensor, name: str, group: dict[str, Any], where: str) -> None:

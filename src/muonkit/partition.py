@@ -39,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .layout import Layout, LayoutSpec, matrix_shape, resolve
+from .options import ADAMW_FROM, DEFAULTS, adamw_kernel
 from .orthogonalize import default_ns_dtype_reason
 
 Choice = Literal["muon", "adamw"]
@@ -1247,6 +1248,22 @@ def _ns_dtype_note(model: nn.Module) -> str:
     return "\n" + default_ns_dtype_reason(device)
 
 
+def _adamw_kernel_note(model: nn.Module, decisions: Sequence[Decision]) -> str:
+    """A line on the AdamW kernel muonkit.Muon's defaults give the model's AdamW parameters, and why
+    (muonkit.options.adamw_kernel), when it has any."""
+    params = dict(model.named_parameters())
+    names = [d.name for d in decisions if d.optimizer == "adamw" and d.name in params]
+    if not names:
+        return ""
+    group = {key: DEFAULTS[source] for key, source in ADAMW_FROM.items()}
+    group.update(params=[params[name] for name in names], param_names=names, use_muon=False)
+    fused, why = adamw_kernel(group, DEFAULTS["capturable"])
+    if fused:
+        return (f"\nAdamW groups step with torch's fused AdamW kernel by default ({why}); fused=False gives torch's "
+                "default AdamW (torch.optim.AdamW()) bit for bit.")
+    return f"\nAdamW groups step with torch's default AdamW by default ({why})."
+
+
 def explain(
     model: nn.Module,
     *,
@@ -1260,7 +1277,8 @@ def explain(
     Example:
         >>> muonkit.explain(model, example_inputs=(x,))
     """
-    text = format_table(route(model, **routing)) + _low_precision_note(model) + _ns_dtype_note(model)
+    decisions = route(model, **routing)
+    text = format_table(decisions) + _low_precision_note(model) + _ns_dtype_note(model) + _adamw_kernel_note(model, decisions)
     if file is not None:
         print(text, file=file)
     return text

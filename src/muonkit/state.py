@@ -108,7 +108,9 @@ def missing_state(p: Tensor, state: dict[str, Any], group: dict[str, Any], *, ca
         elif isinstance(held, Tensor) and held.is_floating_point() and held.dtype != dtype:
             new[key] = held.to(dtype)
     step = state.get("step")
-    capturable = capturable or bool(group.get("fused"))  # torch's fused AdamW counts on the device too
+    # torch's fused AdamW counts on the device too; fused=None takes the kernel on CPU parameters only,
+    # whose counts are on the CPU either way (so a state dict moves between the two kernels as it is).
+    capturable = capturable or bool(group.get("fused"))
     if step is None and (not group["use_muon"] or rounds_stochastically(p, group)):
         new["step"] = torch.tensor(0.0, dtype=torch.float32, device=step_device(p, capturable))
     elif isinstance(step, Tensor) and step.device != step_device(p, capturable):

@@ -20,7 +20,8 @@
   (10); a task without their own lrs uses muon's.
 - NAME+cwd: NAME with cautious weight decay (decay only where it agrees in sign with the update),
   for every optimizer above except torch-muon (torch.optim.Muon has no such option). adamw+cwd is
-  muonkit.Muon with AdamW groups only, which equals torch.optim.AdamW when cautious decay is off.
+  muonkit.Muon with AdamW groups only, which equals torch.optim.AdamW (fused=True on CPU, muonkit's
+  default kernel there) when cautious decay is off.
   A task without its own lr for NAME+cwd uses NAME's.
 
 Every optimizer gets the task's weight decay, applied the same way (p *= 1 - lr * weight_decay, before

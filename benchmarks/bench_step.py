@@ -344,7 +344,7 @@ def run_case(key: str, args: argparse.Namespace, full_torch: bool, device: str, 
     timings = {name: _per_step(t, n) for name, t in
                time_interleaved({name: _times(fn, n) for name, fn in fns.items()}, repeats=args.repeats, sync=sync,
                                 clock=clock).items()}
-    if not full:
+    if not full and args.torch_muon_repeats > 0:  # 0: no torch.optim.Muon row
         reps, counts = representatives(case, device)
         set_grads(case, reps)
         rep_fns = {str(shape): torch_muon_step(case, [p]) for p, shape in zip(reps, counts)}
@@ -367,7 +367,7 @@ def run_case(key: str, args: argparse.Namespace, full_torch: bool, device: str, 
     if full:
         makers[torch_label] = lambda **o: torch_muon_step(case, **o)
     errors = {name: update_error(case, make, case.muon) for name, make in makers.items()}
-    if not full:
+    if not full and args.torch_muon_repeats > 0:
         reps, _ = representatives(case, device)
         errors[torch_label + " *"] = max(update_error(case, lambda **o: torch_muon_step(case, [p], **o), [p])
                                          for p in reps)
@@ -377,7 +377,7 @@ def run_case(key: str, args: argparse.Namespace, full_torch: bool, device: str, 
     header = (f"\n{case.name}: Muon matrices {sum(p.numel() for p in case.muon) / 1e6:.2f}M params "
               f"({', '.join(f'{n} x {s}' for s, n in counts.items())}), AdamW {sum(p.numel() for p in case.adamw) / 1e3:.1f}k")
     note = ("\n* torch.optim.Muon timed on one matrix per shape x count, median of "
-            f"{args.torch_muon_repeats}; its ratio is a ratio of medians" if not full else "")
+            f"{args.torch_muon_repeats}; its ratio is a ratio of medians" if not full and args.torch_muon_repeats > 0 else "")
     return header + "\n" + table(["method", "step ms", "x textbook", "polar err"], rows) + note
 
 
@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--torch-muon-repeats", type=int, default=1)
+    parser.add_argument("--torch-muon-repeats", type=int, default=1, help="rounds for the torch.optim.Muon row where it is timed on one matrix per shape (0: no such row)")
     parser.add_argument("--full-torch-muon", action="store_true",
                         help="time torch.optim.Muon on every matrix even where bf16 is slow (default: only where it is not)")
     parser.add_argument("--steps-per-round", type=int, default=1, help="steps of each method timed together per round")

@@ -658,6 +658,39 @@ deferred_hsdp_grouped = functools.partial(deferred_hsdp, grouped=True)
 deferred_hsdp__normuon = functools.partial(deferred_hsdp, variant="normuon")
 
 
+# ---------------------------------------------------- a layout that cuts a sharded dim 0 into blocks
+
+
+def blocked_optimizer(model: nn.Module, process_group: Any = None, variant: str = "muon") -> muonkit.Muon:
+    """make_optimizer with each `odd` weight (33 rows) read as 3 matrices of 11 rows
+    (Layout.per_block(3), as routing reads a fused q/k/v Linear): HSDP's 17- and 16-row pieces cut
+    through a block, and neither is a multiple of 3 rows."""
+    groups = muonkit.param_groups(model)
+    odd: list[tuple[str, nn.Parameter]] = []
+    for group in groups:
+        pairs = list(zip(group["param_names"], group["params"]))
+        odd += [(n, p) for n, p in pairs if n.endswith("odd.weight")]
+        kept = [(n, p) for n, p in pairs if not n.endswith("odd.weight")]
+        group["param_names"], group["params"] = [n for n, _ in kept], [p for _, p in kept]
+    groups.append({"params": [p for _, p in odd], "param_names": [n for n, _ in odd],
+                   "layout": muonkit.Layout.per_block(3)})
+    return muonkit.Muon([g for g in groups if g["params"]], lr=0.05, weight_decay=0.1, adamw_lr=0.01,
+                        process_group=process_group, **worker.VARIANTS[variant])
+
+
+def hsdp_blocks(rank: int, world: int, tmp: Path) -> Any:
+    """NorMuon and AdaMuon (second moments) on HSDP 2 x 2 with blocked_optimizer's layout: per
+    variant, the snapshot after the fixed steps."""
+    out = {}
+    for variant in ("normuon", "adamuon"):
+        model = make_model()
+        mesh = place_hsdp(model)
+        opt = blocked_optimizer(model, mesh, variant)
+        train_fixed(model, opt, range(STEPS))
+        out[variant] = worker.snapshot(model, opt)
+    return out
+
+
 KINDS = set(PLACE)
 
 

@@ -60,7 +60,7 @@ CHECKPOINTS_8BIT = ["resume_hsdp_from_fsdp_tp__muon8bit", "resume_fsdp_tp_from_o
 DEFERRED = ["deferred_hsdp", "deferred_hsdp_prefetch", "deferred_hsdp_grouped", "deferred_hsdp__normuon"]
 JOBS = [*KINDS, *FLAT_KINDS, *VARIANT_JOBS, "buckets", "buckets_hsdp", "bf16", "safety", "qkclip_fsdp_tp", "qkclip_flat_fsdp_tp",
         "fsdp_tp_muon8bit", "fsdp_tp_muon8bit_few_rows", "fsdp_tp_switch_bits", "row_slices", "hsdp_few", *CHECKPOINTS, *CHECKPOINTS_8BIT,
-        *DEFERRED]
+        *DEFERRED, "hsdp_blocks"]
 
 
 # --------------------------------------------------------------------------------- pieces (pure)
@@ -603,6 +603,22 @@ def test_variants_on_new_placements_equal_one_process(runs, job):
     want = mesh_worker.reference(variant=variant)
     for result in _result(runs, job):
         _assert_equal(result["snapshot"], want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["normuon", "adamuon"])
+def test_a_layout_cutting_sharded_rows_into_blocks_with_second_moments_equals_one_process(runs, variant):
+    """A layout that cuts dim 0 into blocks (routing's per-head reading of a fused q/k/v Linear) on
+    HSDP pieces that cut through the blocks, with a variant that keeps second moments: equal to one
+    process bit for bit. The step read each rank's piece of the second moment through the layout,
+    which cuts the full tensor's rows: a reshape error when the piece's rows were no multiple of the
+    block count."""
+    model = mesh_worker.make_model()
+    opt = mesh_worker.blocked_optimizer(model, variant=variant)
+    mesh_worker.train_fixed(model, opt, range(mesh_worker.STEPS))
+    want = worker.snapshot(model, opt)
+    for result in _result(runs, "hsdp_blocks"):
+        _assert_equal(result[variant], want)
 
 
 @pytest.mark.slow

@@ -57,7 +57,8 @@ CHECKPOINTS = ["checkpoint_save_hsdp", "checkpoint_save_fsdp_tp", "resume_fsdp_f
 # HSDP resumes; FSDP + TP resumes one process's mesh_one__muon8bit (saved by tests/conftest.py).
 CHECKPOINTS_8BIT = ["resume_hsdp_from_fsdp_tp__muon8bit", "resume_fsdp_tp_from_one__muon8bit"]
 # muonkit.defer_relay on HSDP 2 x 2 trained by forward/backward (mesh_worker.deferred_hsdp).
-DEFERRED = ["deferred_hsdp", "deferred_hsdp_prefetch", "deferred_hsdp_grouped", "deferred_hsdp__normuon"]
+DEFERRED = ["deferred_hsdp", "deferred_hsdp_prefetch", "deferred_hsdp_grouped", "deferred_hsdp__normuon",
+            "deferred_hsdp_usage"]
 JOBS = [*KINDS, *FLAT_KINDS, *VARIANT_JOBS, "buckets", "buckets_hsdp", "bf16", "safety", "qkclip_fsdp_tp", "qkclip_flat_fsdp_tp",
         "fsdp_tp_muon8bit", "fsdp_tp_muon8bit_few_rows", "fsdp_tp_switch_bits", "row_slices", "hsdp_few", *CHECKPOINTS, *CHECKPOINTS_8BIT,
         *DEFERRED, "hsdp_blocks"]
@@ -798,6 +799,24 @@ def test_state_dicts_right_after_a_deferred_step_equal_the_steps(runs, job):
         for key in ("model_state_dict_equal", "optim_state_dict_equal"):
             waiting, equal, finished = result[key]
             assert waiting and equal and finished, (rank, key, result[key])
+
+
+@pytest.mark.slow
+def test_deferred_relay_through_a_training_loops_usual_calls(runs):
+    """defer_relay under an LR scheduler stepped between step() and the next forward (lr 1, 1/2,
+    1/3, ...: a waiting update applied at the scheduler's new lr would differ), two accumulated
+    forwards per step, an evaluation under torch.no_grad, a forward that raises after the root's
+    pre-forward (the layers' updates still wait, the next forward applies them) and a step skipped
+    for a NaN gradient (nonfinite="skip"): every loss and the evaluation equal the undeferred
+    model's, and so do the parameters and optimizer state at the end, bit for bit
+    (mesh_worker.deferred_hsdp_usage)."""
+    for result in _result(runs, "deferred_hsdp_usage"):
+        assert all(result["losses_equal"]) and len(result["losses_equal"]) == 10
+        assert result["eval_equal"] is True
+        assert result["waiting"][3] == 0 and all(n > 0 for i, n in enumerate(result["waiting"]) if i != 3), result
+        assert result["waiting_after_failure"] > 0
+        assert result["skipped"] == [1, 1]
+        _assert_equal(result["snapshot_b"], result["snapshot_a"])
 
 
 @pytest.mark.slow

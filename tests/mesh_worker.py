@@ -653,9 +653,102 @@ def _deferred_checkpoints(model: nn.Module, opt: muonkit.Muon, deferred: Any, pa
     return out
 
 
+def deferred_hsdp_usage(rank: int, world: int, tmp: Path) -> Any:
+    """Models A (as usual) and B (defer_relay) in lockstep on HSDP 2 x 2 while the loop does what
+    training loops do between step() and the next forward: an LR scheduler steps after every step
+    (B's waiting updates keep their step's lr), every step accumulates two forwards, step 1 is
+    preceded by an evaluation (model.eval(), torch.no_grad()), step 2 by a forward that raises after
+    the root's pre-forward, and step 3's gradient holds a NaN (nonfinite="skip"). Per step: B's
+    waiting count after step() and after the failed forward, whether the losses and the evaluation
+    equal A's; at the end the snapshots and the skipped steps."""
+    models, opts, schedulers = [], [], []
+    for _ in range(2):
+        model = make_model()
+        opt = make_optimizer(model, place_hsdp(model), nonfinite="skip")
+        opt._distributed.bucket_bytes = 4096
+        models.append(model)
+        opts.append(opt)
+        schedulers.append(torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step)))
+    deferred = muonkit.defer_relay(opts[1], models[1])
+    failing = [False]
+
+    def fail(*_: Any) -> None:
+        if failing[0]:
+            raise KeyError("a forward that fails")
+
+    for model in models:
+        model.tok_embeddings.register_forward_pre_hook(fail)
+    out: dict[str, Any] = {"waiting": [], "losses_equal": [], "eval_equal": None, "waiting_after_failure": None}
+    for step in range(5):
+        if step == 1:
+            outputs = []
+            for model in models:
+                model.eval()
+                with torch.no_grad():
+                    outputs.append(model(batch(99)[0]))
+                model.train()
+            out["eval_equal"] = torch.equal(*outputs)
+        if step == 2:
+            failing[0] = True
+            for model in models:
+                try:
+                    model(batch(98)[0])
+                except KeyError:
+                    pass
+            failing[0] = False
+            out["waiting_after_failure"] = deferred.pending
+        for micro in range(2):
+            tokens, targets = batch(10 * step + micro)
+            losses = [F.cross_entropy(model(tokens), targets) for model in models]
+            for loss in losses:
+                loss.backward()
+            out["losses_equal"].append(torch.equal(*(loss.detach() for loss in losses)))
+        if step == 3:
+            for model in models:
+                model.layers[0].wq.weight.grad.to_local().fill_(float("nan"))
+        for opt, scheduler in zip(opts, schedulers):
+            opt.step()
+            scheduler.step()
+            opt.zero_grad()
+        out["waiting"].append(deferred.pending)
+    deferred.finish()
+    out["skipped"] = [opt.skipped_steps for opt in opts]
+    out["snapshot_a"], out["snapshot_b"] = (worker.snapshot(m, o) for m, o in zip(models, opts))
+    return out
+
+
 deferred_hsdp_prefetch = functools.partial(deferred_hsdp, prefetch=True)
 deferred_hsdp_grouped = functools.partial(deferred_hsdp, grouped=True)
 deferred_hsdp__normuon = functools.partial(deferred_hsdp, variant="normuon")
+
+
+# ---------------------------------------------------- a layout that cuts a sharded dim 0 into blocks
+
+
+def blocked_optimizer(model: nn.Module, process_group: Any = None, variant: str = "muon") -> muonkit.Muon:
+    """make_optimizer with each `odd` weight (33 rows) read as 3 matrices of 11 rows
+    (Layout.per_block(3), as routing reads a fused q/k/v Linear): HSDP's 17- and 16-row pieces cut
+    through a block, and neither is a multiple of 3 rows."""
+    groups = muonkit.param_groups(model)
+    odd: list[tuple[str, nn.Parameter]] = []
+    for group in groups:
+        pairs = list(zip(group["param_names"], group["params"]))
+        odd += [(n, p) for n, p in pairs if n.endswith("odd.weight")]
+        kept = [(n, p) for n, p in pairs if not n.endswith("odd.weight")]
+        group["param_names"], group["params"] = [n for n, _ in kept], [p for _, p in kept]
+    groups.append({"params": [p for _, p in odd], "param_names": [n for n, _ in odd],
+                   "layout": muonkit.Layout.per_block(3)})
+    return muonkit.Muon([g for g in groups if g["params"]], lr=0.05, weight_decay=0.1, adamw_lr=0.01,
+                        process_group=process_group, **worker.VARIANTS[variant])
+
+
+def hsdp_blocks(rank: int, world: int, tmp: Path) -> Any:
+    """NorMuon (a second moment per row) on HSDP 2 x 2 with blocked_optimizer's layout: the snapshot
+    after the fixed steps."""
+    model = make_model()
+    opt = blocked_optimizer(model, place_hsdp(model), "normuon")
+    train_fixed(model, opt, range(STEPS))
+    return worker.snapshot(model, opt)
 
 
 KINDS = set(PLACE)

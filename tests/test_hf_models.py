@@ -644,6 +644,27 @@ def test_an_output_projection_the_size_of_a_fused_qkv_is_not_cut():
     assert d.layout == "stacked" and d.reason == "hidden Linear weight 48x32", d
 
 
+def test_a_config_with_per_layer_head_counts_routes_each_projection_as_one_matrix():
+    """EmbeddingGemma 2's config holds head_dim and num_key_value_heads per layer: reading them from
+    the global config raises (transformers' AmbiguousGlobalPerLayerAttributeError, a RuntimeError),
+    and param_groups raised it while looking for fused q/k/v Linears (on any Linear: an MLP's too).
+    The counts are unknown there, so nothing is read as fused: q, k, v and the MLP's Linears stay
+    one matrix each, as before the fused reading existed."""
+    config_class = getattr(transformers, "EmbeddingGemma2TextConfig", None)
+    if config_class is None:
+        pytest.skip("this transformers has no EmbeddingGemma 2")
+    cfg = config_class(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, hidden_size_per_layer_input=8, global_head_dim=16,
+                       sliding_window_pattern=2)
+    torch.manual_seed(0)
+    model = transformers.EmbeddingGemma2TextModel(cfg)
+    decisions = {d.name: d for d in muonkit.route(model)}
+    for layer in (0, 1):
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj"):
+            d = decisions[f"layers.{layer}.{name}.weight"]
+            assert d.optimizer == "muon" and d.layout == "stacked" and "fused" not in d.reason, d
+
+
 def test_clip_towers_stem_and_projections_are_the_same_with_and_without_inputs():
     """CLIP's vision tower comes after the text tower in registration order: without example inputs its
     patch embedding (the conv reading the pixels) was a hidden conv filter for Muon and the two

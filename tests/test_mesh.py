@@ -60,7 +60,7 @@ CHECKPOINTS_8BIT = ["resume_hsdp_from_fsdp_tp__muon8bit", "resume_fsdp_tp_from_o
 DEFERRED = ["deferred_hsdp", "deferred_hsdp_prefetch", "deferred_hsdp_grouped", "deferred_hsdp__normuon"]
 JOBS = [*KINDS, *FLAT_KINDS, *VARIANT_JOBS, "buckets", "buckets_hsdp", "bf16", "safety", "qkclip_fsdp_tp", "qkclip_flat_fsdp_tp",
         "fsdp_tp_muon8bit", "fsdp_tp_muon8bit_few_rows", "fsdp_tp_switch_bits", "row_slices", "hsdp_few", *CHECKPOINTS, *CHECKPOINTS_8BIT,
-        *DEFERRED]
+        *DEFERRED, "deferred_hsdp_usage", "hsdp_blocks"]
 
 
 # --------------------------------------------------------------------------------- pieces (pure)
@@ -606,6 +606,21 @@ def test_variants_on_new_placements_equal_one_process(runs, job):
 
 
 @pytest.mark.slow
+def test_a_layout_cutting_sharded_rows_into_blocks_with_second_moments_equals_one_process(runs):
+    """A layout that cuts dim 0 into blocks (routing's per-head reading of a fused q/k/v Linear) on
+    HSDP pieces that cut through the blocks, with NorMuon (a second moment per row): equal to one
+    process bit for bit. The step read each rank's piece of the second moment through the layout,
+    which cuts the full tensor's rows: a reshape error when the piece's rows were no multiple of the
+    block count."""
+    model = mesh_worker.make_model()
+    opt = mesh_worker.blocked_optimizer(model, variant="normuon")
+    mesh_worker.train_fixed(model, opt, range(mesh_worker.STEPS))
+    want = worker.snapshot(model, opt)
+    for result in _result(runs, "hsdp_blocks"):
+        _assert_equal(result, want)
+
+
+@pytest.mark.slow
 def test_8bit_momentum_on_rowwise_pieces_equals_one_process(runs):
     """momentum_bits=8 on FSDP + TP, wo and w2 rowwise ((Shard(0), Shard(1)): each tp rank holds half
     of every row, so half of each block): parameters, codes and scales (full tensors) equal one
@@ -782,6 +797,24 @@ def test_state_dicts_right_after_a_deferred_step_equal_the_steps(runs, job):
         for key in ("model_state_dict_equal", "optim_state_dict_equal"):
             waiting, equal, finished = result[key]
             assert waiting and equal and finished, (rank, key, result[key])
+
+
+@pytest.mark.slow
+def test_deferred_relay_through_a_training_loops_usual_calls(runs):
+    """defer_relay under an LR scheduler stepped between step() and the next forward (lr 1, 1/2,
+    1/3, ...: a waiting update applied at the scheduler's new lr would differ), two accumulated
+    forwards per step, an evaluation under torch.no_grad, a forward that raises after the root's
+    pre-forward (the layers' updates still wait, the next forward applies them) and a step skipped
+    for a NaN gradient (nonfinite="skip"): every loss and the evaluation equal the undeferred
+    model's, and so do the parameters and optimizer state at the end, bit for bit
+    (mesh_worker.deferred_hsdp_usage)."""
+    for result in _result(runs, "deferred_hsdp_usage"):
+        assert all(result["losses_equal"]) and len(result["losses_equal"]) == 10
+        assert result["eval_equal"] is True
+        assert result["waiting"][3] == 0 and all(n > 0 for i, n in enumerate(result["waiting"]) if i != 3), result
+        assert result["waiting_after_failure"] > 0
+        assert result["skipped"] == [1, 1]
+        _assert_equal(result["snapshot_b"], result["snapshot_a"])
 
 
 @pytest.mark.slow

@@ -694,7 +694,10 @@ def muon(
         nesterov = False  # U = M: a summed momentum has no lookahead
     # A selecting variant orthogonalizes and transforms the selected slices only (of U and of the
     # second moment's matching rows); `_selected` gives them, `_unselected` puts the results back.
-    matrix_moments = [None if v is None else to_matrices(v, layout) for v, layout in zip(moments, layouts)]
+    # Read only where used: the local part of a sharded second moment has no matrix view of its own
+    # (a layout cutting dim 0 into blocks cuts the full tensor's rows, not the part's).
+    matrix_moments = [None if v is None or (update_many is not None and not chosen.selects) else to_matrices(v, layout)
+                      for v, layout in zip(moments, layouts)]
     part_moments = [v if sel is None or v is None else sel.gather(v) for v, sel in zip(matrix_moments, selections)]
     if update_many is not None:
         lookaheads = [_lookahead(g, m, momentum=momentum, nesterov=nesterov, sign=chosen.signs_input)

@@ -341,18 +341,26 @@ def _attention_heads(attention: nn.Module) -> tuple[int, int, int] | None:
     """(query heads, key/value heads, head size) that an attention module declares: its own head size
     (`head_dim` or `head_size`; an MLP declares none) and its head counts (`num_heads` / `n_heads` /
     `num_attention_heads`, `num_kv_heads` / `num_key_value_heads`, else its config's; key/value
-    heads default to the query heads). None when it declares no head size or no head count."""
+    heads default to the query heads). None when it declares no head size or no head count, or when
+    its config holds a count per layer (no one value to read)."""
+    size = next((v for n in ("head_dim", "head_size") for v in [_count(getattr(attention, n, None))] if v), None)
+    if size is None:
+        return None
     config = getattr(attention, "config", None)
     owners = (attention, config) if config is not None else (attention,)
 
     def first(*names: str) -> int | None:
         return next((v for o in owners for n in names for v in [_count(getattr(o, n, None))] if v), None)
 
-    size = next((v for n in ("head_dim", "head_size") for v in [_count(getattr(attention, n, None))] if v), None)
-    heads = first("num_heads", "num_attention_heads", "n_heads")
-    if size is None or heads is None:
+    try:
+        heads, kv = first("num_heads", "num_attention_heads", "n_heads"), first("num_kv_heads", "num_key_value_heads")
+    except RuntimeError:
+        # A heterogeneous transformers config refuses a global value of a per-layer attribute
+        # (AmbiguousGlobalPerLayerAttributeError, a RuntimeError): the counts are unknown here.
         return None
-    return heads, first("num_kv_heads", "num_key_value_heads") or heads, size
+    if heads is None:
+        return None
+    return heads, kv or heads, size
 
 
 def _fused_linear(module: nn.Module, local_name: str, parent_of: dict[int, nn.Module]) -> _Known | None:

@@ -809,13 +809,33 @@ def test_bench_hf_lm_config_path_and_errors(tmp_path, capsys, monkeypatch):
     assert main(["explain", "hf-lm", "--hf-config", str(config), "--text", str(text)]) == 0
     assert "model.layers.0.mlp.down_proj.weight" in capsys.readouterr().out
     assert main(["explain", "hf-lm", "--hf-config", "nope"]) == 2
-    assert "neither a preset (llama, qwen2, qwen3-moe, gpt2) nor a config.json file" in capsys.readouterr().err
+    assert "neither a preset (llama, qwen2, qwen3-moe, gpt2, phi3) nor a config.json file" in capsys.readouterr().err
     assert main(["explain", "charlm", "--hf-config", "llama"]) == 2
     assert "--hf-config is for hf-lm only" in capsys.readouterr().err
     monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # as if it were not installed
     assert main(["bench", "hf-lm", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err == "muonkit: error: hf-lm needs transformers: pip install 'muonkit[hf]'\n"
+
+
+def test_hf_lm_phi3_preset_builds(tmp_path):
+    """The phi3 preset (benchmarks/fused_rule.py): a Phi-3 whose fused weights are read per head and
+    as gate and up apart, and whose forward pass runs on the text's vocabulary."""
+    from muonkit.tasks.base import DataOptions
+    from muonkit.tasks.hflm import HFLM
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+    task = HFLM()
+    data = task.load(DataOptions(text=text, hf_config="phi3"), torch.device("cpu"))
+    model = task.model(data)
+    assert type(model).__name__ == "Phi3ForCausalLM"
+    fused = ("qkv_proj.weight", "gate_up_proj.weight")
+    blocks = {d.name: d.layout.blocks for d in muonkit.route(model) if d.name.endswith(fused)}
+    assert blocks == {f"model.layers.{i}.{m}": b for i in range(2) for m, b in
+                      (("self_attn.qkv_proj.weight", ((0, 8),)), ("mlp.gate_up_proj.weight", ((0, 2),)))}
+    inputs, targets = task.batch(data, 0, torch.Generator().manual_seed(0))
+    assert torch.isfinite(task.loss(model, inputs, targets))
 
 
 def test_a_head_name_below_the_top_is_not_a_head():

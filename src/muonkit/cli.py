@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "cifar-10-batches-py)")
     bench.add_argument("--text", type=Path, help="charlm, hf-lm: a UTF-8 text file (default: the standard library's source)")
     bench.add_argument("--hf-config", metavar="NAME_OR_PATH",
-                       help="hf-lm: a tiny preset (llama, qwen2, qwen3-moe, gpt2; default llama) or a transformers "
+                       help="hf-lm: a tiny preset (llama, qwen2, qwen3-moe, gpt2, phi3; default llama) or a transformers "
                             "config.json (needs muonkit[hf])")
     bench.add_argument("--qk-clip", type=_tau, metavar="TAU",
                        help="QK-Clip (Kimi K2) for tasks with attention (charlm, modular): after each step, "

@@ -1,6 +1,6 @@
 """A transformers causal LM built from a config, trained on characters like charlm.
 
-`--hf-config` picks a tiny built-in preset (PRESETS: llama, qwen2, qwen3-moe, gpt2, small enough
+`--hf-config` picks a tiny built-in preset (PRESETS: llama, qwen2, qwen3-moe, gpt2, phi3, small enough
 for the CPU bench budget) or a config.json path. The vocabulary is the text's characters (the
 config's vocab_size is replaced by their count) and the context is charlm's. transformers comes
 from muonkit's `hf` extra; nothing else in muonkit imports it.
@@ -30,6 +30,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                       num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
     "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4),
+    # Fused qkv_proj and gate_up_proj (read per head and as gate and up apart, docs/API.md).
+    "phi3": dict(model_type="phi3", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=None, bos_token_id=None, eos_token_id=None,
+                 tie_word_embeddings=False),
 }
 DEFAULT_PRESET = "llama"
 
